@@ -1,0 +1,5 @@
+"""Flax decoder LMs (GPT-2, Llama family) with Hugging Face checkpoint I/O."""
+from jaxrlhf.models.config import ModelConfig, UnsupportedModelError
+from jaxrlhf.models.hf_io import CheckpointError, load_pretrained, save_pretrained
+from jaxrlhf.models.lm import LanguageModel, Pretrained
+from jaxrlhf.models.transformer import ModelOutput, Transformer, init_cache, positions_from_mask

@@ -1,0 +1,382 @@
+"""Hugging Face checkpoints in and out: `config.json` + `*.safetensors` (+ index) + tokenizer files.
+
+Name and layout mapping (HF -> ours), per layer i:
+
+| HF (Llama family)                         | HF (GPT-2)                     | jaxrlhf                    |
+| ----------------------------------------- | ------------------------------ | -------------------------- |
+| model.embed_tokens.weight [V, D]          | wte.weight [V, D]              | embed/embedding            |
+|                                           | wpe.weight [P, D]              | pos_embed/embedding        |
+| layers.i.input_layernorm.weight           | h.i.ln_1.{weight,bias}         | layer_i/attn_norm          |
+| layers.i.self_attn.{q,k,v}_proj (out, in) | h.i.attn.c_attn (in, 3 out)    | layer_i/attn/{q,k,v} (in, out) |
+| layers.i.self_attn.o_proj (out, in)       | h.i.attn.c_proj (in, out)      | layer_i/attn/o             |
+| layers.i.self_attn.{q,k}_norm (Qwen3)     |                                | layer_i/attn/{q,k}_norm    |
+| layers.i.post_attention_layernorm         | h.i.ln_2                       | layer_i/mlp_norm           |
+| layers.i.mlp.{gate,up,down}_proj (out, in)| h.i.mlp.{c_fc,c_proj} (in, out)| layer_i/mlp/{gate,up,down} |
+| model.norm.weight                         | ln_f                           | final_norm                 |
+| lm_head.weight [V, D] (untied only)       | (tied)                         | lm_head [D, V]             |
+
+PyTorch `nn.Linear` stores (out, in) and is transposed; GPT-2's `Conv1D` already stores (in, out).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf.models.config import ModelConfig, UnsupportedModelError
+from jaxrlhf.models.lm import LanguageModel, Pretrained
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unreadable or does not match the model's config."""
+
+
+# ----------------------------------------------------------------------------------------------
+# State-dict <-> parameter tree
+
+
+def _linear(w_outxin):
+    return np.asarray(w_outxin).T
+
+
+def _hf_layer_map(config: ModelConfig, i: int) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(HF name, our path, transpose?) for every tensor of layer i (GPT-2's fused qkv excluded)."""
+    if config.model_type == "gpt2":
+        p = f"h.{i}."
+        rows = [
+            (p + "ln_1.weight", ("attn_norm", "scale"), False),
+            (p + "ln_1.bias", ("attn_norm", "bias"), False),
+            (p + "attn.c_proj.weight", ("attn", "o", "kernel"), False),
+            (p + "attn.c_proj.bias", ("attn", "o", "bias"), False),
+            (p + "ln_2.weight", ("mlp_norm", "scale"), False),
+            (p + "ln_2.bias", ("mlp_norm", "bias"), False),
+            (p + "mlp.c_fc.weight", ("mlp", "up", "kernel"), False),
+            (p + "mlp.c_fc.bias", ("mlp", "up", "bias"), False),
+            (p + "mlp.c_proj.weight", ("mlp", "down", "kernel"), False),
+            (p + "mlp.c_proj.bias", ("mlp", "down", "bias"), False),
+        ]
+        return rows
+    p = f"model.layers.{i}."
+    rows = [
+        (p + "input_layernorm.weight", ("attn_norm", "scale"), False),
+        (p + "post_attention_layernorm.weight", ("mlp_norm", "scale"), False),
+    ]
+    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+        rows.append((p + f"self_attn.{theirs}.weight", ("attn", ours, "kernel"), True))
+        has_bias = config.qkv_bias if ours != "o" else config.o_bias
+        if has_bias:
+            rows.append((p + f"self_attn.{theirs}.bias", ("attn", ours, "bias"), False))
+    if config.qk_norm:
+        rows.append((p + "self_attn.q_norm.weight", ("attn", "q_norm", "scale"), False))
+        rows.append((p + "self_attn.k_norm.weight", ("attn", "k_norm", "scale"), False))
+    names = ("gate", "up", "down") if config.mlp == "gated" else ("up", "down")
+    for ours in names:
+        rows.append((p + f"mlp.{ours}_proj.weight", ("mlp", ours, "kernel"), True))
+        if config.mlp_bias:
+            rows.append((p + f"mlp.{ours}_proj.bias", ("mlp", ours, "bias"), False))
+    return rows
+
+
+def _global_map(config: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
+    if config.model_type == "gpt2":
+        rows = [
+            ("wte.weight", ("embed", "embedding"), False),
+            ("wpe.weight", ("pos_embed", "embedding"), False),
+            ("ln_f.weight", ("final_norm", "scale"), False),
+            ("ln_f.bias", ("final_norm", "bias"), False),
+        ]
+    else:
+        rows = [
+            ("model.embed_tokens.weight", ("embed", "embedding"), False),
+            ("model.norm.weight", ("final_norm", "scale"), False),
+        ]
+    if not config.tie_word_embeddings:
+        rows.append(("lm_head.weight", ("lm_head",), True))
+    return rows
+
+
+def _normalise_keys(config: ModelConfig, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """GPT-2 checkpoints come with or without the `transformer.` prefix; drop it."""
+    if config.model_type != "gpt2":
+        return dict(state_dict)
+    out = {}
+    for k, v in state_dict.items():
+        out[k[len("transformer."):] if k.startswith("transformer.") else k] = v
+    return out
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=None) -> dict:
+    """Converts an HF-named state dict (numpy/jax arrays in HF layout) into our parameter tree.
+
+    Every expected tensor must be present with the shape the config implies; otherwise a
+    `CheckpointError` names the tensor, the expected and the found shape.
+    """
+    dtype = jnp.dtype(dtype or config.param_dtype)
+    sd = _normalise_keys(config, state_dict)
+    expected = jax.eval_shape(LanguageModel(config).init_params, jax.random.key(0))
+    params: dict = {}
+
+    def take(name):
+        if name not in sd:
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+        return np.asarray(sd[name])
+
+    def put(name, path, value):
+        want = tuple(_get(expected, path).shape)
+        if tuple(value.shape) != want:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want} for {'/'.join(path)}")
+        _set(params, path, jnp.asarray(value.astype(np.float32) if value.dtype != dtype else value, dtype=dtype))
+
+    rows = list(_global_map(config))
+    for i in range(config.num_layers):
+        rows += [(n, (f"layer_{i}",) + p, t) for n, p, t in _hf_layer_map(config, i)]
+    for name, path, transpose in rows:
+        value = take(name)
+        put(name, path, value.T if transpose else value)
+    if config.model_type == "gpt2":
+        D = config.hidden_size
+        for i in range(config.num_layers):
+            name = f"h.{i}.attn.c_attn"
+            w, b = take(name + ".weight"), take(name + ".bias")
+            if w.shape != (D, 3 * D):
+                raise CheckpointError(f"tensor {name + '.weight'!r} has shape {w.shape}, expected {(D, 3 * D)}")
+            for j, ours in enumerate("qkv"):
+                put(name + ".weight", (f"layer_{i}", "attn", ours, "kernel"), w[:, j * D:(j + 1) * D])
+                put(name + ".bias", (f"layer_{i}", "attn", ours, "bias"), b[j * D:(j + 1) * D])
+    return params
+
+
+def hf_from_params(config: ModelConfig, params) -> dict[str, np.ndarray]:
+    """Inverse of `params_from_hf`: HF names and layouts (GPT-2 without the `transformer.` prefix)."""
+    params = jax.device_get(params)
+    sd: dict[str, np.ndarray] = {}
+    rows = list(_global_map(config))
+    for i in range(config.num_layers):
+        rows += [(n, (f"layer_{i}",) + p, t) for n, p, t in _hf_layer_map(config, i)]
+    for name, path, transpose in rows:
+        value = np.asarray(_get(params, path))
+        sd[name] = np.ascontiguousarray(value.T if transpose else value)
+    if config.model_type == "gpt2":
+        for i in range(config.num_layers):
+            attn = params[f"layer_{i}"]["attn"]
+            sd[f"h.{i}.attn.c_attn.weight"] = np.concatenate([np.asarray(attn[n]["kernel"]) for n in "qkv"], axis=1)
+            sd[f"h.{i}.attn.c_attn.bias"] = np.concatenate([np.asarray(attn[n]["bias"]) for n in "qkv"])
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------
+# HF config.json for models we created ourselves
+
+
+def hf_config_from_config(config: ModelConfig) -> dict:
+    """A `config.json` dict that `transformers.AutoConfig` reads back into the same architecture."""
+    common = dict(
+        vocab_size=config.vocab_size,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        model_type=config.model_type,
+    )
+    if config.model_type == "gpt2":
+        return dict(
+            architectures=["GPT2LMHeadModel"],
+            n_embd=config.hidden_size,
+            n_layer=config.num_layers,
+            n_head=config.num_heads,
+            n_inner=config.intermediate_size,
+            n_positions=config.max_position_embeddings,
+            layer_norm_epsilon=config.norm_eps,
+            activation_function=config.activation,
+            **common,
+        )
+    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}[config.model_type]
+    rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    if config.rope_scaling is not None:
+        kind, factor, low, high, original = config.rope_scaling
+        rope.update(rope_type=kind, factor=factor)
+        if kind == "llama3":
+            rope.update(low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=original)
+    out = dict(
+        architectures=[arch],
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.norm_eps,
+        hidden_act=config.activation,
+        rope_theta=config.rope_theta,
+        rope_parameters=rope,
+        **common,
+    )
+    if config.rope_scaling is not None:
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if config.model_type in ("llama", "mistral"):
+        out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    if config.model_type == "mistral":
+        out["sliding_window"] = config.sliding_window
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"missing file {path}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def _weight_files(directory: str) -> list[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no 'weight_map'")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise CheckpointError(f"shard {name} listed in {index} is missing")
+        return [os.path.join(directory, name) for name in files]
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(directory)):
+        raise CheckpointError(f"{directory} has only PyTorch pickle weights; convert them to safetensors")
+    raise CheckpointError(f"no weights in {directory}: expected model.safetensors or model.safetensors.index.json")
+
+
+def read_safetensors(directory: str) -> dict[str, np.ndarray]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, as numpy arrays (bf16 kept)."""
+    from safetensors import SafetensorError
+    from safetensors.flax import load_file
+
+    state_dict: dict[str, np.ndarray] = {}
+    for path in _weight_files(directory):
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+        state_dict.update({k: np.asarray(v) for k, v in tensors.items()})
+    return state_dict
+
+
+def load_tokenizer(directory: str):
+    """`AutoTokenizer` from the directory, or None when it holds no tokenizer files."""
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | None = None) -> Pretrained:
+    """Loads a local HF checkpoint directory (or a `.gguf` file) into a `Pretrained` model.
+
+    Args:
+      path: directory with `config.json`, `model.safetensors` (or shards + index) and tokenizer
+        files; or a `.gguf` file / a directory plus `gguf_file`.
+      dtype: parameter storage dtype (default float32); e.g. `jnp.bfloat16`.
+      compute_dtype: activation dtype (default: same as `dtype`). Logits are always float32.
+    """
+    param_dtype = jnp.dtype(dtype or jnp.float32)
+    compute = jnp.dtype(compute_dtype or param_dtype)
+    if gguf_file is not None or str(path).endswith(".gguf"):
+        from jaxrlhf.models.gguf import read_gguf
+
+        gguf_path = os.path.join(path, gguf_file) if gguf_file else path
+        if not os.path.isfile(gguf_path):
+            raise CheckpointError(f"missing file {gguf_path}")
+        ckpt = read_gguf(gguf_path)
+        hf_config, state_dict, tokenizer = ckpt.config, ckpt.state_dict, ckpt.tokenizer
+    else:
+        if not os.path.isdir(path):
+            raise CheckpointError(f"checkpoint directory {path} does not exist")
+        hf_config = _read_json(os.path.join(path, "config.json"))
+        ModelConfig.from_hf(hf_config)  # fail on an unsupported architecture before reading weights
+        state_dict = read_safetensors(path)
+        tokenizer = load_tokenizer(path)
+    config = ModelConfig.from_hf(hf_config, param_dtype=param_dtype.name, dtype=compute.name)
+    params = params_from_hf(config, state_dict, dtype=param_dtype)
+    return Pretrained(LanguageModel(config), params, tokenizer)
+
+
+def save_pretrained(directory: str, model: LanguageModel | Pretrained, params=None, tokenizer=None,
+                    max_shard_bytes: int = 2 << 30) -> None:
+    """Writes `config.json`, safetensors (sharded with an index above `max_shard_bytes`) and the
+    tokenizer, in the layout `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+    from safetensors.numpy import save_file
+
+    if isinstance(model, Pretrained):
+        params = model.params if params is None else params
+        tokenizer = model.tokenizer if tokenizer is None else tokenizer
+        model = model.model
+    config = model.config
+    os.makedirs(directory, exist_ok=True)
+    hf_config = hf_config_from_config(config)
+    hf_config["dtype"] = jnp.dtype(config.param_dtype).name
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    state_dict = hf_from_params(config, params)
+    if config.model_type == "gpt2":  # GPT2LMHeadModel's own naming
+        state_dict = {"transformer." + k: v for k, v in state_dict.items()}
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(state_dict):
+        nbytes = state_dict[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = state_dict[name]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for j, shard in enumerate(shards):
+            fname = f"model-{j + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(directory, fname), metadata={"format": "pt"})
+            weight_map.update({name: fname for name in shard})
+        total = sum(v.nbytes for v in state_dict.values())
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+__all__ = [
+    "CheckpointError",
+    "UnsupportedModelError",
+    "hf_config_from_config",
+    "hf_from_params",
+    "load_pretrained",
+    "params_from_hf",
+    "read_safetensors",
+    "save_pretrained",
+]

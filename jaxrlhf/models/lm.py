@@ -1,0 +1,67 @@
+"""The model object the rest of jaxrlhf uses: a hashable config plus pure apply functions.
+
+`LanguageModel` holds no parameters, only its `ModelConfig`, so it can be closed over or passed as a
+static argument to `jax.jit`; parameters travel separately as a pytree. `Pretrained` bundles a
+model with loaded parameters and its tokenizer (what `load_pretrained` returns).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.transformer import ModelOutput, Transformer, init_cache, init_params
+
+
+@dataclasses.dataclass(frozen=True)
+class LanguageModel:
+    """Pure functions of a decoder LM; `config` fully determines the computation."""
+
+    config: ModelConfig
+
+    @property
+    def module(self) -> Transformer:
+        return Transformer(self.config)
+
+    def apply(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
+        """Logits `[B, L, V]` (float32) for a (left-padded) batch."""
+        return self.forward(params, input_ids_BxL, attention_mask_BxL).logits
+
+    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None) -> ModelOutput:
+        """Full output: logits, final hidden states and, in cache mode, the updated KV cache."""
+        return self.module.apply({"params": params}, input_ids, attention_mask, positions, cache, cache_index)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None):
+        return init_cache(self.config, batch, max_len, dtype)
+
+    def init_params(self, key: jax.Array):
+        return init_params(self.config, key)
+
+    def cast_params(self, params, dtype):
+        """Casts floating-point parameters to `dtype` (e.g. bfloat16 storage)."""
+        dtype = jnp.dtype(dtype)
+        return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A model with its parameters and tokenizer, as loaded from a checkpoint."""
+
+    model: LanguageModel
+    params: Any
+    tokenizer: Any = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def apply(self):
+        return self.model.apply
+
+    @property
+    def forward(self):
+        return self.model.forward

@@ -1,0 +1,226 @@
+"""A decoder-only transformer in Flax Linen covering GPT-2 and the Llama family.
+
+Why Linen: `module.apply(variables, ...)` *is* the pure function the trainer and sampler need
+(parameters in, logits out), with no object graph to walk on every call.
+
+Shapes use suffixes: B batch, L new tokens, S key/value slots, D width, H query heads,
+K key/value heads, G = H // K query heads per key/value head, E head dim, V vocabulary.
+
+One forward handles both training and decoding:
+- without a cache, the L tokens attend causally to each other, masked by `attention_mask [B, L]`;
+- with a cache (`init_cache`), the L tokens are written into slots `[cache_index, cache_index + L)`
+  of a preallocated per-layer key/value buffer and attend to every earlier slot whose
+  `attention_mask [B, S]` entry is 1. Prefill is L = prompt length, decoding is L = 1.
+Positions come from the mask (`cumsum(mask) - 1`), so left-padded rows get positions 0, 1, ...
+from their first real token, exactly as Hugging Face computes them from `attention_mask`.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf.models.config import ModelConfig
+
+Array = jax.Array
+_MASKED = -1e30  # finite, so a row with no visible key gives a uniform softmax, not NaN
+
+
+class ModelOutput(NamedTuple):
+    logits: Array  # [B, L, V] float32
+    hidden: Array  # [B, L, D] final (normalised) hidden states, for value heads
+    cache: Any  # tuple of per-layer {"k", "v"} buffers, or None
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
+    """Zeroed key/value buffers: one `{"k", "v"}` dict of `[B, S, K, E]` arrays per layer."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
+
+
+def positions_from_mask(attention_mask: Array) -> Array:
+    """Position of each slot counted over real tokens only: `cumsum(mask) - 1`, clipped at 0."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _activation(name: str):
+    return {
+        "silu": jax.nn.silu,
+        "relu": jax.nn.relu,
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    }[name]
+
+
+class Norm(nn.Module):
+    """RMSNorm `x / sqrt(mean(x^2) + eps) * scale` or LayerNorm, computed in float32."""
+
+    kind: str
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        dim = x.shape[-1]
+        x32 = x.astype(jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (dim,), self.param_dtype).astype(jnp.float32)
+        if self.kind == "rmsnorm":
+            y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps) * scale
+        else:
+            mean = jnp.mean(x32, axis=-1, keepdims=True)
+            var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+            bias = self.param("bias", nn.initializers.zeros, (dim,), self.param_dtype).astype(jnp.float32)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(x.dtype)
+
+
+def _dense(features, use_bias, cfg: ModelConfig, name, std=0.02):
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.initializers.normal(std),
+        name=name,
+    )
+
+
+def apply_rope(x_BxLxHxE: Array, positions_BxL: Array, inv_freq: np.ndarray) -> Array:
+    """Rotary embedding, HF "rotate half" layout: `x * cos + rotate_half(x) * sin`."""
+    angles = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, E/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x = x_BxLxHxE.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxHxE.dtype)
+
+
+class Attention(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index):
+        cfg = self.config
+        B, L, _ = x_BxLxD.shape
+        H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(H * E, cfg.qkv_bias, cfg, "q")(x_BxLxD).reshape(B, L, H, E)
+        k = _dense(K * E, cfg.qkv_bias, cfg, "k")(x_BxLxD).reshape(B, L, K, E)
+        v = _dense(K * E, cfg.qkv_bias, cfg, "v")(x_BxLxD).reshape(B, L, K, E)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before rotary.
+            q = Norm("rmsnorm", cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="q_norm")(q)
+            k = Norm("rmsnorm", cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="k_norm")(k)
+        if cfg.positions == "rope":
+            inv_freq = cfg.rope_inv_freq()
+            q = apply_rope(q, positions_BxL, inv_freq)
+            k = apply_rope(k, positions_BxL, inv_freq)
+
+        new_cache = None
+        if layer_cache is not None:
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+
+        # Grouped-query attention without repeating K/V: split H into K groups of G.
+        G = H // K
+        q = q.reshape(B, L, K, G, E)
+        scores = jnp.einsum("blkge,bske->bkgls", q, k, preferred_element_type=jnp.float32)
+        scores = scores / np.sqrt(E).astype(np.float32)
+        scores = jnp.where(allowed_BxLxS[:, None, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgls,bske->blkge", probs, v).reshape(B, L, H * E)
+        return _dense(cfg.hidden_size, cfg.o_bias, cfg, "o")(out), new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        act = _activation(cfg.activation)
+        if cfg.mlp == "gated":
+            gate = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "gate")(x)
+            up = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "up")(x)
+            return _dense(cfg.hidden_size, cfg.mlp_bias, cfg, "down")(act(gate) * up)
+        hidden = act(_dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "up")(x))
+        return _dense(cfg.hidden_size, cfg.mlp_bias, cfg, "down")(hidden)
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, allowed, layer_cache, cache_index):
+        cfg = self.config
+        pdt = jnp.dtype(cfg.param_dtype)
+        attn_out, new_cache = Attention(cfg, name="attn")(
+            Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x), positions, allowed, layer_cache, cache_index
+        )
+        x = x + attn_out
+        x = x + MLP(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, pdt, name="mlp_norm")(x))
+        return x, new_cache
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. See the module docstring for the cache protocol."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, input_ids_BxL, attention_mask, positions_BxL=None, cache=None, cache_index=None):
+        cfg = self.config
+        B, L = input_ids_BxL.shape
+        dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        if cache is None:
+            cache_index = 0
+            q_slots = jnp.arange(L)
+        else:
+            q_slots = cache_index + jnp.arange(L)
+        S = attention_mask.shape[1]
+        key_mask = attention_mask.astype(bool)
+        if positions_BxL is None:
+            positions_BxL = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, L, axis=1)
+        # Slot order equals position order for left-padded rows, so slot distance is token distance.
+        k_slots = jnp.arange(S)
+        allowed_LxS = k_slots[None, :] <= q_slots[:, None]
+        if cfg.sliding_window is not None:
+            allowed_LxS &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
+        allowed_BxLxS = allowed_LxS[None] & key_mask[:, None, :]
+
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
+                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        x = embed(input_ids_BxL)
+        if cfg.positions == "learned":
+            pos_embed = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
+                                 embedding_init=nn.initializers.normal(0.01), name="pos_embed")
+            x = x + pos_embed(jnp.minimum(positions_BxL, cfg.max_position_embeddings - 1))
+
+        new_cache = []
+        for i in range(cfg.num_layers):
+            layer_cache = None if cache is None else cache[i]
+            x, layer_new_cache = Block(cfg, name=f"layer_{i}")(x, positions_BxL, allowed_BxLxS, layer_cache, cache_index)
+            new_cache.append(layer_new_cache)
+        hidden = Norm(cfg.norm, cfg.norm_eps, pdt, name="final_norm")(x)
+
+        # Logits in float32 whatever the compute dtype: log-probs and the PPO ratio need them exact.
+        if cfg.tie_word_embeddings:
+            head_VxD = embed.embedding
+            logits = jnp.einsum("bld,vd->blv", hidden, head_VxD.astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
+            logits = jnp.einsum("bld,dv->blv", hidden, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+        return ModelOutput(logits, hidden, None if cache is None else tuple(new_cache))
+
+
+def init_params(config: ModelConfig, key: Array) -> dict:
+    """Random parameters (GPT-2-style normal(0.02) init) for training a model from scratch."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    return Transformer(config).init(key, ids, jnp.ones((1, 2), jnp.int32))["params"]
