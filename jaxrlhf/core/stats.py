@@ -34,14 +34,14 @@ def masked_sum(x: chex.Array, mask: chex.Array, axis: Axis = None, axis_name=Non
     """``sum(x * mask)`` over ``axis`` (all axes if None), and over devices if ``axis_name``."""
     chex.assert_equal_shape([x, mask])
     dtype = _compute_dtype(x)
-    mask = mask.astype(dtype)
-    weighted_x = jnp.where(mask != 0, x.astype(dtype) * mask, 0)
+    mask = jnp.asarray(mask).astype(dtype)
+    weighted_x = jnp.where(mask != 0, jnp.asarray(x, dtype), 0) * mask
     return _psum(jnp.sum(weighted_x, axis=axis), axis_name)
 
 
 def masked_count(mask: chex.Array, axis: Axis = None, axis_name=None, dtype=jnp.float32) -> jax.Array:
     """``sum(mask)`` over ``axis`` (and devices), i.e. the number of valid positions."""
-    return _psum(jnp.sum(mask.astype(dtype), axis=axis), axis_name)
+    return _psum(jnp.sum(jnp.asarray(mask).astype(dtype), axis=axis), axis_name)
 
 
 def masked_mean(x: chex.Array, mask: chex.Array, axis: Axis = None, axis_name=None) -> jax.Array:
@@ -64,7 +64,7 @@ def masked_var(x: chex.Array, mask: chex.Array, unbiased: bool = True, axis_name
     dtype = _compute_dtype(x)
     mean = masked_mean(x, mask, axis_name=axis_name)
     count = masked_count(mask, axis_name=axis_name, dtype=dtype)
-    centered = x.astype(dtype) - mean
+    centered = jnp.asarray(x, dtype) - mean
     var = masked_sum(jnp.square(centered), mask, axis_name=axis_name) / jnp.maximum(count, 1)
     if unbiased:
         var = var * count / jnp.maximum(count - 1, 1)
@@ -80,7 +80,7 @@ def masked_whiten(x: chex.Array, mask: chex.Array, shift_mean: bool = True, axis
     """
     chex.assert_equal_shape([x, mask])
     dtype = _compute_dtype(x)
-    x = x.astype(dtype)
+    x = jnp.asarray(x, dtype)
     mean = masked_mean(x, mask, axis_name=axis_name)
     var = masked_var(x, mask, unbiased=True, axis_name=axis_name)
     whitened = (x - mean) * lax.rsqrt(var + WHITEN_EPS)
