@@ -1,0 +1,1 @@
+"""Small synthetic tasks with programmatic rewards (usable as JAX functions inside a jitted step)."""
