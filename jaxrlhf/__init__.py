@@ -4,6 +4,31 @@ __version__ = "0.1.0"
 
 # Public API. Each block is added when its module lands; keep the blocks in this order.
 # --- core math ---
+from jaxrlhf.core import (
+    KL_KINDS,
+    LOSS_AGGREGATIONS,
+    KLController,
+    KLControllerState,
+    adaptive_kl_controller,
+    aggregate_loss,
+    discounted_returns,
+    entropy_from_logits,
+    entropy_loss,
+    fixed_kl_controller,
+    gae_advantages,
+    kl_estimate,
+    kl_penalized_rewards,
+    last_valid_index,
+    masked_count,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+    reward_model_loss,
+    token_logprobs,
+)
 # --- models ---
 from jaxrlhf.models import (
     CheckpointError,
