@@ -233,6 +233,8 @@ def hf_config_from_config(config: ModelConfig) -> dict:
         out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     if config.model_type in ("llama", "mistral"):
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
+    if config.model_type == "qwen3":  # Qwen3's attention_bias switches q/k/v and o biases together
+        out.update(attention_bias=config.qkv_bias)
     if config.model_type == "mistral":
         out["sliding_window"] = config.sliding_window
     return out
@@ -318,12 +320,21 @@ def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | 
     else:
         if not os.path.isdir(path):
             raise CheckpointError(f"checkpoint directory {path} does not exist")
-        hf_config = _read_json(os.path.join(path, "config.json"))
-        ModelConfig.from_hf(hf_config)  # fail on an unsupported architecture before reading weights
+        config_path = os.path.join(path, "config.json")
+        hf_config = _read_json(config_path)
+        try:  # fail on an unsupported architecture before reading weights
+            ModelConfig.from_hf(hf_config)
+        except UnsupportedModelError as e:
+            raise UnsupportedModelError(f"{config_path}: {e}") from e
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(f"{config_path}: missing or malformed field {e}") from e
         state_dict = read_safetensors(path)
         tokenizer = load_tokenizer(path)
     config = ModelConfig.from_hf(hf_config, param_dtype=param_dtype.name, dtype=compute.name)
-    params = params_from_hf(config, state_dict, dtype=param_dtype)
+    try:
+        params = params_from_hf(config, state_dict, dtype=param_dtype)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     return Pretrained(LanguageModel(config), params, tokenizer)
 
 
