@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["GGUFCheckpoint", "read_gguf", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["GGUFCheckpoint", "read_gguf", "unpermute_rotary_rows", "SUPPORTED_ARCHITECTURES"]
 
 
 @dataclass(frozen=True)
