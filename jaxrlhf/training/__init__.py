@@ -1,0 +1,35 @@
+"""PPO for language models: a `TrainState` pytree and pure step functions under one `jax.jit`.
+
+See docs/training.md. The main entry points are `PPOConfig`, `PPO` (static setup + jitted steps)
+and `train` (the driver: logging, checkpoints, resume, export).
+"""
+from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.experience import Experience, PromptBatch, Rollout, make_experience, rollout
+from jaxrlhf.training.ppo import PPO, PromptTooLongError
+from jaxrlhf.training.rewards import (NonFiniteError, RewardModel, RewardShapeError, TextReward,
+                                      postprocess_scores)
+from jaxrlhf.training.state import FrozenParams, ScoreStats, TrainState, make_optimizer
+from jaxrlhf.training.update import make_ppo_update
+from jaxrlhf.training import parallel
+
+__all__ = [
+    "Experience",
+    "FrozenParams",
+    "NonFiniteError",
+    "PPO",
+    "PPOConfig",
+    "PromptBatch",
+    "PromptTooLongError",
+    "RewardModel",
+    "RewardShapeError",
+    "Rollout",
+    "ScoreStats",
+    "TextReward",
+    "TrainState",
+    "make_experience",
+    "make_optimizer",
+    "make_ppo_update",
+    "parallel",
+    "postprocess_scores",
+    "rollout",
+]

@@ -1,0 +1,202 @@
+"""Rollout and experience: from prompts to per-token advantages, as pure functions.
+
+    rollout          prompts --generate--> response tokens, mask
+    (score)          prompts, responses --reward--> raw scores [B]
+    make_experience  one forward each of policy, reference and critic over prompt + response:
+                       logprobs, ref_logprobs, values  [B, N]
+                     scores -> (EOS penalty, clip, normalise) -> step rewards
+                       r = -beta * KL * mask,  r[last] += score        (kl_placement="reward")
+                     GAE: A, returns = gae(r, V, mask, gamma, lam);  A <- whiten(A)
+
+Token t of a response of a batch with prompt width P sits at position P + t of the concatenated
+sequence; it is predicted by the logits at P + t - 1, and the state it is chosen in, s_t, is the
+prefix ending at P + t - 1, so ``V(s_t)`` is the value head at P + t - 1 too.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.core.advantages import gae_advantages
+from jaxrlhf.core.kl import kl_estimate
+from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
+from jaxrlhf.core.rewards import kl_penalized_rewards
+from jaxrlhf.core.stats import masked_mean, masked_sum, masked_var, masked_whiten
+from jaxrlhf.models.lm import LanguageModel
+from jaxrlhf.models.value import value_head_apply
+from jaxrlhf.sampling import generate
+from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.rewards import has_eos, postprocess_scores
+from jaxrlhf.training.state import ScoreStats
+
+
+class PromptBatch(NamedTuple):
+    """Left-padded prompts: ``ids [B, P]`` int32 and ``mask [B, P]`` (1 = real token)."""
+
+    ids: jax.Array
+    mask: jax.Array
+
+
+class Rollout(NamedTuple):
+    """Sampled responses: ``tokens``, ``mask`` ``[B, N]`` (mask 1 up to and including EOS)."""
+
+    tokens: jax.Array
+    mask: jax.Array
+
+
+class Experience(NamedTuple):
+    """What the PPO update trains on; every array is ``[B, ...]`` so minibatches slice axis 0."""
+
+    prompt_ids: jax.Array  # [B, P]
+    prompt_mask: jax.Array  # [B, P]
+    response_ids: jax.Array  # [B, N]
+    response_mask: jax.Array  # [B, N]
+    old_logprobs: jax.Array  # [B, N] policy log-probs at rollout time (temperature-scaled)
+    ref_logprobs: jax.Array  # [B, N] reference log-probs (temperature-scaled)
+    old_values: jax.Array  # [B, N] V(s_t) at rollout time
+    advantages: jax.Array  # [B, N] (whitened if configured)
+    returns: jax.Array  # [B, N] value targets A + V
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The static (hashable) part of the trainer: model definitions, no parameters.
+
+    ``critic`` is a `ValueModel` (separate critic) or None for the value head on the policy trunk.
+    """
+
+    policy: LanguageModel
+    critic: Any = None
+
+
+def resolve_eos(config: PPOConfig, policy: LanguageModel):
+    """The EOS id(s) to stop at: the config's, else the model's; None when there is none."""
+    if config.eos_token_id is not None:
+        return None if config.eos_token_id < 0 else config.eos_token_id
+    return policy.config.eos_token_id
+
+
+def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch, key) -> Rollout:
+    """Sample one response per prompt with the current policy (`jaxrlhf.sampling.generate`)."""
+    sample = generate(
+        policy, policy_params, prompts.ids, prompts.mask, key,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        eos_token_id=resolve_eos(config, policy),
+        pad_token_id=config.pad_token_id,
+    )
+    return Rollout(sample.tokens, sample.mask.astype(jnp.int32))
+
+
+def full_sequence(prompt_ids, prompt_mask, response_ids, response_mask):
+    """Prompt and response side by side: ``ids, mask [B, P + N]``."""
+    ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
+    return ids, mask
+
+
+def response_slice(x_BxLx, prompt_len: int, num_new: int):
+    """Positions ``P - 1 .. P + N - 2``: the ones that predict (and value) response tokens."""
+    return x_BxLx[:, prompt_len - 1 : prompt_len - 1 + num_new]
+
+
+def policy_and_values(models: Models, policy_params, value_params, prompt_ids, prompt_mask,
+                      response_ids, response_mask, temperature, with_entropy: bool = False):
+    """Response log-probs, values and (optionally) entropies under the given parameters.
+
+    Returns ``(logprobs [B, N], values [B, N], entropy [B, N] or None)``. With a shared trunk the
+    value head reads the policy forward's hidden states (one forward); otherwise the critic runs
+    its own forward.
+    """
+    prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
+    ids, mask = full_sequence(prompt_ids, prompt_mask, response_ids, response_mask)
+    out = models.policy.forward(policy_params, ids, mask)
+    logits_BxNxV = response_slice(out.logits, prompt_len, num_new)
+    logprobs = token_logprobs(logits_BxNxV, response_ids.astype(jnp.int32), temperature)
+    if models.critic is None:
+        values = value_head_apply(value_params, response_slice(out.hidden, prompt_len, num_new))
+    else:
+        values = response_slice(models.critic.apply(value_params, ids, mask), prompt_len, num_new)
+    entropy = entropy_from_logits(logits_BxNxV, temperature) if with_entropy else None
+    return logprobs, values.astype(jnp.float32), entropy
+
+
+def reference_logprobs(models: Models, ref_params, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
+    """Response log-probs under the frozen reference policy (temperature-scaled like the policy's)."""
+    prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
+    ids, mask = full_sequence(prompt_ids, prompt_mask, response_ids, response_mask)
+    logits = models.policy.forward(ref_params, ids, mask).logits
+    return token_logprobs(response_slice(logits, prompt_len, num_new), response_ids.astype(jnp.int32), temperature)
+
+
+def explained_variance(values, returns, mask):
+    """``1 - Var(returns - values) / Var(returns)`` over valid tokens (1 is perfect, <= 0 useless)."""
+    var_returns = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / jnp.maximum(var_returns, 1e-8)
+
+
+def make_experience(config: PPOConfig, models: Models, policy_params, value_params, ref_params,
+                    prompts: PromptBatch, rollout_out: Rollout, raw_scores_B, kl_coef,
+                    score_stats: ScoreStats):
+    """Forward passes, step rewards and GAE for one batch of rollouts.
+
+    ``logprobs`` are recomputed with a full forward (not taken from the sampler) so the PPO ratio
+    starts at exactly 1 on the first minibatch. Step rewards (DESIGN.md):
+    ``r = -kl_coef * KL * mask; r[last valid] += score`` with ``kl_placement="reward"``; with
+    ``"loss"`` the KL moves into the policy loss and ``r`` is the score alone. Then
+    ``A, R = gae(r, V, mask, gamma, lam)`` and ``A <- whiten(A)`` if ``whiten_advantages``.
+
+    Returns:
+      ``(experience, new_score_stats, stats)`` with scalar diagnostics in ``stats``.
+    """
+    response_ids, response_mask = rollout_out.tokens, rollout_out.mask
+    sg = jax.lax.stop_gradient
+    logprobs, values, entropy = policy_and_values(
+        models, policy_params, value_params, prompts.ids, prompts.mask, response_ids, response_mask,
+        config.temperature, with_entropy=True)
+    ref_logprobs = reference_logprobs(models, ref_params, prompts.ids, prompts.mask, response_ids,
+                                      response_mask, config.temperature)
+    logprobs, values, ref_logprobs = sg(logprobs), sg(values), sg(ref_logprobs)
+
+    eos_found_B = has_eos(response_ids, response_mask, resolve_eos(config, models.policy))
+    scores_B, new_score_stats = postprocess_scores(config, raw_scores_B, eos_found_B, score_stats)
+
+    reward_kl_coef = kl_coef if config.kl_placement == "reward" else jnp.zeros_like(kl_coef)
+    rewards = kl_penalized_rewards(scores_B, logprobs, ref_logprobs, response_mask, reward_kl_coef,
+                                   config.kl_estimator)
+    advantages, returns = gae_advantages(rewards, values, response_mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = masked_whiten(advantages, response_mask)
+
+    kl_BxN = kl_estimate(logprobs, ref_logprobs, config.kl_estimator)
+    kl_per_sequence_B = masked_sum(kl_BxN, response_mask, axis=1)
+    response_length_B = jnp.sum(response_mask, axis=1).astype(jnp.float32)
+    stats = {
+        "score": jnp.mean(raw_scores_B),
+        "score_std": jnp.std(raw_scores_B),
+        "score_used": jnp.mean(scores_B),
+        "kl": jnp.mean(kl_per_sequence_B),  # per sequence (what the adaptive controller tracks)
+        "kl_per_token": masked_mean(kl_BxN, response_mask),
+        "kl_coef": kl_coef,
+        "non_score_reward": -kl_coef * jnp.mean(kl_per_sequence_B),
+        "entropy": masked_mean(entropy, response_mask),
+        "response_length": jnp.mean(response_length_B),
+        "eos_fraction": jnp.mean(eos_found_B.astype(jnp.float32)),
+        "value_mean": masked_mean(values, response_mask),
+        "returns_mean": masked_mean(returns, response_mask),
+        "advantages_mean": masked_mean(advantages, response_mask),
+        "explained_variance": explained_variance(values, returns, response_mask),
+        "num_response_tokens": jnp.sum(response_mask).astype(jnp.float32),
+    }
+    experience = Experience(
+        prompt_ids=prompts.ids, prompt_mask=prompts.mask,
+        response_ids=response_ids, response_mask=response_mask,
+        old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
+        advantages=sg(advantages), returns=sg(returns),
+    )
+    return experience, new_score_stats, stats

@@ -1,0 +1,140 @@
+"""The reward protocol: three ways to score a response, and what is done to scores before use.
+
+1. A **JAX function** ``reward_fn(prompt_ids, prompt_mask, response_ids, response_mask) -> [B]``
+   (any plain callable). It is traced inside the jitted train step; the fast path.
+2. A **reward model**, `RewardModel(model)`: a scalar head on a transformer (a `ValueModel`, e.g.
+   loaded from a reward-model checkpoint). The score is the head's output at the last valid token
+   of prompt + response. Its parameters are passed as ``FrozenParams.reward_params``; it also runs
+   inside the jitted step.
+3. A **Python function on text**, `TextReward(fn)`: ``fn(prompts: list[str], responses: list[str])
+   -> sequence of B floats``. It cannot be traced, so the step is split: jitted rollout -> decode
+   and score on the host -> jitted update. Slower (a host round-trip per step), but any code works.
+
+Scores then go through `postprocess_scores`: missing-EOS penalty, clipping, normalisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from jaxrlhf.core.rewards import last_valid_index
+from jaxrlhf.models.value import ValueModel
+from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.state import ScoreStats
+
+JaxRewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+class RewardShapeError(ValueError):
+    """A reward function returned something other than one float score per response."""
+
+
+class NonFiniteError(FloatingPointError):
+    """A step produced NaN or inf (scores, losses or parameters); its state was not committed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModel:
+    """A reward model: ``score = head(trunk(prompt + response))`` at the response's last valid token.
+
+    ``model`` is anything with ``apply(params, ids [B, L], mask [B, L]) -> [B, L]`` per-token
+    scalars, e.g. a `jaxrlhf.models.ValueModel`. Its parameters go in ``FrozenParams.reward_params``.
+    """
+
+    model: ValueModel
+
+    def __call__(self, params, ids_BxL: jax.Array, mask_BxL: jax.Array, last_index_B: jax.Array) -> jax.Array:
+        values_BxL = self.model.apply(params, ids_BxL, mask_BxL)
+        return jnp.take_along_axis(values_BxL, last_index_B[:, None], axis=1)[:, 0].astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextReward:
+    """A host-side reward on decoded text: ``fn(prompts, responses) -> B floats``.
+
+    Args:
+      fn: the scoring function (plain Python; runs outside jit).
+      tokenizer: decodes token ids (``decode(ids, skip_special_tokens=True)``); None takes the
+        policy's tokenizer in `jaxrlhf.training.train`.
+    """
+
+    fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+    tokenizer: Any = None
+
+    def __hash__(self):  # tokenizers are not hashable; identity is what a static jit arg needs
+        return id(self)
+
+    def __eq__(self, other):
+        return self is other
+
+
+def is_host_reward(reward) -> bool:
+    return isinstance(reward, TextReward)
+
+
+def check_scores(scores, batch_size: int, where: str = "reward function") -> jax.Array:
+    """Trace-time check: one floating-point score per response, shape ``[B]``."""
+    shape = getattr(scores, "shape", None)
+    if shape != (batch_size,):
+        raise RewardShapeError(
+            f"the {where} must return one score per response, an array of shape ({batch_size},); "
+            f"it returned {type(scores).__name__} with shape {shape}"
+        )
+    dtype = jnp.asarray(scores).dtype
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or dtype == bool):
+        raise RewardShapeError(f"the {where} must return numeric scores, got dtype {dtype}")
+    return jnp.asarray(scores).astype(jnp.float32)
+
+
+def score_in_jit(reward, reward_params, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
+    """Raw scores ``[B]`` from a JAX reward function or a `RewardModel`, inside the jitted step."""
+    batch_size = prompt_ids.shape[0]
+    if isinstance(reward, RewardModel):
+        ids_BxL = jnp.concatenate([prompt_ids, response_ids], axis=1)
+        mask_BxL = jnp.concatenate([prompt_mask, response_mask], axis=1)
+        # Last valid token of the response; the last prompt slot when the response is empty.
+        last_index_B = prompt_ids.shape[1] + last_valid_index(response_mask)
+        scores = reward(reward_params, ids_BxL, mask_BxL, last_index_B)
+        return check_scores(scores, batch_size, "reward model")
+    if is_host_reward(reward):
+        raise TypeError("a TextReward runs on the host; use the split step (rollout_fn + update_fn)")
+    scores = reward(prompt_ids, prompt_mask, response_ids, response_mask)
+    return check_scores(scores, batch_size)
+
+
+def has_eos(response_ids: jax.Array, response_mask: jax.Array, eos_token_id) -> jax.Array:
+    """``[B]`` bool: the response emitted an EOS token (in a valid position)."""
+    eos_ids = eos_token_id if isinstance(eos_token_id, tuple) else (eos_token_id,)
+    hit = jnp.zeros(response_ids.shape, bool)
+    for eos in eos_ids:
+        if eos is not None and eos >= 0:
+            hit |= response_ids == eos
+    return jnp.any(hit & (response_mask != 0), axis=1)
+
+
+def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats: ScoreStats):
+    """Scores as they enter the step rewards, and the updated running statistics.
+
+    In order: a response without EOS gets ``missing_eos_penalty`` (if set); then clipping to
+    ``[-score_clip, score_clip]``; then normalisation:
+    ``"batch"``: ``s / std_batch`` (``(s - mean) / std`` with shift_mean);
+    ``"running"``: the same with the running moments, updated with this batch first.
+    """
+    scores_B = raw_scores_B
+    if config.missing_eos_penalty is not None:
+        scores_B = jnp.where(eos_found_B, scores_B, jnp.float32(config.missing_eos_penalty))
+    if config.score_clip is not None:
+        scores_B = jnp.clip(scores_B, -config.score_clip, config.score_clip)
+    # Running moments track the scores after penalty and clipping: what normalisation divides.
+    new_stats = score_stats.update(scores_B)
+    if config.score_norm == "batch":
+        mean, std = jnp.mean(scores_B), jnp.std(scores_B, ddof=1)
+    elif config.score_norm == "running":
+        mean, std = new_stats.mean, new_stats.std
+    else:
+        return scores_B, new_stats
+    centre = mean if config.score_norm_shift_mean else 0.0
+    return (scores_B - centre) / (std + 1e-8), new_stats

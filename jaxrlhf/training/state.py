@@ -1,0 +1,114 @@
+"""The trainer's state pytree, its optimizers and the running score statistics.
+
+Everything that changes during training lives in one `TrainState` (a pytree of arrays), so a step
+is a pure function `state -> state` and a checkpoint is that pytree. What does not change (the
+reference policy, a reward model's parameters) travels beside it as `FrozenParams`: it is not
+checkpointed, because the run can always rebuild it from the checkpoints it started from.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrlhf.core.kl_control import KLControllerState
+from jaxrlhf.training.config import PPOConfig
+
+
+class ScoreStats(NamedTuple):
+    """Running moments of all scores seen (for ``score_norm="running"``).
+
+    Merged batch by batch with Chan et al.'s parallel update:
+    ``delta = mean_b - mean``, ``n' = n + n_b``, ``mean' = mean + delta * n_b / n'``,
+    ``M2' = M2 + M2_b + delta^2 * n * n_b / n'``, ``var = M2 / (n - 1)``.
+    """
+
+    count: jax.Array  # float32 scalar (float: counts above 2^24 lose precision gracefully, not wrap)
+    mean: jax.Array
+    m2: jax.Array  # sum of squared deviations from the mean
+
+    @classmethod
+    def zeros(cls) -> "ScoreStats":
+        zero = jnp.zeros((), jnp.float32)
+        return cls(zero, zero, zero)
+
+    def update(self, scores_B: jax.Array) -> "ScoreStats":
+        scores_B = scores_B.astype(jnp.float32)
+        batch_count = jnp.asarray(scores_B.shape[0], jnp.float32)
+        batch_mean = jnp.mean(scores_B)
+        batch_m2 = jnp.sum(jnp.square(scores_B - batch_mean))
+        count = self.count + batch_count
+        delta = batch_mean - self.mean
+        mean = self.mean + delta * batch_count / count
+        m2 = self.m2 + batch_m2 + jnp.square(delta) * self.count * batch_count / count
+        return ScoreStats(count, mean, m2)
+
+    @property
+    def std(self) -> jax.Array:
+        return jnp.sqrt(self.m2 / jnp.maximum(self.count - 1.0, 1.0))
+
+
+@flax.struct.dataclass
+class TrainState:
+    """All mutable training state (a pytree; checkpointed as a whole).
+
+    Attributes:
+      step: int32 scalar, PPO iterations done.
+      policy_params: the policy LM's parameters.
+      value_params: the critic's parameters (``{"trunk", "head"}``), or only the value head's
+        parameters when the critic shares the policy's trunk.
+      policy_opt_state, value_opt_state: optax states of the two AdamW optimizers.
+      kl_ctl: `KLControllerState` (the current KL coefficient beta).
+      score_stats: `ScoreStats`, running moments of the raw scores.
+      key: the run's PRNG key (raw uint32[2]); split every step, so resuming is exact.
+    """
+
+    step: jax.Array
+    policy_params: Any
+    value_params: Any
+    policy_opt_state: Any
+    value_opt_state: Any
+    kl_ctl: KLControllerState
+    score_stats: ScoreStats
+    key: jax.Array
+
+
+class FrozenParams(NamedTuple):
+    """Parameters read but never trained: the reference policy and an optional reward model."""
+
+    ref_params: Any
+    reward_params: Any = None
+
+
+def learning_rate_schedule(config: PPOConfig, peak_lr: float) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak_lr`` over ``warmup_steps`` updates, then ``lr_schedule``
+    (constant, or linear / cosine decay to 0 at the last update of the run)."""
+    total_updates = max(config.total_steps * config.updates_per_step, 1)
+    warmup = min(config.warmup_steps, total_updates)
+    decay_steps = max(total_updates - warmup, 1)
+    if config.lr_schedule == "constant":
+        after = optax.constant_schedule(peak_lr)
+    elif config.lr_schedule == "linear":
+        after = optax.linear_schedule(peak_lr, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(peak_lr, decay_steps)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup), after], [warmup])
+
+
+def make_optimizer(config: PPOConfig, peak_lr: float) -> optax.GradientTransformation:
+    """``clip_by_global_norm(max_grad_norm)`` then AdamW with the run's schedule."""
+    adamw = optax.adamw(
+        learning_rate_schedule(config, peak_lr),
+        b1=config.adam_b1,
+        b2=config.adam_b2,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+    )
+    if config.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)

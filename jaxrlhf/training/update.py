@@ -1,0 +1,137 @@
+"""The PPO update: epochs x minibatches (x micro-batches) of AdamW steps, all inside `lax.scan`.
+
+    for epoch in range(ppo_epochs):                      lax.scan over epoch keys
+        perm = permutation(epoch_key, B)                 same numbers on any device count
+        for minibatch in split(experience[perm]):        lax.scan over [num_minibatches, mb, ...]
+            grads = sum over micro-batches of            lax.scan over [grad_accum, mb / accum, ...]
+                    w_i * grad(loss(micro-batch i))
+            params, opt_state = optimizer step(grads)
+
+Loss of one minibatch (DESIGN.md formulas, `jaxrlhf.core.losses`):
+    L = pg_loss(ratio-clipped, loss_agg) + vf_coef * vf_loss(clipped, token-mean)
+        - entropy_coef * entropy + [kl_placement="loss"] kl_coef * KL(policy || ref)
+
+Gradient accumulation is exact: micro-batch i's loss terms are weighted by its share ``w_i`` of
+the minibatch's normaliser (valid tokens for token-mean terms, non-empty rows for seq-mean
+terms), so the summed gradient equals the gradient of the whole minibatch's loss.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxrlhf.core.kl import kl_estimate
+from jaxrlhf.core.losses import aggregate_loss, entropy_loss, ppo_policy_loss, ppo_value_loss
+from jaxrlhf.core.stats import masked_count
+from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.experience import Experience, Models, policy_and_values
+
+# Diagnostics averaged over all minibatches of a step.
+UPDATE_STAT_KEYS = ("pg_loss", "vf_loss", "loss", "clipfrac", "vf_clipfrac", "approx_kl",
+                    "ratio_mean", "policy_grad_norm", "value_grad_norm")
+
+
+def _normaliser(mask, agg: str):
+    """What a loss term divides by: valid tokens (token-mean) or non-empty rows (seq-mean)."""
+    if agg == "token-mean":
+        return masked_count(mask)
+    return jnp.sum((masked_count(mask, axis=-1) > 0).astype(jnp.float32))
+
+
+def minibatch_loss(params, experience: Experience, kl_coef, config: PPOConfig, models: Models,
+                   policy_weight, value_weight):
+    """Weighted PPO loss of a (micro-)batch; ``params = {"policy": ..., "value": ...}``.
+
+    ``policy_weight``/``value_weight`` scale the policy-side and value terms (1 for a whole
+    minibatch; the micro-batch's share with gradient accumulation). Returns ``(loss, stats)``.
+    """
+    exp = experience
+    with_entropy = config.entropy_coef != 0
+    logprobs, values, entropy = policy_and_values(
+        models, params["policy"], params["value"], exp.prompt_ids, exp.prompt_mask,
+        exp.response_ids, exp.response_mask, config.temperature, with_entropy=with_entropy)
+    mask = exp.response_mask
+    pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
+                                        config.cliprange, config.cliprange_high, config.loss_agg)
+    vf_loss, vf_stats = ppo_value_loss(values, exp.old_values, exp.returns, mask, config.cliprange_value)
+    policy_loss = pg_loss
+    if with_entropy:
+        ent_loss, _ = entropy_loss(entropy, mask, config.loss_agg)
+        policy_loss = policy_loss + config.entropy_coef * ent_loss
+    if config.kl_placement == "loss":
+        kl_BxN = kl_estimate(logprobs, exp.ref_logprobs, config.kl_estimator)
+        policy_loss = policy_loss + kl_coef * aggregate_loss(kl_BxN, mask, config.loss_agg)
+    loss = policy_weight * policy_loss + value_weight * config.vf_coef * vf_loss
+    token_weight = value_weight  # vf terms and token-mean diagnostics share the token weight
+    stats = {
+        "pg_loss": policy_weight * pg_stats["pg_loss"],
+        "vf_loss": token_weight * vf_stats["vf_loss"],
+        "clipfrac": token_weight * pg_stats["clipfrac"],
+        "vf_clipfrac": token_weight * vf_stats["vf_clipfrac"],
+        "approx_kl": token_weight * pg_stats["approx_kl"],
+        "ratio_mean": token_weight * pg_stats["ratio_mean"],
+    }
+    stats["loss"] = jax.lax.stop_gradient(loss)
+    return loss, stats
+
+
+def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.GradientTransformation,
+                    value_opt: optax.GradientTransformation, constrain: Callable = lambda x: x):
+    """Builds ``ppo_update(params, opt_states, experience, kl_coef, key) -> (params, opt_states, stats)``.
+
+    ``params = {"policy", "value"}``, ``opt_states = {"policy", "value"}``. ``constrain`` pins the
+    batch axis of (re-arranged) experience arrays to the data-parallel sharding under GSPMD.
+    """
+    num_mb, mb_size, accum = config.num_minibatches, config.minibatch_size, config.grad_accum_steps
+    micro_size = mb_size // accum
+    grad_fn = jax.grad(minibatch_loss, has_aux=True)
+
+    def minibatch_grads(params, minibatch: Experience, kl_coef):
+        if accum == 1:
+            one = jnp.ones((), jnp.float32)
+            return grad_fn(params, minibatch, kl_coef, config, models, one, one)
+        # [mb, ...] -> [accum, micro, ...]; micro-batch i weighted by its share of the normaliser.
+        micro = jax.tree.map(lambda x: constrain(x.reshape(accum, micro_size, *x.shape[1:]), 1), minibatch)
+        token_total = jnp.maximum(_normaliser(minibatch.response_mask, "token-mean"), 1.0)
+        policy_total = jnp.maximum(_normaliser(minibatch.response_mask, config.loss_agg), 1.0)
+
+        def accumulate(grads_sum, micro_batch):
+            token_w = _normaliser(micro_batch.response_mask, "token-mean") / token_total
+            policy_w = _normaliser(micro_batch.response_mask, config.loss_agg) / policy_total
+            grads, stats = grad_fn(params, micro_batch, kl_coef, config, models, policy_w, token_w)
+            return jax.tree.map(jnp.add, grads_sum, grads), stats
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, stats = lax.scan(accumulate, zeros, micro)
+        return grads, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+
+    def minibatch_step(carry, minibatch: Experience, kl_coef):
+        params, opt_states = carry
+        grads, stats = minibatch_grads(params, minibatch, kl_coef)
+        stats["policy_grad_norm"] = optax.tree.norm(grads["policy"])
+        stats["value_grad_norm"] = optax.tree.norm(grads["value"])
+        new_params, new_opt_states = {}, {}
+        for name, opt in (("policy", policy_opt), ("value", value_opt)):
+            updates, new_opt_states[name] = opt.update(grads[name], opt_states[name], params[name])
+            new_params[name] = optax.apply_updates(params[name], updates)
+        return (new_params, new_opt_states), stats
+
+    def ppo_update(params, opt_states, experience: Experience, kl_coef, key):
+        batch = experience.response_ids.shape[0]
+
+        def epoch(carry, epoch_key):
+            perm = jax.random.permutation(epoch_key, batch)
+            shuffled = jax.tree.map(lambda x: constrain(x[perm].reshape(num_mb, mb_size, *x.shape[1:]), 1),
+                                    experience)
+            return lax.scan(lambda c, mb: minibatch_step(c, mb, kl_coef), carry, shuffled)
+
+        (params, opt_states), stats = lax.scan(epoch, (params, opt_states),
+                                               jax.random.split(key, config.ppo_epochs))
+        # stats: [epochs, minibatches] each; report the mean over all updates of this step.
+        return params, opt_states, {k: jnp.mean(v) for k, v in stats.items()}
+
+    return ppo_update
