@@ -367,3 +367,15 @@ def test_reward_model_loss_matches_numpy(rng, margin):
     assert_finite_close(loss, expected)
     assert_finite_close(stats["accuracy"], sum(float(c > r) for c, r in zip(chosen, rejected)) / 9)
     assert_finite_close(stats["reward_margin"], float(np.mean(chosen.astype(np.float64) - rejected)))
+
+
+def test_ppo_losses_compute_in_float32_for_bf16_inputs(rng):
+    logprobs, old_logprobs, advantages = (jnp.asarray(a, jnp.bfloat16) for a in random_policy_inputs(rng))
+    mask = ragged_mask()
+    loss, stats = core.ppo_policy_loss(logprobs, old_logprobs, advantages, mask)
+    assert loss.dtype == jnp.float32 and stats["approx_kl"].dtype == jnp.float32
+    exact = [np.asarray(a.astype(jnp.float32), np.float64) for a in (logprobs, old_logprobs, advantages)]
+    expected_loss, _ = np_ppo_policy_loss(*exact, mask, 0.2, 0.2, "token-mean")
+    assert_finite_close(loss, expected_loss)
+    value_loss, _ = core.ppo_value_loss(advantages, advantages, logprobs, mask)
+    assert value_loss.dtype == jnp.float32

@@ -78,26 +78,35 @@ def _assert_trees_close(actual, expected, atol=1e-6):
         np.testing.assert_allclose(a, e, atol=atol, rtol=1e-6)
 
 
-def test_jit_matches_eager(batch):
-    _assert_trees_close(jax.jit(_reductions)(batch), _reductions(batch))
-    _assert_trees_close(jax.jit(_per_row)(batch), _per_row(batch))
+@pytest.fixture(scope="module")
+def eager(batch):
+    """Op-by-op (un-jitted) results on the whole batch on one device: the reference below."""
+    return _everything(batch)
+
+
+def _everything(b):
+    return {"reductions": _reductions(b), "per_row": _per_row(b)}
+
+
+def test_jit_matches_eager(batch, eager):
+    _assert_trees_close(jax.jit(_everything)(batch), eager)
 
 
 def test_vmap_over_stacked_batches_matches_loop(batch):
     # Stack 4 batches of 4 rows and vmap the batch-level functions over the stack.
     stacked = jax.tree.map(lambda a: a.reshape((4, 4) + a.shape[1:]), batch)
-    for fn in (_reductions, _per_row):
-        vmapped = jax.vmap(fn)(stacked)
-        looped = [fn(jax.tree.map(lambda a: a[i], stacked)) for i in range(4)]
-        _assert_trees_close(vmapped, jax.tree.map(lambda *xs: jnp.stack(xs), *looped))
+    vmapped = jax.jit(jax.vmap(_everything))(stacked)
+    jitted = jax.jit(_everything)  # compiled once, applied to each batch of the stack
+    looped = [jitted(jax.tree.map(lambda a: a[i], stacked)) for i in range(4)]
+    _assert_trees_close(vmapped, jax.tree.map(lambda *xs: jnp.stack(xs), *looped))
 
 
-def test_pmap_reductions_equal_single_device_result(batch):
+def test_pmap_reductions_equal_single_device_result(batch, eager):
     assert jax.device_count() >= N_DEV
     sharded = jax.tree.map(lambda a: a.reshape((N_DEV, ROWS_PER_DEVICE) + a.shape[1:]), batch)
     per_device = jax.pmap(functools.partial(_reductions, axis_name="batch"), axis_name="batch")(sharded)
     per_device = jax.block_until_ready(per_device)
-    whole = _reductions(batch)
+    whole = eager["reductions"]
     for name, value in whole.items():
         if name.startswith("whiten"):
             # Per-element results: the device shards, put back together, are the global whitening.
@@ -109,14 +118,14 @@ def test_pmap_reductions_equal_single_device_result(batch):
             _assert_trees_close(per_device[name], expected)
 
 
-def test_pmap_per_row_functions_match(batch):
+def test_pmap_per_row_functions_match(batch, eager):
     sharded = jax.tree.map(lambda a: a.reshape((N_DEV, ROWS_PER_DEVICE) + a.shape[1:]), batch)
     per_device = jax.block_until_ready(jax.pmap(_per_row)(sharded))
     unsharded = jax.tree.map(lambda a: a.reshape((B,) + a.shape[2:]), per_device)
-    _assert_trees_close(unsharded, _per_row(batch))
+    _assert_trees_close(unsharded, eager["per_row"])
 
 
-def test_shard_map_matches_single_device(batch):
+def test_shard_map_matches_single_device(batch, eager):
     mesh = jax.make_mesh((N_DEV,), ("batch",))
 
     def local(b):
@@ -130,7 +139,7 @@ def test_shard_map_matches_single_device(batch):
     row_sharding = jax.sharding.NamedSharding(mesh, P("batch"))
     sharded_batch = jax.device_put(batch, row_sharding)
     whitened, scalars = jax.block_until_ready(sharded_fn(sharded_batch))
-    whole = _reductions(batch)
+    whole = eager["reductions"]
     _assert_trees_close(whitened, whole["whiten"])
     _assert_trees_close(scalars, {k: v for k, v in whole.items() if not k.startswith("whiten")})
 

@@ -20,6 +20,12 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 Stats = Dict[str, jax.Array]
 
 
+def _at_least_float32(*arrays):
+    """Upcast bf16/f16 inputs so ratios and squared errors are computed in float32 or wider."""
+    dtype = jnp.result_type(jnp.float32, *arrays)
+    return tuple(jnp.asarray(a, dtype) for a in arrays)
+
+
 def aggregate_loss(
     loss_per_token: chex.Array, mask: chex.Array, agg: str = "token-mean", axis_name=None
 ) -> jax.Array:
@@ -79,6 +85,7 @@ def ppo_policy_loss(
     chex.assert_equal_shape([logprobs, old_logprobs, advantages, mask])
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    logprobs, old_logprobs, advantages = _at_least_float32(logprobs, old_logprobs, advantages)
     advantages = jax.lax.stop_gradient(advantages)
     old_logprobs = jax.lax.stop_gradient(old_logprobs)
 
@@ -134,6 +141,7 @@ def ppo_value_loss(
     """
     chex.assert_rank([values, old_values, returns, mask], 2)
     chex.assert_equal_shape([values, old_values, returns, mask])
+    values, old_values, returns = _at_least_float32(values, old_values, returns)
     old_values = jax.lax.stop_gradient(old_values)
     returns = jax.lax.stop_gradient(returns)
     unclipped_error_BxT = jnp.square(values - returns)
