@@ -137,18 +137,22 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
         return np.asarray(sd[name])
 
-    def put(name, path, value):
+    def put(name, path, value, transpose=False):
         want = tuple(_get(expected, path).shape)
+        if transpose:
+            want = want[::-1]
         if tuple(value.shape) != want:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want} for {'/'.join(path)}")
+            # Shapes in the checkpoint's (HF) layout, so the message matches what the file holds.
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want} "
+                                  f"(for {'/'.join(path)} of a {config.model_type} model)")
+        value = value.T if transpose else value
         _set(params, path, jnp.asarray(value.astype(np.float32) if value.dtype != dtype else value, dtype=dtype))
 
     rows = list(_global_map(config))
     for i in range(config.num_layers):
         rows += [(n, (f"layer_{i}",) + p, t) for n, p, t in _hf_layer_map(config, i)]
     for name, path, transpose in rows:
-        value = take(name)
-        put(name, path, value.T if transpose else value)
+        put(name, path, take(name), transpose)
     if config.model_type == "gpt2":
         D = config.hidden_size
         for i in range(config.num_layers):
