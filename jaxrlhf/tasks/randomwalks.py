@@ -64,6 +64,9 @@ __all__ = [
     "make_reward_fn",
     "encode_walks",
     "encode_prompts",
+    "sequence_kl",
+    "make_evaluator",
+    "decode_walks",
 ]
 
 GOAL = 0
@@ -327,3 +330,80 @@ def encode_prompts(letters: Sequence[str], tokenizer) -> tuple[np.ndarray, np.nd
         [[tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids(letter)] for letter in letters], np.int32
     )
     return ids, np.ones_like(ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation of a policy
+
+
+def sequence_kl(model, params, ref_params, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
+    """Per-sequence KL(policy || reference) ``[B]``: the sum over response tokens of the exact
+    per-token KL between the two next-token distributions,
+    ``sum_t mask_t * sum_v pi(v | s_t) (log pi(v | s_t) - log ref(v | s_t))``.
+
+    On responses sampled from the policy its batch mean is an unbiased, low-variance estimate of
+    the KL between the two sequence distributions.
+    """
+    P = prompt_ids.shape[1]
+    ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
+    T = response_ids.shape[1]
+
+    def response_logp(p):
+        logits = model.apply(p, ids, mask)[:, P - 1 : P - 1 + T]
+        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+    logp, ref_logp = response_logp(params), response_logp(ref_params)
+    kl_BxT = jnp.sum(jnp.exp(logp) * (logp - ref_logp), axis=-1)
+    return jnp.sum(kl_BxT * response_mask, axis=1)
+
+
+def make_evaluator(model, task: RandomWalks, tokenizer, *, samples_per_prompt: int = 8, temperature: float = 1.0):
+    """``evaluate(params, ref_params, key) -> metrics``, jitted, over all prompts of the task.
+
+    Metrics (means over prompts, or over prompts x samples):
+      ``greedy/optimality``, ``greedy/invalid``: greedy decoding, one walk per start node;
+      ``sampled/optimality``, ``sampled/invalid``, ``sampled/length``: ``samples_per_prompt`` walks
+      per start node at ``temperature`` (no top-k/top-p);
+      ``sampled/kl_to_ref``: mean per-sequence KL to ``ref_params`` (see ``sequence_kl``) on the
+      sampled walks.
+    """
+    from jaxrlhf.sampling import generate
+
+    prompt_ids, prompt_mask = encode_prompts(task.prompts, tokenizer)
+    reward_kwargs = dict(
+        adjacency=jnp.asarray(task.adjacency), shortest=jnp.asarray(task.shortest),
+        token_to_node=jnp.asarray(token_to_node_table(tokenizer, task)), max_length=task.max_length,
+    )
+    gen_kwargs = dict(max_new_tokens=task.max_length, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    repeated_ids = np.repeat(prompt_ids, samples_per_prompt, axis=0)
+    repeated_mask = np.repeat(prompt_mask, samples_per_prompt, axis=0)
+
+    @jax.jit
+    def evaluate(params, ref_params, key):
+        greedy = generate(model, params, prompt_ids, prompt_mask, key, temperature=0, **gen_kwargs)
+        greedy_scores = optimality_from_tokens(prompt_ids, prompt_mask, greedy.tokens, greedy.mask, **reward_kwargs)
+        sampled = generate(model, params, repeated_ids, repeated_mask, key, temperature=temperature, **gen_kwargs)
+        sampled_scores = optimality_from_tokens(repeated_ids, repeated_mask, sampled.tokens, sampled.mask,
+                                                **reward_kwargs)
+        kl = sequence_kl(model, params, ref_params, repeated_ids, repeated_mask, sampled.tokens, sampled.mask)
+        return {
+            "greedy/optimality": greedy_scores["optimality"].mean(),
+            "greedy/invalid": greedy_scores["invalid"].mean(),
+            "sampled/optimality": sampled_scores["optimality"].mean(),
+            "sampled/invalid": sampled_scores["invalid"].mean(),
+            "sampled/length": sampled_scores["length"].mean(),
+            "sampled/kl_to_ref": kl.mean(),
+        }
+
+    return evaluate
+
+
+def decode_walks(tokenizer, prompt_ids, response_ids, response_mask) -> list[str]:
+    """Walk strings ``start + response`` (special tokens dropped), for printing and the reference."""
+    walks = []
+    for p, r, m in zip(np.asarray(prompt_ids), np.asarray(response_ids), np.asarray(response_mask)):
+        tokens = list(p[-1:]) + [t for t, keep in zip(r, m) if keep]
+        walks.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return walks
