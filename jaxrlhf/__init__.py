@@ -40,4 +40,5 @@ from jaxrlhf.models import (
     save_pretrained,
 )
 # --- sampling ---
+from jaxrlhf.sampling import SampleOutput, Sampler, generate, make_sampler
 # --- training ---
