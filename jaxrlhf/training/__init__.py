@@ -10,9 +10,17 @@ from jaxrlhf.training.rewards import (NonFiniteError, RewardModel, RewardShapeEr
                                       postprocess_scores)
 from jaxrlhf.training.state import FrozenParams, ScoreStats, TrainState, make_optimizer
 from jaxrlhf.training.update import make_ppo_update
+from jaxrlhf.training.checkpoint import Checkpointer, CheckpointMismatchError
+from jaxrlhf.training.trainer import PromptDataset, TrainResult, prepare_prompts, train
 from jaxrlhf.training import parallel
 
 __all__ = [
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "PromptDataset",
+    "TrainResult",
+    "prepare_prompts",
+    "train",
     "Experience",
     "FrozenParams",
     "NonFiniteError",

@@ -59,6 +59,8 @@ class Experience(NamedTuple):
     old_values: jax.Array  # [B, N] V(s_t) at rollout time
     advantages: jax.Array  # [B, N] (whitened if configured)
     returns: jax.Array  # [B, N] value targets A + V
+    rewards: jax.Array  # [B, N] step rewards (for analysis; the update does not read them)
+    scores: jax.Array  # [B] scores after EOS penalty, clipping and normalisation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +199,6 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
         prompt_ids=prompts.ids, prompt_mask=prompts.mask,
         response_ids=response_ids, response_mask=response_mask,
         old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
-        advantages=sg(advantages), returns=sg(returns),
+        advantages=sg(advantages), returns=sg(returns), rewards=rewards, scores=scores_B,
     )
     return experience, new_score_stats, stats

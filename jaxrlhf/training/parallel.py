@@ -73,7 +73,7 @@ def param_shardings(params, mesh: Mesh):
     if "fsdp" in mesh.axis_names and mesh.shape["fsdp"] > 1:
         from jaxrlhf.models.sharding import param_partition_specs
 
-        specs = param_partition_specs(params, fsdp_axis="fsdp")
+        specs = param_partition_specs(params, fsdp_axis="fsdp", mesh=mesh)
         return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                             is_leaf=lambda x: isinstance(x, P))
     return jax.tree.map(lambda _: replicated(mesh), params)
