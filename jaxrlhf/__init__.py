@@ -42,3 +42,17 @@ from jaxrlhf.models import (
 # --- sampling ---
 from jaxrlhf.sampling import SampleOutput, Sampler, generate, make_sampler
 # --- training ---
+from jaxrlhf.training import (
+    PPO,
+    CheckpointMismatchError,
+    FrozenParams,
+    NonFiniteError,
+    PPOConfig,
+    PromptTooLongError,
+    RewardModel,
+    RewardShapeError,
+    TextReward,
+    TrainResult,
+    TrainState,
+    train,
+)
