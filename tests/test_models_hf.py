@@ -33,7 +33,8 @@ FAMILIES = {
     "gpt2": ("gpt2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.15,
                           bos_token_id=1, eos_token_id=2)),
     "gpt2_untied": ("gpt2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                 initializer_range=0.15, tie_word_embeddings=False, activation_function="gelu")),
+                                 initializer_range=0.15, tie_word_embeddings=False, activation_function="gelu",
+                                 bos_token_id=1, eos_token_id=2)),
     "llama_gqa": ("llama", dict(_LLAMA, num_key_value_heads=2)),
     "llama_tied": ("llama", dict(_LLAMA, tie_word_embeddings=True)),
     # Llama 3.1 rope scaling with a short original context, so that all three frequency bands
@@ -55,7 +56,7 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name:
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            if name.endswith(".bias") or "ln_" in name and name.endswith("bias"):
+            if name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
 
 
@@ -297,6 +298,10 @@ def test_error_missing_directory_and_config(checkpoints, tmp_path):
         jaxrlhf.load_pretrained(str(d))
     (d / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"cannot read .*config\.json"):
+        jaxrlhf.load_pretrained(str(d))
+    cfg = {k: v for k, v in checkpoints("llama_gqa")[1].config.to_dict().items() if k != "hidden_size"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config\.json: missing or malformed field 'hidden_size'"):
         jaxrlhf.load_pretrained(str(d))
 
 
