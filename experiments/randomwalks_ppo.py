@@ -1,0 +1,236 @@
+"""Random walks, step 2: PPO teaches the SFT policy to walk to the goal by the shortest path.
+
+trlx's ``randomwalks`` PPO benchmark. The policy (trained on random walks by
+``experiments/randomwalks_sft.py``) gets a start letter as its prompt (``<bos> s``) and writes the
+rest of a walk, then ``<eos>``. Its reward is the walk's optimality ``(max_length - L) /
+(max_length - L_opt)`` (1 for a shortest path, 0 for an invalid walk; see
+``jaxrlhf/tasks/randomwalks.py``), computed on token ids by a JAX function inside the jitted PPO
+step: no text, no host round-trip. A per-token KL penalty to the SFT policy (adaptive coefficient)
+keeps the policy close to it.
+
+    python experiments/randomwalks_sft.py                      # the SFT policy first (~2 min)
+    python experiments/randomwalks_ppo.py                      # PPO, seed 0
+    python experiments/randomwalks_ppo.py --seeds 0 1 2        # three seeds, mean and spread
+    python experiments/randomwalks_ppo.py --help
+
+Without an SFT model in ``sft_dir`` the script runs the SFT script first (``--no-run_sft_if_missing``
+makes it stop and say what to run instead).
+
+Writes to ``out_dir``: ``config.json``; per seed ``seed_<s>/`` with ``metrics.jsonl``, TensorBoard
+events, ``eval.jsonl`` (periodic evaluation), ``checkpoints/`` (Orbax) and ``policy/`` (final
+policy, Hugging Face format); ``randomwalks_ppo.png`` (reward, optimality and KL curves of every
+seed); ``summary.json`` (before/after evaluation per seed, mean and std over seeds).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.metrics_log import read_metrics
+from jaxrlhf.models import load_pretrained
+from jaxrlhf.plotting import plot_curves
+from jaxrlhf.tasks import randomwalks as rw
+from jaxrlhf.training import PPOConfig, train
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Random walks: PPO from the SFT policy with the optimality reward (trlx's benchmark)."""
+
+    out_dir: str = "runs/randomwalks_ppo"
+    """Directory for config.json, seed_<s>/ run directories, randomwalks_ppo.png, summary.json."""
+    sft_dir: str = "runs/randomwalks_sft"
+    """Output directory of experiments/randomwalks_sft.py; the policy is read from <sft_dir>/model."""
+    run_sft_if_missing: bool = True
+    """When <sft_dir>/model does not exist, run the SFT script (defaults, out_dir=sft_dir) first;
+    otherwise stop with a message saying what to run."""
+    seeds: tuple[int, ...] = (0,)
+    """PPO runs, one per seed (run one after the other); the summary gives mean and std over them."""
+    task_seed: int = 1002
+    """Seed of the graph (must match the SFT run's)."""
+    n_nodes: int = 21
+    """Nodes of the graph (must match the SFT run's)."""
+    p_edge: float = 0.1
+    """Edge probability (must match the SFT run's)."""
+    max_length: int = 10
+    """Most nodes in a walk; the response budget is max_length tokens (max_length - 1 nodes + EOS)."""
+    ppo: PPOConfig = PPOConfig(
+        total_steps=200,
+        batch_size=128,
+        minibatch_size=64,
+        ppo_epochs=4,
+        max_prompt_len=2,
+        max_new_tokens=10,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        init_kl_coef=0.05,
+        adaptive_kl=True,
+        target_kl=6.0,
+        kl_horizon=10000.0,
+        gamma=1.0,
+        lam=0.95,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=1.2,
+        learning_rate=3e-4,
+        critic_learning_rate=3e-4,
+        adam_b1=0.9,
+        adam_b2=0.95,
+        weight_decay=1e-6,
+        shared_trunk=True,
+        save_every=50,
+    )
+    """PPO settings (trlx's randomwalks values; ``--ppo.total_steps 100`` etc.). ``ppo.seed`` is
+    replaced by each entry of ``seeds``."""
+    eval_every: int = 20
+    """Evaluate (greedy and sampled optimality, KL to SFT) every this many PPO steps."""
+    eval_samples: int = 8
+    """Sampled walks per start node in each evaluation (temperature 1)."""
+    target_optimality: float = 0.95
+    """Report the first evaluation step (and wall-clock) at which sampled optimality reaches this."""
+    progress: bool = True
+    """Show the trainer's progress bar."""
+
+
+def load_sft_policy(config: Config):
+    """The SFT policy from ``<sft_dir>/model``, running the SFT script first if allowed."""
+    model_dir = os.path.join(config.sft_dir, "model")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "randomwalks_sft.py")
+        if not config.run_sft_if_missing:
+            raise SystemExit(f"no SFT policy in {model_dir}: run `python {script} --out_dir {config.sft_dir}` first")
+        print(f"no SFT policy in {model_dir}: running {script} --out_dir {config.sft_dir}")
+        spec = importlib.util.spec_from_file_location("randomwalks_sft", script)
+        sft = importlib.util.module_from_spec(spec)
+        sys.modules["randomwalks_sft"] = sft  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(sft)
+        sft.main(sft.Config(out_dir=config.sft_dir, task_seed=config.task_seed, n_nodes=config.n_nodes,
+                            p_edge=config.p_edge, max_length=config.max_length))
+    return load_pretrained(model_dir)
+
+
+def run_seed(config: Config, seed: int, sft, task, reward_fn, evaluator) -> dict:
+    """One PPO run; returns its before/after evaluation and timings."""
+    run_dir = os.path.join(config.out_dir, f"seed_{seed}")
+    os.makedirs(run_dir, exist_ok=True)
+    ppo_config = config.ppo.replace(seed=seed, eos_token_id=sft.tokenizer.eos_token_id,
+                                    pad_token_id=sft.tokenizer.pad_token_id)
+    prompt_ids, prompt_mask = rw.encode_prompts(task.prompts, sft.tokenizer)
+    eval_key = jax.random.fold_in(jax.random.key(seed), 12345)
+    ref_params = sft.params
+
+    def evaluate(params, step):
+        return {k: float(v) for k, v in evaluator(params, ref_params, jax.random.fold_in(eval_key, step)).items()}
+
+    before = evaluate(ref_params, 0)
+    eval_path = os.path.join(run_dir, "eval.jsonl")
+    reached = {}
+    start = time.perf_counter()
+    with open(eval_path, "a") as eval_file:
+        def on_step(step, metrics, state):
+            done = step + 1
+            if done % config.eval_every and done != ppo_config.total_steps:
+                return
+            result = evaluate(state.policy_params, done)
+            record = {"step": done, "wall_clock_s": time.perf_counter() - start, **result}
+            eval_file.write(json.dumps(record) + "\n")
+            eval_file.flush()
+            if not reached and result["sampled/optimality"] >= config.target_optimality:
+                reached.update(step=done, wall_clock_s=record["wall_clock_s"])
+
+        result = train(sft, reward_fn, (prompt_ids, prompt_mask), ppo_config, run_dir, ref_params=ref_params,
+                       progress=config.progress, on_step=on_step)
+    wall_clock = time.perf_counter() - start
+    after = evaluate(result.state.policy_params, ppo_config.total_steps + 1)
+    train_seconds = sum(m["step_time"] for m in result.history)
+    return {
+        "seed": seed,
+        "before": before,
+        "after": after,
+        "steps": int(result.state.step),
+        "wall_clock_s": wall_clock,
+        "train_step_time_s": train_seconds,
+        "target_reached_at": reached or None,
+        "final_kl_coef": result.history[-1]["kl_coef"] if result.history else None,
+        "policy_dir": result.policy_dir,
+    }
+
+
+def plot(config: Config, runs: list[dict], out_png: str) -> None:
+    panels = {"training reward (mean optimality of rollouts)": {}, "evaluation optimality (T=1 samples)": {},
+              "KL to SFT per sequence": {}, "KL coefficient": {}}
+    for run in runs:
+        seed = run["seed"]
+        run_dir = os.path.join(config.out_dir, f"seed_{seed}")
+        records = read_metrics(run_dir)
+        steps = [r["step"] + 1 for r in records]
+        panels["training reward (mean optimality of rollouts)"][f"seed {seed}"] = (steps, [r["score"] for r in records])
+        panels["KL to SFT per sequence"][f"seed {seed}"] = (steps, [r["kl"] for r in records])
+        panels["KL coefficient"][f"seed {seed}"] = (steps, [r["kl_coef"] for r in records])
+        evals = read_metrics(os.path.join(run_dir, "eval.jsonl"))
+        eval_steps = [0] + [e["step"] for e in evals]
+        panels["evaluation optimality (T=1 samples)"][f"seed {seed}"] = (
+            eval_steps, [run["before"]["sampled/optimality"]] + [e["sampled/optimality"] for e in evals])
+    plot_curves(panels, out_png, title="randomwalks PPO", ncols=2,
+                ylims={"evaluation optimality (T=1 samples)": (0.0, 1.02)})
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Mean and std over seeds of every before/after metric and of the wall-clock times."""
+    out = {}
+    for when in ("before", "after"):
+        for key in runs[0][when]:
+            values = np.asarray([run[when][key] for run in runs])
+            out[f"{when}/{key}"] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
+    for key in ("wall_clock_s", "train_step_time_s"):
+        values = np.asarray([run[key] for run in runs])
+        out[key] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
+    return out
+
+
+def main(config: Config) -> dict:
+    os.makedirs(config.out_dir, exist_ok=True)
+    save_config(config, os.path.join(config.out_dir, "config.json"))
+    sft = load_sft_policy(config)
+    task = rw.make_task(config.task_seed, config.n_nodes, config.p_edge, config.max_length)
+    if config.ppo.max_new_tokens < config.max_length:
+        print(f"warning: ppo.max_new_tokens={config.ppo.max_new_tokens} cannot hold a full walk "
+              f"({config.max_length - 1} nodes + EOS)")
+    reward_fn = rw.make_reward_fn(task, sft.tokenizer)
+    evaluator = rw.make_evaluator(sft.model, task, sft.tokenizer, samples_per_prompt=config.eval_samples)
+
+    runs = []
+    for seed in config.seeds:
+        run = run_seed(config, seed, sft, task, reward_fn, evaluator)
+        runs.append(run)
+        b, a = run["before"], run["after"]
+        print(f"seed {seed}: sampled optimality {b['sampled/optimality']:.3f} -> {a['sampled/optimality']:.3f}, "
+              f"greedy {b['greedy/optimality']:.3f} -> {a['greedy/optimality']:.3f}, "
+              f"invalid {b['sampled/invalid']:.3f} -> {a['sampled/invalid']:.3f}, "
+              f"KL to SFT {a['sampled/kl_to_ref']:.3f}, {run['wall_clock_s']:.0f} s; "
+              f"target reached at {run['target_reached_at']}")
+
+    summary = {"runs": runs, "over_seeds": summarize(runs)}
+    plot(config, runs, os.path.join(config.out_dir, "randomwalks_ppo.png"))
+    with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    over = summary["over_seeds"]
+    print("over seeds (mean ± std):")
+    for key in ("greedy/optimality", "sampled/optimality", "sampled/invalid", "sampled/kl_to_ref"):
+        print(f"  {key:22s} SFT {over['before/' + key]['mean']:.3f} ± {over['before/' + key]['std']:.3f}   "
+              f"PPO {over['after/' + key]['mean']:.3f} ± {over['after/' + key]['std']:.3f}")
+    print(f"  wall-clock per run     {over['wall_clock_s']['mean']:.0f} ± {over['wall_clock_s']['std']:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

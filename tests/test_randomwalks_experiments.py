@@ -1,0 +1,84 @@
+"""End to end: experiments/randomwalks_sft.py then experiments/randomwalks_ppo.py with tiny configs."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from jaxrlhf.metrics_log import read_metrics
+from jaxrlhf.training.sft import SFTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def all_finite(record):
+    return all(math.isfinite(v) for v in record.values() if isinstance(v, (int, float)))
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    sft = load_script("randomwalks_sft")
+    out_dir = str(tmp_path_factory.mktemp("rw") / "sft")
+    config = sft.Config(out_dir=out_dir, n_layer=1, n_embd=16, n_head=2, num_steps=4, batch_size=32,
+                        eval_every=2, eval_samples=2, log_every=1, sft=SFTConfig(learning_rate=1e-3))
+    summary = sft.main(config)
+    return out_dir, summary
+
+
+def test_sft_script_end_to_end(sft_run):
+    out_dir, summary = sft_run
+    for name in ("config.json", "metrics.jsonl", "sft.png", "summary.json", "model/config.json",
+                 "model/model.safetensors", "model/tokenizer.json"):
+        assert os.path.isfile(os.path.join(out_dir, name)), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))
+    records = read_metrics(out_dir)
+    assert [r["step"] for r in records if "loss" in r] == [0, 1, 2, 3]
+    assert all(all_finite(r) for r in records)
+    assert summary["hf_max_abs_logit_diff"] < 1e-3  # AutoModelForCausalLM loads it, same logits
+    assert 0.0 <= summary["sampled/optimality"] <= 1.0
+
+
+def test_ppo_script_end_to_end(sft_run, tmp_path):
+    sft_dir, _ = sft_run
+    ppo = load_script("randomwalks_ppo")
+    out_dir = str(tmp_path / "ppo")
+    config = ppo.Config(
+        out_dir=out_dir, sft_dir=sft_dir, run_sft_if_missing=False, eval_every=1, eval_samples=2, progress=False,
+        ppo=ppo.Config().ppo.replace(total_steps=2, batch_size=20, minibatch_size=10, ppo_epochs=1, save_every=1),
+    )
+    summary = ppo.main(config)
+    run_dir = os.path.join(out_dir, "seed_0")
+    for name in ("config.json", "randomwalks_ppo.png", "summary.json"):
+        assert os.path.isfile(os.path.join(out_dir, name)), name
+    for name in ("metrics.jsonl", "eval.jsonl", "policy/config.json", "policy/model.safetensors",
+                 "policy/tokenizer.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert os.listdir(os.path.join(run_dir, "checkpoints"))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir))
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [0, 1]
+    assert all(all_finite(r) for r in records)
+    assert [r["step"] for r in read_metrics(os.path.join(run_dir, "eval.jsonl"))] == [1, 2]
+    run = summary["runs"][0]
+    for when in ("before", "after"):
+        assert all(math.isfinite(v) for v in run[when].values())
+    assert abs(run["before"]["sampled/kl_to_ref"]) < 1e-5  # the SFT policy is its own reference
+    with open(os.path.join(out_dir, "summary.json")) as f:
+        assert json.load(f)["over_seeds"]["after/sampled/optimality"]["values"] == [run["after"]["sampled/optimality"]]
+
+
+def test_ppo_script_says_what_to_run_without_sft(tmp_path):
+    ppo = load_script("randomwalks_ppo")
+    config = ppo.Config(out_dir=str(tmp_path / "ppo"), sft_dir=str(tmp_path / "missing"), run_sft_if_missing=False)
+    with pytest.raises(SystemExit, match="randomwalks_sft.py"):
+        ppo.main(config)
