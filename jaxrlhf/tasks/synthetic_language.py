@@ -34,6 +34,7 @@ Everything here is a pure function of JAX arrays with explicit PRNG keys; ``true
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -155,6 +156,7 @@ def _noun_phrase_slots(key, num):
     return slots, used.astype(bool)
 
 
+@functools.partial(jax.jit, static_argnames=("num", "length"))
 def sample_sentences(key: jax.Array, num: int, length: int = MAX_SENTENCE_LEN):
     """``num`` sentences of the reference distribution, as right-padded ``(ids, mask)`` ``[N, length]``.
 
@@ -180,6 +182,7 @@ def sample_sentences(key: jax.Array, num: int, length: int = MAX_SENTENCE_LEN):
     return jnp.pad(ids, ((0, 0), (0, pad))).astype(jnp.int32), jnp.pad(mask, ((0, 0), (0, pad)))
 
 
+@functools.partial(jax.jit, static_argnames=("num",))
 def sample_prompts(key: jax.Array, num: int):
     """Prompts ``<bos> the`` or ``<bos> a`` (uniform): ``(ids, mask)`` ``[N, 2]``; the policy writes the rest."""
     det = jnp.asarray([TOKEN_ID[w] for w in DETERMINERS])[jax.random.randint(key, (num,), 0, 2)]
@@ -198,6 +201,7 @@ class Judgement(NamedTuple):
     score: jax.Array  # [B] float32: the true score
 
 
+@jax.jit
 def judge(tokens: jax.Array, mask: jax.Array) -> Judgement:
     """Applies the hidden rule to the tokens of each row where ``mask`` is 1 (any padding layout).
 
@@ -271,9 +275,9 @@ def preference_pairs(key: jax.Array, num_pairs: int, length: int = MAX_SENTENCE_
     noiseless: the reward model's errors come only from its size and its data.
     """
     chosen, chosen_mask, rejected, rejected_mask, have = [], [], [], [], 0
+    n = 2 * num_pairs + 16  # candidates per round (the same every round: one compiled sampler)
     while have < num_pairs:
         key, k_a, k_b = jax.random.split(key, 3)
-        n = 2 * (num_pairs - have) + 16
         a, a_mask = sample_sentences(k_a, n, length)
         b, b_mask = sample_sentences(k_b, n, length)
         a_score, b_score = np.asarray(true_score(a, a_mask)), np.asarray(true_score(b, b_mask))
