@@ -18,7 +18,7 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # Fields that may differ between a checkpoint and the run that resumes from it: they change how
 # often things are written, not what a step computes. (`total_steps` joins them when the learning
 # rate schedule does not depend on it, i.e. for "constant".)
-RESUME_MUTABLE_FIELDS = ("save_every", "keep_checkpoints", "log_samples_every")
+RESUME_MUTABLE_FIELDS = ("save_every", "keep_checkpoints")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +136,6 @@ class PPOConfig:
     """Write a checkpoint every this many PPO iterations (and at the end)."""
     keep_checkpoints: int = 3
     """How many recent checkpoints to keep."""
-    log_samples_every: int = 0
-    """Write a few decoded samples to TensorBoard text every this many steps (0 = never)."""
 
     def __post_init__(self):
         def need(condition, message):
