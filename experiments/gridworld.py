@@ -21,7 +21,7 @@ Each variant is trained with several seeds, all in one ``jax.vmap``-ed, ``jax.ji
 The environment is a pure function of arrays (``env_step``), the training loops run under
 ``lax.scan``, episodes in a batch run under ``vmap``, and every random draw takes an explicit key.
 
-    python experiments/gridworld.py                      # defaults, ~10 s on 2 CPU cores
+    python experiments/gridworld.py                      # defaults, ~15 s on 2 idle CPU cores
     python experiments/gridworld.py --help               # every knob, with its description
     python experiments/gridworld.py --slip_prob 0.1 --out_dir runs/gridworld_slippery
 """
@@ -82,11 +82,10 @@ class Config:
     reinforce_lr: float = 1.0
     """Step size of gradient ascent on the softmax logits (one logit per cell and action)."""
     reinforce_baseline: bool = False
-    """Subtract the batch's mean return from the returns (less variance, same expected gradient).
+    """Subtract the batch's mean return from the returns (same expected gradient, other variance).
 
-    Off by default: here the mean return starts near -0.9 (a random walk mostly ends in fire), so
-    with it every episode that merely times out looks good, and the policy can settle on wandering
-    safely before it ever finds the diamond."""
+    Off by default, for the plainest form of REINFORCE; on the default map it makes no difference
+    to whether the diamond is found (20 of 20 seeds either way)."""
     q_alpha: float = 0.5
     """Q-learning step size alpha."""
     epsilon_start: float = 1.0
