@@ -95,7 +95,7 @@ class Config:
     # --- PPO ---
     kl_coefs: tuple[float, ...] = (0.0, 0.02, 0.1, 0.5)
     """KL coefficients beta of the per-token penalty, one PPO run each (0 = no penalty)."""
-    ppo_steps: int = 150
+    ppo_steps: int = 120
     """PPO iterations per kl_coef."""
     ppo_batch_size: int = 64
     """Prompts (rollouts) per PPO iteration."""
@@ -206,6 +206,23 @@ def make_evaluate(policy: LanguageModel, rm: ValueModel, config: Config):
     return evaluate
 
 
+# Hand-written sentences the reward model never saw the like of (and two it did), scored by both.
+PROBES = (
+    "the good kind cat helps a happy great bird .",  # the true optimum, +4
+    "the cat sees a dog .",  # neutral, 0
+    "the bad sad cat sees a cold dull dog .",  # the worst well-formed sentence, -4
+    "the good good cat sees a happy happy dog .",  # repeated adjectives: ill formed
+    "a happy happy the a happy happy cat .",  # what PPO without a KL penalty ends up writing
+    "good great happy kind good great happy kind good .",  # adjectives only
+)
+
+
+def score_probes(rm: ValueModel, rm_params) -> list[dict[str, Any]]:
+    ids, mask = lang.batch_encode(PROBES, length=lang.MAX_SENTENCE_LEN)
+    proxy, true = rm_score(rm, rm_params, ids, mask), lang.true_score(ids, mask)
+    return [{"text": t, "proxy_score": float(p), "true_score": float(s)} for t, p, s in zip(PROBES, proxy, true)]
+
+
 def show_samples(ids, mask, scores, n: int) -> list[str]:
     ids, mask, scores = np.asarray(ids), np.asarray(mask), np.asarray(scores)
     return [f"[true {scores[i]:+.0f}] {lang.decode(ids[i], mask[i])}" for i in range(min(n, len(ids)))]
@@ -250,6 +267,9 @@ def main(config: Config) -> dict[str, Any]:
     logger.log(config.sft_steps + config.rm_steps - 1, {"rm_accuracy": accuracy})
     logger.write(f"reward model: pairwise accuracy {accuracy['train']:.3f} train, {accuracy['held_out']:.3f} held out "
                  f"({time.time() - start:.0f} s)")
+    probes = score_probes(rm, rm_params)
+    logger.write("reward model on hand-written probes:\n" + "\n".join(
+        f"  proxy {p['proxy_score']:+.2f}  true {p['true_score']:+.0f}  {p['text']}" for p in probes))
 
     # 3. PPO against the reward model, once per kl_coef, from the SFT policy each time.
     ppo_config = PPOConfig(
@@ -280,6 +300,7 @@ def main(config: Config) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "rm_accuracy": accuracy,
         "rm_normalisation": {"mean": rm_mean, "std": rm_std},
+        "rm_probes": probes,
         "sft": {**sft_eval, "samples": show_samples(*sft_samples, config.num_samples_shown)},
         "runs": {},
     }

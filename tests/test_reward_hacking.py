@@ -104,6 +104,8 @@ def test_tiny_end_to_end_run(tmp_path):
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
     assert set(summary["runs"]) == {"kl_coef=0", "kl_coef=0.1"}
     assert 0.0 <= summary["rm_accuracy"]["held_out"] <= 1.0
+    assert [p["true_score"] for p in summary["rm_probes"]][:3] == [4.0, 0.0, -4.0]
+    assert all(math.isfinite(p["proxy_score"]) for p in summary["rm_probes"])
     for run in summary["runs"].values():
         for key in ("proxy_score", "true_score", "kl", "well_formed"):
             assert math.isfinite(run[key]), key
