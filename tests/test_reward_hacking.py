@@ -60,11 +60,12 @@ def test_true_reward_fn_on_prompt_and_response():
 
 
 def test_reference_distribution_and_pairs():
-    ids, mask = lang.sample_sentences(jax.random.key(0), 2000, length=12)
-    assert ids.shape == (2000, 12) and ids[:, 0].tolist() == [lang.BOS_ID] * 2000
+    num = 2 * 300 + 16  # the round size of preference_pairs(..., 300) below: one compiled sampler
+    ids, mask = lang.sample_sentences(jax.random.key(0), num, length=lang.MAX_SENTENCE_LEN)
+    assert ids.shape == (num, lang.MAX_SENTENCE_LEN) and ids[:, 0].tolist() == [lang.BOS_ID] * num
     judgement = lang.judge(ids, mask)
     assert bool(jnp.all(judgement.well_formed))  # every reference sentence is well formed
-    assert abs(float(jnp.mean(judgement.score))) < 0.15  # sentiment is symmetric: mean 0
+    assert abs(float(jnp.mean(judgement.score))) < 0.2  # sentiment is symmetric: mean 0
     assert float(jnp.max(judgement.score)) <= 4 and float(jnp.min(judgement.score)) >= -4
     lengths = np.asarray(mask.sum(1))
     assert lengths.min() == 7 and lengths.max() == lang.MAX_SENTENCE_LEN
