@@ -25,6 +25,9 @@ from jaxrlhf.models.value import ValueModel
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.state import ScoreStats
 
+# Below this standard deviation scores have no spread to normalise by and are left unscaled.
+MIN_SCORE_STD = 1e-6
+
 JaxRewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -120,8 +123,11 @@ def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats
 
     In order: a response without EOS gets ``missing_eos_penalty`` (if set); then clipping to
     ``[-score_clip, score_clip]``; then normalisation:
-    ``"batch"``: ``s / std_batch`` (``(s - mean) / std`` with shift_mean);
-    ``"running"``: the same with the running moments, updated with this batch first.
+    ``"batch"``: ``s / std_batch`` (``(s - mean) / std`` with shift_mean), std with Bessel's
+    correction; ``"running"``: the same with the running moments, updated with this batch first.
+    When there is no spread to divide by (a batch of one score, a first running batch of one, or
+    all scores equal: ``std <= MIN_SCORE_STD``) the scores are not scaled (only centred with
+    shift_mean), instead of becoming NaN or blowing up.
     """
     scores_B = raw_scores_B
     if config.missing_eos_penalty is not None:
@@ -131,10 +137,14 @@ def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats
     # Running moments track the scores after penalty and clipping: what normalisation divides.
     new_stats = score_stats.update(scores_B)
     if config.score_norm == "batch":
-        mean, std = jnp.mean(scores_B), jnp.std(scores_B, ddof=1)
+        # Bessel's correction with a guard: jnp.std(ddof=1) of a single score is 0 / 0 = NaN.
+        mean = jnp.mean(scores_B)
+        num = scores_B.shape[0]
+        std = jnp.sqrt(jnp.sum(jnp.square(scores_B - mean)) / max(num - 1, 1))
     elif config.score_norm == "running":
         mean, std = new_stats.mean, new_stats.std
     else:
         return scores_B, new_stats
     centre = mean if config.score_norm_shift_mean else 0.0
-    return (scores_B - centre) / (std + 1e-8), new_stats
+    scale = jnp.where(std > MIN_SCORE_STD, std, 1.0)
+    return (scores_B - centre) / scale, new_stats

@@ -33,6 +33,10 @@ from jaxrlhf.training.experience import Experience, Models, policy_and_values
 # Diagnostics averaged over all minibatches of a step.
 UPDATE_STAT_KEYS = ("pg_loss", "vf_loss", "loss", "clipfrac", "vf_clipfrac", "approx_kl",
                     "ratio_mean", "policy_grad_norm", "value_grad_norm")
+# Only with entropy_coef != 0 / kl_placement="loss": the aggregated entropy and KL(policy || ref)
+# terms of the policy loss (before their coefficients), so that
+# loss = pg_loss - entropy_coef * policy_entropy + kl_coef * policy_kl + vf_coef * vf_loss.
+OPTIONAL_UPDATE_STAT_KEYS = ("policy_entropy", "policy_kl")
 
 
 def _normaliser(mask, agg: str):
@@ -58,13 +62,18 @@ def minibatch_loss(params, experience: Experience, kl_coef, config: PPOConfig, m
     pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
                                         config.cliprange, config.cliprange_high, config.loss_agg)
     vf_loss, vf_stats = ppo_value_loss(values, exp.old_values, exp.returns, mask, config.cliprange_value)
+    sg = jax.lax.stop_gradient
     policy_loss = pg_loss
+    extra_stats = {}
     if with_entropy:
-        ent_loss, _ = entropy_loss(entropy, mask, config.loss_agg)
+        ent_loss, ent_stats = entropy_loss(entropy, mask, config.loss_agg)
         policy_loss = policy_loss + config.entropy_coef * ent_loss
+        extra_stats["policy_entropy"] = policy_weight * ent_stats["entropy"]
     if config.kl_placement == "loss":
         kl_BxN = kl_estimate(logprobs, exp.ref_logprobs, config.kl_estimator)
-        policy_loss = policy_loss + kl_coef * aggregate_loss(kl_BxN, mask, config.loss_agg)
+        kl_term = aggregate_loss(kl_BxN, mask, config.loss_agg)
+        policy_loss = policy_loss + kl_coef * kl_term
+        extra_stats["policy_kl"] = policy_weight * sg(kl_term)
     loss = policy_weight * policy_loss + value_weight * config.vf_coef * vf_loss
     token_weight = value_weight  # vf terms and token-mean diagnostics share the token weight
     stats = {
@@ -74,8 +83,9 @@ def minibatch_loss(params, experience: Experience, kl_coef, config: PPOConfig, m
         "vf_clipfrac": token_weight * vf_stats["vf_clipfrac"],
         "approx_kl": token_weight * pg_stats["approx_kl"],
         "ratio_mean": token_weight * pg_stats["ratio_mean"],
+        **extra_stats,
     }
-    stats["loss"] = jax.lax.stop_gradient(loss)
+    stats["loss"] = sg(loss)
     return loss, stats
 
 
