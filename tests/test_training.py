@@ -1,8 +1,11 @@
-"""PPO trainer: learning on a toy task, one compile, device-count invariance, reward paths, errors.
+"""PPO trainer: learning on a toy task, one compile, device-count invariance, reward paths, errors,
+every ablation switch in one real step, and the config table of docs/training.md.
 
 Compiles are the cost here (2 shared CPU cores), so one module-scoped learning run on one device
 provides the single-device reference for the other tests, and tests reuse compiled steps by using
-equal `PPO` setups (jit caches are keyed on them).
+equal `PPO` setups (jit caches are keyed on them). A JAX persistent compilation cache in a temporary
+directory, shared with the subprocess tests, lets the fresh-process resume load the step this process
+compiled, and the two processes of the multi-host test compile their step once between them.
 """
 import functools
 import os
@@ -23,7 +26,7 @@ from jaxrlhf.models.sharding import make_mesh
 from jaxrlhf.training import (PPO, Checkpointer, CheckpointMismatchError, NonFiniteError, PPOConfig, PromptBatch,
                               PromptTooLongError, RewardModel, RewardShapeError, Rollout, TextReward,
                               make_experience, prepare_prompts, train)
-from jaxrlhf.training.rewards import score_in_jit
+from jaxrlhf.training.rewards import postprocess_scores, score_in_jit
 from jaxrlhf.training.state import ScoreStats
 from jaxrlhf.training.trainer import TIMING_METRICS, host_scores
 
@@ -57,6 +60,23 @@ BASE_CONFIG = PPOConfig(
     total_steps=LEARN_STEPS, batch_size=BATCH, minibatch_size=16, ppo_epochs=2, max_new_tokens=8,
     max_prompt_len=PROMPT_LEN, learning_rate=3e-3, critic_learning_rate=3e-3, eos_token_id=-1,
     init_kl_coef=0.01, adaptive_kl=True, target_kl=1.0, kl_horizon=200.0, seed=0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's processes (restored to off afterwards)."""
+    from jax._src import compilation_cache as cc
+
+    cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
+    before = {name: getattr(jax.config, name) for name in
+              ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
+    cc.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield cache_dir
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
 
 
 def make_prompts(n, seed=0):
@@ -145,17 +165,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker_env():
+def _worker_env(cache_dir):
+    """The workers' environment: their own device count; this module's compilation cache."""
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+    env["JAXRLHF_TEST_COMPILATION_CACHE"] = cache_dir
     return env
 
 
-def test_two_processes_match_single_process(learning_run, tmp_path):
+def test_two_processes_match_single_process(learning_run, tmp_path, compilation_cache):
     out = tmp_path / "multihost.npz"
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, WORKER, "multihost", str(port), str(i), "2", "2", str(out)],
-                              env=_worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=_worker_env(compilation_cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     logs = []
     for proc in procs:
@@ -188,7 +210,7 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in records]
 
 
-def test_resume_in_fresh_process_is_exact(tiny, tmp_path):
+def test_resume_in_fresh_process_is_exact(tiny, tmp_path, compilation_cache):
     model, params = tiny
     prompts = make_prompts(RESUME_PROMPTS)
     straight = train((model, params), target_fraction_reward, prompts, BASE_CONFIG, tmp_path / "straight",
@@ -196,7 +218,7 @@ def test_resume_in_fresh_process_is_exact(tiny, tmp_path):
     train((model, params), target_fraction_reward, prompts, BASE_CONFIG, tmp_path / "resumed",
           num_steps=RESUME_STEPS, progress=False, export=False)
     proc = subprocess.run([sys.executable, WORKER, "resume", str(tmp_path / "resumed"), str(RESUME_STEPS)],
-                          env=_worker_env(), capture_output=True, text=True, timeout=300)
+                          env=_worker_env(compilation_cache), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
     ppo = PPO(BASE_CONFIG, model, target_fraction_reward)
@@ -285,22 +307,27 @@ def _handmade_rollout():
     return Rollout(jnp.asarray(tokens), jnp.asarray(mask)), lengths
 
 
+KL_KINDS = ("k1", "k2", "k3", "abs")
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _jitted_make_experience(config, models, *args):
-    return make_experience(config, models, *args)
+def _jitted_make_experiences(configs, models, *args):
+    return [make_experience(config, models, *args)[0] for config in configs]
 
 
-def _experience(config, model, params, kl_coef, scores):
+def _experiences(config, model, params, kl_coef, scores):
+    """make_experience on the hand-made rollout with each KL estimator (one compile for all four)."""
     ppo = PPO(config, model, target_fraction_reward)
     value_params = ppo.default_value_params(params, jax.random.PRNGKey(1))
     ids, mask = make_prompts(4, seed=2)
     mask[1, :2] = 0  # a left-padded prompt
     rollout_out, _ = _handmade_rollout()
     ref_params = jax.tree.map(lambda p: p * 1.1, params)  # a reference that differs: KL != 0
-    experience, _, _ = _jitted_make_experience(
-        config, ppo.models, params, value_params, ref_params, PromptBatch(jnp.asarray(ids), jnp.asarray(mask)),
+    configs = tuple(config.replace(kl_estimator=kind) for kind in KL_KINDS)
+    experiences = _jitted_make_experiences(
+        configs, ppo.models, params, value_params, ref_params, PromptBatch(jnp.asarray(ids), jnp.asarray(mask)),
         rollout_out, jnp.asarray(scores, jnp.float32), jnp.float32(kl_coef), ScoreStats.zeros())
-    return experience
+    return dict(zip(KL_KINDS, jax.device_get(experiences)))
 
 
 def test_zero_kl_coef_gives_the_plain_score_on_the_last_token(tiny):
@@ -310,17 +337,22 @@ def test_zero_kl_coef_gives_the_plain_score_on_the_last_token(tiny):
     rollout_out, lengths = _handmade_rollout()
     expected = np.zeros((4, 8), np.float32)
     expected[np.arange(4), lengths - 1] = scores
-    exp0 = _experience(config, model, params, 0.0, scores)
-    np.testing.assert_array_equal(np.asarray(exp0.rewards), expected)
-    # gamma = lam = 1: the value target of every valid token is the score itself.
-    np.testing.assert_allclose(np.asarray(exp0.returns), expected.sum(1, keepdims=True) * np.asarray(rollout_out.mask),
-                               atol=1e-6)
-    # With beta > 0 the KL penalty is the only difference, per DESIGN.md: r = -beta * k1 * mask + score.
+    mask = np.asarray(rollout_out.mask)
+    for exp0 in _experiences(config, model, params, 0.0, scores).values():
+        np.testing.assert_array_equal(np.asarray(exp0.rewards), expected)
+        # gamma = lam = 1: the value target of every valid token is the score itself.
+        np.testing.assert_allclose(np.asarray(exp0.returns), expected.sum(1, keepdims=True) * mask, atol=1e-6)
+    # With beta > 0 the KL penalty is the only difference, per DESIGN.md: r = -beta * kl * mask + score,
+    # with each estimator of d = ref_logprobs - logprobs (float64 NumPy here).
     beta = 0.5
-    exp1 = _experience(config, model, params, beta, scores)
-    kl = np.asarray(exp1.old_logprobs - exp1.ref_logprobs) * np.asarray(rollout_out.mask)
-    assert np.abs(kl).sum() > 0
-    np.testing.assert_allclose(np.asarray(exp1.rewards), expected - beta * kl, atol=1e-6)
+    experiences = _experiences(config, model, params, beta, scores)
+    d = np.asarray(experiences["k1"].ref_logprobs, np.float64) - np.asarray(experiences["k1"].old_logprobs, np.float64)
+    assert np.any(d * mask > 1e-3) and np.any(d * mask < -1e-3)
+    estimates = {"k1": -d, "k2": d ** 2 / 2, "k3": np.exp(d) - d - 1, "abs": np.abs(d)}
+    for kind, exp1 in experiences.items():
+        np.testing.assert_array_equal(exp1.old_logprobs, experiences["k1"].old_logprobs)
+        np.testing.assert_allclose(np.asarray(exp1.rewards), expected - beta * estimates[kind] * mask, atol=1e-6,
+                                   err_msg=kind)
 
 
 def test_reward_model_scores_the_last_valid_token(tiny):
@@ -367,3 +399,164 @@ def test_text_reward_split_step_matches_fused_jax_reward(tiny, learning_run):
     assert float(metrics["score"]) == pytest.approx(float(learning_run["history"][0]["score"]))
     reference = learning_run["state_after_1"]
     assert _max_abs_diff(jax.device_get(state.policy_params), reference.policy_params) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Ablation switches: one real step (rollout -> update) with every rarely-used switch on at once.
+
+EOS = 5
+SWITCHES = PPOConfig(
+    total_steps=10, batch_size=8, minibatch_size=4, ppo_epochs=1, grad_accum_steps=2, max_new_tokens=6,
+    max_prompt_len=PROMPT_LEN, eos_token_id=EOS, learning_rate=1e-3, critic_learning_rate=1e-3,
+    shared_trunk=True,                           # value head on the policy trunk
+    kl_placement="loss", kl_estimator="k3",      # GRPO-style KL term in the policy loss
+    score_clip=1.0, score_norm="batch",          # scores clipped to [-1, 1], then divided by their std
+    missing_eos_penalty=-0.5,                    # rows without EOS score -0.5
+    entropy_coef=0.01, cliprange_value=None,
+    gamma=1.0, lam=1.0,                          # returns = sum of later rewards (values start at 0)
+    loss_agg="seq-mean-token-mean", seed=3)
+SWITCH_BETA = 0.5
+# Raw scores outside [-1, 1] in most rows; given by the "host" so the expected scores are known.
+SWITCH_RAW_SCORES = np.array([3.0, -4.0, 0.25, -0.5, 2.0, 0.75, -2.0, 1.5], np.float32)
+
+
+def _with_kl_coef(state, beta):
+    return state.replace(kl_ctl=state.kl_ctl._replace(kl_coef=jnp.asarray(beta, jnp.float32)))
+
+
+@pytest.fixture(scope="module")
+def switch_runs(tiny):
+    """One rollout, then the jitted update step with grad_accum 2 (beta 0.5 and 0) and grad_accum 1."""
+    model, params = tiny
+    ref_params = jax.tree.map(lambda p: p * 1.5, params)  # a reference that differs: KL > 0 at once
+    ids, mask = make_prompts(SWITCHES.batch_size, seed=4)
+    ppo = PPO(SWITCHES, model, target_fraction_reward)
+    state = ppo.init_state(params)
+    frozen = ppo.frozen_params(ref_params)
+    batch = ppo.prompt_batch(ids, mask)
+    rollout_out = jax.device_get(ppo.rollout_step(state, frozen, batch))
+    runs = {}
+    for name, accum, beta in (("accum2", 2, SWITCH_BETA), ("beta0", 2, 0.0), ("accum1", 1, SWITCH_BETA)):
+        step_ppo = ppo if accum == 2 else PPO(SWITCHES.replace(grad_accum_steps=accum), model, target_fraction_reward)
+        new_state, metrics = step_ppo.update_step(_with_kl_coef(state, beta), frozen, batch, rollout_out,
+                                                  SWITCH_RAW_SCORES)
+        runs[name] = (jax.device_get(new_state), jax.device_get(metrics))
+    return dict(runs=runs, rollout=rollout_out, state=jax.device_get(state))
+
+
+def _expected_switch_scores(tokens, mask):
+    """NumPy float64: missing-EOS penalty, then clipping, then division by the batch std (ddof 1)."""
+    eos_B = np.any((tokens == EOS) & (mask != 0), axis=1)
+    scores = np.where(eos_B, SWITCH_RAW_SCORES.astype(np.float64), SWITCHES.missing_eos_penalty)
+    clipped = np.clip(scores, -SWITCHES.score_clip, SWITCHES.score_clip)
+    return eos_B, scores, clipped, clipped / np.std(clipped, ddof=1)
+
+
+def test_ablation_switches_in_one_step(switch_runs):
+    tokens, mask = (np.asarray(x) for x in switch_runs["rollout"])
+    eos_B, penalised, clipped, expected_B = _expected_switch_scores(tokens, mask)
+    assert 0 < eos_B.sum() < len(eos_B)  # both kinds of rows are present
+    state, metrics = switch_runs["runs"]["accum2"]
+    _, metrics_beta0 = switch_runs["runs"]["beta0"]
+
+    # Missing-EOS penalty replaces the score of rows without EOS (whatever their raw score); clipping
+    # bounds the scores to [-1, 1]; "batch" normalisation divides by the batch std. Each changes it:
+    assert np.any(SWITCH_RAW_SCORES[~eos_B] != SWITCHES.missing_eos_penalty)
+    assert np.any(np.abs(penalised) > SWITCHES.score_clip)
+    assert float(metrics["eos_fraction"]) == pytest.approx(eos_B.mean())
+    assert float(metrics["score"]) == pytest.approx(SWITCH_RAW_SCORES.mean(), abs=1e-6)  # raw, logged as is
+    assert float(metrics["score_used"]) == pytest.approx(expected_B.mean(), abs=1e-5)
+
+    # kl_placement="loss": the step rewards are the score alone. The zero value head gives V = 0, so
+    # with gamma = lam = 1 every valid token's return is its row's score, for any beta ...
+    lengths_B = mask.sum(1)
+    expected_returns_mean = (expected_B * lengths_B).sum() / lengths_B.sum()
+    assert float(metrics["value_mean"]) == 0.0
+    for m in (metrics, metrics_beta0):
+        assert float(m["returns_mean"]) == pytest.approx(expected_returns_mean, abs=1e-5)
+    # ... although there is a KL to penalise (in the rewards it would move returns_mean by more than
+    # beta * KL per token, far beyond the tolerance).
+    assert float(metrics["kl_per_token"]) * SWITCH_BETA > 1e-3
+    assert float(metrics["non_score_reward"]) == pytest.approx(-SWITCH_BETA * float(metrics["kl"]))
+    # ... and the KL term (k3 >= 0) is in the policy loss, with the entropy bonus:
+    # loss = pg_loss + vf_coef * vf_loss - entropy_coef * H + beta * KL.
+    for m, beta in ((metrics, SWITCH_BETA), (metrics_beta0, 0.0)):
+        assert float(m["policy_kl"]) > 1e-3 and float(m["policy_entropy"]) > 0.1
+        expected_loss = (m["pg_loss"] + SWITCHES.vf_coef * m["vf_loss"] - SWITCHES.entropy_coef * m["policy_entropy"]
+                         + beta * m["policy_kl"])
+        assert float(m["loss"]) == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-6)
+    # beta changes the update only through that term: the KL gradient reaches the policy.
+    beta0_state, _ = switch_runs["runs"]["beta0"]
+    assert _max_abs_diff(state.policy_params, beta0_state.policy_params) > 1e-4
+
+    # cliprange_value=None: no value clipping. shared_trunk: the critic is only a head, and it trains.
+    assert float(metrics["vf_clipfrac"]) == 0.0
+    assert set(state.value_params) == {"kernel", "bias"}
+    assert _max_abs_diff(state.value_params, switch_runs["state"].value_params) > 1e-4
+
+    # grad_accum_steps=2 (micro-batches of 2, weighted by their share of tokens / rows) gives the
+    # same gradients and update as one pass over the minibatch of 4.
+    accum1_state, accum1_metrics = switch_runs["runs"]["accum1"]
+    for key in ("policy_grad_norm", "value_grad_norm", "loss", "pg_loss", "vf_loss", "policy_kl", "policy_entropy",
+                "approx_kl", "ratio_mean", "clipfrac"):
+        assert float(metrics[key]) == pytest.approx(float(accum1_metrics[key]), rel=1e-4, abs=1e-6), key
+    moved = _max_abs_diff(state.policy_params, switch_runs["state"].policy_params)
+    assert moved > 1e-4
+    assert _max_abs_diff(state.policy_params, accum1_state.policy_params) < 1e-6 + 1e-3 * moved
+    assert _max_abs_diff(state.value_params, accum1_state.value_params) < 1e-6 + 1e-3 * moved
+
+
+def test_score_postprocessing_of_one_score_or_equal_scores_is_finite():
+    eos = jnp.array([True])
+    for norm in ("batch", "running"):
+        for shift in (False, True):
+            config = PPOConfig(score_norm=norm, score_norm_shift_mean=shift, batch_size=1, minibatch_size=1)
+            scores, stats = postprocess_scores(config, jnp.array([2.5]), eos, ScoreStats.zeros())
+            # No spread to divide by: the score is left unscaled (and centred with shift_mean).
+            np.testing.assert_allclose(np.asarray(scores), [0.0 if shift else 2.5])
+            assert int(stats.count) == 1
+    config = PPOConfig(score_norm="batch", batch_size=4, minibatch_size=4)
+    scores, _ = postprocess_scores(config, jnp.full((4,), 3.0), jnp.ones(4, bool), ScoreStats.zeros())
+    np.testing.assert_allclose(np.asarray(scores), 3.0)
+    # The normal case is unchanged: s / std(s, ddof=1); penalty and clipping come first.
+    config = PPOConfig(score_norm="batch", score_clip=2.0, missing_eos_penalty=-1.0, batch_size=4, minibatch_size=4)
+    raw, found = jnp.array([5.0, 0.5, -3.0, 1.0]), jnp.array([True, True, True, False])
+    scores, _ = postprocess_scores(config, raw, found, ScoreStats.zeros())
+    used = np.array([2.0, 0.5, -2.0, -1.0])
+    np.testing.assert_allclose(np.asarray(scores), used / np.std(used, ddof=1), rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/training.md lists every PPOConfig field with its default.
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")
+
+
+def _doc_config_table():
+    """``{field: default text}`` from the table of the "## PPOConfig" section."""
+    text = open(DOCS).read().split("\n## PPOConfig\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        names = [n.strip().strip("`") for n in cells[0].split(",")]
+        defaults = [d.strip() for d in cells[1].split(",")] if len(names) > 1 else [cells[1]]
+        assert len(names) == len(defaults), line
+        for name, default in zip(names, defaults):
+            assert name not in rows, f"{name} listed twice"
+            rows[name] = default
+    return rows
+
+
+def test_docs_list_every_ppo_config_field_with_its_default():
+    import ast
+    import dataclasses
+
+    documented = _doc_config_table()
+    fields = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
+    assert sorted(documented) == sorted(fields)  # nothing missing, nothing stale
+    for name, default in fields.items():
+        value = ast.literal_eval(documented[name])
+        assert type(value) is type(default) or {type(value), type(default)} == {int, float}, (name, value, default)
+        assert value == default, f"docs/training.md says {name} = {documented[name]}, PPOConfig has {default!r}"

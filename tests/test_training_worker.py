@@ -6,6 +6,10 @@
     python tests/test_training_worker.py resume OUT_DIR NUM_STEPS
         `train` for NUM_STEPS more steps into OUT_DIR (resuming from its checkpoint), in a fresh
         process, on the same 8 simulated devices the test process has.
+
+With $JAXRLHF_TEST_COMPILATION_CACHE set, compiled programs go to (and come from) that persistent
+compilation cache directory, shared with the test process; in a multi-process job process 0 compiles
+each program and sends it to the others (`jax_share_binary_between_hosts`).
 """
 import os
 import sys
@@ -16,6 +20,15 @@ if __name__ == "__main__":
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_devices}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def enable_compilation_cache() -> None:
+    import jax
+
+    cache_dir = os.environ.get("JAXRLHF_TEST_COMPILATION_CACHE")
+    if cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def flat_params(params) -> dict:
@@ -63,6 +76,7 @@ def run_resume(out_dir: str, num_steps: int) -> None:
 
 
 if __name__ == "__main__":
+    enable_compilation_cache()
     if _mode == "multihost":
         run_multihost(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[6])
     elif _mode == "resume":
