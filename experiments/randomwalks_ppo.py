@@ -8,7 +8,7 @@ rest of a walk, then ``<eos>``. Its reward is the walk's optimality ``(max_lengt
 step: no text, no host round-trip. A per-token KL penalty to the SFT policy (adaptive coefficient)
 keeps the policy close to it.
 
-    python experiments/randomwalks_sft.py                      # the SFT policy first (~2 min)
+    python experiments/randomwalks_sft.py                      # the SFT policy first
     python experiments/randomwalks_ppo.py                      # PPO, seed 0
     python experiments/randomwalks_ppo.py --seeds 0 1 2        # three seeds, mean and spread
     python experiments/randomwalks_ppo.py --help
@@ -19,7 +19,8 @@ makes it stop and say what to run instead).
 Writes to ``out_dir``: ``config.json``; per seed ``seed_<s>/`` with ``metrics.jsonl``, TensorBoard
 events, ``eval.jsonl`` (periodic evaluation), ``checkpoints/`` (Orbax) and ``policy/`` (final
 policy, Hugging Face format); ``randomwalks_ppo.png`` (reward, optimality and KL curves of every
-seed); ``summary.json`` (before/after evaluation per seed, mean and std over seeds).
+seed); ``summary.json`` (before/after evaluation per seed, mean and std over seeds); ``results.md`` (the
+SFT vs PPO table of docs/randomwalks.md).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class Config:
     max_length: int = 10
     """Most nodes in a walk; the response budget is max_length tokens (max_length - 1 nodes + EOS)."""
     ppo: PPOConfig = PPOConfig(
-        total_steps=200,
+        total_steps=50,
         batch_size=128,
         minibatch_size=64,
         ppo_epochs=4,
@@ -81,17 +82,21 @@ class Config:
         cliprange=0.2,
         cliprange_value=0.2,
         vf_coef=1.2,
-        learning_rate=3e-4,
-        critic_learning_rate=3e-4,
+        learning_rate=1e-4,
+        critic_learning_rate=1e-4,
         adam_b1=0.9,
         adam_b2=0.95,
         weight_decay=1e-6,
         shared_trunk=True,
         save_every=50,
     )
-    """PPO settings (trlx's randomwalks values; ``--ppo.total_steps 100`` etc.). ``ppo.seed`` is
+    """PPO settings: trlx's randomwalks values (128 rollouts per step, 4 PPO epochs, adaptive KL
+    from 0.05 with target 6 and horizon 10000, gamma 1, lambda 0.95, clip 0.2, value clip 0.2,
+    vf_coef 1.2, value head on the policy's trunk as trlx's), except the learning rate: 1e-4
+    instead of 3e-4, which made this run unstable (see docs/randomwalks.md), and minibatches of 64
+    (trlx: 100, which does not divide 128). ``--ppo.total_steps 100`` etc.; ``ppo.seed`` is
     replaced by each entry of ``seeds``."""
-    eval_every: int = 20
+    eval_every: int = 10
     """Evaluate (greedy and sampled optimality, KL to SFT) every this many PPO steps."""
     eval_samples: int = 8
     """Sampled walks per start node in each evaluation (temperature 1)."""
@@ -134,7 +139,7 @@ def run_seed(config: Config, seed: int, sft, task, reward_fn, evaluator) -> dict
     before = evaluate(ref_params, 0)
     eval_path = os.path.join(run_dir, "eval.jsonl")
     reached = {}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with open(eval_path, "a") as eval_file:
         def on_step(step, metrics, state):
             done = step + 1
@@ -149,7 +154,7 @@ def run_seed(config: Config, seed: int, sft, task, reward_fn, evaluator) -> dict
 
         result = train(sft, reward_fn, (prompt_ids, prompt_mask), ppo_config, run_dir, ref_params=ref_params,
                        progress=config.progress, on_step=on_step)
-    wall_clock = time.perf_counter() - start
+    wall_clock, cpu_time = time.perf_counter() - start, time.process_time() - cpu_start
     after = evaluate(result.state.policy_params, ppo_config.total_steps + 1)
     train_seconds = sum(m["step_time"] for m in result.history)
     return {
@@ -158,6 +163,7 @@ def run_seed(config: Config, seed: int, sft, task, reward_fn, evaluator) -> dict
         "after": after,
         "steps": int(result.state.step),
         "wall_clock_s": wall_clock,
+        "cpu_time_s": cpu_time,
         "train_step_time_s": train_seconds,
         "target_reached_at": reached or None,
         "final_kl_coef": result.history[-1]["kl_coef"] if result.history else None,
@@ -191,10 +197,44 @@ def summarize(runs: list[dict]) -> dict:
         for key in runs[0][when]:
             values = np.asarray([run[when][key] for run in runs])
             out[f"{when}/{key}"] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
-    for key in ("wall_clock_s", "train_step_time_s"):
+    for key in ("wall_clock_s", "cpu_time_s", "train_step_time_s"):
         values = np.asarray([run[key] for run in runs])
         out[key] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
     return out
+
+
+def results_table(summary: dict, sft_summary: dict | None = None) -> str:
+    """The SFT vs PPO table of docs/randomwalks.md (markdown), mean ± std over seeds."""
+    over, runs = summary["over_seeds"], summary["runs"]
+
+    def cell(key):
+        return f"{over[key]['mean']:.3f} ± {over[key]['std']:.3f}"
+
+    def seconds(key):
+        return f"{over[key]['mean']:.0f} ± {over[key]['std']:.0f} s per run" if key in over else "not recorded"
+
+    reached = [r["target_reached_at"] for r in runs]
+    if all(reached):
+        steps = np.asarray([r["step"] for r in reached])
+        times = np.asarray([r["wall_clock_s"] for r in reached])
+        target = f"step {steps.mean():.0f} ± {steps.std():.0f}, {times.mean():.0f} ± {times.std():.0f} s"
+    else:
+        target = f"{sum(bool(r) for r in reached)} of {len(runs)} seeds"
+    sft_time = f"{sft_summary['wall_clock_s']:.0f} s" if sft_summary else "n/a"
+    lines = [
+        f"| policy ({len(runs)} seeds) | greedy optimality | sampled optimality (T=1) | invalid walks (sampled) "
+        "| KL to SFT (nats/walk) | wall-clock | CPU time |",
+        "|---|---|---|---|---|---|---|",
+        f"| SFT | {cell('before/greedy/optimality')} | {cell('before/sampled/optimality')} | "
+        f"{cell('before/sampled/invalid')} | {cell('before/sampled/kl_to_ref')} | {sft_time} (SFT run) | |",
+        f"| PPO, {runs[0]['steps']} steps | {cell('after/greedy/optimality')} | {cell('after/sampled/optimality')} | "
+        f"{cell('after/sampled/invalid')} | {cell('after/sampled/kl_to_ref')} | {seconds('wall_clock_s')} "
+        f"| {seconds('cpu_time_s')} |",
+        "",
+        f"First evaluation with sampled optimality >= target: {target} (wall-clock from the start of the run, "
+        "compilation included).",
+    ]
+    return "\n".join(lines)
 
 
 def main(config: Config) -> dict:
@@ -223,6 +263,10 @@ def main(config: Config) -> dict:
     plot(config, runs, os.path.join(config.out_dir, "randomwalks_ppo.png"))
     with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
+    sft_summary_path = os.path.join(config.sft_dir, "summary.json")
+    sft_summary = json.load(open(sft_summary_path)) if os.path.isfile(sft_summary_path) else None
+    with open(os.path.join(config.out_dir, "results.md"), "w") as f:
+        f.write(results_table(summary, sft_summary) + "\n")
     over = summary["over_seeds"]
     print("over seeds (mean ± std):")
     for key in ("greedy/optimality", "sampled/optimality", "sampled/invalid", "sampled/kl_to_ref"):

@@ -9,7 +9,7 @@ reach the goal ``a`` by the shortest path.
 Each row is ``<bos> s w_2 ... w_L <eos>``; the loss is the cross-entropy of the tokens after the
 start letter ``s`` (what the policy will generate from a prompt ``<bos> s``).
 
-    python experiments/randomwalks_sft.py                    # ~1 min on 2 CPU cores
+    python experiments/randomwalks_sft.py                    # about 5 CPU-minutes
     python experiments/randomwalks_sft.py --help
     python experiments/randomwalks_sft.py --num_steps 2000 --out_dir runs/rw_sft_long
 

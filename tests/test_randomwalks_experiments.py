@@ -58,7 +58,7 @@ def test_ppo_script_end_to_end(sft_run, tmp_path):
     )
     summary = ppo.main(config)
     run_dir = os.path.join(out_dir, "seed_0")
-    for name in ("config.json", "randomwalks_ppo.png", "summary.json"):
+    for name in ("config.json", "randomwalks_ppo.png", "summary.json", "results.md"):
         assert os.path.isfile(os.path.join(out_dir, name)), name
     for name in ("metrics.jsonl", "eval.jsonl", "policy/config.json", "policy/model.safetensors",
                  "policy/tokenizer.json"):
