@@ -4,17 +4,19 @@ A language model is a policy; sampling is running it. For a left-padded prompt b
 (`prompt_ids [B, P]`, `prompt_mask [B, P]`) `generate` returns `N = max_new_tokens` response
 tokens per row, their log-probabilities and a mask:
 
-1. **Prefill.** One forward pass over the P prompt tokens writes their keys/values into slots
-   `[0, P)` of a cache with `S = P + N` slots and gives the logits of the first response token.
-2. **Decode.** A `lax.while_loop` feeds back one token per step: step i writes slot `P + i - 1`
-   and samples response token i. The loop stops when every row has emitted an EOS token (or after
-   N tokens). No Python runs per token.
+1. **Prefill.** One forward pass over the first P - 1 prompt tokens writes their keys/values into
+   slots `[0, P - 1)` of a cache with `S = P + N - 1` slots. Its logits are not used, so XLA
+   never computes the `[B, P, V]` output layer.
+2. **Decode.** A `lax.while_loop` step i feeds one token (the last prompt token when i = 0, else
+   response token i - 1) into slot `P - 1 + i` and samples response token i from its logits. The
+   loop stops when every row has emitted an EOS token (or after N tokens). No Python runs per
+   token, and the cache is updated in place (`dynamic_update_slice` on the loop carry).
 
 The attention mask over the S slots is `[prompt_mask, 1, ..., 1]` from the start: the causal rule
 of the cached forward (a query at slot s sees slots <= s) already hides slots not yet written, so
-the mask never changes inside the loop. Positions are `sum(prompt_mask) + i` for response token i,
-the same numbers `cumsum(mask) - 1` gives over the whole sequence (and Hugging Face derives from
-`attention_mask`).
+the mask never changes inside the loop. Response token i - 1 sits at position
+`sum(prompt_mask) + i - 1`, the number `cumsum(mask) - 1` gives over the whole sequence (and
+Hugging Face derives from `attention_mask`).
 
 Sampling one token from logits `l` (a `[V]` vector per row), with temperature `T`:
 
@@ -25,20 +27,21 @@ Sampling one token from logits `l` (a `[V]` vector per row), with temperature `T
     `q_(1) >= q_(2) >= ...`, keep the smallest prefix `{(1), ..., (m)}` whose mass
     `q_(1) + ... + q_(m) >= p`, i.e. keep token `(j)` iff the mass strictly before it,
     `q_(1) + ... + q_(j-1)`, is `< p`. The most likely token is always kept;
-  - draw `a ~ softmax(z')` from the filtered logits `z'` (Gumbel-max, `jax.random.categorical`).
+  - draw `a ~ softmax(z')` from the filtered logits `z'` by inverse CDF: with one uniform
+    `u ~ U[0, 1)`, `a` is the first token whose cumulative probability exceeds `u`.
   top-k runs before top-p, and top-p sees the renormalised top-k distribution, as in Hugging Face.
 
 Reported log-probabilities are those of the **unfiltered** tempered distribution,
 `log softmax(l / T)[a]` (T = 1 when greedy), i.e. before top-k/top-p, as TRL reports them and as
 `jaxrlhf.core.logprobs.token_logprobs` recomputes them from a full forward pass.
 
-Randomness: response token i draws from `jax.random.fold_in(key, i)`. With jax's partitionable
-threefry (`jax_threefry_partitionable`, on by default) the random bits of a `[B, V]` draw do not
-depend on how the batch is sharded, so a mesh of 8 devices gives the same samples as one device.
+Randomness: all of a call's uniforms are drawn up front, `uniforms = uniform(key, [N, B])`, and
+response token i of row b uses `uniforms[i, b]`. With jax's partitionable threefry
+(`jax_threefry_partitionable`, on by default since jax 0.5) the numbers of a sharded draw do not
+depend on how the batch is split, so a mesh of 8 devices gives the same samples as one device.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -98,32 +101,104 @@ def _is_greedy(temperature) -> bool:
     return isinstance(temperature, (int, float)) and temperature == 0
 
 
+_CDF_BLOCK = 128  # vocabulary block of the two-level inverse-CDF search
+
+
+def _last_positive_index(weights: Array) -> Array:
+    """Index of the last entry > 0 along the last axis (0 if none)."""
+    size = weights.shape[-1]
+    return size - 1 - jnp.argmax(weights[..., ::-1] > 0, axis=-1).astype(jnp.int32)
+
+
+def _inverse_cdf_small(weights: Array, target: Array) -> Array:
+    """First index whose cumulative weight exceeds `target`, clipped to the last positive weight."""
+    index = jnp.sum(jnp.cumsum(weights, axis=-1) <= target[..., None], axis=-1).astype(jnp.int32)
+    return jnp.minimum(index, _last_positive_index(weights))
+
+
+def inverse_cdf_sample(weights: Array, uniform: Array) -> Array:
+    """Draws `a ~ weights / sum(weights)` per row from one uniform number `u` in [0, 1) per row.
+
+    `a` is the first index with `w_0 + ... + w_a > u * sum(w)`: an entry of weight 0 is never
+    chosen. For a large last axis the search is two-level (blocks of 128, then within the chosen
+    block), so the work is O(V) rather than the O(V log V) of a full-length prefix sum.
+
+    Args:
+      weights: `[B, V]` non-negative, unnormalised probabilities (at least one > 0 per row).
+      uniform: `[B]` uniform numbers in [0, 1).
+
+    Returns:
+      `[B]` int32 indices.
+    """
+    batch, size = weights.shape
+    if size <= 2 * _CDF_BLOCK:
+        return _inverse_cdf_small(weights, uniform * jnp.sum(weights, axis=-1))
+    num_blocks = -(-size // _CDF_BLOCK)
+    blocks = jnp.pad(weights, ((0, 0), (0, num_blocks * _CDF_BLOCK - size))).reshape(batch, num_blocks, _CDF_BLOCK)
+    block_mass = jnp.sum(blocks, axis=-1)
+    mass_through_block = jnp.cumsum(block_mass, axis=-1)
+    target = uniform * mass_through_block[:, -1]
+    block = jnp.sum(mass_through_block <= target[:, None], axis=-1).astype(jnp.int32)
+    block = jnp.minimum(block, _last_positive_index(block_mass))
+    mass_before_block = jnp.take_along_axis(mass_through_block - block_mass, block[:, None], axis=1)[:, 0]
+    chosen_block = jnp.take_along_axis(blocks, block[:, None, None], axis=1)[:, 0]
+    return block * _CDF_BLOCK + _inverse_cdf_small(chosen_block, target - mass_before_block)
+
+
+def sample_from_uniform(logits: Array, uniform: Array, temperature=1.0, top_k: int = 0, top_p=1.0
+                        ) -> tuple[Array, Array]:
+    """`sample_token` with the randomness given as one uniform number in [0, 1) per row.
+
+    This is what `generate` runs per token: all uniforms of a call are drawn before the decoding
+    loop (one `[N, B]` draw), so no random bits are generated per step and only one number per row
+    and token is needed, whatever the vocabulary size (Gumbel-max would need `[B, V]`).
+    """
+    logits = logits.astype(jnp.float32)
+    if _is_greedy(temperature):
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tokens, _chosen_logprob(logits, tokens)
+    if isinstance(temperature, (int, float)):
+        scaled = logits / temperature if temperature != 1 else logits
+        traced_zero = None
+    else:  # traced temperature: 0 still means greedy, decided at run time
+        temperature = jnp.asarray(temperature, jnp.float32)
+        traced_zero = temperature == 0
+        scaled = logits / jnp.where(traced_zero, 1.0, temperature)
+
+    filter_top_p = not (isinstance(top_p, (int, float)) and top_p >= 1.0)
+    if 0 < top_k < logits.shape[-1]:
+        # Only the k largest survive: draw among them (already sorted, so top-p needs no sort).
+        top_logits, top_indices = jax.lax.top_k(scaled, top_k)
+        if filter_top_p:
+            top_logits = top_p_filter(top_logits, top_p)
+        weights = jnp.exp(top_logits - top_logits[:, :1])
+        picked = _inverse_cdf_small(weights, uniform * jnp.sum(weights, axis=-1))
+        tokens = jnp.take_along_axis(top_indices, picked[:, None], axis=1)[:, 0].astype(jnp.int32)
+    else:
+        filtered = top_p_filter(scaled, top_p) if filter_top_p else scaled
+        weights = jnp.exp(filtered - jnp.max(filtered, axis=-1, keepdims=True))
+        tokens = inverse_cdf_sample(weights, uniform)
+    if traced_zero is not None:
+        tokens = jnp.where(traced_zero, jnp.argmax(logits, axis=-1).astype(jnp.int32), tokens)
+    return tokens, _chosen_logprob(scaled, tokens)
+
+
+def _chosen_logprob(scaled_logits: Array, tokens: Array) -> Array:
+    """`log softmax(scaled_logits)[token]` per row."""
+    chosen = jnp.take_along_axis(scaled_logits, tokens[:, None], axis=-1)[:, 0]
+    return chosen - jax.nn.logsumexp(scaled_logits, axis=-1)
+
+
 def sample_token(logits: Array, key: Array, temperature=1.0, top_k: int = 0, top_p=1.0) -> tuple[Array, Array]:
     """Draws one token per row from `[B, V]` logits; returns `(tokens [B] int32, logprobs [B] f32)`.
 
     `logprobs` is `log softmax(logits / T)` at the chosen token, before top-k/top-p filtering
     (T = 1 when greedy). `temperature` and `top_p` may be traced; a Python 0 temperature selects
-    greedy decoding statically. A traced temperature of 0 also gives the argmax (and T = 1 for
-    the log-probs).
+    greedy decoding statically, and a traced 0 gives the argmax too (with T = 1 for the log-probs).
+    The draw is by inverse CDF from one uniform number per row (`sample_from_uniform`).
     """
-    logits = logits.astype(jnp.float32)
-    if _is_greedy(temperature):
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        scaled = logits
-    elif isinstance(temperature, (int, float)):
-        scaled = logits / temperature if temperature != 1 else logits
-        filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
-        tokens = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-    else:  # traced temperature: 0 still means greedy, decided per call at run time
-        temperature = jnp.asarray(temperature, jnp.float32)
-        traced_zero = temperature == 0
-        scaled = logits / jnp.where(traced_zero, 1.0, temperature)
-        filtered = top_p_filter(top_k_filter(scaled, top_k), top_p)
-        sampled = jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
-        tokens = jnp.where(traced_zero, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
-    log_normaliser = jax.nn.logsumexp(scaled, axis=-1)
-    chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen - log_normaliser
+    uniform = jax.random.uniform(key, logits.shape[:1], jnp.float32)
+    return sample_from_uniform(logits, uniform, temperature, top_k, top_p)
 
 
 def _eos_tuple(eos_token_id) -> tuple[int, ...]:
@@ -147,7 +222,7 @@ def _is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
 
 class _DecodeState(NamedTuple):
     step: Array  # index i of the next response token to sample
-    last_tokens: Array  # [B] token sampled at step i - 1 (fed to the model now)
+    last_tokens: Array  # [B] the token before response token i (last prompt token when i = 0)
     cache: Any
     done: Array  # [B] bool: row has emitted EOS at a step < i
     tokens: Array  # [B, N]
@@ -177,7 +252,7 @@ def generate(
       params: its parameter pytree.
       prompt_ids: `[B, P]` int token ids, left-padded.
       prompt_mask: `[B, P]` 1 for real prompt tokens, 0 for left padding.
-      key: a `jax.random` key; response token i uses `fold_in(key, i)`.
+      key: a `jax.random` key (one `[N, B]` uniform draw per call).
       max_new_tokens: N (static).
       temperature: T; 0 means greedy (may be traced; a Python 0 compiles a greedy-only loop).
       top_k: keep the k most likely tokens (static; 0 = off).
@@ -198,48 +273,56 @@ def generate(
     eos_ids = _eos_tuple(eos_token_id)
     prompt_ids = prompt_ids.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(jnp.int32)
-    num_slots = prompt_len + num_new
+    num_slots = prompt_len + num_new - 1  # the last response token is never fed back
 
     # Every response slot is marked visible up front; causality hides the unwritten ones.
-    slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, num_new), jnp.int32)], axis=1)
-    prompt_lengths = jnp.sum(prompt_mask, axis=1)  # position of response token 0
+    slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, num_new - 1), jnp.int32)], axis=1)
+    last_prompt_position = jnp.maximum(jnp.sum(prompt_mask, axis=1) - 1, 0)
 
-    prefill = model.forward(params, prompt_ids, slot_mask, cache=model.init_cache(batch, num_slots), cache_index=0)
-    first_logits = prefill.logits[:, -1, :]
+    # Prefill all prompt tokens but the last; the last is the first token the loop feeds, so the
+    # prefill's logits are unused (XLA drops their computation: no [B, P, V] head matmul).
+    cache = model.init_cache(batch, num_slots)
+    if prompt_len > 1:
+        cache = model.forward(params, prompt_ids[:, :-1], slot_mask, cache=cache, cache_index=0).cache
+    # All randomness of the call in one draw; token i of row b uses uniforms[i, b].
+    uniforms = jax.random.uniform(key, (num_new, batch), jnp.float32)
 
-    def sample(logits, step):
-        return sample_token(logits, jax.random.fold_in(key, step), temperature, top_k, top_p)
-
-    def record(state_tokens, state_logprobs, state_mask, done, step, tokens, logprobs):
-        """Writes response token `step` (masked after EOS) and returns the new buffers and done."""
-        valid = ~done
-        tokens = jnp.where(valid, tokens, pad_token_id)
-        logprobs = jnp.where(valid, logprobs, 0.0)
-        state_tokens = jax.lax.dynamic_update_slice_in_dim(state_tokens, tokens[:, None], step, axis=1)
-        state_logprobs = jax.lax.dynamic_update_slice_in_dim(state_logprobs, logprobs[:, None], step, axis=1)
-        state_mask = jax.lax.dynamic_update_slice_in_dim(state_mask, valid.astype(jnp.int32)[:, None], step, axis=1)
-        return state_tokens, state_logprobs, state_mask, done | _is_eos(tokens, eos_ids)
-
-    tokens0, logprobs0 = sample(first_logits, 0)
-    buffers = (
-        jnp.full((batch, num_new), pad_token_id, jnp.int32),
-        jnp.zeros((batch, num_new), jnp.float32),
-        jnp.zeros((batch, num_new), jnp.int32),
+    state = _DecodeState(
+        step=jnp.int32(0),
+        last_tokens=prompt_ids[:, -1],
+        cache=cache,
+        done=jnp.zeros((batch,), bool),
+        tokens=jnp.full((batch, num_new), pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((batch, num_new), jnp.float32),
+        mask=jnp.zeros((batch, num_new), jnp.int32),
     )
-    *buffers, done = record(*buffers, jnp.zeros((batch,), bool), 0, tokens0, logprobs0)
-    state = _DecodeState(jnp.int32(1), tokens0, prefill.cache, done, *buffers)
 
     def keep_going(state: _DecodeState):
         return (state.step < num_new) & ~jnp.all(state.done)
 
     def decode_step(state: _DecodeState) -> _DecodeState:
-        slot = prompt_len + state.step - 1  # where last_tokens goes
-        positions = (prompt_lengths + state.step - 1)[:, None]
-        out = model.forward(params, state.last_tokens[:, None], slot_mask, positions=positions,
-                            cache=state.cache, cache_index=slot)
-        tokens, logprobs = sample(out.logits[:, 0, :], state.step)
-        *buffers, done = record(state.tokens, state.logprobs, state.mask, state.done, state.step, tokens, logprobs)
-        return _DecodeState(state.step + 1, tokens, out.cache, done, *buffers)
+        """Feeds `last_tokens` at slot P - 1 + i and samples response token i."""
+        step = state.step
+        out = model.forward(params, state.last_tokens[:, None], slot_mask,
+                            positions=(last_prompt_position + step)[:, None],
+                            cache=state.cache, cache_index=prompt_len - 1 + step)
+        uniform = jax.lax.dynamic_index_in_dim(uniforms, step, axis=0, keepdims=False)
+        tokens, logprobs = sample_from_uniform(out.logits[:, 0, :], uniform, temperature, top_k, top_p)
+        valid = ~state.done
+        tokens = jnp.where(valid, tokens, pad_token_id)
+
+        def put(buffer, column):
+            return jax.lax.dynamic_update_slice_in_dim(buffer, column[:, None], step, axis=1)
+
+        return _DecodeState(
+            step=step + 1,
+            last_tokens=tokens,
+            cache=out.cache,
+            done=state.done | _is_eos(tokens, eos_ids),
+            tokens=put(state.tokens, tokens),
+            logprobs=put(state.logprobs, jnp.where(valid, logprobs, 0.0)),
+            mask=put(state.mask, valid.astype(jnp.int32)),
+        )
 
     final = jax.lax.while_loop(keep_going, decode_step, state)
     return SampleOutput(final.tokens, final.logprobs, final.mask)
@@ -247,6 +330,17 @@ def generate(
 
 # ----------------------------------------------------------------------------------------------
 # A standalone jitted sampler with prompt-length buckets
+
+
+def cpu_compiler_options() -> dict:
+    """XLA:CPU options for decoding (pass to `jax.jit(..., compiler_options=...)`).
+
+    Decoding multiplies a few rows by every weight matrix. XLA:CPU's YNNPACK dot fusions are
+    slower than its default (Eigen) kernels for such skinny products: about 1.4x on
+    `[16, 768] x [768, 3072]`, the same on `[128, 144] x [144, 576]` (measured on a 2-core
+    AMD EPYC with jax 0.10), so `Sampler` turns them off on CPU.
+    """
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -280,12 +374,15 @@ class Sampler:
     length reuses the compiled program of its bucket. With a `mesh`, the batch is sharded over
     `batch_axis` (data parallel; parameters keep their own sharding, replicated if unsharded) and
     the outputs come back sharded the same way. `trace_count` counts how often `generate` was
-    traced (compiled), for tests.
+    traced (compiled), for tests. `compiler_options="auto"` uses `cpu_compiler_options()` on the
+    CPU backend (falling back to none if this XLA build rejects them); pass a dict or None to
+    choose.
     """
 
     def __init__(self, model, *, max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p=1.0,
                  eos_token_id=None, pad_token_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-                 mesh: Mesh | None = None, batch_axis: str | tuple[str, ...] = "data"):
+                 mesh: Mesh | None = None, batch_axis: str | tuple[str, ...] = "data",
+                 compiler_options: dict | None | str = "auto"):
         self.model = model
         self.max_new_tokens = int(max_new_tokens)
         self.prompt_buckets = tuple(sorted(prompt_buckets))
@@ -306,7 +403,22 @@ class Sampler:
             self._input_sharding = batch_sharding
             self._replicated = replicated
             jit_kwargs.update(out_shardings=SampleOutput(batch_sharding, batch_sharding, batch_sharding))
-        self._run = jax.jit(run, **jit_kwargs)
+        if compiler_options == "auto":
+            compiler_options = cpu_compiler_options() if jax.default_backend() == "cpu" else None
+        self._jit_kwargs = jit_kwargs
+        self._run_fn = run
+        self._run = jax.jit(run, compiler_options=compiler_options, **jit_kwargs)
+        self._fallback_ready = bool(compiler_options)
+
+    def _call_jitted(self, *args):
+        try:
+            return self._run(*args)
+        except Exception as error:  # an XLA build that does not know one of the tuning options
+            if not (self._fallback_ready and "xla_cpu" in str(error)):
+                raise
+            self._fallback_ready = False
+            self._run = jax.jit(self._run_fn, **self._jit_kwargs)
+            return self._run(*args)
 
     def __call__(self, params, prompt_ids, prompt_mask, key) -> SampleOutput:
         width = bucket_length(np.shape(prompt_ids)[1], self.prompt_buckets)
@@ -317,7 +429,7 @@ class Sampler:
             key = jax.device_put(key, self._replicated)
         else:
             prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
-        return self._run(params, prompt_ids, prompt_mask, key)
+        return self._call_jitted(params, prompt_ids, prompt_mask, key)
 
 
 def make_sampler(model, **kwargs) -> Sampler:

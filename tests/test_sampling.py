@@ -244,8 +244,8 @@ def test_first_token_frequencies_of_generate(tiny):
 class _ScriptedModel:
     """A fake LM whose next token is scripted per (row, response step): tests EOS bookkeeping.
 
-    Logits put all mass on `script[b, i]` for response token i, where i is read from the cache
-    index (`cache_index - P + 1` for decode steps, 0 at prefill).
+    `generate` feeds the token before response token i into cache slot `P - 1 + i`; the logits
+    returned there put all mass on `script[b, i]`.
     """
 
     def __init__(self, script, prompt_len, vocab=16):
@@ -260,8 +260,7 @@ class _ScriptedModel:
         return {"calls": jnp.zeros((), jnp.int32)}
 
     def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None):
-        step = jnp.where(input_ids.shape[1] > 1, 0, cache_index - self.prompt_len + 1)
-        step = jnp.minimum(step, self.script.shape[1] - 1)
+        step = jnp.clip(cache_index - (self.prompt_len - 1), 0, self.script.shape[1] - 1)
         token = jax.lax.dynamic_index_in_dim(self.script, step, axis=1, keepdims=False)
         logits = jnp.where(jnp.arange(self.vocab)[None, :] == token[:, None], 0.0, -1e9)
         logits = jnp.broadcast_to(logits[:, None, :], (*input_ids.shape, self.vocab))
@@ -299,17 +298,17 @@ def test_early_stop_when_every_row_is_done():
 
     class Counting(_ScriptedModel):
         def forward(self, params, input_ids, *args, **kwargs):
-            if input_ids.shape[1] == 1:  # a decode step (prefill has L = prompt length = 2)
+            if input_ids.shape[1] == 1:  # a decode step (the prefill sees P - 1 = 2 tokens)
                 jax.debug.callback(lambda: decode_calls.append(1))
             return super().forward(params, input_ids, *args, **kwargs)
 
-    ids = jnp.ones((2, 2), jnp.int32)
-    out = jax.jit(lambda i: generate(Counting(script, 2), None, i, i, jax.random.key(0), max_new_tokens=8,
+    ids = jnp.ones((2, 3), jnp.int32)
+    out = jax.jit(lambda i: generate(Counting(script, 3), None, i, i, jax.random.key(0), max_new_tokens=8,
                                      temperature=0.0, eos_token_id=9))(ids)
     jax.block_until_ready(out)
     jax.effects_barrier()
     np.testing.assert_array_equal(np.asarray(out.mask), [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
-    assert len(decode_calls) == 3  # tokens 1, 2, 3 come from decode steps; token 0 from prefill
+    assert len(decode_calls) == 4  # one step per response token 0..3, then every row is done
 
 
 # ----------------------------------------------------------------------------------------------

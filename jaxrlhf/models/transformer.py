@@ -9,7 +9,7 @@ K key/value heads, G = H // K query heads per key/value head, E head dim, V voca
 One forward handles both training and decoding:
 - without a cache, the L tokens attend causally to each other, masked by `attention_mask [B, L]`;
 - with a cache (`init_cache`), the L tokens are written into slots `[cache_index, cache_index + L)`
-  of a preallocated per-layer key/value buffer and attend to every earlier slot whose
+  of a preallocated per-layer key/value buffer (`[B, K, S, E]`) and attend to every earlier slot whose
   `attention_mask [B, S]` entry is 1. Prefill is L = prompt length, decoding is L = 1.
 Positions come from the mask (`cumsum(mask) - 1`), so left-padded rows get positions 0, 1, ...
 from their first real token, exactly as Hugging Face computes them from `attention_mask`.
@@ -36,9 +36,13 @@ class ModelOutput(NamedTuple):
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
-    """Zeroed key/value buffers: one `{"k", "v"}` dict of `[B, S, K, E]` arrays per layer."""
+    """Zeroed key/value buffers: one `{"k", "v"}` dict of `[B, K, S, E]` arrays per layer.
+
+    Heads before slots: the attention dots then have their batch dimensions (B, K) leading, which
+    XLA needs; a `[B, S, K, E]` buffer would be transposed (copied whole) at every decoding step.
+    """
     dtype = jnp.dtype(dtype or config.dtype)
-    shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
 
 
@@ -120,9 +124,12 @@ class Attention(nn.Module):
             q = apply_rope(q, positions_BxL, inv_freq)
             k = apply_rope(k, positions_BxL, inv_freq)
 
+        # Keys and values as [B, K, S, E] (the cache layout, see `init_cache`).
+        k = jnp.swapaxes(k, 1, 2)
+        v = jnp.swapaxes(v, 1, 2)
         new_cache = None
         if layer_cache is not None:
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
             v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
             new_cache = {"k": k_all, "v": v_all}
@@ -131,11 +138,11 @@ class Attention(nn.Module):
         # Grouped-query attention without repeating K/V: split H into K groups of G.
         G = H // K
         q = q.reshape(B, L, K, G, E)
-        scores = jnp.einsum("blkge,bske->bkgls", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.einsum("blkge,bkse->bkgls", q, k, preferred_element_type=jnp.float32)
         scores = scores / np.sqrt(E).astype(np.float32)
         scores = jnp.where(allowed_BxLxS[:, None, None, :, :], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgls,bske->blkge", probs, v).reshape(B, L, H * E)
+        out = jnp.einsum("bkgls,bkse->blkge", probs, v).reshape(B, L, H * E)
         return _dense(cfg.hidden_size, cfg.o_bias, cfg, "o")(out), new_cache
 
 
