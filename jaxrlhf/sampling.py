@@ -42,7 +42,7 @@ depend on how the batch is split, so a mesh of 8 devices gives the same samples 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

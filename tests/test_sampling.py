@@ -24,6 +24,7 @@ from jaxrlhf.sampling import (  # noqa: E402
     SampleOutput,
     bucket_length,
     generate,
+    inverse_cdf_sample,
     make_sampler,
     sample_token,
     top_k_filter,
@@ -212,6 +213,31 @@ def test_top_k_top_p_frequencies_are_renormalised():
     assert scipy.stats.chisquare(counts[kept], expected[kept] * draws).pvalue > 1e-3
     # Reported log-probs are those of the unfiltered distribution.
     np.testing.assert_allclose(np.asarray(logprobs), logits[np.asarray(tokens)], atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [7, 1000])  # one-level and two-level (blocked) search
+def test_inverse_cdf_sample_frequencies_and_zero_weights(size):
+    rng = np.random.default_rng(0)
+    weights = rng.exponential(size=size) * (rng.random(size) < 0.5)  # about half the entries are 0
+    weights[-1] = 0.0  # a trailing zero must not catch u close to 1
+    weights[rng.integers(size)] = 5.0
+    draws = 30_000
+    uniform = jax.random.uniform(jax.random.key(3), (draws,))
+    tokens = np.asarray(jax.jit(inverse_cdf_sample)(jnp.tile(jnp.asarray(weights, jnp.float32), (draws, 1)), uniform))
+    assert np.all(weights[tokens] > 0)
+    # Edge uniforms: the first and the last positive entries.
+    edge = np.asarray(inverse_cdf_sample(jnp.asarray(weights, jnp.float32)[None].repeat(2, 0),
+                                         jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))])))
+    positive = np.flatnonzero(weights > 0)
+    np.testing.assert_array_equal(edge, [positive[0], positive[-1]])
+    probs = weights / weights.sum()
+    common = probs * draws >= 5
+    rare = ~common & (probs > 0)
+    counts = np.bincount(tokens, minlength=size)
+    observed, expected = counts[common], probs[common] * draws
+    if rare.any():
+        observed, expected = np.append(observed, counts[rare].sum()), np.append(expected, probs[rare].sum() * draws)
+    assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3
 
 
 def test_first_token_frequencies_of_generate(tiny):
