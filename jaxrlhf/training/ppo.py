@@ -256,8 +256,21 @@ class PPO:
         raw_scores_B = parallel.global_array(np.asarray(raw_scores_B), parallel.batch_sharding(self.mesh))
         return _jitted(self, "update")(state, frozen, batch, rollout_out, raw_scores_B)
 
-    def bind(self, frozen: FrozenParams) -> Callable[[TrainState, PromptBatch], Tuple[TrainState, Metrics]]:
-        """``train_step(state, prompts) -> (state, metrics)`` with the frozen parameters bound."""
+    def bind(self, frozen: FrozenParams, donate: bool = False) -> Callable[[TrainState, PromptBatch], Tuple[TrainState, Metrics]]:
+        """``train_step(state, prompts) -> (state, metrics)`` with the frozen parameters bound.
+
+        With ``donate=True`` the step donates the input state's buffers to the new state (same
+        program, but parameters and optimizer moments are not held twice; the state passed in
+        is deleted). `train` does not donate: its NaN guard keeps the previous state.
+        """
+        if donate:
+            step = _jitted(self, "fused_donated")
+
+            def donated_step(state: TrainState, batch: PromptBatch):
+                return step(state, frozen, batch)
+
+            return donated_step
+
         def train_step(state: TrainState, batch: PromptBatch):
             return self.train_step(state, frozen, batch)
 
@@ -316,4 +329,6 @@ def _jitted(ppo: PPO, which: str):
     out_shardings = (ppo.state_shardings(), rep)  # metrics: replicated scalars
     if which == "fused":
         return jax.jit(ppo._fused_step, out_shardings=out_shardings)
+    if which == "fused_donated":
+        return jax.jit(ppo._fused_step, out_shardings=out_shardings, donate_argnums=0)
     return jax.jit(ppo._update, out_shardings=out_shardings)

@@ -89,13 +89,21 @@ def minibatch_loss(params, experience: Experience, kl_coef, config: PPOConfig, m
     return loss, stats
 
 
+def _no_constraint(x, batch_dim: int = 0):
+    del batch_dim
+    return x
+
+
 def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.GradientTransformation,
-                    value_opt: optax.GradientTransformation, constrain: Callable = lambda x: x):
+                    value_opt: optax.GradientTransformation, constrain: Optional[Callable] = None):
     """Builds ``ppo_update(params, opt_states, experience, kl_coef, key) -> (params, opt_states, stats)``.
 
-    ``params = {"policy", "value"}``, ``opt_states = {"policy", "value"}``. ``constrain`` pins the
-    batch axis of (re-arranged) experience arrays to the data-parallel sharding under GSPMD.
+    ``params = {"policy", "value"}``, ``opt_states = {"policy", "value"}``. ``constrain(x, batch_dim)``
+    pins the batch axis of (re-arranged) experience arrays to the data-parallel sharding under GSPMD
+    (None: no constraint).
     """
+    if constrain is None:
+        constrain = _no_constraint
     num_mb, mb_size, accum = config.num_minibatches, config.minibatch_size, config.grad_accum_steps
     micro_size = mb_size // accum
     grad_fn = jax.grad(minibatch_loss, has_aux=True)

@@ -1,0 +1,185 @@
+"""The baseline of `benchmarks/ppo_step.py`: one PPO iteration as TRL's pre-1.0 `PPOTrainer` ran it.
+
+A plain PyTorch loop over `transformers` models, no compilation:
+
+    rollout     policy.generate(do_sample, KV cache)                          (no grad)
+    experience  forwards of policy, reference and critic over prompt + response (no grad):
+                  logprobs, ref_logprobs (log_softmax(logits / T)), values, entropy    [B, N]
+                score = reward(prompt, response)
+                r = -beta * (logprobs - ref_logprobs) * mask;  r[last valid] += score
+                GAE (reversed Python loop over time, like TRL), A <- whiten(A)
+    update      for each epoch, for each minibatch of a random permutation:
+                  L = pg_loss(clipped ratio, token-mean) + vf_coef * vf_loss(clipped)
+                  backward, clip each model's grad norm, AdamW step (policy and critic)
+
+The critic is a `GPT2Model` trunk with a `Linear(D, 1)` value head on its last hidden state, as
+TRL's separate value model. The formulas are those of DESIGN.md (what jaxrlhf computes).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclasses.dataclass
+class TorchPPOSettings:
+    max_new_tokens: int
+    minibatch_size: int
+    ppo_epochs: int = 1
+    temperature: float = 1.0
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    learning_rate: float = 1e-5
+    max_grad_norm: float = 1.0
+
+
+class Critic(torch.nn.Module):
+    """Value model: transformer trunk + scalar head on the final hidden states."""
+
+    def __init__(self, trunk: torch.nn.Module, head: torch.nn.Linear):
+        super().__init__()
+        self.trunk = trunk
+        self.head = head
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        return self.head(hidden).squeeze(-1)
+
+
+def masked_mean(x, mask, dim=None):
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = masked_mean((x - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def response_logits(model, ids, mask, prompt_len, num_new):
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
+    return logits[:, prompt_len - 1 : prompt_len - 1 + num_new]
+
+
+def logprobs_of(logits, tokens, temperature):
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, tokens[..., None]).squeeze(-1), logp
+
+
+class TorchPPO:
+    """Policy, frozen reference, critic and two AdamW optimizers; `step` runs one timed iteration."""
+
+    def __init__(self, policy, critic: Critic, reward_fn: Callable, settings: TorchPPOSettings):
+        self.policy = policy.train()
+        self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.critic = critic.train()
+        self.reward_fn = reward_fn
+        self.s = settings
+        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=settings.learning_rate, weight_decay=0.0, eps=1e-8)
+        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=settings.learning_rate, weight_decay=0.0, eps=1e-8)
+
+    # ---------------------------------------------------------------- phases
+
+    @torch.no_grad()
+    def rollout(self, prompt_ids, prompt_mask):
+        s = self.s
+        self.policy.eval()
+        out = self.policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=s.temperature,
+            top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens, min_new_tokens=s.max_new_tokens,
+            use_cache=True, pad_token_id=0)
+        self.policy.train()
+        response = out[:, prompt_ids.shape[1]:]
+        # No EOS in these runs (the generation config has none): every response token is valid.
+        return response, torch.ones_like(response)
+
+    @torch.no_grad()
+    def experience(self, prompt_ids, prompt_mask, response, response_mask):
+        s = self.s
+        P, N = prompt_ids.shape[1], response.shape[1]
+        ids = torch.cat([prompt_ids, response], 1)
+        mask = torch.cat([prompt_mask, response_mask], 1)
+        logits = response_logits(self.policy, ids, mask, P, N)
+        logprobs, logp = logprobs_of(logits, response, s.temperature)
+        entropy = -(logp.exp() * logp).sum(-1)
+        del logits, logp
+        ref_logprobs, _ = logprobs_of(response_logits(self.ref, ids, mask, P, N), response, s.temperature)
+        values = self.critic(ids, mask, positions(mask))[:, P - 1 : P - 1 + N].float()
+        scores = self.reward_fn(prompt_ids, prompt_mask, response, response_mask)
+
+        maskf = response_mask.float()
+        kl = logprobs - ref_logprobs  # k1
+        rewards = -s.kl_coef * kl * maskf
+        last = (maskf.sum(1).long() - 1).clamp(min=0)
+        rewards[torch.arange(len(last)), last] += scores
+        # GAE as TRL's compute_advantages: a reversed loop over response positions.
+        values_m = values * maskf
+        lastgaelam = torch.zeros_like(scores)
+        advantages_reversed = []
+        for t in reversed(range(N)):
+            next_values = values_m[:, t + 1] if t < N - 1 else torch.zeros_like(scores)
+            delta = rewards[:, t] + s.gamma * next_values - values_m[:, t]
+            lastgaelam = delta + s.gamma * s.lam * lastgaelam
+            advantages_reversed.append(lastgaelam)
+        advantages = torch.stack(advantages_reversed[::-1], 1) * maskf
+        returns = advantages + values_m
+        advantages = masked_whiten(advantages, maskf)
+        stats = {"kl": (kl * maskf).sum(1).mean().item(), "entropy": masked_mean(entropy, maskf).item()}
+        return dict(ids=ids, mask=mask, response=response, response_mask=maskf, logprobs=logprobs,
+                    values=values, advantages=advantages, returns=returns), stats
+
+    def update(self, exp, prompt_len):
+        s = self.s
+        B, N = exp["response"].shape
+        for _ in range(s.ppo_epochs):
+            perm = torch.randperm(B)
+            for start in range(0, B, s.minibatch_size):
+                idx = perm[start : start + s.minibatch_size]
+                mb = {k: v[idx] for k, v in exp.items()}
+                m = mb["response_mask"]
+                logits = response_logits(self.policy, mb["ids"], mb["mask"], prompt_len, N)
+                logprobs, _ = logprobs_of(logits, mb["response"], s.temperature)
+                vpred = self.critic(mb["ids"], mb["mask"], positions(mb["mask"]))[:, prompt_len - 1 : prompt_len - 1 + N]
+                ratio = torch.exp(logprobs - mb["logprobs"])
+                adv = mb["advantages"]
+                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - s.cliprange, 1 + s.cliprange))
+                pg_loss = masked_mean(pg, m)
+                v_clipped = mb["values"] + (vpred - mb["values"]).clamp(-s.cliprange_value, s.cliprange_value)
+                vf = torch.max((vpred - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2)
+                vf_loss = 0.5 * masked_mean(vf, m)
+                loss = pg_loss + s.vf_coef * vf_loss
+                self.policy_opt.zero_grad(set_to_none=True)
+                self.critic_opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), s.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.critic.parameters(), s.max_grad_norm)
+                self.policy_opt.step()
+                self.critic_opt.step()
+        return {"loss": loss.item()}
+
+    def step(self, prompt_ids, prompt_mask):
+        """One iteration; returns the seconds of each phase."""
+        t0 = time.perf_counter()
+        response, response_mask = self.rollout(prompt_ids, prompt_mask)
+        t1 = time.perf_counter()
+        exp, _ = self.experience(prompt_ids, prompt_mask, response, response_mask)
+        t2 = time.perf_counter()
+        self.update(exp, prompt_ids.shape[1])
+        t3 = time.perf_counter()
+        return {"rollout": t1 - t0, "experience": t2 - t1, "update": t3 - t2}

@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end in their --quick mode and print their result lines.
+
+Slow: each compiles a jitted step and runs a PyTorch baseline (about 35 s of CPU time each for
+ppo_step.py; on the shared 2-core machine that was 2 minutes of wall time).
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, *args: str, timeout: int = 900) -> str:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as the benchmarks are meant to run
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_ppo_step_quick():
+    out = _run("ppo_step.py", "--quick")
+    match = re.search(r"^ratio \(torch / jaxrlhf\) per PPO iteration: (\d+\.\d+)x$", out, re.MULTILINE)
+    assert match, out[-4000:]
+    assert float(match.group(1)) > 0
+    assert re.search(r"^iteration \(fused jit\)\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x$", out, re.MULTILINE), out
+    assert "load average" in out and "compile" in out
+
+
+@pytest.mark.slow
+def test_sampling_quick():
+    path = os.path.join(ROOT, "benchmarks", "sampling.py")
+    if not os.path.exists(path) or "--quick" not in open(path).read():
+        pytest.skip("benchmarks/sampling.py has no --quick mode")
+    out = _run("sampling.py", "--quick")
+    # One row per case, ending in "<ratio>x <compile s>".
+    rows = re.findall(r"^\S+\s+\d+M\s+\d+\s+\d+\s+(\d+\.\d+)x\s+\d+\.\d+$", out, re.MULTILINE)
+    assert rows, out[-4000:]
