@@ -8,8 +8,8 @@
         process, on the same 8 simulated devices the test process has.
 
 With $JAXRLHF_TEST_COMPILATION_CACHE set, compiled programs go to (and come from) that persistent
-compilation cache directory, shared with the test process; in a multi-process job process 0 compiles
-each program and sends it to the others (`jax_share_binary_between_hosts`).
+compilation cache directory, shared with the test process (the resume worker loads the step the test
+process compiled).
 """
 import os
 import sys
