@@ -1,0 +1,188 @@
+"""Sampling throughput: jaxrlhf `make_sampler` vs transformers `generate` (PyTorch), same weights.
+
+For each case a random-weight model is built with transformers, saved as an HF checkpoint and
+loaded with `jaxrlhf.load_pretrained`, so both sides run the same weights and shapes. Both sample
+(temperature 1, no top-k/top-p filtering) with a KV cache, produce exactly `new` tokens per row (no
+EOS), and are timed back to back in the same process, interleaved, `--reps` times; the table shows
+medians. PyTorch runs with `torch.set_num_threads(--threads)` (default 2).
+
+    python benchmarks/sampling.py            # the default cases (see DEFAULT)
+    python benchmarks/sampling.py --quick    # one small and one large case, fewer repetitions
+    python benchmarks/sampling.py --cases tiny-b128-n64 --reps 7
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    family: str  # "gpt2" | "llama"
+    hf_config: dict
+    batch: int
+    prompt_len: int
+    new_tokens: int
+
+
+GPT2_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+# Llama-shaped, ~153M parameters: 12 layers of width 768, grouped-query attention (12 q / 4 kv
+# heads), SwiGLU 3072, 32k vocabulary with an untied head.
+LLAMA_150M = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024,
+                  tie_word_embeddings=False)
+# The small-model regime of RLHF research: a 6-layer, width-144 GPT-2 with a tiny vocabulary.
+GPT2_TINY = dict(vocab_size=30, n_positions=128, n_embd=144, n_layer=6, n_head=4)
+
+CASES = [
+    Case("gpt2-124m-b16-n64", "gpt2", GPT2_124M, 16, 32, 64),
+    Case("gpt2-124m-b16-n128", "gpt2", GPT2_124M, 16, 32, 128),
+    Case("gpt2-124m-b64-n64", "gpt2", GPT2_124M, 64, 32, 64),
+    Case("llama-150m-b16-n64", "llama", LLAMA_150M, 16, 32, 64),
+    Case("llama-150m-b64-n64", "llama", LLAMA_150M, 64, 32, 64),
+    Case("tiny-b128-n10", "gpt2", GPT2_TINY, 128, 16, 10),
+    Case("tiny-b128-n64", "gpt2", GPT2_TINY, 128, 16, 64),
+]
+QUICK = ("gpt2-124m-b16-n64", "tiny-b128-n64")
+DEFAULT = tuple(c.name for c in CASES if c.name != "gpt2-124m-b16-n128")
+
+
+def build_checkpoint(case: Case, directory: str):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    common = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    if case.family == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**case.hf_config, **common))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**case.hf_config, **common))
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(directory)
+    return model.eval()
+
+
+def prompts(case: Case, vocab: int, seed: int = 0):
+    """Left-padded prompts with lengths between prompt_len / 2 and prompt_len."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(case.prompt_len // 2, case.prompt_len + 1, size=case.batch)
+    ids = rng.integers(1, vocab, size=(case.batch, case.prompt_len)).astype(np.int32)
+    mask = (np.arange(case.prompt_len)[None, :] >= case.prompt_len - lengths[:, None]).astype(np.int32)
+    return ids * mask, mask
+
+
+def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int | None) -> dict:
+    import jax
+    import torch
+
+    import jaxrlhf
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory() as directory:
+        hf_model = build_checkpoint(case, directory)
+        pretrained = jaxrlhf.load_pretrained(directory, dtype=dtype)
+    model, params = pretrained.model, pretrained.params
+    ids, mask = prompts(case, model.config.vocab_size)
+    sampler = jaxrlhf.make_sampler(model, max_new_tokens=case.new_tokens, temperature=1.0,
+                                   prompt_buckets=(case.prompt_len,))
+    torch_ids, torch_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    def run_jax(seed):
+        out = sampler(params, ids, mask, jax.random.key(seed))
+        jax.block_until_ready(out)
+        return out
+
+    def run_torch(num_threads=threads):
+        torch.set_num_threads(num_threads)
+        with torch.inference_mode():
+            out = hf_model.generate(input_ids=torch_ids, attention_mask=torch_mask, do_sample=True,
+                                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=case.new_tokens,
+                                    min_new_tokens=case.new_tokens, use_cache=True, pad_token_id=0)
+        assert out.shape[1] == case.prompt_len + case.new_tokens
+        return out
+
+    start = time.perf_counter()
+    run_jax(0)
+    first_call = time.perf_counter() - start
+    run_torch()  # warm-up
+    jax_times, torch_times, extra_times = [], [], []
+    for rep in range(reps):  # interleaved: both sides see the same machine load
+        start = time.perf_counter()
+        out = run_jax(rep + 1)
+        jax_times.append(time.perf_counter() - start)
+        assert int(np.asarray(out.mask).sum()) == case.batch * case.new_tokens
+        start = time.perf_counter()
+        run_torch()
+        torch_times.append(time.perf_counter() - start)
+        if extra_threads:
+            start = time.perf_counter()
+            run_torch(extra_threads)
+            extra_times.append(time.perf_counter() - start)
+    tokens = case.batch * case.new_tokens
+    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+    result = dict(case=case.name, jax_tok_s=tokens / jax_s, torch_tok_s=tokens / torch_s,
+                  ratio=torch_s / jax_s, compile_s=first_call - jax_s,
+                  params_m=sum(x.size for x in jax.tree.leaves(params)) / 1e6)
+    if extra_times:
+        extra_s = statistics.median(extra_times)
+        result.update(extra_tok_s=tokens / extra_s, extra_ratio=extra_s / jax_s)
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, 3 repetitions")
+    parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per side (median reported)")
+    parser.add_argument("--dtype", default="float32", help="jaxrlhf parameter/compute dtype")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--extra-threads", type=int, default=1,
+                        help="also time torch with this many threads (0: off; off with --quick). On a "
+                             "loaded machine PyTorch's OpenMP threads can slow down more than XLA's pool")
+    args = parser.parse_args(argv)
+    names = list(DEFAULT)
+    if args.cases:
+        names = args.cases.split(",")
+    elif args.quick:
+        names, args.reps, args.extra_threads = list(QUICK), min(args.reps, 2), 0
+    cases = [c for c in CASES if c.name in names]
+    if len(cases) != len(names):
+        sys.exit(f"unknown case in {names}; known: {[c.name for c in CASES]}")
+
+    import jax
+    import torch
+    import transformers
+
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({args.threads} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
+          f"jaxrlhf dtype {args.dtype}, median of {args.reps}, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+          "(other processes share these cores: absolute numbers vary, the ratios are from interleaved runs)")
+    header = f"{'case':<22} {'params':>7} {'jaxrlhf tok/s':>14} {'torch tok/s':>12} {'ratio':>6} {'compile s':>10}"
+    print(header)
+    print("-" * len(header))
+    extra_rows = []
+    for case in cases:
+        r = run_case(case, args.reps, args.dtype, args.threads, args.extra_threads)
+        print(f"{r['case']:<22} {r['params_m']:>6.0f}M {r['jax_tok_s']:>14.0f} {r['torch_tok_s']:>12.0f} "
+              f"{r['ratio']:>5.2f}x {r['compile_s']:>10.1f}", flush=True)
+        if "extra_tok_s" in r:
+            extra_rows.append(r)
+    if extra_rows:
+        print(f"\ntorch with {args.extra_threads} thread(s), same runs (interleaved):")
+        for r in extra_rows:
+            print(f"  {r['case']:<22} torch {r['extra_tok_s']:>8.0f} tok/s  jaxrlhf/torch {r['extra_ratio']:.2f}x")
+    print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
