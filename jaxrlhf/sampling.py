@@ -396,7 +396,9 @@ class Sampler:
             self.trace_count += 1
             return generate(model, params, prompt_ids, prompt_mask, key, **options)
 
-        jit_kwargs: dict = dict(donate_argnums=(1, 2))
+        # No donation: the only per-call inputs are the small prompt arrays, and no output has their
+        # shape, so XLA could not reuse them (the cache is created inside and updated in place).
+        jit_kwargs: dict = {}
         if mesh is not None:
             batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
             replicated = NamedSharding(mesh, PartitionSpec())
