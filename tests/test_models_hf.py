@@ -446,8 +446,8 @@ def test_kv_cache_decode_matches_full_forward(family, checkpoints):
         steps.append(out.logits)
     got = np.concatenate(steps, axis=1)
     assert _max_diff(got, full, mask) < 1e-5
-    # The cache holds the prompt's keys/values in the first slots and nothing after T.
-    assert np.all(np.asarray(cache[0]["k"][:, T:]) == 0)
+    # The cache ([B, K, S, E]) holds the prompt's keys/values in the first slots and nothing after T.
+    assert np.all(np.asarray(cache[0]["k"][:, :, T:]) == 0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -54,13 +54,24 @@ def _hf_tiny(kind: str):
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny(request, tmp_path_factory):
-    hf_model = _hf_tiny(request.param)
-    directory = tmp_path_factory.mktemp(request.param)
+def _load_tiny(model_type, tmp_path_factory):
+    hf_model = _hf_tiny(model_type)
+    directory = tmp_path_factory.mktemp(model_type)
     hf_model.save_pretrained(directory)
     pretrained = jaxrlhf.load_pretrained(str(directory))
     return hf_model, pretrained.model, pretrained.params
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny(request, tmp_path_factory):
+    """Both families: for the checks against transformers and the full forward."""
+    return _load_tiny(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    """One family is enough for the statistical, bucketing and multi-device checks (compile time)."""
+    return _load_tiny("gpt2", tmp_path_factory)
 
 
 def _left_padded_prompts(batch=8, width=7, seed=0):
@@ -240,11 +251,9 @@ def test_inverse_cdf_sample_frequencies_and_zero_weights(size):
     assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3
 
 
-def test_first_token_frequencies_of_generate(tiny):
+def test_first_token_frequencies_of_generate(tiny_gpt2):
     """End to end: the first sampled token follows softmax(logits / T) of the model."""
-    hf_model, model, params = tiny
-    if hf_model.config.model_type != "gpt2":
-        pytest.skip("one model is enough here (compile time)")
+    hf_model, model, params = tiny_gpt2
     draws, temperature = 4096, 1.5
     ids, mask = _left_padded_prompts(batch=1)
     ids, mask = np.repeat(ids, draws, 0), np.repeat(mask, draws, 0)
@@ -357,10 +366,8 @@ def _assert_same_samples(actual: SampleOutput, expected: SampleOutput):
     np.testing.assert_allclose(np.asarray(actual.logprobs), np.asarray(expected.logprobs), atol=1e-5)
 
 
-def test_sampler_compiles_once_per_bucket(tiny):
-    hf_model, model, params = tiny
-    if hf_model.config.model_type != "gpt2":
-        pytest.skip("one model is enough here (compile time)")
+def test_sampler_compiles_once_per_bucket(tiny_gpt2):
+    hf_model, model, params = tiny_gpt2
     sampler = make_sampler(model, max_new_tokens=N, prompt_buckets=(8, 16), **SAMPLED)
     outputs = {}
     for width in (3, 7, 8, 5):
@@ -398,10 +405,8 @@ def test_generate_inside_outer_jit_with_traced_temperature(tiny):
     assert np.isfinite(float(total))
 
 
-def test_same_samples_on_one_and_eight_devices(tiny):
-    hf_model, model, params = tiny
-    if hf_model.config.model_type != "llama":
-        pytest.skip("one model is enough here (compile time)")
+def test_same_samples_on_one_and_eight_devices(tiny_gpt2):
+    hf_model, model, params = tiny_gpt2
     assert len(jax.devices()) >= 8
     ids, mask = _left_padded_prompts()  # batch 8: one row per device
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
