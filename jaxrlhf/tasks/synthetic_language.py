@@ -299,26 +299,7 @@ def preference_pairs(key: jax.Array, num_pairs: int, length: int = MAX_SENTENCE_
 
 def gpt2_config(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, max_len: int = 32) -> ModelConfig:
     """A tiny GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings) over this vocabulary."""
-    return ModelConfig(
-        model_type="gpt2",
-        vocab_size=VOCAB_SIZE,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=num_heads,
-        head_dim=hidden_size // num_heads,
-        intermediate_size=4 * hidden_size,
-        max_position_embeddings=max_len,
-        norm_eps=1e-5,
-        positions="learned",
-        norm="layernorm",
-        mlp="plain",
-        activation="gelu_new",
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=True,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    )
+    return ModelConfig.from_hf(dict(
+        model_type="gpt2", vocab_size=VOCAB_SIZE, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
+        n_positions=max_len, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    ))
