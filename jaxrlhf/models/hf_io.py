@@ -99,6 +99,14 @@ def _global_map(config: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
     return rows
 
 
+def _tensor_map(config: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
+    """(HF name, our path, transpose?) for every tensor of the model (GPT-2's fused qkv excluded)."""
+    rows = list(_global_map(config))
+    for i in range(config.num_layers):
+        rows += [(n, (f"layer_{i}",) + p, t) for n, p, t in _hf_layer_map(config, i)]
+    return rows
+
+
 def _normalise_keys(config: ModelConfig, state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """GPT-2 checkpoints come with or without the `transformer.` prefix; drop it."""
     if config.model_type != "gpt2":
@@ -148,9 +156,7 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
         value = value.T if transpose else value
         _set(params, path, jnp.asarray(value.astype(np.float32) if value.dtype != dtype else value, dtype=dtype))
 
-    rows = list(_global_map(config))
-    for i in range(config.num_layers):
-        rows += [(n, (f"layer_{i}",) + p, t) for n, p, t in _hf_layer_map(config, i)]
+    rows = _tensor_map(config)
     for name, path, transpose in rows:
         put(name, path, take(name), transpose)
     if config.model_type == "gpt2":
@@ -170,9 +176,7 @@ def hf_from_params(config: ModelConfig, params) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf`: HF names and layouts (GPT-2 without the `transformer.` prefix)."""
     params = jax.device_get(params)
     sd: dict[str, np.ndarray] = {}
-    rows = list(_global_map(config))
-    for i in range(config.num_layers):
-        rows += [(n, (f"layer_{i}",) + p, t) for n, p, t in _hf_layer_map(config, i)]
+    rows = _tensor_map(config)
     for name, path, transpose in rows:
         value = np.asarray(_get(params, path))
         sd[name] = np.ascontiguousarray(value.T if transpose else value)
