@@ -4,13 +4,18 @@ A language model is a policy; sampling is running it. For a left-padded prompt b
 (`prompt_ids [B, P]`, `prompt_mask [B, P]`) `generate` returns `N = max_new_tokens` response
 tokens per row, their log-probabilities and a mask:
 
-1. **Prefill.** One forward pass over the first P - 1 prompt tokens writes their keys/values into
-   slots `[0, P - 1)` of a cache with `S = P + N - 1` slots. Its logits are not used, so XLA
-   never computes the `[B, P, V]` output layer.
+1. **Prefill.** One causal forward pass over the first P - 1 prompt tokens (attending among
+   themselves only) returns their keys/values in slots `[0, P - 1)` of a fresh cache. Its logits
+   are not used, so XLA never computes the `[B, P, V]` output layer.
 2. **Decode.** A `lax.while_loop` step i feeds one token (the last prompt token when i = 0, else
    response token i - 1) into slot `P - 1 + i` and samples response token i from its logits. The
    loop stops when every row has emitted an EOS token (or after N tokens). No Python runs per
    token, and the cache is updated in place (`dynamic_update_slice` on the loop carry).
+3. **Segments.** Attention reads every slot of the cache it is given, so the N steps run as
+   `cache_segments` consecutive loops, each with a cache just long enough for its last step
+   (`P - 1 + end` slots; the full `S = P + N - 1` in the last one); between loops the cache is
+   padded with empty slots. Early steps then read a short cache (4 segments: about 30% fewer
+   cache bytes when N = 4P) at the price of one compiled loop body per segment.
 
 The attention mask over the S slots is `[prompt_mask, 1, ..., 1]` from the start: the causal rule
 of the cached forward (a query at slot s sees slots <= s) already hides slots not yet written, so
@@ -230,6 +235,21 @@ class _DecodeState(NamedTuple):
     mask: Array  # [B, N]
 
 
+def segment_ends(max_new_tokens: int, cache_segments: int | None = None) -> tuple[int, ...]:
+    """Response steps at which each decode segment ends (exclusive), as equal as possible.
+
+    `cache_segments=None` picks `min(4, max(1, N // 16))`: segments of at least 16 steps, at most
+    4 loops to compile.
+    """
+    num_new = int(max_new_tokens)
+    if cache_segments is None:
+        cache_segments = min(4, max(1, num_new // 16))
+    if int(cache_segments) < 1:
+        raise ValueError(f"cache_segments must be >= 1, got {cache_segments}")
+    count = min(int(cache_segments), num_new)
+    return tuple(-(-num_new * (j + 1) // count) for j in range(count))
+
+
 def generate(
     model,
     params,
@@ -243,12 +263,14 @@ def generate(
     top_p=1.0,
     eos_token_id=None,
     pad_token_id: int = 0,
+    cache_segments: int | None = None,
 ) -> SampleOutput:
     """Samples `max_new_tokens` tokens after each (left-padded) prompt; traceable and jit-safe.
 
     Args:
       model: a `LanguageModel` (static: anything with `forward(params, ids, mask, positions,
-        cache, cache_index)` and `init_cache(batch, max_len)`).
+        cache, cache_index, cache_size)`, `init_cache(batch, max_len)` and
+        `grow_cache(cache, max_len)`).
       params: its parameter pytree.
       prompt_ids: `[B, P]` int token ids, left-padded.
       prompt_mask: `[B, P]` 1 for real prompt tokens, 0 for left padding.
@@ -259,6 +281,8 @@ def generate(
       top_p: nucleus mass (may be traced; a Python 1.0 = off and compiles no sort).
       eos_token_id: an int, a tuple of ints, or None (static).
       pad_token_id: written after the first EOS (static).
+      cache_segments: number of decode loops with growing caches (static; None: see
+        `segment_ends`). Changes only speed and compile time, not the samples' distribution.
 
     Returns:
       `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`. `logprobs` are
@@ -273,17 +297,21 @@ def generate(
     eos_ids = _eos_tuple(eos_token_id)
     prompt_ids = prompt_ids.astype(jnp.int32)
     prompt_mask = prompt_mask.astype(jnp.int32)
-    num_slots = prompt_len + num_new - 1  # the last response token is never fed back
-
     # Every response slot is marked visible up front; causality hides the unwritten ones.
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, num_new - 1), jnp.int32)], axis=1)
     last_prompt_position = jnp.maximum(jnp.sum(prompt_mask, axis=1) - 1, 0)
 
+    ends = segment_ends(num_new, cache_segments)
+
+    def slots_until(end):  # steps < end write slots < P - 1 + end
+        return prompt_len - 1 + end
+
     # Prefill all prompt tokens but the last; the last is the first token the loop feeds, so the
     # prefill's logits are unused (XLA drops their computation: no [B, P, V] head matmul).
-    cache = model.init_cache(batch, num_slots)
     if prompt_len > 1:
-        cache = model.forward(params, prompt_ids[:, :-1], slot_mask, cache=cache, cache_index=0).cache
+        cache = model.forward(params, prompt_ids[:, :-1], prompt_mask[:, :-1], cache_size=slots_until(ends[0])).cache
+    else:
+        cache = model.init_cache(batch, slots_until(ends[0]))
     # All randomness of the call in one draw; token i of row b uses uniforms[i, b].
     uniforms = jax.random.uniform(key, (num_new, batch), jnp.float32)
 
@@ -297,13 +325,10 @@ def generate(
         mask=jnp.zeros((batch, num_new), jnp.int32),
     )
 
-    def keep_going(state: _DecodeState):
-        return (state.step < num_new) & ~jnp.all(state.done)
-
-    def decode_step(state: _DecodeState) -> _DecodeState:
+    def decode_step(state: _DecodeState, segment_mask: Array) -> _DecodeState:
         """Feeds `last_tokens` at slot P - 1 + i and samples response token i."""
         step = state.step
-        out = model.forward(params, state.last_tokens[:, None], slot_mask,
+        out = model.forward(params, state.last_tokens[:, None], segment_mask,
                             positions=(last_prompt_position + step)[:, None],
                             cache=state.cache, cache_index=prompt_len - 1 + step)
         uniform = jax.lax.dynamic_index_in_dim(uniforms, step, axis=0, keepdims=False)
@@ -324,8 +349,16 @@ def generate(
             mask=put(state.mask, valid.astype(jnp.int32)),
         )
 
-    final = jax.lax.while_loop(keep_going, decode_step, state)
-    return SampleOutput(final.tokens, final.logprobs, final.mask)
+    for segment, end in enumerate(ends):
+        num_segment_slots = slots_until(end)
+        if segment > 0:
+            state = state._replace(cache=model.grow_cache(state.cache, num_segment_slots))
+        segment_mask = slot_mask[:, :num_segment_slots]
+        state = jax.lax.while_loop(
+            lambda s, end=end: (s.step < end) & ~jnp.all(s.done),
+            lambda s, segment_mask=segment_mask: decode_step(s, segment_mask),
+            state)
+    return SampleOutput(state.tokens, state.logprobs, state.mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,7 +415,7 @@ class Sampler:
     def __init__(self, model, *, max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p=1.0,
                  eos_token_id=None, pad_token_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  mesh: Mesh | None = None, batch_axis: str | tuple[str, ...] = "data",
-                 compiler_options: dict | None | str = "auto"):
+                 compiler_options: dict | None | str = "auto", cache_segments: int | None = None):
         self.model = model
         self.max_new_tokens = int(max_new_tokens)
         self.prompt_buckets = tuple(sorted(prompt_buckets))
@@ -390,7 +423,7 @@ class Sampler:
         self.mesh = mesh
         self.trace_count = 0
         options = dict(max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, cache_segments=cache_segments)
 
         def run(params, prompt_ids, prompt_mask, key):
             self.trace_count += 1

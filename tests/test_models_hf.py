@@ -449,6 +449,22 @@ def test_kv_cache_decode_matches_full_forward(family, checkpoints):
     # The cache ([B, K, S, E]) holds the prompt's keys/values in the first slots and nothing after T.
     assert np.all(np.asarray(cache[0]["k"][:, :, T:]) == 0)
 
+    # The sampler's protocol: a prefill that returns a fresh cache of `cache_size` slots (the
+    # prompt attends only to itself), decoding, and growing the cache between decode segments.
+    prefill = pre.forward(pre.params, ids[:, :prompt], mask[:, :prompt], cache_size=prompt + 2)
+    np.testing.assert_allclose(np.asarray(prefill.cache[0]["k"]), np.asarray(cache[0]["k"][:, :, :prompt + 2])
+                               * (np.arange(prompt + 2) < prompt)[None, None, :, None], atol=1e-5, rtol=0)
+    cache, steps = prefill.cache, [prefill.logits]
+    for t in range(prompt, T):
+        if t == prompt + 2:
+            cache = pre.model.grow_cache(cache, S)
+            assert cache[0]["v"].shape[2] == S
+        slots = cache[0]["k"].shape[2]
+        out = forward(pre.params, ids[:, t:t + 1], mask_S[:, :slots], cache=cache, cache_index=t)
+        cache = out.cache
+        steps.append(out.logits)
+    assert _max_diff(np.concatenate(steps, axis=1), full, mask) < 1e-5
+
 
 # ----------------------------------------------------------------------------------------------
 # Value models

@@ -27,6 +27,7 @@ from jaxrlhf.sampling import (  # noqa: E402
     inverse_cdf_sample,
     make_sampler,
     sample_token,
+    segment_ends,
     top_k_filter,
     top_p_filter,
 )
@@ -153,6 +154,36 @@ def test_logprobs_equal_full_forward(tiny, temperature, top_k, top_p):
                eos_token_id=(5, 7))  # (argument order matters to the shared jit cache)
     expected = _full_forward_logprobs(model, params, ids, mask, out, temperature)
     np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-4, rtol=0)
+
+
+SAMPLED = dict(temperature=0.7, top_k=20, top_p=0.9, eos_token_id=(5, 7))  # as in the log-prob test
+
+
+def test_segment_ends():
+    assert segment_ends(64) == (16, 32, 48, 64)
+    assert segment_ends(10) == (10,)
+    assert segment_ends(40) == (20, 40)
+    assert segment_ends(10, 3) == (4, 7, 10)
+    assert segment_ends(3, 8) == (1, 2, 3)
+    with pytest.raises(ValueError, match="cache_segments"):
+        segment_ends(8, 0)
+
+
+def test_cache_segments_change_nothing_but_speed(tiny):
+    """Decoding in 3 or N loops with growing caches: same tokens, log-probs still exact."""
+    _, model, params = tiny
+    ids, mask = _left_padded_prompts()
+    one = _run(model, params, ids, mask, jax.random.key(1), **SAMPLED)
+    for segments in (3, N):
+        out = _run(model, params, ids, mask, jax.random.key(1), **SAMPLED, cache_segments=segments)
+        _assert_same_samples(out, one)
+        np.testing.assert_allclose(np.asarray(out.logprobs),
+                                   _full_forward_logprobs(model, params, ids, mask, out, SAMPLED["temperature"]),
+                                   atol=1e-4, rtol=0)
+    greedy = _run(model, params, ids, mask, jax.random.key(0), temperature=0.0)
+    np.testing.assert_array_equal(
+        np.asarray(_run(model, params, ids, mask, jax.random.key(0), temperature=0.0, cache_segments=3).tokens),
+        np.asarray(greedy.tokens))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +325,13 @@ class _ScriptedModel:
     def init_cache(self, batch, max_len, dtype=None):
         return {"calls": jnp.zeros((), jnp.int32)}
 
-    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None):
+    def grow_cache(self, cache, max_len):
+        return cache
+
+    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None,
+                cache_size=None):
+        if cache is None:  # the prefill
+            cache, cache_index = self.init_cache(input_ids.shape[0], cache_size), 0
         step = jnp.clip(cache_index - (self.prompt_len - 1), 0, self.script.shape[1] - 1)
         token = jax.lax.dynamic_index_in_dim(self.script, step, axis=1, keepdims=False)
         logits = jnp.where(jnp.arange(self.vocab)[None, :] == token[:, None], 0.0, -1e9)
@@ -355,9 +392,6 @@ def test_bucket_length():
     assert bucket_length(8, (8, 16)) == 8
     assert bucket_length(9, (16, 8)) == 16
     assert bucket_length(33, (8, 16)) == 48
-
-
-SAMPLED = dict(temperature=0.7, top_k=20, top_p=0.9, eos_token_id=(5, 7))  # as in the log-prob test
 
 
 def _assert_same_samples(actual: SampleOutput, expected: SampleOutput):

@@ -2,5 +2,5 @@
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError
 from jaxrlhf.models.hf_io import CheckpointError, load_pretrained, save_pretrained
 from jaxrlhf.models.lm import LanguageModel, Pretrained
-from jaxrlhf.models.transformer import ModelOutput, Transformer, init_cache, positions_from_mask
+from jaxrlhf.models.transformer import ModelOutput, Transformer, grow_cache, init_cache, positions_from_mask
 from jaxrlhf.models.value import ValueModel, init_value_head, value_head_apply

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.transformer import ModelOutput, Transformer, init_cache, init_params
+from jaxrlhf.models.transformer import ModelOutput, Transformer, grow_cache, init_cache, init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +30,21 @@ class LanguageModel:
         """Logits `[B, L, V]` (float32) for a (left-padded) batch."""
         return self.forward(params, input_ids_BxL, attention_mask_BxL).logits
 
-    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None) -> ModelOutput:
-        """Full output: logits, final hidden states and, in cache mode, the updated KV cache."""
-        return self.module.apply({"params": params}, input_ids, attention_mask, positions, cache, cache_index)
+    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None,
+                cache_size=None) -> ModelOutput:
+        """Full output: logits, final hidden states and, in cache mode, the updated KV cache.
+
+        With `cache_size` (and no `cache`) this is a prefill: the tokens attend to each other as
+        without a cache, and the returned cache has `cache_size` slots, the first L holding them.
+        """
+        return self.module.apply({"params": params}, input_ids, attention_mask, positions, cache, cache_index,
+                                 cache_size)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return init_cache(self.config, batch, max_len, dtype)
+
+    def grow_cache(self, cache, max_len: int):
+        return grow_cache(cache, max_len)
 
     def init_params(self, key: jax.Array):
         return init_params(self.config, key)

@@ -46,6 +46,15 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> tup
     return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
 
 
+def grow_cache(cache: tuple, max_len: int) -> tuple:
+    """The same cache with empty slots appended up to `max_len` (decoding in segments)."""
+
+    def grow(buffer_BxKxSxE):
+        return jnp.pad(buffer_BxKxSxE, ((0, 0), (0, 0), (0, max_len - buffer_BxKxSxE.shape[2]), (0, 0)))
+
+    return jax.tree.map(grow, cache)
+
+
 def positions_from_mask(attention_mask: Array) -> Array:
     """Position of each slot counted over real tokens only: `cumsum(mask) - 1`, clipped at 0."""
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
@@ -109,7 +118,7 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index):
+    def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index, cache_size=None):
         cfg = self.config
         B, L, _ = x_BxLxD.shape
         H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -134,6 +143,9 @@ class Attention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+        elif cache_size is not None:  # prefill: a fresh cache holding these L tokens in slots [0, L)
+            free_slots = ((0, 0), (0, 0), (0, cache_size - L), (0, 0))
+            new_cache = {"k": jnp.pad(k, free_slots), "v": jnp.pad(v, free_slots)}
 
         # Grouped-query attention without repeating K/V: split H into K groups of G.
         G = H // K
@@ -165,12 +177,12 @@ class Block(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, allowed, layer_cache, cache_index):
+    def __call__(self, x, positions, allowed, layer_cache, cache_index, cache_size=None):
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         attn_out, new_cache = Attention(cfg, name="attn")(
-            Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x), positions, allowed, layer_cache, cache_index
-        )
+            Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x), positions, allowed, layer_cache, cache_index,
+            cache_size)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, pdt, name="mlp_norm")(x))
         return x, new_cache
@@ -182,7 +194,8 @@ class Transformer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, input_ids_BxL, attention_mask, positions_BxL=None, cache=None, cache_index=None):
+    def __call__(self, input_ids_BxL, attention_mask, positions_BxL=None, cache=None, cache_index=None,
+                 cache_size=None):
         cfg = self.config
         B, L = input_ids_BxL.shape
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -213,7 +226,8 @@ class Transformer(nn.Module):
         new_cache = []
         for i in range(cfg.num_layers):
             layer_cache = None if cache is None else cache[i]
-            x, layer_new_cache = Block(cfg, name=f"layer_{i}")(x, positions_BxL, allowed_BxLxS, layer_cache, cache_index)
+            x, layer_new_cache = Block(cfg, name=f"layer_{i}")(x, positions_BxL, allowed_BxLxS, layer_cache, cache_index,
+                                                               cache_size)
             new_cache.append(layer_new_cache)
         hidden = Norm(cfg.norm, cfg.norm_eps, pdt, name="final_norm")(x)
 
@@ -224,7 +238,7 @@ class Transformer(nn.Module):
         else:
             head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
             logits = jnp.einsum("bld,dv->blv", hidden, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-        return ModelOutput(logits, hidden, None if cache is None else tuple(new_cache))
+        return ModelOutput(logits, hidden, None if cache is None and cache_size is None else tuple(new_cache))
 
 
 def init_params(config: ModelConfig, key: Array) -> dict:
