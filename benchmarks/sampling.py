@@ -9,6 +9,13 @@ medians. PyTorch runs with `torch.set_num_threads(--threads)` (default 2).
     python benchmarks/sampling.py            # the default cases (see DEFAULT)
     python benchmarks/sampling.py --quick    # one small and one large case, fewer repetitions
     python benchmarks/sampling.py --cases tiny-b128-n64 --reps 7
+    python benchmarks/sampling.py --roofline --no-torch   # on a GPU: decode-step bandwidth roofline
+
+`--roofline` adds, per case, the time of one decode step (`(t(N) - t(1)) / (N - 1)`, so prefill and
+compile are excluded), the bytes a step must at least move (every parameter once, plus the keys and
+values of the cache slots attention reads, averaged over the steps), the bandwidth this implies,
+and its fraction of the device's memory bandwidth: measured here by a jitted sum over a large array
+(`--peak-gbps` overrides it with a datasheet figure, e.g. 3350 for an H100 SXM).
 """
 from __future__ import annotations
 
@@ -80,7 +87,89 @@ def prompts(case: Case, vocab: int, seed: int = 0):
     return ids * mask, mask
 
 
-def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int | None) -> dict:
+def measured_bandwidth_gbps(megabytes: int = 512, reps: int = 10) -> float:
+    """Read bandwidth of this JAX device: bytes of a large float32 array over the time to sum it."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(reps):
+        total(x).block_until_ready()
+    return x.nbytes * reps / (time.perf_counter() - start) / 1e9
+
+
+def decode_step_bytes(model, params, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Bytes one decode step must read at least, averaged over the N steps of a call.
+
+    Every parameter once (the embedding table counts once: tied heads read it as the output layer,
+    the input lookup only touches B rows), plus keys and values of every cache slot attention reads:
+    the slots of the step's decode segment (see `jaxrlhf.sampling.segment_ends`).
+    """
+    import jax
+
+    from jaxrlhf.sampling import segment_ends
+
+    cfg = model.config
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+    slot_bytes = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+    slots_read, start = 0, 0
+    for end in segment_ends(new_tokens):
+        slots_read += (end - start) * (prompt_len - 1 + end)
+        start = end
+    return param_bytes + slot_bytes * slots_read / new_tokens
+
+
+def decode_step_flops(model, params, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Floating-point operations of one decode step, averaged over the N steps of a call.
+
+    `2 B` per weight of every matrix product (the output layer included, the embedding lookups not)
+    plus `4 B H E` per layer and cache slot read (scores and the weighted sum of values).
+    """
+    import jax
+
+    from jaxrlhf.sampling import segment_ends
+
+    cfg = model.config
+    lookups = 0 if cfg.tie_word_embeddings else params["embed"]["embedding"].size
+    lookups += params["pos_embed"]["embedding"].size if "pos_embed" in params else 0
+    matmul_weights = sum(x.size for x in jax.tree.leaves(params)) - lookups
+    slots_read, start = 0, 0
+    for end in segment_ends(new_tokens):
+        slots_read += (end - start) * (prompt_len - 1 + end)
+        start = end
+    attention = 4 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * slots_read / new_tokens
+    return 2 * batch * matmul_weights + attention
+
+
+def roofline(model, params, ids, mask, case: Case, reps: int, peak_gbps: float) -> dict:
+    import jax
+
+    import jaxrlhf
+
+    def seconds(new_tokens):
+        sampler = jaxrlhf.make_sampler(model, max_new_tokens=new_tokens, prompt_buckets=(case.prompt_len,))
+        jax.block_until_ready(sampler(params, ids, mask, jax.random.key(0)))
+        times = []
+        for rep in range(reps):
+            start = time.perf_counter()
+            jax.block_until_ready(sampler(params, ids, mask, jax.random.key(rep + 1)))
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    step_s = (seconds(case.new_tokens) - seconds(1)) / (case.new_tokens - 1)
+    step_bytes = decode_step_bytes(model, params, case.batch, case.prompt_len, case.new_tokens)
+    step_flops = decode_step_flops(model, params, case.batch, case.prompt_len, case.new_tokens)
+    achieved = step_bytes / step_s / 1e9
+    return dict(step_ms=step_s * 1e3, step_mb=step_bytes / 1e6, achieved_gbps=achieved,
+                roofline_fraction=achieved / peak_gbps, gflop_s=step_flops / step_s / 1e9,
+                flop_per_byte=step_flops / step_bytes)
+
+
+def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int | None,
+             with_torch: bool = True, peak_gbps: float | None = None) -> dict:
     import jax
     import torch
 
@@ -113,13 +202,16 @@ def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int
     start = time.perf_counter()
     run_jax(0)
     first_call = time.perf_counter() - start
-    run_torch()  # warm-up
+    if with_torch:
+        run_torch()  # warm-up
     jax_times, torch_times, extra_times = [], [], []
     for rep in range(reps):  # interleaved: both sides see the same machine load
         start = time.perf_counter()
         out = run_jax(rep + 1)
         jax_times.append(time.perf_counter() - start)
         assert int(np.asarray(out.mask).sum()) == case.batch * case.new_tokens
+        if not with_torch:
+            continue
         start = time.perf_counter()
         run_torch()
         torch_times.append(time.perf_counter() - start)
@@ -128,10 +220,13 @@ def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int
             run_torch(extra_threads)
             extra_times.append(time.perf_counter() - start)
     tokens = case.batch * case.new_tokens
-    jax_s, torch_s = statistics.median(jax_times), statistics.median(torch_times)
+    jax_s = statistics.median(jax_times)
+    torch_s = statistics.median(torch_times) if torch_times else float("nan")
     result = dict(case=case.name, jax_tok_s=tokens / jax_s, torch_tok_s=tokens / torch_s,
                   ratio=torch_s / jax_s, compile_s=first_call - jax_s,
                   params_m=sum(x.size for x in jax.tree.leaves(params)) / 1e6)
+    if peak_gbps:
+        result.update(roofline(model, params, ids, mask, case, reps, peak_gbps))
     if extra_times:
         extra_s = statistics.median(extra_times)
         result.update(extra_tok_s=tokens / extra_s, extra_ratio=extra_s / jax_s)
@@ -148,6 +243,11 @@ def main(argv=None):
     parser.add_argument("--extra-threads", type=int, default=1,
                         help="also time torch with this many threads (0: off; off with --quick). On a "
                              "loaded machine PyTorch's OpenMP threads can slow down more than XLA's pool")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline (e.g. on a GPU machine)")
+    parser.add_argument("--roofline", action="store_true",
+                        help="also time single decode steps and print their fraction of the memory-bandwidth roofline")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="memory bandwidth for --roofline in GB/s (default: measured by a jitted sum)")
     args = parser.parse_args(argv)
     names = list(DEFAULT)
     if args.cases:
@@ -162,6 +262,11 @@ def main(argv=None):
     import torch
     import transformers
 
+    peak_gbps = None
+    if args.roofline:
+        peak_gbps = args.peak_gbps or measured_bandwidth_gbps()
+        print(f"roofline bandwidth: {peak_gbps:.1f} GB/s ({'given' if args.peak_gbps else 'measured: jitted sum'}) "
+              f"on {jax.devices()[0].device_kind}")
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({args.threads} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
           f"jaxrlhf dtype {args.dtype}, median of {args.reps}, {time.strftime('%Y-%m-%d %H:%M')}")
@@ -170,13 +275,25 @@ def main(argv=None):
     header = f"{'case':<22} {'params':>7} {'jaxrlhf tok/s':>14} {'torch tok/s':>12} {'ratio':>6} {'compile s':>10}"
     print(header)
     print("-" * len(header))
-    extra_rows = []
+    extra_rows, roofline_rows = [], []
     for case in cases:
-        r = run_case(case, args.reps, args.dtype, args.threads, args.extra_threads)
-        print(f"{r['case']:<22} {r['params_m']:>6.0f}M {r['jax_tok_s']:>14.0f} {r['torch_tok_s']:>12.0f} "
-              f"{r['ratio']:>5.2f}x {r['compile_s']:>10.1f}", flush=True)
+        r = run_case(case, args.reps, args.dtype, args.threads, 0 if args.no_torch else args.extra_threads,
+                     with_torch=not args.no_torch, peak_gbps=peak_gbps)
+        torch_cols = "-".rjust(12) + "-".rjust(7) if args.no_torch else f"{r['torch_tok_s']:>12.0f} {r['ratio']:>5.2f}x"
+        print(f"{r['case']:<22} {r['params_m']:>6.0f}M {r['jax_tok_s']:>14.0f} {torch_cols} {r['compile_s']:>10.1f}",
+              flush=True)
         if "extra_tok_s" in r:
             extra_rows.append(r)
+        if "step_ms" in r:
+            roofline_rows.append(r)
+    if roofline_rows:
+        print(f"\ndecode step vs the {peak_gbps:.0f} GB/s memory-bandwidth roofline:")
+        print(f"  {'case':<22} {'step ms':>8} {'MB/step':>8} {'GB/s':>7} {'of roofline':>11} {'GFLOP/s':>8} "
+              f"{'FLOP/byte':>9}")
+        for r in roofline_rows:
+            print(f"  {r['case']:<22} {r['step_ms']:>8.2f} {r['step_mb']:>8.1f} {r['achieved_gbps']:>7.1f} "
+                  f"{r['roofline_fraction']:>10.0%} {r['gflop_s']:>8.1f} {r['flop_per_byte']:>9.1f}")
+        print("  (a step is bandwidth-bound when FLOP/byte is below the device's FLOP/s over its bytes/s)")
     if extra_rows:
         print(f"\ntorch with {args.extra_threads} thread(s), same runs (interleaved):")
         for r in extra_rows:

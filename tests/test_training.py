@@ -28,6 +28,7 @@ from jaxrlhf.models.sharding import make_mesh
 from jaxrlhf.training import (PPO, Checkpointer, CheckpointMismatchError, NonFiniteError, PPOConfig, PromptBatch,
                               PromptTooLongError, RewardModel, RewardShapeError, Rollout, TextReward,
                               make_experience, prepare_prompts, train)
+from jaxrlhf.training.ppo import _jitted
 from jaxrlhf.training.rewards import postprocess_scores, score_in_jit
 from jaxrlhf.training.state import ScoreStats
 from jaxrlhf.training.trainer import TIMING_METRICS, host_scores
@@ -402,6 +403,15 @@ def test_text_reward_split_step_matches_fused_jax_reward(tiny, learning_run):
     assert float(metrics["score"]) == pytest.approx(float(learning_run["history"][0]["score"]))
     reference = learning_run["state_after_1"]
     assert _max_abs_diff(jax.device_get(state.policy_params), reference.policy_params) < 1e-5
+    # A second round reuses both compiled halves: update_step returns the state with the shardings
+    # (and committedness) that init_state gave it, so rollout_step sees the same input types.
+    for _ in range(2):
+        rollout_out = ppo.rollout_step(state, frozen, batch)
+        state, metrics = ppo.update_step(state, frozen, batch, rollout_out,
+                                         host_scores(ppo.reward, None, ids, mask, rollout_out))
+        jax.block_until_ready(metrics)
+    assert _jitted(ppo, "rollout")._cache_size() == 1
+    assert _jitted(ppo, "update")._cache_size() == 1
 
 
 # ----------------------------------------------------------------------------------------------
