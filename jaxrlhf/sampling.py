@@ -302,6 +302,8 @@ def generate(
     last_prompt_position = jnp.maximum(jnp.sum(prompt_mask, axis=1) - 1, 0)
 
     ends = segment_ends(num_new, cache_segments)
+    if hasattr(model, "decoding_params"):  # e.g. a transposed copy of a tied output layer, made once
+        params = model.decoding_params(params)
 
     def slots_until(end):  # steps < end write slots < P - 1 + end
         return prompt_len - 1 + end

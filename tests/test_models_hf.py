@@ -466,6 +466,18 @@ def test_kv_cache_decode_matches_full_forward(family, checkpoints):
     assert _max_diff(np.concatenate(steps, axis=1), full, mask) < 1e-5
 
 
+def test_decoding_params_transpose_a_tied_head_only(checkpoints):
+    """On CPU `generate` multiplies by a [D, V] copy of a tied embedding: same logits."""
+    pre = jaxrlhf.load_pretrained(checkpoints("gpt2")[0])
+    ids, mask = _batch()
+    decoding = pre.model.decoding_params(pre.params)
+    np.testing.assert_array_equal(np.asarray(decoding["decode_head"]), np.asarray(pre.params["embed"]["embedding"]).T)
+    np.testing.assert_allclose(np.asarray(jax.jit(pre.apply)(decoding, ids, mask)), _logits(pre, ids, mask),
+                               atol=1e-5, rtol=0)
+    untied = jaxrlhf.load_pretrained(checkpoints("llama_gqa")[0])
+    assert untied.model.decoding_params(untied.params) is untied.params
+
+
 # ----------------------------------------------------------------------------------------------
 # Value models
 

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.transformer import ModelOutput, Transformer, grow_cache, init_cache, init_params
+from jaxrlhf.models.transformer import ModelOutput, Transformer, decoding_params, grow_cache, init_cache, init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,10 @@ class LanguageModel:
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return init_cache(self.config, batch, max_len, dtype)
+
+    def decoding_params(self, params):
+        """`params` prepared for a decoding loop (see `transformer.decoding_params`)."""
+        return decoding_params(self.config, params)
 
     def grow_cache(self, cache, max_len: int):
         return grow_cache(cache, max_len)
