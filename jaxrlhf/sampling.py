@@ -270,7 +270,8 @@ def generate(
     Args:
       model: a `LanguageModel` (static: anything with `forward(params, ids, mask, positions,
         cache, cache_index, cache_size)`, `init_cache(batch, max_len)` and
-        `grow_cache(cache, max_len)`).
+        `grow_cache(cache, max_len)`; an optional `decoding_params(params)` is applied once
+        before the loop).
       params: its parameter pytree.
       prompt_ids: `[B, P]` int token ids, left-padded.
       prompt_mask: `[B, P]` 1 for real prompt tokens, 0 for left padding.
