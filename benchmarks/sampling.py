@@ -101,6 +101,21 @@ def measured_bandwidth_gbps(megabytes: int = 512, reps: int = 10) -> float:
     return x.nbytes * reps / (time.perf_counter() - start) / 1e9
 
 
+def mean_slots_read(prompt_len: int, new_tokens: int) -> float:
+    """Cache slots attention reads per decode step, averaged over the N steps of a call.
+
+    Every step of a decode segment reads that segment's whole cache, `P - 1 + end` slots (see
+    `jaxrlhf.sampling.segment_ends`).
+    """
+    from jaxrlhf.sampling import segment_ends
+
+    slots_read, start = 0, 0
+    for end in segment_ends(new_tokens):
+        slots_read += (end - start) * (prompt_len - 1 + end)
+        start = end
+    return slots_read / new_tokens
+
+
 def decode_step_bytes(model, params, batch: int, prompt_len: int, new_tokens: int) -> float:
     """Bytes one decode step must read at least, averaged over the N steps of a call.
 
@@ -110,16 +125,10 @@ def decode_step_bytes(model, params, batch: int, prompt_len: int, new_tokens: in
     """
     import jax
 
-    from jaxrlhf.sampling import segment_ends
-
     cfg = model.config
     param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     slot_bytes = 2 * cfg.num_layers * batch * cfg.num_kv_heads * cfg.head_dim * np.dtype(cfg.dtype).itemsize
-    slots_read, start = 0, 0
-    for end in segment_ends(new_tokens):
-        slots_read += (end - start) * (prompt_len - 1 + end)
-        start = end
-    return param_bytes + slot_bytes * slots_read / new_tokens
+    return param_bytes + slot_bytes * mean_slots_read(prompt_len, new_tokens)
 
 
 def decode_step_flops(model, params, batch: int, prompt_len: int, new_tokens: int) -> float:
@@ -130,17 +139,11 @@ def decode_step_flops(model, params, batch: int, prompt_len: int, new_tokens: in
     """
     import jax
 
-    from jaxrlhf.sampling import segment_ends
-
     cfg = model.config
     lookups = 0 if cfg.tie_word_embeddings else params["embed"]["embedding"].size
     lookups += params["pos_embed"]["embedding"].size if "pos_embed" in params else 0
     matmul_weights = sum(x.size for x in jax.tree.leaves(params)) - lookups
-    slots_read, start = 0, 0
-    for end in segment_ends(new_tokens):
-        slots_read += (end - start) * (prompt_len - 1 + end)
-        start = end
-    attention = 4 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * slots_read / new_tokens
+    attention = 4 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_slots_read(prompt_len, new_tokens)
     return 2 * batch * matmul_weights + attention
 
 

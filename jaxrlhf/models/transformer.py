@@ -144,8 +144,7 @@ class Attention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
             k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
         elif cache_size is not None:  # prefill: a fresh cache holding these L tokens in slots [0, L)
-            free_slots = ((0, 0), (0, 0), (0, cache_size - L), (0, 0))
-            new_cache = {"k": jnp.pad(k, free_slots), "v": jnp.pad(v, free_slots)}
+            new_cache = grow_cache({"k": k, "v": v}, cache_size)
 
         # Grouped-query attention without repeating K/V: split H into K groups of G.
         G = H // K
@@ -256,14 +255,14 @@ class Transformer(nn.Module):
         hidden = Norm(cfg.norm, cfg.norm_eps, pdt, name="final_norm")(x)
 
         # Logits in float32 whatever the compute dtype: log-probs and the PPO ratio need them exact.
-        if cfg.tie_word_embeddings and self.has_variable("params", DECODE_HEAD):
-            head_DxV = self.get_variable("params", DECODE_HEAD)  # see `decoding_params`
-            logits = jnp.einsum("bld,dv->blv", hidden, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-        elif cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings and not self.has_variable("params", DECODE_HEAD):
             head_VxD = embed.embedding
             logits = jnp.einsum("bld,vd->blv", hidden, head_VxD.astype(dtype), preferred_element_type=jnp.float32)
         else:
-            head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
+            if cfg.tie_word_embeddings:  # the embedding's [D, V] copy made by `decoding_params`
+                head_DxV = self.get_variable("params", DECODE_HEAD)
+            else:
+                head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
             logits = jnp.einsum("bld,dv->blv", hidden, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
         return ModelOutput(logits, hidden, None if cache is None and cache_size is None else tuple(new_cache))
 

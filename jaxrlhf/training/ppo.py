@@ -263,16 +263,10 @@ class PPO:
         program, but parameters and optimizer moments are not held twice; the state passed in
         is deleted). `train` does not donate: its NaN guard keeps the previous state.
         """
-        if donate:
-            step = _jitted(self, "fused_donated")
-
-            def donated_step(state: TrainState, batch: PromptBatch):
-                return step(state, frozen, batch)
-
-            return donated_step
+        step = _jitted(self, "fused_donated" if donate else "fused")
 
         def train_step(state: TrainState, batch: PromptBatch):
-            return self.train_step(state, frozen, batch)
+            return step(state, frozen, batch)
 
         return train_step
 
