@@ -1,5 +1,19 @@
 """Core RLHF math: pure JAX functions on ``[batch, time]`` arrays (see DESIGN.md)."""
 from jaxrlhf.core.advantages import gae_advantages
+from jaxrlhf.core.groups import (
+    GroupSelection,
+    broadcast_over_tokens,
+    drgrpo_advantages,
+    group_has_signal,
+    group_signal_fraction,
+    grpo_advantages,
+    num_groups,
+    overlong_reward_shaping,
+    reinforce_pp_advantages,
+    remax_advantages,
+    rloo_advantages,
+    select_groups_with_signal,
+)
 from jaxrlhf.core.kl import KL_KINDS, kl_estimate
 from jaxrlhf.core.kl_control import (
     KLController,
@@ -9,38 +23,76 @@ from jaxrlhf.core.kl_control import (
 )
 from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
 from jaxrlhf.core.losses import (
+    GSPO_VARIANTS,
     LOSS_AGGREGATIONS,
     aggregate_loss,
     entropy_loss,
+    gspo_policy_loss,
+    kl_loss,
     ppo_policy_loss,
     ppo_value_loss,
     reward_model_loss,
+)
+from jaxrlhf.core.preference import (
+    chosen_nll_loss,
+    concat_pairs,
+    dpo_loss,
+    ipo_loss,
+    kto_loss,
+    sequence_logprobs,
+    sequence_logprobs_from_logits,
+    simpo_loss,
+    split_pairs,
 )
 from jaxrlhf.core.rewards import discounted_returns, kl_penalized_rewards, last_valid_index
 from jaxrlhf.core.stats import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
+    "GSPO_VARIANTS",
+    "GroupSelection",
     "KL_KINDS",
     "KLController",
     "KLControllerState",
     "LOSS_AGGREGATIONS",
     "adaptive_kl_controller",
     "aggregate_loss",
+    "broadcast_over_tokens",
+    "chosen_nll_loss",
+    "concat_pairs",
     "discounted_returns",
+    "dpo_loss",
+    "drgrpo_advantages",
     "entropy_from_logits",
     "entropy_loss",
     "fixed_kl_controller",
     "gae_advantages",
+    "group_has_signal",
+    "group_signal_fraction",
+    "grpo_advantages",
+    "gspo_policy_loss",
+    "ipo_loss",
     "kl_estimate",
+    "kl_loss",
     "kl_penalized_rewards",
+    "kto_loss",
     "last_valid_index",
     "masked_count",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "num_groups",
+    "overlong_reward_shaping",
     "ppo_policy_loss",
     "ppo_value_loss",
+    "reinforce_pp_advantages",
+    "remax_advantages",
     "reward_model_loss",
+    "rloo_advantages",
+    "select_groups_with_signal",
+    "sequence_logprobs",
+    "sequence_logprobs_from_logits",
+    "simpo_loss",
+    "split_pairs",
     "token_logprobs",
 ]

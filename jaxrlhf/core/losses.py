@@ -1,4 +1,5 @@
-"""PPO policy / value losses, entropy bonus and the Bradley-Terry reward-model loss.
+"""Policy losses (PPO with optional dual clip, GSPO, GSPO-token), the value loss, KL and entropy
+terms, and the Bradley-Terry reward-model loss.
 
 Every loss returns ``(loss, stats)``: a scalar to differentiate and a dict of scalar diagnostics
 (already ``stop_gradient``-ed). Token-level losses reduce over the batch with
@@ -15,7 +16,8 @@ import jax.numpy as jnp
 from jaxrlhf.core.kl import kl_estimate
 from jaxrlhf.core.stats import masked_count, masked_mean, masked_sum
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+GSPO_VARIANTS = ("seq", "token")
 
 Stats = Dict[str, jax.Array]
 
@@ -27,7 +29,11 @@ def _at_least_float32(*arrays):
 
 
 def aggregate_loss(
-    loss_per_token: chex.Array, mask: chex.Array, agg: str = "token-mean", axis_name=None
+    loss_per_token: chex.Array,
+    mask: chex.Array,
+    agg: str = "token-mean",
+    axis_name=None,
+    max_len: Optional[float] = None,
 ) -> jax.Array:
     """Reduce a ``[B, T]`` per-token loss to a scalar.
 
@@ -35,7 +41,11 @@ def aggregate_loss(
     * ``"seq-mean-token-mean"``: per row ``sum_t(l * m) / sum_t(m)``, then the mean over rows
       with at least one valid token;
     * ``"seq-mean-token-sum"``: per row ``sum_t(l * m)``, then the mean over rows with at least one
-      valid token.
+      valid token;
+    * ``"seq-mean-token-sum-norm"`` (Dr. GRPO, Liu et al. 2025): per row ``sum_t(l * m) / max_len``
+      with a constant ``max_len`` (default ``T = loss_per_token.shape[-1]``, i.e.
+      ``max_new_tokens``), then the mean over rows with at least one valid token. Unlike
+      "seq-mean-token-mean" no response's tokens are up-weighted for being short.
 
     All denominators are ``max(count, 1)``, so an all-zero mask gives 0.
     """
@@ -49,8 +59,47 @@ def aggregate_loss(
         per_row_B = masked_mean(loss_per_token, mask, axis=-1)
     else:
         per_row_B = masked_sum(loss_per_token, mask, axis=-1)
+    if agg == "seq-mean-token-sum-norm":
+        per_row_B = per_row_B / (loss_per_token.shape[-1] if max_len is None else max_len)
     row_has_tokens_B = masked_count(mask, axis=-1) > 0
     return masked_mean(per_row_B, row_has_tokens_B, axis_name=axis_name)
+
+
+def _clipped_surrogate(ratio_BxT, advantages_BxT, eps_low, eps_high, dual_clip):
+    """``pg = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))``; with ``dual_clip = c``
+    also ``pg = min(pg, -A * c)`` where ``A < 0``. Returns ``(pg, clipped, dual_clipped)``."""
+    unclipped_BxT = -advantages_BxT * ratio_BxT
+    clipped_BxT = -advantages_BxT * jnp.clip(ratio_BxT, 1.0 - eps_low, 1.0 + eps_high)
+    pg_loss_BxT = jnp.maximum(unclipped_BxT, clipped_BxT)
+    is_clipped_BxT = clipped_BxT > unclipped_BxT
+    if dual_clip is None:
+        return pg_loss_BxT, is_clipped_BxT, None
+    negative_BxT = advantages_BxT < 0
+    # The bound is +inf where A >= 0, so min() leaves those tokens (and their gradient) alone.
+    bound_BxT = jnp.where(negative_BxT, -advantages_BxT * dual_clip, jnp.inf)
+    is_dual_clipped_BxT = negative_BxT & (bound_BxT < pg_loss_BxT)
+    return jnp.minimum(pg_loss_BxT, bound_BxT), is_clipped_BxT, is_dual_clipped_BxT
+
+
+def _check_dual_clip(dual_clip):
+    if isinstance(dual_clip, (int, float)) and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (Ye et al. 2020 use 3), got {dual_clip}.")
+
+
+def _ratio_stats(ratio_BxT, mask, axis_name, prefix=""):
+    sg = jax.lax.stop_gradient
+    valid = mask != 0
+    ratio_max = jnp.max(jnp.where(valid, sg(ratio_BxT), -jnp.inf))
+    ratio_min = jnp.min(jnp.where(valid, sg(ratio_BxT), jnp.inf))
+    if axis_name is not None:
+        ratio_max = jax.lax.pmax(ratio_max, axis_name)
+        ratio_min = jax.lax.pmin(ratio_min, axis_name)
+    any_valid = masked_count(mask, axis_name=axis_name) > 0
+    return {
+        prefix + "ratio_mean": masked_mean(sg(ratio_BxT), mask, axis_name=axis_name),
+        prefix + "ratio_max": jnp.where(any_valid, ratio_max, 0.0),
+        prefix + "ratio_min": jnp.where(any_valid, ratio_min, 0.0),
+    }
 
 
 def ppo_policy_loss(
@@ -62,13 +111,19 @@ def ppo_policy_loss(
     clip_eps_high: Optional[float] = None,
     agg: str = "token-mean",
     axis_name=None,
+    dual_clip=None,
 ) -> Tuple[jax.Array, Stats]:
-    """Clipped PPO surrogate (Schulman et al., 2017), per token.
+    """Clipped PPO surrogate (Schulman et al., 2017), per token, with optional dual clip.
 
     ``ratio = exp(logprobs - old_logprobs)``,
     ``pg = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))`` with
-    ``eps_low = clip_eps`` and ``eps_high = clip_eps_high`` (defaults to ``clip_eps``), then
-    :func:`aggregate_loss` with ``agg``.
+    ``eps_low = clip_eps`` and ``eps_high = clip_eps_high`` (defaults to ``clip_eps``; a larger
+    ``eps_high`` is DAPO's "clip-higher"), then :func:`aggregate_loss` with ``agg``.
+
+    Dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL"): with
+    ``dual_clip = c > 1``, for ``A < 0`` also ``pg = min(pg, -A * c)``, which bounds the loss (and
+    zeroes the gradient) of a negative-advantage token whose ratio has grown beyond ``c``.
+    ``dual_clip=None`` (default) is plain PPO; ``c`` may be a traced scalar.
 
     Args:
       logprobs: ``[B, T]`` log-probs under the policy being optimised (differentiated).
@@ -79,10 +134,13 @@ def ppo_policy_loss(
     Returns:
       ``(loss, stats)``; stats: ``pg_loss``, ``clipfrac`` (fraction of valid tokens where the
       clipped term is the larger one), ``approx_kl`` (masked mean of the k3 estimate with
-      d = old_logprobs - logprobs), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (over valid tokens).
+      d = old_logprobs - logprobs), ``ratio_mean``, ``ratio_min``, ``ratio_max`` (over valid
+      tokens); with ``dual_clip`` also ``dual_clipfrac`` (fraction of valid tokens where the
+      dual-clip bound is taken).
     """
     chex.assert_rank([logprobs, old_logprobs, advantages, mask], 2)
     chex.assert_equal_shape([logprobs, old_logprobs, advantages, mask])
+    _check_dual_clip(dual_clip)
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     logprobs, old_logprobs, advantages = _at_least_float32(logprobs, old_logprobs, advantages)
@@ -90,29 +148,144 @@ def ppo_policy_loss(
     old_logprobs = jax.lax.stop_gradient(old_logprobs)
 
     ratio_BxT = jnp.exp(logprobs - old_logprobs)
-    unclipped_BxT = -advantages * ratio_BxT
-    clipped_BxT = -advantages * jnp.clip(ratio_BxT, 1.0 - eps_low, 1.0 + eps_high)
-    pg_loss_BxT = jnp.maximum(unclipped_BxT, clipped_BxT)
+    pg_loss_BxT, is_clipped_BxT, is_dual_clipped_BxT = _clipped_surrogate(
+        ratio_BxT, advantages, eps_low, eps_high, dual_clip
+    )
     loss = aggregate_loss(pg_loss_BxT, mask, agg, axis_name)
 
     sg = jax.lax.stop_gradient
-    valid = mask != 0
-    ratio_for_max = jnp.where(valid, sg(ratio_BxT), -jnp.inf)
-    ratio_for_min = jnp.where(valid, sg(ratio_BxT), jnp.inf)
-    ratio_max, ratio_min = jnp.max(ratio_for_max), jnp.min(ratio_for_min)
-    if axis_name is not None:
-        ratio_max = jax.lax.pmax(ratio_max, axis_name)
-        ratio_min = jax.lax.pmin(ratio_min, axis_name)
-    any_valid = masked_count(mask, axis_name=axis_name) > 0
     stats = {
         "pg_loss": sg(loss),
-        "clipfrac": masked_mean((clipped_BxT > unclipped_BxT).astype(jnp.float32), mask, axis_name=axis_name),
+        "clipfrac": masked_mean(is_clipped_BxT.astype(jnp.float32), mask, axis_name=axis_name),
         "approx_kl": masked_mean(sg(kl_estimate(logprobs, old_logprobs, "k3")), mask, axis_name=axis_name),
-        "ratio_mean": masked_mean(sg(ratio_BxT), mask, axis_name=axis_name),
-        "ratio_max": jnp.where(any_valid, ratio_max, 0.0),
-        "ratio_min": jnp.where(any_valid, ratio_min, 0.0),
+        **_ratio_stats(ratio_BxT, mask, axis_name),
+    }
+    if is_dual_clipped_BxT is not None:
+        stats["dual_clipfrac"] = masked_mean(is_dual_clipped_BxT.astype(jnp.float32), mask, axis_name=axis_name)
+    return loss, stats
+
+
+def gspo_policy_loss(
+    logprobs_BxT: chex.Array,
+    old_logprobs_BxT: chex.Array,
+    advantages_BxT: chex.Array,
+    mask_BxT: chex.Array,
+    clip_eps: float = 3e-4,
+    clip_eps_high: Optional[float] = 4e-4,
+    variant: str = "seq",
+    agg: str = "seq-mean-token-mean",
+    axis_name=None,
+) -> Tuple[jax.Array, Stats]:
+    """GSPO, Group Sequence Policy Optimization (Zheng et al. 2025): a sequence-level ratio.
+
+    ``s_i = exp(mean over valid t of (logp_it - old_logp_it))`` (the length-normalised sequence
+    likelihood ratio), clipped like PPO's token ratio:
+    ``pg_it = max(-A_it * s, -A_it * clip(s, 1 - eps_low, 1 + eps_high))``, aggregated with
+    ``agg`` (default "seq-mean-token-mean", the paper's ``1/G sum_i 1/|y_i| sum_t``).
+
+    * ``variant="seq"``: ``s = s_i`` at every token of row i. With a per-sequence advantage
+      broadcast over the valid tokens this is the paper's objective
+      ``-1/G sum_i min(s_i A_i, clip(s_i) A_i)``; every token's gradient flows through ``s_i``.
+    * ``variant="token"`` (GSPO-token): ``s_it = sg(s_i) * exp(logp_it - sg(logp_it))``, equal to
+      ``s_i`` in value but with the gradient ``s_i * grad(logp_it)`` of token t alone, so per-token
+      advantages ``A_it`` can be used. With ``A_it = A_i`` it gives the same loss and gradient as
+      ``"seq"``.
+
+    The paper's clip range is tiny (``eps_low = 3e-4``, ``eps_high = 4e-4``) because ``s_i`` is a
+    geometric mean of token ratios; those are the defaults here.
+
+    Args:
+      logprobs_BxT: ``[B, T]`` log-probs under the policy being optimised (differentiated).
+      old_logprobs_BxT: ``[B, T]`` log-probs under the rollout policy.
+      advantages_BxT: ``[B, T]`` (constants), e.g. ``broadcast_over_tokens(grpo_advantages(...))``.
+      mask_BxT: ``[B, T]``.
+      clip_eps, clip_eps_high: ``eps_low`` and ``eps_high`` (``None`` for ``eps_high = eps_low``).
+      variant: ``"seq"`` or ``"token"``.
+      agg: see :func:`aggregate_loss`.
+      axis_name: device axis for the batch reductions.
+
+    Returns:
+      ``(loss, stats)``; stats: ``pg_loss``, ``clipfrac`` (fraction of valid tokens whose
+      clipped term is the larger one), ``approx_kl`` (token-level k3 as in
+      :func:`ppo_policy_loss`), ``seq_ratio_mean``, ``seq_ratio_min``, ``seq_ratio_max`` (``s_i``
+      over rows with at least one valid token).
+    """
+    chex.assert_rank([logprobs_BxT, old_logprobs_BxT, advantages_BxT, mask_BxT], 2)
+    chex.assert_equal_shape([logprobs_BxT, old_logprobs_BxT, advantages_BxT, mask_BxT])
+    if variant not in GSPO_VARIANTS:
+        raise ValueError(f"Unknown GSPO variant {variant!r}; valid ones are {GSPO_VARIANTS}.")
+    sg = jax.lax.stop_gradient
+    eps_low = clip_eps
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    logprobs, old_logprobs, advantages = _at_least_float32(logprobs_BxT, old_logprobs_BxT, advantages_BxT)
+    advantages, old_logprobs = sg(advantages), sg(old_logprobs)
+
+    log_seq_ratio_B = masked_mean(logprobs - old_logprobs, mask_BxT, axis=-1)  # 0 for an empty row
+    if variant == "seq":
+        log_ratio_BxT = jnp.broadcast_to(log_seq_ratio_B[:, None], logprobs.shape)
+    else:
+        log_ratio_BxT = sg(log_seq_ratio_B)[:, None] + logprobs - sg(logprobs)
+    ratio_BxT = jnp.exp(log_ratio_BxT)
+    pg_loss_BxT, is_clipped_BxT, _ = _clipped_surrogate(ratio_BxT, advantages, eps_low, eps_high, None)
+    loss = aggregate_loss(pg_loss_BxT, mask_BxT, agg, axis_name)
+
+    row_has_tokens_B = masked_count(mask_BxT, axis=-1) > 0
+    stats = {
+        "pg_loss": sg(loss),
+        "clipfrac": masked_mean(is_clipped_BxT.astype(jnp.float32), mask_BxT, axis_name=axis_name),
+        "approx_kl": masked_mean(sg(kl_estimate(logprobs, old_logprobs, "k3")), mask_BxT, axis_name=axis_name),
+        **_ratio_stats(jnp.exp(log_seq_ratio_B)[:, None], row_has_tokens_B[:, None], axis_name, prefix="seq_"),
     }
     return loss, stats
+
+
+def kl_loss(
+    logprobs_BxT: chex.Array,
+    ref_logprobs_BxT: chex.Array,
+    mask_BxT: chex.Array,
+    kind: str = "k3",
+    agg: str = "token-mean",
+    axis_name=None,
+) -> Tuple[jax.Array, Stats]:
+    """KL to the reference as a loss term (GRPO's ``+ beta * KL``): ``aggregate(kl_estimate(...))``.
+
+    ``d = ref_logprobs - logprobs`` on tokens sampled from the policy; the reference is constant.
+    What matters for a loss is the gradient, and ``E_pi[grad k]`` is *not* ``grad E_pi[k]``: the
+    loss differentiates through ``logp`` of fixed samples, with no score-function term. For
+    on-policy samples (``pi_old = pi``), per token, with ``g = grad log pi(a)``:
+
+    * ``k1 = -d``: gradient ``g``, and ``E_pi[g] = 0``: zero expected gradient, pure noise. (k1 is
+      right as a *reward* penalty, where the policy gradient supplies the score function.)
+    * ``k2 = d^2 / 2``: gradient ``(log pi - log ref) g``, whose expectation is exactly
+      ``grad KL(pi || ref)``: the unbiased reverse-KL gradient (k2 is a biased estimate of the KL
+      *value*, but the right loss).
+    * ``k3 = e^d - d - 1``: gradient ``(1 - ref / pi) g``, whose expectation is
+      ``-E_ref[g] = grad KL(ref || pi)``: the *forward* KL's gradient, a biased estimate of the
+      reverse-KL gradient (they agree to first order near ``pi = ref``). This is GRPO's choice
+      (DeepSeekMath) and the default, for its low variance and non-negative values.
+    * ``abs = |d|``: gradient ``sign(log pi - log ref) g``, whose expectation is
+      ``2 * grad TV(pi, ref)`` (total variation), not a KL gradient.
+
+    These expectations are checked exactly on a small categorical distribution in the tests.
+    Off-policy samples (``pi_old != pi``) change all of the above unless weighted by the ratio.
+
+    Args:
+      logprobs_BxT: ``[B, T]`` policy log-probs (differentiated).
+      ref_logprobs_BxT: ``[B, T]`` reference log-probs (constants).
+      mask_BxT: ``[B, T]``.
+      kind: one of ``KL_KINDS``.
+      agg: see :func:`aggregate_loss`.
+      axis_name: device axis for the batch reduction.
+
+    Returns:
+      ``(loss, stats)``; stats: ``kl_loss``.
+    """
+    chex.assert_rank([logprobs_BxT, ref_logprobs_BxT, mask_BxT], 2)
+    chex.assert_equal_shape([logprobs_BxT, ref_logprobs_BxT, mask_BxT])
+    logprobs, ref_logprobs = _at_least_float32(logprobs_BxT, ref_logprobs_BxT)
+    kl_BxT = kl_estimate(logprobs, jax.lax.stop_gradient(ref_logprobs), kind)
+    loss = aggregate_loss(kl_BxT, mask_BxT, agg, axis_name)
+    return loss, {"kl_loss": jax.lax.stop_gradient(loss)}
 
 
 def ppo_value_loss(
