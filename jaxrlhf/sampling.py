@@ -44,9 +44,17 @@ Randomness: all of a call's uniforms are drawn up front, `uniforms = uniform(key
 response token i of row b uses `uniforms[i, b]`. With jax's partitionable threefry
 (`jax_threefry_partitionable`, on by default since jax 0.5) the numbers of a sharded draw do not
 depend on how the batch is split, so a mesh of 8 devices gives the same samples as one device.
+
+Argument checks: `generate` and `Sampler` validate their arguments before anything is traced
+(`check_sampling_options`, `check_prompts`), so the decoding loop pays nothing for them. Shapes,
+dtypes and Python (or NumPy, or concrete jax) values are checked; values that are traced (a
+`generate` called inside the caller's `jax.jit` with traced prompts or a traced temperature) can
+not be, and their behaviour is documented at `generate`.
 """
 from __future__ import annotations
 
+import math
+import operator
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -209,9 +217,9 @@ def sample_token(logits: Array, key: Array, temperature=1.0, top_k: int = 0, top
 def _eos_tuple(eos_token_id) -> tuple[int, ...]:
     if eos_token_id is None:
         return ()
-    if isinstance(eos_token_id, (list, tuple)):
-        return tuple(int(e) for e in eos_token_id)
-    return (int(eos_token_id),)
+    if isinstance(eos_token_id, (list, tuple, np.ndarray)):
+        return tuple(_as_index(e, "eos_token_id") for e in np.asarray(eos_token_id, dtype=object).reshape(-1))
+    return (_as_index(eos_token_id, "eos_token_id"),)
 
 
 def _is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
@@ -219,6 +227,180 @@ def _is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
     for eos in eos_ids:
         hit |= tokens == eos
     return hit
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks: on shapes, dtypes and concrete values, at the Python boundary before tracing
+
+
+def _concrete(value) -> np.ndarray | None:
+    """A NumPy copy of a concrete value; None for a tracer (or an array not readable on this host)."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return np.asarray(value)
+    except Exception:  # e.g. a jax.Array that is not fully addressable from this process
+        return None
+
+
+def _as_index(value, name: str) -> int:
+    """`value` as a Python int when it is an integer (Python, NumPy or a 0-d integer array)."""
+    if not isinstance(value, (bool, np.bool_)):
+        try:
+            return operator.index(value)
+        except TypeError:
+            concrete = _concrete(value)
+            if concrete is not None and concrete.ndim == 0 and np.issubdtype(concrete.dtype, np.integer):
+                return int(concrete)
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _concrete_scalar(value, name: str, where: str) -> float | None:
+    """A concrete real scalar as a float, None when traced; ValueError for non-scalars."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"{where}: {name} must be a scalar, got shape {np.shape(value)}")
+    concrete = _concrete(value)
+    if concrete is None:
+        return None
+    if not (np.issubdtype(concrete.dtype, np.number) or concrete.dtype == np.bool_):
+        raise ValueError(f"{where}: {name} must be a number, got {value!r}")
+    return float(concrete)
+
+
+def model_limits(model) -> tuple[int | None, int | None]:
+    """`(vocab_size, max_position_embeddings)` from `model.config`, None where the model has none."""
+    config = getattr(model, "config", None)
+
+    def read(name):
+        value = getattr(config, name, None)
+        return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else None
+
+    return read("vocab_size"), read("max_position_embeddings")
+
+
+def check_sampling_options(*, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+                           pad_token_id=0, vocab_size: int | None = None, where: str = "generate"
+                           ) -> tuple[int, tuple[int, ...]]:
+    """Validates the sampling arguments of `generate`; returns `(max_new_tokens, eos_ids)`.
+
+    Valid values (ValueError otherwise, naming the argument and the value):
+
+    - `max_new_tokens`: an integer >= 1.
+    - `temperature`: a finite number >= 0 (0 = greedy). Checked when concrete (Python, NumPy or a
+      concrete jax scalar); a traced temperature is not checked (see `generate`).
+    - `top_k`: an integer >= 0; 0 = off, and k >= vocabulary size keeps every token (also off).
+    - `top_p`: a number in (0, 1]; 1 = off. Checked when concrete.
+    - `eos_token_id`: None, an integer or a sequence of integers, each in [0, vocab_size).
+    - `pad_token_id`: an integer in [0, vocab_size) (it is fed back to the model after EOS).
+
+    Without `vocab_size` (a model with no `config.vocab_size`) ids are only checked to be >= 0.
+    """
+    num_new = _as_index(max_new_tokens, f"{where}: max_new_tokens")
+    if num_new < 1:
+        raise ValueError(f"{where}: max_new_tokens must be >= 1, got {num_new}")
+    t = _concrete_scalar(temperature, "temperature", where)
+    if t is not None and not (math.isfinite(t) and t >= 0):
+        raise ValueError(f"{where}: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    k = _as_index(top_k, f"{where}: top_k")
+    if k < 0:
+        raise ValueError(f"{where}: top_k must be >= 0 (0 = off), got {k}")
+    p = _concrete_scalar(top_p, "top_p", where)
+    if p is not None and not (0.0 < p <= 1.0):
+        raise ValueError(f"{where}: top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    eos_ids = _eos_tuple(eos_token_id)
+    upper = f"{vocab_size}" if vocab_size is not None else "inf"
+    for eos in eos_ids:
+        if eos < 0 or (vocab_size is not None and eos >= vocab_size):
+            raise ValueError(f"{where}: eos_token_id {eos} is outside the vocabulary [0, {upper}): the model can "
+                             f"never emit it, so generation would never stop at it")
+    pad = _as_index(pad_token_id, f"{where}: pad_token_id")
+    if pad < 0 or (vocab_size is not None and pad >= vocab_size):
+        raise ValueError(f"{where}: pad_token_id {pad} is outside the vocabulary [0, {upper})")
+    return num_new, eos_ids
+
+
+def _dtype_of(array) -> np.dtype:
+    """The dtype of an array or tracer (without reading its values), or of a list's NumPy copy."""
+    dtype = getattr(array, "dtype", None)
+    return np.dtype(dtype if dtype is not None else np.asarray(array).dtype)
+
+
+def _first_bad(bad: np.ndarray) -> tuple[int, int, int]:
+    """(row, column, count) of the first True entry of a `[B, P]` bool array."""
+    rows, cols = np.nonzero(bad)
+    return int(rows[0]), int(cols[0]), int(rows.size)
+
+
+def check_prompts(prompt_ids, prompt_mask, *, vocab_size: int | None = None, max_new_tokens: int | None = None,
+                  max_positions: int | None = None, where: str = "generate") -> None:
+    """Validates a left-padded prompt batch; errors name the row (and column) and the value.
+
+    Always (shapes and dtypes are static, known even under `jax.jit`):
+
+    - `prompt_ids` and `prompt_mask` are both `[B, P]` with the same shape, P >= 1;
+    - `prompt_ids` has an integer dtype (float ids would be truncated), `prompt_mask` an integer,
+      bool or float dtype.
+
+    When the values are concrete (NumPy, lists, or jax arrays outside a trace; a traced array is
+    skipped, see `generate`):
+
+    - every id, padding included, is in [0, vocab_size) (negative ids would wrap around to other
+      tokens, ids >= vocab_size give NaN embeddings);
+    - the mask holds only 0 and 1, no row is all zeros (an empty prompt), and the last column is 1
+      in every row (left padding: the last prompt token is real);
+    - the longest prompt plus `max_new_tokens` fits the position table:
+      `max_b sum(prompt_mask[b]) + max_new_tokens <= max_positions` (learned positions beyond the
+      table would be clamped; rotary models are configured up to `max_position_embeddings`).
+    """
+    id_shape, mask_shape = tuple(np.shape(prompt_ids)), tuple(np.shape(prompt_mask))
+    if len(id_shape) != 2:
+        raise ValueError(f"{where}: prompt_ids must be a [batch, width] array, got shape {id_shape}")
+    if mask_shape != id_shape:
+        raise ValueError(f"{where}: prompt_ids and prompt_mask must have the same shape, got {id_shape} and "
+                         f"{mask_shape}")
+    if id_shape[1] < 1:
+        raise ValueError(f"{where}: prompts must have at least one column, got shape {id_shape}")
+    id_dtype = _dtype_of(prompt_ids)
+    if not np.issubdtype(id_dtype, np.integer):
+        raise ValueError(f"{where}: prompt_ids must be an integer array, got dtype {id_dtype}")
+    mask_dtype = _dtype_of(prompt_mask)
+    if not (np.issubdtype(mask_dtype, np.number) or mask_dtype == np.bool_):
+        raise ValueError(f"{where}: prompt_mask must be a 0/1 array, got dtype {mask_dtype}")
+
+    mask = _concrete(prompt_mask)
+    if mask is not None:
+        bad = (mask != 0) & (mask != 1)
+        if bad.any():
+            row, col, count = _first_bad(bad)
+            raise ValueError(f"{where}: prompt_mask must hold only 0 and 1; row {row}, column {col} is "
+                             f"{mask[row, col].item()!r} ({count} such entries)")
+        lengths = mask.astype(np.int64).sum(axis=1)
+        empty = np.flatnonzero(lengths == 0)
+        if empty.size:
+            raise ValueError(f"{where}: prompt_mask row {int(empty[0])} is all zeros, an empty prompt "
+                             f"({empty.size} such rows): every row needs at least one real token")
+        not_left_padded = np.flatnonzero(mask[:, -1] == 0)
+        if not_left_padded.size:
+            raise ValueError(f"{where}: prompt_mask row {int(not_left_padded[0])} is 0 in the last column "
+                             f"({not_left_padded.size} such rows): prompts must be left-padded (the last "
+                             f"token of every row real)")
+        if max_new_tokens is not None and max_positions is not None:
+            row = int(np.argmax(lengths))
+            if lengths[row] + max_new_tokens > max_positions:
+                raise ValueError(
+                    f"{where}: prompt row {row} has {int(lengths[row])} tokens; with max_new_tokens="
+                    f"{max_new_tokens} prompt and response need {int(lengths[row]) + max_new_tokens} positions, "
+                    f"more than the model's max_position_embeddings={max_positions}: shorten the prompts or "
+                    f"max_new_tokens")
+    ids = _concrete(prompt_ids)
+    if ids is not None:
+        bad = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
+        if bad.any():
+            row, col, count = _first_bad(bad)
+            upper = vocab_size if vocab_size is not None else "inf"
+            raise ValueError(f"{where}: prompt_ids row {row}, column {col} is {int(ids[row, col])}, outside the "
+                             f"vocabulary [0, {upper}) ({count} such ids; padding must be a valid id too, "
+                             f"e.g. pad_token_id)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,19 +453,40 @@ def generate(
       model: a `LanguageModel` (static: anything with `forward(params, ids, mask, positions,
         cache, cache_index, cache_size)`, `init_cache(batch, max_len)` and
         `grow_cache(cache, max_len)`; an optional `decoding_params(params)` is applied once
-        before the loop).
+        before the loop). Its `config.vocab_size` and `config.max_position_embeddings`, when it
+        has them, bound the ids and the lengths below.
       params: its parameter pytree.
-      prompt_ids: `[B, P]` int token ids, left-padded.
-      prompt_mask: `[B, P]` 1 for real prompt tokens, 0 for left padding.
+      prompt_ids: `[B, P]` integer token ids in [0, vocab_size), left-padded (padding included).
+      prompt_mask: `[B, P]` 0/1 (int, bool or float), 1 for real prompt tokens, 0 for the left
+        padding; every row has at least one real token and a real last token.
       key: a `jax.random` key (one `[N, B]` uniform draw per call).
-      max_new_tokens: N (static).
-      temperature: T; 0 means greedy (may be traced; a Python 0 compiles a greedy-only loop).
-      top_k: keep the k most likely tokens (static; 0 = off).
-      top_p: nucleus mass (may be traced; a Python 1.0 = off and compiles no sort).
-      eos_token_id: an int, a tuple of ints, or None (static).
-      pad_token_id: written after the first EOS (static).
+      max_new_tokens: N >= 1 (static). The longest prompt plus N must fit the position table:
+        `max_b sum(prompt_mask[b]) + N <= config.max_position_embeddings`.
+      temperature: T, a finite number >= 0; 0 means greedy (may be traced; a Python 0 compiles
+        a greedy-only loop).
+      top_k: keep the k most likely tokens, an integer >= 0 (static; 0 = off, as is k >= V).
+      top_p: nucleus mass in (0, 1] (may be traced; 1 = off, and a Python 1.0 compiles no sort).
+      eos_token_id: an int, a tuple of ints, or None (static); each in [0, vocab_size).
+      pad_token_id: written after the first EOS (static), in [0, vocab_size).
       cache_segments: number of decode loops with growing caches (static; None: see
         `segment_ends`). Changes only speed and compile time, not the samples' distribution.
+
+    Argument checks. Everything above is validated before tracing (`check_sampling_options`,
+    `check_prompts`), so the decoding loop pays nothing; a violation raises ValueError naming the
+    argument, the row (and column) and the value. Shapes, dtypes and the static arguments are
+    always checked. Values are checked when concrete: Python or NumPy values, and jax arrays when
+    `generate` is called outside a trace (or closed over as constants). Under the caller's
+    `jax.jit` with traced arguments their values can not be read and are not checked:
+
+    - traced `prompt_ids` / `prompt_mask`: ids outside [0, V) read wrapped (negative) or NaN
+      (>= V) embeddings, an all-zero mask row samples from an empty prompt, and positions past
+      a learned table are clamped to its last entry. Check such prompts once on the host with
+      `check_prompts` (`Sampler` does this on every call).
+    - traced `temperature`: 0 gives greedy tokens (log-probs at T = 1), T > 0 samples; a negative
+      T samples from `softmax(l / T)`, which favours the least likely tokens, and NaN gives
+      arbitrary tokens with NaN log-probs.
+    - traced `top_p`: p <= 0 or NaN keeps only the most likely token (greedy among the top-k),
+      p >= 1 keeps every token.
 
     Returns:
       `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`. `logprobs` are
@@ -291,13 +494,16 @@ def generate(
       greedy), 0 where `mask` is 0. `mask` is 1 up to and including each row's first EOS and 0
       after it; tokens after it are `pad_token_id`. A row without EOS has mask 1 everywhere.
     """
-    batch, prompt_len = prompt_ids.shape
-    num_new = int(max_new_tokens)
-    if num_new < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    eos_ids = _eos_tuple(eos_token_id)
-    prompt_ids = prompt_ids.astype(jnp.int32)
-    prompt_mask = prompt_mask.astype(jnp.int32)
+    vocab_size, max_positions = model_limits(model)
+    num_new, eos_ids = check_sampling_options(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab_size)
+    check_prompts(prompt_ids, prompt_mask, vocab_size=vocab_size, max_new_tokens=num_new,
+                  max_positions=max_positions)
+    pad_token_id = _as_index(pad_token_id, "pad_token_id")
+    batch, prompt_len = np.shape(prompt_ids)
+    prompt_ids = jnp.asarray(prompt_ids).astype(jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask).astype(jnp.int32)
     # Every response slot is marked visible up front; causality hides the unwritten ones.
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, num_new - 1), jnp.int32)], axis=1)
     last_prompt_position = jnp.maximum(jnp.sum(prompt_mask, axis=1) - 1, 0)
@@ -413,14 +619,22 @@ class Sampler:
     traced (compiled), for tests. `compiler_options="auto"` uses `cpu_compiler_options()` on the
     CPU backend (falling back to none if this XLA build rejects them); pass a dict or None to
     choose.
+
+    The sampling arguments are checked once here, and every call's prompts on the host before
+    padding (as in `generate`: ids in [0, vocab_size), 0/1 masks without empty rows, left padding,
+    the longest prompt plus `max_new_tokens` within the position table), so the checks cost no
+    device time and the jitted program has none.
     """
 
     def __init__(self, model, *, max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p=1.0,
                  eos_token_id=None, pad_token_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                  mesh: Mesh | None = None, batch_axis: str | tuple[str, ...] = "data",
                  compiler_options: dict | None | str = "auto", cache_segments: int | None = None):
+        self.vocab_size, self.max_positions = model_limits(model)
+        self.max_new_tokens, _ = check_sampling_options(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=self.vocab_size, where="Sampler")
         self.model = model
-        self.max_new_tokens = int(max_new_tokens)
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.pad_token_id = pad_token_id
         self.mesh = mesh
@@ -459,6 +673,9 @@ class Sampler:
             return self._run(*args)
 
     def __call__(self, params, prompt_ids, prompt_mask, key) -> SampleOutput:
+        # The prompts are concrete here (inside the jitted program generate sees them traced).
+        check_prompts(prompt_ids, prompt_mask, vocab_size=self.vocab_size, max_new_tokens=self.max_new_tokens,
+                      max_positions=self.max_positions, where="Sampler")
         width = bucket_length(np.shape(prompt_ids)[1], self.prompt_buckets)
         prompt_ids, prompt_mask = left_pad(prompt_ids, prompt_mask, width, self.pad_token_id)
         if self.mesh is not None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -296,22 +298,61 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
     return state_dict
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                         "added_tokens.json")
+
+
 def load_tokenizer(directory: str):
-    """`AutoTokenizer` from the directory, or None when it holds no tokenizer files."""
-    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-    if not any(os.path.isfile(os.path.join(directory, n)) for n in names):
+    """`AutoTokenizer` from the directory, or None when it holds no tokenizer files.
+
+    A tokenizer file that is not valid JSON, or that `transformers` cannot read, raises a
+    `CheckpointError` naming the file (or the directory).
+    """
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in TOKENIZER_FILES):
         return None
+    for name in _TOKENIZER_JSON_FILES:  # a clear error naming the file, not a bare JSONDecodeError
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    json.load(f)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"tokenizer file {path} is not valid JSON ({e}); fix or remove it "
+                                      f"(without tokenizer files the model loads with tokenizer=None)") from e
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as e:  # transformers and tokenizers raise many types; name the directory
+        raise CheckpointError(f"cannot load the tokenizer in {directory}: {type(e).__name__}: {e}") from e
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    """`"gpt2"` or `"org/name"`: a Hugging Face Hub repository id rather than a local path."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path)) and not path.endswith(".gguf")
+
+
+def _missing_path_error(path: str) -> CheckpointError:
+    if _looks_like_hub_id(path):
+        return CheckpointError(
+            f"{path!r} is not a local directory and looks like a Hugging Face Hub id: load_pretrained reads "
+            f"local checkpoints only and does not download. Fetch it first, e.g. "
+            f"`huggingface_hub.snapshot_download({path!r})` (or `hf download {path}`), and pass the "
+            f"directory it returns")
+    return CheckpointError(f"checkpoint directory {path} does not exist")
 
 
 def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | None = None) -> Pretrained:
     """Loads a local HF checkpoint directory (or a `.gguf` file) into a `Pretrained` model.
 
     Args:
-      path: directory with `config.json`, `model.safetensors` (or shards + index) and tokenizer
-        files; or a `.gguf` file / a directory plus `gguf_file`.
+      path: a local directory with `config.json`, `model.safetensors` (or shards + index) and
+        tokenizer files; or a `.gguf` file / a directory plus `gguf_file`. Hub ids (`"gpt2"`) are
+        not downloaded: the error says so; fetch a directory with
+        `huggingface_hub.snapshot_download` first. Without tokenizer files the result's
+        `tokenizer` is None and a warning names the directory; unreadable tokenizer files raise
+        `CheckpointError` naming the file.
       dtype: parameter storage dtype (default float32); e.g. `jnp.bfloat16`.
       compute_dtype: activation dtype (default: same as `dtype`). Logits are always float32.
     """
@@ -325,9 +366,15 @@ def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | 
             raise CheckpointError(f"missing file {gguf_path}")
         ckpt = read_gguf(gguf_path)
         hf_config, state_dict, tokenizer = ckpt.config, ckpt.state_dict, ckpt.tokenizer
+        if tokenizer is None:
+            warnings.warn(f"{gguf_path} has no tokenizer metadata: the model is loaded with tokenizer=None",
+                          stacklevel=2)
     else:
+        if not os.path.exists(path):
+            raise _missing_path_error(str(path))
         if not os.path.isdir(path):
-            raise CheckpointError(f"checkpoint directory {path} does not exist")
+            raise CheckpointError(f"{path} is not a directory: expected a checkpoint directory (config.json, "
+                                  f"*.safetensors, tokenizer files) or a .gguf file")
         config_path = os.path.join(path, "config.json")
         hf_config = _read_json(config_path)
         try:  # fail on an unsupported architecture before reading weights
@@ -338,6 +385,10 @@ def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | 
             raise CheckpointError(f"{config_path}: missing or malformed field {e}") from e
         state_dict = read_safetensors(path)
         tokenizer = load_tokenizer(path)
+        if tokenizer is None:
+            warnings.warn(f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): the model is "
+                          f"loaded with tokenizer=None; pass token ids directly or load a tokenizer yourself",
+                          stacklevel=2)
     config = ModelConfig.from_hf(hf_config, param_dtype=param_dtype.name, dtype=compute.name)
     try:
         params = params_from_hf(config, state_dict, dtype=param_dtype)
