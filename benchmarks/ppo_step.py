@@ -125,7 +125,7 @@ class JaxSide:
             raw = jax_reward(batch.ids, batch.mask, rollout_out.tokens, rollout_out.mask)
             exp, score_stats, _ = make_experience(
                 config, ppo.models, state.policy_params, state.value_params, frozen.ref_params, batch, rollout_out,
-                raw, state.kl_ctl.kl_coef, state.score_stats)
+                raw, state.kl_ctl.kl_coef, state.score_stats, state.hparams)
             return exp, score_stats
 
         ppo_update = make_ppo_update(config, ppo.models, ppo.policy_optimizer, ppo.value_optimizer)
@@ -134,7 +134,8 @@ class JaxSide:
             _, update_key, next_key = jax.random.split(state.key, 3)
             params = {"policy": state.policy_params, "value": state.value_params}
             opt_states = {"policy": state.policy_opt_state, "value": state.value_opt_state}
-            params, opt_states, _ = ppo_update(params, opt_states, exp, state.kl_ctl.kl_coef, update_key)
+            params, opt_states, _ = ppo_update(params, opt_states, exp, state.kl_ctl.kl_coef, state.hparams,
+                                               update_key)
             return state.replace(step=state.step + 1, policy_params=params["policy"], value_params=params["value"],
                                  policy_opt_state=opt_states["policy"], value_opt_state=opt_states["value"],
                                  score_stats=score_stats, key=next_key)

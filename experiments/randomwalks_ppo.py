@@ -10,17 +10,21 @@ keeps the policy close to it.
 
     python experiments/randomwalks_sft.py                      # the SFT policy first
     python experiments/randomwalks_ppo.py                      # PPO, seed 0
-    python experiments/randomwalks_ppo.py --seeds 0 1 2        # three seeds, mean and spread
+    python experiments/randomwalks_ppo.py --seeds 0 1 2        # three seeds as one sweep: mean and spread
     python experiments/randomwalks_ppo.py --help
 
 Without an SFT model in ``sft_dir`` the script runs the SFT script first (``--no-run_sft_if_missing``
 makes it stop and say what to run instead).
 
-Writes to ``out_dir``: ``config.json``; per seed ``seed_<s>/`` with ``metrics.jsonl``, TensorBoard
-events, ``eval.jsonl`` (periodic evaluation), ``checkpoints/`` (Orbax) and ``policy/`` (final
-policy, Hugging Face format); ``randomwalks_ppo.png`` (reward, optimality and KL curves of every
-seed); ``summary.json`` (before/after evaluation per seed, mean and std over seeds); ``results.md`` (the
-SFT vs PPO table of docs/randomwalks.md).
+The seeds train together as one sweep (`jaxrlhf.training.train_sweep`): one compiled step trains
+every seed's policy, each with its own sampling key and prompt order.
+
+Writes to ``out_dir``: ``config.json``; ``checkpoints/`` (Orbax, the whole sweep); per seed
+``run_<i>/`` (i-th entry of ``seeds``) with ``metrics.jsonl`` (training and ``eval/`` metrics),
+TensorBoard events and ``policy/`` (final policy, Hugging Face format); ``sweep_summary.json``;
+``randomwalks_ppo.png`` (reward, optimality and KL curves of every seed); ``summary.json``
+(before/after evaluation per seed, mean and std over seeds); ``results.md`` (the SFT vs PPO table
+of docs/randomwalks.md).
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.tasks import randomwalks as rw
-from jaxrlhf.training import PPOConfig, train
+from jaxrlhf.training import PPOConfig, train_sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +51,14 @@ class Config:
     """Random walks: PPO from the SFT policy with the optimality reward (trlx's benchmark)."""
 
     out_dir: str = "runs/randomwalks_ppo"
-    """Directory for config.json, seed_<s>/ run directories, randomwalks_ppo.png, summary.json."""
+    """Directory for config.json, run_<i>/ run directories, randomwalks_ppo.png, summary.json."""
     sft_dir: str = "runs/randomwalks_sft"
     """Output directory of experiments/randomwalks_sft.py; the policy is read from <sft_dir>/model."""
     run_sft_if_missing: bool = True
     """When <sft_dir>/model does not exist, run the SFT script (defaults, out_dir=sft_dir) first;
     otherwise stop with a message saying what to run."""
     seeds: tuple[int, ...] = (0,)
-    """PPO runs, one per seed (run one after the other); the summary gives mean and std over them."""
+    """PPO runs, one per seed, trained together as one sweep; the summary gives mean and std."""
     task_seed: int = 1002
     """Seed of the graph (must match the SFT run's)."""
     n_nodes: int = 21
@@ -124,52 +128,52 @@ def load_sft_policy(config: Config):
     return load_pretrained(model_dir)
 
 
-def run_seed(config: Config, seed: int, sft, task, reward_fn, evaluator) -> dict:
-    """One PPO run; returns its before/after evaluation and timings."""
-    run_dir = os.path.join(config.out_dir, f"seed_{seed}")
-    os.makedirs(run_dir, exist_ok=True)
-    ppo_config = config.ppo.replace(seed=seed, eos_token_id=sft.tokenizer.eos_token_id,
-                                    pad_token_id=sft.tokenizer.pad_token_id)
+def run_seeds(config: Config, sft, task, reward_fn, evaluator) -> tuple[list[dict], dict]:
+    """All seeds as one sweep; returns each run's before/after evaluation, and the sweep's timings."""
+    ppo_config = config.ppo.replace(eos_token_id=sft.tokenizer.eos_token_id, pad_token_id=sft.tokenizer.pad_token_id)
     prompt_ids, prompt_mask = rw.encode_prompts(task.prompts, sft.tokenizer)
-    eval_key = jax.random.fold_in(jax.random.key(seed), 12345)
+    eval_keys = [jax.random.fold_in(jax.random.key(seed), 12345) for seed in config.seeds]
     ref_params = sft.params
 
-    def evaluate(params, step):
-        return {k: float(v) for k, v in evaluator(params, ref_params, jax.random.fold_in(eval_key, step)).items()}
+    def evaluate_params(params, run, step):
+        result = evaluator(params, ref_params, jax.random.fold_in(eval_keys[run], step))
+        return {k: float(v) for k, v in result.items()}
 
-    before = evaluate(ref_params, 0)
-    eval_path = os.path.join(run_dir, "eval.jsonl")
-    reached = {}
+    befores = [evaluate_params(ref_params, run, 0) for run in range(len(config.seeds))]
+    reached: list[dict] = [{} for _ in config.seeds]
     start, cpu_start = time.perf_counter(), time.process_time()
-    with open(eval_path, "a") as eval_file:
-        def on_step(step, metrics, state):
-            done = step + 1
-            if done % config.eval_every and done != ppo_config.total_steps:
-                return
-            result = evaluate(state.policy_params, done)
-            record = {"step": done, "wall_clock_s": time.perf_counter() - start, **result}
-            eval_file.write(json.dumps(record) + "\n")
-            eval_file.flush()
-            if not reached and result["sampled/optimality"] >= config.target_optimality:
-                reached.update(step=done, wall_clock_s=record["wall_clock_s"])
 
-        result = train(sft, reward_fn, (prompt_ids, prompt_mask), ppo_config, run_dir, ref_params=ref_params,
-                       progress=config.progress, on_step=on_step)
-    wall_clock, cpu_time = time.perf_counter() - start, time.process_time() - cpu_start
-    after = evaluate(result.state.policy_params, ppo_config.total_steps + 1)
-    train_seconds = sum(m["step_time"] for m in result.history)
-    return {
-        "seed": seed,
-        "before": before,
-        "after": after,
-        "steps": int(result.state.step),
-        "wall_clock_s": wall_clock,
-        "cpu_time_s": cpu_time,
-        "train_step_time_s": train_seconds,
-        "target_reached_at": reached or None,
-        "final_kl_coef": result.history[-1]["kl_coef"] if result.history else None,
-        "policy_dir": result.policy_dir,
-    }
+    def evaluate(step, sweep_state):
+        results = []
+        for run in range(len(config.seeds)):
+            result = evaluate_params(jax.tree.map(lambda x: x[run], sweep_state.runs.policy_params), run, step)
+            if not reached[run] and result["sampled/optimality"] >= config.target_optimality:
+                reached[run].update(step=step, wall_clock_s=time.perf_counter() - start)
+            results.append(result)
+        return results
+
+    result = train_sweep(sft, reward_fn, (prompt_ids, prompt_mask), ppo_config, config.out_dir,
+                         runs=[{"seed": seed} for seed in config.seeds], ref_params=ref_params,
+                         progress=config.progress, evaluate=evaluate, eval_every=config.eval_every)
+    timings = {"wall_clock_s": time.perf_counter() - start, "cpu_time_s": time.process_time() - cpu_start,
+               "train_step_time_s": sum(m.get("step_time", 0.0) for m in result.histories[0]),
+               "num_runs": len(config.seeds)}
+    runs = []
+    for run, seed in enumerate(config.seeds):
+        history = [m for m in result.histories[run] if "kl_coef" in m]
+        after = evaluate_params(result.state.run(run).policy_params, run, ppo_config.total_steps + 1)
+        runs.append({
+            "seed": seed,
+            "run_dir": os.path.join(config.out_dir, f"run_{run}"),
+            "before": befores[run],
+            "after": after,
+            "steps": int(result.state.runs.step[run]),
+            "failed": result.summary["runs"][run]["failed"],
+            "target_reached_at": reached[run] or None,
+            "final_kl_coef": history[-1]["kl_coef"] if history else None,
+            "policy_dir": result.policy_dirs[run],
+        })
+    return runs, timings
 
 
 def plot(config: Config, runs: list[dict], out_png: str) -> None:
@@ -177,30 +181,26 @@ def plot(config: Config, runs: list[dict], out_png: str) -> None:
               "KL to SFT per sequence": {}, "KL coefficient": {}}
     for run in runs:
         seed = run["seed"]
-        run_dir = os.path.join(config.out_dir, f"seed_{seed}")
-        records = read_metrics(run_dir)
+        records = [r for r in read_metrics(run["run_dir"]) if "score" in r]
+        evals = [r for r in read_metrics(run["run_dir"]) if "eval/sampled/optimality" in r]
         steps = [r["step"] + 1 for r in records]
         panels["training reward (mean optimality of rollouts)"][f"seed {seed}"] = (steps, [r["score"] for r in records])
         panels["KL to SFT per sequence"][f"seed {seed}"] = (steps, [r["kl"] for r in records])
         panels["KL coefficient"][f"seed {seed}"] = (steps, [r["kl_coef"] for r in records])
-        evals = read_metrics(os.path.join(run_dir, "eval.jsonl"))
-        eval_steps = [0] + [e["step"] for e in evals]
+        eval_steps = [0] + [e["step"] + 1 for e in evals]
         panels["evaluation optimality (T=1 samples)"][f"seed {seed}"] = (
-            eval_steps, [run["before"]["sampled/optimality"]] + [e["sampled/optimality"] for e in evals])
+            eval_steps, [run["before"]["sampled/optimality"]] + [e["eval/sampled/optimality"] for e in evals])
     plot_curves(panels, out_png, title="randomwalks PPO", ncols=2,
                 ylims={"evaluation optimality (T=1 samples)": (0.0, 1.02)})
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Mean and std over seeds of every before/after metric and of the wall-clock times."""
+    """Mean and std over seeds of every before/after metric."""
     out = {}
     for when in ("before", "after"):
         for key in runs[0][when]:
             values = np.asarray([run[when][key] for run in runs])
             out[f"{when}/{key}"] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
-    for key in ("wall_clock_s", "cpu_time_s", "train_step_time_s"):
-        values = np.asarray([run[key] for run in runs])
-        out[key] = {"mean": float(values.mean()), "std": float(values.std()), "values": values.tolist()}
     return out
 
 
@@ -212,7 +212,8 @@ def results_table(summary: dict, sft_summary: dict | None = None) -> str:
         return f"{over[key]['mean']:.3f} ± {over[key]['std']:.3f}"
 
     def seconds(key):
-        return f"{over[key]['mean']:.0f} ± {over[key]['std']:.0f} s per run" if key in over else "not recorded"
+        timings = summary.get("sweep_timings", {})
+        return f"{timings[key]:.0f} s for the sweep of {len(runs)}" if key in timings else "not recorded"
 
     reached = [r["target_reached_at"] for r in runs]
     if all(reached):
@@ -249,18 +250,15 @@ def main(config: Config) -> dict:
     reward_fn = rw.make_reward_fn(task, sft.tokenizer)
     evaluator = rw.make_evaluator(sft.model, task, sft.tokenizer, samples_per_prompt=config.eval_samples)
 
-    runs = []
-    for seed in config.seeds:
-        run = run_seed(config, seed, sft, task, reward_fn, evaluator)
-        runs.append(run)
+    runs, timings = run_seeds(config, sft, task, reward_fn, evaluator)
+    for run in runs:
         b, a = run["before"], run["after"]
-        print(f"seed {seed}: sampled optimality {b['sampled/optimality']:.3f} -> {a['sampled/optimality']:.3f}, "
+        print(f"seed {run['seed']}: sampled optimality {b['sampled/optimality']:.3f} -> {a['sampled/optimality']:.3f}, "
               f"greedy {b['greedy/optimality']:.3f} -> {a['greedy/optimality']:.3f}, "
               f"invalid {b['sampled/invalid']:.3f} -> {a['sampled/invalid']:.3f}, "
-              f"KL to SFT {a['sampled/kl_to_ref']:.3f}, {run['wall_clock_s']:.0f} s; "
-              f"target reached at {run['target_reached_at']}")
+              f"KL to SFT {a['sampled/kl_to_ref']:.3f}; target reached at {run['target_reached_at']}")
 
-    summary = {"runs": runs, "over_seeds": summarize(runs)}
+    summary = {"runs": runs, "over_seeds": summarize(runs), "sweep_timings": timings}
     plot(config, runs, os.path.join(config.out_dir, "randomwalks_ppo.png"))
     with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -273,7 +271,8 @@ def main(config: Config) -> dict:
     for key in ("greedy/optimality", "sampled/optimality", "sampled/invalid", "sampled/kl_to_ref"):
         print(f"  {key:22s} SFT {over['before/' + key]['mean']:.3f} ± {over['before/' + key]['std']:.3f}   "
               f"PPO {over['after/' + key]['mean']:.3f} ± {over['after/' + key]['std']:.3f}")
-    print(f"  wall-clock per run     {over['wall_clock_s']['mean']:.0f} ± {over['wall_clock_s']['std']:.0f} s")
+    print(f"  wall-clock of the sweep of {len(runs)} runs: {timings['wall_clock_s']:.0f} s "
+          f"(CPU {timings['cpu_time_s']:.0f} s)")
     return summary
 
 

@@ -682,31 +682,11 @@ def _shard_mapped(fn, check_vma):
 
 def test_shard_map_with_axis_name_equals_one_device(device_batch):
     whole_rows, whole_scalars = _batch_wide(device_batch)
-    # check_vma=False: see the xfail test below (core.discounted_returns' scan under shard_map).
-    fn, sharding = _shard_mapped(functools.partial(_batch_wide, axis_name="batch"), check_vma=False)
-    rows, scalars = jax.block_until_ready(fn(jax.device_put(device_batch, sharding)))
-    _assert_trees_close(rows, whole_rows)
-    _assert_trees_close(scalars, whole_scalars)
-
-
-def test_shard_map_with_vma_checks_for_the_scan_free_functions(device_batch):
-    whole_rows, whole_scalars = _batch_wide(device_batch, with_scan=False)
-    fn, sharding = _shard_mapped(functools.partial(_batch_wide, axis_name="batch", with_scan=False), check_vma=True)
-    rows, scalars = jax.block_until_ready(fn(jax.device_put(device_batch, sharding)))
-    _assert_trees_close(rows, whole_rows)
-    _assert_trees_close(scalars, whole_scalars)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="core.discounted_returns (and gae_advantages) start their reverse scan from jnp.zeros(...), "
-    "which is not device-varying under shard_map's default check_vma=True; initialising the carry "
-    "with jnp.zeros_like(rewards_TxB[0]) fixes it. Remove this marker once fixed.",
-)
-def test_reinforce_pp_under_shard_map_with_vma_checks(device_batch):
+    # shard_map's default check_vma=True: the reverse scans' carries vary per device like the rows.
     fn, sharding = _shard_mapped(functools.partial(_batch_wide, axis_name="batch"), check_vma=True)
-    jax.block_until_ready(fn(jax.device_put(device_batch, sharding)))
+    rows, scalars = jax.block_until_ready(fn(jax.device_put(device_batch, sharding)))
+    _assert_trees_close(rows, whole_rows)
+    _assert_trees_close(scalars, whole_scalars)
 
 
 # ----------------------------------------------------------------------------- bad input

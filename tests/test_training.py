@@ -28,8 +28,8 @@ from jaxrlhf.models.sharding import make_mesh
 from jaxrlhf.training import (PPO, Checkpointer, CheckpointMismatchError, NonFiniteError, PPOConfig, PromptBatch,
                               PromptTooLongError, RewardModel, RewardShapeError, Rollout, TextReward,
                               make_experience, prepare_prompts, train)
-from jaxrlhf.training.ppo import _jitted
 from jaxrlhf.training.rewards import postprocess_scores, score_in_jit
+from jaxrlhf.training.hparams import HyperParams
 from jaxrlhf.training.state import ScoreStats
 from jaxrlhf.training.trainer import TIMING_METRICS, host_scores
 
@@ -316,7 +316,7 @@ KL_KINDS = ("k1", "k2", "k3", "abs")
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _jitted_make_experiences(configs, models, *args):
-    return [make_experience(config, models, *args)[0] for config in configs]
+    return [make_experience(config, models, *args, HyperParams.from_config(config))[0] for config in configs]
 
 
 def _experiences(config, model, params, kl_coef, scores):
@@ -410,8 +410,8 @@ def test_text_reward_split_step_matches_fused_jax_reward(tiny, learning_run):
         state, metrics = ppo.update_step(state, frozen, batch, rollout_out,
                                          host_scores(ppo.reward, None, ids, mask, rollout_out))
         jax.block_until_ready(metrics)
-    assert _jitted(ppo, "rollout")._cache_size() == 1
-    assert _jitted(ppo, "update")._cache_size() == 1
+    assert ppo.compiled_step_count("rollout") == 1
+    assert ppo.compiled_step_count("update") == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -524,17 +524,19 @@ def test_score_postprocessing_of_one_score_or_equal_scores_is_finite():
     for norm in ("batch", "running"):
         for shift in (False, True):
             config = PPOConfig(score_norm=norm, score_norm_shift_mean=shift, batch_size=1, minibatch_size=1)
-            scores, stats = postprocess_scores(config, jnp.array([2.5]), eos, ScoreStats.zeros())
+            scores, stats = postprocess_scores(config, jnp.array([2.5]), eos, ScoreStats.zeros(),
+                                               HyperParams.from_config(config))
             # No spread to divide by: the score is left unscaled (and centred with shift_mean).
             np.testing.assert_allclose(np.asarray(scores), [0.0 if shift else 2.5])
             assert int(stats.count) == 1
     config = PPOConfig(score_norm="batch", batch_size=4, minibatch_size=4)
-    scores, _ = postprocess_scores(config, jnp.full((4,), 3.0), jnp.ones(4, bool), ScoreStats.zeros())
+    scores, _ = postprocess_scores(config, jnp.full((4,), 3.0), jnp.ones(4, bool), ScoreStats.zeros(),
+                                     HyperParams.from_config(config))
     np.testing.assert_allclose(np.asarray(scores), 3.0)
     # The normal case is unchanged: s / std(s, ddof=1); penalty and clipping come first.
     config = PPOConfig(score_norm="batch", score_clip=2.0, missing_eos_penalty=-1.0, batch_size=4, minibatch_size=4)
     raw, found = jnp.array([5.0, 0.5, -3.0, 1.0]), jnp.array([True, True, True, False])
-    scores, _ = postprocess_scores(config, raw, found, ScoreStats.zeros())
+    scores, _ = postprocess_scores(config, raw, found, ScoreStats.zeros(), HyperParams.from_config(config))
     used = np.array([2.0, 0.5, -2.0, -1.0])
     np.testing.assert_allclose(np.asarray(scores), used / np.std(used, ddof=1), rtol=1e-6)
 

@@ -48,7 +48,8 @@ def gae_advantages(rewards: chex.Array, values: chex.Array, mask: chex.Array, ga
         )
         return carry, jnp.where(valid_B, advantage_B, 0)
 
-    zeros_B = jnp.zeros(rewards.shape[:1], dtype)
+    # zeros_like of a row (not jnp.zeros): under shard_map the carry must vary per device like the rows.
+    zeros_B = jnp.zeros_like(rewards_TxB[0])
     _, advantages_TxB = lax.scan(
         step, (zeros_B, zeros_B), (rewards_TxB, values_TxB, valid_TxB), reverse=True
     )

@@ -97,6 +97,7 @@ def discounted_returns(rewards: chex.Array, mask: chex.Array, gamma=1.0) -> jax.
         return_B = reward_B + gamma * next_return_B
         return jnp.where(valid_B, return_B, next_return_B), jnp.where(valid_B, return_B, 0)
 
-    init_B = jnp.zeros(rewards.shape[:1], dtype)
+    # zeros_like of a row (not jnp.zeros): under shard_map the carry must vary per device like the rows.
+    init_B = jnp.zeros_like(rewards_TxB[0])
     _, returns_TxB = lax.scan(step, init_B, (rewards_TxB, valid_TxB), reverse=True)
     return returns_TxB.T

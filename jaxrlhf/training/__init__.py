@@ -1,9 +1,11 @@
 """PPO for language models: a `TrainState` pytree and pure step functions under one `jax.jit`.
 
-See docs/training.md. The main entry points are `PPOConfig`, `PPO` (static setup + jitted steps)
-and `train` (the driver: logging, checkpoints, resume, export).
+See docs/training.md. The main entry points are `PPOConfig`, `PPO` (static setup + jitted steps),
+`train` (the driver: logging, checkpoints, resume, export) and `train_sweep` (R runs of seeds and
+hyper-parameters as one compiled program, see `jaxrlhf.training.sweep` and `grid`).
 """
 from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.hparams import HyperParams, SweepSpecError, grid, run_configs
 from jaxrlhf.training.experience import Experience, PromptBatch, Rollout, make_experience, rollout
 from jaxrlhf.training.ppo import PPO, PromptTooLongError
 from jaxrlhf.training.rewards import (NonFiniteError, RewardModel, RewardShapeError, TextReward,
@@ -11,10 +13,20 @@ from jaxrlhf.training.rewards import (NonFiniteError, RewardModel, RewardShapeEr
 from jaxrlhf.training.state import FrozenParams, ScoreStats, TrainState, make_optimizer
 from jaxrlhf.training.update import make_ppo_update
 from jaxrlhf.training.checkpoint import Checkpointer, CheckpointMismatchError
-from jaxrlhf.training.trainer import PromptDataset, TrainResult, prepare_prompts, train
+from jaxrlhf.training.sweep import Sweep, SweepState, make_runs_mesh
+from jaxrlhf.training.trainer import PromptDataset, SweepResult, TrainResult, prepare_prompts, train, train_sweep
 from jaxrlhf.training import parallel
 
 __all__ = [
+    "HyperParams",
+    "Sweep",
+    "SweepResult",
+    "SweepSpecError",
+    "SweepState",
+    "grid",
+    "make_runs_mesh",
+    "run_configs",
+    "train_sweep",
     "CheckpointMismatchError",
     "Checkpointer",
     "PromptDataset",

@@ -2,10 +2,11 @@
 
 Each checkpoint is a step directory holding two items::
 
-    state  the TrainState pytree (`ocp.args.StandardSave`): params, optimizer states, KL
-           controller, score statistics, step and PRNG key, so N steps + restore + N steps equals
-           2N steps;
-    meta   JSON (`ocp.args.JsonSave`): the PPOConfig and the model configs it was trained with.
+    state  the TrainState pytree (`ocp.args.StandardSave`): params, optimizer states (with their
+           injected numbers), KL controller, score statistics, hyper-parameters, step and PRNG
+           key, so N steps + restore + N steps equals 2N steps; for a sweep the `SweepState`;
+    meta   JSON (`ocp.args.JsonSave`): the PPOConfig and the model configs it was trained with,
+           and a sweep's per-run overrides.
 
 Restoring reads ``meta`` first and refuses a checkpoint from an incompatible setup with a
 `CheckpointMismatchError` naming the differing fields, before anything is compiled or loaded;
@@ -23,10 +24,10 @@ import orbax.checkpoint as ocp
 
 from jaxrlhf.config import config_to_dict
 from jaxrlhf.training.config import RESUME_MUTABLE_FIELDS
+from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.ppo import PPO
-from jaxrlhf.training.state import TrainState
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: hyper-parameters in the state (TrainState.hparams, injected optimizer numbers)
 
 
 class CheckpointMismatchError(ValueError):
@@ -37,14 +38,15 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def checkpoint_metadata(ppo: PPO) -> dict:
+def checkpoint_metadata(ppo: PPO, config: PPOConfig, sweep_runs=None) -> dict:
     """What a checkpoint records about the run that wrote it (JSON values only)."""
     critic = None if ppo.config.shared_trunk else dataclasses.asdict(ppo.critic.config)
     return _json_roundtrip({
         "format_version": FORMAT_VERSION,
-        "ppo_config": config_to_dict(ppo.config),
+        "ppo_config": config_to_dict(config),
         "policy_config": dataclasses.asdict(ppo.policy.config),
         "critic_config": critic,
+        "sweep_runs": sweep_runs,
     })
 
 
@@ -63,6 +65,8 @@ def metadata_differences(saved: dict, current: dict) -> list[str]:
         if saved_ppo.get(name, "<missing>") != current_ppo.get(name, "<missing>"):
             problems.append(f"ppo_config.{name}: checkpoint {saved_ppo.get(name, '<missing>')!r}, "
                             f"now {current_ppo.get(name, '<missing>')!r}")
+    if saved.get("sweep_runs") != current["sweep_runs"]:
+        problems.append(f"sweep_runs: checkpoint {saved.get('sweep_runs')!r}, now {current['sweep_runs']!r}")
     for key in ("policy_config", "critic_config"):
         saved_cfg, current_cfg = saved.get(key), current[key]
         if saved_cfg == current_cfg:
@@ -77,22 +81,27 @@ def metadata_differences(saved: dict, current: dict) -> list[str]:
 
 
 class Checkpointer:
-    """An Orbax `CheckpointManager` for one run's `TrainState`.
+    """An Orbax `CheckpointManager` for one run's `TrainState` or a whole sweep's `SweepState`.
 
     Args:
       directory: where step directories go (created).
-      ppo: the run's setup (its config gives ``save_every`` and ``keep_checkpoints``; its mesh the
-        restore shardings).
+      trainer: the run's `PPO` or the `Sweep` (its mesh gives the restore shardings).
+      config: the run's config (default: the trainer's); it gives ``save_every`` and
+        ``keep_checkpoints`` and is recorded in the metadata.
       async_save: write in a background thread while training goes on.
     """
 
-    def __init__(self, directory: str | os.PathLike, ppo: PPO, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, trainer, config: Optional[PPOConfig] = None,
+                 async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
-        self.ppo = ppo
-        self.metadata = checkpoint_metadata(ppo)
+        self.trainer = trainer
+        config = trainer.config if config is None else config
+        ppo = trainer if isinstance(trainer, PPO) else trainer.ppo
+        sweep_runs = None if isinstance(trainer, PPO) else trainer.overrides
+        self.metadata = checkpoint_metadata(ppo, config, sweep_runs)
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=ppo.config.save_every,
-            max_to_keep=ppo.config.keep_checkpoints,
+            save_interval_steps=config.save_every,
+            max_to_keep=config.keep_checkpoints,
             enable_async_checkpointing=async_save,
             create=True,
         )
@@ -115,7 +124,7 @@ class Checkpointer:
                 "configuration:\n  " + "\n  ".join(problems)
                 + "\nUse a new output directory, or restore the original configuration.")
 
-    def save(self, state: TrainState, force: bool = False) -> bool:
+    def save(self, state, force: bool = False) -> bool:
         """Saves ``state`` under its step if ``save_every`` divides it (or ``force``); returns
         whether a save started. Asynchronous: call `wait` before reading the files."""
         step = int(state.step)
@@ -130,13 +139,13 @@ class Checkpointer:
             self._saved_steps.add(step)
         return started
 
-    def restore(self, step: Optional[int] = None) -> TrainState:
-        """The `TrainState` of checkpoint ``step`` (default: latest), after the compatibility check."""
+    def restore(self, step: Optional[int] = None):
+        """The state of checkpoint ``step`` (default: latest), after the compatibility check."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         self.check_compatible(step)
-        target = self.ppo.abstract_state()
+        target = self.trainer.abstract_state()
         restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         return restored["state"]
 

@@ -29,6 +29,7 @@ from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import value_head_apply
 from jaxrlhf.sampling import generate
 from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.hparams import HyperParams
 from jaxrlhf.training.rewards import has_eos, postprocess_scores
 from jaxrlhf.training.state import ScoreStats
 
@@ -81,14 +82,19 @@ def resolve_eos(config: PPOConfig, policy: LanguageModel):
     return policy.config.eos_token_id
 
 
-def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch, key) -> Rollout:
-    """Sample one response per prompt with the current policy (`jaxrlhf.sampling.generate`)."""
+def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch, key,
+            hparams: HyperParams) -> Rollout:
+    """Sample one response per prompt with the current policy (`jaxrlhf.sampling.generate`).
+
+    Temperature and top-p come from ``hparams`` (data); whether top-p filters at all, top-k and
+    the lengths from ``config`` (structure).
+    """
     sample = generate(
         policy, policy_params, prompts.ids, prompts.mask, key,
         max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
+        temperature=hparams.temperature,
         top_k=config.top_k,
-        top_p=config.top_p,
+        top_p=hparams.top_p if config.top_p < 1.0 else 1.0,
         eos_token_id=resolve_eos(config, policy),
         pad_token_id=config.pad_token_id,
     )
@@ -144,7 +150,7 @@ def explained_variance(values, returns, mask):
 
 def make_experience(config: PPOConfig, models: Models, policy_params, value_params, ref_params,
                     prompts: PromptBatch, rollout_out: Rollout, raw_scores_B, kl_coef,
-                    score_stats: ScoreStats):
+                    score_stats: ScoreStats, hparams: HyperParams):
     """Forward passes, step rewards and GAE for one batch of rollouts.
 
     ``logprobs`` are recomputed with a full forward (not taken from the sampler) so the PPO ratio
@@ -152,6 +158,7 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
     ``r = -kl_coef * KL * mask; r[last valid] += score`` with ``kl_placement="reward"``; with
     ``"loss"`` the KL moves into the policy loss and ``r`` is the score alone. Then
     ``A, R = gae(r, V, mask, gamma, lam)`` and ``A <- whiten(A)`` if ``whiten_advantages``.
+    The numbers (temperature, gamma, lambda, score clipping) come from ``hparams``.
 
     Returns:
       ``(experience, new_score_stats, stats)`` with scalar diagnostics in ``stats``.
@@ -160,18 +167,18 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
     sg = jax.lax.stop_gradient
     logprobs, values, entropy = policy_and_values(
         models, policy_params, value_params, prompts.ids, prompts.mask, response_ids, response_mask,
-        config.temperature, with_entropy=True)
+        hparams.temperature, with_entropy=True)
     ref_logprobs = reference_logprobs(models, ref_params, prompts.ids, prompts.mask, response_ids,
-                                      response_mask, config.temperature)
+                                      response_mask, hparams.temperature)
     logprobs, values, ref_logprobs = sg(logprobs), sg(values), sg(ref_logprobs)
 
     eos_found_B = has_eos(response_ids, response_mask, resolve_eos(config, models.policy))
-    scores_B, new_score_stats = postprocess_scores(config, raw_scores_B, eos_found_B, score_stats)
+    scores_B, new_score_stats = postprocess_scores(config, raw_scores_B, eos_found_B, score_stats, hparams)
 
     reward_kl_coef = kl_coef if config.kl_placement == "reward" else jnp.zeros_like(kl_coef)
     rewards = kl_penalized_rewards(scores_B, logprobs, ref_logprobs, response_mask, reward_kl_coef,
                                    config.kl_estimator)
-    advantages, returns = gae_advantages(rewards, values, response_mask, config.gamma, config.lam)
+    advantages, returns = gae_advantages(rewards, values, response_mask, hparams.gamma, hparams.lam)
     if config.whiten_advantages:
         advantages = masked_whiten(advantages, response_mask)
 

@@ -13,13 +13,13 @@ With a JAX reward (function or reward model) all of it runs under a single `jax.
 (`PPO.train_step`): no Python per token, no host round-trip per minibatch. A `TextReward` splits
 it in two jitted halves around host-side scoring (`PPO.rollout_step`, `PPO.update_step`).
 
-`PPO` is a frozen dataclass of hashable parts (configs, model definitions, the reward, the mesh),
-so equal setups share compiled functions.
+`PPO` holds the static setup (the config's structure, model definitions, the reward, the mesh) and
+builds its jitted functions once. The config's numbers are only the initial values of the state
+(`jaxrlhf.training.hparams`): a state with other numbers, passed to the same `PPO`, runs the same
+compiled program.
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
@@ -28,15 +28,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from jaxrlhf.core.kl_control import adaptive_kl_controller, fixed_kl_controller
+from jaxrlhf.core.kl_control import KLControllerState, adaptive_kl_controller, fixed_kl_controller
 from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import ValueModel, init_value_head
 from jaxrlhf.training import parallel
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.experience import Models, PromptBatch, Rollout, make_experience, rollout
 from jaxrlhf.training.rewards import RewardModel, TextReward, check_scores, is_host_reward, score_in_jit
-from jaxrlhf.training.state import (FrozenParams, ScoreStats, TrainState, learning_rate_schedule,
-                                    make_optimizer)
+from jaxrlhf.training.hparams import HyperParams, initial_numbers, structure_differences, uses_entropy
+from jaxrlhf.training.state import (FrozenParams, ScoreStats, TrainState, init_optimizer_state,
+                                    learning_rate_multiplier, make_optimizer)
 from jaxrlhf.training.update import make_ppo_update
 
 Metrics = Dict[str, jax.Array]
@@ -46,12 +47,11 @@ class PromptTooLongError(ValueError):
     """A prompt has more tokens than ``PPOConfig.max_prompt_len``."""
 
 
-@dataclasses.dataclass(frozen=True)
 class PPO:
-    """Static setup of a PPO run: configs, model definitions, reward, mesh (no parameters).
+    """Static setup of a PPO run and its jitted steps: configs, model definitions, reward, mesh.
 
     Args:
-      config: the `PPOConfig`.
+      config: the `PPOConfig`: its structure is compiled in; its numbers initialise `init_state`.
       policy: the policy `LanguageModel` (its initial parameters are also the reference).
       reward: a JAX function ``(prompt_ids, prompt_mask, response_ids, response_mask) -> [B]``, a
         `RewardModel`, or a `TextReward` (see `jaxrlhf.training.rewards`).
@@ -60,65 +60,61 @@ class PPO:
       mesh: a device mesh with a ``"data"`` axis (and optionally ``"fsdp"``); None = one device.
     """
 
-    config: PPOConfig
-    policy: LanguageModel
-    reward: Any
-    critic: Optional[ValueModel] = None
-    mesh: Optional[Mesh] = None
-
-    def __post_init__(self):
+    def __init__(self, config: PPOConfig, policy: LanguageModel, reward: Any,
+                 critic: Optional[ValueModel] = None, mesh: Optional[Mesh] = None):
         parallel.check_threefry_partitionable()
-        if self.mesh is None:
-            object.__setattr__(self, "mesh", parallel.data_mesh(jax.devices()[:1]))
-        if self.config.shared_trunk and self.critic is not None:
+        if config.shared_trunk and critic is not None:
             raise ValueError("config.shared_trunk=True uses a value head on the policy; pass critic=None")
-        if not self.config.shared_trunk and self.critic is None:
-            object.__setattr__(self, "critic", ValueModel(self.policy.config))
+        if not isinstance(reward, TextReward) and not callable(reward):
+            raise TypeError(f"reward must be a JAX function, a RewardModel or a TextReward, got {reward!r}")
+        self.config = config
+        self.policy = policy
+        self.reward = reward
+        self.critic = None if config.shared_trunk else (critic or ValueModel(policy.config))
+        self.mesh = parallel.data_mesh(jax.devices()[:1]) if mesh is None else mesh
         divisor = parallel.batch_size_divisor(self.mesh)
-        micro = self.config.minibatch_size // self.config.grad_accum_steps
+        micro = config.minibatch_size // config.grad_accum_steps
         if micro % divisor:
             raise ValueError(
                 f"the micro-batch size minibatch_size / grad_accum_steps = {micro} must be a multiple of "
                 f"the number of data-parallel devices ({divisor}) so every device gets whole rows")
-        if isinstance(self.reward, TextReward) is False and not callable(self.reward):
-            raise TypeError(f"reward must be a JAX function, a RewardModel or a TextReward, got {self.reward!r}")
+        self.models = Models(policy, self.critic)
+        self.policy_optimizer = make_optimizer(config, "policy")
+        self.value_optimizer = make_optimizer(config, "value")
+        self.uses_host_reward = is_host_reward(reward)
+        self._abstract_state = self._build_abstract_state()
+        self._state_shardings = jax.tree.map(lambda s: s.sharding, self._abstract_state)
 
-    # ------------------------------------------------------------------ static pieces
-
-    @property
-    def models(self) -> Models:
-        return Models(self.policy, None if self.config.shared_trunk else self.critic)
-
-    @property
-    def policy_optimizer(self) -> optax.GradientTransformation:
-        return make_optimizer(self.config, self.config.learning_rate)
-
-    @property
-    def value_optimizer(self) -> optax.GradientTransformation:
-        return make_optimizer(self.config, self.config.critic_learning_rate)
-
-    @property
-    def kl_controller(self):
-        c = self.config
-        if c.adaptive_kl:
-            return adaptive_kl_controller(c.init_kl_coef, c.target_kl, c.kl_horizon)
-        return fixed_kl_controller(c.init_kl_coef)
-
-    @property
-    def uses_host_reward(self) -> bool:
-        return is_host_reward(self.reward)
+        # The jitted entry points, built once (compiled on first use per input shapes/shardings).
+        rep, batch_sh = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
+        step_shardings = (self._state_shardings, rep)  # metrics: replicated scalars
+        self._jit_fused = jax.jit(self.fused_step, out_shardings=step_shardings)
+        self._jit_fused_donated = jax.jit(self.fused_step, out_shardings=step_shardings, donate_argnums=0)
+        self._jit_rollout = jax.jit(self.rollout, out_shardings=Rollout(batch_sh, batch_sh))
+        self._jit_update = jax.jit(self.update, out_shardings=step_shardings)
+        self._jit_init = jax.jit(self._init_from_seed, out_shardings=self._state_shardings)
 
     # ------------------------------------------------------------------ state
 
-    def _init_state(self, policy_params, value_params, seed_key) -> TrainState:
+    def check_config(self, config: PPOConfig) -> None:
+        """``config`` may initialise this trainer's state: it has the trainer's structure."""
+        problems = structure_differences(self.config, config)
+        if uses_entropy(config) and not uses_entropy(self.config):
+            problems.append("entropy_coef: the trainer was built with 0 (no entropy term)")
+        if problems:
+            raise ValueError("this PPO trainer was built for another structure: " + "; ".join(problems))
+
+    def _init_state(self, policy_params, value_params, seed_key, numbers) -> TrainState:
+        """The initial state from parameters, a PRNG key and ``numbers`` (`initial_numbers`)."""
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             policy_params=policy_params,
             value_params=value_params,
-            policy_opt_state=self.policy_optimizer.init(policy_params),
-            value_opt_state=self.value_optimizer.init(value_params),
-            kl_ctl=self.kl_controller.init(),
+            policy_opt_state=init_optimizer_state(self.policy_optimizer, policy_params, numbers["policy_optimizer"]),
+            value_opt_state=init_optimizer_state(self.value_optimizer, value_params, numbers["value_optimizer"]),
+            kl_ctl=KLControllerState(kl_coef=numbers["init_kl_coef"]),
             score_stats=ScoreStats.zeros(),
+            hparams=numbers["hparams"],
             key=seed_key,
         )
 
@@ -133,30 +129,39 @@ class PPO:
 
     def abstract_state(self) -> TrainState:
         """`TrainState` of `jax.ShapeDtypeStruct`s with their shardings (e.g. a restore target)."""
-        return _abstract_state(self)
+        return self._abstract_state
 
     def state_shardings(self) -> TrainState:
-        return _state_shardings(self)
+        return self._state_shardings
 
-    def init_state(self, policy_params, value_params=None) -> TrainState:
-        """The initial `TrainState`, placed on the mesh (PRNG key from ``config.seed``)."""
-        seed_key = jax.random.PRNGKey(self.config.seed)
-        policy_key, value_key = jax.random.split(jax.random.fold_in(seed_key, 1))
-        del policy_key
+    def _init_from_seed(self, policy_params, value_params, seed, numbers) -> TrainState:
+        """`_init_state` with the PRNG key from ``seed`` (and, if ``value_params`` is None, the
+        default critic from that key): traceable, so a sweep vmaps it over seeds and numbers."""
+        seed_key = jax.random.PRNGKey(seed)
         if value_params is None:
+            _, value_key = jax.random.split(jax.random.fold_in(seed_key, 1))
             value_params = self.default_value_params(policy_params, value_key)
-        shardings = self.state_shardings()
-        init = jax.jit(self._init_state, out_shardings=shardings)
-        return init(policy_params, value_params, seed_key)
+        return self._init_state(policy_params, value_params, seed_key, numbers)
+
+    def init_state(self, policy_params, value_params=None, config: Optional[PPOConfig] = None) -> TrainState:
+        """The initial `TrainState`, placed on the mesh.
+
+        ``config`` (default: the trainer's) gives the numbers and the seed of the PRNG key; it must
+        have the trainer's structure, and then the state runs on the already compiled step.
+        """
+        config = self.config if config is None else config
+        self.check_config(config)
+        seed = jnp.asarray(config.seed, jnp.uint32)
+        return self._jit_init(policy_params, value_params, seed, initial_numbers(config))
 
     def frozen_params(self, ref_params, reward_params=None) -> FrozenParams:
         """The reference policy (and reward model) parameters, placed on the mesh."""
         if isinstance(self.reward, RewardModel) and reward_params is None:
             raise ValueError("a RewardModel reward needs reward_params")
         frozen = FrozenParams(ref_params, reward_params)
-        return jax.device_put(frozen, self._frozen_shardings(frozen))
+        return jax.device_put(frozen, self.frozen_shardings(frozen))
 
-    def _frozen_shardings(self, frozen: FrozenParams) -> FrozenParams:
+    def frozen_shardings(self, frozen: FrozenParams) -> FrozenParams:
         reward_shardings = None
         if frozen.reward_params is not None:
             reward_shardings = parallel.param_shardings(frozen.reward_params, self.mesh)
@@ -168,7 +173,14 @@ class PPO:
         sharding = parallel.batch_sharding(self.mesh)
         return PromptBatch(parallel.global_array(prompt_ids, sharding), parallel.global_array(prompt_mask, sharding))
 
-    # ------------------------------------------------------------------ the step
+    def kl_controller(self, hparams: HyperParams):
+        """The KL controller's update with the state's target and horizon (its initial beta is
+        ``init_kl_coef``, written by `init_state`)."""
+        if self.config.adaptive_kl:
+            return adaptive_kl_controller(0.0, hparams.target_kl, hparams.kl_horizon)
+        return fixed_kl_controller(0.0)
+
+    # ------------------------------------------------------------------ the step (pure, traceable)
 
     def _constrain_batch(self, x, batch_dim: int = 0):
         return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(self.mesh, batch_dim))
@@ -181,35 +193,38 @@ class PPO:
             raise PromptTooLongError(
                 f"prompt batch is {width} tokens wide, more than config.max_prompt_len={self.config.max_prompt_len}")
 
-    def _keys(self, state: TrainState):
+    @staticmethod
+    def _keys(state: TrainState):
         rollout_key, update_key, next_key = jax.random.split(state.key, 3)
         return rollout_key, update_key, next_key
 
-    def _rollout(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Rollout:
+    def rollout(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Rollout:
+        """Sample the responses of one iteration (pure; `rollout_step` is its jitted form)."""
         del frozen
         self._check_batch(batch)
         rollout_key, _, _ = self._keys(state)
-        out = rollout(self.config, self.policy, state.policy_params, batch, rollout_key)
+        out = rollout(self.config, self.policy, state.policy_params, batch, rollout_key, state.hparams)
         return Rollout(self._constrain_batch(out.tokens), self._constrain_batch(out.mask))
 
-    def _update(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout,
-                raw_scores_B) -> Tuple[TrainState, Metrics]:
-        config = self.config
+    def update(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout,
+               raw_scores_B) -> Tuple[TrainState, Metrics]:
+        """Experience + PPO update + KL controller from scored rollouts (pure; see `update_step`)."""
+        config, hp = self.config, state.hparams
         _, update_key, next_key = self._keys(state)
         kl_coef = state.kl_ctl.kl_coef
         experience, score_stats, exp_stats = make_experience(
             config, self.models, state.policy_params, state.value_params, frozen.ref_params,
-            batch, rollout_out, raw_scores_B, kl_coef, state.score_stats)
+            batch, rollout_out, raw_scores_B, kl_coef, state.score_stats, hp)
         experience = jax.tree.map(self._constrain_batch, experience)
 
         ppo_update = make_ppo_update(config, self.models, self.policy_optimizer, self.value_optimizer,
                                      self._constrain_batch)
         params = {"policy": state.policy_params, "value": state.value_params}
         opt_states = {"policy": state.policy_opt_state, "value": state.value_opt_state}
-        params, opt_states, update_stats = ppo_update(params, opt_states, experience, kl_coef, update_key)
+        params, opt_states, update_stats = ppo_update(params, opt_states, experience, kl_coef, hp, update_key)
 
-        kl_ctl = self.kl_controller.update(state.kl_ctl, exp_stats["kl"], config.batch_size)
-        new_state = TrainState(
+        kl_ctl = self.kl_controller(hp).update(state.kl_ctl, exp_stats["kl"], config.batch_size)
+        new_state = state.replace(
             step=state.step + 1,
             policy_params=params["policy"],
             value_params=params["value"],
@@ -221,9 +236,9 @@ class PPO:
         )
         new_state = jax.lax.with_sharding_constraint(new_state, self.state_shardings())
         metrics = {**exp_stats, **update_stats}
-        first_update = state.step * config.updates_per_step
-        metrics["learning_rate"] = learning_rate_schedule(config, config.learning_rate)(first_update)
-        metrics["critic_learning_rate"] = learning_rate_schedule(config, config.critic_learning_rate)(first_update)
+        multiplier = learning_rate_multiplier(config)(state.step * config.updates_per_step)
+        metrics["learning_rate"] = state.policy_opt_state.hyperparams["learning_rate"] * multiplier
+        metrics["critic_learning_rate"] = state.value_opt_state.hyperparams["learning_rate"] * multiplier
         # One flag the host checks before committing the new state: scores, losses and params finite.
         finite = jnp.all(jnp.isfinite(raw_scores_B))
         for value in update_stats.values():
@@ -232,29 +247,30 @@ class PPO:
         metrics["all_finite"] = finite
         return new_state, metrics
 
-    def _fused_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch):
+    def fused_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Tuple[TrainState, Metrics]:
+        """Rollout, scoring in the jit and update: one whole iteration (pure; see `train_step`)."""
         if self.uses_host_reward:
             raise TypeError("a TextReward is scored on the host: use rollout_step, then update_step")
-        rollout_out = self._rollout(state, frozen, batch)
+        rollout_out = self.rollout(state, frozen, batch)
         raw_scores_B = score_in_jit(self.reward, frozen.reward_params, batch.ids, batch.mask,
                                     rollout_out.tokens, rollout_out.mask)
-        return self._update(state, frozen, batch, rollout_out, raw_scores_B)
+        return self.update(state, frozen, batch, rollout_out, raw_scores_B)
 
-    # Jitted entry points (compiled once per equal PPO setup and input shapes/shardings).
+    # ------------------------------------------------------------------ jitted entry points
 
     def train_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Tuple[TrainState, Metrics]:
         """One PPO iteration under a single `jax.jit` (JAX reward function or reward model)."""
-        return _jitted(self, "fused")(state, frozen, batch)
+        return self._jit_fused(state, frozen, batch)
 
     def rollout_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Rollout:
         """First half of the split step: sample responses (jitted)."""
-        return _jitted(self, "rollout")(state, frozen, batch)
+        return self._jit_rollout(state, frozen, batch)
 
     def update_step(self, state, frozen, batch, rollout_out: Rollout, raw_scores_B) -> Tuple[TrainState, Metrics]:
         """Second half of the split step: experience + PPO update from host-computed scores (jitted)."""
         raw_scores_B = check_scores(np.asarray(raw_scores_B, np.float32), self.config.batch_size, "text reward")
         raw_scores_B = parallel.global_array(np.asarray(raw_scores_B), parallel.batch_sharding(self.mesh))
-        return _jitted(self, "update")(state, frozen, batch, rollout_out, raw_scores_B)
+        return self._jit_update(state, frozen, batch, rollout_out, raw_scores_B)
 
     def bind(self, frozen: FrozenParams, donate: bool = False) -> Callable[[TrainState, PromptBatch], Tuple[TrainState, Metrics]]:
         """``train_step(state, prompts) -> (state, metrics)`` with the frozen parameters bound.
@@ -263,66 +279,50 @@ class PPO:
         program, but parameters and optimizer moments are not held twice; the state passed in
         is deleted). `train` does not donate: its NaN guard keeps the previous state.
         """
-        step = _jitted(self, "fused_donated" if donate else "fused")
+        step = self._jit_fused_donated if donate else self._jit_fused
 
         def train_step(state: TrainState, batch: PromptBatch):
             return step(state, frozen, batch)
 
         return train_step
 
+    def compiled_step_count(self, which: str = "fused") -> int:
+        """How many programs the jitted ``"fused"``, ``"rollout"`` or ``"update"`` step holds (for
+        tests that a step compiles once)."""
+        return {"fused": self._jit_fused, "rollout": self._jit_rollout, "update": self._jit_update}[which]._cache_size()
 
-@functools.lru_cache(maxsize=64)
-def _abstract_state(ppo: PPO) -> TrainState:
-    seed_key = jax.random.PRNGKey(0)
+    # ------------------------------------------------------------------ shapes and shardings
 
-    def init_from_scratch():
-        policy_params = ppo.policy.init_params(seed_key)
-        if ppo.config.shared_trunk:
-            value_params = init_value_head(seed_key, ppo.policy.config.hidden_size)
+    def _build_abstract_state(self) -> TrainState:
+        seed_key = jax.random.PRNGKey(0)
+
+        def init_from_scratch():
+            policy_params = self.policy.init_params(seed_key)
+            if self.config.shared_trunk:
+                value_params = init_value_head(seed_key, self.policy.config.hidden_size)
+            else:
+                value_params = self.critic.init_params(seed_key)
+            return self._init_state(policy_params, value_params, seed_key, initial_numbers(self.config))
+
+        shapes = jax.eval_shape(init_from_scratch)
+        shardings = self._shardings_for(shapes)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    def _shardings_for(self, shapes: TrainState) -> TrainState:
+        mesh = self.mesh
+        rep = parallel.replicated(mesh)
+        policy_sh = parallel.param_shardings(shapes.policy_params, mesh)
+        if self.config.shared_trunk:
+            value_sh = jax.tree.map(lambda _: rep, shapes.value_params)
         else:
-            value_params = ppo.critic.init_params(seed_key)
-        return ppo._init_state(policy_params, value_params, seed_key)
-
-    shapes = jax.eval_shape(init_from_scratch)
-    shardings = _state_shardings_for(ppo, shapes)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def _state_shardings_for(ppo: PPO, shapes: TrainState) -> TrainState:
-    mesh = ppo.mesh
-    policy_sh = parallel.param_shardings(shapes.policy_params, mesh)
-    if ppo.config.shared_trunk:
-        value_sh = jax.tree.map(lambda _: parallel.replicated(mesh), shapes.value_params)
-    else:
-        value_sh = {"trunk": parallel.param_shardings(shapes.value_params["trunk"], mesh),
-                    "head": jax.tree.map(lambda _: parallel.replicated(mesh), shapes.value_params["head"])}
-    rep = lambda tree: jax.tree.map(lambda _: parallel.replicated(mesh), tree)  # noqa: E731
-    return TrainState(
-        step=parallel.replicated(mesh),
-        policy_params=policy_sh,
-        value_params=value_sh,
-        policy_opt_state=parallel.opt_state_shardings(ppo.policy_optimizer, shapes.policy_opt_state, policy_sh, mesh),
-        value_opt_state=parallel.opt_state_shardings(ppo.value_optimizer, shapes.value_opt_state, value_sh, mesh),
-        kl_ctl=rep(shapes.kl_ctl),
-        score_stats=rep(shapes.score_stats),
-        key=parallel.replicated(mesh),
-    )
-
-
-@functools.lru_cache(maxsize=64)
-def _state_shardings(ppo: PPO) -> TrainState:
-    return jax.tree.map(lambda s: s.sharding, _abstract_state(ppo))
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted(ppo: PPO, which: str):
-    rep = parallel.replicated(ppo.mesh)
-    batch_sh = parallel.batch_sharding(ppo.mesh)
-    if which == "rollout":
-        return jax.jit(ppo._rollout, out_shardings=Rollout(batch_sh, batch_sh))
-    out_shardings = (ppo.state_shardings(), rep)  # metrics: replicated scalars
-    if which == "fused":
-        return jax.jit(ppo._fused_step, out_shardings=out_shardings)
-    if which == "fused_donated":
-        return jax.jit(ppo._fused_step, out_shardings=out_shardings, donate_argnums=0)
-    return jax.jit(ppo._update, out_shardings=out_shardings)
+            value_sh = {"trunk": parallel.param_shardings(shapes.value_params["trunk"], mesh),
+                        "head": jax.tree.map(lambda _: rep, shapes.value_params["head"])}
+        everything_replicated = jax.tree.map(lambda _: rep, shapes)
+        return everything_replicated.replace(
+            policy_params=policy_sh,
+            value_params=value_sh,
+            policy_opt_state=parallel.opt_state_shardings(self.policy_optimizer, shapes.policy_opt_state,
+                                                          policy_sh, mesh),
+            value_opt_state=parallel.opt_state_shardings(self.value_optimizer, shapes.value_opt_state,
+                                                         value_sh, mesh),
+        )

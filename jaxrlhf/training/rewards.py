@@ -15,7 +15,7 @@ Scores then go through `postprocess_scores`: missing-EOS penalty, clipping, norm
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxrlhf.core.rewards import last_valid_index
 from jaxrlhf.models.value import ValueModel
 from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.hparams import HyperParams
 from jaxrlhf.training.state import ScoreStats
 
 # Below this standard deviation scores have no spread to normalise by and are left unscaled.
@@ -54,7 +55,7 @@ class RewardModel:
         return jnp.take_along_axis(values_BxL, last_index_B[:, None], axis=1)[:, 0].astype(jnp.float32)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # tokenizers are not hashable: identity is equality
 class TextReward:
     """A host-side reward on decoded text: ``fn(prompts, responses) -> B floats``.
 
@@ -62,16 +63,13 @@ class TextReward:
       fn: the scoring function (plain Python; runs outside jit).
       tokenizer: decodes token ids (``decode(ids, skip_special_tokens=True)``); None takes the
         policy's tokenizer in `jaxrlhf.training.train`.
+      metrics_fn: optional ``metrics_fn(prompts, responses) -> {name: float}`` on the same texts
+        (e.g. diversity), logged with the step's metrics by `train`.
     """
 
     fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]]
     tokenizer: Any = None
-
-    def __hash__(self):  # tokenizers are not hashable; identity is what a static jit arg needs
-        return id(self)
-
-    def __eq__(self, other):
-        return self is other
+    metrics_fn: Optional[Callable[[Sequence[str], Sequence[str]], Mapping[str, float]]] = None
 
 
 def is_host_reward(reward) -> bool:
@@ -118,7 +116,8 @@ def has_eos(response_ids: jax.Array, response_mask: jax.Array, eos_token_id) -> 
     return jnp.any(hit & (response_mask != 0), axis=1)
 
 
-def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats: ScoreStats):
+def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats: ScoreStats,
+                       hparams: HyperParams):
     """Scores as they enter the step rewards, and the updated running statistics.
 
     In order: a response without EOS gets ``missing_eos_penalty`` (if set); then clipping to
@@ -127,13 +126,14 @@ def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats
     correction; ``"running"``: the same with the running moments, updated with this batch first.
     When there is no spread to divide by (a batch of one score, a first running batch of one, or
     all scores equal: ``std <= MIN_SCORE_STD``) the scores are not scaled (only centred with
-    shift_mean), instead of becoming NaN or blowing up.
+    shift_mean), instead of becoming NaN or blowing up. Which steps apply is ``config``'s
+    structure; the penalty and clip values come from ``hparams``.
     """
     scores_B = raw_scores_B
     if config.missing_eos_penalty is not None:
-        scores_B = jnp.where(eos_found_B, scores_B, jnp.float32(config.missing_eos_penalty))
+        scores_B = jnp.where(eos_found_B, scores_B, hparams.missing_eos_penalty)
     if config.score_clip is not None:
-        scores_B = jnp.clip(scores_B, -config.score_clip, config.score_clip)
+        scores_B = jnp.clip(scores_B, -hparams.score_clip, hparams.score_clip)
     # Running moments track the scores after penalty and clipping: what normalisation divides.
     new_stats = score_stats.update(scores_B)
     if config.score_norm == "batch":

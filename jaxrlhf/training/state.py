@@ -16,6 +16,7 @@ import optax
 
 from jaxrlhf.core.kl_control import KLControllerState
 from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.hparams import HyperParams, optimizer_numbers
 
 
 class ScoreStats(NamedTuple):
@@ -63,6 +64,8 @@ class TrainState:
       policy_opt_state, value_opt_state: optax states of the two AdamW optimizers.
       kl_ctl: `KLControllerState` (the current KL coefficient beta).
       score_stats: `ScoreStats`, running moments of the raw scores.
+      hparams: `HyperParams`, the numbers the step reads (clip ranges, gamma, temperature, ...);
+        the learning rates and AdamW's constants are in the optimizer states' ``hyperparams``.
       key: the run's PRNG key (raw uint32[2]); split every step, so resuming is exact.
     """
 
@@ -73,6 +76,7 @@ class TrainState:
     value_opt_state: Any
     kl_ctl: KLControllerState
     score_stats: ScoreStats
+    hparams: HyperParams
     key: jax.Array
 
 
@@ -83,32 +87,51 @@ class FrozenParams(NamedTuple):
     reward_params: Any = None
 
 
-def learning_rate_schedule(config: PPOConfig, peak_lr: float) -> optax.Schedule:
-    """Linear warm-up from 0 to ``peak_lr`` over ``warmup_steps`` updates, then ``lr_schedule``
-    (constant, or linear / cosine decay to 0 at the last update of the run)."""
+def learning_rate_multiplier(config: PPOConfig) -> optax.Schedule:
+    """The shape of the learning-rate schedule, peak 1 (structure: it depends on lengths only).
+
+    Linear warm-up from 0 over ``warmup_steps`` updates, then ``lr_schedule`` (constant, or
+    linear / cosine decay to 0 at the last update of the run). The learning rate of update n is
+    ``peak_lr * multiplier(n)`` with ``peak_lr`` from the optimizer state.
+    """
     total_updates = max(config.total_steps * config.updates_per_step, 1)
     warmup = min(config.warmup_steps, total_updates)
     decay_steps = max(total_updates - warmup, 1)
     if config.lr_schedule == "constant":
-        after = optax.constant_schedule(peak_lr)
+        after = optax.constant_schedule(1.0)
     elif config.lr_schedule == "linear":
-        after = optax.linear_schedule(peak_lr, 0.0, decay_steps)
+        after = optax.linear_schedule(1.0, 0.0, decay_steps)
     else:
-        after = optax.cosine_decay_schedule(peak_lr, decay_steps)
+        after = optax.cosine_decay_schedule(1.0, decay_steps)
     if warmup == 0:
         return after
-    return optax.join_schedules([optax.linear_schedule(0.0, peak_lr, warmup), after], [warmup])
+    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), after], [warmup])
 
 
-def make_optimizer(config: PPOConfig, peak_lr: float) -> optax.GradientTransformation:
-    """``clip_by_global_norm(max_grad_norm)`` then AdamW with the run's schedule."""
-    adamw = optax.adamw(
-        learning_rate_schedule(config, peak_lr),
-        b1=config.adam_b1,
-        b2=config.adam_b2,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
+def _clipped_adamw(learning_rate, b1, b2, eps, weight_decay, max_grad_norm=None, *, multiplier):
+    """``clip_by_global_norm`` (if ``max_grad_norm`` is given), then AdamW with learning rate
+    ``learning_rate * multiplier(update)``: optax's adamw written out so that every number may be
+    an array from the optimizer state (`optax.inject_hyperparams`)."""
+    clip = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
+    return optax.chain(
+        *clip,
+        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+        optax.add_decayed_weights(weight_decay),
+        optax.scale_by_schedule(lambda count: -learning_rate * multiplier(count)),
     )
-    if config.max_grad_norm is None:
-        return adamw
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+
+
+def make_optimizer(config: PPOConfig, which: str = "policy") -> optax.GradientTransformation:
+    """The ``"policy"`` or ``"value"`` optimizer: clipped AdamW whose numbers (peak learning rate,
+    b1, b2, eps, weight decay, clip norm) live in its state's ``hyperparams``, initialised from
+    ``config``; the schedule's shape is static."""
+    factory = optax.inject_hyperparams(_clipped_adamw, static_args=("multiplier",),
+                                       hyperparam_dtype=jnp.float32)
+    return factory(**optimizer_numbers(config, which), multiplier=learning_rate_multiplier(config))
+
+
+def init_optimizer_state(optimizer: optax.GradientTransformation, params, numbers: dict):
+    """``optimizer.init(params)`` with its injected numbers replaced by ``numbers`` (arrays, e.g.
+    from `initial_numbers`), so one optimizer serves runs with different numbers."""
+    opt_state = optimizer.init(params)
+    return opt_state._replace(hyperparams={**opt_state.hyperparams, **numbers})

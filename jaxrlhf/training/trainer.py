@@ -1,8 +1,9 @@
 """The PPO driver: prompts in, a trained policy out, with logging, checkpoints and resume.
 
     result = train(policy, reward, prompts, config, out_dir)
+    sweep = train_sweep(policy, reward, prompts, config, out_dir, runs=grid(seed=[0, 1, 2]))
 
-runs ``config.total_steps`` PPO iterations (or ``num_steps`` more), each one jitted step
+`train` runs ``config.total_steps`` PPO iterations (or ``num_steps`` more), each one jitted step
 (`PPO.train_step`, or rollout -> host scoring -> update for a `TextReward`), and
 
 - logs every step's metrics to ``out_dir/metrics.jsonl``, TensorBoard and a progress bar;
@@ -13,12 +14,19 @@ runs ``config.total_steps`` PPO iterations (or ``num_steps`` more), each one jit
   run sees the same batches as an uninterrupted one;
 - exports the policy with `save_pretrained` to ``out_dir/policy`` at the end.
 
+`train_sweep` does the same for R runs in one jitted step (`jaxrlhf.training.sweep`): one
+checkpoint of the whole sweep, ``run_<i>/`` with each run's metrics, TensorBoard events and final
+policy, and ``sweep_summary.json``. Both go through one loop (`_run_loop`), with the same hooks:
+``on_step(step, metrics, state)`` after every step and ``evaluate(step, state) -> metrics`` every
+``eval_every`` steps (its metrics are logged under ``eval/``).
+
 Each step's result is fetched before the next is dispatched: the NaN check needs it, and on CPU
 with several simulated devices many queued multi-device steps can trip XLA's rendezvous timeout.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -36,6 +44,7 @@ from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.ppo import PPO, PromptTooLongError
 from jaxrlhf.training.rewards import NonFiniteError, TextReward
 from jaxrlhf.training.state import FrozenParams, TrainState
+from jaxrlhf.training.sweep import Sweep, SweepState, split_metrics
 
 PROGRESS_KEYS = ("score", "kl", "kl_coef", "entropy")
 # Metrics that measure the machine, not the math: excluded when comparing runs.
@@ -121,17 +130,25 @@ def _decode_rows(tokenizer, ids: np.ndarray, mask: np.ndarray) -> List[str]:
 
 def host_scores(reward: TextReward, tokenizer, batch_ids, batch_mask, rollout) -> np.ndarray:
     """Decode prompts and responses on the host and call the text reward; ``[B]`` float32."""
+    return host_scores_and_metrics(reward, tokenizer, batch_ids, batch_mask, rollout)[0]
+
+
+def host_scores_and_metrics(reward: TextReward, tokenizer, batch_ids, batch_mask, rollout):
+    """``(scores [B] float32, extra metrics)``: the text reward's scores and, if it has a
+    ``metrics_fn``, what that computes from the same texts (logged with the step)."""
     tokenizer = reward.tokenizer or tokenizer
     if tokenizer is None:
         raise ValueError("a TextReward needs a tokenizer (TextReward(fn, tokenizer) or the policy's)")
     response_ids, response_mask = parallel.to_host((rollout.tokens, rollout.mask))
     prompts_text = _decode_rows(tokenizer, np.asarray(batch_ids), np.asarray(batch_mask))
     responses_text = _decode_rows(tokenizer, np.asarray(response_ids), np.asarray(response_mask))
-    return np.asarray(reward.fn(prompts_text, responses_text), np.float32)
+    scores = np.asarray(reward.fn(prompts_text, responses_text), np.float32)
+    extra = {} if reward.metrics_fn is None else dict(reward.metrics_fn(prompts_text, responses_text))
+    return scores, extra
 
 
 # ----------------------------------------------------------------------------------------------
-# The driver
+# The driver: one loop for single runs and sweeps
 
 
 @dataclasses.dataclass
@@ -146,12 +163,141 @@ class TrainResult:
     policy_dir: Optional[str]
 
 
+@dataclasses.dataclass
+class SweepResult:
+    """What `train_sweep` returns: the sweep state (every leaf ``[R, ...]``), the setup, each run's
+    logged metrics, the summary written to ``sweep_summary.json``, and the exported policies."""
+
+    state: SweepState
+    sweep: Sweep
+    frozen: FrozenParams
+    histories: List[List[Dict[str, float]]]
+    summary: Dict[str, Any]
+    out_dir: str
+    policy_dirs: List[Optional[str]]
+
+
 def _unpack_policy(policy) -> Tuple[LanguageModel, Any, Any]:
     if isinstance(policy, Pretrained):
         return policy.model, policy.params, policy.tokenizer
     if isinstance(policy, tuple) and len(policy) == 2 and isinstance(policy[0], LanguageModel):
         return policy[0], policy[1], None
     raise TypeError("policy must be a Pretrained (from load_pretrained) or a (LanguageModel, params) pair")
+
+
+class _SingleRun:
+    """What the loop needs to know about one run: its batches, its step, what a failure does."""
+
+    def __init__(self, ppo: PPO, frozen: FrozenParams, data: PromptDataset, reward, tokenizer):
+        self.trainer, self.frozen, self.data, self.reward, self.tokenizer = ppo, frozen, data, reward, tokenizer
+        self.num_runs = 1
+
+    def step(self, state: TrainState, step: int):
+        config = self.trainer.config
+        batch_ids, batch_mask = self.data.batch(step, config.batch_size)
+        batch = self.trainer.prompt_batch(batch_ids, batch_mask)
+        extra = {}
+        if self.trainer.uses_host_reward:
+            rollout_out = self.trainer.rollout_step(state, self.frozen, batch)
+            scores, extra = host_scores_and_metrics(self.reward, self.tokenizer, batch_ids, batch_mask, rollout_out)
+            new_state, metrics = self.trainer.update_step(state, self.frozen, batch, rollout_out, scores)
+        else:
+            new_state, metrics = self.trainer.train_step(state, self.frozen, batch)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # blocks on the step
+        return new_state, [{**metrics, **extra}]
+
+    def on_failure(self, step: int, state: TrainState, metrics: Dict[str, float], checkpointer) -> None:
+        # The new state is discarded; the last good one is made durable before raising.
+        checkpointer.save(state, force=True)
+        checkpointer.wait()
+        bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+        raise NonFiniteError(
+            f"step {step} produced non-finite values (metrics: {', '.join(bad) or 'parameters'}); "
+            f"the state before it (step {int(state.step)}) is checkpointed in {checkpointer.directory}. "
+            "Check the reward function for NaN/inf.")
+
+
+class _SweepRuns:
+    def __init__(self, sweep: Sweep, frozen: FrozenParams, data: Sequence[PromptDataset], reward, tokenizer):
+        self.trainer, self.frozen, self.data, self.reward, self.tokenizer = sweep, frozen, data, reward, tokenizer
+        self.num_runs = sweep.num_runs
+
+    def step(self, state: SweepState, step: int):
+        batch_size = self.trainer.ppo.config.batch_size
+        host = [d.batch(step, batch_size) for d in self.data]
+        ids_RxBxP, mask_RxBxP = np.stack([b[0] for b in host]), np.stack([b[1] for b in host])
+        batch = self.trainer.prompt_batch(ids_RxBxP, mask_RxBxP)
+        extras = [{} for _ in self.data]
+        if self.trainer.uses_host_reward:
+            rollout_out = jax.device_get(self.trainer.rollout_step(state, self.frozen, batch))
+            scores = []
+            for r in range(self.num_runs):
+                run_rollout = jax.tree.map(lambda x: x[r], rollout_out)
+                run_scores, extras[r] = host_scores_and_metrics(self.reward, self.tokenizer, ids_RxBxP[r],
+                                                                mask_RxBxP[r], run_rollout)
+                scores.append(run_scores)
+            new_state, metrics = self.trainer.update_step(state, self.frozen, batch, rollout_out, np.stack(scores))
+        else:
+            new_state, metrics = self.trainer.train_step(state, self.frozen, batch)
+        per_run = split_metrics(metrics, self.num_runs)
+        was_active = np.asarray(jax.device_get(state.active))
+        for r, m in enumerate(per_run):
+            m.update(extras[r])
+            if not was_active[r]:
+                m["all_finite"] = 1.0  # a frozen run reports nothing new
+                m["frozen"] = 1.0
+        return new_state, per_run
+
+
+def _run_loop(runner, state, start: int, end: int, loggers, checkpointer, *, on_step=None, evaluate=None,
+              eval_every: int = 0):
+    """The one training loop: step, check, log, checkpoint, hooks. Returns ``(state, histories)``."""
+    histories: List[List[Dict[str, float]]] = [[] for _ in range(runner.num_runs)]
+    frozen_runs: set = set()
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        new_state, per_run = runner.step(state, step)
+        jax.block_until_ready(new_state)
+        step_time = time.perf_counter() - t0
+        for r, metrics in enumerate(per_run):
+            finite = metrics.pop("all_finite")
+            if not finite and runner.num_runs == 1:
+                runner.on_failure(step, state, metrics, checkpointer)
+            if metrics.pop("frozen", 0.0) or r in frozen_runs:
+                continue
+            metrics.pop("active", None)
+            if not finite:  # a sweep's run that just failed: flagged in its metrics, then silent
+                frozen_runs.add(r)
+                bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+                metrics = {"non_finite": 1.0, "non_finite_metrics": ", ".join(bad) or "parameters"}
+            else:
+                metrics["step_time"] = step_time
+                metrics["tokens_per_s"] = metrics["num_response_tokens"] / step_time
+            histories[r].append(metrics)
+            if loggers[r] is not None:
+                loggers[r].log(step, {k: v for k, v in metrics.items() if not isinstance(v, str)})
+        state = new_state
+        if evaluate is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == end):
+            evaluated = evaluate(step + 1, state)
+            evaluated = evaluated if isinstance(evaluated, list) else [evaluated]
+            for r, eval_metrics in enumerate(evaluated):
+                if r in frozen_runs or not histories[r]:
+                    continue
+                scalars = {f"eval/{k}": float(v) for k, v in eval_metrics.items() if np.ndim(v) == 0}
+                histories[r][-1].update(scalars)
+                if loggers[r] is not None:
+                    loggers[r].log(step, scalars)
+        checkpointer.save(state)
+        if on_step is not None:
+            on_step(step, per_run[0] if runner.num_runs == 1 else per_run, state)
+    checkpointer.save(state, force=True)
+    checkpointer.wait()
+    return state, histories
+
+
+def _start_and_end(state_step: int, config: PPOConfig, num_steps: Optional[int]) -> Tuple[int, int]:
+    end = config.total_steps if num_steps is None else min(config.total_steps, state_step + num_steps)
+    return state_step, max(end, state_step)
 
 
 def train(
@@ -171,6 +317,10 @@ def train(
     export: bool = True,
     progress: bool = True,
     on_step: Optional[Callable[[int, Dict[str, float], TrainState], None]] = None,
+    evaluate: Optional[Callable[[int, TrainState], Dict[str, float]]] = None,
+    eval_every: int = 0,
+    initial_state: Optional[TrainState] = None,
+    trainer: Optional[PPO] = None,
 ) -> TrainResult:
     """Train ``policy`` with PPO against ``reward`` on ``prompts``; see the module docstring.
 
@@ -193,6 +343,12 @@ def train(
       export: write the final policy with `save_pretrained` to ``out_dir/policy``.
       progress: show the progress bar.
       on_step: called as ``on_step(step, metrics, state)`` after each committed step.
+      evaluate: called as ``evaluate(step, state) -> {name: scalar}`` every ``eval_every`` steps
+        and after the last one; logged under ``eval/`` (and added to the history).
+      initial_state: start from this `TrainState` instead of `PPO.init_state` (ignored when
+        resuming from a checkpoint).
+      trainer: a `PPO` built earlier for this config's structure (its compiled steps are reused;
+        ``config`` then only gives the numbers of a fresh state and the run length).
 
     Returns:
       A `TrainResult`. Raises `NonFiniteError` (after checkpointing the last good state) when a
@@ -203,58 +359,31 @@ def train(
     policy_model, policy_params, policy_tokenizer = _unpack_policy(policy)
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
     data = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
-    ppo = PPO(config, policy_model, reward, critic=value_model, mesh=mesh)
+    if trainer is None:
+        ppo = PPO(config, policy_model, reward, critic=value_model, mesh=mesh)
+    else:
+        trainer.check_config(config)
+        ppo = trainer
     is_main = jax.process_index() == 0
 
-    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), ppo)
+    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), ppo, config=config)
     latest = checkpointer.latest_step()
     if latest is not None:
         state = checkpointer.restore(latest)  # checks the config first
+    elif initial_state is not None:
+        state = initial_state
     else:
-        state = ppo.init_state(policy_params, value_params)
+        state = ppo.init_state(policy_params, value_params, config=config)
     frozen = ppo.frozen_params(policy_params if ref_params is None else ref_params, reward_params)
 
-    start = int(state.step)
-    end = config.total_steps if num_steps is None else min(config.total_steps, start + num_steps)
+    start, end = _start_and_end(int(state.step), config, num_steps)
     logger = None
-    if is_main:
+    if is_main:  # rows past the restored step (a run killed before its checkpoint) are dropped
         logger = MetricsLogger(out_dir, total_steps=config.total_steps, progress_keys=PROGRESS_KEYS,
-                               resume_step=start - 1 if start > 0 else None, progress=progress)
-    history: List[Dict[str, float]] = []
+                               resume_step=start - 1, progress=progress)
     try:
-        for step in range(start, end):
-            batch_ids, batch_mask = data.batch(step, config.batch_size)
-            batch = ppo.prompt_batch(batch_ids, batch_mask)
-            t0 = time.perf_counter()
-            if ppo.uses_host_reward:
-                rollout_out = ppo.rollout_step(state, frozen, batch)
-                scores = host_scores(reward, tokenizer, batch_ids, batch_mask, rollout_out)
-                new_state, metrics = ppo.update_step(state, frozen, batch, rollout_out, scores)
-            else:
-                new_state, metrics = ppo.train_step(state, frozen, batch)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # blocks on the step
-            jax.block_until_ready(new_state)
-            step_time = time.perf_counter() - t0
-            if not metrics.pop("all_finite"):
-                # The new state is discarded; the last good one is made durable before raising.
-                checkpointer.save(state, force=True)
-                checkpointer.wait()
-                bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-                raise NonFiniteError(
-                    f"step {step} produced non-finite values (metrics: {', '.join(bad) or 'parameters'}); "
-                    f"the state before it (step {int(state.step)}) is checkpointed in {checkpointer.directory}. "
-                    "Check the reward function for NaN/inf.")
-            state = new_state
-            metrics["step_time"] = step_time
-            metrics["tokens_per_s"] = metrics["num_response_tokens"] / step_time
-            history.append(metrics)
-            if logger is not None:
-                logger.log(step, metrics)
-            checkpointer.save(state)
-            if on_step is not None:
-                on_step(step, metrics, state)
-        checkpointer.save(state, force=True)
-        checkpointer.wait()
+        state, histories = _run_loop(_SingleRun(ppo, frozen, data, reward, tokenizer), state, start, end, [logger],
+                                     checkpointer, on_step=on_step, evaluate=evaluate, eval_every=eval_every)
     finally:
         checkpointer.close()
         if logger is not None:
@@ -266,4 +395,90 @@ def train(
         host_params = parallel.to_host(state.policy_params)
         if is_main:
             save_pretrained(policy_dir, policy_model, host_params, tokenizer)
-    return TrainResult(state, ppo, frozen, history, out_dir, policy_dir)
+    return TrainResult(state, ppo, frozen, histories[0], out_dir, policy_dir)
+
+
+def train_sweep(
+    policy: Union[Pretrained, Tuple[LanguageModel, Any]],
+    reward,
+    prompts,
+    config: PPOConfig,
+    out_dir: str | os.PathLike,
+    runs: Sequence[Dict[str, Any]],
+    *,
+    value_model: Optional[ValueModel] = None,
+    value_params=None,
+    reward_params=None,
+    ref_params=None,
+    tokenizer=None,
+    mesh=None,
+    num_steps: Optional[int] = None,
+    export: bool = True,
+    progress: bool = True,
+    on_step: Optional[Callable[[int, List[Dict[str, float]], SweepState], None]] = None,
+    evaluate: Optional[Callable[[int, SweepState], List[Dict[str, float]]]] = None,
+    eval_every: int = 0,
+) -> SweepResult:
+    """Train R runs (``runs``: per-run overrides, e.g. ``grid(seed=[0, 1, 2], init_kl_coef=[0, 0.1])``)
+    as one program; arguments as in `train`, except:
+
+    - ``runs`` are checked (unknown or static fields, wrong types, changed structure) before
+      anything is compiled (`jaxrlhf.training.hparams.run_configs`);
+    - every run starts from the same ``policy`` (and ``value_params``); the reference and reward
+      model are shared; run r's prompt order follows run r's seed;
+    - ``out_dir/checkpoints`` holds the whole sweep (resumed exactly); ``out_dir/run_<r>/`` each
+      run's ``metrics.jsonl``, TensorBoard events and exported ``policy/``; ``sweep_summary.json``
+      each run's overrides, final metrics and whether it failed (non-finite) and when;
+    - ``evaluate(step, sweep_state)`` returns one metrics dict per run (a list), ``on_step``
+      receives the list of the runs' metrics.
+    """
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    policy_model, policy_params, policy_tokenizer = _unpack_policy(policy)
+    tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
+    sweep = Sweep(config, policy_model, reward, runs, critic=value_model, mesh=mesh)
+    base = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
+    data = [PromptDataset(base.ids, base.mask, c.seed) for c in sweep.run_configs]
+    is_main = jax.process_index() == 0
+
+    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), sweep)
+    latest = checkpointer.latest_step()
+    state = checkpointer.restore(latest) if latest is not None else sweep.init_state(policy_params, value_params)
+    frozen = sweep.frozen_params(policy_params if ref_params is None else ref_params, reward_params)
+
+    start, end = _start_and_end(int(state.step), config, num_steps)
+    loggers: List[Optional[MetricsLogger]] = [None] * sweep.num_runs
+    if is_main:
+        loggers = [MetricsLogger(os.path.join(out_dir, f"run_{r}"), total_steps=config.total_steps,
+                                 progress_keys=PROGRESS_KEYS, resume_step=start - 1, progress=progress and r == 0)
+                   for r in range(sweep.num_runs)]
+    try:
+        state, histories = _run_loop(_SweepRuns(sweep, frozen, data, reward, tokenizer), state, start, end, loggers,
+                                     checkpointer, on_step=on_step, evaluate=evaluate, eval_every=eval_every)
+    finally:
+        checkpointer.close()
+        for logger in loggers:
+            if logger is not None:
+                logger.close()
+
+    active = np.asarray(jax.device_get(state.active))
+    failed_step = np.asarray(jax.device_get(state.failed_step))
+    summary = {"num_runs": sweep.num_runs, "steps": int(state.step), "runs": []}
+    policy_dirs: List[Optional[str]] = []
+    for r, overrides in enumerate(sweep.overrides):
+        good = [m for m in histories[r] if "non_finite" not in m]
+        summary["runs"].append({
+            "run": r, "overrides": overrides, "failed": not bool(active[r]),
+            "failed_at_step": None if active[r] else int(failed_step[r]),
+            "final": {k: v for k, v in (good[-1] if good else {}).items() if k not in TIMING_METRICS},
+        })
+        policy_dir = None
+        if export:
+            policy_dir = os.path.join(out_dir, f"run_{r}", "policy")
+            host_params = parallel.to_host(jax.tree.map(lambda x: x[r], state.runs.policy_params))
+            if is_main:
+                save_pretrained(policy_dir, policy_model, host_params, tokenizer)
+        policy_dirs.append(policy_dir)
+    if is_main:
+        with open(os.path.join(out_dir, "sweep_summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return SweepResult(state, sweep, frozen, histories, summary, out_dir, policy_dirs)

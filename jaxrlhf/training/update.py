@@ -29,6 +29,7 @@ from jaxrlhf.core.losses import aggregate_loss, entropy_loss, ppo_policy_loss, p
 from jaxrlhf.core.stats import masked_count
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.experience import Experience, Models, policy_and_values
+from jaxrlhf.training.hparams import HyperParams, uses_entropy
 
 # Diagnostics averaged over all minibatches of a step.
 UPDATE_STAT_KEYS = ("pg_loss", "vf_loss", "loss", "clipfrac", "vf_clipfrac", "approx_kl",
@@ -46,35 +47,39 @@ def _normaliser(mask, agg: str):
     return jnp.sum((masked_count(mask, axis=-1) > 0).astype(jnp.float32))
 
 
-def minibatch_loss(params, experience: Experience, kl_coef, config: PPOConfig, models: Models,
-                   policy_weight, value_weight):
+def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams, config: PPOConfig,
+                   models: Models, policy_weight, value_weight):
     """Weighted PPO loss of a (micro-)batch; ``params = {"policy": ..., "value": ...}``.
+
+    Numbers (clip ranges, coefficients, temperature) come from ``hparams``; ``config`` gives the
+    structure (aggregation, KL placement and estimator, which optional terms are on).
 
     ``policy_weight``/``value_weight`` scale the policy-side and value terms (1 for a whole
     minibatch; the micro-batch's share with gradient accumulation). Returns ``(loss, stats)``.
     """
-    exp = experience
-    with_entropy = config.entropy_coef != 0
+    exp, hp = experience, hparams
+    with_entropy = uses_entropy(config)
     logprobs, values, entropy = policy_and_values(
         models, params["policy"], params["value"], exp.prompt_ids, exp.prompt_mask,
-        exp.response_ids, exp.response_mask, config.temperature, with_entropy=with_entropy)
+        exp.response_ids, exp.response_mask, hp.temperature, with_entropy=with_entropy)
     mask = exp.response_mask
     pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
-                                        config.cliprange, config.cliprange_high, config.loss_agg)
-    vf_loss, vf_stats = ppo_value_loss(values, exp.old_values, exp.returns, mask, config.cliprange_value)
+                                        hp.cliprange, hp.cliprange_high, config.loss_agg)
+    value_clip = None if config.cliprange_value is None else hp.cliprange_value
+    vf_loss, vf_stats = ppo_value_loss(values, exp.old_values, exp.returns, mask, value_clip)
     sg = jax.lax.stop_gradient
     policy_loss = pg_loss
     extra_stats = {}
     if with_entropy:
         ent_loss, ent_stats = entropy_loss(entropy, mask, config.loss_agg)
-        policy_loss = policy_loss + config.entropy_coef * ent_loss
+        policy_loss = policy_loss + hp.entropy_coef * ent_loss
         extra_stats["policy_entropy"] = policy_weight * ent_stats["entropy"]
     if config.kl_placement == "loss":
         kl_BxN = kl_estimate(logprobs, exp.ref_logprobs, config.kl_estimator)
         kl_term = aggregate_loss(kl_BxN, mask, config.loss_agg)
         policy_loss = policy_loss + kl_coef * kl_term
         extra_stats["policy_kl"] = policy_weight * sg(kl_term)
-    loss = policy_weight * policy_loss + value_weight * config.vf_coef * vf_loss
+    loss = policy_weight * policy_loss + value_weight * hp.vf_coef * vf_loss
     token_weight = value_weight  # vf terms and token-mean diagnostics share the token weight
     stats = {
         "pg_loss": policy_weight * pg_stats["pg_loss"],
@@ -96,7 +101,7 @@ def _no_constraint(x, batch_dim: int = 0):
 
 def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.GradientTransformation,
                     value_opt: optax.GradientTransformation, constrain: Optional[Callable] = None):
-    """Builds ``ppo_update(params, opt_states, experience, kl_coef, key) -> (params, opt_states, stats)``.
+    """Builds ``ppo_update(params, opt_states, experience, kl_coef, hparams, key) -> (params, opt_states, stats)``.
 
     ``params = {"policy", "value"}``, ``opt_states = {"policy", "value"}``. ``constrain(x, batch_dim)``
     pins the batch axis of (re-arranged) experience arrays to the data-parallel sharding under GSPMD
@@ -108,10 +113,10 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
     micro_size = mb_size // accum
     grad_fn = jax.grad(minibatch_loss, has_aux=True)
 
-    def minibatch_grads(params, minibatch: Experience, kl_coef):
+    def minibatch_grads(params, minibatch: Experience, kl_coef, hparams):
         if accum == 1:
             one = jnp.ones((), jnp.float32)
-            return grad_fn(params, minibatch, kl_coef, config, models, one, one)
+            return grad_fn(params, minibatch, kl_coef, hparams, config, models, one, one)
         # [mb, ...] -> [accum, micro, ...]; micro-batch i weighted by its share of the normaliser.
         micro = jax.tree.map(lambda x: constrain(x.reshape(accum, micro_size, *x.shape[1:]), 1), minibatch)
         token_total = jnp.maximum(_normaliser(minibatch.response_mask, "token-mean"), 1.0)
@@ -120,16 +125,16 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
         def accumulate(grads_sum, micro_batch):
             token_w = _normaliser(micro_batch.response_mask, "token-mean") / token_total
             policy_w = _normaliser(micro_batch.response_mask, config.loss_agg) / policy_total
-            grads, stats = grad_fn(params, micro_batch, kl_coef, config, models, policy_w, token_w)
+            grads, stats = grad_fn(params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w)
             return jax.tree.map(jnp.add, grads_sum, grads), stats
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, stats = lax.scan(accumulate, zeros, micro)
         return grads, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
 
-    def minibatch_step(carry, minibatch: Experience, kl_coef):
+    def minibatch_step(carry, minibatch: Experience, kl_coef, hparams):
         params, opt_states = carry
-        grads, stats = minibatch_grads(params, minibatch, kl_coef)
+        grads, stats = minibatch_grads(params, minibatch, kl_coef, hparams)
         stats["policy_grad_norm"] = optax.tree.norm(grads["policy"])
         stats["value_grad_norm"] = optax.tree.norm(grads["value"])
         new_params, new_opt_states = {}, {}
@@ -138,14 +143,14 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
             new_params[name] = optax.apply_updates(params[name], updates)
         return (new_params, new_opt_states), stats
 
-    def ppo_update(params, opt_states, experience: Experience, kl_coef, key):
+    def ppo_update(params, opt_states, experience: Experience, kl_coef, hparams: HyperParams, key):
         batch = experience.response_ids.shape[0]
 
         def epoch(carry, epoch_key):
             perm = jax.random.permutation(epoch_key, batch)
             shuffled = jax.tree.map(lambda x: constrain(x[perm].reshape(num_mb, mb_size, *x.shape[1:]), 1),
                                     experience)
-            return lax.scan(lambda c, mb: minibatch_step(c, mb, kl_coef), carry, shuffled)
+            return lax.scan(lambda c, mb: minibatch_step(c, mb, kl_coef, hparams), carry, shuffled)
 
         (params, opt_states), stats = lax.scan(epoch, (params, opt_states),
                                                jax.random.split(key, config.ppo_epochs))
