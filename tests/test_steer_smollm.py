@@ -2,8 +2,8 @@
 
 The tiny run needs neither the 98 MB SmolLM2 file nor MiniLM: a random 2-layer Llama is written as a
 GGUF file (with the byte-level BPE tokenizer of tests/test_gguf.py) and a random 2-layer BERT as an
-HF directory; the script's code path (chat prompts, split PPO step with host scoring, one compiled
-step for every kl_coef, evaluation, plot, summary) runs on them.
+HF directory; the script's code path (chat prompts, the kl_coef runs as one sweep with host scoring
+of every run's texts, evaluation, plot, summary) runs on them.
 """
 import importlib.util
 import json
@@ -114,10 +114,11 @@ def test_tiny_end_to_end_run(tiny_models, tmp_path):
     summary = steer_smollm.main(config)
 
     out = tmp_path / "run"
-    for name in ("config.json", "summary.json", "steer_smollm.png", "kl_0/metrics.jsonl", "kl_0.1/metrics.jsonl"):
+    for name in ("config.json", "summary.json", "steer_smollm.png", "sweep/run_0/metrics.jsonl",
+                 "sweep/run_1/metrics.jsonl", "sweep/sweep_summary.json"):
         assert (out / name).is_file(), name
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "kl_0.1"))
-    lines = (out / "kl_0.1" / "metrics.jsonl").read_text().splitlines()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "sweep" / "run_1"))
+    lines = (out / "sweep" / "run_1" / "metrics.jsonl").read_text().splitlines()  # kl_coef 0.1
     records = [json.loads(line) for line in lines]
     assert [r["step"] for r in records] == [0, 1]
     assert records[0]["kl_coef"] == pytest.approx(0.1) and records[0]["kl"] == pytest.approx(0.0, abs=1e-4)
