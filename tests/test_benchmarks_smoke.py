@@ -41,3 +41,12 @@ def test_sampling_quick():
     # One row per case, ending in "<ratio>x <compile s>".
     rows = re.findall(r"^\S+\s+\d+M\s+\d+\s+\d+\s+(\d+\.\d+)x\s+\d+\.\d+$", out, re.MULTILINE)
     assert rows, out[-4000:]
+
+
+@pytest.mark.slow
+def test_sweep_quick():
+    out = _run("sweep.py", "--quick")
+    rows = re.findall(r"^sweep R=(\d)\s+(\d+\.\d+)\s+(\d+\.\d+)x", out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["1", "2"], out[-4000:]
+    assert re.search(r"^2 runs as one sweep: \d+\.\d+x the time of one run, \d+\.\d+x the throughput", out, re.MULTILINE)
+    assert "load average" in out and "matrix-product peak" in out
