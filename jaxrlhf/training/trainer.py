@@ -25,10 +25,14 @@ with several simulated devices many queued multi-device steps can trip XLA's ren
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import threading
 import time
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import jax
@@ -38,6 +42,7 @@ from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models.hf_io import save_pretrained
 from jaxrlhf.models.lm import LanguageModel, Pretrained
 from jaxrlhf.models.value import ValueModel
+from jaxrlhf.sampling import check_prompts, model_limits
 from jaxrlhf.training import parallel
 from jaxrlhf.training.checkpoint import Checkpointer
 from jaxrlhf.training.config import PPOConfig
@@ -81,6 +86,20 @@ class PromptDataset:
         return self.ids[index], self.mask[index]
 
 
+def _check_integer_ids(ids: np.ndarray, what: str) -> None:
+    """Token ids must be integers: float ids would be truncated to other tokens without a word."""
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{what}: token ids must be integers, got dtype {ids.dtype}")
+
+
+def check_prompt_set(data: PromptDataset, model: LanguageModel, config: PPOConfig) -> None:
+    """The prompts fit the model before any work: ids in its vocabulary (padding included, so
+    ``pad_token_id`` too) and prompt + ``max_new_tokens`` within its position table."""
+    vocab_size, max_positions = model_limits(model)
+    check_prompts(data.ids, data.mask, vocab_size=vocab_size, max_new_tokens=config.max_new_tokens,
+                  max_positions=max_positions, where="train")
+
+
 def prepare_prompts(prompts, max_prompt_len: int, pad_token_id: int = 0, tokenizer=None, seed: int = 0) -> PromptDataset:
     """Prompts as a `PromptDataset`, checked against ``max_prompt_len`` before any work starts.
 
@@ -92,6 +111,9 @@ def prepare_prompts(prompts, max_prompt_len: int, pad_token_id: int = 0, tokeniz
         return prompts
     if isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2:
         ids, mask = np.asarray(prompts[0]), np.asarray(prompts[1])
+        if ids.shape != mask.shape:
+            raise ValueError(f"prompt ids and mask must have the same shape, got {ids.shape} and {mask.shape}")
+        _check_integer_ids(ids, "prompt ids")
         sequences = [row[m != 0].tolist() for row, m in zip(ids, mask)]
     else:
         prompts = list(prompts)
@@ -102,7 +124,10 @@ def prepare_prompts(prompts, max_prompt_len: int, pad_token_id: int = 0, tokeniz
                 raise ValueError("text prompts need a tokenizer (the policy's Pretrained.tokenizer or tokenizer=)")
             sequences = [list(tokenizer(p)["input_ids"]) for p in prompts]
         else:
-            sequences = [list(np.asarray(p).reshape(-1).tolist()) for p in prompts]
+            arrays = [np.asarray(p).reshape(-1) for p in prompts]
+            for index, array in enumerate(arrays):
+                _check_integer_ids(array, f"prompt {index}")
+            sequences = [array.tolist() for array in arrays]
     lengths = np.array([len(s) for s in sequences])
     too_long = np.flatnonzero(lengths > max_prompt_len)
     if too_long.size:
@@ -140,6 +165,9 @@ def host_scores_and_metrics(reward: TextReward, tokenizer, batch_ids, batch_mask
     if tokenizer is None:
         raise ValueError("a TextReward needs a tokenizer (TextReward(fn, tokenizer) or the policy's)")
     response_ids, response_mask = parallel.to_host((rollout.tokens, rollout.mask))
+    group = len(response_ids) // max(len(batch_ids), 1)
+    if group > 1:  # num_generations: the batch holds distinct prompts, the rollout G responses to each
+        batch_ids, batch_mask = np.repeat(np.asarray(batch_ids), group, 0), np.repeat(np.asarray(batch_mask), group, 0)
     prompts_text = _decode_rows(tokenizer, np.asarray(batch_ids), np.asarray(batch_mask))
     responses_text = _decode_rows(tokenizer, np.asarray(response_ids), np.asarray(response_mask))
     scores = np.asarray(reward.fn(prompts_text, responses_text), np.float32)
@@ -194,7 +222,7 @@ class _SingleRun:
 
     def step(self, state: TrainState, step: int):
         config = self.trainer.config
-        batch_ids, batch_mask = self.data.batch(step, config.batch_size)
+        batch_ids, batch_mask = self.data.batch(step, config.prompts_per_step)
         batch = self.trainer.prompt_batch(batch_ids, batch_mask)
         extra = {}
         if self.trainer.uses_host_reward:
@@ -223,8 +251,8 @@ class _SweepRuns:
         self.num_runs = sweep.num_runs
 
     def step(self, state: SweepState, step: int):
-        batch_size = self.trainer.ppo.config.batch_size
-        host = [d.batch(step, batch_size) for d in self.data]
+        prompts_per_step = self.trainer.ppo.config.prompts_per_step
+        host = [d.batch(step, prompts_per_step) for d in self.data]
         ids_RxBxP, mask_RxBxP = np.stack([b[0] for b in host]), np.stack([b[1] for b in host])
         batch = self.trainer.prompt_batch(ids_RxBxP, mask_RxBxP)
         extras = [{} for _ in self.data]
@@ -249,9 +277,45 @@ class _SweepRuns:
         return new_state, per_run
 
 
-def _run_loop(runner, state, start: int, end: int, loggers, checkpointer, *, on_step=None, evaluate=None,
-              eval_every: int = 0):
-    """The one training loop: step, check, log, checkpoint, hooks. Returns ``(state, histories)``."""
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM arrived during training (raised after the last committed state was checkpointed)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While training, SIGTERM raises `TrainingInterrupted` (like Ctrl-C raises KeyboardInterrupt),
+    so the loop's handler checkpoints before the process ends. Installed once per call, not per
+    step; only in the main thread (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise TrainingInterrupted(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_loop(runner, state, start: int, end: int, loggers, checkpointer, **hooks):
+    """The one training loop; on Ctrl-C, SIGTERM or an exception from the host side of a step (a
+    text reward, a hook) the last committed state is checkpointed, synchronously, before the
+    exception goes on. Returns ``(state, histories)``."""
+    last_committed = [state]
+    with _sigterm_raises():
+        try:
+            return _steps(runner, state, start, end, loggers, checkpointer, last_committed, **hooks)
+        except BaseException:
+            checkpointer.save(last_committed[0], force=True)  # no-op if that step is saved already
+            checkpointer.wait()
+            raise
+
+
+def _steps(runner, state, start: int, end: int, loggers, checkpointer, last_committed, *, on_step=None,
+           evaluate=None, eval_every: int = 0):
     histories: List[List[Dict[str, float]]] = [[] for _ in range(runner.num_runs)]
     frozen_runs: set = set()
     for step in range(start, end):
@@ -276,7 +340,7 @@ def _run_loop(runner, state, start: int, end: int, loggers, checkpointer, *, on_
             histories[r].append(metrics)
             if loggers[r] is not None:
                 loggers[r].log(step, {k: v for k, v in metrics.items() if not isinstance(v, str)})
-        state = new_state
+        state = last_committed[0] = new_state
         if evaluate is not None and eval_every > 0 and ((step + 1) % eval_every == 0 or step + 1 == end):
             evaluated = evaluate(step + 1, state)
             evaluated = evaluated if isinstance(evaluated, list) else [evaluated]
@@ -296,6 +360,9 @@ def _run_loop(runner, state, start: int, end: int, loggers, checkpointer, *, on_
 
 
 def _start_and_end(state_step: int, config: PPOConfig, num_steps: Optional[int]) -> Tuple[int, int]:
+    if state_step > config.total_steps:
+        warnings.warn(f"the checkpoint is at step {state_step}, past total_steps={config.total_steps}: "
+                      "nothing to train (raise total_steps to train on)", stacklevel=3)
     end = config.total_steps if num_steps is None else min(config.total_steps, state_step + num_steps)
     return state_step, max(end, state_step)
 
@@ -352,13 +419,18 @@ def train(
 
     Returns:
       A `TrainResult`. Raises `NonFiniteError` (after checkpointing the last good state) when a
-      step produces NaN/inf, `PromptTooLongError` for over-long prompts, `RewardShapeError` for a
-      reward of the wrong shape, `CheckpointMismatchError` for an incompatible ``out_dir``.
+      step produces NaN/inf, `PromptTooLongError` for over-long prompts, ValueError for prompts
+      that do not fit the model (ids outside the vocabulary, prompt + max_new_tokens past the
+      position table, float ids, mismatched ids/mask), `RewardShapeError` for a reward of the
+      wrong shape, `CheckpointMismatchError` for an incompatible ``out_dir``. On Ctrl-C, SIGTERM
+      (`TrainingInterrupted`) or an exception from a text reward or a hook, the last committed
+      state is checkpointed first: a rerun resumes there.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     policy_model, policy_params, policy_tokenizer = _unpack_policy(policy)
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
     data = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
+    check_prompt_set(data, policy_model, config)
     if trainer is None:
         ppo = PPO(config, policy_model, reward, critic=value_model, mesh=mesh)
     else:
@@ -437,6 +509,7 @@ def train_sweep(
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
     sweep = Sweep(config, policy_model, reward, runs, critic=value_model, mesh=mesh)
     base = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
+    check_prompt_set(base, policy_model, config)
     data = [PromptDataset(base.ids, base.mask, c.seed) for c in sweep.run_configs]
     is_main = jax.process_index() == 0
 

@@ -1,0 +1,124 @@
+"""What you gave is what ran, and nothing computed is lost: bad prompt sets fail before any work;
+Ctrl-C, SIGTERM and a failing host reward checkpoint the last committed step; a rerun after a kill
+before the first checkpoint does not duplicate metrics rows; a checkpoint past total_steps warns.
+"""
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+from jaxrlhf.metrics_log import read_metrics
+from jaxrlhf.models import LanguageModel
+from jaxrlhf.training import PPO, Checkpointer, TextReward, train
+from jaxrlhf.training.trainer import TrainingInterrupted
+
+import test_training as tt
+
+CONFIG = tt.BASE_CONFIG.replace(total_steps=4, save_every=100)  # no periodic checkpoint before the end
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    yield from tt.compilation_cache.__wrapped__(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = LanguageModel(tt.tiny_gpt2_config())
+    return model, model.init_params(jax.random.PRNGKey(0))
+
+
+def _train(tiny, out_dir, prompts=None, config=CONFIG, reward=tt.target_fraction_reward, **kwargs):
+    prompts = tt.make_prompts(tt.BATCH) if prompts is None else prompts
+    return train(tiny, reward, prompts, config, out_dir, progress=False, export=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt sets that used to run with silently wrong inputs
+
+
+def test_prompt_sets_that_do_not_fit_the_model_fail_before_any_work(tiny, tmp_path):
+    ids, mask = tt.make_prompts(tt.BATCH)
+    cases = [
+        ((ids, mask[:-1]), "same shape"),                                  # rows were cut to the shorter
+        ((ids.astype(np.float32) + 0.5, mask), "must be integers"),        # float ids were truncated
+        ([[5, 6], [7.5, 8]], "prompt 1: token ids must be integers"),
+        ((np.where(np.arange(4) == 1, -3, ids), mask), r"row 0, column 1 is -3"),   # negative ids wrapped around
+        ((np.where(np.arange(4) == 2, tt.VOCAB, ids), mask), f"outside the vocabulary \\[0, {tt.VOCAB}\\)"),
+    ]
+    for prompts, message in cases:
+        with pytest.raises(ValueError, match=message):
+            _train(tiny, tmp_path / "run", prompts=prompts)
+    # Prompt + max_new_tokens past the learned position table (32) used to clamp positions.
+    long_config = CONFIG.replace(max_new_tokens=30)
+    with pytest.raises(ValueError, match="max_position_embeddings=32"):
+        _train(tiny, tmp_path / "run", config=long_config)
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")  # refused before any work
+
+
+# ----------------------------------------------------------------------------------------------
+# Interrupts: nothing committed is lost
+
+
+class DigitTokenizer(tt.DigitTokenizer):
+    pass
+
+
+def _host_reward(fail_at_call: int, error: BaseException):
+    calls = []
+
+    def fraction(prompts, responses):
+        calls.append(1)
+        if len(calls) == fail_at_call:
+            raise error
+        return [r.split().count(f"t{tt.TARGET_TOKEN}") / max(len(r.split()), 1) for r in responses]
+
+    return TextReward(fraction, DigitTokenizer())
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("scoring server went away")],
+                         ids=["ctrl-c", "host-reward-exception"])
+def test_interrupt_or_host_error_checkpoints_the_last_committed_step(tiny, tmp_path, error):
+    reward = _host_reward(fail_at_call=3, error=error)  # steps 0 and 1 commit, step 2's scoring fails
+    with pytest.raises(type(error)):
+        _train(tiny, tmp_path, reward=reward)
+    ppo = PPO(CONFIG, tiny[0], reward)
+    checkpointer = Checkpointer(tmp_path / "checkpoints", ppo)
+    assert checkpointer.latest_step() == 2  # today: nothing on disk (save_every=100)
+    checkpointer.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+    resumed = _train(tiny, tmp_path, reward=_host_reward(fail_at_call=0, error=error))
+    assert int(resumed.state.step) == CONFIG.total_steps
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_sigterm_checkpoints_then_raises(tiny, tmp_path):
+    def terminate_after_step_1(step, metrics, state):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM"):
+        _train(tiny, tmp_path, on_step=terminate_after_step_1)
+    assert signal.getsignal(signal.SIGTERM) is previous  # the handler is put back
+    checkpointer = Checkpointer(tmp_path / "checkpoints", PPO(CONFIG, tiny[0], tt.target_fraction_reward))
+    assert checkpointer.latest_step() == 2
+    checkpointer.close()
+
+
+def test_rerun_after_a_kill_before_the_first_checkpoint_does_not_duplicate_rows(tiny, tmp_path):
+    # What a run killed (-9) after logging two steps, before any checkpoint, leaves behind.
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        f.write('{"step": 0, "score": 0.1}\n{"step": 1, "score": 0.2}\n')
+    _train(tiny, tmp_path, num_steps=2)
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1] and rows[0]["score"] != 0.1  # rewritten, not appended
+
+
+def test_checkpoint_past_total_steps_warns(tiny, tmp_path):
+    _train(tiny, tmp_path, num_steps=2)
+    with pytest.warns(UserWarning, match="checkpoint is at step 2, past total_steps=1"):
+        result = _train(tiny, tmp_path, config=CONFIG.replace(total_steps=1))
+    assert int(result.state.step) == 2 and result.history == []
