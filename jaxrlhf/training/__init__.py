@@ -16,8 +16,19 @@ from jaxrlhf.training.checkpoint import Checkpointer, CheckpointMismatchError
 from jaxrlhf.training.sweep import Sweep, SweepState, make_runs_mesh
 from jaxrlhf.training.trainer import PromptDataset, SweepResult, TrainResult, prepare_prompts, train, train_sweep
 from jaxrlhf.training import parallel
+from jaxrlhf.training.preference import (PreferenceConfig, PreferenceResult, PreferenceState, PreferenceTrainer,
+                                        train_preference)
+from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data
 
 __all__ = [
+    "PreferenceConfig",
+    "PreferenceData",
+    "PreferenceDataError",
+    "PreferenceResult",
+    "PreferenceState",
+    "PreferenceTrainer",
+    "load_preference_data",
+    "train_preference",
     "HyperParams",
     "Sweep",
     "SweepResult",
