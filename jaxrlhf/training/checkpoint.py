@@ -40,7 +40,7 @@ def _json_roundtrip(value: Any) -> Any:
 
 def checkpoint_metadata(ppo: PPO, config: PPOConfig, sweep_runs=None) -> dict:
     """What a checkpoint records about the run that wrote it (JSON values only)."""
-    critic = None if ppo.config.shared_trunk else dataclasses.asdict(ppo.critic.config)
+    critic = None if ppo.critic is None else dataclasses.asdict(ppo.critic.config)  # shared trunk / critic-free
     return _json_roundtrip({
         "format_version": FORMAT_VERSION,
         "ppo_config": config_to_dict(config),

@@ -14,6 +14,13 @@ from jaxrlhf.core.losses import LOSS_AGGREGATIONS
 KL_PLACEMENTS = ("reward", "loss")
 SCORE_NORMS = ("none", "batch", "running")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# Advantage estimators: "gae" trains a critic; every other one is critic-free (DESIGN.md, "Groups").
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce++", "reinforce++-baseline", "remax")
+# Critic-free estimators whose baseline is the group of G responses to one prompt (G >= 2 needed).
+GROUP_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce++-baseline")
+# Estimators with one advantage per response (broadcast over its tokens), not per token.
+OUTCOME_ESTIMATORS = ("grpo", "drgrpo", "rloo", "remax")
+POLICY_LOSSES = ("ppo", "gspo", "gspo-token")
 
 # Fields that may differ between a checkpoint and the run that resumes from it: they change how
 # often things are written, not what a step computes. (`total_steps` joins them when the learning
@@ -30,7 +37,12 @@ class PPOConfig:
     """Number of PPO iterations (rollout + update) of the whole run; also the horizon of the
     learning-rate schedule."""
     batch_size: int = 64
-    """Prompts per PPO iteration (global, over all devices and hosts)."""
+    """Responses per PPO iteration (global, over all devices and hosts): ``batch_size /
+    num_generations`` prompts, each sampled ``num_generations`` times."""
+    num_generations: int = 1
+    """G, responses sampled per prompt. The step takes ``batch_size // G`` prompts and repeats each
+    G times inside the jit, as consecutive rows (row b belongs to group b // G), every row sampled
+    with its own randomness; must divide batch_size. Group estimators need G >= 2."""
     minibatch_size: int = 16
     """Rollouts per optimizer update; must divide batch_size."""
     ppo_epochs: int = 4
@@ -86,14 +98,36 @@ class PPOConfig:
     """Adaptive controller horizon, in samples (beta changes by e * batch_size / horizon per step)."""
 
     # --- advantages ---
+    advantage_estimator: str = "gae"
+    """"gae" (PPO with a critic, the default), or a critic-free estimator (no value model, no
+    value loss): "grpo" (group mean and std), "drgrpo" (group mean), "rloo" (leave-one-out
+    mean), "reinforce++" (batch-whitened returns of the KL-penalised rewards),
+    "reinforce++-baseline" (the same after subtracting the group mean), "remax" (the greedy
+    response's score as baseline; needs greedy_rollout). Formulas: `jaxrlhf.core.groups`."""
+    greedy_rollout: bool = False
+    """Also decode each prompt greedily (temperature 0) every step and score it with the reward:
+    ReMax's baseline (required by advantage_estimator="remax"); its mean is logged as
+    greedy_score. Needs a JAX reward (function or reward model)."""
+    overlong_buffer: Optional[int] = None
+    """DAPO's soft overlong punishment (Yu et al. 2025): with L_c = overlong_buffer and
+    L_max = max_new_tokens, a response of length L > L_max - L_c gets (L_max - L_c - L) / L_c
+    added to its raw score (from 0 down to -1). None = off."""
     gamma: float = 1.0
     """Discount factor over response tokens (1.0 for text)."""
     lam: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
-    """Whiten advantages over the batch's valid tokens (mean 0, std 1)."""
+    """Whiten advantages over the batch's valid tokens (mean 0, std 1). "gae" only: the
+    critic-free estimators normalise as their papers do (and Dr. GRPO deliberately does not)."""
 
     # --- losses ---
+    policy_loss: str = "ppo"
+    """"ppo" (token-level ratio clip), "gspo" (GSPO's sequence-level ratio, Zheng et al. 2025)
+    or "gspo-token" (GSPO-token: the sequence ratio's value, each token's own gradient). GSPO
+    clips the sequence ratio with cliprange / cliprange_high (the paper uses 3e-4 / 4e-4)."""
+    dual_clip: Optional[float] = None
+    """Dual-clip PPO constant c > 1 (Ye et al. 2020): for negative advantages the token loss is
+    also capped at -A * c. None = off. "ppo" policy loss only."""
     cliprange: float = 0.2
     """PPO ratio clip epsilon (lower side, and upper side unless cliprange_high is set)."""
     cliprange_high: Optional[float] = None
@@ -106,7 +140,8 @@ class PPOConfig:
     """Weight of the entropy bonus (loss -= entropy_coef * entropy)."""
     loss_agg: str = "token-mean"
     """Aggregation of per-token policy losses: "token-mean", "seq-mean-token-mean",
-    "seq-mean-token-sum" (the value loss is always token-mean)."""
+    "seq-mean-token-sum", "seq-mean-token-sum-norm" (token sum / max_new_tokens, Dr. GRPO); the
+    value loss is always token-mean."""
 
     # --- optimisation ---
     learning_rate: float = 1e-5
@@ -160,6 +195,41 @@ class PPOConfig:
              "adaptive_kl needs target_kl > 0 and kl_horizon > 0")
         need(self.score_clip is None or self.score_clip > 0, "score_clip must be positive or None")
         need(self.save_every > 0 and self.keep_checkpoints > 0, "save_every and keep_checkpoints must be positive")
+        # --- groups and critic-free estimators ---
+        G = self.num_generations
+        need(isinstance(G, int) and not isinstance(G, bool) and G >= 1,
+             f"num_generations must be an int >= 1, got {G!r}")
+        need(self.batch_size % G == 0,
+             f"batch_size ({self.batch_size}) counts responses and must be a multiple of num_generations "
+             f"({G}): each of the batch_size / num_generations prompts is sampled num_generations times")
+        need(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+             f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}")
+        need(self.advantage_estimator not in GROUP_ESTIMATORS or G >= 2,
+             f"advantage_estimator={self.advantage_estimator!r} compares the responses to one prompt, so it needs "
+             f"num_generations >= 2 (got {G}): a group of one response has no baseline")
+        need(self.advantage_estimator != "remax" or self.greedy_rollout,
+             'advantage_estimator="remax" uses the greedy response\'s score as baseline: set greedy_rollout=True')
+        need(not self.shared_trunk or self.uses_critic,
+             f"shared_trunk puts a value head on the policy, but advantage_estimator={self.advantage_estimator!r} "
+             "trains no critic")
+        need(self.advantage_estimator != "remax" or self.score_norm == "none",
+             'advantage_estimator="remax" compares each score with the greedy response\'s: score_norm must be "none"')
+        need(self.policy_loss in POLICY_LOSSES, f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
+        need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 or None, got {self.dual_clip!r}")
+        need(self.dual_clip is None or self.policy_loss == "ppo",
+             f'dual_clip applies to policy_loss="ppo" only, got policy_loss={self.policy_loss!r}')
+        need(self.overlong_buffer is None or 0 < self.overlong_buffer <= self.max_new_tokens,
+             f"overlong_buffer must be in [1, max_new_tokens={self.max_new_tokens}] or None, got {self.overlong_buffer!r}")
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts per iteration: ``batch_size // num_generations`` (each repeated G times)."""
+        return self.batch_size // self.num_generations
+
+    @property
+    def uses_critic(self) -> bool:
+        """Whether the trainer has a value model (only the "gae" estimator needs one)."""
+        return self.advantage_estimator == "gae"
 
     @property
     def num_minibatches(self) -> int:

@@ -7,6 +7,19 @@
                      scores -> (EOS penalty, clip, normalise) -> step rewards
                        r = -beta * KL * mask,  r[last] += score        (kl_placement="reward")
                      GAE: A, returns = gae(r, V, mask, gamma, lam);  A <- whiten(A)
+                     or a critic-free estimator (no critic forward, see below)
+
+Critic-free estimators (``advantage_estimator != "gae"``, `jaxrlhf.core.groups`) replace the
+critic and GAE. The G responses to one prompt are consecutive rows (row b in group b // G):
+
+    grpo / drgrpo / rloo   A_i from the group's scores, broadcast over response i's tokens
+    remax                  A_i = s_i - s(greedy response to the same prompt)
+    reinforce++            whitened discounted returns of r (per token)
+    reinforce++-baseline   the same with s_i - mean_g s in place of s_i
+
+With ``kl_placement="reward"`` an outcome estimator (grpo, drgrpo, rloo, remax) scores
+``s_i - beta * sum_t KL_it`` (the sequence-level form of the per-token penalty, as RLOO and ReMax
+do); REINFORCE++ keeps the per-token penalty in r. With ``"loss"`` the scores are left alone.
 
 Token t of a response of a batch with prompt width P sits at position P + t of the concatenated
 sequence; it is predicted by the logits at P + t - 1, and the state it is chosen in, s_t, is the
@@ -15,11 +28,12 @@ prefix ending at P + t - 1, so ``V(s_t)`` is the value head at P + t - 1 too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.core import groups
 from jaxrlhf.core.advantages import gae_advantages
 from jaxrlhf.core.kl import kl_estimate
 from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
@@ -57,9 +71,9 @@ class Experience(NamedTuple):
     response_mask: jax.Array  # [B, N]
     old_logprobs: jax.Array  # [B, N] policy log-probs at rollout time (temperature-scaled)
     ref_logprobs: jax.Array  # [B, N] reference log-probs (temperature-scaled)
-    old_values: jax.Array  # [B, N] V(s_t) at rollout time
+    old_values: Optional[jax.Array]  # [B, N] V(s_t) at rollout time; None without a critic
     advantages: jax.Array  # [B, N] (whitened if configured)
-    returns: jax.Array  # [B, N] value targets A + V
+    returns: Optional[jax.Array]  # [B, N] value targets A + V; None without a critic
     rewards: jax.Array  # [B, N] step rewards (for analysis; the update does not read them)
     scores: jax.Array  # [B] scores after EOS penalty, clipping and normalisation
 
@@ -68,11 +82,13 @@ class Experience(NamedTuple):
 class Models:
     """The static (hashable) part of the trainer: model definitions, no parameters.
 
-    ``critic`` is a `ValueModel` (separate critic) or None for the value head on the policy trunk.
+    ``critic`` is a `ValueModel` (separate critic) or None for the value head on the policy trunk;
+    ``has_value=False``: no value model at all (critic-free estimators), values are None.
     """
 
     policy: LanguageModel
     critic: Any = None
+    has_value: bool = True
 
 
 def resolve_eos(config: PPOConfig, policy: LanguageModel):
@@ -101,6 +117,18 @@ def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: Pr
     return Rollout(sample.tokens, sample.mask.astype(jnp.int32))
 
 
+def greedy_rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch) -> Rollout:
+    """One greedy (argmax, temperature 0) response per prompt: ReMax's baseline (Li et al. 2023)."""
+    sample = generate(
+        policy, policy_params, prompts.ids, prompts.mask, jax.random.PRNGKey(0),  # no randomness used
+        max_new_tokens=config.max_new_tokens,
+        temperature=0.0,
+        eos_token_id=resolve_eos(config, policy),
+        pad_token_id=config.pad_token_id,
+    )
+    return Rollout(sample.tokens, sample.mask.astype(jnp.int32))
+
+
 def full_sequence(prompt_ids, prompt_mask, response_ids, response_mask):
     """Prompt and response side by side: ``ids, mask [B, P + N]``."""
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
@@ -117,21 +145,23 @@ def policy_and_values(models: Models, policy_params, value_params, prompt_ids, p
                       response_ids, response_mask, temperature, with_entropy: bool = False):
     """Response log-probs, values and (optionally) entropies under the given parameters.
 
-    Returns ``(logprobs [B, N], values [B, N], entropy [B, N] or None)``. With a shared trunk the
-    value head reads the policy forward's hidden states (one forward); otherwise the critic runs
-    its own forward.
+    Returns ``(logprobs [B, N], values [B, N] or None, entropy [B, N] or None)``. With a shared
+    trunk the value head reads the policy forward's hidden states (one forward); otherwise the
+    critic runs its own forward; without a value model (``models.has_value=False``) values are None.
     """
     prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
     ids, mask = full_sequence(prompt_ids, prompt_mask, response_ids, response_mask)
     out = models.policy.forward(policy_params, ids, mask)
     logits_BxNxV = response_slice(out.logits, prompt_len, num_new)
     logprobs = token_logprobs(logits_BxNxV, response_ids.astype(jnp.int32), temperature)
-    if models.critic is None:
-        values = value_head_apply(value_params, response_slice(out.hidden, prompt_len, num_new))
+    if not models.has_value:
+        values = None
+    elif models.critic is None:
+        values = value_head_apply(value_params, response_slice(out.hidden, prompt_len, num_new)).astype(jnp.float32)
     else:
-        values = response_slice(models.critic.apply(value_params, ids, mask), prompt_len, num_new)
+        values = response_slice(models.critic.apply(value_params, ids, mask), prompt_len, num_new).astype(jnp.float32)
     entropy = entropy_from_logits(logits_BxNxV, temperature) if with_entropy else None
-    return logprobs, values.astype(jnp.float32), entropy
+    return logprobs, values, entropy
 
 
 def reference_logprobs(models: Models, ref_params, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
@@ -148,43 +178,99 @@ def explained_variance(values, returns, mask):
     return 1.0 - masked_var(returns - values, mask) / jnp.maximum(var_returns, 1e-8)
 
 
+def _overlong_penalty(config: PPOConfig, mask_BxN, hparams: HyperParams):
+    """DAPO's overlong penalty of each response, ``L_max = max_new_tokens``, ``L_c`` from hparams."""
+    lengths_B = jnp.sum(mask_BxN, axis=1).astype(jnp.float32)
+    return groups.overlong_reward_shaping(lengths_B, config.max_new_tokens, hparams.overlong_buffer)
+
+
 def make_experience(config: PPOConfig, models: Models, policy_params, value_params, ref_params,
                     prompts: PromptBatch, rollout_out: Rollout, raw_scores_B, kl_coef,
-                    score_stats: ScoreStats, hparams: HyperParams):
-    """Forward passes, step rewards and GAE for one batch of rollouts.
+                    score_stats: ScoreStats, hparams: HyperParams, greedy: Optional[Tuple[Rollout, Any]] = None):
+    """Forward passes, step rewards and advantages for one batch of rollouts.
 
     ``logprobs`` are recomputed with a full forward (not taken from the sampler) so the PPO ratio
     starts at exactly 1 on the first minibatch. Step rewards (DESIGN.md):
     ``r = -kl_coef * KL * mask; r[last valid] += score`` with ``kl_placement="reward"``; with
     ``"loss"`` the KL moves into the policy loss and ``r`` is the score alone. Then
-    ``A, R = gae(r, V, mask, gamma, lam)`` and ``A <- whiten(A)`` if ``whiten_advantages``.
-    The numbers (temperature, gamma, lambda, score clipping) come from ``hparams``.
+    ``A, R = gae(r, V, mask, gamma, lam)`` and ``A <- whiten(A)`` if ``whiten_advantages``; or,
+    for a critic-free ``advantage_estimator``, the estimator of the module docstring (no critic
+    forward, ``old_values`` and ``returns`` None). With ``overlong_buffer`` DAPO's overlong penalty
+    is added to the raw scores first. The numbers (temperature, gamma, lambda, score clipping,
+    the overlong buffer) come from ``hparams``.
+
+    ``prompts`` has one row per response (already repeated ``num_generations`` times);
+    ``greedy = (rollout [B // G, N], raw scores [B // G])`` of the greedy responses (one per
+    prompt) is needed by "remax": their scores go through the same overlong shaping, missing-EOS
+    penalty and clipping (``score_norm`` must be "none") and are the baseline.
 
     Returns:
       ``(experience, new_score_stats, stats)`` with scalar diagnostics in ``stats``.
     """
     response_ids, response_mask = rollout_out.tokens, rollout_out.mask
+    estimator, G = config.advantage_estimator, config.num_generations
     sg = jax.lax.stop_gradient
     logprobs, values, entropy = policy_and_values(
         models, policy_params, value_params, prompts.ids, prompts.mask, response_ids, response_mask,
         hparams.temperature, with_entropy=True)
     ref_logprobs = reference_logprobs(models, ref_params, prompts.ids, prompts.mask, response_ids,
                                       response_mask, hparams.temperature)
-    logprobs, values, ref_logprobs = sg(logprobs), sg(values), sg(ref_logprobs)
+    logprobs, ref_logprobs = sg(logprobs), sg(ref_logprobs)
+    values = None if values is None else sg(values)
+    response_length_B = jnp.sum(response_mask, axis=1).astype(jnp.float32)
 
+    extra = {}
+    shaped_scores_B = raw_scores_B
+    if config.overlong_buffer is not None:
+        penalty_B = _overlong_penalty(config, response_mask, hparams)
+        shaped_scores_B = raw_scores_B + penalty_B
+        extra["overlong_penalty"] = jnp.mean(penalty_B)
     eos_found_B = has_eos(response_ids, response_mask, resolve_eos(config, models.policy))
-    scores_B, new_score_stats = postprocess_scores(config, raw_scores_B, eos_found_B, score_stats, hparams)
+    scores_B, new_score_stats = postprocess_scores(config, shaped_scores_B, eos_found_B, score_stats, hparams)
 
     reward_kl_coef = kl_coef if config.kl_placement == "reward" else jnp.zeros_like(kl_coef)
-    rewards = kl_penalized_rewards(scores_B, logprobs, ref_logprobs, response_mask, reward_kl_coef,
-                                   config.kl_estimator)
-    advantages, returns = gae_advantages(rewards, values, response_mask, hparams.gamma, hparams.lam)
-    if config.whiten_advantages:
-        advantages = masked_whiten(advantages, response_mask)
-
     kl_BxN = kl_estimate(logprobs, ref_logprobs, config.kl_estimator)
     kl_per_sequence_B = masked_sum(kl_BxN, response_mask, axis=1)
-    response_length_B = jnp.sum(response_mask, axis=1).astype(jnp.float32)
+    returns = None
+    if estimator == "gae":
+        rewards = kl_penalized_rewards(scores_B, logprobs, ref_logprobs, response_mask, reward_kl_coef,
+                                       config.kl_estimator)
+        advantages, returns = gae_advantages(rewards, values, response_mask, hparams.gamma, hparams.lam)
+        if config.whiten_advantages:
+            advantages = masked_whiten(advantages, response_mask)
+    elif estimator in ("reinforce++", "reinforce++-baseline"):
+        baseline = G if estimator == "reinforce++-baseline" else None
+        advantages = groups.reinforce_pp_advantages(scores_B, logprobs, ref_logprobs, response_mask,
+                                                    reward_kl_coef, config.kl_estimator, hparams.gamma,
+                                                    baseline_group_size=baseline)
+        rewards = kl_penalized_rewards(scores_B, logprobs, ref_logprobs, response_mask, reward_kl_coef,
+                                       config.kl_estimator)
+    else:  # outcome estimators: one advantage per response
+        sequence_scores_B = scores_B - reward_kl_coef * kl_per_sequence_B
+        if estimator == "grpo":
+            advantages_B = groups.grpo_advantages(sequence_scores_B, G)
+        elif estimator == "drgrpo":
+            advantages_B = groups.drgrpo_advantages(sequence_scores_B, G)
+        elif estimator == "rloo":
+            advantages_B = groups.rloo_advantages(sequence_scores_B, G)
+        else:  # remax: the greedy response's (processed) score is the baseline
+            if greedy is None:
+                raise ValueError('advantage_estimator="remax" needs the greedy responses and their scores (greedy=)')
+            greedy_rollout, greedy_raw_P = greedy
+            greedy_shaped_P = greedy_raw_P
+            if config.overlong_buffer is not None:
+                greedy_shaped_P = greedy_raw_P + _overlong_penalty(config, greedy_rollout.mask, hparams)
+            greedy_eos_P = has_eos(greedy_rollout.tokens, greedy_rollout.mask, resolve_eos(config, models.policy))
+            greedy_used_P, _ = postprocess_scores(config, greedy_shaped_P, greedy_eos_P, score_stats, hparams)
+            advantages_B = groups.remax_advantages(sequence_scores_B, greedy_used_P, G)
+        advantages = groups.broadcast_over_tokens(advantages_B, response_mask)
+        rewards = kl_penalized_rewards(sequence_scores_B, logprobs, ref_logprobs, response_mask,
+                                       jnp.zeros_like(kl_coef), config.kl_estimator)
+    if G > 1:
+        extra["group_signal_fraction"] = groups.group_signal_fraction(scores_B, G)
+    if greedy is not None:
+        extra["greedy_score"] = jnp.mean(greedy[1])
+
     stats = {
         "score": jnp.mean(raw_scores_B),
         "score_std": jnp.std(raw_scores_B),
@@ -196,16 +282,19 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
         "entropy": masked_mean(entropy, response_mask),
         "response_length": jnp.mean(response_length_B),
         "eos_fraction": jnp.mean(eos_found_B.astype(jnp.float32)),
-        "value_mean": masked_mean(values, response_mask),
-        "returns_mean": masked_mean(returns, response_mask),
         "advantages_mean": masked_mean(advantages, response_mask),
-        "explained_variance": explained_variance(values, returns, response_mask),
         "num_response_tokens": jnp.sum(response_mask).astype(jnp.float32),
+        **extra,
     }
+    if values is not None:
+        stats["value_mean"] = masked_mean(values, response_mask)
+        stats["returns_mean"] = masked_mean(returns, response_mask)
+        stats["explained_variance"] = explained_variance(values, returns, response_mask)
     experience = Experience(
         prompt_ids=prompts.ids, prompt_mask=prompts.mask,
         response_ids=response_ids, response_mask=response_mask,
         old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
-        advantages=sg(advantages), returns=sg(returns), rewards=rewards, scores=scores_B,
+        advantages=sg(advantages), returns=None if returns is None else sg(returns), rewards=rewards,
+        scores=scores_B,
     )
     return experience, new_score_stats, stats

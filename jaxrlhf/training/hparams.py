@@ -6,8 +6,8 @@ A `PPOConfig` mixes two kinds of field:
   lengths, whether an optional term is on at all): it decides the shapes and the program, so it is
   static and part of what `jax.jit` compiles;
 - **numbers** (learning rates, the KL coefficient and the adaptive controller's target/horizon,
-  clip ranges, the value/entropy coefficients, gamma, lambda, temperature, top-p, score clipping,
-  the missing-EOS penalty, AdamW's constants): they are float32 scalars in the `TrainState`, so a
+  clip ranges, the dual-clip constant, the value/entropy coefficients, gamma, lambda, temperature,
+  top-p, score clipping, the missing-EOS penalty, DAPO's overlong buffer, AdamW's constants): they are float32 scalars in the `TrainState`, so a
   run with other numbers reuses the compiled step, and a sweep stacks them on a run axis.
 
 Where each number lives in the state:
@@ -59,6 +59,8 @@ class HyperParams:
     entropy_coef: jax.Array
     score_clip: jax.Array
     missing_eos_penalty: jax.Array
+    dual_clip: jax.Array
+    overlong_buffer: jax.Array
 
     @classmethod
     def from_config(cls, config: PPOConfig) -> "HyperParams":
@@ -86,7 +88,8 @@ NUMERIC_FIELDS = (HPARAM_FIELDS + tuple(OPTIMIZER_FIELDS) + tuple(LEARNING_RATE_
                   + ("init_kl_coef",))
 SWEEPABLE_FIELDS = NUMERIC_FIELDS + ("seed",)
 # Numbers whose None switches a term off (structure) rather than taking a value.
-OPTIONAL_NUMERIC_FIELDS = ("cliprange_high", "cliprange_value", "score_clip", "missing_eos_penalty", "max_grad_norm")
+OPTIONAL_NUMERIC_FIELDS = ("cliprange_high", "cliprange_value", "score_clip", "missing_eos_penalty", "max_grad_norm",
+                           "dual_clip", "overlong_buffer")
 
 
 def optimizer_numbers(config: PPOConfig, which: str) -> Dict[str, float]:

@@ -3,9 +3,12 @@
 One PPO iteration is a pure function ``(state, frozen, prompts) -> (state, metrics)``:
 
     key -> (rollout_key, update_key, next_key)
+    repeat(prompts [B / G], G)                                  -> prompts [B], groups of G rows
     rollout(policy, prompts, rollout_key)                       -> responses
+    [greedy_rollout] greedy decode + score of each prompt        -> ReMax baseline
     score(reward, prompts, responses)                           -> raw scores [B]
     make_experience(policy, ref, critic, responses, scores, beta) -> advantages, returns, ...
+                                                   (no critic for critic-free estimators)
     ppo_update(params, opt_states, experience, update_key)     -> params, opt_states
     kl_controller.update(beta, KL, batch_size)                  -> beta
 
@@ -33,7 +36,7 @@ from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import ValueModel, init_value_head
 from jaxrlhf.training import parallel
 from jaxrlhf.training.config import PPOConfig
-from jaxrlhf.training.experience import Models, PromptBatch, Rollout, make_experience, rollout
+from jaxrlhf.training.experience import Models, PromptBatch, Rollout, greedy_rollout, make_experience, rollout
 from jaxrlhf.training.rewards import RewardModel, TextReward, check_scores, is_host_reward, score_in_jit
 from jaxrlhf.training.hparams import HyperParams, initial_numbers, structure_differences, uses_entropy
 from jaxrlhf.training.state import (FrozenParams, ScoreStats, TrainState, init_optimizer_state,
@@ -56,7 +59,8 @@ class PPO:
       reward: a JAX function ``(prompt_ids, prompt_mask, response_ids, response_mask) -> [B]``, a
         `RewardModel`, or a `TextReward` (see `jaxrlhf.training.rewards`).
       critic: the critic's `ValueModel`; None builds one with the policy's architecture (or, with
-        ``config.shared_trunk``, uses a value head on the policy's trunk).
+        ``config.shared_trunk``, uses a value head on the policy's trunk). A critic-free
+        ``config.advantage_estimator`` (anything but "gae") has no critic: pass None.
       mesh: a device mesh with a ``"data"`` axis (and optionally ``"fsdp"``); None = one device.
     """
 
@@ -65,12 +69,18 @@ class PPO:
         parallel.check_threefry_partitionable()
         if config.shared_trunk and critic is not None:
             raise ValueError("config.shared_trunk=True uses a value head on the policy; pass critic=None")
+        if not config.uses_critic and critic is not None:
+            raise ValueError(f"advantage_estimator={config.advantage_estimator!r} is critic-free: pass critic=None")
         if not isinstance(reward, TextReward) and not callable(reward):
             raise TypeError(f"reward must be a JAX function, a RewardModel or a TextReward, got {reward!r}")
+        if config.greedy_rollout and is_host_reward(reward):
+            raise ValueError("greedy_rollout (ReMax's baseline) scores the greedy responses inside the jit: it needs "
+                             "a JAX reward function or a RewardModel, not a TextReward")
         self.config = config
         self.policy = policy
         self.reward = reward
-        self.critic = None if config.shared_trunk else (critic or ValueModel(policy.config))
+        self.has_critic = config.uses_critic
+        self.critic = None if (config.shared_trunk or not self.has_critic) else (critic or ValueModel(policy.config))
         self.mesh = parallel.data_mesh(jax.devices()[:1]) if mesh is None else mesh
         divisor = parallel.batch_size_divisor(self.mesh)
         micro = config.minibatch_size // config.grad_accum_steps
@@ -78,9 +88,9 @@ class PPO:
             raise ValueError(
                 f"the micro-batch size minibatch_size / grad_accum_steps = {micro} must be a multiple of "
                 f"the number of data-parallel devices ({divisor}) so every device gets whole rows")
-        self.models = Models(policy, self.critic)
+        self.models = Models(policy, self.critic, has_value=self.has_critic)
         self.policy_optimizer = make_optimizer(config, "policy")
-        self.value_optimizer = make_optimizer(config, "value")
+        self.value_optimizer = make_optimizer(config, "value") if self.has_critic else None
         self.uses_host_reward = is_host_reward(reward)
         self._abstract_state = self._build_abstract_state()
         self._state_shardings = jax.tree.map(lambda s: s.sharding, self._abstract_state)
@@ -105,13 +115,19 @@ class PPO:
             raise ValueError("this PPO trainer was built for another structure: " + "; ".join(problems))
 
     def _init_state(self, policy_params, value_params, seed_key, numbers) -> TrainState:
-        """The initial state from parameters, a PRNG key and ``numbers`` (`initial_numbers`)."""
+        """The initial state from parameters, a PRNG key and ``numbers`` (`initial_numbers`).
+
+        Without a critic ``value_params`` and ``value_opt_state`` are empty dicts: no leaves."""
+        if self.has_critic:
+            value_opt_state = init_optimizer_state(self.value_optimizer, value_params, numbers["value_optimizer"])
+        else:
+            value_params, value_opt_state = {}, {}
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             policy_params=policy_params,
             value_params=value_params,
             policy_opt_state=init_optimizer_state(self.policy_optimizer, policy_params, numbers["policy_optimizer"]),
-            value_opt_state=init_optimizer_state(self.value_optimizer, value_params, numbers["value_optimizer"]),
+            value_opt_state=value_opt_state,
             kl_ctl=KLControllerState(kl_coef=numbers["init_kl_coef"]),
             score_stats=ScoreStats.zeros(),
             hparams=numbers["hparams"],
@@ -120,7 +136,9 @@ class PPO:
 
     def default_value_params(self, policy_params, key):
         """Critic parameters when none are given: a zero value head on a copy of the policy's
-        trunk (separate critic) or on the policy itself (shared trunk)."""
+        trunk (separate critic) or on the policy itself (shared trunk); ``{}`` without a critic."""
+        if not self.has_critic:
+            return {}
         if self.config.shared_trunk:
             return init_value_head(key, self.policy.config.hidden_size)
         if self.critic.config != self.policy.config:
@@ -151,6 +169,8 @@ class PPO:
         """
         config = self.config if config is None else config
         self.check_config(config)
+        if not self.has_critic and value_params:
+            raise ValueError(f"advantage_estimator={config.advantage_estimator!r} is critic-free: pass no value_params")
         seed = jnp.asarray(config.seed, jnp.uint32)
         return self._jit_init(policy_params, value_params, seed, initial_numbers(config))
 
@@ -168,9 +188,14 @@ class PPO:
         return FrozenParams(parallel.param_shardings(frozen.ref_params, self.mesh), reward_shardings)
 
     def prompt_batch(self, prompt_ids, prompt_mask) -> PromptBatch:
-        """Host prompt arrays ``[B, P]`` (the global batch, on every process) -> sharded `PromptBatch`."""
+        """Host prompt arrays ``[batch_size / num_generations, P]`` (the global batch of distinct
+        prompts, on every process) -> `PromptBatch` on the mesh (split over the batch shards when
+        they divide it, else replicated: the step repeats each prompt G times, then splits)."""
         prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
-        sharding = parallel.batch_sharding(self.mesh)
+        if prompt_ids.shape[0] % parallel.batch_size_divisor(self.mesh) == 0:
+            sharding = parallel.batch_sharding(self.mesh)
+        else:
+            sharding = parallel.replicated(self.mesh)
         return PromptBatch(parallel.global_array(prompt_ids, sharding), parallel.global_array(prompt_mask, sharding))
 
     def kl_controller(self, hparams: HyperParams):
@@ -186,9 +211,13 @@ class PPO:
         return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(self.mesh, batch_dim))
 
     def _check_batch(self, batch: PromptBatch):
-        batch_size, width = batch.ids.shape
-        if batch_size != self.config.batch_size:
-            raise ValueError(f"prompt batch has {batch_size} rows, config.batch_size is {self.config.batch_size}")
+        rows, width = batch.ids.shape
+        config = self.config
+        if rows != config.prompts_per_step:
+            raise ValueError(
+                f"prompt batch has {rows} rows; the step takes batch_size / num_generations = "
+                f"{config.batch_size} / {config.num_generations} = {config.prompts_per_step} prompts "
+                "(each sampled num_generations times)")
         if width > self.config.max_prompt_len:
             raise PromptTooLongError(
                 f"prompt batch is {width} tokens wide, more than config.max_prompt_len={self.config.max_prompt_len}")
@@ -198,23 +227,44 @@ class PPO:
         rollout_key, update_key, next_key = jax.random.split(state.key, 3)
         return rollout_key, update_key, next_key
 
+    def repeat_prompts(self, batch: PromptBatch) -> PromptBatch:
+        """``[B / G, P]`` distinct prompts -> ``[B, P]``: each repeated G times in consecutive rows
+        (row b is a copy of prompt b // G), split over the batch shards."""
+        G = self.config.num_generations
+        if G == 1:
+            return batch
+        return PromptBatch(*(self._constrain_batch(jnp.repeat(x, G, axis=0)) for x in batch))
+
     def rollout(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Rollout:
-        """Sample the responses of one iteration (pure; `rollout_step` is its jitted form)."""
+        """Sample the responses of one iteration (pure; `rollout_step` is its jitted form): ``[B, N]``,
+        G consecutive rows per prompt of ``batch``, each row with its own random draws."""
         del frozen
         self._check_batch(batch)
         rollout_key, _, _ = self._keys(state)
-        out = rollout(self.config, self.policy, state.policy_params, batch, rollout_key, state.hparams)
+        out = rollout(self.config, self.policy, state.policy_params, self.repeat_prompts(batch), rollout_key,
+                      state.hparams)
         return Rollout(self._constrain_batch(out.tokens), self._constrain_batch(out.mask))
 
+    def greedy_rollout(self, state: TrainState, batch: PromptBatch) -> Rollout:
+        """One greedy (temperature 0) response per distinct prompt, ``[B / G, N]`` (ReMax)."""
+        self._check_batch(batch)
+        return greedy_rollout(self.config, self.policy, state.policy_params, batch)
+
     def update(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout,
-               raw_scores_B) -> Tuple[TrainState, Metrics]:
-        """Experience + PPO update + KL controller from scored rollouts (pure; see `update_step`)."""
+               raw_scores_B, greedy: Optional[Tuple[Rollout, Any]] = None) -> Tuple[TrainState, Metrics]:
+        """Experience + PPO update + KL controller from scored rollouts (pure; see `update_step`).
+
+        ``batch`` holds the distinct prompts (``[B / G, P]``); ``greedy`` the greedy responses and
+        their raw scores (with ``greedy_rollout``)."""
         config, hp = self.config, state.hparams
+        if config.greedy_rollout and greedy is None:
+            raise ValueError("greedy_rollout is on: update needs greedy=(greedy responses, their scores); "
+                             "train_step computes them")
         _, update_key, next_key = self._keys(state)
         kl_coef = state.kl_ctl.kl_coef
         experience, score_stats, exp_stats = make_experience(
             config, self.models, state.policy_params, state.value_params, frozen.ref_params,
-            batch, rollout_out, raw_scores_B, kl_coef, state.score_stats, hp)
+            self.repeat_prompts(batch), rollout_out, raw_scores_B, kl_coef, state.score_stats, hp, greedy=greedy)
         experience = jax.tree.map(self._constrain_batch, experience)
 
         ppo_update = make_ppo_update(config, self.models, self.policy_optimizer, self.value_optimizer,
@@ -238,7 +288,8 @@ class PPO:
         metrics = {**exp_stats, **update_stats}
         multiplier = learning_rate_multiplier(config)(state.step * config.updates_per_step)
         metrics["learning_rate"] = state.policy_opt_state.hyperparams["learning_rate"] * multiplier
-        metrics["critic_learning_rate"] = state.value_opt_state.hyperparams["learning_rate"] * multiplier
+        if self.has_critic:
+            metrics["critic_learning_rate"] = state.value_opt_state.hyperparams["learning_rate"] * multiplier
         # One flag the host checks before committing the new state: scores, losses and params finite.
         finite = jnp.all(jnp.isfinite(raw_scores_B))
         for value in update_stats.values():
@@ -252,9 +303,16 @@ class PPO:
         if self.uses_host_reward:
             raise TypeError("a TextReward is scored on the host: use rollout_step, then update_step")
         rollout_out = self.rollout(state, frozen, batch)
-        raw_scores_B = score_in_jit(self.reward, frozen.reward_params, batch.ids, batch.mask,
+        prompts = self.repeat_prompts(batch)
+        raw_scores_B = score_in_jit(self.reward, frozen.reward_params, prompts.ids, prompts.mask,
                                     rollout_out.tokens, rollout_out.mask)
-        return self.update(state, frozen, batch, rollout_out, raw_scores_B)
+        greedy = None
+        if self.config.greedy_rollout:
+            greedy_out = self.greedy_rollout(state, batch)
+            greedy_scores_P = score_in_jit(self.reward, frozen.reward_params, batch.ids, batch.mask,
+                                           greedy_out.tokens, greedy_out.mask)
+            greedy = (greedy_out, greedy_scores_P)
+        return self.update(state, frozen, batch, rollout_out, raw_scores_B, greedy)
 
     # ------------------------------------------------------------------ jitted entry points
 
@@ -263,7 +321,7 @@ class PPO:
         return self._jit_fused(state, frozen, batch)
 
     def rollout_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Rollout:
-        """First half of the split step: sample responses (jitted)."""
+        """First half of the split step: sample responses (jitted), ``[batch_size, N]``."""
         return self._jit_rollout(state, frozen, batch)
 
     def update_step(self, state, frozen, batch, rollout_out: Rollout, raw_scores_B) -> Tuple[TrainState, Metrics]:
@@ -298,7 +356,9 @@ class PPO:
 
         def init_from_scratch():
             policy_params = self.policy.init_params(seed_key)
-            if self.config.shared_trunk:
+            if not self.has_critic:
+                value_params = {}
+            elif self.config.shared_trunk:
                 value_params = init_value_head(seed_key, self.policy.config.hidden_size)
             else:
                 value_params = self.critic.init_params(seed_key)
@@ -312,7 +372,9 @@ class PPO:
         mesh = self.mesh
         rep = parallel.replicated(mesh)
         policy_sh = parallel.param_shardings(shapes.policy_params, mesh)
-        if self.config.shared_trunk:
+        if not self.has_critic:
+            value_sh = {}
+        elif self.config.shared_trunk:
             value_sh = jax.tree.map(lambda _: rep, shapes.value_params)
         else:
             value_sh = {"trunk": parallel.param_shardings(shapes.value_params["trunk"], mesh),
@@ -323,6 +385,7 @@ class PPO:
             value_params=value_sh,
             policy_opt_state=parallel.opt_state_shardings(self.policy_optimizer, shapes.policy_opt_state,
                                                           policy_sh, mesh),
-            value_opt_state=parallel.opt_state_shardings(self.value_optimizer, shapes.value_opt_state,
-                                                         value_sh, mesh),
+            value_opt_state=({} if not self.has_critic else
+                             parallel.opt_state_shardings(self.value_optimizer, shapes.value_opt_state,
+                                                          value_sh, mesh)),
         )

@@ -11,6 +11,10 @@ Loss of one minibatch (DESIGN.md formulas, `jaxrlhf.core.losses`):
     L = pg_loss(ratio-clipped, loss_agg) + vf_coef * vf_loss(clipped, token-mean)
         - entropy_coef * entropy + [kl_placement="loss"] kl_coef * KL(policy || ref)
 
+``pg_loss`` is ``policy_loss``'s: "ppo" (token ratio, optional dual clip), "gspo" or
+"gspo-token" (sequence ratio). A critic-free estimator has no value term, no value parameters
+and no value optimizer: only the policy is differentiated and updated.
+
 Gradient accumulation is exact: micro-batch i's loss terms are weighted by its share ``w_i`` of
 the minibatch's normaliser (valid tokens for token-mean terms, non-empty rows for seq-mean
 terms), so the summed gradient equals the gradient of the whole minibatch's loss.
@@ -25,7 +29,7 @@ import optax
 from jax import lax
 
 from jaxrlhf.core.kl import kl_estimate
-from jaxrlhf.core.losses import aggregate_loss, entropy_loss, ppo_policy_loss, ppo_value_loss
+from jaxrlhf.core.losses import aggregate_loss, entropy_loss, gspo_policy_loss, ppo_policy_loss, ppo_value_loss
 from jaxrlhf.core.stats import masked_count
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.experience import Experience, Models, policy_and_values
@@ -38,6 +42,8 @@ UPDATE_STAT_KEYS = ("pg_loss", "vf_loss", "loss", "clipfrac", "vf_clipfrac", "ap
 # terms of the policy loss (before their coefficients), so that
 # loss = pg_loss - entropy_coef * policy_entropy + kl_coef * policy_kl + vf_coef * vf_loss.
 OPTIONAL_UPDATE_STAT_KEYS = ("policy_entropy", "policy_kl")
+# Present only with a critic ("gae"): the value terms.
+VALUE_UPDATE_STAT_KEYS = ("vf_loss", "vf_clipfrac", "value_grad_norm")
 
 
 def _normaliser(mask, agg: str):
@@ -63,10 +69,15 @@ def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams
         models, params["policy"], params["value"], exp.prompt_ids, exp.prompt_mask,
         exp.response_ids, exp.response_mask, hp.temperature, with_entropy=with_entropy)
     mask = exp.response_mask
-    pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
-                                        hp.cliprange, hp.cliprange_high, config.loss_agg)
-    value_clip = None if config.cliprange_value is None else hp.cliprange_value
-    vf_loss, vf_stats = ppo_value_loss(values, exp.old_values, exp.returns, mask, value_clip)
+    if config.policy_loss == "ppo":
+        dual_clip = None if config.dual_clip is None else hp.dual_clip
+        pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
+                                            hp.cliprange, hp.cliprange_high, config.loss_agg, dual_clip=dual_clip)
+    else:
+        variant = "seq" if config.policy_loss == "gspo" else "token"
+        pg_loss, pg_stats = gspo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
+                                             hp.cliprange, hp.cliprange_high, variant, config.loss_agg)
+        pg_stats = {**pg_stats, "ratio_mean": pg_stats["seq_ratio_mean"]}
     sg = jax.lax.stop_gradient
     policy_loss = pg_loss
     extra_stats = {}
@@ -79,17 +90,23 @@ def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams
         kl_term = aggregate_loss(kl_BxN, mask, config.loss_agg)
         policy_loss = policy_loss + kl_coef * kl_term
         extra_stats["policy_kl"] = policy_weight * sg(kl_term)
-    loss = policy_weight * policy_loss + value_weight * hp.vf_coef * vf_loss
+    loss = policy_weight * policy_loss
     token_weight = value_weight  # vf terms and token-mean diagnostics share the token weight
     stats = {
         "pg_loss": policy_weight * pg_stats["pg_loss"],
-        "vf_loss": token_weight * vf_stats["vf_loss"],
         "clipfrac": token_weight * pg_stats["clipfrac"],
-        "vf_clipfrac": token_weight * vf_stats["vf_clipfrac"],
         "approx_kl": token_weight * pg_stats["approx_kl"],
         "ratio_mean": token_weight * pg_stats["ratio_mean"],
         **extra_stats,
     }
+    if "dual_clipfrac" in pg_stats:
+        stats["dual_clipfrac"] = token_weight * pg_stats["dual_clipfrac"]
+    if models.has_value:
+        value_clip = None if config.cliprange_value is None else hp.cliprange_value
+        vf_loss, vf_stats = ppo_value_loss(values, exp.old_values, exp.returns, mask, value_clip)
+        loss = loss + value_weight * hp.vf_coef * vf_loss
+        stats["vf_loss"] = token_weight * vf_stats["vf_loss"]
+        stats["vf_clipfrac"] = token_weight * vf_stats["vf_clipfrac"]
     stats["loss"] = sg(loss)
     return loss, stats
 
@@ -136,9 +153,12 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
         params, opt_states = carry
         grads, stats = minibatch_grads(params, minibatch, kl_coef, hparams)
         stats["policy_grad_norm"] = optax.tree.norm(grads["policy"])
-        stats["value_grad_norm"] = optax.tree.norm(grads["value"])
-        new_params, new_opt_states = {}, {}
-        for name, opt in (("policy", policy_opt), ("value", value_opt)):
+        new_params, new_opt_states = dict(params), dict(opt_states)
+        trained = [("policy", policy_opt)]
+        if models.has_value:
+            stats["value_grad_norm"] = optax.tree.norm(grads["value"])
+            trained.append(("value", value_opt))
+        for name, opt in trained:
             updates, new_opt_states[name] = opt.update(grads[name], opt_states[name], params[name])
             new_params[name] = optax.apply_updates(params[name], updates)
         return (new_params, new_opt_states), stats
