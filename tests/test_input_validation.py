@@ -303,8 +303,10 @@ def test_unloadable_tokenizer_names_the_directory(checkpoint_dir, tmp_path):
 
 
 @pytest.mark.parametrize("hub_id", ["gpt2", "Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-135M"])
-def test_hub_id_says_hub_ids_are_not_downloaded(hub_id, tmp_path, monkeypatch):
+def test_hub_id_offline_and_not_cached_says_how_to_fix(hub_id, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # so that no local directory of that name exists
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub ids resolve through huggingface_hub: no network here
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
     with pytest.raises(CheckpointError, match=rf"{hub_id!r} is not a local directory and looks like a Hugging "
                                               r"Face Hub id.*snapshot_download"):
         jaxrlhf.load_pretrained(hub_id)

@@ -1,6 +1,7 @@
 """Flax decoder LMs (GPT-2, Llama family) with Hugging Face checkpoint I/O."""
-from jaxrlhf.models.config import ModelConfig, UnsupportedModelError
-from jaxrlhf.models.hf_io import CheckpointError, load_pretrained, save_pretrained
+from jaxrlhf.models.config import REMAT_POLICIES, ModelConfig, UnsupportedModelError
+from jaxrlhf.models.hf_io import CheckpointError, load_pretrained, resolve_hub_id, save_pretrained
 from jaxrlhf.models.lm import LanguageModel, Pretrained
-from jaxrlhf.models.transformer import ModelOutput, Transformer, grow_cache, init_cache, positions_from_mask
+from jaxrlhf.models.transformer import (ModelOutput, Transformer, grow_cache, init_cache, positions_from_mask,
+                                        stack_cache, stack_layers, unstack_cache, unstack_layers)
 from jaxrlhf.models.value import ValueModel, init_value_head, value_head_apply

@@ -17,6 +17,12 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = ("gpt2",) + LLAMA_FAMILY
 
 
+# `ModelConfig.remat` values: "full" rematerialises everything (jax.checkpoint's default); the
+# others name the `jax.checkpoint_policies` attribute of the same name (what may be saved).
+REMAT_POLICIES = ("full", "nothing_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims", "everything_saveable")
+
+
 class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or one of its options is not implemented."""
 
@@ -55,6 +61,19 @@ class ModelConfig:
     # Storage dtype of parameters and compute dtype of activations ("float32" | "bfloat16").
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # Layer execution (not part of the checkpoint; see docs/models.md "Scanned and rematerialised
+    # layers"). `scan_layers`: the decoder blocks run as one `nn.scan` over stacked parameters
+    # (`params["layers"]`, leaves `[num_layers, ...]`) and a stacked KV cache: one compiled block
+    # body, so compile time does not grow with depth. `remat`: rematerialise each block in the
+    # backward pass (`nn.remat`): "full" (save nothing) or a `jax.checkpoint_policies` name from
+    # `REMAT_POLICIES`; None keeps every activation.
+    scan_layers: bool = False
+    remat: str | None = None
+
+    def __post_init__(self):
+        if self.remat is not None and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r} is not a known policy; use None or one of "
+                             f"{', '.join(REMAT_POLICIES)}")
 
     @property
     def is_llama_family(self) -> bool:

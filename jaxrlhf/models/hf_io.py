@@ -16,6 +16,12 @@ Name and layout mapping (HF -> ours), per layer i:
 | lm_head.weight [V, D] (untied only)       | (tied)                         | lm_head [D, V]             |
 
 PyTorch `nn.Linear` stores (out, in) and is transposed; GPT-2's `Conv1D` already stores (in, out).
+
+A scanned model (`ModelConfig.scan_layers`) keeps the layers stacked in memory (`layers/...`,
+leaves `[num_layers, ...]`); on disk the layout is always HF's per-layer one: `params_from_hf`
+stacks after converting and `hf_from_params` unstacks before (`transformer.stack_layers`).
+
+Hub ids (`"org/name"`) resolve through `huggingface_hub.snapshot_download` (`resolve_hub_id`).
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ import numpy as np
 
 from jaxrlhf.models.config import ModelConfig, UnsupportedModelError
 from jaxrlhf.models.lm import LanguageModel, Pretrained
+from jaxrlhf.models.transformer import stack_layers, unstack_layers
 
 
 class CheckpointError(ValueError):
@@ -139,7 +146,9 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
     """
     dtype = jnp.dtype(dtype or config.param_dtype)
     sd = _normalise_keys(config, state_dict)
-    expected = jax.eval_shape(LanguageModel(config).init_params, jax.random.key(0))
+    # Shapes per layer (the file's layout), whatever the model's layer execution.
+    expected = jax.eval_shape(LanguageModel(config.replace(scan_layers=False, remat=None)).init_params,
+                              jax.random.key(0))
     params: dict = {}
 
     def take(name):
@@ -171,12 +180,15 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
             for j, ours in enumerate("qkv"):
                 put(name + ".weight", (f"layer_{i}", "attn", ours, "kernel"), w[:, j * D:(j + 1) * D])
                 put(name + ".bias", (f"layer_{i}", "attn", ours, "bias"), b[j * D:(j + 1) * D])
-    return params
+    return stack_layers(params) if config.scan_layers else params
 
 
 def hf_from_params(config: ModelConfig, params) -> dict[str, np.ndarray]:
-    """Inverse of `params_from_hf`: HF names and layouts (GPT-2 without the `transformer.` prefix)."""
+    """Inverse of `params_from_hf`: HF names and layouts (GPT-2 without the `transformer.` prefix).
+
+    Stacked (scanned) parameters are split back into per-layer tensors."""
     params = jax.device_get(params)
+    params = unstack_layers(params)
     sd: dict[str, np.ndarray] = {}
     rows = _tensor_map(config)
     for name, path, transpose in rows:
@@ -333,31 +345,107 @@ def _looks_like_hub_id(path: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", path)) and not path.endswith(".gguf")
 
 
-def _missing_path_error(path: str) -> CheckpointError:
-    if _looks_like_hub_id(path):
-        return CheckpointError(
-            f"{path!r} is not a local directory and looks like a Hugging Face Hub id: load_pretrained reads "
-            f"local checkpoints only and does not download. Fetch it first, e.g. "
-            f"`huggingface_hub.snapshot_download({path!r})` (or `hf download {path}`), and pass the "
-            f"directory it returns")
-    return CheckpointError(f"checkpoint directory {path} does not exist")
+# Files a checkpoint directory may need: the weights (single or sharded), the config and the
+# tokenizer; nothing else of the repository (PyTorch .bin weights, ONNX exports, ...) is fetched.
+HUB_CHECKPOINT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                           *_TOKENIZER_JSON_FILES, "tokenizer.model", "merges.txt")
 
 
-def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | None = None) -> Pretrained:
-    """Loads a local HF checkpoint directory (or a `.gguf` file) into a `Pretrained` model.
+def _hub_offline() -> bool:
+    """`HF_HUB_OFFLINE` as set now (huggingface_hub reads it once, at import)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is None:
+        return bool(constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_cache_dir(cache_dir) -> str:
+    """`cache_dir`, else `HF_HUB_CACHE` (or `HF_HOME/hub`) as set now, else huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    if cache_dir is not None:
+        return os.fspath(cache_dir)
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def resolve_hub_id(repo_id: str, revision: str | None = None, cache_dir=None, allow_patterns=None) -> str:
+    """The local snapshot directory of a Hub model repository, downloaded if needed.
+
+    Goes through `huggingface_hub.snapshot_download` (only the checkpoint's files,
+    `HUB_CHECKPOINT_PATTERNS`, unless `allow_patterns` says otherwise), so the local cache is used
+    and filled as usual. With `HF_HUB_OFFLINE=1` nothing is downloaded (`local_files_only=True`):
+    the revision (branch, tag or commit; default `main`) must be in the cache. A revision or
+    repository that cannot be found raises `CheckpointError` naming the id, the revision, the
+    cache directory and how to fix it.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+    except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency of transformers
+        raise CheckpointError(f"{repo_id!r} is not a local path and looks like a Hugging Face Hub id; loading "
+                              f"hub ids needs the huggingface_hub package ({e})") from e
+    offline = _hub_offline()
+    cache = _hub_cache_dir(cache_dir)
+    rev = revision or "main"
+    where = f"{repo_id!r} is not a local directory and looks like a Hugging Face Hub id"
+    fetch = (f"`huggingface_hub.snapshot_download({repo_id!r}" + (f", revision={revision!r}" if revision else "")
+             + f")` or `hf download {repo_id}" + (f" --revision {revision}" if revision else "") + "`")
+    try:
+        return snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline,
+                                 allow_patterns=list(allow_patterns or HUB_CHECKPOINT_PATTERNS))
+    except LocalEntryNotFoundError as e:
+        if offline:
+            raise CheckpointError(
+                f"{where}, but revision {rev!r} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1 "
+                f"forbids downloading it. Fix: download it once with network access ({fetch}), point "
+                f"`cache_dir=` or HF_HUB_CACHE at a cache that holds it, or unset HF_HUB_OFFLINE") from e
+        raise CheckpointError(
+            f"{where}, but revision {rev!r} could not be downloaded and is not in the Hugging Face cache {cache} "
+            f"({type(e).__name__}: {e}). Fix: check the network and the id, fetch it elsewhere ({fetch}) into "
+            f"that cache, or pass a local checkpoint directory") from e
+    except RevisionNotFoundError as e:
+        raise CheckpointError(f"{where}, but the Hub has no revision {rev!r} (branch, tag or commit) of it") from e
+    except (RepositoryNotFoundError, GatedRepoError) as e:
+        raise CheckpointError(f"{where}, but the Hub has no accessible repository of that name (private or gated "
+                              f"repositories need `hf auth login`): {e}") from e
+    except HfHubHTTPError as e:
+        raise CheckpointError(f"{where}, but downloading it failed: {e}") from e
+
+
+def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | None = None, *,
+                    revision: str | None = None, cache_dir=None, scan_layers: bool = False,
+                    remat: str | None = None) -> Pretrained:
+    """Loads an HF checkpoint (a local directory, a Hub id or a `.gguf` file) into a `Pretrained` model.
 
     Args:
       path: a local directory with `config.json`, `model.safetensors` (or shards + index) and
-        tokenizer files; or a `.gguf` file / a directory plus `gguf_file`. Hub ids (`"gpt2"`) are
-        not downloaded: the error says so; fetch a directory with
-        `huggingface_hub.snapshot_download` first. Without tokenizer files the result's
-        `tokenizer` is None and a warning names the directory; unreadable tokenizer files raise
-        `CheckpointError` naming the file.
+        tokenizer files; or a `.gguf` file / a directory plus `gguf_file`; or a Hub id
+        (`"org/name"`, `"gpt2"`) that is not an existing local path, resolved through
+        `huggingface_hub.snapshot_download` (see `resolve_hub_id`: the local cache is used,
+        `HF_HUB_OFFLINE=1` forbids downloads; with `gguf_file`, only that file is fetched). Without
+        tokenizer files the result's `tokenizer` is None and a warning names the directory;
+        unreadable tokenizer files raise `CheckpointError` naming the file.
       dtype: parameter storage dtype (default float32); e.g. `jnp.bfloat16`.
       compute_dtype: activation dtype (default: same as `dtype`). Logits are always float32.
+      revision: Hub branch, tag or commit hash (default `main`); only for Hub ids.
+      cache_dir: the Hugging Face cache directory for Hub ids (default: `HF_HUB_CACHE`).
+      scan_layers, remat: layer execution of the returned model (`ModelConfig.scan_layers`,
+        `ModelConfig.remat`); with `scan_layers` the parameters come stacked (`params["layers"]`).
     """
     param_dtype = jnp.dtype(dtype or jnp.float32)
     compute = jnp.dtype(compute_dtype or param_dtype)
+    path = os.fspath(path)
+    if not os.path.exists(path) and _looks_like_hub_id(path):
+        path = resolve_hub_id(path, revision, cache_dir, allow_patterns=[gguf_file] if gguf_file else None)
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} is only for Hub ids; {path!r} is a local path")
     if gguf_file is not None or str(path).endswith(".gguf"):
         from jaxrlhf.models.gguf import read_gguf
 
@@ -371,7 +459,7 @@ def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | 
                           stacklevel=2)
     else:
         if not os.path.exists(path):
-            raise _missing_path_error(str(path))
+            raise CheckpointError(f"checkpoint directory {path} does not exist")
         if not os.path.isdir(path):
             raise CheckpointError(f"{path} is not a directory: expected a checkpoint directory (config.json, "
                                   f"*.safetensors, tokenizer files) or a .gguf file")
@@ -389,7 +477,8 @@ def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | 
             warnings.warn(f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): the model is "
                           f"loaded with tokenizer=None; pass token ids directly or load a tokenizer yourself",
                           stacklevel=2)
-    config = ModelConfig.from_hf(hf_config, param_dtype=param_dtype.name, dtype=compute.name)
+    config = ModelConfig.from_hf(hf_config, param_dtype=param_dtype.name, dtype=compute.name,
+                                 scan_layers=bool(scan_layers), remat=remat)
     try:
         params = params_from_hf(config, state_dict, dtype=param_dtype)
     except CheckpointError as e:
@@ -448,5 +537,6 @@ __all__ = [
     "load_pretrained",
     "params_from_hf",
     "read_safetensors",
+    "resolve_hub_id",
     "save_pretrained",
 ]

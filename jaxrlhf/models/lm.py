@@ -13,7 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.transformer import ModelOutput, Transformer, decoding_params, grow_cache, init_cache, init_params
+from jaxrlhf.models.transformer import (ModelOutput, Transformer, decoding_params, grow_cache, init_cache, init_params,
+                                        stack_layers, unstack_layers)
+
+
+_KEEP = object()  # `with_layers`: leave `remat` as it is
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,22 @@ class LanguageModel:
     def init_params(self, key: jax.Array):
         return init_params(self.config, key)
 
+    def layout_params(self, params):
+        """`params` in this model's layer layout: stacked (`params["layers"]`, leaves
+        `[num_layers, ...]`) when `config.scan_layers`, else per layer (`layer_0`, ...). Either
+        layout is accepted (see `transformer.stack_layers` / `unstack_layers`)."""
+        return stack_layers(params) if self.config.scan_layers else unstack_layers(params)
+
+    def with_layers(self, scan_layers: bool | None = None, remat: Any = _KEEP) -> "LanguageModel":
+        """The same model with another layer execution (`scan_layers`, `remat`); convert the
+        parameters with the new model's `layout_params`."""
+        changes = {}
+        if scan_layers is not None:
+            changes["scan_layers"] = bool(scan_layers)
+        if remat is not _KEEP:
+            changes["remat"] = remat
+        return LanguageModel(self.config.replace(**changes))
+
     def cast_params(self, params, dtype):
         """Casts floating-point parameters to `dtype` (e.g. bfloat16 storage)."""
         dtype = jnp.dtype(dtype)
@@ -74,6 +94,12 @@ class Pretrained:
     @property
     def apply(self):
         return self.model.apply
+
+    def with_layers(self, scan_layers: bool | None = None, remat: Any = _KEEP) -> "Pretrained":
+        """The same checkpoint run with scanned and/or rematerialised layers (parameters converted
+        to the matching layout), e.g. `pre.with_layers(scan_layers=True, remat="dots_saveable")`."""
+        model = self.model.with_layers(scan_layers, remat)
+        return Pretrained(model, model.layout_params(self.params), self.tokenizer)
 
     @property
     def forward(self):

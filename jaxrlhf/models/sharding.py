@@ -13,6 +13,11 @@ A rule is `(regex, action)`; the first regex that `re.search`es the parameter's 
 
 Any result that does not divide the parameter's shape falls back to replication, as does a tensor
 with fewer than `min_size` elements or no matching rule: a sharding choice never makes a model fail.
+
+Scanned models (`ModelConfig.scan_layers`) keep their blocks stacked under `layers/` with a leading
+layer axis (`"layers/attn/q/kernel"`, `[num_layers, D, H*E]`). The rules see the per-layer shape
+(`shape[1:]`) and the spec gets a `None` in front: the layer axis is never split, so every block
+is sharded exactly as in the unscanned model.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+STACKED_LAYERS = r"(^|/)layers/"  # paths of a scanned model's stacked blocks (leading layer axis)
 FSDP = "fsdp"  # placeholder axis name in rule specs, replaced by `fsdp_axis`
 LARGEST = "largest"
 REPLICATE = "replicate"
@@ -130,7 +136,7 @@ def param_partition_specs(params, rules=DEFAULT_RULES, fsdp_axis: str = FSDP, me
       mesh: gives the axis sizes that must divide the sharded dimensions; default: all devices on
         the fsdp axis (the mesh `make_mesh()` builds).
       min_size: tensors with fewer elements are replicated (sharding tiny tensors only adds
-        communication).
+        communication); for stacked blocks the count is per layer.
     """
     if mesh is not None:
         axis_sizes = dict(mesh.shape)
@@ -138,11 +144,15 @@ def param_partition_specs(params, rules=DEFAULT_RULES, fsdp_axis: str = FSDP, me
             raise ValueError(f"mesh axes {tuple(axis_sizes)} have no {fsdp_axis!r} axis")
     else:
         axis_sizes = {fsdp_axis: jax.device_count()}
-    return jax.tree_util.tree_map_with_path(
-        lambda path, p: spec_for(_path_str(path), tuple(p.shape), rules, fsdp_axis, axis_sizes=axis_sizes,
-                                 min_size=min_size),
-        params,
-    )
+
+    def one(path, p):
+        name, shape = _path_str(path), tuple(p.shape)
+        if re.search(STACKED_LAYERS, name) and len(shape) >= 1:
+            inner = spec_for(name, shape[1:], rules, fsdp_axis, axis_sizes=axis_sizes, min_size=min_size)
+            return PartitionSpec(None, *inner) if len(inner) else PartitionSpec()
+        return spec_for(name, shape, rules, fsdp_axis, axis_sizes=axis_sizes, min_size=min_size)
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def shard_params(params, mesh: Mesh, specs=None):
@@ -164,6 +174,7 @@ __all__ = [
     "FSDP",
     "LARGEST",
     "REPLICATE",
+    "STACKED_LAYERS",
     "batch_sharding",
     "make_mesh",
     "param_partition_specs",

@@ -32,25 +32,35 @@ _MASKED = -1e30  # finite, so a row with no visible key gives a uniform softmax,
 class ModelOutput(NamedTuple):
     logits: Array  # [B, L, V] float32
     hidden: Array  # [B, L, D] final (normalised) hidden states, for value heads
-    cache: Any  # tuple of per-layer {"k", "v"} buffers, or None
+    cache: Any  # tuple of per-layer {"k", "v"} buffers (scanned: one stacked dict), or None
 
 
-def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> tuple:
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None):
     """Zeroed key/value buffers: one `{"k", "v"}` dict of `[B, K, S, E]` arrays per layer.
 
     Heads before slots: the attention dots then have their batch dimensions (B, K) leading, which
     XLA needs; a `[B, S, K, E]` buffer would be transposed (copied whole) at every decoding step.
+    A scanned model (`config.scan_layers`) keeps one stacked dict `{"k", "v"}` of
+    `[num_layers, B, K, S, E]` arrays instead, scanned over with the stacked parameters.
     """
     dtype = jnp.dtype(dtype or config.dtype)
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    if config.scan_layers:
+        stacked = (config.num_layers,) + shape
+        return {"k": jnp.zeros(stacked, dtype), "v": jnp.zeros(stacked, dtype)}
     return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers))
 
 
-def grow_cache(cache: tuple, max_len: int) -> tuple:
-    """The same cache with empty slots appended up to `max_len` (decoding in segments)."""
+def grow_cache(cache, max_len: int):
+    """The same cache with empty slots appended up to `max_len` (decoding in segments).
 
-    def grow(buffer_BxKxSxE):
-        return jnp.pad(buffer_BxKxSxE, ((0, 0), (0, 0), (0, max_len - buffer_BxKxSxE.shape[2]), (0, 0)))
+    Works on either layout: the slot axis is the second to last (`[..., S, E]`).
+    """
+
+    def grow(buffer_xSxE):
+        pad = [(0, 0)] * buffer_xSxE.ndim
+        pad[-2] = (0, max_len - buffer_xSxE.shape[-2])
+        return jnp.pad(buffer_xSxE, pad)
 
     return jax.tree.map(grow, cache)
 
@@ -197,18 +207,38 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One decoder block. `cache_size` is an attribute (not a call argument) so that the block can
+    be wrapped in `nn.scan` / `nn.remat`, whose call arguments are all traced."""
+
     config: ModelConfig
+    cache_size: int | None = None
 
     @nn.compact
-    def __call__(self, x, positions, allowed, layer_cache, cache_index, cache_size=None):
+    def __call__(self, x, positions, allowed, layer_cache, cache_index):
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         attn_out, new_cache = Attention(cfg, name="attn")(
             Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x), positions, allowed, layer_cache, cache_index,
-            cache_size)
+            self.cache_size)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, pdt, name="mlp_norm")(x))
         return x, new_cache
+
+
+SCANNED_LAYERS = "layers"  # params key of the stacked blocks of a scanned model
+
+
+def _remat_policy(name: str):
+    return None if name == "full" else getattr(jax.checkpoint_policies, name)
+
+
+def block_class(config: ModelConfig, scanned: bool = False):
+    """`Block`, wrapped in `nn.remat` with the configured policy when `config.remat` is set."""
+    if config.remat is None:
+        return Block
+    # Inside a scan the loop boundary already keeps XLA from merging the recomputation back into
+    # the forward, so common-subexpression prevention (extra barriers) is not needed there.
+    return nn.remat(Block, policy=_remat_policy(config.remat), prevent_cse=not scanned)
 
 
 class Transformer(nn.Module):
@@ -246,12 +276,23 @@ class Transformer(nn.Module):
                                  embedding_init=nn.initializers.normal(0.01), name="pos_embed")
             x = x + pos_embed(jnp.minimum(positions_BxL, cfg.max_position_embeddings - 1))
 
-        new_cache = []
-        for i in range(cfg.num_layers):
-            layer_cache = None if cache is None else cache[i]
-            x, layer_new_cache = Block(cfg, name=f"layer_{i}")(x, positions_BxL, allowed_BxLxS, layer_cache, cache_index,
-                                                               cache_size)
-            new_cache.append(layer_new_cache)
+        if cfg.scan_layers:
+            # One block body scanned over `params["layers"]` (leaves [num_layers, ...]) and over the
+            # stacked cache ([num_layers, B, K, S, E]); the hidden state is the carry.
+            scanned = nn.scan(block_class(cfg, scanned=True), variable_axes={"params": 0},
+                              split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                              length=cfg.num_layers)
+            x, new_cache = scanned(cfg, cache_size, name=SCANNED_LAYERS)(x, positions_BxL, allowed_BxLxS, cache,
+                                                                         cache_index)
+        else:
+            block = block_class(cfg)
+            new_cache = []
+            for i in range(cfg.num_layers):
+                layer_cache = None if cache is None else cache[i]
+                x, layer_new_cache = block(cfg, cache_size, name=f"layer_{i}")(x, positions_BxL, allowed_BxLxS,
+                                                                               layer_cache, cache_index)
+                new_cache.append(layer_new_cache)
+            new_cache = tuple(new_cache)
         hidden = Norm(cfg.norm, cfg.norm_eps, pdt, name="final_norm")(x)
 
         # Logits in float32 whatever the compute dtype: log-probs and the PPO ratio need them exact.
@@ -264,7 +305,7 @@ class Transformer(nn.Module):
             else:
                 head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
             logits = jnp.einsum("bld,dv->blv", hidden, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-        return ModelOutput(logits, hidden, None if cache is None and cache_size is None else tuple(new_cache))
+        return ModelOutput(logits, hidden, None if cache is None and cache_size is None else new_cache)
 
 
 DECODE_HEAD = "decode_head"
@@ -288,3 +329,62 @@ def init_params(config: ModelConfig, key: Array) -> dict:
     """Random parameters (GPT-2-style normal(0.02) init) for training a model from scratch."""
     ids = jnp.zeros((1, 2), jnp.int32)
     return Transformer(config).init(key, ids, jnp.ones((1, 2), jnp.int32))["params"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-layer <-> stacked parameter layouts
+
+
+def _layer_keys(params) -> list[str]:
+    keys = [k for k in params if k.startswith("layer_") and k[len("layer_"):].isdigit()]
+    return sorted(keys, key=lambda k: int(k[len("layer_"):]))
+
+
+def is_stacked(params) -> bool:
+    """Whether `params` has the scanned layout (`params["layers"]`, leaves `[num_layers, ...]`)."""
+    return SCANNED_LAYERS in params
+
+
+def stack_layers(params) -> dict:
+    """Per-layer parameters (`layer_0`, `layer_1`, ...) -> the scanned layout: one `layers` subtree
+    whose leaves are the layers' leaves stacked on a new leading axis. Other entries are kept.
+    Already stacked parameters are returned unchanged."""
+    if is_stacked(params):
+        return params
+    keys = _layer_keys(params)
+    if not keys:
+        raise ValueError("no layer_<i> entries to stack")
+    if [int(k[len("layer_"):]) for k in keys] != list(range(len(keys))):
+        raise ValueError(f"layer entries are not layer_0 .. layer_{len(keys) - 1}: {keys}")
+    out = {k: v for k, v in params.items() if k not in keys}
+    out[SCANNED_LAYERS] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[k] for k in keys])
+    return out
+
+
+def unstack_layers(params) -> dict:
+    """Inverse of `stack_layers`: the `layers` subtree split into `layer_0`, `layer_1`, ...
+    (the layout of an unscanned model and of HF checkpoints). Per-layer parameters are returned
+    unchanged."""
+    if not is_stacked(params):
+        return params
+    stacked = params[SCANNED_LAYERS]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != SCANNED_LAYERS}
+    for i in range(num_layers):
+        out[f"layer_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
+    return out
+
+
+def unstack_cache(cache) -> tuple:
+    """A stacked cache (`{"k", "v"}` of `[L, B, K, S, E]`) as the per-layer tuple layout."""
+    if isinstance(cache, tuple):
+        return cache
+    num_layers = cache["k"].shape[0]
+    return tuple({"k": cache["k"][i], "v": cache["v"][i]} for i in range(num_layers))
+
+
+def stack_cache(cache) -> dict:
+    """A per-layer cache tuple as one stacked `{"k", "v"}` dict (the scanned model's layout)."""
+    if isinstance(cache, dict):
+        return cache
+    return {"k": jnp.stack([c["k"] for c in cache]), "v": jnp.stack([c["v"] for c in cache])}
