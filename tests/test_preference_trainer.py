@@ -103,6 +103,7 @@ def test_presets_and_config_checks():
     # numbers change no program: a different beta / learning rate / length has the same structure
     assert CONFIG.structure() == dataclasses.replace(CONFIG, beta=0.5, learning_rate=1.0, total_steps=9).structure()
     assert CONFIG.structure() != dataclasses.replace(CONFIG, grad_accum_steps=1).structure()
+    assert CONFIG.structure() == dataclasses.replace(CONFIG, loss="cdpo", label_smoothing=0.2).structure()
 
 
 def test_dpo_raises_held_out_accuracy(tiny, pairs):
@@ -246,3 +247,33 @@ def test_bad_pairs_are_dropped_not_nan(tiny, pairs):
         with pytest.warns(UserWarning):
             wide = pairs_from_arrays(prompt, np.ones_like(prompt), c[:, 1:], cm[:, 1:], r[:, 1:], rm[:, 1:])
         train_preference(tiny, wide, CONFIG, **QUIET)
+
+
+def test_text_pairs_from_jsonl_end_to_end(tmp_path):
+    """JSONL text pairs -> tokenizer (with a chat template) -> one update -> the exported policy
+    carries the tokenizer; a user evaluate_fn is logged under eval/."""
+    from jaxrlhf.models.hf_io import load_pretrained
+    from jaxrlhf.tokenizers import char_tokenizer
+
+    tokenizer = char_tokenizer("abcdefghijklmnopq:")  # 4 specials + 18 = 22 ids: the tiny model's vocabulary
+    tokenizer.chat_template = ("{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}:{% endif %}")
+    model = LanguageModel(sl.gpt2_config(hidden_size=32, num_layers=1, num_heads=2, max_len=16))
+    params = model.init_params(jax.random.PRNGKey(2))
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopq")
+    rows = [{"prompt": "".join(rng.choice(letters, 2)), "chosen": "a" * int(rng.integers(1, 5)),
+             "rejected": "".join(rng.choice(letters[1:], int(rng.integers(1, 5))))} for _ in range(20)]
+    rows.append({"prompt": "ab", "chosen": "", "rejected": "b"})  # dropped: empty response
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = PreferenceConfig.preset("dpo", learning_rate=1e-3, total_steps=1, batch_size=16, max_prompt_len=4,
+                                     max_response_len=6)
+    out = str(tmp_path / "run")
+    with pytest.warns(UserWarning, match="empty_response=1"):
+        result = train_preference((model, params, tokenizer), str(path), config, out, eval_every=1,
+                                  evaluate_fn=lambda step, state: {"probe": 1.5}, **QUIET)
+    assert result.data_stats["kept"] == 20 and result.data.prompt_ids.shape == (20, 4)
+    assert result.history[0]["eval/probe"] == 1.5 and math.isfinite(result.history[0]["loss"])
+    loaded = load_pretrained(os.path.join(out, "policy"))
+    assert loaded.tokenizer is not None and loaded.tokenizer.chat_template == tokenizer.chat_template

@@ -193,6 +193,8 @@ class PreferenceConfig:
         numbers = {name: 0.0 for name in LOSS_NUMBERS + tuple(OPTIMIZER_NUMBERS)}
         numbers["rpo_alpha"] = None if self.rpo_alpha is None else 0.0
         numbers["max_grad_norm"] = None if self.max_grad_norm is None else 0.0
+        if self.loss == "cdpo":
+            numbers["loss"] = "dpo"  # the same program, label_smoothing being data
         if self.lr_schedule == "constant" and self.warmup_steps <= self.total_steps:
             numbers["total_steps"] = max(self.warmup_steps, 1)  # the run's length changes nothing then
         return _Structure(**{**dataclasses.asdict(self), **numbers, "seed": 0, "save_every": 1,
@@ -305,9 +307,9 @@ def compute_loss(loss: str, hp, logps, ref_logps, pair_mask, desirable=None, rpo
     chosen, chosen_len, rejected, rejected_len = logps
     ref_chosen, ref_rejected = ref_logps if ref_logps is not None else (None, None)
     if loss in ("dpo", "cdpo"):
+        # label_smoothing is 0 for "dpo" (the config checks it), so DPO and cDPO share one program
         value, stats = P.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=hp["beta"],
-                                  label_smoothing=hp["label_smoothing"] if loss == "cdpo" else 0.0,
-                                  pair_mask=pair_mask)
+                                  label_smoothing=hp["label_smoothing"], pair_mask=pair_mask)
     elif loss == "ipo":
         value, stats = P.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
                                   beta=hp["beta"], pair_mask=pair_mask)
@@ -715,6 +717,7 @@ def train_preference(
     tensorboard: bool = True,
     export: bool = True,
     on_step: Optional[Callable[[int, PreferenceState, Dict[str, float]], None]] = None,
+    evaluate_fn: Optional[Callable[[int, PreferenceState], Mapping[str, Any]]] = None,
 ) -> PreferenceResult:
     """Trains the policy on preference data for ``config.total_steps`` updates.
 
@@ -736,6 +739,9 @@ def train_preference(
       resume: continue from the latest checkpoint in ``out_dir/checkpoints`` if there is one.
       log_every: log the training metrics every this many updates (and the last).
       on_step: ``on_step(step, state, metrics)`` after each update (and its checkpoint save).
+      evaluate_fn: optional ``evaluate_fn(step, state) -> {name: scalar}`` (e.g. sampling and a true
+        score), called on the ``eval_every`` schedule (and after the last update) and logged as
+        ``eval/<name>`` beside the held-out pair metrics.
 
     Returns:
       A `PreferenceResult`.
@@ -787,8 +793,13 @@ def train_preference(
                 if not all(math.isfinite(v) for v in record.values()):
                     bad = sorted(k for k, v in record.items() if not math.isfinite(v))
                     raise FloatingPointError(f"non-finite metrics at step {step}: {bad}")
-            if eval_data is not None and ((eval_every and (step + 1) % eval_every == 0) or last):
-                result = evaluate(trainer, state.params, eval_data, state.hparams, step_ref)
+            if (eval_data is not None or evaluate_fn is not None) and \
+                    ((eval_every and (step + 1) % eval_every == 0) or last):
+                result = {}
+                if eval_data is not None:
+                    result.update(evaluate(trainer, state.params, eval_data, state.hparams, step_ref))
+                if evaluate_fn is not None:
+                    result.update({k: float(v) for k, v in evaluate_fn(step, state).items()})
                 evals.append({"step": step, **result})
                 record["eval"] = result
             if record:
