@@ -33,8 +33,9 @@ not already end with it). ``use_chat_template=False`` forces the plain path.
 
 **Rules** (each applied row by row, in this order, each counted in `PreferenceData.stats`):
 
-1. ``empty_prompt``: the prompt has no tokens -> dropped (a causal LM scores token ``i`` from the
-   tokens before it, so a response needs at least one prompt token before it).
+1. ``empty_prompt``: the prompt has no tokens (an empty text still gets the tokenizer's BOS, if
+   it adds one) -> dropped (a causal LM scores token ``i`` from the tokens before it, so a
+   response needs at least one prompt token before it).
 2. ``empty_response``: a response (chosen, rejected or the KTO completion) is empty or only
    whitespace -> dropped (no tokens to score; its log-prob would be 0 and its length-mean undefined).
 3. ``prompt_too_long``: more than ``max_prompt_len`` tokens -> dropped by default
@@ -246,8 +247,7 @@ def _encode_prompt(tokenizer, prompt, use_chat_template: Optional[bool]) -> List
         return [int(t) for t in ids]
     if isinstance(prompt, list):
         raise PreferenceDataError("a prompt given as a list of messages needs a tokenizer with a chat template")
-    if not str(prompt):
-        return []
+    # An empty prompt keeps the tokenizer's own special tokens (e.g. a BOS); with none it is empty.
     return [int(t) for t in tokenizer(str(prompt))["input_ids"]]
 
 
