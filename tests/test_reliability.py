@@ -11,7 +11,7 @@ import pytest
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel
-from jaxrlhf.training import PPO, Checkpointer, TextReward, train
+from jaxrlhf.training import PPO, Checkpointer, CheckpointMismatchError, TextReward, train
 from jaxrlhf.training.trainer import TrainingInterrupted
 
 import test_training as tt
@@ -122,3 +122,14 @@ def test_checkpoint_past_total_steps_warns(tiny, tmp_path):
     with pytest.warns(UserWarning, match="checkpoint is at step 2, past total_steps=1"):
         result = _train(tiny, tmp_path, config=CONFIG.replace(total_steps=1))
     assert int(result.state.step) == 2 and result.history == []
+
+
+def test_resuming_with_a_different_prompt_set_is_refused_unless_allowed(tiny, tmp_path):
+    _train(tiny, tmp_path, num_steps=2)
+    other = tt.make_prompts(tt.BATCH, seed=9)
+    with pytest.raises(CheckpointMismatchError, match="allow_different_prompts=True"):
+        _train(tiny, tmp_path, prompts=other)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]  # refused before any work
+    with pytest.warns(UserWarning, match="prompt"):
+        result = _train(tiny, tmp_path, prompts=other, allow_different_prompts=True)
+    assert int(result.state.step) == CONFIG.total_steps

@@ -231,3 +231,28 @@ def tokenizer():
     from jaxrlhf.tokenizers import char_tokenizer
 
     return char_tokenizer(CHARS, model_max_length=PROMPT_LEN + ANSWER_LEN + 4)
+
+
+def make_evaluator(model, tokenizer, problems: Sequence[Problem], samples_per_problem: int = 4):
+    """``evaluate(params, key) -> {greedy/accuracy, greedy/well_formed, sampled/accuracy,
+    sampled/well_formed}`` on ``problems`` (jitted; sampled at temperature 1)."""
+    from jaxrlhf.sampling import generate
+
+    ids = token_ids(tokenizer)
+    prompt_ids, prompt_mask = (jnp.asarray(x) for x in encode_prompts(problems, tokenizer))
+    repeated = (jnp.repeat(prompt_ids, samples_per_problem, axis=0), jnp.repeat(prompt_mask, samples_per_problem, axis=0))
+
+    def measure(params, prompts, key, temperature):
+        out = generate(model, params, *prompts, key, max_new_tokens=ANSWER_LEN + 2, temperature=temperature,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        check = check_answers(ids, prompts[0], out.tokens, out.mask)
+        return jnp.mean(check.correct.astype(jnp.float32)), jnp.mean(check.well_formed.astype(jnp.float32))
+
+    @jax.jit
+    def evaluate(params, key):
+        greedy_accuracy, greedy_formed = measure(params, (prompt_ids, prompt_mask), key, 0.0)
+        sampled_accuracy, sampled_formed = measure(params, repeated, key, 1.0)
+        return {"greedy/accuracy": greedy_accuracy, "greedy/well_formed": greedy_formed,
+                "sampled/accuracy": sampled_accuracy, "sampled/well_formed": sampled_formed}
+
+    return evaluate

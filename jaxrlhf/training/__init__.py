@@ -12,7 +12,8 @@ from jaxrlhf.training.rewards import (NonFiniteError, RewardModel, RewardShapeEr
                                       postprocess_scores)
 from jaxrlhf.training.state import FrozenParams, ScoreStats, TrainState, make_optimizer
 from jaxrlhf.training.update import make_ppo_update
-from jaxrlhf.training.checkpoint import Checkpointer, CheckpointMismatchError
+from jaxrlhf.training.checkpoint import (CheckpointCorruptError, CheckpointIntegrityWarning, Checkpointer,
+                                        CheckpointMismatchError, prompts_fingerprint)
 from jaxrlhf.training.sweep import Sweep, SweepState, make_runs_mesh
 from jaxrlhf.training.trainer import PromptDataset, SweepResult, TrainResult, prepare_prompts, train, train_sweep
 from jaxrlhf.training import parallel
@@ -21,6 +22,9 @@ from jaxrlhf.training.preference import (PreferenceConfig, PreferenceResult, Pre
 from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data
 
 __all__ = [
+    "CheckpointCorruptError",
+    "CheckpointIntegrityWarning",
+    "prompts_fingerprint",
     "PreferenceConfig",
     "PreferenceData",
     "PreferenceDataError",

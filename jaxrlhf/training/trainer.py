@@ -44,7 +44,7 @@ from jaxrlhf.models.lm import LanguageModel, Pretrained
 from jaxrlhf.models.value import ValueModel
 from jaxrlhf.sampling import check_prompts, model_limits
 from jaxrlhf.training import parallel
-from jaxrlhf.training.checkpoint import Checkpointer
+from jaxrlhf.training.checkpoint import Checkpointer, prompts_fingerprint
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.ppo import PPO, PromptTooLongError
 from jaxrlhf.training.rewards import NonFiniteError, TextReward
@@ -388,6 +388,8 @@ def train(
     eval_every: int = 0,
     initial_state: Optional[TrainState] = None,
     trainer: Optional[PPO] = None,
+    fallback_to_intact: bool = False,
+    allow_different_prompts: bool = False,
 ) -> TrainResult:
     """Train ``policy`` with PPO against ``reward`` on ``prompts``; see the module docstring.
 
@@ -416,6 +418,11 @@ def train(
         resuming from a checkpoint).
       trainer: a `PPO` built earlier for this config's structure (its compiled steps are reused;
         ``config`` then only gives the numbers of a fresh state and the run length).
+      fallback_to_intact: when the latest checkpoint is damaged (its checksums fail), move it aside
+        (``<step>.corrupt``) and resume from the newest intact one, with a warning, instead of
+        raising `CheckpointCorruptError`.
+      allow_different_prompts: resume although the prompt set differs from the one the checkpoint
+        was trained on (its fingerprint is in the checkpoint), with a warning.
 
     Returns:
       A `TrainResult`. Raises `NonFiniteError` (after checkpointing the last good state) when a
@@ -438,7 +445,10 @@ def train(
         ppo = trainer
     is_main = jax.process_index() == 0
 
-    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), ppo, config=config)
+    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), ppo, config=config,
+                                fallback_to_intact=fallback_to_intact,
+                                prompts_fingerprint=prompts_fingerprint(data.ids, data.mask),
+                                allow_different_prompts=allow_different_prompts)
     latest = checkpointer.latest_step()
     if latest is not None:
         state = checkpointer.restore(latest)  # checks the config first
@@ -490,6 +500,8 @@ def train_sweep(
     on_step: Optional[Callable[[int, List[Dict[str, float]], SweepState], None]] = None,
     evaluate: Optional[Callable[[int, SweepState], List[Dict[str, float]]]] = None,
     eval_every: int = 0,
+    fallback_to_intact: bool = False,
+    allow_different_prompts: bool = False,
 ) -> SweepResult:
     """Train R runs (``runs``: per-run overrides, e.g. ``grid(seed=[0, 1, 2], init_kl_coef=[0, 0.1])``)
     as one program; arguments as in `train`, except:
@@ -513,7 +525,9 @@ def train_sweep(
     data = [PromptDataset(base.ids, base.mask, c.seed) for c in sweep.run_configs]
     is_main = jax.process_index() == 0
 
-    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), sweep)
+    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), sweep, fallback_to_intact=fallback_to_intact,
+                                prompts_fingerprint=prompts_fingerprint(base.ids, base.mask),
+                                allow_different_prompts=allow_different_prompts)
     latest = checkpointer.latest_step()
     state = checkpointer.restore(latest) if latest is not None else sweep.init_state(policy_params, value_params)
     frozen = sweep.frozen_params(policy_params if ref_params is None else ref_params, reward_params)

@@ -1,0 +1,110 @@
+"""Countdown, step 1: a small GPT-2 learns the arithmetic task from noisy demonstrations.
+
+The task (``jaxrlhf/tasks/countdown.py``): three digits and a target, answer an expression that
+uses each digit once and evaluates to the target (``357:+009=`` -> ``7+5-3``). The demonstrations
+are right only ``correct_fraction`` of the time (otherwise a random expression of the same
+digits), so the SFT policy learns the format and the digits but not how to hit the target: its
+held-out accuracy stays low, and a verifiable reward (1 if the checker says correct) gives RL
+something to learn (``experiments/compare_algorithms.py``).
+
+    python experiments/countdown_sft.py
+    python experiments/countdown_sft.py --correct_fraction 0.2 --num_steps 3000
+
+Writes to ``out_dir``: ``config.json``, ``metrics.jsonl`` (loss, and ``eval/`` held-out accuracy
+greedy and sampled), TensorBoard events, ``model/`` (Hugging Face format with the tokenizer),
+``summary.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+
+from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.metrics_log import MetricsLogger
+from jaxrlhf.models import LanguageModel, ModelConfig, save_pretrained
+from jaxrlhf.tasks import countdown as cd
+from jaxrlhf.training.sft import SFTConfig, train_sft
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Countdown: SFT of the reference policy on noisy demonstrations."""
+
+    out_dir: str = "runs/countdown_sft"
+    """Directory for config.json, metrics.jsonl, TensorBoard events, model/, summary.json."""
+    seed: int = 0
+    """Seed of the model initialisation, data order and evaluation samples."""
+    task_seed: int = 0
+    """Seed of the problem set (must match the RL run's)."""
+    num_problems: int = 6000
+    """Problems drawn (duplicates dropped; a fifth held out by a fixed hash)."""
+    ops: str = "+-"
+    """Operators allowed in answers ("+-" or "+-*")."""
+    correct_fraction: float = 0.3
+    """Probability that a demonstration is a correct answer (else a random expression of the digits)."""
+    n_layer: int = 4
+    """Transformer blocks."""
+    n_embd: int = 128
+    """Width."""
+    n_head: int = 4
+    """Attention heads."""
+    num_steps: int = 1500
+    """AdamW updates."""
+    batch_size: int = 128
+    """Demonstrations per update."""
+    sft: SFTConfig = SFTConfig(learning_rate=1e-3, warmup_steps=50, decay_to=0.1, weight_decay=0.01)
+    """Optimiser settings."""
+    eval_every: int = 250
+    """Evaluate held-out accuracy every this many updates, and at the end."""
+    log_every: int = 25
+    """Log the training loss every this many updates."""
+
+
+def make_model(config: Config, tokenizer) -> LanguageModel:
+    hf_config = dict(
+        model_type="gpt2", vocab_size=len(tokenizer), n_embd=config.n_embd, n_layer=config.n_layer,
+        n_head=config.n_head, n_positions=cd.PROMPT_LEN + cd.ANSWER_LEN + 4, activation_function="gelu_new",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LanguageModel(ModelConfig.from_hf(hf_config))
+
+
+def main(config: Config) -> dict:
+    os.makedirs(config.out_dir, exist_ok=True)
+    save_config(config, os.path.join(config.out_dir, "config.json"))
+    start = time.time()
+    task = cd.make_task(config.task_seed, config.num_problems, config.ops)
+    tokenizer = cd.tokenizer()
+    demos = cd.demonstrations(task, config.correct_fraction, config.seed)
+    data = cd.encode_demonstrations(demos, tokenizer)
+    print(f"countdown: {len(task.train)} training problems, {len(task.held_out)} held out; "
+          f"{sum(a in cd.solutions(p, task.ops) for p, a in demos) / len(demos):.3f} of demonstrations correct")
+
+    model = make_model(config, tokenizer)
+    init_key, data_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+    params = model.init_params(init_key)
+    evaluator = cd.make_evaluator(model, tokenizer, task.held_out)
+
+    def eval_fn(p, step):
+        return {k: float(v) for k, v in evaluator(p, jax.random.fold_in(eval_key, step)).items()}
+
+    with MetricsLogger(config.out_dir, total_steps=config.num_steps, progress_keys=("loss", "accuracy")) as logger:
+        params, last = train_sft(model.apply, params, data, data_key, config=config.sft, num_steps=config.num_steps,
+                                 batch_size=config.batch_size, logger=logger, log_every=config.log_every,
+                                 eval_fn=eval_fn, eval_every=config.eval_every)
+    model_dir = os.path.join(config.out_dir, "model")
+    save_pretrained(model_dir, model, params, tokenizer)
+    summary = {"final_loss": last["loss"], **{f"held_out/{k}": v for k, v in eval_fn(params, config.num_steps + 1).items()},
+               "num_train_problems": len(task.train), "num_held_out_problems": len(task.held_out),
+               "wall_clock_s": time.time() - start, "model_dir": model_dir}
+    with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
