@@ -13,7 +13,7 @@ A plain PyTorch loop over `transformers` models, no compilation:
                   backward, clip each model's grad norm, AdamW step (policy and critic)
 
 The critic is a `GPT2Model` trunk with a `Linear(D, 1)` value head on its last hidden state, as
-TRL's separate value model. The formulas are those of DESIGN.md (what jaxrlhf computes).
+TRL's separate value model. The formulas are those of docs/design.md (what jaxrlhf computes).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ jitted PPO update (the split step of `PPO` / `Sweep`).
 
 Prompts: ~200 short user requests (experiments/data/instruction_prompts.txt) in the model's chat
 template; the last ``num_eval_prompts`` are held out for the before/after evaluation. One PPO run
-per ``kl_coef`` (per-token KL penalty to the initial model, DESIGN.md), all from the same start and
+per ``kl_coef`` (per-token KL penalty to the initial model, docs/design.md), all from the same start and
 seed; the KL coefficient is the only difference (it lives in the train state), so the runs train
 together as one sweep (`jaxrlhf.training.train_sweep`): one compiled rollout and update for all.
 

@@ -346,7 +346,7 @@ def test_zero_kl_coef_gives_the_plain_score_on_the_last_token(tiny):
         np.testing.assert_array_equal(np.asarray(exp0.rewards), expected)
         # gamma = lam = 1: the value target of every valid token is the score itself.
         np.testing.assert_allclose(np.asarray(exp0.returns), expected.sum(1, keepdims=True) * mask, atol=1e-6)
-    # With beta > 0 the KL penalty is the only difference, per DESIGN.md: r = -beta * kl * mask + score,
+    # With beta > 0 the KL penalty is the only difference, per docs/design.md: r = -beta * kl * mask + score,
     # with each estimator of d = ref_logprobs - logprobs (float64 NumPy here).
     beta = 0.5
     experiences = _experiences(config, model, params, beta, scores)

@@ -1,4 +1,4 @@
-"""Core RLHF math: pure JAX functions on ``[batch, time]`` arrays (see DESIGN.md)."""
+"""Core RLHF math: pure JAX functions on ``[batch, time]`` arrays (see docs/design.md)."""
 from jaxrlhf.core.advantages import gae_advantages
 from jaxrlhf.core.groups import (
     GroupSelection,
