@@ -155,3 +155,19 @@ def test_local_directory_wins_and_revision_needs_a_hub_id(cache, sources, tmp_pa
     _same(jaxrlhf.load_pretrained(REPO, cache_dir=cache / "nowhere").params, params)
     with pytest.raises(ValueError, match="revision='v2' is only for Hub ids"):
         jaxrlhf.load_pretrained(str(path), revision="v2")
+
+
+def test_hub_id_with_gguf_file(tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("torch")
+    from test_gguf import Q, _hf_model, _hf_state, _write_gguf
+
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_gguf(source / "tiny-f32.gguf", "llama", _hf_state(_hf_model("llama", False)), False, Q.F32)
+    cache = tmp_path / "hub_cache"
+    _add_snapshot(cache, "tiny-org/tiny-gguf", COMMIT_A, source, refs=("main",), blobs=True)
+    pre = jaxrlhf.load_pretrained("tiny-org/tiny-gguf", gguf_file="tiny-f32.gguf", cache_dir=cache)
+    _same(pre.params, jaxrlhf.load_pretrained(str(source / "tiny-f32.gguf")).params)
+    with pytest.raises(CheckpointError, match="missing file .*snapshots.*other.gguf"):
+        jaxrlhf.load_pretrained("tiny-org/tiny-gguf", gguf_file="other.gguf", cache_dir=cache)

@@ -13,6 +13,13 @@ One forward handles both training and decoding:
   `attention_mask [B, S]` entry is 1. Prefill is L = prompt length, decoding is L = 1.
 Positions come from the mask (`cumsum(mask) - 1`), so left-padded rows get positions 0, 1, ...
 from their first real token, exactly as Hugging Face computes them from `attention_mask`.
+
+Layer execution (`ModelConfig.scan_layers`, `ModelConfig.remat`): by default the blocks are
+unrolled (`params["layer_i"]`, one compiled copy per layer). With `scan_layers` one block body runs
+under `nn.scan` over stacked parameters (`params["layers"]`, leaves `[num_layers, ...]`) and a
+stacked cache (`{"k", "v"}` of `[num_layers, B, K, S, E]`), so compile time does not grow with
+depth; `stack_layers` / `unstack_layers` convert between the layouts. `remat` wraps each block in
+`nn.remat` with a named `jax.checkpoint_policies` policy. Neither changes the computation.
 """
 from __future__ import annotations
 
@@ -128,7 +135,8 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index, cache_size=None):
+    def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index, cache_size=None,
+                 layer_index=None):
         cfg = self.config
         B, L, _ = x_BxLxD.shape
         H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -147,7 +155,16 @@ class Attention(nn.Module):
         k = jnp.swapaxes(k, 1, 2)
         v = jnp.swapaxes(v, 1, 2)
         new_cache = None
-        if layer_cache is not None:
+        if layer_cache is not None and layer_index is not None:
+            # A scanned model's whole stacked cache [layers, B, K, S, E], carried through the scan:
+            # write this layer's new slots in place, then read this layer's buffer.
+            start = (layer_index, 0, 0, cache_index, 0)
+            k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k[None].astype(layer_cache["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v[None].astype(layer_cache["v"].dtype), start)
+            new_cache = {"k": k_all, "v": v_all}
+            k = jax.lax.dynamic_index_in_dim(k_all, layer_index, 0, keepdims=False).astype(q.dtype)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(q.dtype)
+        elif layer_cache is not None:
             start = (0, 0, cache_index, 0)
             k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), start)
             v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), start)
@@ -214,12 +231,14 @@ class Block(nn.Module):
     cache_size: int | None = None
 
     @nn.compact
-    def __call__(self, x, positions, allowed, layer_cache, cache_index):
+    def __call__(self, x, positions, allowed, layer_cache, cache_index, layer_index=None):
+        """`layer_cache`: this layer's `{"k", "v"}` `[B, K, S, E]` buffers, or with `layer_index` the
+        stacked `[layers, B, K, S, E]` ones of a scanned model (updated at that layer)."""
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         attn_out, new_cache = Attention(cfg, name="attn")(
             Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x), positions, allowed, layer_cache, cache_index,
-            self.cache_size)
+            self.cache_size, layer_index)
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, pdt, name="mlp_norm")(x))
         return x, new_cache
@@ -276,14 +295,27 @@ class Transformer(nn.Module):
                                  embedding_init=nn.initializers.normal(0.01), name="pos_embed")
             x = x + pos_embed(jnp.minimum(positions_BxL, cfg.max_position_embeddings - 1))
 
-        if cfg.scan_layers:
-            # One block body scanned over `params["layers"]` (leaves [num_layers, ...]) and over the
-            # stacked cache ([num_layers, B, K, S, E]); the hidden state is the carry.
+        if cfg.scan_layers and cache is None:
+            # One block body scanned over `params["layers"]` (leaves [num_layers, ...]); the hidden
+            # state is the carry, and a prefill's fresh per-layer caches stack up as the outputs.
             scanned = nn.scan(block_class(cfg, scanned=True), variable_axes={"params": 0},
                               split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                               length=cfg.num_layers)
             x, new_cache = scanned(cfg, cache_size, name=SCANNED_LAYERS)(x, positions_BxL, allowed_BxLxS, cache,
                                                                          cache_index)
+        elif cfg.scan_layers:
+            # Decoding: the whole stacked cache rides in the carry and each layer updates its new
+            # slots in place (scanning over it as inputs/outputs would copy it every step).
+            def body(block, carry, layer_index, positions, allowed, index):
+                h, stacked = carry
+                h, stacked = block(h, positions, allowed, stacked, index, layer_index)
+                return (h, stacked), None
+
+            scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
+            block = block_class(cfg, scanned=True)(cfg, cache_size, name=SCANNED_LAYERS)
+            (x, new_cache), _ = scanned(block, (x, cache), jnp.arange(cfg.num_layers), positions_BxL,
+                                        allowed_BxLxS, cache_index)
         else:
             block = block_class(cfg)
             new_cache = []

@@ -1,0 +1,99 @@
+"""Compile time and XLA memory of a forward+backward pass: per-layer blocks vs `nn.scan`, with and
+without `nn.remat`. Prints a markdown table (the one in docs/models.md).
+
+    python -m jaxrlhf.models.scan_benchmark                 # Llama-shaped toy, 2 / 8 / 16 layers
+    python -m jaxrlhf.models.scan_benchmark --smollm2       # SmolLM2-135M shape (30 layers), compile only
+
+Compile time is `jax.jit(f).lower(...).compile()` on abstract inputs (nothing is allocated), a fresh
+function each time; memory is that executable's `memory_analysis()` (temporaries = activations
+kept for the backward pass plus scratch; arguments = parameters and batch). The loss is the
+next-token cross-entropy, the gradient is with respect to every parameter.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.lm import LanguageModel
+
+TOY = ModelConfig(model_type="llama", vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=64, intermediate_size=768, max_position_embeddings=512, norm_eps=1e-5)
+SMOLLM2 = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
+                      head_dim=64, intermediate_size=1536, max_position_embeddings=8192, norm_eps=1e-5,
+                      rope_theta=100000.0, tie_word_embeddings=True)
+
+
+def _loss(model, params, ids, mask):
+    logits = model.apply(params, ids, mask)
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+    chosen = jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+    return -jnp.mean(chosen * mask[:, 1:])
+
+
+def measure(cfg: ModelConfig, batch: int, length: int, run: bool = False) -> dict:
+    model = LanguageModel(cfg)
+    params = jax.eval_shape(model.init_params, jax.random.key(0))
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    step = jax.jit(jax.value_and_grad(lambda p, i, m: _loss(model, p, i, m)))
+    start = time.perf_counter()
+    compiled = step.lower(params, ids, ids).compile()
+    seconds = time.perf_counter() - start
+    out = {"compile_s": seconds}
+    try:
+        mem = compiled.memory_analysis()
+        out.update(temp_mb=mem.temp_size_in_bytes / 2**20, args_mb=mem.argument_size_in_bytes / 2**20,
+                   out_mb=mem.output_size_in_bytes / 2**20)
+    except Exception:  # not every backend reports it
+        pass
+    if run:
+        real = model.init_params(jax.random.key(0))
+        x = jnp.ones((batch, length), jnp.int32)
+        jax.block_until_ready(compiled(real, x, x))
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            jax.block_until_ready(compiled(real, x, x))
+            times.append(time.perf_counter() - t0)
+        out["step_ms"] = 1e3 * float(np.median(times))
+    return out
+
+
+VARIANTS = (("per-layer", False, None), ("per-layer + remat full", False, "full"), ("scan", True, None),
+            ("scan + remat full", True, "full"), ("scan + remat dots_saveable", True, "dots_saveable"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 16])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M shape at its 30 layers")
+    parser.add_argument("--run", action="store_true", help="also time 3 steps (median)")
+    args = parser.parse_args(argv)
+    base = SMOLLM2 if args.smollm2 else TOY
+    layer_counts = [base.num_layers] if args.smollm2 else args.layers
+    print(f"# {jax.default_backend()} x{jax.device_count()}, jax {jax.__version__}, load average "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; batch {args.batch} x {args.length} tokens; "
+          f"width {base.hidden_size}, vocab {base.vocab_size}")
+    print("| layers | variant | compile s | temp MiB | args MiB |" + (" step ms |" if args.run else ""))
+    print("| --- | --- | --- | --- | --- |" + (" --- |" if args.run else ""))
+    for layers in layer_counts:
+        for name, scan, remat in VARIANTS:
+            cfg = base.replace(num_layers=layers, scan_layers=scan, remat=remat)
+            r = measure(cfg, args.batch, args.length, run=args.run)
+            row = (f"| {layers} | {name} | {r['compile_s']:.2f} | {r.get('temp_mb', float('nan')):.1f} | "
+                   f"{r.get('args_mb', float('nan')):.1f} |")
+            if args.run:
+                row += f" {r['step_ms']:.1f} |"
+            print(row, flush=True)
+    print(f"# load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()
