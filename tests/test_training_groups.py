@@ -35,9 +35,9 @@ CHANCE = 1.0 / tt.VOCAB
 CASES = {
     "grpo": ("grpo", {}),
     "dr_grpo": ("dr_grpo", {}),
-    "dapo+dual_clip": ("dapo", {"dual_clip": 3.0}),
+    # DAPO with dynamic sampling: 2 x 4 groups of 8 sampled, the first 4 with signal kept.
+    "dapo+dynamic_sampling+dual_clip": ("dapo", {"dual_clip": 3.0, "dynamic_sampling_oversample": 2}),
     "gspo": ("gspo", {}),
-    "gspo-token": ("gspo", {"policy_loss": "gspo-token"}),
     # The paper's beta 0.05 on the summed k1 of this toy task trades reward for KL near 0.6; a
     # smaller beta shows the estimator's learning, not that trade-off.
     "rloo": ("rloo", {"init_kl_coef": 0.01}),
@@ -125,6 +125,14 @@ def test_each_estimator_learns_the_toy_task(learn, name):
         np.testing.assert_allclose(fractions * config.prompts_per_step, np.round(fractions * config.prompts_per_step))
     else:
         assert "group_signal_fraction" not in history[0]
+    if config.dynamic_sampling_oversample > 1:
+        f = config.dynamic_sampling_oversample
+        for m in history:  # the first K of f * K groups with signal are kept, the rest masked out
+            kept = min(1.0, f * m["group_signal_fraction"])
+            assert m["kept_group_fraction"] == pytest.approx(kept), m
+            assert m["num_response_tokens"] == kept * config.batch_size * config.max_new_tokens  # no EOS
+            assert m["num_sampled_tokens"] == f * config.batch_size * config.max_new_tokens
+        assert min(m["kept_group_fraction"] for m in history) < 1  # late on, most groups are all-right
 
 
 @pytest.mark.parametrize("name", ["grpo", "remax"])
@@ -275,6 +283,8 @@ def test_bad_group_configs_are_errors_at_construction():
         preset("gspo", BASE, dual_clip=3.0)
     with pytest.raises(ValueError, match="overlong_buffer must be in"):
         BASE.replace(overlong_buffer=9)
+    with pytest.raises(ValueError, match="dynamic_sampling_oversample > 1 keeps groups with signal"):
+        BASE.replace(dynamic_sampling_oversample=2)
     with pytest.raises(ValueError, match="shared_trunk.*trains no critic"):
         preset("grpo", BASE, shared_trunk=True)
 

@@ -108,6 +108,14 @@ class PPOConfig:
     """Also decode each prompt greedily (temperature 0) every step and score it with the reward:
     ReMax's baseline (required by advantage_estimator="remax"); its mean is logged as
     greedy_score. Needs a JAX reward (function or reward model)."""
+    dynamic_sampling_oversample: int = 1
+    """DAPO's dynamic sampling under static shapes (Yu et al. 2025), factor f: each step samples f
+    times more prompts (f * batch_size / G, each G times), then trains on the first
+    batch_size / G groups whose scores are not all equal (batch order, which is random). When
+    fewer have signal, the batch is filled with signal-less groups whose rows are masked out of
+    the losses (their advantage is 0 anyway; the losses' normalisers count only the kept rows).
+    1 = off. Needs a group estimator; logged: group_signal_fraction (of the sampled groups) and
+    kept_group_fraction."""
     overlong_buffer: Optional[int] = None
     """DAPO's soft overlong punishment (Yu et al. 2025): with L_c = overlong_buffer and
     L_max = max_new_tokens, a response of length L > L_max - L_c gets (L_max - L_c - L) / L_c
@@ -214,6 +222,12 @@ class PPOConfig:
              "trains no critic")
         need(self.advantage_estimator != "remax" or self.score_norm == "none",
              'advantage_estimator="remax" compares each score with the greedy response\'s: score_norm must be "none"')
+        f = self.dynamic_sampling_oversample
+        need(isinstance(f, int) and not isinstance(f, bool) and f >= 1,
+             f"dynamic_sampling_oversample must be an int >= 1, got {f!r}")
+        need(f == 1 or self.advantage_estimator in GROUP_ESTIMATORS,
+             f"dynamic_sampling_oversample > 1 keeps groups with signal: it needs a group estimator "
+             f"{GROUP_ESTIMATORS}, got {self.advantage_estimator!r}")
         need(self.policy_loss in POLICY_LOSSES, f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
         need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 or None, got {self.dual_clip!r}")
         need(self.dual_clip is None or self.policy_loss == "ppo",
@@ -223,8 +237,14 @@ class PPOConfig:
 
     @property
     def prompts_per_step(self) -> int:
-        """Prompts per iteration: ``batch_size // num_generations`` (each repeated G times)."""
-        return self.batch_size // self.num_generations
+        """Prompts per iteration: ``batch_size // num_generations`` (each repeated G times), times
+        ``dynamic_sampling_oversample``."""
+        return self.rollout_size // self.num_generations
+
+    @property
+    def rollout_size(self) -> int:
+        """Responses sampled per iteration: ``batch_size * dynamic_sampling_oversample``."""
+        return self.batch_size * self.dynamic_sampling_oversample
 
     @property
     def uses_critic(self) -> bool:

@@ -178,7 +178,7 @@ def explained_variance(values, returns, mask):
     return 1.0 - masked_var(returns - values, mask) / jnp.maximum(var_returns, 1e-8)
 
 
-def _overlong_penalty(config: PPOConfig, mask_BxN, hparams: HyperParams):
+def overlong_penalty(config: PPOConfig, mask_BxN, hparams: HyperParams):
     """DAPO's overlong penalty of each response, ``L_max = max_new_tokens``, ``L_c`` from hparams."""
     lengths_B = jnp.sum(mask_BxN, axis=1).astype(jnp.float32)
     return groups.overlong_reward_shaping(lengths_B, config.max_new_tokens, hparams.overlong_buffer)
@@ -222,7 +222,7 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
     extra = {}
     shaped_scores_B = raw_scores_B
     if config.overlong_buffer is not None:
-        penalty_B = _overlong_penalty(config, response_mask, hparams)
+        penalty_B = overlong_penalty(config, response_mask, hparams)
         shaped_scores_B = raw_scores_B + penalty_B
         extra["overlong_penalty"] = jnp.mean(penalty_B)
     eos_found_B = has_eos(response_ids, response_mask, resolve_eos(config, models.policy))
@@ -259,7 +259,7 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
             greedy_rollout, greedy_raw_P = greedy
             greedy_shaped_P = greedy_raw_P
             if config.overlong_buffer is not None:
-                greedy_shaped_P = greedy_raw_P + _overlong_penalty(config, greedy_rollout.mask, hparams)
+                greedy_shaped_P = greedy_raw_P + overlong_penalty(config, greedy_rollout.mask, hparams)
             greedy_eos_P = has_eos(greedy_rollout.tokens, greedy_rollout.mask, resolve_eos(config, models.policy))
             greedy_used_P, _ = postprocess_scores(config, greedy_shaped_P, greedy_eos_P, score_stats, hparams)
             advantages_B = groups.remax_advantages(sequence_scores_B, greedy_used_P, G)

@@ -6,6 +6,7 @@ One PPO iteration is a pure function ``(state, frozen, prompts) -> (state, metri
     repeat(prompts [B / G], G)                                  -> prompts [B], groups of G rows
     rollout(policy, prompts, rollout_key)                       -> responses
     [greedy_rollout] greedy decode + score of each prompt        -> ReMax baseline
+    [dynamic sampling] keep batch_size / G groups with signal     -> the batch the update sees
     score(reward, prompts, responses)                           -> raw scores [B]
     make_experience(policy, ref, critic, responses, scores, beta) -> advantages, returns, ...
                                                    (no critic for critic-free estimators)
@@ -36,7 +37,9 @@ from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import ValueModel, init_value_head
 from jaxrlhf.training import parallel
 from jaxrlhf.training.config import PPOConfig
-from jaxrlhf.training.experience import Models, PromptBatch, Rollout, greedy_rollout, make_experience, rollout
+from jaxrlhf.core.groups import select_groups_with_signal
+from jaxrlhf.training.experience import (Models, PromptBatch, Rollout, greedy_rollout, make_experience,
+                                         overlong_penalty, rollout)
 from jaxrlhf.training.rewards import RewardModel, TextReward, check_scores, is_host_reward, score_in_jit
 from jaxrlhf.training.hparams import HyperParams, initial_numbers, structure_differences, uses_entropy
 from jaxrlhf.training.state import (FrozenParams, ScoreStats, TrainState, init_optimizer_state,
@@ -214,10 +217,11 @@ class PPO:
         rows, width = batch.ids.shape
         config = self.config
         if rows != config.prompts_per_step:
-            raise ValueError(
-                f"prompt batch has {rows} rows; the step takes batch_size / num_generations = "
-                f"{config.batch_size} / {config.num_generations} = {config.prompts_per_step} prompts "
-                "(each sampled num_generations times)")
+            B, G, f = config.batch_size, config.num_generations, config.dynamic_sampling_oversample
+            how = (f"batch_size / num_generations = {B} / {G}" if f == 1 else
+                   f"batch_size * dynamic_sampling_oversample / num_generations = {B} * {f} / {G}")
+            raise ValueError(f"prompt batch has {rows} rows; the step takes {how} = {config.prompts_per_step} "
+                             "prompts (each sampled num_generations times)")
         if width > self.config.max_prompt_len:
             raise PromptTooLongError(
                 f"prompt batch is {width} tokens wide, more than config.max_prompt_len={self.config.max_prompt_len}")
@@ -262,9 +266,15 @@ class PPO:
                              "train_step computes them")
         _, update_key, next_key = self._keys(state)
         kl_coef = state.kl_ctl.kl_coef
+        selection = None
+        if config.dynamic_sampling_oversample > 1:
+            batch, rollout_out, raw_scores_B, selection = self._keep_groups_with_signal(
+                batch, rollout_out, raw_scores_B, hp)
         experience, score_stats, exp_stats = make_experience(
             config, self.models, state.policy_params, state.value_params, frozen.ref_params,
             self.repeat_prompts(batch), rollout_out, raw_scores_B, kl_coef, state.score_stats, hp, greedy=greedy)
+        if selection is not None:
+            exp_stats.update(selection)
         experience = jax.tree.map(self._constrain_batch, experience)
 
         ppo_update = make_ppo_update(config, self.models, self.policy_optimizer, self.value_optimizer,
@@ -298,6 +308,30 @@ class PPO:
         metrics["all_finite"] = finite
         return new_state, metrics
 
+    def _keep_groups_with_signal(self, batch: PromptBatch, rollout_out: Rollout, raw_scores_B, hparams):
+        """DAPO's dynamic sampling: of the ``f * batch_size / G`` sampled groups keep the first
+        ``batch_size / G`` with signal (`select_groups_with_signal` on the raw scores plus the
+        overlong penalty, i.e. what the advantages see); rows of kept groups without signal (when
+        too few have it) get an all-zero mask. Returns the kept prompts, rollouts, scores and stats
+        (the sampled batch's score, its group_signal_fraction, kept_group_fraction)."""
+        config = self.config
+        G = config.num_generations
+        shaped_B = raw_scores_B
+        if config.overlong_buffer is not None:
+            shaped_B = raw_scores_B + overlong_penalty(config, rollout_out.mask, hparams)
+        sel = select_groups_with_signal(shaped_B, G, config.batch_size // G)
+        kept_batch = PromptBatch(*(x[sel.group_indices_K] for x in batch))
+        mask = rollout_out.mask[sel.row_indices_R] * sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
+        kept_rollout = Rollout(self._constrain_batch(rollout_out.tokens[sel.row_indices_R]), self._constrain_batch(mask))
+        stats = {
+            "score": jnp.mean(raw_scores_B),
+            "score_std": jnp.std(raw_scores_B),
+            "group_signal_fraction": sel.signal_fraction,
+            "kept_group_fraction": jnp.mean(sel.group_valid_K.astype(jnp.float32)),
+            "num_sampled_tokens": jnp.sum(rollout_out.mask).astype(jnp.float32),
+        }
+        return kept_batch, kept_rollout, self._constrain_batch(raw_scores_B[sel.row_indices_R]), stats
+
     def fused_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Tuple[TrainState, Metrics]:
         """Rollout, scoring in the jit and update: one whole iteration (pure; see `train_step`)."""
         if self.uses_host_reward:
@@ -326,7 +360,7 @@ class PPO:
 
     def update_step(self, state, frozen, batch, rollout_out: Rollout, raw_scores_B) -> Tuple[TrainState, Metrics]:
         """Second half of the split step: experience + PPO update from host-computed scores (jitted)."""
-        raw_scores_B = check_scores(np.asarray(raw_scores_B, np.float32), self.config.batch_size, "text reward")
+        raw_scores_B = check_scores(np.asarray(raw_scores_B, np.float32), self.config.rollout_size, "text reward")
         raw_scores_B = parallel.global_array(np.asarray(raw_scores_B), parallel.batch_sharding(self.mesh))
         return self._jit_update(state, frozen, batch, rollout_out, raw_scores_B)
 

@@ -26,17 +26,17 @@ to 64 responses per prompt; G must divide ``batch_size``, which counts responses
 | ``reinforce_pp_baseline`` | Hu 2025 (REINFORCE++-baseline) | group mean first, then batch whitening; k2 KL in the loss (beta 1e-3) |
 | ``remax`` | Li et al. 2023 (ReMax) | greedy response's score as baseline, one sample per prompt, k1 KL in the reward, seq-mean-token-sum, 1 epoch |
 
-Sources: DeepSeekMath Sec. 4.1 (GRPO objective with the k3 "unbiased estimator" of the KL,
-beta = 0.04, one policy update per exploration stage); Dr. GRPO Sec. 3 (no std, a constant
-normaliser instead of 1/|o_i|; its recipe trains without a KL term); DAPO Sec. 3 (clip-higher
+Sources: DeepSeekMath (GRPO objective with the k3 "unbiased estimator" of the KL,
+beta = 0.04, one policy update per exploration stage); Dr. GRPO (no std, a constant
+normaliser instead of 1/|o_i|; its recipe trains without a KL term); DAPO (clip-higher
 eps_low 0.2 / eps_high 0.28, token-level policy gradient loss, KL removed, soft overlong punishment
-with L_cache 4096 of L_max 20480); GSPO Sec. 4 (sequence-level ratio, clip 3e-4 / 4e-4); RLOO
+with L_cache 4096 of L_max 20480); GSPO (sequence-level ratio, clip 3e-4 / 4e-4); RLOO
 (REINFORCE with the leave-one-out baseline on the full sequence reward ``r - beta * KL``);
 REINFORCE++ (token-level KL penalty in the reward, global batch advantage normalisation, PPO's
 clip); its "-baseline" variant as the authors run it in OpenRLHF (k2 KL loss, beta 1e-3); ReMax
 Algorithm 1 (REINFORCE with the greedy response's reward as baseline). DAPO's dynamic sampling
-is not part of the preset (the trainer logs ``group_signal_fraction``, the fraction of groups it
-would keep).
+samples more responses per step, so the preset keeps the base's ``dynamic_sampling_oversample``
+(1 = off; the trainer logs ``group_signal_fraction`` either way).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ def _algorithm(**settings) -> Dict[str, Any]:
         cliprange_high=_DEFAULTS.cliprange_high, loss_agg=_DEFAULTS.loss_agg, dual_clip=_DEFAULTS.dual_clip,
         greedy_rollout=_DEFAULTS.greedy_rollout, overlong_buffer=_DEFAULTS.overlong_buffer,
         whiten_advantages=_DEFAULTS.whiten_advantages, shared_trunk=False,
+        dynamic_sampling_oversample=_DEFAULTS.dynamic_sampling_oversample,
     )
     fields.update(settings)
     return fields
@@ -93,10 +94,12 @@ def dapo(base: PPOConfig) -> Dict[str, Any]:
     """DAPO (Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale"):
     GRPO's group advantages with clip-higher (eps_low 0.2, eps_high 0.28), the token-level loss
     ("token-mean" over the batch), no KL term, and the soft overlong punishment with a buffer of
-    a fifth of max_new_tokens (the paper: 4096 of 20480)."""
+    a fifth of max_new_tokens (the paper: 4096 of 20480). Dynamic sampling samples more responses
+    per step, so it is kept from the base: pass ``dynamic_sampling_oversample=2`` (or more) for it."""
     return _algorithm(advantage_estimator="grpo", num_generations=_group_size(base), kl_placement="loss",
                       kl_estimator="k3", init_kl_coef=0.0, cliprange=0.2, cliprange_high=0.28, loss_agg="token-mean",
-                      overlong_buffer=max(1, base.max_new_tokens // 5))
+                      overlong_buffer=max(1, base.max_new_tokens // 5),
+                      dynamic_sampling_oversample=base.dynamic_sampling_oversample)
 
 
 def gspo(base: PPOConfig) -> Dict[str, Any]:

@@ -201,7 +201,7 @@ class Sweep:
     def update_step(self, sweep_state, frozen, batch, rollout_out: Rollout, raw_scores_RxB):
         """Second half of the split step from host scores ``[R, B]``."""
         scores = np.asarray(raw_scores_RxB, np.float32)
-        expected = (self.num_runs, self.ppo.config.batch_size)
+        expected = (self.num_runs, self.ppo.config.rollout_size)
         if scores.shape != expected:
             raise RewardShapeError(f"a sweep's text reward must give scores of shape {expected} (runs, batch); "
                                    f"got {scores.shape}")
