@@ -133,3 +133,15 @@ def test_resuming_with_a_different_prompt_set_is_refused_unless_allowed(tiny, tm
     with pytest.warns(UserWarning, match="prompt"):
         result = _train(tiny, tmp_path, prompts=other, allow_different_prompts=True)
     assert int(result.state.step) == CONFIG.total_steps
+
+
+def test_non_finite_diagnosis_names_the_first_bad_stage():
+    from jaxrlhf.training.trainer import diagnose_non_finite
+
+    finite = {"score": 0.5, "kl": 0.1, "entropy": 2.0, "advantages_mean": 0.0, "pg_loss": 0.1, "loss": 0.2}
+    nan = float("nan")
+    assert "scores (score)" in diagnose_non_finite({**finite, "score": nan, "kl": nan})
+    assert "log-probs (kl, entropy)" in diagnose_non_finite({**finite, "kl": nan, "entropy": float("inf")})
+    assert "values and advantages" in diagnose_non_finite({**finite, "advantages_mean": nan, "loss": nan})
+    assert "update diverged" in diagnose_non_finite({**finite, "loss": nan})
+    assert "parameters after the update" in diagnose_non_finite(finite)

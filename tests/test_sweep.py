@@ -186,6 +186,7 @@ def test_killed_sweep_resumes_bit_identical(tt_tiny, tmp_path, compilation_cache
     assert summary["runs"][3]["overrides"] == RUNS[3]
     flagged = read_metrics(tmp_path / "resumed" / f"run_{NAN_RUN}")[0]
     assert flagged["step"] == 0 and flagged["non_finite"] == 1.0
+    assert "First non-finite" in straight.summary["runs"][NAN_RUN]["diagnosis"]  # seen by that call
     assert os.path.exists(tmp_path / "resumed" / "run_5" / "policy" / "config.json")
     # Run 0's prompt order follows its seed and run 1's its own: different batches, same sweep.
     checkpointer = Checkpointer(tmp_path / "resumed" / "checkpoints", resumed.sweep)

@@ -243,7 +243,7 @@ def test_nan_reward_raises_and_keeps_last_good_state(tiny, tmp_path):
     ids[5, 0] = POISON_TOKEN  # one prompt whose reward is NaN; it comes up within two steps
     data = prepare_prompts((ids, mask), PROMPT_LEN, seed=BASE_CONFIG.seed)
     bad_step = next(s for s in range(2) if 5 in data.indices_for_step(s, BATCH))
-    with pytest.raises(NonFiniteError, match=f"step {bad_step}"):
+    with pytest.raises(NonFiniteError, match=f"(?s)step {bad_step}.*First non-finite: scores.*the reward"):
         train((model, params), target_fraction_reward, (ids, mask), BASE_CONFIG, tmp_path, num_steps=4,
               progress=False, export=False)
     assert len(read_metrics(tmp_path)) == bad_step  # nothing logged for the bad step

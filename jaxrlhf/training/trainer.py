@@ -238,11 +238,37 @@ class _SingleRun:
         # The new state is discarded; the last good one is made durable before raising.
         checkpointer.save(state, force=True)
         checkpointer.wait()
-        bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
         raise NonFiniteError(
-            f"step {step} produced non-finite values (metrics: {', '.join(bad) or 'parameters'}); "
-            f"the state before it (step {int(state.step)}) is checkpointed in {checkpointer.directory}. "
-            "Check the reward function for NaN/inf.")
+            f"step {step} produced non-finite values; the state before it (step {int(state.step)}) is "
+            f"checkpointed in {checkpointer.directory}.\n" + diagnose_non_finite(metrics))
+
+
+# What went non-finite first, read from a step's metrics, in the order the step computes them, with
+# the likely causes of each.
+_NON_FINITE_STAGES = (
+    ("scores", ("score", "score_std"),
+     "the reward returned NaN/inf for some response: check it on edge cases (empty or EOS-less responses, "
+     "divisions by zero, log of 0)"),
+    ("log-probs", ("kl", "kl_per_token", "entropy"),
+     "the policy or reference forward gave non-finite log-probs: NaN/inf in the weights (a damaged "
+     "checkpoint), token ids outside the vocabulary, or overflow in a low-precision dtype"),
+    ("values and advantages", ("value_mean", "returns_mean", "advantages_mean", "score_used"),
+     "the critic or the advantages blew up: very large scores (try score_clip or score_norm) or a "
+     "diverged critic (lower critic_learning_rate)"),
+    ("losses and gradients", ("pg_loss", "vf_loss", "loss", "policy_grad_norm", "value_grad_norm", "approx_kl"),
+     "the update diverged: learning rate too high, max_grad_norm=None, or extreme importance ratios"),
+)
+
+
+def diagnose_non_finite(metrics: Dict[str, float]) -> str:
+    """Names the first stage of the step whose metrics are non-finite, and its likely causes."""
+    for stage, names, causes in _NON_FINITE_STAGES:
+        bad = [n for n in names if n in metrics and not np.isfinite(metrics[n])]
+        if bad:
+            return f"First non-finite: {stage} ({', '.join(bad)}). Likely cause: {causes}."
+    return ("First non-finite: the parameters after the update (every metric is finite). Likely cause: an "
+            "update too large for the parameters' dtype (learning rate far too high) or non-finite optimizer "
+            "state (a damaged checkpoint).")
 
 
 class _SweepRuns:
@@ -333,7 +359,8 @@ def _steps(runner, state, start: int, end: int, loggers, checkpointer, last_comm
             if not finite:  # a sweep's run that just failed: flagged in its metrics, then silent
                 frozen_runs.add(r)
                 bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-                metrics = {"non_finite": 1.0, "non_finite_metrics": ", ".join(bad) or "parameters"}
+                metrics = {"non_finite": 1.0, "non_finite_metrics": ", ".join(bad) or "parameters",
+                           "diagnosis": diagnose_non_finite(metrics)}
             else:
                 metrics["step_time"] = step_time
                 metrics["tokens_per_s"] = metrics["num_response_tokens"] / step_time
@@ -553,9 +580,11 @@ def train_sweep(
     policy_dirs: List[Optional[str]] = []
     for r, overrides in enumerate(sweep.overrides):
         good = [m for m in histories[r] if "non_finite" not in m]
+        flagged = next((m for m in histories[r] if "non_finite" in m), {})
         summary["runs"].append({
             "run": r, "overrides": overrides, "failed": not bool(active[r]),
             "failed_at_step": None if active[r] else int(failed_step[r]),
+            "diagnosis": flagged.get("diagnosis"),
             "final": {k: v for k, v in (good[-1] if good else {}).items() if k not in TIMING_METRICS},
         })
         policy_dir = None
