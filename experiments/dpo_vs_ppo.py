@@ -270,7 +270,7 @@ def plot_frontier(rows, sft, out_dir) -> None:
         series[method] = ([0.0] + [float(np.sqrt(max(r["kl"], 0.0))) for r in points],
                           [sft["true_score"]] + [r["true_score"] for r in points])
     plot_curves({"true score": series}, os.path.join(out_dir, "dpo_vs_ppo.png"),
-                title="Reward-KL frontier on the same preference pairs (start: the SFT model)",
+                title="True score vs KL on the same pairs",
                 xlabel="sqrt KL(policy || SFT)   (KL in nats per sentence)",
                 ylims={"true score": (lang.MIN_TRUE_SCORE - 0.2, lang.MAX_TRUE_SCORE + 0.2)}, ncols=1)
 
