@@ -64,6 +64,20 @@ def measure(cfg: ModelConfig, batch: int, length: int, run: bool = False) -> dic
     return out
 
 
+def measure_sampler(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    """Compile time of `sampling.generate` (prefill + decoding loops) on abstract inputs."""
+    from jaxrlhf.sampling import generate
+
+    model = LanguageModel(cfg)
+    params = jax.eval_shape(model.init_params, jax.random.key(0))
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    fn = jax.jit(lambda p, i, m, k: generate(model, p, i, m, k, max_new_tokens=new_tokens, temperature=1.0))
+    start = time.perf_counter()
+    fn.lower(params, ids, ids, key).compile()
+    return {"compile_s": time.perf_counter() - start}
+
+
 VARIANTS = (("per-layer", False, None), ("per-layer + remat full", False, "full"), ("scan", True, None),
             ("scan + remat full", True, "full"), ("scan + remat dots_saveable", True, "dots_saveable"))
 
@@ -75,12 +89,25 @@ def main(argv=None):
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M shape at its 30 layers")
     parser.add_argument("--run", action="store_true", help="also time 3 steps (median)")
+    parser.add_argument("--sampler", action="store_true",
+                        help="instead: compile time of generate (prompt 32, 64 new tokens: 4 decode segments)")
     args = parser.parse_args(argv)
     base = SMOLLM2 if args.smollm2 else TOY
     layer_counts = [base.num_layers] if args.smollm2 else args.layers
     print(f"# {jax.default_backend()} x{jax.device_count()}, jax {jax.__version__}, load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; batch {args.batch} x {args.length} tokens; "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; batch {args.batch} x "
+          f"{'(32 prompt + 64 new)' if args.sampler else args.length} tokens; "
           f"width {base.hidden_size}, vocab {base.vocab_size}")
+    if args.sampler:
+        print("| layers | variant | generate compile s |")
+        print("| --- | --- | --- |")
+        for layers in layer_counts:
+            for scan in (False, True):
+                cfg = base.replace(num_layers=layers, scan_layers=scan)
+                r = measure_sampler(cfg, args.batch, 32, 64)
+                print(f"| {layers} | {'scan' if scan else 'per-layer'} | {r['compile_s']:.2f} |", flush=True)
+        print(f"# load average after: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return
     print("| layers | variant | compile s | temp MiB | args MiB |" + (" step ms |" if args.run else ""))
     print("| --- | --- | --- | --- | --- |" + (" --- |" if args.run else ""))
     for layers in layer_counts:
