@@ -2,6 +2,7 @@
 
 The flag must be set before jax is imported anywhere, hence at conftest import time.
 """
+import contextlib
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -15,3 +16,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
+
+
+@contextlib.contextmanager
+def persistent_compilation_cache(directory):
+    """JAX's persistent compilation cache in ``directory`` while the block runs (off again after).
+
+    Test modules that compile the same programs more than once (or in a subprocess) use it from a
+    module-scoped fixture, so a program compiled once is loaded, not compiled, the next time.
+    """
+    from jax._src import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {name: getattr(jax.config, name) for name in names}
+    cc.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        yield str(directory)
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        cc.reset_cache()

@@ -231,7 +231,9 @@ def test_hf_round_trip_from_scanned_model(family, tmp_path):
     jaxrlhf.save_pretrained(out, pre)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert type(reloaded) is type(torch_model)
-    assert _max_diff(_torch_logits(reloaded, ids, mask), ref, mask) < 1e-6
+    # Same weights (checked exactly below); torch's own float noise between its attention kernels and
+    # thread counts reached 5e-5 on GPT-2 in a 2-worker test run, so the bound is torch-vs-torch noise.
+    assert _max_diff(_torch_logits(reloaded, ids, mask), ref, mask) < 1e-4
     # The files are per layer, as HF writes them: loading unscanned gives the unstacked params.
     plain = jaxrlhf.load_pretrained(out)
     assert not plain.config.scan_layers and plain.config.remat is None

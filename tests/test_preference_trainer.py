@@ -15,6 +15,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel
@@ -33,19 +34,8 @@ QUIET = dict(progress=False, tensorboard=False, mesh=data_mesh())  # all 8 (CPU)
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module (restored to off afterwards)."""
-    from jax._src import compilation_cache as cc
-
-    cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
-    before = {name: getattr(jax.config, name) for name in
-              ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    cc.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield cache_dir
-    for name, value in before.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
+        yield cache_dir
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import signal
 import jax
 import numpy as np
 import pytest
+from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel
@@ -21,7 +22,8 @@ CONFIG = tt.BASE_CONFIG.replace(total_steps=4, save_every=100)  # no periodic ch
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    yield from tt.compilation_cache.__wrapped__(tmp_path_factory)
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
+        yield cache_dir
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel
@@ -37,7 +38,8 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_worker.
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    yield from tt.compilation_cache.__wrapped__(tmp_path_factory)
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
+        yield cache_dir
 
 
 def _relative_error(a, b) -> float:

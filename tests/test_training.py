@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import persistent_compilation_cache
 
 from jaxrlhf.core.stats import masked_mean
 from jaxrlhf.metrics_log import read_metrics
@@ -67,19 +68,8 @@ BASE_CONFIG = PPOConfig(
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module's processes (restored to off afterwards)."""
-    from jax._src import compilation_cache as cc
-
-    cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
-    before = {name: getattr(jax.config, name) for name in
-              ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")}
-    cc.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield cache_dir
-    for name, value in before.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
+        yield cache_dir
 
 
 def make_prompts(n, seed=0):

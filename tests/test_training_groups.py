@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import ValueModel
@@ -50,7 +51,8 @@ GROUP_CASES = [name for name, (p, _) in CASES.items() if p not in ("reinforce_pp
 
 @pytest.fixture(scope="module", autouse=True)
 def compilation_cache(tmp_path_factory):
-    yield from tt.compilation_cache.__wrapped__(tmp_path_factory)
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
+        yield cache_dir
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,7 @@ import optax
 
 from jaxrlhf.core import preference as P
 from jaxrlhf.training import parallel
+from jaxrlhf.training.state import injected_adamw, schedule_multiplier
 from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data, pairs_to_kto
 
 __all__ = [
@@ -243,35 +244,14 @@ class PreferenceResult(NamedTuple):
 
 def learning_rate_multiplier(config: PreferenceConfig) -> optax.Schedule:
     """Warm-up then constant / linear / cosine decay to 0 at the last update; peak 1."""
-    warmup = min(config.warmup_steps, config.total_steps)
-    decay_steps = max(config.total_steps - warmup, 1)
-    if config.lr_schedule == "constant":
-        after = optax.constant_schedule(1.0)
-    elif config.lr_schedule == "linear":
-        after = optax.linear_schedule(1.0, 0.0, decay_steps)
-    else:
-        after = optax.cosine_decay_schedule(1.0, decay_steps)
-    if warmup == 0:
-        return after
-    return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), after], [warmup])
-
-
-def _adamw(learning_rate, b1, b2, eps, weight_decay, max_grad_norm=None, *, multiplier):
-    clip = [] if max_grad_norm is None else [optax.clip_by_global_norm(max_grad_norm)]
-    return optax.chain(
-        *clip,
-        optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
-        optax.add_decayed_weights(weight_decay),
-        optax.scale_by_schedule(lambda count: -learning_rate * multiplier(count)),
-    )
+    return schedule_multiplier(config.total_steps, config.warmup_steps, config.lr_schedule)
 
 
 def make_optimizer(config: PreferenceConfig) -> optax.GradientTransformation:
     """Clipped AdamW whose numbers live in its state (`optax.inject_hyperparams`)."""
     numbers = {name: getattr(config, field) for field, name in OPTIMIZER_NUMBERS.items()
                if getattr(config, field) is not None}
-    factory = optax.inject_hyperparams(_adamw, static_args=("multiplier",), hyperparam_dtype=jnp.float32)
-    return factory(**numbers, multiplier=learning_rate_multiplier(config))
+    return injected_adamw(numbers, learning_rate_multiplier(config))
 
 
 def loss_numbers(config: PreferenceConfig) -> Dict[str, jax.Array]:

@@ -87,25 +87,30 @@ class FrozenParams(NamedTuple):
     reward_params: Any = None
 
 
-def learning_rate_multiplier(config: PPOConfig) -> optax.Schedule:
-    """The shape of the learning-rate schedule, peak 1 (structure: it depends on lengths only).
+def schedule_multiplier(total_updates: int, warmup_steps: int, lr_schedule: str) -> optax.Schedule:
+    """The shape of a learning-rate schedule, peak 1 (structure: it depends on lengths only).
 
-    Linear warm-up from 0 over ``warmup_steps`` updates, then ``lr_schedule`` (constant, or
-    linear / cosine decay to 0 at the last update of the run). The learning rate of update n is
-    ``peak_lr * multiplier(n)`` with ``peak_lr`` from the optimizer state.
+    Linear warm-up from 0 over ``warmup_steps`` updates, then ``lr_schedule`` ("constant", or
+    "linear" / "cosine" decay to 0 at update ``total_updates``). The learning rate of update n is
+    ``peak_lr * multiplier(n)``, with ``peak_lr`` in the optimizer state.
     """
-    total_updates = max(config.total_steps * config.updates_per_step, 1)
-    warmup = min(config.warmup_steps, total_updates)
+    total_updates = max(total_updates, 1)
+    warmup = min(warmup_steps, total_updates)
     decay_steps = max(total_updates - warmup, 1)
-    if config.lr_schedule == "constant":
+    if lr_schedule == "constant":
         after = optax.constant_schedule(1.0)
-    elif config.lr_schedule == "linear":
+    elif lr_schedule == "linear":
         after = optax.linear_schedule(1.0, 0.0, decay_steps)
     else:
         after = optax.cosine_decay_schedule(1.0, decay_steps)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), after], [warmup])
+
+
+def learning_rate_multiplier(config: PPOConfig) -> optax.Schedule:
+    """The PPO run's schedule shape over all its optimizer updates (`schedule_multiplier`)."""
+    return schedule_multiplier(config.total_steps * config.updates_per_step, config.warmup_steps, config.lr_schedule)
 
 
 def _clipped_adamw(learning_rate, b1, b2, eps, weight_decay, max_grad_norm=None, *, multiplier):
@@ -121,13 +126,18 @@ def _clipped_adamw(learning_rate, b1, b2, eps, weight_decay, max_grad_norm=None,
     )
 
 
+def injected_adamw(numbers: dict, multiplier: optax.Schedule) -> optax.GradientTransformation:
+    """Clipped AdamW whose ``numbers`` (``learning_rate``, ``b1``, ``b2``, ``eps``,
+    ``weight_decay`` and optionally ``max_grad_norm``) live in its state's ``hyperparams``
+    (`optax.inject_hyperparams`); the schedule's shape ``multiplier`` is static."""
+    factory = optax.inject_hyperparams(_clipped_adamw, static_args=("multiplier",), hyperparam_dtype=jnp.float32)
+    return factory(**numbers, multiplier=multiplier)
+
+
 def make_optimizer(config: PPOConfig, which: str = "policy") -> optax.GradientTransformation:
-    """The ``"policy"`` or ``"value"`` optimizer: clipped AdamW whose numbers (peak learning rate,
-    b1, b2, eps, weight decay, clip norm) live in its state's ``hyperparams``, initialised from
-    ``config``; the schedule's shape is static."""
-    factory = optax.inject_hyperparams(_clipped_adamw, static_args=("multiplier",),
-                                       hyperparam_dtype=jnp.float32)
-    return factory(**optimizer_numbers(config, which), multiplier=learning_rate_multiplier(config))
+    """The ``"policy"`` or ``"value"`` optimizer: `injected_adamw` with the numbers of ``config``
+    (peak learning rate, b1, b2, eps, weight decay, clip norm) and the run's schedule shape."""
+    return injected_adamw(optimizer_numbers(config, which), learning_rate_multiplier(config))
 
 
 def init_optimizer_state(optimizer: optax.GradientTransformation, params, numbers: dict):
