@@ -50,3 +50,16 @@ def test_sweep_quick():
     assert [r[0] for r in rows] == ["1", "2"], out[-4000:]
     assert re.search(r"^2 runs as one sweep: \d+\.\d+x the time of one run, \d+\.\d+x the throughput", out, re.MULTILINE)
     assert "load average" in out and "matrix-product peak" in out
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke(tmp_path):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--smoke", "--out", str(tmp_path)],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    report = (tmp_path / "gpu_report.md").read_text()
+    for title in ("Device", "Tests on the device", "Sampling, float32", "Sampling, bfloat16", "Sweeps", "PPO iteration"):
+        assert f"## {title}" in report, title
+    assert report.count("(exit 0,") == 6, report[-4000:]
