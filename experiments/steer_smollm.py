@@ -62,7 +62,7 @@ class Config:
     """PPO of SmolLM2-135M-Instruct toward a style judged by a MiniLM sentence-embedding reward."""
 
     out_dir: str = "runs/steer_smollm"
-    """Directory for config.json, kl_<coef>/metrics.jsonl + TensorBoard, the PNG and summary.json."""
+    """Directory for config.json, sweep/ (checkpoint; run_<i>/metrics.jsonl + TensorBoard per kl_coef), the PNG and summary.json."""
     seed: int = 0
     """Seed of the prompt order, sampling and minibatch order (same for every kl_coef)."""
     full: bool = False
