@@ -81,3 +81,21 @@ def test_ppo_script_says_what_to_run_without_sft(tmp_path):
     config = ppo.Config(out_dir=str(tmp_path / "ppo"), sft_dir=str(tmp_path / "missing"), run_sft_if_missing=False)
     with pytest.raises(SystemExit, match="randomwalks_sft.py"):
         ppo.main(config)
+
+
+def test_compare_algorithms_end_to_end(sft_run, tmp_path):
+    compare = load_script("compare_algorithms")
+    out_dir = str(tmp_path / "compare")
+    config = compare.Config(out_dir=out_dir, sft_dir=sft_run[0], presets=("grpo", "remax"), seeds=(0, 1), steps=2,
+                            batch_size=16, minibatch_size=8, group_size=4, eval_every=1, eval_samples=2)
+    summary = compare.main(config)
+    for name in ("config.json", "summary.json", "results.md", "compare_algorithms.png", "grpo/sweep_summary.json"):
+        assert os.path.isfile(os.path.join(out_dir, name)), name
+    grpo, remax = summary["results"]
+    assert grpo["settings"]["advantage_estimator"] == "grpo" and grpo["settings"]["num_generations"] == 4
+    assert remax["settings"]["advantage_estimator"] == "remax"
+    for result in summary["results"]:
+        assert len(result["tokens_sampled"]) == 2 and all(t > 0 for t in result["tokens_sampled"])
+        assert all(math.isfinite(v) for v in result["after"]["sampled/optimality"]["values"])
+        assert len(result["curves"][0][1]) == 3  # before + after steps 1 and 2
+    assert open(os.path.join(out_dir, "results.md")).read().count("\n| ") >= 3
