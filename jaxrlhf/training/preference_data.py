@@ -207,12 +207,17 @@ def load_rows(source, columns: Optional[Sequence[str]] = None) -> List[Dict[str,
     else:
         rows = [dict(r) for r in source]
         if columns is not None:
-            for i, row in enumerate(rows):
-                missing = [c for c in columns if c not in row]
-                if missing:
-                    raise PreferenceDataError(f"row {i} lacks column(s) {missing}: it has {sorted(row)}; "
-                                              f"expected {list(columns)}")
+            _check_row_columns(rows, columns)
     return rows
+
+
+def _check_row_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Every row (a dict) has every column, else `PreferenceDataError` naming the first bad row."""
+    for i, row in enumerate(rows):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise PreferenceDataError(f"row {i} lacks column(s) {missing}: it has {sorted(row)}; expected "
+                                      f"{list(columns)}")
 
 
 def _check_columns(present, columns, where):
@@ -357,11 +362,7 @@ def tokenize_pairs(rows: Iterable[Mapping[str, Any]], tokenizer, max_prompt_len:
                    response_truncation: str = "truncate") -> PreferenceData:
     """Preference pairs (rows with ``prompt``, ``chosen``, ``rejected``) -> `PreferenceData`."""
     rows = list(rows)
-    for i, row in enumerate(rows):
-        missing = [c for c in PAIR_COLUMNS if c not in row]
-        if missing:
-            raise PreferenceDataError(f"row {i} lacks column(s) {missing}: it has {sorted(row)}; expected "
-                                      f"{list(PAIR_COLUMNS)}")
+    _check_row_columns(rows, PAIR_COLUMNS)
     builder = _Builder(max_prompt_len, max_response_len, prompt_truncation, response_truncation, _pad_id(tokenizer))
     for row in rows:
         builder.add(_encode_prompt(tokenizer, row["prompt"], use_chat_template),
@@ -399,11 +400,7 @@ def tokenize_kto(rows: Iterable[Mapping[str, Any]], tokenizer, max_prompt_len: i
     The ``rejected_*`` slot gets each kept row's KL completion (see the module docstring).
     """
     rows = list(rows)
-    for i, row in enumerate(rows):
-        missing = [c for c in KTO_COLUMNS if c not in row]
-        if missing:
-            raise PreferenceDataError(f"row {i} lacks column(s) {missing}: it has {sorted(row)}; expected "
-                                      f"{list(KTO_COLUMNS)}")
+    _check_row_columns(rows, KTO_COLUMNS)
     builder = _Builder(max_prompt_len, max_response_len, prompt_truncation, response_truncation, _pad_id(tokenizer))
     for i, row in enumerate(rows):
         builder.add(_encode_prompt(tokenizer, row["prompt"], use_chat_template),

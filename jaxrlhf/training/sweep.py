@@ -85,7 +85,6 @@ class Sweep:
     def __init__(self, config: PPOConfig, policy: LanguageModel, reward: Any,
                  runs: Sequence[Mapping[str, Any]], critic: Optional[ValueModel] = None,
                  mesh: Optional[Mesh] = None):
-        self.base_config = config
         self.run_configs = run_configs(config, runs)
         self.overrides = [dict(r) for r in runs]
         self.num_runs = len(self.run_configs)
