@@ -61,7 +61,7 @@ def build(args: Args):
     import randomwalks_ppo
     import randomwalks_sft
     from jaxrlhf.models import load_pretrained
-    from jaxrlhf.tasks import randomwalks as rw
+    from tasks import randomwalks as rw
     from jaxrlhf.tokenizers import char_tokenizer
 
     task = rw.make_task(1002, 21, 0.1, 10)

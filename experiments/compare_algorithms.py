@@ -32,7 +32,7 @@ import randomwalks_ppo as rwp  # noqa: E402
 from jaxrlhf.config import parse_config, save_config  # noqa: E402
 from jaxrlhf.metrics_log import read_metrics  # noqa: E402
 from jaxrlhf.plotting import plot_curves  # noqa: E402
-from jaxrlhf.tasks import randomwalks as rw  # noqa: E402
+from tasks import randomwalks as rw  # noqa: E402
 from jaxrlhf.training.presets import PRESETS, preset  # noqa: E402
 
 

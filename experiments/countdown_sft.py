@@ -1,6 +1,6 @@
 """Countdown, step 1: a small GPT-2 learns the arithmetic task from noisy demonstrations.
 
-The task (``jaxrlhf/tasks/countdown.py``): three digits and a target, answer an expression that
+The task (``experiments/tasks/countdown.py``): three digits and a target, answer an expression that
 uses each digit once and evaluates to the target (``357:+009=`` -> ``7+5-3``). The demonstrations
 are right only ``correct_fraction`` of the time (otherwise a random expression of the same
 digits), so the SFT policy learns the format and the digits but not how to hit the target: its
@@ -26,7 +26,7 @@ import jax
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import LanguageModel, ModelConfig, save_pretrained
-from jaxrlhf.tasks import countdown as cd
+from tasks import countdown as cd
 from jaxrlhf.training.sft import SFTConfig, train_sft
 
 

@@ -1,6 +1,6 @@
 """DPO vs PPO on one data set: which method gets more true reward for the same KL from the SFT model?
 
-The synthetic language of ``reward_hacking.py`` (``jaxrlhf.tasks.synthetic_language``: true score =
+The synthetic language of ``reward_hacking.py`` (``tasks.synthetic_language``: true score =
 #positive - #negative adjectives of a well-formed sentence, -4 otherwise), per seed:
 
 1. **SFT**: a tiny GPT-2 learns the reference distribution (as in ``reward_hacking.py``).
@@ -34,9 +34,9 @@ import numpy as np
 import reward_hacking as rh  # experiments/ is the script's directory, so it is on sys.path
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import MetricsLogger
-from jaxrlhf.models import LanguageModel, ValueModel
+from jaxrlhf.models import LanguageModel, ValueModel, gpt2_config
 from jaxrlhf.plotting import plot_curves
-from jaxrlhf.tasks import synthetic_language as lang
+from tasks import synthetic_language as lang
 from jaxrlhf.training import PPOConfig, RewardModel, sft, train_sweep
 from jaxrlhf.training.preference import PreferenceConfig, train_preference
 from jaxrlhf.training.preference_data import pairs_from_arrays
@@ -143,8 +143,8 @@ def run_seed(config: Config, seed: int, logger: MetricsLogger) -> Dict[str, Any]
     key = jax.random.key(seed)
     k_data, k_pairs, k_eval_pairs, k_policy, k_rm, k_sft, k_rm_train, k_ppo, k_prompts = jax.random.split(key, 9)
     out_dir = os.path.join(config.out_dir, f"seed_{seed}")
-    policy = LanguageModel(lang.gpt2_config(config.policy_width, config.policy_layers))
-    rm = ValueModel(lang.gpt2_config(config.rm_width, config.rm_layers, num_heads=2))
+    policy = LanguageModel(gpt2_config(lang.VOCAB_SIZE, config.policy_width, config.policy_layers, **lang.SPECIAL_TOKEN_IDS))
+    rm = ValueModel(gpt2_config(lang.VOCAB_SIZE, config.rm_width, config.rm_layers, num_heads=2, **lang.SPECIAL_TOKEN_IDS))
 
     # 1. SFT.
     ids, mask = lang.sample_sentences(k_data, config.sft_examples)

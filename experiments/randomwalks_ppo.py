@@ -4,7 +4,7 @@ trlx's ``randomwalks`` PPO benchmark. The policy (trained on random walks by
 ``experiments/randomwalks_sft.py``) gets a start letter as its prompt (``<bos> s``) and writes the
 rest of a walk, then ``<eos>``. Its reward is the walk's optimality ``(max_length - L) /
 (max_length - L_opt)`` (1 for a shortest path, 0 for an invalid walk; see
-``jaxrlhf/tasks/randomwalks.py``), computed on token ids by a JAX function inside the jitted PPO
+``experiments/tasks/randomwalks.py``), computed on token ids by a JAX function inside the jitted PPO
 step: no text, no host round-trip. A per-token KL penalty to the SFT policy (adaptive coefficient)
 keeps the policy close to it.
 
@@ -42,7 +42,7 @@ from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
-from jaxrlhf.tasks import randomwalks as rw
+from tasks import randomwalks as rw
 from jaxrlhf.training import PPOConfig, train_sweep
 
 

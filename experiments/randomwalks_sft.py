@@ -1,7 +1,7 @@
 """Random walks, step 1: supervised training of the reference policy (trlx's ``randomwalks``).
 
 A small GPT-2 with a character-level vocabulary learns, from scratch, to continue 1000 random walks
-on a 21-node graph (see ``jaxrlhf/tasks/randomwalks.py`` for how the graph and walks are drawn).
+on a 21-node graph (see ``experiments/tasks/randomwalks.py`` for how the graph and walks are drawn).
 The walks wander: the model learns to walk the graph, not to walk it well. It becomes the starting
 point and the KL reference of PPO (``experiments/randomwalks_ppo.py``), which then teaches it to
 reach the goal ``a`` by the shortest path.
@@ -30,7 +30,7 @@ from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import MetricsLogger, read_metrics
 from jaxrlhf.models import LanguageModel, ModelConfig, save_pretrained
 from jaxrlhf.plotting import plot_curves
-from jaxrlhf.tasks import randomwalks as rw
+from tasks import randomwalks as rw
 from jaxrlhf.tokenizers import char_tokenizer
 from jaxrlhf.training.sft import SFTConfig, train_sft
 

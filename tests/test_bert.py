@@ -11,7 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxrlhf.models.bert import cosine_style_reward, load_bert_encoder  # noqa: E402
+from jaxrlhf.models.bert import load_bert_encoder  # noqa: E402
+from tasks.style_reward import cosine_style_reward  # noqa: E402
 
 _WORDS = ["the", "cat", "sat", "on", "mat", "dog", "ran", "a", "big", "red", "##s", "##ing", ".", ","]
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf.tasks import countdown as cd
+from tasks import countdown as cd
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
-from jaxrlhf.models import LanguageModel
-from jaxrlhf.tasks import synthetic_language as sl
+from jaxrlhf.models import LanguageModel, gpt2_config
+from tasks import synthetic_language as sl
 from jaxrlhf.training.checkpoint import CheckpointMismatchError
 from jaxrlhf.training.parallel import data_mesh
 from jaxrlhf.training.preference import PRESETS, PreferenceConfig, train_preference
@@ -40,7 +40,7 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = LanguageModel(sl.gpt2_config(hidden_size=32, num_layers=1, num_heads=2, max_len=16))
+    model = LanguageModel(gpt2_config(sl.VOCAB_SIZE, hidden_size=32, num_layers=1, num_heads=2, max_len=16, **sl.SPECIAL_TOKEN_IDS))
     return model, model.init_params(jax.random.PRNGKey(1))
 
 
@@ -248,7 +248,7 @@ def test_text_pairs_from_jsonl_end_to_end(tmp_path):
     tokenizer = char_tokenizer("abcdefghijklmnopq:")  # 4 specials + 18 = 22 ids: the tiny model's vocabulary
     tokenizer.chat_template = ("{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}:{% endif %}")
-    model = LanguageModel(sl.gpt2_config(hidden_size=32, num_layers=1, num_heads=2, max_len=16))
+    model = LanguageModel(gpt2_config(sl.VOCAB_SIZE, hidden_size=32, num_layers=1, num_heads=2, max_len=16, **sl.SPECIAL_TOKEN_IDS))
     params = model.init_params(jax.random.PRNGKey(2))
     rng = np.random.default_rng(0)
     letters = list("abcdefghijklmnopq")

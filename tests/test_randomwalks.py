@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf.tasks import randomwalks as rw
+from tasks import randomwalks as rw
 from jaxrlhf.tokenizers import char_tokenizer
 
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrlhf.tasks import synthetic_language as lang
+from tasks import synthetic_language as lang
 
 # (sentence, well formed, true score)
 HAND_MADE = [

@@ -20,7 +20,7 @@ pytest.importorskip("gguf")
 from test_gguf import Q, _hf_model, _write_gguf  # noqa: E402  (the tiny-GGUF writer helpers)
 
 from jaxrlhf.models.bert import load_bert_encoder  # noqa: E402
-from jaxrlhf.tasks.style_reward import StyleReward, decode_responses, distinct_n  # noqa: E402
+from tasks.style_reward import StyleReward, decode_responses, distinct_n  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
 import steer_smollm  # noqa: E402

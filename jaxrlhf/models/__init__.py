@@ -1,5 +1,5 @@
 """Flax decoder LMs (GPT-2, Llama family) with Hugging Face checkpoint I/O."""
-from jaxrlhf.models.config import REMAT_POLICIES, ModelConfig, UnsupportedModelError
+from jaxrlhf.models.config import REMAT_POLICIES, ModelConfig, UnsupportedModelError, gpt2_config
 from jaxrlhf.models.hf_io import CheckpointError, load_pretrained, resolve_hub_id, save_pretrained
 from jaxrlhf.models.lm import LanguageModel, Pretrained
 from jaxrlhf.models.transformer import (ModelOutput, Transformer, grow_cache, init_cache, positions_from_mask,

@@ -1,7 +1,7 @@
 """A Flax BERT encoder with sentence-transformers pooling, loaded from a local HF directory.
 
 Used as a frozen sentence encoder, e.g. as a reward model that scores a response by how close its
-embedding is to a target text's (``cosine_style_reward``). Everything is a pure function of
+embedding is to a target text's (``experiments/tasks/style_reward.py``). Everything is a pure function of
 ``params``, so it runs inside a jitted training step.
 
 The network is HF's ``BertModel`` without the pooler head:
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BertConfig", "BertEncoder", "BertModule", "load_bert_encoder", "cosine_style_reward"]
+__all__ = ["BertConfig", "BertEncoder", "BertModule", "load_bert_encoder"]
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
@@ -190,20 +190,6 @@ class BertEncoder:
         else:
             pooled = mean_pool(hidden, attention_mask)
         return l2_normalize(pooled) if self.normalize else pooled
-
-
-def cosine_style_reward(encoder: BertEncoder, params, input_ids, attention_mask, target_emb, contrast_emb):
-    """Reward ``cos(e, target) - cos(e, contrast)`` per row, e = ``encoder.embed(...)``  -> ``[B]``.
-
-    ``target_emb`` / ``contrast_emb`` are ``[D]`` (one for the batch) or ``[B, D]`` (one per row);
-    they need not be normalised. The reward lies in [-2, 2].
-    """
-    response = encoder.embed(params, input_ids, attention_mask)  # unit rows unless normalize=False
-
-    def cosine(other):
-        return (l2_normalize(response) * l2_normalize(jnp.asarray(other, jnp.float32))).sum(axis=-1)
-
-    return cosine(target_emb) - cosine(contrast_emb)
 
 
 # --------------------------------------------------------------------------------------------

@@ -182,6 +182,14 @@ class ModelConfig:
         return cfg.replace(**overrides)
 
 
+def gpt2_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                max_len: int = 32, **token_ids: int | None) -> ModelConfig:
+    """A small GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings), built as from HF's
+    ``config.json``; ``token_ids`` are ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``."""
+    return ModelConfig.from_hf(dict(model_type="gpt2", vocab_size=vocab_size, n_embd=hidden_size,
+                                    n_layer=num_layers, n_head=num_heads, n_positions=max_len, **token_ids))
+
+
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:
     """Reads rope theta and scaling from either `rope_parameters` (transformers 5) or the older
     `rope_theta` + `rope_scaling` fields."""

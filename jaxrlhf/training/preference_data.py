@@ -8,7 +8,7 @@ Two kinds of data set:
 Sources: a JSONL (``.jsonl`` / ``.json``) or Parquet (``.parquet``) file, read with Hugging Face
 ``datasets`` (``load_dataset("json" | "parquet", data_files=...)``); a ``datasets.Dataset``; a list
 of dicts; or already tokenised arrays (`pairs_from_arrays`, `kto_from_arrays`), e.g. the synthetic
-language of `jaxrlhf.tasks.synthetic_language`.
+language of `tasks.synthetic_language`.
 
 Output (`PreferenceData`), every array of one fixed shape so the jitted step compiles once::
 

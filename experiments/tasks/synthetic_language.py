@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.models import ModelConfig
 
 # ------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -56,6 +55,8 @@ VERBS = ("sees", "likes", "helps", "finds")
 VOCAB = ("<pad>", "<bos>", ".") + DETERMINERS + ADJECTIVES + NOUNS + VERBS
 TOKEN_ID = {word: i for i, word in enumerate(VOCAB)}
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+# For a model config over this vocabulary: `gpt2_config(VOCAB_SIZE, ..., **SPECIAL_TOKEN_IDS)`.
+SPECIAL_TOKEN_IDS = dict(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 VOCAB_SIZE = len(VOCAB)
 
 MAX_SENTENCE_LEN = 11  # <bos> DET ADJ ADJ NOUN VERB DET ADJ ADJ NOUN .
@@ -290,16 +291,3 @@ def preference_pairs(key: jax.Array, num_pairs: int, length: int = MAX_SENTENCE_
         rejected_mask.append(np.where(a_wins, b_mask, a_mask))
         have += untied.size
     return PreferencePairs(*(np.concatenate(x) for x in (chosen, chosen_mask, rejected, rejected_mask)))
-
-
-# ------------------------------------------------------------------------------------------------
-# Models sized for this task
-# ------------------------------------------------------------------------------------------------
-
-
-def gpt2_config(hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4, max_len: int = 32) -> ModelConfig:
-    """A tiny GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings) over this vocabulary."""
-    return ModelConfig.from_hf(dict(
-        model_type="gpt2", vocab_size=VOCAB_SIZE, n_embd=hidden_size, n_layer=num_layers, n_head=num_heads,
-        n_positions=max_len, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-    ))

@@ -34,18 +34,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.models.bert import BertEncoder, cosine_style_reward, load_bert_encoder
+from jaxrlhf.models.bert import BertEncoder, l2_normalize, load_bert_encoder
 
 __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_CONTRAST",
     "StyleReward",
+    "cosine_style_reward",
     "decode_responses",
     "distinct_n",
 ]
 
 DEFAULT_TARGET = "a cheerful, positive, happy reply"
 DEFAULT_CONTRAST = "a gloomy, sad, negative reply"
+
+
+def cosine_style_reward(encoder: BertEncoder, params, input_ids, attention_mask, target_emb, contrast_emb):
+    """Reward ``cos(e, target) - cos(e, contrast)`` per row, e = ``encoder.embed(...)``  -> ``[B]``.
+
+    ``target_emb`` / ``contrast_emb`` are ``[D]`` (one for the batch) or ``[B, D]`` (one per row);
+    they need not be normalised. The reward lies in [-2, 2].
+    """
+    response = encoder.embed(params, input_ids, attention_mask)  # unit rows unless normalize=False
+
+    def cosine(other):
+        return (l2_normalize(response) * l2_normalize(jnp.asarray(other, jnp.float32))).sum(axis=-1)
+
+    return cosine(target_emb) - cosine(contrast_emb)
 
 
 def decode_responses(tokenizer, response_ids, response_mask) -> list[str]:
