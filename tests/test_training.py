@@ -129,7 +129,7 @@ def test_adaptive_kl_coef_moves_toward_target(learning_run):
 # ----------------------------------------------------------------------------------------------
 # Device-count invariance: 8 simulated devices (data x fsdp) and two processes vs one device.
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_training_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "training_worker.py")
 
 
 def _max_abs_diff(tree_a, tree_b) -> float:
@@ -185,7 +185,7 @@ def test_two_processes_match_single_process(learning_run, tmp_path):
         assert proc.returncode == 0, log[-3000:]
     result = np.load(out)
     assert int(result["global_devices"]) == 4
-    from test_training_worker import flat_params
+    from training_worker import flat_params
 
     reference = flat_params(learning_run["state_after_1"].policy_params)
     assert float(result["score"]) == pytest.approx(float(learning_run["history"][0]["score"]))

@@ -1,9 +1,9 @@
 """Subprocess worker for tests/test_training.py; defines no tests.
 
-    python tests/test_training_worker.py multihost PORT PROCESS_ID NUM_PROCESSES LOCAL_DEVICES OUT.npz
+    python tests/training_worker.py multihost PORT PROCESS_ID NUM_PROCESSES LOCAL_DEVICES OUT.npz
         one PPO step as one process of a `jax.distributed` job (CPU, gloo collectives) on a
         data-parallel mesh over every process's devices; process 0 writes the policy params.
-    python tests/test_training_worker.py resume OUT_DIR NUM_STEPS
+    python tests/training_worker.py resume OUT_DIR NUM_STEPS
         `train` for NUM_STEPS more steps into OUT_DIR (resuming from its checkpoint), in a fresh
         process, on the same 8 simulated devices the test process has.
 
