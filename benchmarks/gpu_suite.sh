@@ -40,8 +40,8 @@ if [ "$smoke" = 1 ]; then
 else
   export JAX_PLATFORMS=cuda
   tests="tests/test_sampling.py tests/test_training.py tests/test_sweep.py"
-  sampling_args=(--cases gpt2-124m-b16-n64,gpt2-124m-b64-n64,llama-150m-b64-n64 --reps 3 --no-torch --roofline)
-  sampling_bf16=(--cases gpt2-124m-b64-n64,llama-150m-b64-n64 --reps 3 --no-torch --dtype bfloat16)
+  sampling_args=(--cases gpt2-124m-b16-n64 gpt2-124m-b64-n64 llama-150m-b64-n64 --reps 3 --no-torch --roofline)
+  sampling_bf16=(--cases gpt2-124m-b64-n64 llama-150m-b64-n64 --reps 3 --no-torch --dtype bfloat16)
   sweep_args=(--runs 1 8 64 --reps 3)
   ppo_args=(--iters 3)
   limit=75       # per benchmark section: 60 + 120 + 4 x 75 s = 8 minutes at most

@@ -28,7 +28,7 @@ separately) the table shows medians of --iters iterations. torch runs with
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import gc
 import os
@@ -36,6 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -48,6 +49,50 @@ MODELS = {
     "tiny": dict(vocab_size=64, n_positions=128, n_embd=64, n_layer=2, n_head=4),
 }
 PHASES = ("rollout", "experience", "update")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Seconds per PPO iteration: jaxrlhf's jitted step vs a TRL-style PyTorch loop, same weights
+    (see the module docstring of benchmarks/ppo_step.py for what is timed)."""
+
+    quick: bool = False
+    """Tiny model, 16 new tokens, 2 iterations, no phase split: checks that it runs."""
+    model: Optional[Literal[tuple(MODELS)]] = None
+    """Model shape (None: gpt2-124m, tiny with --quick)."""
+    batch: int = 16
+    """Prompts (= responses) per iteration."""
+    prompt_len: int = 32
+    """Prompt length (left-padded, half to all of it real tokens)."""
+    new_tokens: Optional[int] = None
+    """Sampled tokens per response (None: 32, 16 with --quick)."""
+    minibatches: int = 2
+    """Minibatches of the one PPO epoch; must divide batch."""
+    iters: Optional[int] = None
+    """Timed iterations per side (None: 5, 2 with --quick)."""
+    block: int = 1
+    """Iterations per framework before switching to the other (each switch rebuilds the training
+    state, so only one framework's state is in memory at a time)."""
+    threads: int = os.cpu_count() or 1
+    """torch.set_num_threads."""
+    split: Optional[bool] = None
+    """Also time jaxrlhf's three phases as separate jits (None: on, off with --quick)."""
+    verbose: bool = False
+    """Print every iteration."""
+
+
+def resolve(config: Config) -> Config:
+    """The config with every None default filled in (they depend on --quick), checked."""
+    config = dataclasses.replace(
+        config,
+        model=config.model or ("tiny" if config.quick else "gpt2-124m"),
+        new_tokens=config.new_tokens or (16 if config.quick else 32),
+        iters=config.iters or (2 if config.quick else 5),
+        split=(not config.quick) if config.split is None else config.split,
+    )
+    if config.batch % config.minibatches:
+        sys.exit(f"--minibatches ({config.minibatches}) must divide --batch ({config.batch})")
+    return config
 
 
 def build_checkpoint(model_name: str, directory: str, seed: int = 0):
@@ -269,29 +314,9 @@ def run(args) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model, 16 new tokens, 2 iterations, no phase split: checks that it runs")
-    parser.add_argument("--model", choices=sorted(MODELS), default=None, help="default gpt2-124m (tiny with --quick)")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=None, help="default 32 (16 with --quick)")
-    parser.add_argument("--minibatches", type=int, default=2, help="minibatches of the one PPO epoch")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations per side (default 5, 3 quick)")
-    parser.add_argument("--block", type=int, default=1,
-                        help="iterations per framework before switching to the other (each switch rebuilds "
-                             "the training state, so only one framework's state is in memory at a time)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
-    parser.add_argument("--split", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time jaxrlhf's three phases as separate jits (default on, off with --quick)")
-    parser.add_argument("--verbose", action="store_true", help="print every iteration")
-    args = parser.parse_args(argv)
-    args.model = args.model or ("tiny" if args.quick else "gpt2-124m")
-    args.new_tokens = args.new_tokens or (16 if args.quick else 32)
-    args.iters = args.iters or (2 if args.quick else 5)
-    args.split = (not args.quick) if args.split is None else args.split
-    if args.batch % args.minibatches:
-        sys.exit("--minibatches must divide --batch")
+    from jaxrlhf.config import parse_config
+
+    args = resolve(parse_config(Config, argv))
 
     import jax
     import torch

@@ -8,7 +8,7 @@ medians. PyTorch runs with `torch.set_num_threads(--threads)` (default 2).
 
     python benchmarks/sampling.py            # the default cases (see DEFAULT)
     python benchmarks/sampling.py --quick    # one small and one large case, fewer repetitions
-    python benchmarks/sampling.py --cases tiny-b128-n64 --reps 7
+    python benchmarks/sampling.py --cases tiny-b128-n64 gpt2-124m-b16-n64 --reps 7
     python benchmarks/sampling.py --roofline --no-torch   # on a GPU: decode-step bandwidth roofline
 
 `--roofline` adds, per case, the time of one decode step (`(t(N) - t(1)) / (N - 1)`, so prefill and
@@ -19,13 +19,12 @@ and its fraction of the device's memory bandwidth: measured here by a jitted sum
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import tempfile
 import time
+from typing import Literal, Optional
 
 import numpy as np
 
@@ -60,6 +59,34 @@ CASES = [
 ]
 QUICK = ("gpt2-124m-b16-n64", "tiny-b128-n64")
 DEFAULT = tuple(c.name for c in CASES if c.name != "gpt2-124m-b16-n128")
+CaseName = Literal[tuple(c.name for c in CASES)]  # an unknown name is a command-line error
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Sampling throughput: jaxrlhf make_sampler vs transformers generate, same weights (see the
+    module docstring of benchmarks/sampling.py for what is timed)."""
+
+    quick: bool = False
+    """Only gpt2-124m-b16-n64 and tiny-b128-n64, at most 2 repetitions, no extra-threads run
+    (ignored when --cases is given)."""
+    cases: tuple[CaseName, ...] = ()
+    """Case names, space-separated (empty: every case but gpt2-124m-b16-n128)."""
+    reps: int = 5
+    """Timed repetitions per side (the median is reported)."""
+    dtype: str = "float32"
+    """jaxrlhf parameter/compute dtype."""
+    threads: int = 2
+    """torch.set_num_threads."""
+    extra_threads: int = 1
+    """Also time torch with this many threads (0: off; off with --quick). On a loaded machine
+    PyTorch's OpenMP threads can slow down more than XLA's pool."""
+    torch: bool = True
+    """Time the PyTorch baseline; --no-torch skips it (e.g. on a GPU machine)."""
+    roofline: bool = False
+    """Also time single decode steps and print their fraction of the memory-bandwidth roofline."""
+    peak_gbps: Optional[float] = None
+    """Memory bandwidth for --roofline in GB/s (None: measured by a jitted sum)."""
 
 
 def build_checkpoint(case: Case, directory: str):
@@ -236,30 +263,20 @@ def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int
     return result
 
 
+def resolve(config: Config) -> Config:
+    """The config with --quick applied: its cases, at most 2 repetitions, no extra-threads run."""
+    if config.cases:
+        return config
+    if config.quick:
+        return dataclasses.replace(config, cases=QUICK, reps=min(config.reps, 2), extra_threads=0)
+    return dataclasses.replace(config, cases=DEFAULT)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}, 3 repetitions")
-    parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions per side (median reported)")
-    parser.add_argument("--dtype", default="float32", help="jaxrlhf parameter/compute dtype")
-    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    parser.add_argument("--extra-threads", type=int, default=1,
-                        help="also time torch with this many threads (0: off; off with --quick). On a "
-                             "loaded machine PyTorch's OpenMP threads can slow down more than XLA's pool")
-    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline (e.g. on a GPU machine)")
-    parser.add_argument("--roofline", action="store_true",
-                        help="also time single decode steps and print their fraction of the memory-bandwidth roofline")
-    parser.add_argument("--peak-gbps", type=float, default=None,
-                        help="memory bandwidth for --roofline in GB/s (default: measured by a jitted sum)")
-    args = parser.parse_args(argv)
-    names = list(DEFAULT)
-    if args.cases:
-        names = args.cases.split(",")
-    elif args.quick:
-        names, args.reps, args.extra_threads = list(QUICK), min(args.reps, 2), 0
-    cases = [c for c in CASES if c.name in names]
-    if len(cases) != len(names):
-        sys.exit(f"unknown case in {names}; known: {[c.name for c in CASES]}")
+    from jaxrlhf.config import parse_config
+
+    args = resolve(parse_config(Config, argv))
+    cases = [c for c in CASES if c.name in args.cases]
 
     import jax
     import torch
@@ -280,9 +297,9 @@ def main(argv=None):
     print("-" * len(header))
     extra_rows, roofline_rows = [], []
     for case in cases:
-        r = run_case(case, args.reps, args.dtype, args.threads, 0 if args.no_torch else args.extra_threads,
-                     with_torch=not args.no_torch, peak_gbps=peak_gbps)
-        torch_cols = "-".rjust(12) + "-".rjust(7) if args.no_torch else f"{r['torch_tok_s']:>12.0f} {r['ratio']:>5.2f}x"
+        r = run_case(case, args.reps, args.dtype, args.threads, args.extra_threads if args.torch else 0,
+                     with_torch=args.torch, peak_gbps=peak_gbps)
+        torch_cols = "-".rjust(12) + "-".rjust(7) if not args.torch else f"{r['torch_tok_s']:>12.0f} {r['ratio']:>5.2f}x"
         print(f"{r['case']:<22} {r['params_m']:>6.0f}M {r['jax_tok_s']:>14.0f} {torch_cols} {r['compile_s']:>10.1f}",
               flush=True)
         if "extra_tok_s" in r:

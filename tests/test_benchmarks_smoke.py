@@ -53,6 +53,25 @@ def test_sweep_quick():
 
 
 @pytest.mark.slow
+def test_scan_layers_small():
+    out = _run("scan_layers.py", "--layers", "1", "--batch", "1", "--length", "8")
+    rows = re.findall(r"^\| 1 \| ([a-z_ +-]+) \| (\d+\.\d+) \| (\d+\.\d+) \| (\d+\.\d+) \|$", out, re.MULTILINE)
+    assert [r[0] for r in rows] == ["per-layer", "per-layer + remat full", "scan", "scan + remat full",
+                                    "scan + remat dots_saveable"], out[-4000:]
+
+
+def test_benchmark_flags_are_checked_before_any_work():
+    # tyro rejects an unknown case name or flag (exit 2, naming it) before a model is built.
+    for script, args, word in (("sampling.py", ("--cases", "no-such-case"), "no-such-case"),
+                               ("ppo_step.py", ("--itres", "3"), "--iters"),
+                               ("scan_layers.py", ("--layers", "two"), "--layers")):
+        env = dict(os.environ, COLUMNS="200")
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+        assert proc.returncode == 2 and word in proc.stdout, (script, proc.stdout[-2000:])
+
+
+@pytest.mark.slow
 def test_gpu_suite_smoke(tmp_path):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)

@@ -1,8 +1,9 @@
 """Compile time and XLA memory of a forward+backward pass: per-layer blocks vs `nn.scan`, with and
 without `nn.remat`. Prints a markdown table (the one in docs/models.md).
 
-    python -m jaxrlhf.models.scan_benchmark                 # Llama-shaped toy, 2 / 8 / 16 layers
-    python -m jaxrlhf.models.scan_benchmark --smollm2       # SmolLM2-135M shape (30 layers), compile only
+    python benchmarks/scan_layers.py                 # Llama-shaped toy, 2 / 8 / 16 layers
+    python benchmarks/scan_layers.py --smollm2       # SmolLM2-135M shape (30 layers), compile only
+    python benchmarks/scan_layers.py --sampler       # compile time of generate instead
 
 Compile time is `jax.jit(f).lower(...).compile()` on abstract inputs (nothing is allocated), a fresh
 function each time; memory is that executable's `memory_analysis()` (temporaries = activations
@@ -11,7 +12,7 @@ next-token cross-entropy, the gradient is with respect to every parameter.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import time
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.config import parse_config
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lm import LanguageModel
 
@@ -78,20 +80,33 @@ def measure_sampler(cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: i
     return {"compile_s": time.perf_counter() - start}
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Compile time and XLA memory of a forward+backward pass: per-layer blocks vs nn.scan, with and
+    without nn.remat (a markdown table)."""
+
+    layers: tuple[int, ...] = (2, 8, 16)
+    """Layer counts of the Llama-shaped toy, one table row group each (ignored with --smollm2)."""
+    batch: int = 4
+    """Sequences per batch."""
+    length: int = 128
+    """Tokens per sequence of the forward+backward pass."""
+    smollm2: bool = False
+    """SmolLM2-135M shape at its 30 layers instead of the toy."""
+    run: bool = False
+    """Also time 3 steps (median)."""
+    sampler: bool = False
+    """Instead: compile time of generate (prompt 32, 64 new tokens: 4 decode segments)."""
+
+
 VARIANTS = (("per-layer", False, None), ("per-layer + remat full", False, "full"), ("scan", True, None),
             ("scan + remat full", True, "full"), ("scan + remat dots_saveable", True, "dots_saveable"))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[2, 8, 16])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--smollm2", action="store_true", help="SmolLM2-135M shape at its 30 layers")
-    parser.add_argument("--run", action="store_true", help="also time 3 steps (median)")
-    parser.add_argument("--sampler", action="store_true",
-                        help="instead: compile time of generate (prompt 32, 64 new tokens: 4 decode segments)")
-    args = parser.parse_args(argv)
+    args = parse_config(Config, argv)
+    if not args.layers and not args.smollm2:
+        raise SystemExit("--layers: give at least one layer count")
     base = SMOLLM2 if args.smollm2 else TOY
     layer_counts = [base.num_layers] if args.smollm2 else args.layers
     print(f"# {jax.default_backend()} x{jax.device_count()}, jax {jax.__version__}, load average "
