@@ -1,4 +1,4 @@
-"""Per-step metrics of a run: a JSONL file, TensorBoard event files and a progress bar.
+"""Per-step metrics of a run: a JSONL file, TensorBoard event files, Weights & Biases and a progress bar.
 
 (Named ``metrics_log`` rather than ``logging`` so that it never hides the standard library module.)
 
@@ -15,26 +15,77 @@ writes, for each call of ``log``:
   ``out_dir/metrics.jsonl`` (flushed at once, so a crashed run keeps its numbers); nested dicts are
   flattened with ``/``; JAX and NumPy scalars become Python floats;
 - the same scalars to TensorBoard event files in ``out_dir`` (``tensorboard --logdir runs``);
+- optionally the same scalars to a Weights & Biases run (``wandb=dict(project=..., name=...)``,
+  the keyword arguments of ``wandb.init``; ``pip install "jaxrlhf[wandb]"``). The environment
+  chooses the rest as wandb documents it: ``WANDB_MODE=offline`` (no account, no network; ``wandb
+  sync`` uploads later), ``WANDB_ENTITY``, ``WANDB_API_KEY``, ``WANDB_DIR`` (default: ``out_dir``).
+  W&B's service process writes the run's files in the background: they are complete once the
+  program ends (or after ``wandb.teardown()``);
 - an update of a tqdm bar whose postfix shows ``progress_keys``.
+
+`logger_options` turns a list of logger names (``PPOConfig.loggers``) into these arguments.
 
 Resuming a run into the same directory appends to ``metrics.jsonl``. Passing ``resume_step`` first
 drops the lines with ``step > resume_step`` (they came from work after the checkpoint, which the
-resumed run redoes) and tells TensorBoard to hide its events past that step too.
+resumed run redoes) and tells TensorBoard to hide its events past that step too. A W&B run keeps its
+id in ``out_dir/wandb_run_id`` and a resumed run continues it; W&B itself ignores steps at or below
+the last one it recorded, so the redone steps keep their first values there.
 """
 
 from __future__ import annotations
 
+import html
+import importlib.util
 import json
 import math
 import os
 import time
-from typing import Any, Iterable, Mapping
+import uuid
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
-__all__ = ["MetricsLogger", "read_metrics", "flatten_metrics", "METRICS_FILENAME"]
+__all__ = ["MetricsLogger", "read_metrics", "flatten_metrics", "logger_options", "METRICS_FILENAME", "LOGGERS"]
 
 METRICS_FILENAME = "metrics.jsonl"
+WANDB_ID_FILENAME = "wandb_run_id"
+# Where the metrics of a step can go (`logger_options`).
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+
+def check_loggers(loggers: Iterable[str]) -> None:
+    """Raise ValueError for a name not in `LOGGERS`, ImportError for "wandb" without the wandb package."""
+    loggers = tuple(loggers)
+    unknown = [name for name in loggers if name not in LOGGERS]
+    if unknown:
+        raise ValueError(f"unknown logger(s) {unknown}: choose among {LOGGERS}")
+    if "wandb" in loggers and importlib.util.find_spec("wandb") is None:
+        raise ImportError('the "wandb" logger needs the wandb package: pip install "jaxrlhf[wandb]" '
+                          '(or drop "wandb" from loggers)')
+
+
+def logger_options(
+    loggers: Iterable[str],
+    *,
+    wandb_project: str | None = None,
+    name: str | None = None,
+    group: str | None = None,
+    run_config: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """`MetricsLogger` keyword arguments that write to ``loggers`` (names from `LOGGERS`).
+
+    ``wandb_project``, ``name``, ``group`` (e.g. the sweep a run belongs to) and ``run_config``
+    (its hyper-parameters, shown and filtered on by W&B) only matter with "wandb". Checked by
+    `check_loggers` here, so a missing wandb package fails before any training work.
+    """
+    loggers = tuple(loggers)
+    check_loggers(loggers)
+    wandb = None
+    if "wandb" in loggers:
+        wandb = {"project": wandb_project, "name": name, "group": group,
+                 "config": None if run_config is None else dict(run_config)}
+    return {"jsonl": "jsonl" in loggers, "tensorboard": "tensorboard" in loggers, "wandb": wandb}
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -93,8 +144,29 @@ def _truncate_after(path: str, resume_step: int) -> int:
     return len(kept)
 
 
+def _start_wandb_run(out_dir: str, init_kwargs: Mapping[str, Any]):
+    """A new W&B run, or the one this directory logged to before (its id is in ``wandb_run_id``)."""
+    try:
+        import wandb
+    except ImportError:
+        check_loggers(["wandb"])  # the clear message
+        raise
+    id_path = os.path.join(out_dir, WANDB_ID_FILENAME)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+    kwargs = {key: value for key, value in init_kwargs.items() if value is not None}
+    kwargs.setdefault("dir", os.environ.get("WANDB_DIR", out_dir))
+    # "create_new": the R runs of a sweep are open at the same time, each logged through its own object.
+    return wandb.init(id=run_id, resume="allow", reinit="create_new", **kwargs)
+
+
 class MetricsLogger:
-    """Writes each step's scalar metrics to JSONL and TensorBoard, and drives a progress bar.
+    """Writes each step's scalar metrics to JSONL, TensorBoard and W&B, and drives a progress bar.
 
     Args:
       out_dir: the run directory (created if needed).
@@ -105,6 +177,9 @@ class MetricsLogger:
         ``None`` simply appends.
       tensorboard: write TensorBoard event files.
       progress: show the tqdm bar (on stderr).
+      jsonl: write ``metrics.jsonl``.
+      wandb: also log to a Weights & Biases run: the keyword arguments of ``wandb.init``
+        (``project``, ``name``, ``group``, ``config``; None values are left out). None = no W&B.
     """
 
     def __init__(
@@ -116,15 +191,21 @@ class MetricsLogger:
         resume_step: int | None = None,
         tensorboard: bool = True,
         progress: bool = True,
+        jsonl: bool = True,
+        wandb: Mapping[str, Any] | None = None,
     ):
         self.out_dir = os.fspath(out_dir)
         os.makedirs(self.out_dir, exist_ok=True)
         self.path = os.path.join(self.out_dir, METRICS_FILENAME)
         self.progress_keys = tuple(progress_keys)
         self.last_step = resume_step
-        if resume_step is not None and os.path.exists(self.path):
-            _truncate_after(self.path, resume_step)
-        self._file = open(self.path, "a")
+        self._file = None
+        if jsonl:
+            if resume_step is not None and os.path.exists(self.path):
+                _truncate_after(self.path, resume_step)
+            self._file = open(self.path, "a")
+
+        self._wandb_run = None if wandb is None else _start_wandb_run(self.out_dir, wandb)
 
         self._writer = None
         if tensorboard:
@@ -155,11 +236,14 @@ class MetricsLogger:
         """Record ``metrics`` (a possibly nested dict of scalars) at ``step``; returns the flat floats."""
         step = int(step)
         flat = flatten_metrics(metrics)
-        self._file.write(json.dumps({"step": step, **flat}) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            self._file.write(json.dumps({"step": step, **flat}) + "\n")
+            self._file.flush()
         if self._writer is not None:
             for name, value in flat.items():
                 self._writer.add_scalar(name, value, global_step=step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(flat, step=step)
         if self._bar is not None:
             done = step + 1  # steps count from 0
             if done > self._bar.n:
@@ -174,6 +258,10 @@ class MetricsLogger:
         """A piece of text (e.g. sampled responses) for TensorBoard's Text tab."""
         if self._writer is not None:
             self._writer.add_text(tag, text, global_step=int(step))
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({tag: wandb.Html("<pre>" + html.escape(text) + "</pre>")}, step=int(step))
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -183,22 +271,26 @@ class MetricsLogger:
             print(message)
 
     def flush(self) -> None:
-        self._file.flush()
+        if self._file is not None:
+            self._file.flush()
         if self._writer is not None:
             self._writer.flush()
 
     def close(self) -> None:
-        """Flush and close the file, the event writer and the bar. Safe to call twice."""
-        if not self._file.closed:
+        """Flush and close the file, the event writer, the W&B run and the bar. Safe to call twice."""
+        if self._file is not None and not self._file.closed:
             self._file.close()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
         if self._bar is not None:
             self._bar.close()
             self._bar = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc_info) -> None:

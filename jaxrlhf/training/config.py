@@ -10,6 +10,7 @@ from typing import Optional
 
 from jaxrlhf.core.kl import KL_KINDS
 from jaxrlhf.core.losses import LOSS_AGGREGATIONS
+from jaxrlhf.metrics_log import LOGGERS
 
 KL_PLACEMENTS = ("reward", "loss")
 SCORE_NORMS = ("none", "batch", "running")
@@ -25,7 +26,7 @@ POLICY_LOSSES = ("ppo", "gspo", "gspo-token")
 # Fields that may differ between a checkpoint and the run that resumes from it: they change how
 # often things are written, not what a step computes. (`total_steps` joins them when the learning
 # rate schedule does not depend on it, i.e. for "constant".)
-RESUME_MUTABLE_FIELDS = ("save_every", "keep_checkpoints")
+RESUME_MUTABLE_FIELDS = ("save_every", "keep_checkpoints", "loggers", "wandb_project")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +180,13 @@ class PPOConfig:
     """Write a checkpoint every this many PPO iterations (and at the end)."""
     keep_checkpoints: int = 3
     """How many recent checkpoints to keep."""
+    loggers: tuple[str, ...] = ("jsonl", "tensorboard")
+    """Where each step's metrics go: "jsonl" (``out_dir/metrics.jsonl``), "tensorboard" (event files
+    in ``out_dir``), "wandb" (a Weights & Biases run named after ``out_dir``; a sweep's runs are
+    grouped under its directory's name; ``pip install "jaxrlhf[wandb]"``; ``WANDB_MODE=offline``
+    and the other ``WANDB_*`` variables as wandb documents them). See `jaxrlhf.metrics_log`."""
+    wandb_project: str = "jaxrlhf"
+    """W&B project of the runs (with "wandb" in loggers)."""
 
     def __post_init__(self):
         def need(condition, message):
@@ -203,6 +211,9 @@ class PPOConfig:
              "adaptive_kl needs target_kl > 0 and kl_horizon > 0")
         need(self.score_clip is None or self.score_clip > 0, "score_clip must be positive or None")
         need(self.save_every > 0 and self.keep_checkpoints > 0, "save_every and keep_checkpoints must be positive")
+        need(not isinstance(self.loggers, str), f"loggers is a tuple of names, got the string {self.loggers!r}")
+        object.__setattr__(self, "loggers", tuple(self.loggers))  # hashable, also when given a list
+        need(all(name in LOGGERS for name in self.loggers), f"loggers must be among {LOGGERS}, got {self.loggers!r}")
         # --- groups and critic-free estimators ---
         G = self.num_generations
         need(isinstance(G, int) and not isinstance(G, bool) and G >= 1,

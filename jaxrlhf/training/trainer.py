@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import jax
 import numpy as np
 
-from jaxrlhf.metrics_log import MetricsLogger
+from jaxrlhf.metrics_log import MetricsLogger, logger_options
 from jaxrlhf.models.hf_io import save_pretrained
 from jaxrlhf.models.lm import LanguageModel, Pretrained
 from jaxrlhf.models.value import ValueModel
@@ -461,6 +461,8 @@ def train(
       state is checkpointed first: a rerun resumes there.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
+    log_options = logger_options(config.loggers, wandb_project=config.wandb_project, name=os.path.basename(out_dir),
+                                 run_config=dataclasses.asdict(config))  # before any compile: checks wandb is there
     policy_model, policy_params, policy_tokenizer = _unpack_policy(policy)
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
     data = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
@@ -489,7 +491,7 @@ def train(
     logger = None
     if is_main:  # rows past the restored step (a run killed before its checkpoint) are dropped
         logger = MetricsLogger(out_dir, total_steps=config.total_steps, progress_keys=PROGRESS_KEYS,
-                               resume_step=start - 1, progress=progress)
+                               resume_step=start - 1, progress=progress, **log_options)
     try:
         state, histories = _run_loop(_SingleRun(ppo, frozen, data, reward, tokenizer), state, start, end, [logger],
                                      checkpointer, on_step=on_step, evaluate=evaluate, eval_every=eval_every)
@@ -544,6 +546,7 @@ def train_sweep(
       receives the list of the runs' metrics.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
+    logger_options(config.loggers)  # before any compile: checks wandb is there
     policy_model, policy_params, policy_tokenizer = _unpack_policy(policy)
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
     sweep = Sweep(config, policy_model, reward, runs, critic=value_model, mesh=mesh)
@@ -562,9 +565,14 @@ def train_sweep(
     start, end = _start_and_end(int(state.step), config, num_steps)
     loggers: List[Optional[MetricsLogger]] = [None] * sweep.num_runs
     if is_main:
+        # W&B: one run per sweep member, grouped by the sweep (its directory's name).
+        sweep_name = os.path.basename(out_dir)
         loggers = [MetricsLogger(os.path.join(out_dir, f"run_{r}"), total_steps=config.total_steps,
-                                 progress_keys=PROGRESS_KEYS, resume_step=start - 1, progress=progress and r == 0)
-                   for r in range(sweep.num_runs)]
+                                 progress_keys=PROGRESS_KEYS, resume_step=start - 1, progress=progress and r == 0,
+                                 **logger_options(config.loggers, wandb_project=config.wandb_project,
+                                                  name=f"{sweep_name}/run_{r}", group=sweep_name,
+                                                  run_config={**dataclasses.asdict(run_config), "sweep_run": r}))
+                   for r, run_config in enumerate(sweep.run_configs)]
     try:
         state, histories = _run_loop(_SweepRuns(sweep, frozen, data, reward, tokenizer), state, start, end, loggers,
                                      checkpointer, on_step=on_step, evaluate=evaluate, eval_every=eval_every)
