@@ -1,7 +1,10 @@
 """Tests for jaxrlhf.config: tyro command lines, --config files under flags, help text, strict errors."""
 
 import dataclasses
+import importlib.util
 import json
+import os
+import sys
 from typing import Literal, Optional
 
 import pytest
@@ -268,3 +271,94 @@ def test_a_field_named_config_is_an_ordinary_flag():
         """A field that happens to be called config."""
 
     assert parse_config(HasConfigField, ["--config", "mine"]).config == "mine"
+
+
+def test_a_config_saved_under_old_field_names_is_refused_with_the_new_name(tmp_path):
+    from jaxrlhf.training import PPOConfig
+
+    @dataclasses.dataclass(frozen=True)
+    class Experiment:
+        ppo: PPOConfig = PPOConfig()
+
+    for old, new in (("cliprange", "clip_eps"), ("cliprange_value", "value_clip_eps"), ("lam", "gae_lambda"),
+                     ("init_kl_coef", "kl_coef")):
+        path = tmp_path / f"{old}.json"
+        path.write_text(json.dumps({"ppo": {old: 0.1}}))
+        with pytest.raises(ConfigError, match=f"config key 'ppo.{old}' was renamed to 'ppo.{new}'"):
+            load_config(Experiment, path)
+    # An old name that no field of this class took is an ordinary unknown key.
+    path = tmp_path / "eps.json"
+    path.write_text(json.dumps({"eps": 0.1}))
+    with pytest.raises(ConfigError, match="unknown config key 'eps'"):
+        load_config(ToyConfig, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The experiments' command lines: the ones the docs show parse into the intended configs.
+# ----------------------------------------------------------------------------------------------
+
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments")
+
+
+def _experiment(name):
+    """An experiment script as a module, under its own name (so other tests' imports are untouched)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli_check", os.path.join(EXPERIMENTS_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and tyro look the class's module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def _dotted(config, name):
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
+
+
+DOCUMENTED_COMMAND_LINES = [
+    ("gridworld", "--gamma_study 0.5 0.9 0.99 1.0 --out_dir runs/gridworld_gammas",
+     {"gamma_study": (0.5, 0.9, 0.99, 1.0), "out_dir": "runs/gridworld_gammas"}),
+    ("gridworld", "--slip_prob 0.1 --out_dir runs/gridworld_slippery", {"slip_prob": 0.1}),
+    ("randomwalks_sft", "--num_steps 2000 --out_dir runs/rw_sft_long", {"num_steps": 2000}),
+    ("randomwalks_ppo", "--seeds 0 1 2", {"seeds": (0, 1, 2)}),
+    ("randomwalks_ppo", "--no-run_sft_if_missing --ppo.no_shared_trunk --ppo.lr_schedule cosine",
+     {"run_sft_if_missing": False, "ppo.shared_trunk": False, "ppo.lr_schedule": "cosine"}),
+    ("compare_algorithms", "--presets ppo grpo --seeds 0 --steps 20",
+     {"presets": ("ppo", "grpo"), "seeds": (0,), "steps": 20}),
+    ("countdown_sft", "--correct_fraction 0.2 --num_steps 3000", {"correct_fraction": 0.2, "num_steps": 3000}),
+    ("dpo_vs_ppo", "--seeds 0 --pref_steps 50 --ppo_steps 30 --out_dir runs/dvp_small",
+     {"seeds": (0,), "pref_steps": 50, "ppo_steps": 30, "out_dir": "runs/dvp_small"}),
+    ("reward_hacking", "--kl_coefs 0 0.005 0.02 --ppo_steps 200 --out_dir runs/rh_more",
+     {"kl_coefs": (0.0, 0.005, 0.02), "ppo_steps": 200}),
+    ("steer_smollm", "--full --out_dir runs/steer_smollm", {"full": True, "out_dir": "runs/steer_smollm"}),
+]
+
+
+@pytest.mark.parametrize("name, flags, expected", DOCUMENTED_COMMAND_LINES)
+def test_documented_experiment_command_lines(name, flags, expected):
+    config_cls = _experiment(name).Config
+    config = parse_config(config_cls, flags.split())
+    for field, value in expected.items():
+        assert _dotted(config, field) == value, field
+    default = config_cls()
+    for f in dataclasses.fields(config_cls):
+        if f.name not in flags:  # every field the line does not name keeps its default
+            assert getattr(config, f.name) == getattr(default, f.name), f.name
+
+
+@pytest.mark.parametrize("name", sorted({name for name, _, _ in DOCUMENTED_COMMAND_LINES}))
+def test_experiment_help_shows_every_field_with_its_doc(name, capsys):
+    config_cls = _experiment(name).Config
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(config_cls, ["--help"], prog=f"{name}.py")
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "--config PATH.json" in text
+    default = config_cls()
+    for f in dataclasses.fields(config_cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):  # a nested config: its fields are listed under its prefix
+            assert f"--{f.name}." in text, f.name
+        else:
+            assert f"--{f.name} " in text or f"--{f.name}," in text, f.name
+    assert text.count("(default:") >= len(dataclasses.fields(config_cls))
