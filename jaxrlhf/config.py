@@ -52,7 +52,7 @@ __all__ = [
     "load_config",
 ]
 
-CONFIG_FLAG_HELP = (
+_CONFIG_FLAG_HELP = (
     "--config PATH.json: load a config file (a run's config.json, as written by save_config) "
     "first; the other flags override its values."
 )
@@ -204,7 +204,34 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value  # an annotation this module does not know: passed through unchecked
 
 
+# Old field name -> its name now (PPOConfig's clip ranges, GAE lambda and KL coefficient, the
+# SFT optimizer's AdamW constants), so that a config saved by an older version is refused with the
+# new name rather than as an unknown key.
+RENAMED_FIELDS = {
+    "cliprange": "clip_eps",
+    "cliprange_high": "clip_eps_high",
+    "cliprange_value": "value_clip_eps",
+    "lam": "gae_lambda",
+    "init_kl_coef": "kl_coef",
+    "b1": "adam_b1",
+    "b2": "adam_b2",
+    "eps": "adam_eps",
+}
+
+
+def renamed_field_message(key: str, known: Sequence[str], prefix: str = "") -> str | None:
+    """``"... was renamed to ..."`` when ``key`` is the old name of one of the ``known`` fields."""
+    new = RENAMED_FIELDS.get(key)
+    if new is None or new not in known:
+        return None
+    return (f"config key {prefix + key!r} was renamed to {prefix + new!r} (a config saved by an older "
+            "version: rename the key)")
+
+
 def _unknown_key_error(key: str, known: Sequence[str], prefix: str) -> ConfigError:
+    renamed = renamed_field_message(key, known, prefix)
+    if renamed:
+        return ConfigError(renamed)
     close = difflib.get_close_matches(key, list(known), n=3)
     hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
     return ConfigError(
@@ -349,6 +376,6 @@ def parse_config(config_cls: type, argv: Sequence[str] | None = None, *, prog: s
     class_doc = inspect.cleandoc(config_cls.__doc__ or "")
     if class_doc.startswith(config_cls.__name__ + "("):  # dataclasses' generated signature: no doc
         class_doc = ""
-    description = f"{class_doc.strip()}\n\n{CONFIG_FLAG_HELP}".strip()
-    default = {} if file_config is None else {"default": file_config}
-    return tyro.cli(config_cls, args=argv, prog=prog, description=description, use_underscores=True, **default)
+    description = f"{class_doc.strip()}\n\n{_CONFIG_FLAG_HELP}".strip()
+    file_defaults = {} if file_config is None else {"default": file_config}
+    return tyro.cli(config_cls, args=argv, prog=prog, description=description, use_underscores=True, **file_defaults)
