@@ -17,7 +17,7 @@ tokens without separators, so ``decode(encode(text)) == text`` for text over ``c
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 __all__ = ["char_tokenizer"]
 

@@ -24,16 +24,16 @@ branches on their values.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 
 from jaxrlhf.core.logprobs import token_logprobs
-from jaxrlhf.core.stats import masked_count, masked_mean, masked_sum
+from jaxrlhf.core.stats import at_least_float32, masked_count, masked_mean, masked_sum
 
-Stats = Dict[str, jax.Array]
+Stats = dict[str, jax.Array]
 
 sg = jax.lax.stop_gradient
 
@@ -41,7 +41,7 @@ sg = jax.lax.stop_gradient
 # ----------------------------------------------------------------------------- sequence log-probs
 
 
-def sequence_logprobs(logprobs: chex.Array, mask: chex.Array) -> Tuple[jax.Array, jax.Array]:
+def sequence_logprobs(logprobs: chex.Array, mask: chex.Array) -> tuple[jax.Array, jax.Array]:
     """Per-sequence sum of token log-probs over the valid (response) tokens, and the length.
 
     ``logp_B[b] = sum_t logprobs[b, t] * mask[b, t]``, ``length_B[b] = sum_t mask[b, t]``. Masked
@@ -64,7 +64,7 @@ def sequence_logprobs(logprobs: chex.Array, mask: chex.Array) -> Tuple[jax.Array
 
 def sequence_logprobs_from_logits(
     logits: chex.Array, input_ids: chex.Array, response_mask: chex.Array, temperature=1.0
-) -> Tuple[jax.Array, jax.Array]:
+) -> tuple[jax.Array, jax.Array]:
     """:func:`sequence_logprobs` of the response part of prompt + response sequences.
 
     A causal LM's logits at position ``i`` predict token ``i + 1``, so token ``input_ids[b, i]``
@@ -136,7 +136,7 @@ def concat_pairs(chosen: Any, rejected: Any, pad_value=0) -> Any:
     return jax.tree.map(concat, chosen, rejected)
 
 
-def split_pairs(batch: Any) -> Tuple[Any, Any]:
+def split_pairs(batch: Any) -> tuple[Any, Any]:
     """Inverse of :func:`concat_pairs`: ``(x[:B], x[B:])`` for every ``[2B, ...]`` leaf."""
 
     def half(x):
@@ -151,12 +151,6 @@ def split_pairs(batch: Any) -> Tuple[Any, Any]:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _as_float(*arrays):
-    """float32 for low-precision inputs, the widest input dtype otherwise (float64 under x64)."""
-    dtype = jnp.result_type(jnp.float32, *arrays)
-    return tuple(jnp.asarray(a, dtype) for a in arrays)
 
 
 def _check_rows(names_and_arrays):
@@ -209,7 +203,7 @@ def chosen_nll_loss(
       pair_mask: optional ``[B]`` row mask.
     """
     _check_rows([("chosen_logps", chosen_logps), ("chosen_lengths", chosen_lengths)])
-    chosen_logps_B, chosen_lengths_B = _as_float(chosen_logps, chosen_lengths)
+    chosen_logps_B, chosen_lengths_B = at_least_float32(chosen_logps, chosen_lengths)
     pair_mask_B = _pair_mask(pair_mask, chosen_logps_B)
     token_count = masked_sum(chosen_lengths_B, pair_mask_B, axis_name=axis_name)
     return -masked_sum(chosen_logps_B, pair_mask_B, axis_name=axis_name) / jnp.maximum(token_count, 1)
@@ -225,11 +219,11 @@ def dpo_loss(
     ref_rejected_logps: chex.Array,
     beta=0.1,
     label_smoothing=0.0,
-    rpo_alpha: Optional[float] = None,
-    chosen_lengths: Optional[chex.Array] = None,
-    pair_mask: Optional[chex.Array] = None,
+    rpo_alpha: float | None = None,
+    chosen_lengths: chex.Array | None = None,
+    pair_mask: chex.Array | None = None,
     axis_name=None,
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """Direct Preference Optimization (Rafailov et al. 2023), optionally conservative and with RPO.
 
     With ``h = logp(y) - ref_logp(y)`` (summed over the response) and ``d = h_w - h_l``:
@@ -260,7 +254,7 @@ def dpo_loss(
         ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
         ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
     ])
-    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B = _as_float(
+    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B = at_least_float32(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
     pair_mask_B = _pair_mask(pair_mask, chosen_B)
@@ -293,9 +287,9 @@ def ipo_loss(
     chosen_lengths: chex.Array,
     rejected_lengths: chex.Array,
     beta=0.1,
-    pair_mask: Optional[chex.Array] = None,
+    pair_mask: chex.Array | None = None,
     axis_name=None,
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """Identity Preference Optimization (Azar et al. 2023, "A General Theoretical Paradigm ...").
 
     ``loss_b = (d - 1 / (2 beta))^2`` with ``d = h_w - h_l`` on length-averaged log-ratios,
@@ -315,7 +309,7 @@ def ipo_loss(
         ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
         ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
     ])
-    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_len_B, rejected_len_B = _as_float(
+    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_len_B, rejected_len_B = at_least_float32(
         chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths
     )
     pair_mask_B = _pair_mask(pair_mask, chosen_B)
@@ -337,9 +331,9 @@ def simpo_loss(
     rejected_lengths: chex.Array,
     beta=2.0,
     gamma=1.0,
-    pair_mask: Optional[chex.Array] = None,
+    pair_mask: chex.Array | None = None,
     axis_name=None,
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """Simple Preference Optimization (Meng et al. 2024): reference-free, length-normalised.
 
     ``loss_b = -log sigmoid(beta * (logp(y_w) / |y_w| - logp(y_l) / |y_l|) - gamma)`` with the
@@ -357,7 +351,7 @@ def simpo_loss(
         ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
         ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
     ])
-    chosen_B, rejected_B, chosen_len_B, rejected_len_B = _as_float(
+    chosen_B, rejected_B, chosen_len_B, rejected_len_B = at_least_float32(
         chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
     )
     pair_mask_B = _pair_mask(pair_mask, chosen_B)
@@ -373,15 +367,15 @@ def kto_loss(
     logps: chex.Array,
     ref_logps: chex.Array,
     desirable: chex.Array,
-    kl_logps: Optional[chex.Array] = None,
-    ref_kl_logps: Optional[chex.Array] = None,
+    kl_logps: chex.Array | None = None,
+    ref_kl_logps: chex.Array | None = None,
     beta=0.1,
     desirable_weight=1.0,
     undesirable_weight=1.0,
-    mask: Optional[chex.Array] = None,
-    kl_mask: Optional[chex.Array] = None,
+    mask: chex.Array | None = None,
+    kl_mask: chex.Array | None = None,
     axis_name=None,
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """Kahneman-Tversky Optimization (Ethayarajh et al. 2024), on unpaired labelled examples.
 
     Each row is one response ``y`` to a prompt ``x``, labelled desirable or undesirable, with
@@ -417,7 +411,7 @@ def kto_loss(
       examples are unpaired.
     """
     _check_rows([("logps", logps), ("ref_logps", ref_logps), ("desirable", desirable)])
-    logps_B, ref_logps_B = _as_float(logps, ref_logps)
+    logps_B, ref_logps_B = at_least_float32(logps, ref_logps)
     row_mask_B = _pair_mask(mask, logps_B)
     desirable_B = jnp.asarray(desirable).astype(bool)
     if (kl_logps is None) != (ref_kl_logps is None):
@@ -426,7 +420,7 @@ def kto_loss(
         z0 = jnp.zeros((), logps_B.dtype)
     else:
         _check_rows([("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)])
-        kl_B, ref_kl_B = _as_float(kl_logps, ref_kl_logps)
+        kl_B, ref_kl_B = at_least_float32(kl_logps, ref_kl_logps)
         kl_mask_K = _pair_mask(kl_mask, kl_B)
         z0 = sg(jnp.maximum(masked_mean(kl_B - ref_kl_B, kl_mask_K, axis_name=axis_name), 0.0))
     logratio_B = logps_B - sg(ref_logps_B)  # h

@@ -9,21 +9,29 @@ the whole, concatenated batch.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-Axis = Optional[Union[int, Sequence[int]]]
+Axis = int | Sequence[int] | None
 
 WHITEN_EPS = 1e-8
 
 
-def _compute_dtype(x: chex.Array):
-    """float32 for low-precision inputs, the input's dtype when wider (float64 under x64)."""
-    return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
+def compute_dtype(*arrays: chex.Array):
+    """The dtype core math runs in: float32 for low-precision (bf16, f16) or integer inputs, the
+    widest input dtype when it is wider (float64 under x64)."""
+    return jnp.result_type(jnp.float32, *(jnp.asarray(a).dtype for a in arrays))
+
+
+def at_least_float32(*arrays: chex.Array) -> tuple:
+    """``arrays`` cast to their common `compute_dtype`, so that ratios, squares and sums of bf16
+    inputs are computed in float32."""
+    dtype = compute_dtype(*arrays)
+    return tuple(jnp.asarray(a, dtype) for a in arrays)
 
 
 def _psum(x, axis_name):
@@ -33,7 +41,7 @@ def _psum(x, axis_name):
 def masked_sum(x: chex.Array, mask: chex.Array, axis: Axis = None, axis_name=None) -> jax.Array:
     """``sum(x * mask)`` over ``axis`` (all axes if None), and over devices if ``axis_name``."""
     chex.assert_equal_shape([x, mask])
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     mask = jnp.asarray(mask).astype(dtype)
     weighted_x = jnp.where(mask != 0, jnp.asarray(x, dtype), 0) * mask
     return _psum(jnp.sum(weighted_x, axis=axis), axis_name)
@@ -47,7 +55,7 @@ def masked_count(mask: chex.Array, axis: Axis = None, axis_name=None, dtype=jnp.
 def masked_mean(x: chex.Array, mask: chex.Array, axis: Axis = None, axis_name=None) -> jax.Array:
     """``sum(x * mask) / max(sum(mask), 1)`` over ``axis`` (and devices if ``axis_name``)."""
     chex.assert_equal_shape([x, mask])
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     total = masked_sum(x, mask, axis=axis, axis_name=axis_name)
     count = masked_count(mask, axis=axis, axis_name=axis_name, dtype=dtype)
     return total / jnp.maximum(count, 1)
@@ -61,7 +69,7 @@ def masked_var(x: chex.Array, mask: chex.Array, unbiased: bool = True, axis_name
     the variance is 0 anyway).
     """
     chex.assert_equal_shape([x, mask])
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     mean = masked_mean(x, mask, axis_name=axis_name)
     count = masked_count(mask, axis_name=axis_name, dtype=dtype)
     centered = jnp.asarray(x, dtype) - mean
@@ -79,7 +87,7 @@ def masked_whiten(x: chex.Array, mask: chex.Array, shift_mean: bool = True, axis
     mean is added back: ``(x - mu) / sqrt(var + 1e-8) + mu``. Masked positions are set to 0.
     """
     chex.assert_equal_shape([x, mask])
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     x = jnp.asarray(x, dtype)
     mean = masked_mean(x, mask, axis_name=axis_name)
     var = masked_var(x, mask, unbiased=True, axis_name=axis_name)
