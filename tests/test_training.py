@@ -455,23 +455,43 @@ def _expected_switch_scores(tokens, mask):
     return eos_B, scores, clipped, clipped / np.std(clipped, ddof=1)
 
 
-def test_ablation_switches_in_one_step(switch_runs):
-    tokens, mask = (np.asarray(x) for x in switch_runs["rollout"])
-    eos_B, penalised, clipped, expected_B = _expected_switch_scores(tokens, mask)
-    assert 0 < eos_B.sum() < len(eos_B)  # both kinds of rows are present
-    state, metrics = switch_runs["runs"]["accum2"]
-    _, metrics_beta0 = switch_runs["runs"]["beta0"]
+def _switch_scores(runs):
+    tokens, mask = np.asarray(runs["rollout"].tokens), np.asarray(runs["rollout"].mask)
+    return (*_expected_switch_scores(tokens, mask), mask)
 
-    # Missing-EOS penalty replaces the score of rows without EOS (whatever their raw score); clipping
-    # bounds the scores to [-1, 1]; "batch" normalisation divides by the batch std. Each changes it:
+
+def _check_missing_eos_penalty(runs):
+    """The penalty replaces the score of rows without EOS, whatever their raw score."""
+    eos_B, _, _, _, _ = _switch_scores(runs)
+    _, metrics = runs["runs"]["accum2"]
+    assert 0 < eos_B.sum() < len(eos_B)  # both kinds of rows are present
     assert np.any(SWITCH_RAW_SCORES[~eos_B] != SWITCHES.missing_eos_penalty)
-    assert np.any(np.abs(penalised) > SWITCHES.score_clip)
     assert float(metrics["eos_fraction"]) == pytest.approx(eos_B.mean())
-    assert float(metrics["score"]) == pytest.approx(SWITCH_RAW_SCORES.mean(), abs=1e-6)  # raw, logged as is
+
+
+def _check_score_clip(runs):
+    """Clipping bounds the (penalised) scores to [-1, 1]; the raw score is logged as is."""
+    _, penalised, _, expected_B, _ = _switch_scores(runs)
+    _, metrics = runs["runs"]["accum2"]
+    assert np.any(np.abs(penalised) > SWITCHES.score_clip)
+    assert float(metrics["score"]) == pytest.approx(SWITCH_RAW_SCORES.mean(), abs=1e-6)
     assert float(metrics["score_used"]) == pytest.approx(expected_B.mean(), abs=1e-5)
 
-    # kl_placement="loss": the step rewards are the score alone. The zero value head gives V = 0, so
-    # with gamma = lam = 1 every valid token's return is its row's score, for any beta ...
+
+def _check_score_norm(runs):
+    """"batch" normalisation divides the clipped scores by their batch std."""
+    _, _, clipped, expected_B, _ = _switch_scores(runs)
+    _, metrics = runs["runs"]["accum2"]
+    assert np.std(clipped, ddof=1) != pytest.approx(1.0)  # the division changes the scores
+    assert float(metrics["score_used"]) == pytest.approx(expected_B.mean(), abs=1e-5)
+
+
+def _check_kl_placement(runs):
+    """kl_placement="loss": the step rewards are the score alone. The zero value head gives V = 0, so
+    with gamma = gae_lambda = 1 every valid token's return is its row's score, for any beta ..."""
+    _, _, _, expected_B, mask = _switch_scores(runs)
+    _, metrics = runs["runs"]["accum2"]
+    _, metrics_beta0 = runs["runs"]["beta0"]
     lengths_B = mask.sum(1)
     expected_returns_mean = (expected_B * lengths_B).sum() / lengths_B.sum()
     assert float(metrics["value_mean"]) == 0.0
@@ -481,32 +501,71 @@ def test_ablation_switches_in_one_step(switch_runs):
     # beta * KL per token, far beyond the tolerance).
     assert float(metrics["kl_per_token"]) * SWITCH_BETA > 1e-3
     assert float(metrics["non_score_reward"]) == pytest.approx(-SWITCH_BETA * float(metrics["kl"]))
-    # ... and the KL term (k3 >= 0) is in the policy loss, with the entropy bonus:
-    # loss = pg_loss + vf_coef * vf_loss - entropy_coef * H + beta * KL.
+
+
+def _check_entropy_coef(runs):
+    """The KL term (k3 >= 0) is in the policy loss, with the entropy bonus:
+    loss = pg_loss + vf_coef * vf_loss - entropy_coef * H + beta * KL."""
+    _, metrics = runs["runs"]["accum2"]
+    _, metrics_beta0 = runs["runs"]["beta0"]
     for m, beta in ((metrics, SWITCH_BETA), (metrics_beta0, 0.0)):
         assert float(m["policy_kl"]) > 1e-3 and float(m["policy_entropy"]) > 0.1
         expected_loss = (m["pg_loss"] + SWITCHES.vf_coef * m["vf_loss"] - SWITCHES.entropy_coef * m["policy_entropy"]
                          + beta * m["policy_kl"])
         assert float(m["loss"]) == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-6)
-    # beta changes the update only through that term: the KL gradient reaches the policy.
-    beta0_state, _ = switch_runs["runs"]["beta0"]
+
+
+def _check_kl_coef(runs):
+    """beta changes the update only through the loss's KL term: its gradient reaches the policy."""
+    state, _ = runs["runs"]["accum2"]
+    beta0_state, _ = runs["runs"]["beta0"]
     assert _max_abs_diff(state.policy_params, beta0_state.policy_params) > 1e-4
 
-    # cliprange_value=None: no value clipping. shared_trunk: the critic is only a head, and it trains.
-    assert float(metrics["vf_clipfrac"]) == 0.0
-    assert set(state.value_params) == {"kernel", "bias"}
-    assert _max_abs_diff(state.value_params, switch_runs["state"].value_params) > 1e-4
 
-    # grad_accum_steps=2 (micro-batches of 2, weighted by their share of tokens / rows) gives the
-    # same gradients and update as one pass over the minibatch of 4.
-    accum1_state, accum1_metrics = switch_runs["runs"]["accum1"]
+def _check_value_clip_eps(runs):
+    """value_clip_eps=None: no value clipping."""
+    _, metrics = runs["runs"]["accum2"]
+    assert float(metrics["vf_clipfrac"]) == 0.0
+
+
+def _check_shared_trunk(runs):
+    """shared_trunk: the critic is only a head on the policy, and it trains."""
+    state, _ = runs["runs"]["accum2"]
+    assert set(state.value_params) == {"kernel", "bias"}
+    assert _max_abs_diff(state.value_params, runs["state"].value_params) > 1e-4
+
+
+def _check_grad_accum_steps(runs):
+    """grad_accum_steps=2 (micro-batches of 2, weighted by their share of tokens / rows) gives the
+    same gradients and update as one pass over the minibatch of 4."""
+    state, metrics = runs["runs"]["accum2"]
+    accum1_state, accum1_metrics = runs["runs"]["accum1"]
     for key in ("policy_grad_norm", "value_grad_norm", "loss", "pg_loss", "vf_loss", "policy_kl", "policy_entropy",
                 "approx_kl", "ratio_mean", "clipfrac"):
         assert float(metrics[key]) == pytest.approx(float(accum1_metrics[key]), rel=1e-4, abs=1e-6), key
-    moved = _max_abs_diff(state.policy_params, switch_runs["state"].policy_params)
+    moved = _max_abs_diff(state.policy_params, runs["state"].policy_params)
     assert moved > 1e-4
     assert _max_abs_diff(state.policy_params, accum1_state.policy_params) < 1e-6 + 1e-3 * moved
     assert _max_abs_diff(state.value_params, accum1_state.value_params) < 1e-6 + 1e-3 * moved
+
+
+# One case per switch of SWITCHES, all on the same step (the module-scoped fixture runs it once).
+SWITCH_CHECKS = {
+    "missing_eos_penalty": _check_missing_eos_penalty,
+    "score_clip": _check_score_clip,
+    "score_norm": _check_score_norm,
+    "kl_placement": _check_kl_placement,
+    "entropy_coef": _check_entropy_coef,
+    "kl_coef": _check_kl_coef,
+    "value_clip_eps": _check_value_clip_eps,
+    "shared_trunk": _check_shared_trunk,
+    "grad_accum_steps": _check_grad_accum_steps,
+}
+
+
+@pytest.mark.parametrize("switch", list(SWITCH_CHECKS))
+def test_ablation_switch_in_one_step(switch_runs, switch):
+    SWITCH_CHECKS[switch](switch_runs)
 
 
 def test_score_postprocessing_of_one_score_or_equal_scores_is_finite():
