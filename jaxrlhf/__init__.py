@@ -33,11 +33,16 @@ from jaxrlhf.core import (
 from jaxrlhf.models import (
     CheckpointError,
     LanguageModel,
+    LoraConfig,
+    LoraParams,
     ModelConfig,
     Pretrained,
     UnsupportedModelError,
     load_pretrained,
+    load_peft_adapter,
+    save_peft_adapter,
     save_pretrained,
+    with_lora,
 )
 # --- sampling ---
 from jaxrlhf.sampling import SampleOutput, Sampler, generate, make_sampler
@@ -56,3 +61,6 @@ from jaxrlhf.training import (
     TrainState,
     train,
 )
+# --- devices: meshes and shardings, backend tuning ---
+from jaxrlhf.sharding import make_mesh
+from jaxrlhf.tuning import Tuning

@@ -11,10 +11,22 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = ("gpt2",) + LLAMA_FAMILY
+
+# Hugging Face activation names (`hidden_act` / `activation_function`) -> the function, for every
+# model here (decoders and the BERT encoder). HF's "gelu" is the exact erf form; "gelu_new" and
+# "gelu_pytorch_tanh" are the tanh approximation.
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
 
 
 # `ModelConfig.remat` values: "full" rematerialises everything (jax.checkpoint's default); the
@@ -45,7 +57,7 @@ class ModelConfig:
     positions: str = "rope"  # "rope" | "learned"
     norm: str = "rmsnorm"  # "rmsnorm" | "layernorm"
     mlp: str = "gated"  # "gated" (SwiGLU: down(act(gate x) * up x)) | "plain" (proj(act(fc x)))
-    activation: str = "silu"  # "silu" | "gelu_new" | "gelu" | "relu"
+    activation: str = "silu"  # a key of ACTIVATIONS
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
@@ -69,6 +81,10 @@ class ModelConfig:
     # `REMAT_POLICIES`; None keeps every activation.
     scan_layers: bool = False
     remat: str | None = None
+    # LoRA adapters (`jaxrlhf.models.lora.LoraConfig`: rank, alpha, dropout, target projections),
+    # not part of the checkpoint either; None = none. The model is then called with
+    # `LoraParams(base, adapters)` (docs/models.md, "LoRA and QLoRA").
+    lora: Any = None
 
     def __post_init__(self):
         if self.remat is not None and self.remat not in REMAT_POLICIES:
@@ -177,7 +193,7 @@ class ModelConfig:
                 sliding_window=window,
                 **common,
             )
-        if cfg.activation not in ("silu", "gelu_new", "gelu", "gelu_pytorch_tanh", "relu"):
+        if cfg.activation not in ACTIVATIONS:
             raise UnsupportedModelError(f"activation {cfg.activation!r} is not supported")
         return cfg.replace(**overrides)
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.lora import LoraParams, model_variables
+from jaxrlhf.tuning import Tuning
 from jaxrlhf.models.transformer import (ModelOutput, Transformer, decoding_params, grow_cache, init_cache, init_params,
                                         stack_layers, unstack_layers)
 
@@ -22,34 +24,50 @@ _KEEP = object()  # `with_layers`: leave `remat` as it is
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModel:
-    """Pure functions of a decoder LM; `config` fully determines the computation."""
+    """Pure functions of a decoder LM; `config` fully determines the computation.
+
+    `tuning` (`jaxrlhf.tuning.Tuning`) holds speed-only choices of decoding that do not change the
+    numbers: by default the current backend's (`Tuning.for_backend()`, chosen once, when the model
+    is built). `make_sampler` and the PPO trainer pick the tuning for their own batch shape.
+    """
 
     config: ModelConfig
+    tuning: Tuning = dataclasses.field(default_factory=Tuning.for_backend)
 
     @property
     def module(self) -> Transformer:
-        return Transformer(self.config)
+        return Transformer(self.config, self.tuning)
 
     def apply(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
         """Logits `[B, L, V]` (float32) for a (left-padded) batch."""
         return self.forward(params, input_ids_BxL, attention_mask_BxL).logits
 
     def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None,
-                cache_size=None) -> ModelOutput:
+                cache_size=None, logits_positions: slice | None = None) -> ModelOutput:
         """Full output: logits, final hidden states and, in cache mode, the updated KV cache.
 
         With `cache_size` (and no `cache`) this is a prefill: the tokens attend to each other as
         without a cache, and the returned cache has `cache_size` slots, the first L holding them.
+        `logits_positions` (a static `slice` of the L positions) computes the output layer there
+        only: `logits` is then `[B, n, V]` for the slice's n positions (`slice(0, 0)`: none, for a
+        caller that needs `hidden` alone), while `hidden` keeps all L.
         """
-        return self.module.apply({"params": params}, input_ids, attention_mask, positions, cache, cache_index,
-                                 cache_size)
+        variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
+        return self.module.apply(variables, input_ids, attention_mask, positions, cache, cache_index,
+                                 cache_size, logits_positions, rngs=rngs)
+
+    def hidden_states(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
+        """Final (normalised) hidden states `[B, L, D]` without the output layer (e.g. a critic's trunk)."""
+        return self.forward(params, input_ids_BxL, attention_mask_BxL, logits_positions=slice(0, 0)).hidden
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return init_cache(self.config, batch, max_len, dtype)
 
     def decoding_params(self, params):
         """`params` prepared for a decoding loop (see `transformer.decoding_params`)."""
-        return decoding_params(self.config, params)
+        if isinstance(params, LoraParams):  # the base gets the copy; adapters stay as they are
+            return params._replace(base=self.decoding_params(params.base))
+        return decoding_params(self.config, params, self.tuning)
 
     def grow_cache(self, cache, max_len: int):
         return grow_cache(cache, max_len)
@@ -71,7 +89,11 @@ class LanguageModel:
             changes["scan_layers"] = bool(scan_layers)
         if remat is not _KEEP:
             changes["remat"] = remat
-        return LanguageModel(self.config.replace(**changes))
+        return LanguageModel(self.config.replace(**changes), self.tuning)
+
+    def with_tuning(self, tuning: Tuning) -> "LanguageModel":
+        """The same model decoding with `tuning` (same parameters, same numbers)."""
+        return dataclasses.replace(self, tuning=tuning)
 
     def cast_params(self, params, dtype):
         """Casts floating-point parameters to `dtype` (e.g. bfloat16 storage)."""

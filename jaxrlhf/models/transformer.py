@@ -30,14 +30,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.models.config import ModelConfig
+from jaxrlhf.models.config import ACTIVATIONS, ModelConfig
+from jaxrlhf.models.lora import LoraDense
+from jaxrlhf.tuning import Tuning
 
 Array = jax.Array
 _MASKED = -1e30  # finite, so a row with no visible key gives a uniform softmax, not NaN
 
 
 class ModelOutput(NamedTuple):
-    logits: Array  # [B, L, V] float32
+    logits: Array  # [B, L, V] float32 ([B, n, V] at the n positions of a `logits_positions` slice)
     hidden: Array  # [B, L, D] final (normalised) hidden states, for value heads
     cache: Any  # tuple of per-layer {"k", "v"} buffers (scanned: one stacked dict), or None
 
@@ -77,16 +79,6 @@ def positions_from_mask(attention_mask: Array) -> Array:
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _activation(name: str):
-    return {
-        "silu": jax.nn.silu,
-        "relu": jax.nn.relu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    }[name]
-
-
 class Norm(nn.Module):
     """RMSNorm `x / sqrt(mean(x^2) + eps) * scale` or LayerNorm, computed in float32."""
 
@@ -110,12 +102,14 @@ class Norm(nn.Module):
 
 
 def _dense(features, use_bias, cfg: ModelConfig, name, std=0.02):
-    return nn.Dense(
+    # `nn.Dense` plus a quantised kernel and LoRA adapters when given (`jaxrlhf.models.lora`).
+    return LoraDense(
         features,
         use_bias=use_bias,
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nn.initializers.normal(std),
+        lora=cfg.lora,
         name=name,
     )
 
@@ -133,6 +127,7 @@ def apply_rope(x_BxLxHxE: Array, positions_BxL: Array, inv_freq: np.ndarray) -> 
 
 class Attention(nn.Module):
     config: ModelConfig
+    tuning: Tuning = Tuning()
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index, cache_size=None,
@@ -175,7 +170,7 @@ class Attention(nn.Module):
 
         # Grouped-query attention without repeating K/V: split H into K groups of G.
         G = H // K
-        if L == 1 and G > 1 and _per_head_decode_attention():
+        if L == 1 and G > 1 and self.tuning.decode_attention == "per_head":  # see `jaxrlhf.tuning`
             out = jnp.stack([_attend(q[:, :, g::G], k, v, allowed_BxLxS) for g in range(G)], axis=3)
         else:
             out = _attend(q.reshape(B, L, K, G, E), k, v, allowed_BxLxS)
@@ -197,24 +192,13 @@ def _attend(q_BxLxKxGxE: Array, k_BxKxSxE: Array, v_BxKxSxE: Array, allowed_BxLx
     return out if grouped else out[..., 0, :]
 
 
-def _per_head_decode_attention() -> bool:
-    """Whether a single decode query attends one query head of each group at a time.
-
-    XLA:CPU runs the batched `[G, E] x [E, S]` products of grouped-query decoding far slower than
-    G batched matrix-vector products (Llama-shaped, G = 3: 3.2 -> 1.8 ms per layer at batch 64,
-    +13 % tokens/s), even though those read the cache G times. Accelerators are bandwidth-bound
-    there, so they keep one grouped product that reads the cache once.
-    """
-    return jax.default_backend() == "cpu"
-
-
 class MLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        act = _activation(cfg.activation)
+        act = ACTIVATIONS[cfg.activation]
         if cfg.mlp == "gated":
             gate = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "gate")(x)
             up = _dense(cfg.intermediate_size, cfg.mlp_bias, cfg, "up")(x)
@@ -229,6 +213,7 @@ class Block(nn.Module):
 
     config: ModelConfig
     cache_size: int | None = None
+    tuning: Tuning = Tuning()
 
     @nn.compact
     def __call__(self, x, positions, allowed, layer_cache, cache_index, layer_index=None):
@@ -236,7 +221,7 @@ class Block(nn.Module):
         stacked `[layers, B, K, S, E]` ones of a scanned model (updated at that layer)."""
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
-        attn_out, new_cache = Attention(cfg, name="attn")(
+        attn_out, new_cache = Attention(cfg, self.tuning, name="attn")(
             Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x), positions, allowed, layer_cache, cache_index,
             self.cache_size, layer_index)
         x = x + attn_out
@@ -245,6 +230,10 @@ class Block(nn.Module):
 
 
 SCANNED_LAYERS = "layers"  # params key of the stacked blocks of a scanned model
+# Scanned over the layer axis: the parameters and the LoRA adapters (leaves [num_layers, ...]);
+# each layer draws its own adapter-dropout mask.
+_SCANNED_COLLECTIONS = {"params": 0, "lora": 0}
+_SCANNED_RNGS = {"params": True, "lora_dropout": True}
 
 
 def _remat_policy(name: str):
@@ -261,13 +250,19 @@ def block_class(config: ModelConfig, scanned: bool = False):
 
 
 class Transformer(nn.Module):
-    """Decoder-only LM. See the module docstring for the cache protocol."""
+    """Decoder-only LM. See the module docstring for the cache protocol; `tuning` holds the
+    backend's speed-only choices (`jaxrlhf.tuning`), none of which changes the result."""
 
     config: ModelConfig
+    tuning: Tuning = Tuning()
 
     @nn.compact
     def __call__(self, input_ids_BxL, attention_mask, positions_BxL=None, cache=None, cache_index=None,
-                 cache_size=None):
+                 cache_size=None, logits_positions=None):
+        """`logits_positions`: a static `slice` of the L positions at which to apply the output
+        layer (None: all). The `[B, L, V]` head matmul is often most of a short model's forward;
+        a trainer that scores only the response needs it at those positions alone. `hidden` is
+        returned at all L positions either way."""
         cfg = self.config
         B, L = input_ids_BxL.shape
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -298,11 +293,11 @@ class Transformer(nn.Module):
         if cfg.scan_layers and cache is None:
             # One block body scanned over `params["layers"]` (leaves [num_layers, ...]); the hidden
             # state is the carry, and a prefill's fresh per-layer caches stack up as the outputs.
-            scanned = nn.scan(block_class(cfg, scanned=True), variable_axes={"params": 0},
-                              split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+            scanned = nn.scan(block_class(cfg, scanned=True), variable_axes=_SCANNED_COLLECTIONS,
+                              split_rngs=_SCANNED_RNGS, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
                               length=cfg.num_layers)
-            x, new_cache = scanned(cfg, cache_size, name=SCANNED_LAYERS)(x, positions_BxL, allowed_BxLxS, cache,
-                                                                         cache_index)
+            x, new_cache = scanned(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)(
+                x, positions_BxL, allowed_BxLxS, cache, cache_index)
         elif cfg.scan_layers:
             # Decoding: the whole stacked cache rides in the carry and each layer updates its new
             # slots in place (scanning over it as inputs/outputs would copy it every step).
@@ -311,9 +306,9 @@ class Transformer(nn.Module):
                 h, stacked = block(h, positions, allowed, stacked, index, layer_index)
                 return (h, stacked), None
 
-            scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+            scanned = nn.scan(body, variable_axes=_SCANNED_COLLECTIONS, split_rngs=_SCANNED_RNGS,
                               in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
-            block = block_class(cfg, scanned=True)(cfg, cache_size, name=SCANNED_LAYERS)
+            block = block_class(cfg, scanned=True)(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)
             (x, new_cache), _ = scanned(block, (x, cache), jnp.arange(cfg.num_layers), positions_BxL,
                                         allowed_BxLxS, cache_index)
         else:
@@ -321,38 +316,38 @@ class Transformer(nn.Module):
             new_cache = []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else cache[i]
-                x, layer_new_cache = block(cfg, cache_size, name=f"layer_{i}")(x, positions_BxL, allowed_BxLxS,
-                                                                               layer_cache, cache_index)
+                x, layer_new_cache = block(cfg, cache_size, self.tuning, name=f"layer_{i}")(
+                    x, positions_BxL, allowed_BxLxS, layer_cache, cache_index)
                 new_cache.append(layer_new_cache)
             new_cache = tuple(new_cache)
         hidden = Norm(cfg.norm, cfg.norm_eps, pdt, name="final_norm")(x)
+        head_input = hidden if logits_positions is None else hidden[:, logits_positions]
 
         # Logits in float32 whatever the compute dtype: log-probs and the PPO ratio need them exact.
         if cfg.tie_word_embeddings and not self.has_variable("params", DECODE_HEAD):
             head_VxD = embed.embedding
-            logits = jnp.einsum("bld,vd->blv", hidden, head_VxD.astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("bld,vd->blv", head_input, head_VxD.astype(dtype), preferred_element_type=jnp.float32)
         else:
             if cfg.tie_word_embeddings:  # the embedding's [D, V] copy made by `decoding_params`
                 head_DxV = self.get_variable("params", DECODE_HEAD)
             else:
                 head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
-            logits = jnp.einsum("bld,dv->blv", hidden, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+            logits = jnp.einsum("bld,dv->blv", head_input, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
         return ModelOutput(logits, hidden, None if cache is None and cache_size is None else new_cache)
 
 
 DECODE_HEAD = "decode_head"
 
 
-def decoding_params(config: ModelConfig, params: dict) -> dict:
-    """Parameters for a decoding loop: on CPU, a tied output layer gets a `[D, V]` copy.
+def decoding_params(config: ModelConfig, params: dict, tuning: Tuning = Tuning()) -> dict:
+    """Parameters for a decoding loop: with `tuning.decode_head == "transposed"` a tied output
+    layer gets a `[D, V]` copy of the `[V, D]` embedding table.
 
-    XLA:CPU multiplies a few rows by a `[D, V]` matrix 1.2-2.4x faster than by the `[V, D]`
-    embedding table it is tied to (GPT-2 124M, batch 16: 26 vs 63 ms per step for the output
-    layer), so `generate` makes this transposed copy once per call, outside its loop. Elsewhere
-    (or untied) the parameters are returned as they are: accelerators read either layout at the
-    same speed and the copy would cost a vocabulary-sized buffer.
+    `generate` makes this copy once per call, outside its loop (XLA:CPU multiplies a few rows by
+    the `[D, V]` layout 1.2-2.4x faster, see `jaxrlhf.tuning`). Otherwise (or untied) the
+    parameters are returned as they are.
     """
-    if not config.tie_word_embeddings or jax.default_backend() != "cpu" or DECODE_HEAD in params:
+    if not config.tie_word_embeddings or tuning.decode_head != "transposed" or DECODE_HEAD in params:
         return params
     return {**params, DECODE_HEAD: jnp.transpose(params["embed"]["embedding"])}
 

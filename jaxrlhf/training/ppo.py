@@ -34,9 +34,13 @@ from jax.sharding import Mesh
 
 from jaxrlhf.core.kl_control import KLControllerState, adaptive_kl_controller, fixed_kl_controller
 from jaxrlhf.models.lm import LanguageModel
+from jaxrlhf.models.lora import LoraParams, init_lora, is_quantized
+from jaxrlhf.models.lora import base_params as lora_base_params
 from jaxrlhf.models.value import ValueModel, init_value_head
-from jaxrlhf.training import parallel
+from jaxrlhf.sharding import (batch_sharding, batch_size_divisor, check_threefry_partitionable, global_array,
+                              make_mesh, opt_state_shardings, param_shardings, replicated)
 from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.tuning import Tuning, model_width, resolve_tuning
 from jaxrlhf.core.groups import select_groups_with_signal
 from jaxrlhf.training.experience import (Models, PromptBatch, Rollout, greedy_rollout, make_experience,
                                          overlong_penalty, rollout)
@@ -64,12 +68,19 @@ class PPO:
       critic: the critic's `ValueModel`; None builds one with the policy's architecture (or, with
         ``config.shared_trunk``, uses a value head on the policy's trunk). A critic-free
         ``config.advantage_estimator`` (anything but "gae") has no critic: pass None.
-      mesh: a device mesh with a ``"data"`` axis (and optionally ``"fsdp"``); None = one device.
+      mesh: a device mesh with a ``"data"`` axis (and optionally ``"fsdp"``), e.g. from
+        `jaxrlhf.sharding.make_mesh`; None = one device.
+      tuning: the speed-only choices of sampling (`jaxrlhf.tuning`): ``"auto"`` picks
+        `Tuning.for_backend` for the rollout's rows per device and the policy's width; a `Tuning`
+        is used as given; None is `Tuning()`. The policy decodes with it (``self.policy``), and
+        the jitted programs that sample (the fused step and the rollout) compile with its XLA
+        options.
     """
 
     def __init__(self, config: PPOConfig, policy: LanguageModel, reward: Any,
-                 critic: Optional[ValueModel] = None, mesh: Optional[Mesh] = None):
-        parallel.check_threefry_partitionable()
+                 critic: Optional[ValueModel] = None, mesh: Optional[Mesh] = None,
+                 tuning: Tuning | str | None = "auto"):
+        check_threefry_partitionable()
         if config.shared_trunk and critic is not None:
             raise ValueError("config.shared_trunk=True uses a value head on the policy; pass critic=None")
         if not config.uses_critic and critic is not None:
@@ -81,16 +92,29 @@ class PPO:
                              "a JAX reward function or a RewardModel, not a TextReward")
         self.config = config
         self.policy = policy
+        # LoRA (`policy.config.lora`): the state trains the adapters only; the frozen base is the
+        # reference (`frozen.ref_params`) and the policy is `LoraParams(base, adapters)`.
+        self.lora = policy.config.lora
+        if self.lora is not None and self.lora.dropout > 0:
+            raise ValueError(f"LoRA dropout ({self.lora.dropout}) would make the update's log-probs differ from the "
+                             "rollout's at the same parameters (a PPO ratio != 1 from noise alone): use dropout=0 "
+                             "for PPO")
         self.reward = reward
         self.has_critic = config.uses_critic
         self.critic = None if (config.shared_trunk or not self.has_critic) else (critic or ValueModel(policy.config))
-        self.mesh = parallel.data_mesh(jax.devices()[:1]) if mesh is None else mesh
-        divisor = parallel.batch_size_divisor(self.mesh)
+        self.mesh = make_mesh(devices=jax.devices()[:1]) if mesh is None else mesh
+        divisor = batch_size_divisor(self.mesh)
         micro = config.minibatch_size // config.grad_accum_steps
         if micro % divisor:
             raise ValueError(
                 f"the micro-batch size minibatch_size / grad_accum_steps = {micro} must be a multiple of "
                 f"the number of data-parallel devices ({divisor}) so every device gets whole rows")
+        # Chosen once for the rollout's shape: the policy decodes with it, the sampling programs
+        # compile with its options.
+        self.tuning = resolve_tuning(tuning, rows_per_device=max(1, config.rollout_size // divisor),
+                                     width=model_width(policy))
+        if hasattr(policy, "with_tuning"):
+            policy = self.policy = policy.with_tuning(self.tuning)
         self.models = Models(policy, self.critic, has_value=self.has_critic)
         self.policy_optimizer = make_optimizer(config, "policy")
         self.value_optimizer = make_optimizer(config, "value") if self.has_critic else None
@@ -99,11 +123,12 @@ class PPO:
         self._state_shardings = jax.tree.map(lambda s: s.sharding, self._abstract_state)
 
         # The jitted entry points, built once (compiled on first use per input shapes/shardings).
-        rep, batch_sh = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
+        rep, batch_sh = replicated(self.mesh), batch_sharding(self.mesh)
         step_shardings = (self._state_shardings, rep)  # metrics: replicated scalars
-        self._jit_fused = jax.jit(self.fused_step, out_shardings=step_shardings)
-        self._jit_fused_donated = jax.jit(self.fused_step, out_shardings=step_shardings, donate_argnums=0)
-        self._jit_rollout = jax.jit(self.rollout, out_shardings=Rollout(batch_sh, batch_sh))
+        sampling_jit = self.tuning.jit  # the programs that sample get the tuning's compiler options
+        self._jit_fused = sampling_jit(self.fused_step, out_shardings=step_shardings)
+        self._jit_fused_donated = sampling_jit(self.fused_step, out_shardings=step_shardings, donate_argnums=0)
+        self._jit_rollout = sampling_jit(self.rollout, out_shardings=Rollout(batch_sh, batch_sh, batch_sh))
         self._jit_update = jax.jit(self.update, out_shardings=step_shardings)
         self._jit_init = jax.jit(self._init_from_seed, out_shardings=self._state_shardings)
 
@@ -120,7 +145,11 @@ class PPO:
     def _init_state(self, policy_params, value_params, seed_key, numbers) -> TrainState:
         """The initial state from parameters, a PRNG key and ``numbers`` (`initial_numbers`).
 
-        Without a critic ``value_params`` and ``value_opt_state`` are empty dicts: no leaves."""
+        Without a critic ``value_params`` and ``value_opt_state`` are empty dicts: no leaves. With
+        LoRA, ``policy_params`` is the base (fresh adapters are drawn from ``seed_key``) or
+        `LoraParams` (its adapters are used); the state holds the adapters only."""
+        if self.lora is not None:
+            policy_params = self._initial_adapters(policy_params, seed_key)
         if self.has_critic:
             value_opt_state = init_optimizer_state(self.value_optimizer, value_params, numbers["value_optimizer"])
         else:
@@ -131,17 +160,35 @@ class PPO:
             value_params=value_params,
             policy_opt_state=init_optimizer_state(self.policy_optimizer, policy_params, numbers["policy_optimizer"]),
             value_opt_state=value_opt_state,
-            kl_ctl=KLControllerState(kl_coef=numbers["init_kl_coef"]),
+            kl_ctl=KLControllerState(kl_coef=numbers["kl_coef"]),
             score_stats=ScoreStats.zeros(),
             hparams=numbers["hparams"],
             key=seed_key,
         )
+
+    def _initial_adapters(self, policy_params, seed_key):
+        """LoRA: the adapters of `LoraParams`, or fresh ones (`B = 0`) for base parameters."""
+        if isinstance(policy_params, LoraParams):
+            return policy_params.adapters
+        return init_lora(self.lora, policy_params, jax.random.fold_in(seed_key, 2))
+
+    def policy_params(self, state: TrainState, frozen: FrozenParams):
+        """What the policy is called with: the state's parameters, or with LoRA
+        `LoraParams(frozen base, state's adapters)`."""
+        if self.lora is None:
+            return state.policy_params
+        return LoraParams(frozen.ref_params, state.policy_params)
 
     def default_value_params(self, policy_params, key):
         """Critic parameters when none are given: a zero value head on a copy of the policy's
         trunk (separate critic) or on the policy itself (shared trunk); ``{}`` without a critic."""
         if not self.has_critic:
             return {}
+        policy_params = lora_base_params(policy_params)
+        if not self.config.shared_trunk and is_quantized(policy_params):
+            raise ValueError("a separate critic trains a full copy of the policy's trunk, which cannot be a "
+                             "quantised (QLoRA) base: pass value_params (a float critic), or use shared_trunk=True "
+                             "or a critic-free advantage_estimator")
         if self.config.shared_trunk:
             return init_value_head(key, self.policy.config.hidden_size)
         if self.critic.config != self.policy.config:
@@ -181,29 +228,29 @@ class PPO:
         """The reference policy (and reward model) parameters, placed on the mesh."""
         if isinstance(self.reward, RewardModel) and reward_params is None:
             raise ValueError("a RewardModel reward needs reward_params")
-        frozen = FrozenParams(ref_params, reward_params)
+        frozen = FrozenParams(lora_base_params(ref_params), reward_params)  # LoRA: the base alone
         return jax.device_put(frozen, self.frozen_shardings(frozen))
 
     def frozen_shardings(self, frozen: FrozenParams) -> FrozenParams:
         reward_shardings = None
         if frozen.reward_params is not None:
-            reward_shardings = parallel.param_shardings(frozen.reward_params, self.mesh)
-        return FrozenParams(parallel.param_shardings(frozen.ref_params, self.mesh), reward_shardings)
+            reward_shardings = param_shardings(frozen.reward_params, self.mesh)
+        return FrozenParams(param_shardings(frozen.ref_params, self.mesh), reward_shardings)
 
     def prompt_batch(self, prompt_ids, prompt_mask) -> PromptBatch:
         """Host prompt arrays ``[batch_size / num_generations, P]`` (the global batch of distinct
         prompts, on every process) -> `PromptBatch` on the mesh (split over the batch shards when
         they divide it, else replicated: the step repeats each prompt G times, then splits)."""
         prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
-        if prompt_ids.shape[0] % parallel.batch_size_divisor(self.mesh) == 0:
-            sharding = parallel.batch_sharding(self.mesh)
+        if prompt_ids.shape[0] % batch_size_divisor(self.mesh) == 0:
+            sharding = batch_sharding(self.mesh)
         else:
-            sharding = parallel.replicated(self.mesh)
-        return PromptBatch(parallel.global_array(prompt_ids, sharding), parallel.global_array(prompt_mask, sharding))
+            sharding = replicated(self.mesh)
+        return PromptBatch(global_array(prompt_ids, sharding), global_array(prompt_mask, sharding))
 
     def kl_controller(self, hparams: HyperParams):
         """The KL controller's update with the state's target and horizon (its initial beta is
-        ``init_kl_coef``, written by `init_state`)."""
+        ``kl_coef``, written by `init_state`)."""
         if self.config.adaptive_kl:
             return adaptive_kl_controller(0.0, hparams.target_kl, hparams.kl_horizon)
         return fixed_kl_controller(0.0)
@@ -211,7 +258,7 @@ class PPO:
     # ------------------------------------------------------------------ the step (pure, traceable)
 
     def _constrain_batch(self, x, batch_dim: int = 0):
-        return jax.lax.with_sharding_constraint(x, parallel.batch_sharding(self.mesh, batch_dim))
+        return jax.lax.with_sharding_constraint(x, batch_sharding(self.mesh, batch_dim))
 
     def _check_batch(self, batch: PromptBatch):
         rows, width = batch.ids.shape
@@ -239,20 +286,26 @@ class PPO:
             return batch
         return PromptBatch(*(self._constrain_batch(jnp.repeat(x, G, axis=0)) for x in batch))
 
-    def rollout(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Rollout:
+    def rollout(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch,
+                stop_axis_name: Optional[str] = None) -> Rollout:
         """Sample the responses of one iteration (pure; `rollout_step` is its jitted form): ``[B, N]``,
-        G consecutive rows per prompt of ``batch``, each row with its own random draws."""
-        del frozen
+        G consecutive rows per prompt of ``batch``, each row with its own random draws.
+        ``stop_axis_name``: a sweep's vmapped run axis (its runs stop decoding together; same samples)."""
         self._check_batch(batch)
         rollout_key, _, _ = self._keys(state)
-        out = rollout(self.config, self.policy, state.policy_params, self.repeat_prompts(batch), rollout_key,
-                      state.hparams)
-        return Rollout(self._constrain_batch(out.tokens), self._constrain_batch(out.mask))
+        out = rollout(self.config, self.policy, self.policy_params(state, frozen), self.repeat_prompts(batch),
+                      rollout_key, state.hparams, stop_axis_name=stop_axis_name)
+        return Rollout(*(self._constrain_batch(x) for x in out))
 
-    def greedy_rollout(self, state: TrainState, batch: PromptBatch) -> Rollout:
-        """One greedy (temperature 0) response per distinct prompt, ``[B / G, N]`` (ReMax)."""
+    def greedy_rollout(self, state: TrainState, batch: PromptBatch, stop_axis_name: Optional[str] = None,
+                       frozen: Optional[FrozenParams] = None) -> Rollout:
+        """One greedy (temperature 0) response per distinct prompt, ``[B / G, N]`` (ReMax).
+        ``frozen`` is needed with LoRA (the base)."""
         self._check_batch(batch)
-        return greedy_rollout(self.config, self.policy, state.policy_params, batch)
+        if self.lora is not None and frozen is None:
+            raise ValueError("with LoRA the policy needs its frozen base: pass frozen")
+        return greedy_rollout(self.config, self.policy, self.policy_params(state, frozen), batch,
+                              stop_axis_name=stop_axis_name)
 
     def update(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout,
                raw_scores_B, greedy: Optional[Tuple[Rollout, Any]] = None) -> Tuple[TrainState, Metrics]:
@@ -271,7 +324,7 @@ class PPO:
             batch, rollout_out, raw_scores_B, selection = self._keep_groups_with_signal(
                 batch, rollout_out, raw_scores_B, hp)
         experience, score_stats, exp_stats = make_experience(
-            config, self.models, state.policy_params, state.value_params, frozen.ref_params,
+            config, self.models, self.policy_params(state, frozen), state.value_params, frozen.ref_params,
             self.repeat_prompts(batch), rollout_out, raw_scores_B, kl_coef, state.score_stats, hp, greedy=greedy)
         if selection is not None:
             exp_stats.update(selection)
@@ -281,7 +334,8 @@ class PPO:
                                      self._constrain_batch)
         params = {"policy": state.policy_params, "value": state.value_params}
         opt_states = {"policy": state.policy_opt_state, "value": state.value_opt_state}
-        params, opt_states, update_stats = ppo_update(params, opt_states, experience, kl_coef, hp, update_key)
+        params, opt_states, update_stats = ppo_update(params, opt_states, experience, kl_coef, hp, update_key,
+                                                      policy_base=None if self.lora is None else frozen.ref_params)
 
         kl_ctl = self.kl_controller(hp).update(state.kl_ctl, exp_stats["kl"], config.batch_size)
         new_state = state.replace(
@@ -322,7 +376,9 @@ class PPO:
         sel = select_groups_with_signal(shaped_B, G, config.batch_size // G)
         kept_batch = PromptBatch(*(x[sel.group_indices_K] for x in batch))
         mask = rollout_out.mask[sel.row_indices_R] * sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
-        kept_rollout = Rollout(self._constrain_batch(rollout_out.tokens[sel.row_indices_R]), self._constrain_batch(mask))
+        kept_logprobs = None if rollout_out.logprobs is None else rollout_out.logprobs[sel.row_indices_R]
+        kept_rollout = Rollout(*(None if x is None else self._constrain_batch(x)
+                                 for x in (rollout_out.tokens[sel.row_indices_R], mask, kept_logprobs)))
         stats = {
             "score": jnp.mean(raw_scores_B),
             "score_std": jnp.std(raw_scores_B),
@@ -332,17 +388,19 @@ class PPO:
         }
         return kept_batch, kept_rollout, self._constrain_batch(raw_scores_B[sel.row_indices_R]), stats
 
-    def fused_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Tuple[TrainState, Metrics]:
-        """Rollout, scoring in the jit and update: one whole iteration (pure; see `train_step`)."""
+    def fused_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch,
+                   stop_axis_name: Optional[str] = None) -> Tuple[TrainState, Metrics]:
+        """Rollout, scoring in the jit and update: one whole iteration (pure; see `train_step`).
+        ``stop_axis_name``: see `rollout`."""
         if self.uses_host_reward:
             raise TypeError("a TextReward is scored on the host: use rollout_step, then update_step")
-        rollout_out = self.rollout(state, frozen, batch)
+        rollout_out = self.rollout(state, frozen, batch, stop_axis_name)
         prompts = self.repeat_prompts(batch)
         raw_scores_B = score_in_jit(self.reward, frozen.reward_params, prompts.ids, prompts.mask,
                                     rollout_out.tokens, rollout_out.mask)
         greedy = None
         if self.config.greedy_rollout:
-            greedy_out = self.greedy_rollout(state, batch)
+            greedy_out = self.greedy_rollout(state, batch, stop_axis_name, frozen=frozen)
             greedy_scores_P = score_in_jit(self.reward, frozen.reward_params, batch.ids, batch.mask,
                                            greedy_out.tokens, greedy_out.mask)
             greedy = (greedy_out, greedy_scores_P)
@@ -361,7 +419,7 @@ class PPO:
     def update_step(self, state, frozen, batch, rollout_out: Rollout, raw_scores_B) -> Tuple[TrainState, Metrics]:
         """Second half of the split step: experience + PPO update from host-computed scores (jitted)."""
         raw_scores_B = check_scores(np.asarray(raw_scores_B, np.float32), self.config.rollout_size, "text reward")
-        raw_scores_B = parallel.global_array(np.asarray(raw_scores_B), parallel.batch_sharding(self.mesh))
+        raw_scores_B = global_array(np.asarray(raw_scores_B), batch_sharding(self.mesh))
         return self._jit_update(state, frozen, batch, rollout_out, raw_scores_B)
 
     def bind(self, frozen: FrozenParams, donate: bool = False) -> Callable[[TrainState, PromptBatch], Tuple[TrainState, Metrics]]:
@@ -404,22 +462,22 @@ class PPO:
 
     def _shardings_for(self, shapes: TrainState) -> TrainState:
         mesh = self.mesh
-        rep = parallel.replicated(mesh)
-        policy_sh = parallel.param_shardings(shapes.policy_params, mesh)
+        rep = replicated(mesh)
+        policy_sh = param_shardings(shapes.policy_params, mesh)
         if not self.has_critic:
             value_sh = {}
         elif self.config.shared_trunk:
             value_sh = jax.tree.map(lambda _: rep, shapes.value_params)
         else:
-            value_sh = {"trunk": parallel.param_shardings(shapes.value_params["trunk"], mesh),
+            value_sh = {"trunk": param_shardings(shapes.value_params["trunk"], mesh),
                         "head": jax.tree.map(lambda _: rep, shapes.value_params["head"])}
         everything_replicated = jax.tree.map(lambda _: rep, shapes)
         return everything_replicated.replace(
             policy_params=policy_sh,
             value_params=value_sh,
-            policy_opt_state=parallel.opt_state_shardings(self.policy_optimizer, shapes.policy_opt_state,
+            policy_opt_state=opt_state_shardings(self.policy_optimizer, shapes.policy_opt_state,
                                                           policy_sh, mesh),
             value_opt_state=({} if not self.has_critic else
-                             parallel.opt_state_shardings(self.value_optimizer, shapes.value_opt_state,
+                             opt_state_shardings(self.value_optimizer, shapes.value_opt_state,
                                                           value_sh, mesh)),
         )

@@ -12,7 +12,8 @@
 - resumes from the latest checkpoint in ``out_dir`` when there is one (after checking that it was
   written with a compatible config); the prompt order is a function of (seed, step), so a resumed
   run sees the same batches as an uninterrupted one;
-- exports the policy with `save_pretrained` to ``out_dir/policy`` at the end.
+- exports the policy with `save_pretrained` to ``out_dir/policy`` at the end (a LoRA policy: its
+  adapters, as a PEFT adapter directory).
 
 `train_sweep` does the same for R runs in one jitted step (`jaxrlhf.training.sweep`): one
 checkpoint of the whole sweep, ``run_<i>/`` with each run's metrics, TensorBoard events and final
@@ -39,11 +40,11 @@ import jax
 import numpy as np
 
 from jaxrlhf.metrics_log import MetricsLogger, logger_options
-from jaxrlhf.models.hf_io import save_pretrained
+from jaxrlhf.models.peft_io import export_policy
 from jaxrlhf.models.lm import LanguageModel, Pretrained
 from jaxrlhf.models.value import ValueModel
 from jaxrlhf.sampling import check_prompts, model_limits
-from jaxrlhf.training import parallel
+from jaxrlhf.sharding import to_host
 from jaxrlhf.training.checkpoint import Checkpointer, prompts_fingerprint
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.ppo import PPO, PromptTooLongError
@@ -164,7 +165,7 @@ def host_scores_and_metrics(reward: TextReward, tokenizer, batch_ids, batch_mask
     tokenizer = reward.tokenizer or tokenizer
     if tokenizer is None:
         raise ValueError("a TextReward needs a tokenizer (TextReward(fn, tokenizer) or the policy's)")
-    response_ids, response_mask = parallel.to_host((rollout.tokens, rollout.mask))
+    response_ids, response_mask = to_host((rollout.tokens, rollout.mask))
     group = len(response_ids) // max(len(batch_ids), 1)
     if group > 1:  # num_generations: the batch holds distinct prompts, the rollout G responses to each
         batch_ids, batch_mask = np.repeat(np.asarray(batch_ids), group, 0), np.repeat(np.asarray(batch_mask), group, 0)
@@ -394,6 +395,12 @@ def _start_and_end(state_step: int, config: PPOConfig, num_steps: Optional[int])
     return state_step, max(end, state_step)
 
 
+def _check_lora_reference(policy_model, ref_params) -> None:
+    """A LoRA policy's frozen base is also its reference: there is no room for another one."""
+    if getattr(policy_model.config, "lora", None) is not None and ref_params is not None:
+        raise ValueError("a LoRA policy's reference is its frozen base (adapters off): pass no ref_params")
+
+
 def train(
     policy: Union[Pretrained, Tuple[LanguageModel, Any]],
     reward,
@@ -436,7 +443,8 @@ def train(
       tokenizer: overrides the policy's tokenizer (text prompts, TextReward, export).
       mesh: device mesh with axis ``"data"`` (and optionally ``"fsdp"``); None = one device.
       num_steps: run at most this many steps in this call (default: until ``total_steps``).
-      export: write the final policy with `save_pretrained` to ``out_dir/policy``.
+      export: write the final policy with `save_pretrained` to ``out_dir/policy`` (with LoRA: the
+        adapters as a PEFT adapter directory, `jaxrlhf.models.peft_io.export_policy`).
       progress: show the progress bar.
       on_step: called as ``on_step(step, metrics, state)`` after each committed step.
       evaluate: called as ``evaluate(step, state) -> {name: scalar}`` every ``eval_every`` steps
@@ -485,6 +493,7 @@ def train(
         state = initial_state
     else:
         state = ppo.init_state(policy_params, value_params, config=config)
+    _check_lora_reference(policy_model, ref_params)
     frozen = ppo.frozen_params(policy_params if ref_params is None else ref_params, reward_params)
 
     start, end = _start_and_end(int(state.step), config, num_steps)
@@ -503,9 +512,9 @@ def train(
     policy_dir = None
     if export:
         policy_dir = os.path.join(out_dir, "policy")
-        host_params = parallel.to_host(state.policy_params)
+        host_params = to_host(state.policy_params)
         if is_main:
-            save_pretrained(policy_dir, policy_model, host_params, tokenizer)
+            export_policy(policy_dir, policy_model, host_params, tokenizer)
     return TrainResult(state, ppo, frozen, histories[0], out_dir, policy_dir)
 
 
@@ -532,7 +541,7 @@ def train_sweep(
     fallback_to_intact: bool = False,
     allow_different_prompts: bool = False,
 ) -> SweepResult:
-    """Train R runs (``runs``: per-run overrides, e.g. ``grid(seed=[0, 1, 2], init_kl_coef=[0, 0.1])``)
+    """Train R runs (``runs``: per-run overrides, e.g. ``grid(seed=[0, 1, 2], kl_coef=[0, 0.1])``)
     as one program; arguments as in `train`, except:
 
     - ``runs`` are checked (unknown or static fields, wrong types, changed structure) before
@@ -560,6 +569,7 @@ def train_sweep(
                                 allow_different_prompts=allow_different_prompts)
     latest = checkpointer.latest_step()
     state = checkpointer.restore(latest) if latest is not None else sweep.init_state(policy_params, value_params)
+    _check_lora_reference(policy_model, ref_params)
     frozen = sweep.frozen_params(policy_params if ref_params is None else ref_params, reward_params)
 
     start, end = _start_and_end(int(state.step), config, num_steps)
@@ -598,9 +608,9 @@ def train_sweep(
         policy_dir = None
         if export:
             policy_dir = os.path.join(out_dir, f"run_{r}", "policy")
-            host_params = parallel.to_host(jax.tree.map(lambda x: x[r], state.runs.policy_params))
+            host_params = to_host(jax.tree.map(lambda x: x[r], state.runs.policy_params))
             if is_main:
-                save_pretrained(policy_dir, policy_model, host_params, tokenizer)
+                export_policy(policy_dir, policy_model, host_params, tokenizer)
         policy_dirs.append(policy_dir)
     if is_main:
         with open(os.path.join(out_dir, "sweep_summary.json"), "w") as f:

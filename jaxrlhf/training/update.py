@@ -31,6 +31,7 @@ from jax import lax
 from jaxrlhf.core.kl import kl_estimate
 from jaxrlhf.core.losses import aggregate_loss, entropy_loss, gspo_policy_loss, ppo_policy_loss, ppo_value_loss
 from jaxrlhf.core.stats import masked_count
+from jaxrlhf.models.lora import LoraParams
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.experience import Experience, Models, policy_and_values
 from jaxrlhf.training.hparams import HyperParams, uses_entropy
@@ -54,7 +55,7 @@ def _normaliser(mask, agg: str):
 
 
 def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams, config: PPOConfig,
-                   models: Models, policy_weight, value_weight):
+                   models: Models, policy_weight, value_weight, policy_base=None):
     """Weighted PPO loss of a (micro-)batch; ``params = {"policy": ..., "value": ...}``.
 
     Numbers (clip ranges, coefficients, temperature) come from ``hparams``; ``config`` gives the
@@ -65,18 +66,20 @@ def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams
     """
     exp, hp = experience, hparams
     with_entropy = uses_entropy(config)
+    # LoRA: ``params["policy"]`` are the adapters (differentiated), ``policy_base`` the frozen base.
+    policy_params = params["policy"] if policy_base is None else LoraParams(policy_base, params["policy"])
     logprobs, values, entropy = policy_and_values(
-        models, params["policy"], params["value"], exp.prompt_ids, exp.prompt_mask,
+        models, policy_params, params["value"], exp.prompt_ids, exp.prompt_mask,
         exp.response_ids, exp.response_mask, hp.temperature, with_entropy=with_entropy)
     mask = exp.response_mask
     if config.policy_loss == "ppo":
         dual_clip = None if config.dual_clip is None else hp.dual_clip
         pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
-                                            hp.cliprange, hp.cliprange_high, config.loss_agg, dual_clip=dual_clip)
+                                            hp.clip_eps, hp.clip_eps_high, config.loss_agg, dual_clip=dual_clip)
     else:
         variant = "seq" if config.policy_loss == "gspo" else "token"
         pg_loss, pg_stats = gspo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
-                                             hp.cliprange, hp.cliprange_high, variant, config.loss_agg)
+                                             hp.clip_eps, hp.clip_eps_high, variant, config.loss_agg)
         pg_stats = {**pg_stats, "ratio_mean": pg_stats["seq_ratio_mean"]}
     sg = jax.lax.stop_gradient
     policy_loss = pg_loss
@@ -102,7 +105,7 @@ def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams
     if "dual_clipfrac" in pg_stats:
         stats["dual_clipfrac"] = token_weight * pg_stats["dual_clipfrac"]
     if models.has_value:
-        value_clip = None if config.cliprange_value is None else hp.cliprange_value
+        value_clip = None if config.value_clip_eps is None else hp.value_clip_eps
         vf_loss, vf_stats = ppo_value_loss(values, exp.old_values, exp.returns, mask, value_clip)
         loss = loss + value_weight * hp.vf_coef * vf_loss
         stats["vf_loss"] = token_weight * vf_stats["vf_loss"]
@@ -122,7 +125,8 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
 
     ``params = {"policy", "value"}``, ``opt_states = {"policy", "value"}``. ``constrain(x, batch_dim)``
     pins the batch axis of (re-arranged) experience arrays to the data-parallel sharding under GSPMD
-    (None: no constraint).
+    (None: no constraint). With LoRA, ``params["policy"]`` holds the adapters and ``policy_base``
+    (a keyword of ``ppo_update``) the frozen base they are applied to.
     """
     if constrain is None:
         constrain = _no_constraint
@@ -130,10 +134,10 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
     micro_size = mb_size // accum
     grad_fn = jax.grad(minibatch_loss, has_aux=True)
 
-    def minibatch_grads(params, minibatch: Experience, kl_coef, hparams):
+    def minibatch_grads(params, minibatch: Experience, kl_coef, hparams, policy_base):
         if accum == 1:
             one = jnp.ones((), jnp.float32)
-            return grad_fn(params, minibatch, kl_coef, hparams, config, models, one, one)
+            return grad_fn(params, minibatch, kl_coef, hparams, config, models, one, one, policy_base)
         # [mb, ...] -> [accum, micro, ...]; micro-batch i weighted by its share of the normaliser.
         micro = jax.tree.map(lambda x: constrain(x.reshape(accum, micro_size, *x.shape[1:]), 1), minibatch)
         token_total = jnp.maximum(_normaliser(minibatch.response_mask, "token-mean"), 1.0)
@@ -142,16 +146,17 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
         def accumulate(grads_sum, micro_batch):
             token_w = _normaliser(micro_batch.response_mask, "token-mean") / token_total
             policy_w = _normaliser(micro_batch.response_mask, config.loss_agg) / policy_total
-            grads, stats = grad_fn(params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w)
+            grads, stats = grad_fn(params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w,
+                                   policy_base)
             return jax.tree.map(jnp.add, grads_sum, grads), stats
 
         zeros = jax.tree.map(jnp.zeros_like, params)
         grads, stats = lax.scan(accumulate, zeros, micro)
         return grads, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
 
-    def minibatch_step(carry, minibatch: Experience, kl_coef, hparams):
+    def minibatch_step(carry, minibatch: Experience, kl_coef, hparams, policy_base):
         params, opt_states = carry
-        grads, stats = minibatch_grads(params, minibatch, kl_coef, hparams)
+        grads, stats = minibatch_grads(params, minibatch, kl_coef, hparams, policy_base)
         stats["policy_grad_norm"] = optax.tree.norm(grads["policy"])
         new_params, new_opt_states = dict(params), dict(opt_states)
         trained = [("policy", policy_opt)]
@@ -163,14 +168,14 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
             new_params[name] = optax.apply_updates(params[name], updates)
         return (new_params, new_opt_states), stats
 
-    def ppo_update(params, opt_states, experience: Experience, kl_coef, hparams: HyperParams, key):
+    def ppo_update(params, opt_states, experience: Experience, kl_coef, hparams: HyperParams, key, policy_base=None):
         batch = experience.response_ids.shape[0]
 
         def epoch(carry, epoch_key):
             perm = jax.random.permutation(epoch_key, batch)
             shuffled = jax.tree.map(lambda x: constrain(x[perm].reshape(num_mb, mb_size, *x.shape[1:]), 1),
                                     experience)
-            return lax.scan(lambda c, mb: minibatch_step(c, mb, kl_coef, hparams), carry, shuffled)
+            return lax.scan(lambda c, mb: minibatch_step(c, mb, kl_coef, hparams, policy_base), carry, shuffled)
 
         (params, opt_states), stats = lax.scan(epoch, (params, opt_states),
                                                jax.random.split(key, config.ppo_epochs))
