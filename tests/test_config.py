@@ -319,6 +319,8 @@ DOCUMENTED_COMMAND_LINES = [
     ("gridworld", "--gamma_study 0.5 0.9 0.99 1.0 --out_dir runs/gridworld_gammas",
      {"gamma_study": (0.5, 0.9, 0.99, 1.0), "out_dir": "runs/gridworld_gammas"}),
     ("gridworld", "--slip_prob 0.1 --out_dir runs/gridworld_slippery", {"slip_prob": 0.1}),
+    ("gridworld", "--grid ...FD .#... .F... ...F. S.... --gamma_study 0.9 --step_cost 0",
+     {"grid": ("...FD", ".#...", ".F...", "...F.", "S...."), "gamma_study": (0.9,), "step_cost": 0.0}),
     ("randomwalks_sft", "--num_steps 2000 --out_dir runs/rw_sft_long", {"num_steps": 2000}),
     ("randomwalks_ppo", "--seeds 0 1 2", {"seeds": (0, 1, 2)}),
     ("randomwalks_ppo", "--no-run_sft_if_missing --ppo.no_shared_trunk --ppo.lr_schedule cosine",
