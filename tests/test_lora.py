@@ -93,6 +93,9 @@ def test_adapters_merge_scan_and_dropout():
     assert _max_diff(model.apply(merged, ids, mask), adapted) < 1e-4  # float32 rounding of logits ~5
     # Scanned layers: stacked base and stacked adapters, same logits.
     scanned = with_lora(model.with_layers(scan_layers=True), model.config.lora)
+    stacked = scanned.layout_params(LoraParams(base, adapters))
+    assert stacked.adapters["layers"]["attn"]["q"]["lora_A"].shape == (2, 32, LORA.rank)
+    assert _max_diff(scanned.apply(stacked, ids, mask), adapted) < 1e-4
     assert _max_diff(scanned.apply(LoraParams(stack_layers(base), stack_layers(adapters)), ids, mask), adapted) < 1e-4
     # Dropout on the adapters' input only with a key; same key, same mask.
     dropped = with_lora(LanguageModel(CONFIGS["qwen2"]), LORA.replace(dropout=0.5))

@@ -78,7 +78,10 @@ class LanguageModel:
     def layout_params(self, params):
         """`params` in this model's layer layout: stacked (`params["layers"]`, leaves
         `[num_layers, ...]`) when `config.scan_layers`, else per layer (`layer_0`, ...). Either
-        layout is accepted (see `transformer.stack_layers` / `unstack_layers`)."""
+        layout is accepted (see `transformer.stack_layers` / `unstack_layers`); `LoraParams` get
+        both their base and their adapters converted."""
+        if isinstance(params, LoraParams):
+            return params._replace(base=self.layout_params(params.base), adapters=self.layout_params(params.adapters))
         return stack_layers(params) if self.config.scan_layers else unstack_layers(params)
 
     def with_layers(self, scan_layers: bool | None = None, remat: Any = _KEEP) -> "LanguageModel":

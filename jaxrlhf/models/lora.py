@@ -254,8 +254,7 @@ def adapter_paths(adapters) -> list[tuple[str, ...]]:
 def merge_lora(lora: LoraConfig, params, adapters) -> dict:
     """Full parameters with each adapter folded in: `W' = W + (alpha / r) A B` (quantised kernels
     are dequantised first, so the result is a plain float model, e.g. for `save_pretrained`)."""
-    merged = dequantize_params(params)
-    merged = jax.tree.map(lambda x: x, merged)  # a fresh tree to write into
+    merged = dequantize_params(params)  # new dicts all the way down: written into below
     for path in adapter_paths(adapters):
         node = _get(merged, path)
         ad = _get(adapters, path)
