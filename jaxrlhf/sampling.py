@@ -27,7 +27,7 @@ Sampling one token from logits `l` (a `[V]` vector per row), with temperature `T
 
 - `T == 0`: greedy, `argmax_v l_v`.
 - otherwise `z = l / T`, then optionally
-  - **top-k** (`top_k = k > 0`): keep the k largest `z_v`, set the others to `-inf`;
+  - **top-k** (`top_k = k`, an integer >= 1; None = off): keep the k largest `z_v`, set the others to `-inf`;
   - **top-p** (nucleus, `top_p = p < 1`): with `q = softmax(z)` sorted in decreasing order
     `q_(1) >= q_(2) >= ...`, keep the smallest prefix `{(1), ..., (m)}` whose mass
     `q_(1) + ... + q_(m) >= p`, i.e. keep token `(j)` iff the mass strictly before it,
@@ -60,7 +60,10 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
+
+from jaxrlhf.sharding import batch_sharding, batch_size_divisor, replicated
+from jaxrlhf.tuning import Tuning, model_width, resolve_tuning
 
 Array = jax.Array
 
@@ -77,13 +80,13 @@ class SampleOutput(NamedTuple):
 # Filtering and drawing one token
 
 
-def top_k_filter(logits: Array, k: int) -> Array:
-    """Keeps the `k` largest logits of the last axis, sets the rest to `-inf` (k <= 0: no-op).
+def top_k_filter(logits: Array, k: int | None) -> Array:
+    """Keeps the `k` largest logits of the last axis, sets the rest to `-inf` (k None: no-op).
 
     Ties with the k-th largest value are all kept. Uses `lax.top_k` (a partial selection), not a
     full sort over the vocabulary.
     """
-    if k <= 0 or k >= logits.shape[-1]:
+    if k is None or k >= logits.shape[-1]:
         return logits
     kth_largest = jax.lax.top_k(logits, k)[0][..., -1:]
     return jnp.where(logits >= kth_largest, logits, -jnp.inf)
@@ -158,7 +161,7 @@ def inverse_cdf_sample(weights: Array, uniform: Array) -> Array:
     return block * _CDF_BLOCK + _inverse_cdf_small(chosen_block, target - mass_before_block)
 
 
-def sample_from_uniform(logits: Array, uniform: Array, temperature=1.0, top_k: int = 0, top_p=1.0
+def sample_from_uniform(logits: Array, uniform: Array, temperature=1.0, top_k: int | None = None, top_p=1.0
                         ) -> tuple[Array, Array]:
     """`sample_token` with the randomness given as one uniform number in [0, 1) per row.
 
@@ -179,7 +182,7 @@ def sample_from_uniform(logits: Array, uniform: Array, temperature=1.0, top_k: i
         scaled = logits / jnp.where(traced_zero, 1.0, temperature)
 
     filter_top_p = not (isinstance(top_p, (int, float)) and top_p >= 1.0)
-    if 0 < top_k < logits.shape[-1]:
+    if top_k is not None and top_k < logits.shape[-1]:
         # Only the k largest survive: draw among them (already sorted, so top-p needs no sort).
         top_logits, top_indices = jax.lax.top_k(scaled, top_k)
         if filter_top_p:
@@ -202,7 +205,8 @@ def _chosen_logprob(scaled_logits: Array, tokens: Array) -> Array:
     return chosen - jax.nn.logsumexp(scaled_logits, axis=-1)
 
 
-def sample_token(logits: Array, key: Array, temperature=1.0, top_k: int = 0, top_p=1.0) -> tuple[Array, Array]:
+def sample_token(logits: Array, key: Array, temperature=1.0, top_k: int | None = None, top_p=1.0
+                 ) -> tuple[Array, Array]:
     """Draws one token per row from `[B, V]` logits; returns `(tokens [B] int32, logprobs [B] f32)`.
 
     `logprobs` is `log softmax(logits / T)` at the chosen token, before top-k/top-p filtering
@@ -214,7 +218,9 @@ def sample_token(logits: Array, key: Array, temperature=1.0, top_k: int = 0, top
     return sample_from_uniform(logits, uniform, temperature, top_k, top_p)
 
 
-def _eos_tuple(eos_token_id) -> tuple[int, ...]:
+def eos_tuple(eos_token_id) -> tuple[int, ...]:
+    """Every way an EOS is given (None, one id, a tuple or list of ids) as a tuple of ids; None
+    gives ``()`` (no EOS: responses run to ``max_new_tokens``)."""
     if eos_token_id is None:
         return ()
     if isinstance(eos_token_id, (list, tuple, np.ndarray)):
@@ -222,15 +228,25 @@ def _eos_tuple(eos_token_id) -> tuple[int, ...]:
     return (_as_index(eos_token_id, "eos_token_id"),)
 
 
-def _is_eos(tokens: Array, eos_ids: tuple[int, ...]) -> Array:
+def is_eos(tokens: Array, eos_token_id) -> Array:
+    """``tokens`` (any shape) equal to one of the EOS ids (`eos_tuple`), as bools."""
     hit = jnp.zeros(tokens.shape, bool)
-    for eos in eos_ids:
+    for eos in eos_tuple(eos_token_id):
         hit |= tokens == eos
     return hit
 
 
 # ----------------------------------------------------------------------------------------------
 # Argument checks: on shapes, dtypes and concrete values, at the Python boundary before tracing
+
+
+def _any_alive(done: Array, axis_name: str | None) -> Array:
+    """Whether some row is still decoding: ``any_b ~done[b]``, also over the members of the vmapped
+    axis ``axis_name`` when given (an unbatched scalar there: see `generate`'s stop_axis_name)."""
+    alive = ~jnp.all(done)
+    if axis_name is None:
+        return alive
+    return jax.lax.psum(alive.astype(jnp.int32), axis_name) > 0
 
 
 def _concrete(value) -> np.ndarray | None:
@@ -278,7 +294,7 @@ def model_limits(model) -> tuple[int | None, int | None]:
     return read("vocab_size"), read("max_position_embeddings")
 
 
-def check_sampling_options(*, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None,
+def check_sampling_options(*, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, eos_token_id=None,
                            pad_token_id=0, vocab_size: int | None = None, where: str = "generate"
                            ) -> tuple[int, tuple[int, ...]]:
     """Validates the sampling arguments of `generate`; returns `(max_new_tokens, eos_ids)`.
@@ -288,7 +304,7 @@ def check_sampling_options(*, max_new_tokens, temperature=1.0, top_k=0, top_p=1.
     - `max_new_tokens`: an integer >= 1.
     - `temperature`: a finite number >= 0 (0 = greedy). Checked when concrete (Python, NumPy or a
       concrete jax scalar); a traced temperature is not checked (see `generate`).
-    - `top_k`: an integer >= 0; 0 = off, and k >= vocabulary size keeps every token (also off).
+    - `top_k`: None (off) or an integer >= 1; k >= vocabulary size keeps every token.
     - `top_p`: a number in (0, 1]; 1 = off. Checked when concrete.
     - `eos_token_id`: None, an integer or a sequence of integers, each in [0, vocab_size).
     - `pad_token_id`: an integer in [0, vocab_size) (it is fed back to the model after EOS).
@@ -301,13 +317,14 @@ def check_sampling_options(*, max_new_tokens, temperature=1.0, top_k=0, top_p=1.
     t = _concrete_scalar(temperature, "temperature", where)
     if t is not None and not (math.isfinite(t) and t >= 0):
         raise ValueError(f"{where}: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    k = _as_index(top_k, f"{where}: top_k")
-    if k < 0:
-        raise ValueError(f"{where}: top_k must be >= 0 (0 = off), got {k}")
+    if top_k is not None:
+        k = _as_index(top_k, f"{where}: top_k")
+        if k < 1:
+            raise ValueError(f"{where}: top_k must be None (off) or >= 1, got {k}")
     p = _concrete_scalar(top_p, "top_p", where)
     if p is not None and not (0.0 < p <= 1.0):
         raise ValueError(f"{where}: top_p must be in (0, 1] (1 = off), got {top_p!r}")
-    eos_ids = _eos_tuple(eos_token_id)
+    eos_ids = eos_tuple(eos_token_id)
     upper = f"{vocab_size}" if vocab_size is not None else "inf"
     for eos in eos_ids:
         if eos < 0 or (vocab_size is not None and eos >= vocab_size):
@@ -441,11 +458,12 @@ def generate(
     *,
     max_new_tokens: int,
     temperature=1.0,
-    top_k: int = 0,
+    top_k: int | None = None,
     top_p=1.0,
     eos_token_id=None,
     pad_token_id: int = 0,
     cache_segments: int | None = None,
+    stop_axis_name: str | None = None,
 ) -> SampleOutput:
     """Samples `max_new_tokens` tokens after each (left-padded) prompt; traceable and jit-safe.
 
@@ -464,12 +482,21 @@ def generate(
         `max_b sum(prompt_mask[b]) + N <= config.max_position_embeddings`.
       temperature: T, a finite number >= 0; 0 means greedy (may be traced; a Python 0 compiles
         a greedy-only loop).
-      top_k: keep the k most likely tokens, an integer >= 0 (static; 0 = off, as is k >= V).
+      top_k: keep the k most likely tokens, an integer >= 1 (static; None = off; k >= V keeps all).
       top_p: nucleus mass in (0, 1] (may be traced; 1 = off, and a Python 1.0 compiles no sort).
       eos_token_id: an int, a tuple of ints, or None (static); each in [0, vocab_size).
       pad_token_id: written after the first EOS (static), in [0, vocab_size).
       cache_segments: number of decode loops with growing caches (static; None: see
         `segment_ends`). Changes only speed and compile time, not the samples' distribution.
+      stop_axis_name: the name of a `jax.vmap` axis this call runs under (a sweep's runs), or
+        None. The loop's early stop then waits until every row of every member of that axis is
+        done: `any_over_axis(any_b ~done[b])`, a reduction over the named axis. Under `vmap` a
+        per-member stop is a batched predicate, which JAX lowers by running the loop until all
+        members stop anyway while selecting, in every step, each carry (the whole KV cache
+        included) between its old and new value; naming the axis keeps that trip count with an
+        unbatched predicate and no selects. Rows that are done only write `pad_token_id`, log-prob
+        0 and mask 0, so tokens, log-probs and mask are identical either way. Outside a `vmap`
+        (or `shard_map`) binding that name, tracing fails with an unbound axis name.
 
     Argument checks. Everything above is validated before tracing (`check_sampling_options`,
     `check_prompts`), so the decoding loop pays nothing; a violation raises ValueError naming the
@@ -552,7 +579,7 @@ def generate(
             step=step + 1,
             last_tokens=tokens,
             cache=out.cache,
-            done=state.done | _is_eos(tokens, eos_ids),
+            done=state.done | is_eos(tokens, eos_ids),
             tokens=put(state.tokens, tokens),
             logprobs=put(state.logprobs, jnp.where(valid, logprobs, 0.0)),
             mask=put(state.mask, valid.astype(jnp.int32)),
@@ -564,7 +591,7 @@ def generate(
             state = state._replace(cache=model.grow_cache(state.cache, num_segment_slots))
         segment_mask = slot_mask[:, :num_segment_slots]
         state = jax.lax.while_loop(
-            lambda s, end=end: (s.step < end) & ~jnp.all(s.done),
+            lambda s, end=end: (s.step < end) & _any_alive(s.done, stop_axis_name),
             lambda s, segment_mask=segment_mask: decode_step(s, segment_mask),
             state)
     return SampleOutput(state.tokens, state.logprobs, state.mask)
@@ -572,17 +599,6 @@ def generate(
 
 # ----------------------------------------------------------------------------------------------
 # A standalone jitted sampler with prompt-length buckets
-
-
-def cpu_compiler_options() -> dict:
-    """XLA:CPU options for decoding (pass to `jax.jit(..., compiler_options=...)`).
-
-    Decoding multiplies a few rows by every weight matrix. XLA:CPU's YNNPACK dot fusions are
-    slower than its default (Eigen) kernels for such skinny products: about 1.4x on
-    `[16, 768] x [768, 3072]`, the same on `[128, 144] x [144, 576]` (measured on a 2-core
-    AMD EPYC with jax 0.10), so `Sampler` turns them off on CPU.
-    """
-    return {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 DEFAULT_PROMPT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -613,12 +629,16 @@ class Sampler:
     """`generate` compiled once per (batch, prompt bucket): call it as `sampler(params, ids, mask, key)`.
 
     Prompts are left-padded on the host up to the next length in `prompt_buckets`, so a new prompt
-    length reuses the compiled program of its bucket. With a `mesh`, the batch is sharded over
-    `batch_axis` (data parallel; parameters keep their own sharding, replicated if unsharded) and
-    the outputs come back sharded the same way. `trace_count` counts how often `generate` was
-    traced (compiled), for tests. `compiler_options="auto"` uses `cpu_compiler_options()` on the
-    CPU backend (falling back to none if this XLA build rejects them); pass a dict or None to
-    choose.
+    length reuses the compiled program of its bucket. With a `mesh`, the batch is split over its
+    batch axes (`jaxrlhf.sharding.batch_sharding`: data parallel; parameters keep their own
+    sharding, replicated if unsharded) and the outputs come back sharded the same way.
+    `trace_count` counts how often `generate` was traced (compiled), for tests.
+
+    `tuning` (`jaxrlhf.tuning`): `"auto"` (default) compiles each batch size with
+    `Tuning.for_backend` for its rows per device and the model's width, i.e. the backend's fast
+    path, model-level choices and XLA compiler options included; a `Tuning` is used for every
+    call; None is `Tuning()` (portable, no compiler options). The model decodes with that tuning
+    (`model.with_tuning`), whatever its own.
 
     The sampling arguments are checked once here, and every call's prompts on the host before
     padding (as in `generate`: ids in [0, vocab_size), 0/1 masks without empty rows, left padding,
@@ -626,51 +646,47 @@ class Sampler:
     device time and the jitted program has none.
     """
 
-    def __init__(self, model, *, max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p=1.0,
+    def __init__(self, model, *, max_new_tokens: int, temperature=1.0, top_k: int | None = None, top_p=1.0,
                  eos_token_id=None, pad_token_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-                 mesh: Mesh | None = None, batch_axis: str | tuple[str, ...] = "data",
-                 compiler_options: dict | None | str = "auto", cache_segments: int | None = None):
+                 mesh: Mesh | None = None, tuning: Tuning | str | None = "auto", cache_segments: int | None = None):
         self.vocab_size, self.max_positions = model_limits(model)
         self.max_new_tokens, _ = check_sampling_options(
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=self.vocab_size, where="Sampler")
+        if not (tuning is None or tuning == "auto" or isinstance(tuning, Tuning)):
+            raise ValueError(f"Sampler: tuning must be a Tuning, 'auto' or None, got {tuning!r}")
         self.model = model
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.pad_token_id = pad_token_id
         self.mesh = mesh
+        self.tuning = tuning
         self.trace_count = 0
-        options = dict(max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, cache_segments=cache_segments)
-
-        def run(params, prompt_ids, prompt_mask, key):
-            self.trace_count += 1
-            return generate(model, params, prompt_ids, prompt_mask, key, **options)
-
+        self._options = dict(max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, cache_segments=cache_segments)
         # No donation: the only per-call inputs are the small prompt arrays, and no output has their
         # shape, so XLA could not reuse them (the cache is created inside and updated in place).
-        jit_kwargs: dict = {}
+        self._jit_kwargs: dict = {}
         if mesh is not None:
-            batch_sharding = NamedSharding(mesh, PartitionSpec(batch_axis))
-            replicated = NamedSharding(mesh, PartitionSpec())
-            self._input_sharding = batch_sharding
-            self._replicated = replicated
-            jit_kwargs.update(out_shardings=SampleOutput(batch_sharding, batch_sharding, batch_sharding))
-        if compiler_options == "auto":
-            compiler_options = cpu_compiler_options() if jax.default_backend() == "cpu" else None
-        self._jit_kwargs = jit_kwargs
-        self._run_fn = run
-        self._run = jax.jit(run, compiler_options=compiler_options, **jit_kwargs)
-        self._fallback_ready = bool(compiler_options)
+            self._input_sharding = batch_sharding(mesh)
+            self._replicated = replicated(mesh)
+            self._jit_kwargs.update(out_shardings=SampleOutput(*(self._input_sharding,) * 3))
+        self._programs: dict[Tuning, Any] = {}  # one jitted `generate` per tuning (jit caches the shapes)
 
-    def _call_jitted(self, *args):
-        try:
-            return self._run(*args)
-        except Exception as error:  # an XLA build that does not know one of the tuning options
-            if not (self._fallback_ready and "xla_cpu" in str(error)):
-                raise
-            self._fallback_ready = False
-            self._run = jax.jit(self._run_fn, **self._jit_kwargs)
-            return self._run(*args)
+    def tuning_for(self, batch: int) -> Tuning:
+        """The `Tuning` a call with `batch` prompt rows compiles with."""
+        rows_per_device = batch // (1 if self.mesh is None else batch_size_divisor(self.mesh))
+        return resolve_tuning(self.tuning, rows_per_device=rows_per_device, width=model_width(self.model))
+
+    def _program(self, tuning: Tuning):
+        if tuning not in self._programs:
+            model = self.model.with_tuning(tuning) if hasattr(self.model, "with_tuning") else self.model
+
+            def run(params, prompt_ids, prompt_mask, key):
+                self.trace_count += 1
+                return generate(model, params, prompt_ids, prompt_mask, key, **self._options)
+
+            self._programs[tuning] = tuning.jit(run, **self._jit_kwargs)
+        return self._programs[tuning]
 
     def __call__(self, params, prompt_ids, prompt_mask, key) -> SampleOutput:
         # The prompts are concrete here (inside the jitted program generate sees them traced).
@@ -684,7 +700,7 @@ class Sampler:
             key = jax.device_put(key, self._replicated)
         else:
             prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
-        return self._call_jitted(params, prompt_ids, prompt_mask, key)
+        return self._program(self.tuning_for(prompt_ids.shape[0]))(params, prompt_ids, prompt_mask, key)
 
 
 def make_sampler(model, **kwargs) -> Sampler:

@@ -177,7 +177,7 @@ def test_value_model_on_scanned_trunk(reference):
 
 
 def test_sharding_specs_get_a_leading_none(reference):
-    from jaxrlhf.models.sharding import make_mesh, param_partition_specs, shard_params
+    from jaxrlhf.sharding import make_mesh, param_partition_specs, shard_params
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")

@@ -1,15 +1,28 @@
-"""Parameter sharding rules on an 8-device CPU mesh (data=2, fsdp=4)."""
+"""`jaxrlhf.sharding`: meshes, the batch sharding and parameter rules on 8 simulated CPU devices."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from jaxrlhf.models import LanguageModel, ModelConfig
-from jaxrlhf.models.sharding import (DEFAULT_RULES, FSDP, LARGEST, REPLICATE, batch_sharding, make_mesh,
-                                     param_partition_specs, shard_params, spec_for)
+from jaxrlhf.sharding import (
+    DEFAULT_RULES,
+    FSDP,
+    LARGEST,
+    REPLICATE,
+    batch_sharding,
+    batch_size_divisor,
+    make_mesh,
+    param_partition_specs,
+    param_shardings,
+    path_str,
+    shard_params,
+    spec_for,
+)
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
@@ -35,10 +48,53 @@ def test_make_mesh_axes():
     mesh = make_mesh(data=2, fsdp=4)
     assert mesh.axis_names == ("data", "fsdp") and dict(mesh.shape) == {"data": 2, "fsdp": 4}
     assert mesh.axis_types == (AxisType.Auto, AxisType.Auto)
-    assert dict(make_mesh(data=2).shape) == {"data": 2, "fsdp": 4}
-    assert dict(make_mesh().shape) == {"data": 1, "fsdp": 8}
+    assert dict(make_mesh().shape) == {"data": 8, "fsdp": 1}  # plain data parallelism
+    assert dict(make_mesh(data=2, fsdp=-1).shape) == {"data": 2, "fsdp": 4}
+    assert dict(make_mesh(fsdp=8, data=-1).shape) == {"data": 1, "fsdp": 8}
+    one = make_mesh(devices=jax.devices()[:1])
+    assert dict(one.shape) == {"data": 1, "fsdp": 1} and batch_size_divisor(one) == 1
     with pytest.raises(ValueError, match="devices"):
         make_mesh(data=3, fsdp=2)
+    with pytest.raises(ValueError, match="at most one"):
+        make_mesh(data=-1, fsdp=-1)
+
+
+def test_make_mesh_runs_axis():
+    mesh = make_mesh(runs=4, data=2)
+    assert mesh.axis_names == ("runs", "data", "fsdp") and dict(mesh.shape) == {"runs": 4, "data": 2, "fsdp": 1}
+    assert mesh.axis_types == (AxisType.Auto,) * 3
+    assert dict(make_mesh(runs=-1, data=2).shape) == {"runs": 4, "data": 2, "fsdp": 1}
+    assert dict(make_mesh(runs=3, data=1, devices=jax.devices()[:3]).shape)["runs"] == 3
+    with pytest.raises(ValueError, match=r"devices=jax.devices\(\)\[:n\]"):
+        make_mesh(runs=3, data=1)
+    # The batch is split over data and fsdp, never over runs.
+    assert batch_size_divisor(mesh) == 2
+
+
+def test_batch_sharding():
+    mesh = make_mesh(data=2, fsdp=4)
+    assert batch_sharding(mesh).spec == P(("data", "fsdp"))
+    assert batch_sharding(mesh, batch_dim=1).spec == P(None, ("data", "fsdp"))
+    x = jax.device_put(np.arange(16 * 3).reshape(16, 3), batch_sharding(mesh))
+    assert {s.data.shape for s in x.addressable_shards} == {(2, 3)}
+    # A hand-built 1-D mesh: the axes it has.
+    data_only = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    assert batch_sharding(data_only).spec == P(("data",)) and batch_size_divisor(data_only) == 8
+    with pytest.raises(ValueError, match="batch axes"):
+        batch_sharding(jax.make_mesh((8,), ("batch",), axis_types=(AxisType.Auto,)))
+
+
+def test_param_shardings_replicate_without_fsdp(setup):
+    _, params, _ = setup
+    for mesh in (make_mesh(), jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))):
+        shardings = param_shardings(params, mesh)
+        assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
+
+
+def test_path_str():
+    tree = {"layer_0": {"attn": {"q": {"kernel": 0}}}, "blocks": [1, {"bias": 2}]}
+    paths = [path_str(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    assert paths == ["blocks/0", "blocks/1/bias", "layer_0/attn/q/kernel"]
 
 
 def test_default_specs(setup):
@@ -82,7 +138,7 @@ def test_non_dividing_rule_falls_back_to_replication(setup):
 
 
 def test_custom_axis_name():
-    mesh = make_mesh(data=2, fsdp=4, fsdp_axis="model")
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
     params = jax.eval_shape(LanguageModel(CFG).init_params, jax.random.key(0))  # shapes are enough
     specs = _flat(param_partition_specs(params, fsdp_axis="model", mesh=mesh))
     assert specs["embed/embedding"] == P("model", None)

@@ -21,7 +21,7 @@ from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel, gpt2_config
 from tasks import synthetic_language as sl
 from jaxrlhf.training.checkpoint import CheckpointMismatchError
-from jaxrlhf.training.parallel import data_mesh
+from jaxrlhf.sharding import make_mesh
 from jaxrlhf.training.preference import PRESETS, PreferenceConfig, train_preference
 from jaxrlhf.training.preference_data import PreferenceDataError, pairs_from_arrays
 
@@ -29,7 +29,7 @@ NUM_TRAIN, NUM_EVAL = 256, 64
 CONFIG = PreferenceConfig.preset(
     "dpo", learning_rate=3e-3, total_steps=4, batch_size=16, grad_accum_steps=2, max_prompt_len=1,
     max_response_len=sl.MAX_SENTENCE_LEN - 1, save_every=2, seed=0)
-QUIET = dict(progress=False, tensorboard=False, mesh=data_mesh())  # all 8 (CPU) devices
+QUIET = dict(progress=False, tensorboard=False, mesh=make_mesh())  # all 8 (CPU) devices
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,6 +96,7 @@ def test_presets_and_config_checks():
     assert CONFIG.structure() == dataclasses.replace(CONFIG, loss="cdpo", label_smoothing=0.2).structure()
 
 
+@pytest.mark.slow
 def test_dpo_raises_held_out_accuracy(tiny, pairs):
     """At the start the policy is the reference (loss log 2, accuracy 1/2 from ties); 12 updates
     on 256 pairs lift the implicit-reward accuracy on 64 held-out pairs well above chance."""
@@ -117,7 +118,7 @@ def test_one_device_equals_eight(tiny, pairs, reference_run):
     train, _, _ = pairs
     reference, params_at = reference_run
     one = train_preference(tiny, train, dataclasses.replace(CONFIG, total_steps=2),
-                           **{**QUIET, "mesh": data_mesh(jax.devices()[:1])})
+                           **{**QUIET, "mesh": make_mesh(devices=jax.devices()[:1])})
     for a, b in zip(one.history, reference.history[:2]):
         for key in ("loss", "accuracy", "reward_margin", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key

@@ -19,8 +19,9 @@ from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel
-from jaxrlhf.training import (PPO, Checkpointer, Sweep, SweepSpecError, grid, make_runs_mesh, run_configs,
-                              train_sweep)
+from jaxrlhf.sampling import generate
+from jaxrlhf.sharding import make_mesh
+from jaxrlhf.training import PPO, Checkpointer, Sweep, SweepSpecError, grid, run_configs, train_sweep
 from jaxrlhf.training.sweep import split_metrics
 from jaxrlhf.training.trainer import TIMING_METRICS
 
@@ -29,8 +30,8 @@ import test_training as tt
 STEPS = 3
 NAN_RUN = 7
 RUNS = ([{"seed": 0}, {"seed": 1}]
-        + [dict(seed=2, **g) for g in grid(init_kl_coef=[0.0, 0.2], learning_rate=[3e-3, 1e-3])]
-        + [{"seed": 3, "cliprange": 0.1, "cliprange_value": 0.5, "temperature": 0.8, "critic_learning_rate": 1e-3}]
+        + [dict(seed=2, **g) for g in grid(kl_coef=[0.0, 0.2], learning_rate=[3e-3, 1e-3])]
+        + [{"seed": 3, "clip_eps": 0.1, "value_clip_eps": 0.5, "temperature": 0.8, "critic_learning_rate": 1e-3}]
         + [{"seed": 4, "learning_rate": 1e38}])
 CONFIG = tt.BASE_CONFIG.replace(total_steps=2 * STEPS, save_every=2)
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_worker.py")
@@ -140,14 +141,14 @@ def test_a_non_finite_run_is_frozen_and_the_others_train(sweep_run, tt_tiny):
 
 def test_sweep_on_8_devices_with_sharded_run_axis_matches_1_device(tt_tiny, sweep_run):
     model, params = tt_tiny
-    mesh = make_runs_mesh(runs=4, data=2)
+    mesh = make_mesh(runs=4, data=2)
     sweep = Sweep(CONFIG, model, tt.target_fraction_reward, RUNS, mesh=mesh)
     state = sweep.init_state(params)
     leaf = jax.tree.leaves(state.runs.policy_params)[0]
     assert leaf.sharding.spec[0] == "runs" and len(leaf.sharding.device_set) == 8
     ids, mask = sweep_run["batch_np"]
     batch = sweep.prompt_batch(np.stack([ids] * len(RUNS)), np.stack([mask] * len(RUNS)))
-    assert batch.ids.sharding.spec[:2] == ("runs", "data")
+    assert batch.ids.sharding.spec[:2] == ("runs", ("data", "fsdp"))  # fsdp has 1 device here
     frozen = sweep.frozen_params(params)
     for step in range(STEPS):
         state, metrics = sweep.train_step(state, frozen, batch)
@@ -163,6 +164,7 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in records]
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_bit_identical(tt_tiny, tmp_path, compilation_cache):
     model, params = tt_tiny
     prompts = tt.make_prompts(tt.RESUME_PROMPTS)
@@ -202,9 +204,10 @@ def test_bad_sweep_specs_are_errors_before_any_compile(tt_tiny):
         ([{"batch_size": 16}], "'batch_size' is a static field"),
         ([{"kl_estimator": "k3"}], "'kl_estimator' is a static field"),
         ([{"init_kl_cof": 0.1}], "unknown PPOConfig field 'init_kl_cof'"),
+        ([{"cliprange": 0.1}], "run 0: config key 'cliprange' was renamed to 'clip_eps'"),
         ([{"learning_rate": "1e-3"}], "'learning_rate' takes numbers, got '1e-3'"),
         ([{"seed": 1.5}], "'seed' takes integers"),
-        ([{"cliprange_value": None}], "changes the program's structure: cliprange_value is None"),
+        ([{"value_clip_eps": None}], "changes the program's structure: value_clip_eps is None"),
         ([{"temperature": -1.0}], "temperature must be positive"),
         ({"seed": [0, 1]}, "runs must be a non-empty list"),
         ([], "runs must be a non-empty list"),
@@ -215,4 +218,40 @@ def test_bad_sweep_specs_are_errors_before_any_compile(tt_tiny):
     with pytest.raises(SweepSpecError, match="grid axis 'seed' must be a list"):
         grid(seed=3)
     with pytest.raises(ValueError, match="8 runs cannot be split over a 'runs' mesh axis of 3"):
-        Sweep(CONFIG, model, tt.target_fraction_reward, RUNS, mesh=make_runs_mesh(runs=3, data=1))
+        Sweep(CONFIG, model, tt.target_fraction_reward, RUNS,
+              mesh=make_mesh(runs=3, data=1, devices=jax.devices()[:3]))
+
+
+def test_shared_decode_stop_samples_what_each_run_samples_alone(tt_tiny):
+    """Under the sweep's vmap, decoding until every run is done (`stop_axis_name`) gives the tokens,
+    log-probs and masks of a per-run early stop bit for bit (rows that are done only write padding),
+    and each run's tokens and mask sampled alone. Three runs of three rows, 12 tokens in two cache segments,
+    four of the 16 tokens are EOS: rows stop at different steps, one run's rows all stop early."""
+    model, _ = tt_tiny
+    num_runs, rows, num_new = 3, 3, 12
+    params_R = jax.vmap(model.init_params)(jax.random.split(jax.random.PRNGKey(1), num_runs))
+    keys_R = jax.random.split(jax.random.PRNGKey(2), num_runs)
+    ids, mask = tt.make_prompts(rows)
+    options = dict(max_new_tokens=num_new, temperature=1.0, eos_token_id=(0, 1, 2, 3), pad_token_id=5,
+                   cache_segments=2)
+
+    def sample_all(stop_axis_name):
+        one = lambda params, key: generate(model, params, ids, mask, key, stop_axis_name=stop_axis_name,  # noqa: E731
+                                           **options)
+        return jax.device_get(jax.jit(jax.vmap(one, axis_name="runs"))(params_R, keys_R))
+
+    shared, per_run = sample_all("runs"), sample_all(None)
+    for name in ("tokens", "logprobs", "mask"):
+        np.testing.assert_array_equal(getattr(shared, name), getattr(per_run, name), err_msg=name)
+    for r in range(num_runs):
+        run_params = jax.tree.map(lambda x, r=r: x[r], params_R)
+        alone = jax.device_get(generate(model, run_params, ids, mask, keys_R[r], **options))
+        np.testing.assert_array_equal(shared.tokens[r], alone.tokens, err_msg=r)
+        np.testing.assert_array_equal(shared.mask[r], alone.mask, err_msg=r)
+        # Alone is another program (unbatched products): the same log-probs up to float rounding.
+        np.testing.assert_allclose(shared.logprobs[r], alone.logprobs, rtol=1e-5, atol=1e-6, err_msg=r)
+    lengths_RxB = shared.mask.sum(axis=2)
+    assert len(set(lengths_RxB.ravel().tolist())) > 2  # rows stop at different steps
+    last_step_R = lengths_RxB.max(axis=1)
+    assert last_step_R.min() < last_step_R.max()  # a run all done while another still decodes
+    assert np.all(shared.tokens[shared.mask == 0] == 5)  # EOS-masked: padding after each row's EOS

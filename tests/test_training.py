@@ -25,7 +25,7 @@ from conftest import persistent_compilation_cache
 from jaxrlhf.core.stats import masked_mean
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel, ModelConfig, ValueModel
-from jaxrlhf.models.sharding import make_mesh
+from jaxrlhf.sharding import make_mesh
 from jaxrlhf.training import (PPO, Checkpointer, CheckpointMismatchError, NonFiniteError, PPOConfig, PromptBatch,
                               PromptTooLongError, RewardModel, RewardShapeError, Rollout, TextReward,
                               make_experience, prepare_prompts, train)
@@ -63,7 +63,7 @@ def target_fraction_reward(prompt_ids, prompt_mask, response_ids, response_mask)
 BASE_CONFIG = PPOConfig(
     total_steps=LEARN_STEPS, batch_size=BATCH, minibatch_size=16, ppo_epochs=2, max_new_tokens=8,
     max_prompt_len=PROMPT_LEN, learning_rate=3e-3, critic_learning_rate=3e-3, eos_token_id=-1,
-    init_kl_coef=0.01, adaptive_kl=True, target_kl=1.0, kl_horizon=200.0, seed=0)
+    kl_coef=0.01, adaptive_kl=True, target_kl=1.0, kl_horizon=200.0, seed=0)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,6 +105,7 @@ def learning_run(tiny):
                 traces=TRACES["reward"] - traces_before, final_state=state)
 
 
+@pytest.mark.slow
 def test_ppo_increases_reward_with_finite_positive_kl(learning_run):
     scores = np.array([m["score"] for m in learning_run["history"]])
     kls = np.array([m["kl"] for m in learning_run["history"]])
@@ -115,10 +116,12 @@ def test_ppo_increases_reward_with_finite_positive_kl(learning_run):
     assert all(m["all_finite"] for m in learning_run["history"])
 
 
+@pytest.mark.slow
 def test_train_step_compiles_once(learning_run):
     assert learning_run["traces"] == 1
 
 
+@pytest.mark.slow
 def test_adaptive_kl_coef_moves_toward_target(learning_run):
     history = learning_run["history"]
     for before, after in zip(history, history[1:]):
@@ -137,6 +140,7 @@ def _max_abs_diff(tree_a, tree_b) -> float:
     return max(jax.tree.leaves(diffs))
 
 
+@pytest.mark.slow
 def test_step_on_8_devices_with_fsdp_matches_1_device(tiny, learning_run):
     model, params = tiny
     mesh = make_mesh(data=4, fsdp=2)
@@ -167,6 +171,7 @@ def _worker_env(cache_dir):
     return env
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_process(learning_run, tmp_path):
     out = tmp_path / "multihost.npz"
     port = _free_port()
@@ -204,6 +209,7 @@ def _comparable(records):
     return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in records]
 
 
+@pytest.mark.slow
 def test_resume_in_fresh_process_is_exact(tiny, tmp_path, compilation_cache):
     model, params = tiny
     prompts = make_prompts(RESUME_PROMPTS)
@@ -252,8 +258,8 @@ def test_incompatible_checkpoint_is_refused_before_any_work(tiny, tmp_path):
     checkpointer = Checkpointer(tmp_path / "checkpoints", ppo)
     checkpointer.save(ppo.init_state(params), force=True)
     checkpointer.close()
-    changed = BASE_CONFIG.replace(cliprange=0.3, kl_estimator="k3")
-    with pytest.raises(CheckpointMismatchError, match=r"(?s)cliprange: checkpoint 0.2, now 0.3.*kl_estimator"):
+    changed = BASE_CONFIG.replace(clip_eps=0.3, kl_estimator="k3")
+    with pytest.raises(CheckpointMismatchError, match=r"(?s)clip_eps: checkpoint 0.2, now 0.3.*kl_estimator"):
         train((model, params), target_fraction_reward, make_prompts(BATCH), changed, tmp_path, progress=False)
     other_model = LanguageModel(tiny_gpt2_config().replace(hidden_size=64, head_dim=32))
     with pytest.raises(CheckpointMismatchError, match="policy_config.hidden_size"):
@@ -327,14 +333,14 @@ def _experiences(config, model, params, kl_coef, scores):
 def test_zero_kl_coef_gives_the_plain_score_on_the_last_token(tiny):
     model, params = tiny
     scores = np.array([1.5, -2.0, 0.25, 3.0], np.float32)
-    config = BASE_CONFIG.replace(whiten_advantages=False, lam=1.0)
+    config = BASE_CONFIG.replace(whiten_advantages=False, gae_lambda=1.0)
     rollout_out, lengths = _handmade_rollout()
     expected = np.zeros((4, 8), np.float32)
     expected[np.arange(4), lengths - 1] = scores
     mask = np.asarray(rollout_out.mask)
     for exp0 in _experiences(config, model, params, 0.0, scores).values():
         np.testing.assert_array_equal(np.asarray(exp0.rewards), expected)
-        # gamma = lam = 1: the value target of every valid token is the score itself.
+        # gamma = gae_lambda = 1: the value target of every valid token is the score itself.
         np.testing.assert_allclose(np.asarray(exp0.returns), expected.sum(1, keepdims=True) * mask, atol=1e-6)
     # With beta > 0 the KL penalty is the only difference, per docs/design.md: r = -beta * kl * mask + score,
     # with each estimator of d = ref_logprobs - logprobs (float64 NumPy here).
@@ -415,8 +421,8 @@ SWITCHES = PPOConfig(
     kl_placement="loss", kl_estimator="k3",      # GRPO-style KL term in the policy loss
     score_clip=1.0, score_norm="batch",          # scores clipped to [-1, 1], then divided by their std
     missing_eos_penalty=-0.5,                    # rows without EOS score -0.5
-    entropy_coef=0.01, cliprange_value=None,
-    gamma=1.0, lam=1.0,                          # returns = sum of later rewards (values start at 0)
+    entropy_coef=0.01, value_clip_eps=None,
+    gamma=1.0, gae_lambda=1.0,                          # returns = sum of later rewards (values start at 0)
     loss_agg="seq-mean-token-mean", seed=3)
 SWITCH_BETA = 0.5
 # Raw scores outside [-1, 1] in most rows; given by the "host" so the expected scores are known.

@@ -18,7 +18,7 @@ from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import ValueModel
-from jaxrlhf.models.sharding import make_mesh
+from jaxrlhf.sharding import make_mesh
 from jaxrlhf.training import PPO, PPOConfig, TextReward, train, train_sweep
 from jaxrlhf.training.hparams import OPTIONAL_NUMERIC_FIELDS, SWEEPABLE_FIELDS, run_configs
 from jaxrlhf.training.presets import DEFAULT_GROUP_SIZE, PRESETS, preset
@@ -41,7 +41,7 @@ CASES = {
     "gspo": ("gspo", {}),
     # The paper's beta 0.05 on the summed k1 of this toy task trades reward for KL near 0.6; a
     # smaller beta shows the estimator's learning, not that trade-off.
-    "rloo": ("rloo", {"init_kl_coef": 0.01}),
+    "rloo": ("rloo", {"kl_coef": 0.01}),
     "reinforce_pp": ("reinforce_pp", {}),
     "reinforce_pp_baseline": ("reinforce_pp_baseline", {}),
     "remax": ("remax", {}),
@@ -103,6 +103,7 @@ def _relative_error(a, b) -> float:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_each_estimator_learns_the_toy_task(learn, name):
     run = learn(name)
     history = run["history"]
@@ -212,7 +213,7 @@ def test_grpo_train_sweep_run_equals_train_and_resume_is_exact(tiny, tmp_path):
     assert comparable(read_metrics(tmp_path / "resumed")) == comparable(read_metrics(tmp_path / "straight"))
     assert "group_signal_fraction" in straight.history[0]
 
-    runs = [{"seed": 0}, {"seed": 1, "init_kl_coef": 0.1, "cliprange": 0.1}]
+    runs = [{"seed": 0}, {"seed": 1, "kl_coef": 0.1, "clip_eps": 0.1}]
     sweep = train_sweep((model, params), target_fraction_reward, prompts, config, tmp_path / "sweep", runs,
                         progress=False, export=False)
     assert _relative_error(jax.device_get(sweep.state.run(0).policy_params),
@@ -239,15 +240,15 @@ def test_presets_carry_their_papers_settings():
     base = BASE
     assert set(PRESETS) >= {"ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "remax"}
     grpo = preset("grpo", base)
-    assert (grpo.advantage_estimator, grpo.kl_placement, grpo.kl_estimator, grpo.init_kl_coef, grpo.loss_agg,
+    assert (grpo.advantage_estimator, grpo.kl_placement, grpo.kl_estimator, grpo.kl_coef, grpo.loss_agg,
             grpo.ppo_epochs, grpo.num_generations) == ("grpo", "loss", "k3", 0.04, "seq-mean-token-mean", 1, 8)
     dr = preset("dr_grpo", base)
-    assert (dr.advantage_estimator, dr.loss_agg, dr.init_kl_coef) == ("drgrpo", "seq-mean-token-sum-norm", 0.0)
+    assert (dr.advantage_estimator, dr.loss_agg, dr.kl_coef) == ("drgrpo", "seq-mean-token-sum-norm", 0.0)
     dapo = preset("dapo", base)
-    assert (dapo.cliprange, dapo.cliprange_high, dapo.loss_agg, dapo.init_kl_coef, dapo.overlong_buffer) == (
+    assert (dapo.clip_eps, dapo.clip_eps_high, dapo.loss_agg, dapo.kl_coef, dapo.overlong_buffer) == (
         0.2, 0.28, "token-mean", 0.0, base.max_new_tokens // 5)
     gspo = preset("gspo", base)
-    assert (gspo.policy_loss, gspo.cliprange, gspo.cliprange_high) == ("gspo", 3e-4, 4e-4)
+    assert (gspo.policy_loss, gspo.clip_eps, gspo.clip_eps_high) == ("gspo", 3e-4, 4e-4)
     assert preset("rloo", base).advantage_estimator == "rloo"
     assert preset("reinforce_pp", base).num_generations == 1
     remax = preset("remax", base)
@@ -255,8 +256,8 @@ def test_presets_carry_their_papers_settings():
     # A group size from the base is kept; every preset resets the others' switches.
     assert preset("grpo", base.replace(num_generations=4)).num_generations == 4
     back = preset("ppo", preset("dapo", base))
-    for field in ("advantage_estimator", "policy_loss", "num_generations", "overlong_buffer", "cliprange_high",
-                  "kl_placement", "init_kl_coef", "loss_agg"):
+    for field in ("advantage_estimator", "policy_loss", "num_generations", "overlong_buffer", "clip_eps_high",
+                  "kl_placement", "kl_coef", "loss_agg"):
         assert getattr(back, field) == getattr(PPOConfig(), field), field
     with pytest.raises(ValueError, match="unknown preset 'grpoo'"):
         preset("grpoo", base)
@@ -273,7 +274,7 @@ def test_bad_group_configs_are_errors_at_construction():
         BASE.replace(batch_size=30, minibatch_size=10, num_generations=4)
     with pytest.raises(ValueError, match="remax.*greedy_rollout=True"):
         BASE.replace(advantage_estimator="remax")
-    with pytest.raises(ValueError, match='remax.*score_norm must be "none"'):
+    with pytest.raises(ValueError, match='remax.*score_norm must be None'):
         preset("remax", BASE, score_norm="batch")
     with pytest.raises(ValueError, match="advantage_estimator must be one of"):
         BASE.replace(advantage_estimator="ppo")

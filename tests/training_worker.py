@@ -43,20 +43,21 @@ def run_multihost(port: int, process_id: int, num_processes: int, out_path: str)
     import jax
     import numpy as np
 
-    from jaxrlhf.training import PPO, parallel
+    from jaxrlhf.sharding import initialize_distributed, make_mesh, to_host
+    from jaxrlhf.training import PPO
 
-    parallel.initialize_distributed(f"localhost:{port}", num_processes, process_id)
+    initialize_distributed(f"localhost:{port}", num_processes, process_id)
     import test_training as tt
 
     model = tt.LanguageModel(tt.tiny_gpt2_config())
     params = model.init_params(jax.random.PRNGKey(0))
-    mesh = parallel.data_mesh()  # all devices of all processes
+    mesh = make_mesh()  # all devices of all processes
     ppo = PPO(tt.BASE_CONFIG, model, tt.target_fraction_reward, mesh=mesh)
     state = ppo.init_state(params)
     frozen = ppo.frozen_params(params)
     batch = ppo.prompt_batch(*tt.make_prompts(tt.BATCH))  # every process holds the global batch
     state, metrics = ppo.train_step(state, frozen, batch)
-    host_params = parallel.to_host(state.policy_params)
+    host_params = to_host(state.policy_params)
     metrics = jax.device_get(metrics)
     if process_id == 0:
         np.savez(out_path, global_devices=len(jax.devices()), score=metrics["score"], **flat_params(host_params))

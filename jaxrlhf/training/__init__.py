@@ -14,9 +14,8 @@ from jaxrlhf.training.state import FrozenParams, ScoreStats, TrainState, make_op
 from jaxrlhf.training.update import make_ppo_update
 from jaxrlhf.training.checkpoint import (CheckpointCorruptError, CheckpointIntegrityWarning, Checkpointer,
                                         CheckpointMismatchError, prompts_fingerprint)
-from jaxrlhf.training.sweep import Sweep, SweepState, make_runs_mesh
+from jaxrlhf.training.sweep import Sweep, SweepState
 from jaxrlhf.training.trainer import PromptDataset, SweepResult, TrainResult, prepare_prompts, train, train_sweep
-from jaxrlhf.training import parallel
 from jaxrlhf.training.preference import (PreferenceConfig, PreferenceResult, PreferenceState, PreferenceTrainer,
                                         train_preference)
 from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data
@@ -39,7 +38,6 @@ __all__ = [
     "SweepSpecError",
     "SweepState",
     "grid",
-    "make_runs_mesh",
     "run_configs",
     "train_sweep",
     "CheckpointMismatchError",
@@ -64,7 +62,6 @@ __all__ = [
     "make_experience",
     "make_optimizer",
     "make_ppo_update",
-    "parallel",
     "postprocess_scores",
     "rollout",
 ]

@@ -52,7 +52,9 @@ import numpy as np
 import optax
 
 from jaxrlhf.core import preference as P
-from jaxrlhf.training import parallel
+from jaxrlhf.core.sequences import concat_prompt_response
+from jaxrlhf.sharding import (batch_sharding, batch_size_divisor, global_array, make_mesh, opt_state_shardings,
+                              param_shardings, replicated, to_host)
 from jaxrlhf.training.state import injected_adamw, schedule_multiplier
 from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data, pairs_to_kto
 
@@ -269,8 +271,8 @@ def response_logps(apply_fn, params, batch) -> tuple:
     Returns ``(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths)``, each ``[M]``.
     """
     def sequences(prefix):
-        ids = jnp.concatenate([batch["prompt_ids"], batch[f"{prefix}_ids"]], axis=1)
-        mask = jnp.concatenate([batch["prompt_mask"], batch[f"{prefix}_mask"]], axis=1)
+        ids, mask = concat_prompt_response(batch["prompt_ids"], batch["prompt_mask"], batch[f"{prefix}_ids"],
+                                           batch[f"{prefix}_mask"])
         response_mask = jnp.concatenate([jnp.zeros_like(batch["prompt_mask"]), batch[f"{prefix}_mask"]], axis=1)
         return {"ids": ids, "mask": mask, "response_mask": response_mask}
 
@@ -336,8 +338,8 @@ class PreferenceTrainer:
 
     def __init__(self, model, config: PreferenceConfig, mesh=None):
         self.model, self.config = model, config
-        self.mesh = parallel.data_mesh(jax.devices()[:1]) if mesh is None else mesh
-        divisor = parallel.batch_size_divisor(self.mesh)
+        self.mesh = make_mesh(devices=jax.devices()[:1]) if mesh is None else mesh
+        divisor = batch_size_divisor(self.mesh)
         if config.micro_batch_size % divisor:
             raise ValueError(f"the micro-batch size ({config.batch_size} / {config.grad_accum_steps} = "
                              f"{config.micro_batch_size}) must be a multiple of the data-parallel devices "
@@ -349,14 +351,14 @@ class PreferenceTrainer:
         self.optimizer = make_optimizer(config)
         fns = _jitted(model, config.structure())
         self.train_step, self.eval_step, self.reference_step = fns
-        self._replicated = parallel.replicated(self.mesh)
+        self._replicated = replicated(self.mesh)
 
     # -- state
 
     def init_state(self, params) -> PreferenceState:
         # Fresh buffers (a jit output never aliases its inputs): the step donates the state, and
         # the caller's params (often also the reference) must survive it.
-        shardings = parallel.param_shardings(params, self.mesh)
+        shardings = param_shardings(params, self.mesh)
         params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
         opt_state = self.optimizer.init(params)
         state = PreferenceState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
@@ -364,8 +366,8 @@ class PreferenceTrainer:
         return jax.device_put(state, self.state_shardings(state))
 
     def state_shardings(self, state: PreferenceState):
-        params_sh = parallel.param_shardings(state.params, self.mesh)
-        opt_sh = parallel.opt_state_shardings(self.optimizer, state.opt_state, params_sh, self.mesh)
+        params_sh = param_shardings(state.params, self.mesh)
+        opt_sh = opt_state_shardings(self.optimizer, state.opt_state, params_sh, self.mesh)
         return PreferenceState(step=self._replicated, params=params_sh, opt_state=opt_sh,
                                hparams=jax.tree.map(lambda _: self._replicated, state.hparams))
 
@@ -377,13 +379,13 @@ class PreferenceTrainer:
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
     def place_params(self, params):
-        return None if params is None else jax.device_put(params, parallel.param_shardings(params, self.mesh))
+        return None if params is None else jax.device_put(params, param_shardings(params, self.mesh))
 
     # -- batches
 
     def put_batch(self, host_batch: Mapping[str, np.ndarray], batch_dim: int) -> Dict[str, jax.Array]:
-        sharding = parallel.batch_sharding(self.mesh, batch_dim)
-        return {k: parallel.global_array(np.asarray(v), sharding) for k, v in host_batch.items()}
+        sharding = batch_sharding(self.mesh, batch_dim)
+        return {k: global_array(np.asarray(v), sharding) for k, v in host_batch.items()}
 
 
 def _step_inputs(arrays: Mapping[str, np.ndarray], rows: np.ndarray, kind: str, with_ref: bool, valid=None):
@@ -513,7 +515,7 @@ def precompute_reference_logps(trainer: PreferenceTrainer, ref_params, data: Pre
     chosen, rejected = np.zeros(len(data), np.float32), np.zeros(len(data), np.float32)
     for rows, valid in _batches_of(len(data), trainer.eval_batch_size):
         batch = trainer.put_batch(_step_inputs(arrays, rows, "pairs", False, valid), 0)
-        c, r = parallel.to_host(trainer.reference_step(ref_params, batch))
+        c, r = to_host(trainer.reference_step(ref_params, batch))
         chosen[rows[valid]], rejected[rows[valid]] = np.asarray(c)[valid], np.asarray(r)[valid]
     return data.with_reference(chosen, rejected)
 
@@ -542,7 +544,7 @@ def evaluate(trainer: PreferenceTrainer, params, data: PreferenceData, hparams, 
     r_w, r_l, loss_sum, nll_sum, count = [], [], 0.0, 0.0, 0
     for rows, valid in _batches_of(len(data), trainer.eval_batch_size):
         batch = trainer.put_batch(_step_inputs(arrays, rows, "pairs", with_ref, valid), 0)
-        out = parallel.to_host(trainer.eval_step(params, batch, hparams, ref_params))
+        out = to_host(trainer.eval_step(params, batch, hparams, ref_params))
         r_w.append(np.asarray(out["chosen_reward"])[valid])
         r_l.append(np.asarray(out["rejected_reward"])[valid])
         if "loss" in out:
@@ -715,7 +717,7 @@ def train_preference(
       ref_params: the reference model's parameters (default: the starting params).
       tokenizer: overrides the tokenizer of ``model_and_params`` (used for text data and the export).
       mesh: a mesh with a ``"data"`` (and optionally ``"fsdp"``) axis, e.g.
-        `jaxrlhf.training.parallel.data_mesh()` for all devices; default: one device (as `train`).
+        `jaxrlhf.sharding.make_mesh()` for all devices; default: one device (as `train`).
       resume: continue from the latest checkpoint in ``out_dir/checkpoints`` if there is one.
       log_every: log the training metrics every this many updates (and the last).
       on_step: ``on_step(step, state, metrics)`` after each update (and its checkpoint save).
@@ -790,7 +792,7 @@ def train_preference(
                 checkpointer.save(state, force=last)
             if on_step is not None:
                 on_step(step, state, record)
-        final_params = parallel.to_host(state.params)
+        final_params = to_host(state.params)
         if out_dir is not None and export:
             from jaxrlhf.models.hf_io import save_pretrained
 

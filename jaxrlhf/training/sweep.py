@@ -29,15 +29,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import ValueModel
-from jaxrlhf.training import parallel
+from jaxrlhf.sharding import RUNS, batch_sharding, global_array, replicated
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.experience import PromptBatch, Rollout
 from jaxrlhf.training.hparams import build_config, initial_numbers, run_configs
 from jaxrlhf.training.ppo import PPO, Metrics
 from jaxrlhf.training.rewards import RewardShapeError
 from jaxrlhf.training.state import FrozenParams, TrainState
+from jaxrlhf.tuning import Tuning
 
-RUNS_AXIS = "runs"
+RUNS_AXIS = RUNS  # a sweep's mesh axis: `jaxrlhf.sharding.make_mesh(runs=...)`
 
 
 @flax.struct.dataclass
@@ -76,25 +77,33 @@ class Sweep:
       config: the base `PPOConfig` (structure, and every number a run does not override).
       policy, reward, critic: as for `PPO`.
       runs: per-run overrides of numeric fields and the seed, e.g. from `grid`:
-        ``[{"seed": 0, "init_kl_coef": 0.1}, ...]``; checked by `run_configs` before anything
+        ``[{"seed": 0, "kl_coef": 0.1}, ...]``; checked by `run_configs` before anything
         is compiled.
       mesh: a mesh with a ``"runs"`` axis (runs split over it; it must divide R) and/or ``"data"``
-        (``"fsdp"``) axes for each run's batch; None = one device.
+        (``"fsdp"``) axes for each run's batch, e.g. ``jaxrlhf.sharding.make_mesh(runs=4, data=2)``;
+        None = one device.
+      tuning: as for `PPO` (the rows per device are one run's).
+      shared_decode_stop: the rollout's decode loop runs until every row of every run is done
+        (one unbatched stop predicate, `generate`'s ``stop_axis_name``) instead of stopping per
+        run. Same samples; under ``vmap`` a per-run stop makes JAX select every loop carry (the
+        KV caches) between old and new in every step. False only to measure that difference.
     """
 
     def __init__(self, config: PPOConfig, policy: LanguageModel, reward: Any,
                  runs: Sequence[Mapping[str, Any]], critic: Optional[ValueModel] = None,
-                 mesh: Optional[Mesh] = None):
+                 mesh: Optional[Mesh] = None, shared_decode_stop: bool = True,
+                 tuning: Tuning | str | None = "auto"):
         self.run_configs = run_configs(config, runs)
         self.overrides = [dict(r) for r in runs]
         self.num_runs = len(self.run_configs)
-        self.ppo = PPO(build_config(self.run_configs), policy, reward, critic=critic, mesh=mesh)
+        self.ppo = PPO(build_config(self.run_configs), policy, reward, critic=critic, mesh=mesh, tuning=tuning)
         self.mesh = self.ppo.mesh
         self.runs_axis = RUNS_AXIS if RUNS_AXIS in self.mesh.axis_names else None
         if self.runs_axis is not None and self.num_runs % self.mesh.shape[RUNS_AXIS]:
             raise ValueError(f"{self.num_runs} runs cannot be split over a '{RUNS_AXIS}' mesh axis of "
                              f"{self.mesh.shape[RUNS_AXIS]} devices: use a divisor of the run count")
         self.uses_host_reward = self.ppo.uses_host_reward
+        self.stop_axis_name = RUNS_AXIS if shared_decode_stop else None
         self.config = config  # what checkpoints and the driver read (save_every, total_steps ...)
 
         abstract_runs = jax.tree.map(
@@ -102,14 +111,15 @@ class Sweep:
             self.ppo.abstract_state())
         per_run = lambda dtype: jax.ShapeDtypeStruct((self.num_runs,), dtype, sharding=self.run_sharding())  # noqa: E731
         self._abstract_state = SweepState(
-            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(self.mesh)),
+            step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh)),
             runs=abstract_runs, active=per_run(jnp.bool_), failed_step=per_run(jnp.int32))
         self._state_shardings = jax.tree.map(lambda s: s.sharding, self._abstract_state)
 
         rep_runs = self.run_sharding()
         step_out = (self._state_shardings, rep_runs)
-        self._jit_fused = jax.jit(self._fused, out_shardings=step_out)
-        self._jit_rollout = jax.jit(self._rollout, out_shardings=Rollout(*(self.batch_sharding(),) * 2))
+        sampling_jit = self.ppo.tuning.jit  # the programs that sample get the tuning's compiler options
+        self._jit_fused = sampling_jit(self._fused, out_shardings=step_out)
+        self._jit_rollout = sampling_jit(self._rollout, out_shardings=Rollout(*(self.batch_sharding(),) * 3))
         self._jit_update = jax.jit(self._update, out_shardings=step_out)
         self._jit_init = jax.jit(self._init, out_shardings=self._state_shardings)
 
@@ -124,7 +134,7 @@ class Sweep:
 
     def batch_sharding(self) -> NamedSharding:
         """Arrays ``[R, B, ...]``: runs over ``"runs"``, each run's batch over the data axes."""
-        return self._stacked(parallel.batch_sharding(self.mesh))
+        return self._stacked(batch_sharding(self.mesh))
 
     def abstract_state(self) -> SweepState:
         return self._abstract_state
@@ -133,7 +143,8 @@ class Sweep:
         return self._state_shardings
 
     def _vmap(self, fn, in_axes):
-        return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=self.runs_axis)
+        # axis_name: the decode loop's shared stop reduces over the runs (see shared_decode_stop).
+        return jax.vmap(fn, in_axes=in_axes, axis_name=RUNS_AXIS, spmd_axis_name=self.runs_axis)
 
     # ------------------------------------------------------------------ state
 
@@ -158,8 +169,8 @@ class Sweep:
 
     def prompt_batch(self, prompt_ids_RxBxP, prompt_mask_RxBxP) -> PromptBatch:
         sharding = self.batch_sharding()
-        return PromptBatch(parallel.global_array(np.asarray(prompt_ids_RxBxP, np.int32), sharding),
-                           parallel.global_array(np.asarray(prompt_mask_RxBxP, np.int32), sharding))
+        return PromptBatch(global_array(np.asarray(prompt_ids_RxBxP, np.int32), sharding),
+                           global_array(np.asarray(prompt_mask_RxBxP, np.int32), sharding))
 
     # ------------------------------------------------------------------ the step
 
@@ -173,12 +184,12 @@ class Sweep:
         return new_state, {**metrics, "active": ok_R}
 
     def _fused(self, sweep_state: SweepState, frozen: FrozenParams, batch: PromptBatch):
-        step = lambda state, run_batch: self.ppo.fused_step(state, frozen, run_batch)  # noqa: E731
+        step = lambda state, run_batch: self.ppo.fused_step(state, frozen, run_batch, self.stop_axis_name)  # noqa: E731
         new_runs, metrics = self._vmap(step, (0, 0))(sweep_state.runs, batch)
         return self._commit(sweep_state, new_runs, metrics)
 
     def _rollout(self, sweep_state: SweepState, frozen: FrozenParams, batch: PromptBatch) -> Rollout:
-        rollout = lambda state, run_batch: self.ppo.rollout(state, frozen, run_batch)  # noqa: E731
+        rollout = lambda state, run_batch: self.ppo.rollout(state, frozen, run_batch, self.stop_axis_name)  # noqa: E731
         return self._vmap(rollout, (0, 0))(sweep_state.runs, batch)
 
     def _update(self, sweep_state: SweepState, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout,
@@ -204,7 +215,7 @@ class Sweep:
         if scores.shape != expected:
             raise RewardShapeError(f"a sweep's text reward must give scores of shape {expected} (runs, batch); "
                                    f"got {scores.shape}")
-        scores = parallel.global_array(scores, self.batch_sharding())
+        scores = global_array(scores, self.batch_sharding())
         return self._jit_update(sweep_state, frozen, batch, rollout_out, scores)
 
     def compiled_step_count(self, which: str = "fused") -> int:
@@ -215,12 +226,3 @@ def split_metrics(metrics: Dict[str, Any], num_runs: int) -> List[Dict[str, floa
     """``{name: [R]}`` -> R dicts of floats."""
     host = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
     return [{k: float(v[r]) for k, v in host.items()} for r in range(num_runs)]
-
-
-def make_runs_mesh(runs: int = 1, data: int = 1, devices=None) -> Mesh:
-    """A ``("runs", "data")`` mesh: runs split over ``runs`` devices, each run's batch over ``data``."""
-    devices = list(jax.devices() if devices is None else devices)[: runs * data]
-    if len(devices) != runs * data:
-        raise ValueError(f"a {runs} x {data} mesh needs {runs * data} devices, {len(devices)} available")
-    auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((runs, data), (RUNS_AXIS, "data"), axis_types=(auto, auto), devices=devices)

@@ -48,7 +48,7 @@ from jaxrlhf.sharding import to_host
 from jaxrlhf.training.checkpoint import Checkpointer, prompts_fingerprint
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.ppo import PPO, PromptTooLongError
-from jaxrlhf.training.rewards import NonFiniteError, TextReward
+from jaxrlhf.training.rewards import NonFiniteError, TextReward, decode_responses
 from jaxrlhf.training.state import FrozenParams, TrainState
 from jaxrlhf.training.sweep import Sweep, SweepState, split_metrics
 
@@ -150,10 +150,6 @@ def prepare_prompts(prompts, max_prompt_len: int, pad_token_id: int = 0, tokeniz
 # Host-side scoring (TextReward)
 
 
-def _decode_rows(tokenizer, ids: np.ndarray, mask: np.ndarray) -> List[str]:
-    return [tokenizer.decode(row[m != 0].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)]
-
-
 def host_scores(reward: TextReward, tokenizer, batch_ids, batch_mask, rollout) -> np.ndarray:
     """Decode prompts and responses on the host and call the text reward; ``[B]`` float32."""
     return host_scores_and_metrics(reward, tokenizer, batch_ids, batch_mask, rollout)[0]
@@ -169,8 +165,8 @@ def host_scores_and_metrics(reward: TextReward, tokenizer, batch_ids, batch_mask
     group = len(response_ids) // max(len(batch_ids), 1)
     if group > 1:  # num_generations: the batch holds distinct prompts, the rollout G responses to each
         batch_ids, batch_mask = np.repeat(np.asarray(batch_ids), group, 0), np.repeat(np.asarray(batch_mask), group, 0)
-    prompts_text = _decode_rows(tokenizer, np.asarray(batch_ids), np.asarray(batch_mask))
-    responses_text = _decode_rows(tokenizer, np.asarray(response_ids), np.asarray(response_mask))
+    prompts_text = decode_responses(tokenizer, np.asarray(batch_ids), np.asarray(batch_mask))
+    responses_text = decode_responses(tokenizer, np.asarray(response_ids), np.asarray(response_mask))
     scores = np.asarray(reward.fn(prompts_text, responses_text), np.float32)
     extra = {} if reward.metrics_fn is None else dict(reward.metrics_fn(prompts_text, responses_text))
     return scores, extra
