@@ -40,8 +40,12 @@ class ValueModel:
     def trunk(self) -> LanguageModel:
         return LanguageModel(self.config)
 
-    def apply(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
-        hidden = self.trunk.forward(params["trunk"], input_ids_BxL, attention_mask_BxL).hidden
+    def apply(self, params, input_ids_BxL, attention_mask_BxL, value_positions: slice | None = None) -> jax.Array:
+        """Values `[B, L]` (`[B, n]` at the n positions of a static `value_positions` slice). The
+        trunk's vocabulary head is never computed (`LanguageModel.hidden_states`)."""
+        hidden = self.trunk.hidden_states(params["trunk"], input_ids_BxL, attention_mask_BxL)
+        if value_positions is not None:
+            hidden = hidden[:, value_positions]
         return value_head_apply(params["head"], hidden)
 
     def init_params(self, key: jax.Array, trunk_params=None, head_scale: float = 0.0) -> dict:

@@ -70,6 +70,11 @@ class PPOConfig:
     a tuple); -1 means no EOS (every response runs to max_new_tokens)."""
     pad_token_id: int = 0
     """Token written in padding positions (left of prompts, after EOS)."""
+    old_logprobs_from_sampler: bool = False
+    """Take the PPO ratio's old log-probs from the sampler (``log softmax(logits / T)`` of each
+    sampled token, before top-k/top-p: the temperature-scaled log-probs the loss uses) instead of
+    recomputing them with a policy forward in the experience pass, which is then skipped. The first
+    minibatch's ratio is then 1 only up to the cached decode's rounding (docs/training.md)."""
 
     # --- reward ---
     score_clip: Optional[float] = None

@@ -56,10 +56,15 @@ class PromptBatch(NamedTuple):
 
 
 class Rollout(NamedTuple):
-    """Sampled responses: ``tokens``, ``mask`` ``[B, N]`` (mask 1 up to and including EOS)."""
+    """Sampled responses: ``tokens``, ``mask`` ``[B, N]`` (mask 1 up to and including EOS) and the
+    sampler's ``logprobs [B, N]``: ``log softmax(logits / T)`` of each sampled token under the
+    unfiltered tempered distribution (before top-k/top-p), 0 where the mask is 0 -- what
+    `token_logprobs` computes from a forward, up to the cached decode's rounding. None when a
+    rollout was made without them (a greedy one, or built by hand)."""
 
     tokens: jax.Array
     mask: jax.Array
+    logprobs: Optional[jax.Array] = None
 
 
 class Experience(NamedTuple):
@@ -99,11 +104,12 @@ def resolve_eos(config: PPOConfig, policy: LanguageModel):
 
 
 def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch, key,
-            hparams: HyperParams) -> Rollout:
+            hparams: HyperParams, stop_axis_name: Optional[str] = None) -> Rollout:
     """Sample one response per prompt with the current policy (`jaxrlhf.sampling.generate`).
 
     Temperature and top-p come from ``hparams`` (data); whether top-p filters at all, top-k and
-    the lengths from ``config`` (structure).
+    the lengths from ``config`` (structure). ``stop_axis_name``: the vmapped run axis of a sweep,
+    whose runs then stop decoding together (`generate`'s argument; same samples).
     """
     sample = generate(
         policy, policy_params, prompts.ids, prompts.mask, key,
@@ -113,11 +119,13 @@ def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: Pr
         top_p=hparams.top_p if config.top_p < 1.0 else 1.0,
         eos_token_id=resolve_eos(config, policy),
         pad_token_id=config.pad_token_id,
+        stop_axis_name=stop_axis_name,
     )
-    return Rollout(sample.tokens, sample.mask.astype(jnp.int32))
+    return Rollout(sample.tokens, sample.mask.astype(jnp.int32), sample.logprobs)
 
 
-def greedy_rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch) -> Rollout:
+def greedy_rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch,
+                   stop_axis_name: Optional[str] = None) -> Rollout:
     """One greedy (argmax, temperature 0) response per prompt: ReMax's baseline (Li et al. 2023)."""
     sample = generate(
         policy, policy_params, prompts.ids, prompts.mask, jax.random.PRNGKey(0),  # no randomness used
@@ -125,6 +133,7 @@ def greedy_rollout(config: PPOConfig, policy: LanguageModel, policy_params, prom
         temperature=0.0,
         eos_token_id=resolve_eos(config, policy),
         pad_token_id=config.pad_token_id,
+        stop_axis_name=stop_axis_name,
     )
     return Rollout(sample.tokens, sample.mask.astype(jnp.int32))
 
@@ -136,40 +145,58 @@ def full_sequence(prompt_ids, prompt_mask, response_ids, response_mask):
     return ids, mask
 
 
+def response_window(prompt_len: int, num_new: int) -> slice:
+    """Positions ``P - 1 .. P + N - 2`` of the concatenated sequence: the ones that predict (and
+    value) response tokens. A static slice: prompts are left-padded to P, responses have N slots."""
+    return slice(prompt_len - 1, prompt_len - 1 + num_new)
+
+
 def response_slice(x_BxLx, prompt_len: int, num_new: int):
-    """Positions ``P - 1 .. P + N - 2``: the ones that predict (and value) response tokens."""
-    return x_BxLx[:, prompt_len - 1 : prompt_len - 1 + num_new]
+    """``x[:, P - 1 : P + N - 1]``: the `response_window` positions of a ``[B, P + N, ...]`` array."""
+    return x_BxLx[:, response_window(prompt_len, num_new)]
 
 
 def policy_and_values(models: Models, policy_params, value_params, prompt_ids, prompt_mask,
-                      response_ids, response_mask, temperature, with_entropy: bool = False):
+                      response_ids, response_mask, temperature, with_entropy: bool = False,
+                      with_logprobs: bool = True):
     """Response log-probs, values and (optionally) entropies under the given parameters.
 
-    Returns ``(logprobs [B, N], values [B, N] or None, entropy [B, N] or None)``. With a shared
-    trunk the value head reads the policy forward's hidden states (one forward); otherwise the
-    critic runs its own forward; without a value model (``models.has_value=False``) values are None.
+    Returns ``(logprobs [B, N] or None, values [B, N] or None, entropy [B, N] or None)``. The
+    trunks run over the whole ``[B, P + N]`` sequence, but the vocabulary head (and the value
+    head) only at the N positions of `response_window`: ``logits [B, N, V]``, never
+    ``[B, P + N, V]``. With a shared trunk the value head reads the policy forward's hidden states
+    (one forward); otherwise the critic runs its own forward; without a value model
+    (``models.has_value=False``) values are None. ``with_logprobs=False`` (old log-probs taken from
+    the sampler) skips the policy's vocabulary head, and with a separate critic or none the policy
+    forward altogether; logprobs and entropy are then None.
     """
     prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
+    window = response_window(prompt_len, num_new)
     ids, mask = full_sequence(prompt_ids, prompt_mask, response_ids, response_mask)
-    out = models.policy.forward(policy_params, ids, mask)
-    logits_BxNxV = response_slice(out.logits, prompt_len, num_new)
-    logprobs = token_logprobs(logits_BxNxV, response_ids.astype(jnp.int32), temperature)
+    logprobs = entropy = out = None
+    if with_logprobs:
+        out = models.policy.forward(policy_params, ids, mask, logits_positions=window)
+        logprobs = token_logprobs(out.logits, response_ids.astype(jnp.int32), temperature)
+        if with_entropy:
+            entropy = entropy_from_logits(out.logits, temperature)
     if not models.has_value:
         values = None
-    elif models.critic is None:
-        values = value_head_apply(value_params, response_slice(out.hidden, prompt_len, num_new)).astype(jnp.float32)
+    elif models.critic is None:  # shared trunk: the policy's hidden states, with or without its head
+        hidden = out.hidden if out is not None else models.policy.hidden_states(policy_params, ids, mask)
+        values = value_head_apply(value_params, hidden[:, window]).astype(jnp.float32)
     else:
-        values = response_slice(models.critic.apply(value_params, ids, mask), prompt_len, num_new).astype(jnp.float32)
-    entropy = entropy_from_logits(logits_BxNxV, temperature) if with_entropy else None
+        values = models.critic.apply(value_params, ids, mask, value_positions=window).astype(jnp.float32)
     return logprobs, values, entropy
 
 
 def reference_logprobs(models: Models, ref_params, prompt_ids, prompt_mask, response_ids, response_mask, temperature):
-    """Response log-probs under the frozen reference policy (temperature-scaled like the policy's)."""
+    """Response log-probs under the frozen reference policy (temperature-scaled like the policy's);
+    the vocabulary head runs at the `response_window` positions only."""
     prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
     ids, mask = full_sequence(prompt_ids, prompt_mask, response_ids, response_mask)
-    logits = models.policy.forward(ref_params, ids, mask).logits
-    return token_logprobs(response_slice(logits, prompt_len, num_new), response_ids.astype(jnp.int32), temperature)
+    logits_BxNxV = models.policy.forward(ref_params, ids, mask,
+                                         logits_positions=response_window(prompt_len, num_new)).logits
+    return token_logprobs(logits_BxNxV, response_ids.astype(jnp.int32), temperature)
 
 
 def explained_variance(values, returns, mask):
@@ -189,8 +216,14 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
                     score_stats: ScoreStats, hparams: HyperParams, greedy: Optional[Tuple[Rollout, Any]] = None):
     """Forward passes, step rewards and advantages for one batch of rollouts.
 
-    ``logprobs`` are recomputed with a full forward (not taken from the sampler) so the PPO ratio
-    starts at exactly 1 on the first minibatch. Step rewards (DESIGN.md):
+    ``logprobs`` (the PPO ratio's ``old_logprobs``) are recomputed with a forward over prompt +
+    response, so the ratio starts at exactly 1 on the first minibatch. With
+    ``config.old_logprobs_from_sampler`` they are the rollout's own (``rollout_out.logprobs``, the
+    same tempered, unfiltered ``log softmax(logits / T)[token]``) and the policy forward is
+    skipped (with a shared trunk only its vocabulary head): the first ratio is then
+    ``exp(forward - sampler)``, 1 up to the decode's rounding, and the ``entropy`` statistic is
+    the sample estimate ``-mean_t log pi(a_t | s_t)`` over valid tokens (unbiased without top-k or
+    top-p) instead of the exact per-token entropy. Step rewards (DESIGN.md):
     ``r = -kl_coef * KL * mask; r[last valid] += score`` with ``kl_placement="reward"``; with
     ``"loss"`` the KL moves into the policy loss and ``r`` is the score alone. Then
     ``A, R = gae(r, V, mask, gamma, lam)`` and ``A <- whiten(A)`` if ``whiten_advantages``; or,
@@ -210,9 +243,16 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
     response_ids, response_mask = rollout_out.tokens, rollout_out.mask
     estimator, G = config.advantage_estimator, config.num_generations
     sg = jax.lax.stop_gradient
+    from_sampler = config.old_logprobs_from_sampler
+    if from_sampler and rollout_out.logprobs is None:
+        raise ValueError("config.old_logprobs_from_sampler takes old_logprobs from the rollout: pass a Rollout "
+                         "with the sampler's logprobs (what `rollout` returns)")
     logprobs, values, entropy = policy_and_values(
         models, policy_params, value_params, prompts.ids, prompts.mask, response_ids, response_mask,
-        hparams.temperature, with_entropy=True)
+        hparams.temperature, with_entropy=not from_sampler, with_logprobs=not from_sampler)
+    if from_sampler:
+        logprobs = jnp.where(response_mask > 0, rollout_out.logprobs.astype(jnp.float32), 0.0)
+        entropy = -logprobs  # per-token sample estimate; only its masked mean is reported
     ref_logprobs = reference_logprobs(models, ref_params, prompts.ids, prompts.mask, response_ids,
                                       response_mask, hparams.temperature)
     logprobs, ref_logprobs = sg(logprobs), sg(ref_logprobs)
