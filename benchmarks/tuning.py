@@ -9,7 +9,9 @@ every row runs to the end) with one `jax.jit(generate)` per variant:
 Both programs are compiled first (compile time reported apart), then timed interleaved: each
 repetition times one call of each, in alternating order, so a change in machine load hits both.
 Reported per shape: median tokens/s of each, their ratio `no_ynn / default` (> 1: the options
-help) and the load average (`os.getloadavg()`) before and after. `Tuning.for_backend`'s rule
+help), the same ratio in CPU time (`time.process_time()`, all of this process's threads: less
+sensitive than wall time to other jobs on the machine) and the load average (`os.getloadavg()`)
+before and after. `Tuning.for_backend`'s rule
 (`CPU_NO_YNN_MAX_ROWS`, `CPU_NO_YNN_MIN_WIDTH`) comes from these ratios; docs/performance.md
 records them.
 
@@ -89,18 +91,21 @@ def measure(name: str, shape: Shape, reps: int, seed: int) -> dict:
         compile_s[variant] = time.perf_counter() - start
         jax.block_until_ready(programs[variant](params, ids, mask, key))  # warm-up call
     seconds = {variant: [] for variant in variants}
+    cpu_seconds = {variant: [] for variant in variants}
     load_before = _load()
     for rep in range(reps):
         order = list(variants) if rep % 2 == 0 else list(variants)[::-1]
         for variant in order:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             jax.block_until_ready(programs[variant](params, ids, mask, jax.random.fold_in(key, rep)))
             seconds[variant].append(time.perf_counter() - start)
+            cpu_seconds[variant].append(time.process_time() - cpu_start)
     tokens = shape.batch * shape.new_tokens
     rate = {variant: tokens / statistics.median(s) for variant, s in seconds.items()}
+    cpu = {variant: statistics.median(s) for variant, s in cpu_seconds.items()}
     return dict(shape=name, batch=shape.batch, width=shape.width, default=rate["default"], no_ynn=rate["no_ynn"],
-                ratio=rate["no_ynn"] / rate["default"], compile_s=sum(compile_s.values()), load_before=load_before,
-                load_after=_load())
+                ratio=rate["no_ynn"] / rate["default"], cpu_ratio=cpu["default"] / cpu["no_ynn"],
+                compile_s=sum(compile_s.values()), load_before=load_before, load_after=_load())
 
 
 def main(args: Args) -> None:
@@ -111,13 +116,14 @@ def main(args: Args) -> None:
         raise SystemExit(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
     print(f"# jax {jax.__version__}, {jax.default_backend()} x{jax.device_count()}, {os.cpu_count()} CPUs, "
           f"{args.reps} interleaved repetitions, medians; load average {_load()}")
-    print("| shape | batch | width | tok/s default | tok/s no_ynn | no_ynn / default | compile s "
+    print("| shape | batch | width | tok/s default | tok/s no_ynn | no_ynn / default | same in CPU time | compile s "
           "| load before -> after |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name in args.shapes:
         r = measure(name, SHAPES[name], args.reps, args.seed)
         print(f"| {r['shape']} | {r['batch']} | {r['width']} | {r['default']:.0f} | {r['no_ynn']:.0f} | "
-              f"{r['ratio']:.2f} | {r['compile_s']:.1f} | {r['load_before']} -> {r['load_after']} |", flush=True)
+              f"{r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {r['compile_s']:.1f} | {r['load_before']} -> "
+              f"{r['load_after']} |", flush=True)
 
 
 if __name__ == "__main__":
