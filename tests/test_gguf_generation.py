@@ -95,6 +95,7 @@ def smollm2():
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2):
     pretrained, reference, ids = smollm2
     assert ids[0] == 1 and ids[-4:] == pretrained.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
@@ -107,6 +108,7 @@ def test_smollm2_logits_match_transformers(smollm2):
 
 
 @needs_smollm2
+@pytest.mark.slow
 def test_smollm2_greedy_continuation_matches_transformers(smollm2):
     pretrained, reference, ids = smollm2
     out = generate(pretrained.model, pretrained.params, jnp.asarray([ids], jnp.int32),

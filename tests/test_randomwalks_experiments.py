@@ -35,6 +35,7 @@ def sft_run(tmp_path_factory):
     return out_dir, summary
 
 
+@pytest.mark.slow
 def test_sft_script_end_to_end(sft_run):
     out_dir, summary = sft_run
     for name in ("config.json", "metrics.jsonl", "sft.png", "summary.json", "model/config.json",
@@ -48,6 +49,7 @@ def test_sft_script_end_to_end(sft_run):
     assert 0.0 <= summary["sampled/optimality"] <= 1.0
 
 
+@pytest.mark.slow
 def test_ppo_script_end_to_end(sft_run, tmp_path):
     sft_dir, _ = sft_run
     ppo = load_script("randomwalks_ppo")
@@ -83,6 +85,7 @@ def test_ppo_script_says_what_to_run_without_sft(tmp_path):
         ppo.main(config)
 
 
+@pytest.mark.slow
 def test_compare_algorithms_end_to_end(sft_run, tmp_path):
     compare = load_script("compare_algorithms")
     out_dir = str(tmp_path / "compare")

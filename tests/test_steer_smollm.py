@@ -102,6 +102,7 @@ def test_distinct_n():
     assert distinct_n([["x", "y"], ["x", "z"]], 1) == 0.75
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run(tiny_models, tmp_path):
     root, policy_path, encoder_path = tiny_models
     prompts = tmp_path / "prompts.txt"

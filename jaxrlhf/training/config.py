@@ -26,7 +26,7 @@ POLICY_LOSSES = ("ppo", "gspo", "gspo-token")
 # Fields that may differ between a checkpoint and the run that resumes from it: they change how
 # often things are written, not what a step computes. (`total_steps` joins them when the learning
 # rate schedule does not depend on it, i.e. for "constant".)
-RESUME_MUTABLE_FIELDS = ("save_every", "keep_checkpoints", "loggers", "wandb_project")
+RESUME_MUTABLE_FIELDS: tuple[str, ...] = ("save_every", "keep_checkpoints", "loggers", "wandb_project")
 
 
 @dataclasses.dataclass(frozen=True)
