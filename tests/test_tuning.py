@@ -105,3 +105,28 @@ def test_ppo_applies_its_tuning():
     assert ppo.tuning == Tuning.for_backend(rows_per_device=config.rollout_size, width=GPT2.hidden_size)
     assert ppo.policy.tuning == ppo.tuning
     assert PPO(config, model, reward, tuning=CPU).policy.tuning == CPU
+
+
+def test_sampling_programs_compile_with_the_tuning_options():
+    """The options reach the sampler's and the trainer's jitted programs: an option XLA does not
+    know fails their compilation (and only theirs: the state's init compiles without it)."""
+    from jaxrlhf.training import PPO, PPOConfig
+
+    bogus = Tuning(compiler_options={"xla_cpu_no_such_option_anywhere": "1"})
+    model = LanguageModel(GPT2)
+    params = model.init_params(jax.random.key(0))
+    ids = np.full((8, 4), 7, np.int32)
+    mask = np.ones_like(ids)
+    sampler = make_sampler(model, max_new_tokens=2, prompt_buckets=(4,), tuning=bogus)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="no_such_option"):
+        sampler(params, ids, mask, jax.random.key(1))
+
+    def reward(prompt_ids, prompt_mask, response_ids, response_mask):
+        return response_mask.sum(-1).astype(np.float32)
+
+    ppo = PPO(PPOConfig(batch_size=8, minibatch_size=8, max_new_tokens=2, max_prompt_len=4), model, reward,
+              tuning=bogus)
+    state, frozen, batch = ppo.init_state(params), ppo.frozen_params(params), ppo.prompt_batch(ids, mask)
+    for step in (ppo.train_step, ppo.rollout_step):
+        with pytest.raises(jax.errors.JaxRuntimeError, match="no_such_option"):
+            step(state, frozen, batch)
