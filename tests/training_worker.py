@@ -66,8 +66,8 @@ def run_multihost(port: int, process_id: int, num_processes: int, out_path: str)
 
 def run_resume(out_dir: str, num_steps: int) -> None:
     import jax
-
     import test_training as tt
+
     from jaxrlhf.training import train
 
     model = tt.LanguageModel(tt.tiny_gpt2_config())
