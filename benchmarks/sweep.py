@@ -262,7 +262,7 @@ def main(args: Args) -> dict:
             rollout_s = statistics.median(rollout_times[row["program"]])
             rest_s = row["seconds"] - rollout_s
             row.update(rollout_s=rollout_s, rest_s=rest_s)
-            print(f"{row['program']:<34} {rollout_s:10.3f} {rollout_s / rollout_one:9.2f}x {rest_s:8.3f} "
+            print(f"{row['program'] + ':':<34} {rollout_s:10.3f} {rollout_s / rollout_one:9.2f}x {rest_s:8.3f} "
                   f"{rest_s / (t_one - rollout_one):9.2f}x")
     row = next(x for x in results["rows"] if x["program"] == f"sweep R={largest}")
     print(f"\n{largest} runs as one sweep: {row['vs_one_run']:.2f}x the time of one run, "
