@@ -23,13 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.core.rewards import discounted_returns, kl_penalized_rewards
-from jaxrlhf.core.stats import masked_whiten
+from jaxrlhf.core.stats import compute_dtype, masked_whiten
 
 GRPO_STD_EPS = 1e-6
-
-
-def _float_dtype(x: chex.Array):
-    return jnp.promote_types(jnp.asarray(x).dtype, jnp.float32)
 
 
 def num_groups(batch_size: int, group_size: int, min_group_size: int = 1) -> int:
@@ -60,7 +56,7 @@ def _grouped(scores_B: chex.Array, group_size: int, min_group_size: int = 1) -> 
     """``[B] -> [B // G, G]`` in a float dtype of at least 32 bits."""
     chex.assert_rank(scores_B, 1)
     n = num_groups(scores_B.shape[0], group_size, min_group_size)
-    return jnp.asarray(scores_B, _float_dtype(scores_B)).reshape(n, group_size)
+    return jnp.asarray(scores_B, compute_dtype(scores_B)).reshape(n, group_size)
 
 
 def group_has_signal(scores_B: chex.Array, group_size: int) -> jax.Array:
@@ -164,7 +160,7 @@ def broadcast_over_tokens(advantages_B: chex.Array, mask_BxT: chex.Array) -> jax
     """
     chex.assert_rank([advantages_B, mask_BxT], [1, 2])
     chex.assert_equal_shape_prefix([advantages_B, mask_BxT], 1)
-    advantages_B = jnp.asarray(advantages_B, _float_dtype(advantages_B))
+    advantages_B = jnp.asarray(advantages_B, compute_dtype(advantages_B))
     return jnp.where(mask_BxT != 0, advantages_B[:, None], 0)
 
 
@@ -237,7 +233,7 @@ def overlong_reward_shaping(lengths_B: chex.Array, max_len, buffer) -> jax.Array
         raise ValueError(f"The overlong buffer L_c must be > 0, got {buffer}.")
     if isinstance(buffer, numbers.Real) and isinstance(max_len, numbers.Real) and buffer > max_len:
         raise ValueError(f"The overlong buffer L_c = {buffer} exceeds the length limit L_max = {max_len}.")
-    dtype = _float_dtype(lengths_B)
+    dtype = compute_dtype(lengths_B)
     lengths_B = jnp.asarray(lengths_B, dtype)
     max_len, buffer = jnp.asarray(max_len, dtype), jnp.asarray(buffer, dtype)
     expected_len = max_len - buffer

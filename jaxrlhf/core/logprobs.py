@@ -11,6 +11,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.core.stats import at_least_float32
+
 
 def _shifted_scaled_logits(logits: chex.Array, temperature) -> jax.Array:
     """Returns ``z' = (logits - max_v logits) / temperature`` in (at least) float32, so ``max z' = 0``.
@@ -21,10 +23,9 @@ def _shifted_scaled_logits(logits: chex.Array, temperature) -> jax.Array:
     and everything downstream works with numbers of moderate size. The maximum is a constant for
     differentiation (``stop_gradient``): the result does not depend on it.
     """
-    compute_dtype = jnp.promote_types(logits.dtype, jnp.float32)
-    logits = logits.astype(compute_dtype)
+    logits, = at_least_float32(logits)
     max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    return (logits - max_logit) / jnp.asarray(temperature, compute_dtype)
+    return (logits - max_logit) / jnp.asarray(temperature, logits.dtype)
 
 
 def token_logprobs(logits: chex.Array, tokens: chex.Array, temperature=1.0) -> jax.Array:

@@ -167,6 +167,14 @@ def _pair_mask(pair_mask, like_B):
     return pair_mask
 
 
+def _rows(names_and_arrays, row_mask=None):
+    """The per-sequence inputs after checking that each is ``[B]``, upcast together
+    (`at_least_float32`), followed by the ``[B]`` row mask (all ones when None)."""
+    _check_rows(names_and_arrays)
+    arrays_B = at_least_float32(*(a for _, a in names_and_arrays))
+    return (*arrays_B, _pair_mask(row_mask, arrays_B[0]))
+
+
 def _length_mean(logp_B, length_B):
     return logp_B / jnp.maximum(length_B, 1)
 
@@ -202,9 +210,8 @@ def chosen_nll_loss(
       chosen_lengths: ``[B]`` their numbers of valid tokens.
       pair_mask: optional ``[B]`` row mask.
     """
-    _check_rows([("chosen_logps", chosen_logps), ("chosen_lengths", chosen_lengths)])
-    chosen_logps_B, chosen_lengths_B = at_least_float32(chosen_logps, chosen_lengths)
-    pair_mask_B = _pair_mask(pair_mask, chosen_logps_B)
+    chosen_logps_B, chosen_lengths_B, pair_mask_B = _rows(
+        [("chosen_logps", chosen_logps), ("chosen_lengths", chosen_lengths)], pair_mask)
     token_count = masked_sum(chosen_lengths_B, pair_mask_B, axis_name=axis_name)
     return -masked_sum(chosen_logps_B, pair_mask_B, axis_name=axis_name) / jnp.maximum(token_count, 1)
 
@@ -250,14 +257,10 @@ def dpo_loss(
       ``(loss, stats)``: the module docstring's stats, ``pref_loss`` (the loss without the NLL term)
       and, with ``rpo_alpha``, ``nll_loss``.
     """
-    _check_rows([
+    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, pair_mask_B = _rows([
         ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
         ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
-    ])
-    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B = at_least_float32(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    pair_mask_B = _pair_mask(pair_mask, chosen_B)
+    ], pair_mask)
     chosen_logratio_B = chosen_B - sg(ref_chosen_B)  # h_w
     rejected_logratio_B = rejected_B - sg(ref_rejected_B)  # h_l
     logits_B = beta * (chosen_logratio_B - rejected_logratio_B)  # beta * d
@@ -304,15 +307,11 @@ def ipo_loss(
       beta: regularisation strength (tau in the paper); 0.1 as in TRL.
       pair_mask, axis_name: as in :func:`dpo_loss`.
     """
-    _check_rows([
+    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_len_B, rejected_len_B, pair_mask_B = _rows([
         ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
         ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
         ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
-    ])
-    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_len_B, rejected_len_B = at_least_float32(
-        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths
-    )
-    pair_mask_B = _pair_mask(pair_mask, chosen_B)
+    ], pair_mask)
     chosen_logratio_B = _length_mean(chosen_B - sg(ref_chosen_B), chosen_len_B)
     rejected_logratio_B = _length_mean(rejected_B - sg(ref_rejected_B), rejected_len_B)
     gap_B = chosen_logratio_B - rejected_logratio_B
@@ -347,14 +346,10 @@ def simpo_loss(
       beta: reward scale; gamma: target margin (in reward units).
       pair_mask, axis_name: as in :func:`dpo_loss`.
     """
-    _check_rows([
+    chosen_B, rejected_B, chosen_len_B, rejected_len_B, pair_mask_B = _rows([
         ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
         ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
-    ])
-    chosen_B, rejected_B, chosen_len_B, rejected_len_B = at_least_float32(
-        chosen_logps, rejected_logps, chosen_lengths, rejected_lengths
-    )
-    pair_mask_B = _pair_mask(pair_mask, chosen_B)
+    ], pair_mask)
     chosen_reward_B = beta * _length_mean(chosen_B, chosen_len_B)
     rejected_reward_B = beta * _length_mean(rejected_B, rejected_len_B)
     loss_B = -jax.nn.log_sigmoid(chosen_reward_B - rejected_reward_B - gamma)
@@ -411,17 +406,14 @@ def kto_loss(
       examples are unpaired.
     """
     _check_rows([("logps", logps), ("ref_logps", ref_logps), ("desirable", desirable)])
-    logps_B, ref_logps_B = at_least_float32(logps, ref_logps)
-    row_mask_B = _pair_mask(mask, logps_B)
+    logps_B, ref_logps_B, row_mask_B = _rows([("logps", logps), ("ref_logps", ref_logps)], mask)
     desirable_B = jnp.asarray(desirable).astype(bool)
     if (kl_logps is None) != (ref_kl_logps is None):
         raise ValueError("kto_loss: pass both kl_logps and ref_kl_logps, or neither.")
     if kl_logps is None:
         z0 = jnp.zeros((), logps_B.dtype)
     else:
-        _check_rows([("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)])
-        kl_B, ref_kl_B = at_least_float32(kl_logps, ref_kl_logps)
-        kl_mask_K = _pair_mask(kl_mask, kl_B)
+        kl_B, ref_kl_B, kl_mask_K = _rows([("kl_logps", kl_logps), ("ref_kl_logps", ref_kl_logps)], kl_mask)
         z0 = sg(jnp.maximum(masked_mean(kl_B - ref_kl_B, kl_mask_K, axis_name=axis_name), 0.0))
     logratio_B = logps_B - sg(ref_logps_B)  # h
     desirable_loss_B = desirable_weight * (1.0 - jax.nn.sigmoid(beta * (logratio_B - z0)))

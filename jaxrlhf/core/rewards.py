@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrlhf.core.kl import kl_estimate
+from jaxrlhf.core.stats import compute_dtype
 
 
 def last_valid_index(mask: chex.Array) -> jax.Array:
@@ -61,12 +62,12 @@ def kl_penalized_rewards(
     chex.assert_equal_shape_prefix([scores, mask], 1)
     kl_coef = jnp.asarray(kl_coef)
     chex.assert_rank(kl_coef, 0)
-    dtype = jnp.promote_types(logprobs.dtype, jnp.float32)
-    mask = mask.astype(dtype)
+    dtype = compute_dtype(logprobs)
+    mask_BxT = mask.astype(dtype)
     kl_BxT = kl_estimate(logprobs.astype(dtype), ref_logprobs.astype(dtype), kind)
-    kl_penalty_BxT = jnp.where(mask != 0, -kl_coef.astype(dtype) * kl_BxT * mask, 0)
-    positions_T = jnp.arange(mask.shape[-1], dtype=jnp.int32)
-    is_last_BxT = positions_T[None, :] == last_valid_index(mask)[:, None]  # no match if row empty
+    kl_penalty_BxT = jnp.where(mask_BxT != 0, -kl_coef.astype(dtype) * kl_BxT * mask_BxT, 0)
+    positions_T = jnp.arange(mask_BxT.shape[-1], dtype=jnp.int32)
+    is_last_BxT = positions_T[None, :] == last_valid_index(mask_BxT)[:, None]  # no match if row empty
     return kl_penalty_BxT + jnp.where(is_last_BxT, scores.astype(dtype)[:, None], 0)
 
 
@@ -87,7 +88,7 @@ def discounted_returns(rewards: chex.Array, mask: chex.Array, gamma=1.0) -> jax.
     """
     chex.assert_rank([rewards, mask], 2)
     chex.assert_equal_shape([rewards, mask])
-    dtype = jnp.promote_types(rewards.dtype, jnp.float32)
+    dtype = compute_dtype(rewards)
     valid_TxB = (mask != 0).T
     rewards_TxB = jnp.where(valid_TxB, rewards.astype(dtype).T, 0)
     gamma = jnp.asarray(gamma, dtype)
