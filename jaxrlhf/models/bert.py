@@ -31,15 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BertConfig", "BertEncoder", "BertModule", "load_bert_encoder"]
+from jaxrlhf.models.config import ACTIVATIONS
 
-_ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-}
+__all__ = ["BertConfig", "BertEncoder", "BertModule", "load_bert_encoder"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +56,7 @@ class BertConfig:
             raise ValueError(f"{source}: model_type {config.get('model_type')!r} is not supported; expected 'bert'")
         if config.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{source}: position_embedding_type {config['position_embedding_type']!r} is not supported")
-        if config.get("hidden_act", "gelu") not in _ACTIVATIONS:
+        if config.get("hidden_act", "gelu") not in ACTIVATIONS:
             raise ValueError(f"{source}: hidden_act {config['hidden_act']!r} is not supported")
         return cls(
             vocab_size=config["vocab_size"],
@@ -115,7 +109,7 @@ class BertLayer(nn.Module):
         attended = layer_norm("attention_output_LayerNorm")(
             hidden + nn.Dense(cfg.hidden_size, dtype=self.dtype, name="attention_output_dense")(context)
         )
-        inner = _ACTIVATIONS[cfg.hidden_act](
+        inner = ACTIVATIONS[cfg.hidden_act](
             nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="intermediate_dense")(attended)
         )
         return layer_norm("output_LayerNorm")(
