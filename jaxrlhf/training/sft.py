@@ -22,7 +22,7 @@ Everything is a pure function of its inputs; the model is any ``apply(params, id
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,7 @@ import numpy as np
 import optax
 
 from jaxrlhf.core.logprobs import token_logprobs
+from jaxrlhf.training.state import injected_adamw, schedule_multiplier
 
 __all__ = ["SFTConfig", "SFTState", "make_optimizer", "init_state", "sft_loss", "make_train_step", "train_sft",
            "iterate_minibatches"]
@@ -49,14 +50,18 @@ class SFTConfig:
     """Cosine decay to this fraction of the peak by the last step (1.0: constant after warm-up)."""
     weight_decay: float = 0.01
     """AdamW decoupled weight decay (applied to every parameter)."""
-    b1: float = 0.9
-    """Adam beta1."""
-    b2: float = 0.95
-    """Adam beta2."""
-    eps: float = 1e-8
-    """Adam epsilon."""
-    max_grad_norm: float = 1.0
-    """Global gradient-norm clipping (0: off)."""
+    adam_b1: float = 0.9
+    """AdamW beta1."""
+    adam_b2: float = 0.95
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: Optional[float] = 1.0
+    """Global gradient-norm clipping (None: off)."""
+
+    def __post_init__(self):
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"SFTConfig.max_grad_norm must be > 0 or None (off), got {self.max_grad_norm!r}")
 
 
 class SFTState(NamedTuple):
@@ -66,20 +71,15 @@ class SFTState(NamedTuple):
 
 
 def make_optimizer(config: SFTConfig, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with warm-up + cosine decay and optional global-norm clipping."""
-    total_steps = max(int(total_steps), 1)
-    warmup = min(config.warmup_steps, total_steps)
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup else config.learning_rate,
-        peak_value=config.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=config.learning_rate * config.decay_to,
-    )
-    adamw = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay)
-    if config.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-    return adamw
+    """The trainers' one AdamW (`jaxrlhf.training.state.injected_adamw`: optional global-norm
+    clipping, numbers in the optimizer state) with warm-up, then cosine decay to ``decay_to`` of the
+    peak at ``total_steps``."""
+    numbers = {"learning_rate": config.learning_rate, "b1": config.adam_b1, "b2": config.adam_b2,
+               "eps": config.adam_eps, "weight_decay": config.weight_decay}
+    if config.max_grad_norm is not None:
+        numbers["max_grad_norm"] = config.max_grad_norm
+    multiplier = schedule_multiplier(max(int(total_steps), 1), config.warmup_steps, "cosine", config.decay_to)
+    return injected_adamw(numbers, multiplier)
 
 
 def init_state(params, optimizer: optax.GradientTransformation) -> SFTState:

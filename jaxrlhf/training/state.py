@@ -87,12 +87,14 @@ class FrozenParams(NamedTuple):
     reward_params: Any = None
 
 
-def schedule_multiplier(total_updates: int, warmup_steps: int, lr_schedule: str) -> optax.Schedule:
+def schedule_multiplier(total_updates: int, warmup_steps: int, lr_schedule: str,
+                        end_fraction: float = 0.0) -> optax.Schedule:
     """The shape of a learning-rate schedule, peak 1 (structure: it depends on lengths only).
 
     Linear warm-up from 0 over ``warmup_steps`` updates, then ``lr_schedule`` ("constant", or
-    "linear" / "cosine" decay to 0 at update ``total_updates``). The learning rate of update n is
-    ``peak_lr * multiplier(n)``, with ``peak_lr`` in the optimizer state.
+    "linear" / "cosine" decay to ``end_fraction`` of the peak at update ``total_updates``). The
+    learning rate of update n is ``peak_lr * multiplier(n)``, with ``peak_lr`` in the optimizer
+    state. One schedule for every trainer (PPO, preference, SFT).
     """
     total_updates = max(total_updates, 1)
     warmup = min(warmup_steps, total_updates)
@@ -100,9 +102,9 @@ def schedule_multiplier(total_updates: int, warmup_steps: int, lr_schedule: str)
     if lr_schedule == "constant":
         after = optax.constant_schedule(1.0)
     elif lr_schedule == "linear":
-        after = optax.linear_schedule(1.0, 0.0, decay_steps)
+        after = optax.linear_schedule(1.0, end_fraction, decay_steps)
     else:
-        after = optax.cosine_decay_schedule(1.0, decay_steps)
+        after = optax.cosine_decay_schedule(1.0, decay_steps, alpha=end_fraction)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), after], [warmup])
