@@ -43,7 +43,7 @@ import numpy as np
 import optax
 
 from jaxrlhf.config import parse_config, save_config
-from jaxrlhf.core import last_valid_index, reward_model_loss, token_logprobs
+from jaxrlhf.core import concat_prompt_response, last_valid_index, reward_model_loss, token_logprobs
 from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import LanguageModel, ValueModel, gpt2_config
 from jaxrlhf.plotting import plot_curves
@@ -185,7 +185,7 @@ def make_evaluate(policy: LanguageModel, rm: ValueModel, config: Config):
     def evaluate(policy_params, sft_params, rm_params, prompt_ids, prompt_mask, key):
         out = generate(policy, policy_params, prompt_ids, prompt_mask, key, max_new_tokens=config.max_new_tokens,
                        eos_token_id=lang.EOS_ID, pad_token_id=lang.PAD_ID)
-        ids, mask = lang.concat_prompt_response(prompt_ids, prompt_mask, out.tokens, out.mask)
+        ids, mask = concat_prompt_response(prompt_ids, prompt_mask, out.tokens, out.mask)
         # Log-probs of the response tokens under the SFT model, from one forward pass.
         prompt_len = prompt_ids.shape[1]
         sft_logits = policy.apply(sft_params, ids, mask)[:, prompt_len - 1 : -1]
@@ -288,7 +288,7 @@ def main(config: Config) -> dict[str, Any]:
         seed=config.seed,
         save_every=max(config.ppo_steps, 1),
     )
-    runs = [{"init_kl_coef": float(kl_coef)} for kl_coef in config.kl_coefs]
+    runs = [{"kl_coef": float(kl_coef)} for kl_coef in config.kl_coefs]
     names = [f"kl_coef={kl_coef:g}" for kl_coef in config.kl_coefs]
     # Evaluation: the same prompts and sampling key at every evaluation (common random numbers).
     evaluate_fn = make_evaluate(policy, rm, config)

@@ -51,6 +51,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.core import concat_prompt_response
+from jaxrlhf.training.rewards import decode_responses
+
 __all__ = [
     "GOAL",
     "RandomWalks",
@@ -345,8 +348,7 @@ def sequence_kl(model, params, ref_params, prompt_ids, prompt_mask, response_ids
     the KL between the two sequence distributions.
     """
     P = prompt_ids.shape[1]
-    ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
+    ids, mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
     T = response_ids.shape[1]
 
     def response_logp(p):
@@ -402,8 +404,6 @@ def make_evaluator(model, task: RandomWalks, tokenizer, *, samples_per_prompt: i
 
 def decode_walks(tokenizer, prompt_ids, response_ids, response_mask) -> list[str]:
     """Walk strings ``start + response`` (special tokens dropped), for printing and the reference."""
-    walks = []
-    for p, r, m in zip(np.asarray(prompt_ids), np.asarray(response_ids), np.asarray(response_mask)):
-        tokens = list(p[-1:]) + [t for t, keep in zip(r, m) if keep]
-        walks.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return walks
+    start_ids = np.asarray(prompt_ids)[:, -1:]
+    return decode_responses(tokenizer, np.concatenate([start_ids, np.asarray(response_ids)], axis=1),
+                            np.concatenate([np.ones_like(start_ids), np.asarray(response_mask)], axis=1))

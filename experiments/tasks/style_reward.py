@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.models.bert import BertEncoder, l2_normalize, load_bert_encoder
+from jaxrlhf.training.rewards import decode_responses
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -61,13 +62,6 @@ def cosine_style_reward(encoder: BertEncoder, params, input_ids, attention_mask,
         return (l2_normalize(response) * l2_normalize(jnp.asarray(other, jnp.float32))).sum(axis=-1)
 
     return cosine(target_emb) - cosine(contrast_emb)
-
-
-def decode_responses(tokenizer, response_ids, response_mask) -> list[str]:
-    """Policy token ids ``[B, N]`` -> texts, keeping only valid tokens and dropping special tokens
-    (the EOS ``<|im_end|>`` ends a response but is not part of its text)."""
-    ids, mask = np.asarray(response_ids), np.asarray(response_mask)
-    return [tokenizer.decode(row[m != 0].tolist(), skip_special_tokens=True) for row, m in zip(ids, mask)]
 
 
 def distinct_n(token_lists: Sequence[Sequence[Any]], n: int) -> float:

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf.core import concat_prompt_response
+
 
 # ------------------------------------------------------------------------------------------------
 # Vocabulary
@@ -242,13 +244,6 @@ def judge(tokens: jax.Array, mask: jax.Array) -> Judgement:
 def true_score(tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """``[B]`` true score of whole sentences (see the module docstring)."""
     return judge(tokens, mask).score
-
-
-def concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask):
-    """One ``(ids, mask)`` row per sample: the prompt (left-padded) then the response (right-padded)."""
-    ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
-    return ids, mask
 
 
 def true_reward_fn(prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:

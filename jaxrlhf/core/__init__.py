@@ -45,6 +45,7 @@ from jaxrlhf.core.preference import (
     split_pairs,
 )
 from jaxrlhf.core.rewards import discounted_returns, kl_penalized_rewards, last_valid_index
+from jaxrlhf.core.sequences import concat_prompt_response
 from jaxrlhf.core.stats import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "broadcast_over_tokens",
     "chosen_nll_loss",
     "concat_pairs",
+    "concat_prompt_response",
     "discounted_returns",
     "dpo_loss",
     "drgrpo_advantages",

@@ -19,9 +19,12 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrlhf.core.rewards import last_valid_index
+from jaxrlhf.core.sequences import concat_prompt_response
 from jaxrlhf.models.value import ValueModel
+from jaxrlhf.sampling import is_eos
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.hparams import HyperParams
 from jaxrlhf.training.state import ScoreStats
@@ -72,6 +75,13 @@ class TextReward:
     metrics_fn: Optional[Callable[[Sequence[str], Sequence[str]], Mapping[str, float]]] = None
 
 
+def decode_responses(tokenizer, ids_BxN, mask_BxN) -> list[str]:
+    """Token ids -> one text per row: the tokens where ``mask != 0``, decoded with special tokens
+    dropped (an EOS ends a response but is not part of its text). Works for prompts too."""
+    ids_BxN, mask_BxN = np.asarray(ids_BxN), np.asarray(mask_BxN)
+    return [tokenizer.decode(row[keep != 0].tolist(), skip_special_tokens=True) for row, keep in zip(ids_BxN, mask_BxN)]
+
+
 def is_host_reward(reward) -> bool:
     return isinstance(reward, TextReward)
 
@@ -94,8 +104,7 @@ def score_in_jit(reward, reward_params, prompt_ids, prompt_mask, response_ids, r
     """Raw scores ``[B]`` from a JAX reward function or a `RewardModel`, inside the jitted step."""
     batch_size = prompt_ids.shape[0]
     if isinstance(reward, RewardModel):
-        ids_BxL = jnp.concatenate([prompt_ids, response_ids], axis=1)
-        mask_BxL = jnp.concatenate([prompt_mask, response_mask], axis=1)
+        ids_BxL, mask_BxL = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
         # Last valid token of the response; the last prompt slot when the response is empty.
         last_index_B = prompt_ids.shape[1] + last_valid_index(response_mask)
         scores = reward(reward_params, ids_BxL, mask_BxL, last_index_B)
@@ -108,12 +117,7 @@ def score_in_jit(reward, reward_params, prompt_ids, prompt_mask, response_ids, r
 
 def has_eos(response_ids: jax.Array, response_mask: jax.Array, eos_token_id) -> jax.Array:
     """``[B]`` bool: the response emitted an EOS token (in a valid position)."""
-    eos_ids = eos_token_id if isinstance(eos_token_id, tuple) else (eos_token_id,)
-    hit = jnp.zeros(response_ids.shape, bool)
-    for eos in eos_ids:
-        if eos is not None and eos >= 0:
-            hit |= response_ids == eos
-    return jnp.any(hit & (response_mask != 0), axis=1)
+    return jnp.any(is_eos(response_ids, eos_token_id) & (response_mask != 0), axis=1)
 
 
 def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats: ScoreStats,
