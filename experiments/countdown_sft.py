@@ -25,7 +25,7 @@ import jax
 
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import MetricsLogger
-from jaxrlhf.models import LanguageModel, ModelConfig, save_pretrained
+from jaxrlhf.models import LanguageModel, gpt2_config, save_pretrained
 from tasks import countdown as cd
 from jaxrlhf.training.sft import SFTConfig, train_sft
 
@@ -65,11 +65,9 @@ class Config:
 
 
 def make_model(config: Config, tokenizer) -> LanguageModel:
-    hf_config = dict(
-        model_type="gpt2", vocab_size=len(tokenizer), n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, n_positions=cd.PROMPT_LEN + cd.ANSWER_LEN + 4, activation_function="gelu_new",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LanguageModel(ModelConfig.from_hf(hf_config))
+    return LanguageModel(gpt2_config(len(tokenizer), config.n_embd, config.n_layer, config.n_head,
+                                     cd.PROMPT_LEN + cd.ANSWER_LEN + 4, bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
 def main(config: Config) -> dict:

@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import MetricsLogger, read_metrics
-from jaxrlhf.models import LanguageModel, ModelConfig, save_pretrained
+from jaxrlhf.models import LanguageModel, gpt2_config, save_pretrained
 from jaxrlhf.plotting import plot_curves
 from tasks import randomwalks as rw
 from jaxrlhf.tokenizers import char_tokenizer
@@ -80,13 +80,9 @@ class Config:
 
 
 def make_model(config: Config, tokenizer) -> LanguageModel:
-    hf_config = dict(
-        model_type="gpt2", vocab_size=len(tokenizer), n_embd=config.n_embd, n_layer=config.n_layer,
-        n_head=config.n_head, n_positions=config.max_length + 6, activation_function="gelu_new",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LanguageModel(ModelConfig.from_hf(hf_config))
+    return LanguageModel(gpt2_config(len(tokenizer), config.n_embd, config.n_layer, config.n_head,
+                                     config.max_length + 6, bos_token_id=tokenizer.bos_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 
 def check_hf_load(model_dir: str, model: LanguageModel, params, data) -> float:
