@@ -8,7 +8,7 @@ the trunk + the same random value head) start equal in both frameworks. One iter
     rollout      sample --new-tokens tokens per prompt (temperature 1, no top-k/top-p, KV cache,
                  no EOS so every row has the full length)
     experience   programmatic reward; policy, reference and critic forwards over prompt + response;
-                 k1 KL-penalised step rewards (beta 0.05); GAE (gamma 1, lam 0.95); whitening
+                 k1 KL-penalised step rewards (beta 0.05); GAE (gamma 1, gae_lambda 0.95); whitening
     update       1 PPO epoch x --minibatches minibatches: clipped policy + value loss, grad-norm
                  clip, AdamW on policy and critic
 
@@ -155,9 +155,9 @@ class JaxSide:
                      "bias": jax.numpy.asarray(head.bias.detach().numpy())}
         config = PPOConfig(
             total_steps=1000, batch_size=args.batch, minibatch_size=args.batch // args.minibatches, ppo_epochs=1,
-            max_new_tokens=args.new_tokens, max_prompt_len=args.prompt_len, temperature=1.0, top_k=0, top_p=1.0,
-            eos_token_id=-1, init_kl_coef=0.05, kl_estimator="k1", gamma=1.0, lam=0.95, cliprange=0.2,
-            cliprange_value=0.2, vf_coef=0.1, learning_rate=1e-5, critic_learning_rate=1e-5, max_grad_norm=1.0)
+            max_new_tokens=args.new_tokens, max_prompt_len=args.prompt_len, temperature=1.0, top_k=None, top_p=1.0,
+            eos_token_id=-1, kl_coef=0.05, kl_estimator="k1", gamma=1.0, gae_lambda=0.95, clip_eps=0.2,
+            value_clip_eps=0.2, vf_coef=0.1, learning_rate=1e-5, critic_learning_rate=1e-5, max_grad_norm=1.0)
         self.ppo = ppo = PPO(config, model, jax_reward, critic=ValueModel(model.config))
         self.frozen = ppo.frozen_params(ref_params=self.params)
         ids, mask = make_prompts(args.batch, args.prompt_len, model.config.vocab_size)

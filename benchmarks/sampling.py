@@ -224,7 +224,7 @@ def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int
         torch.set_num_threads(num_threads)
         with torch.inference_mode():
             out = hf_model.generate(input_ids=torch_ids, attention_mask=torch_mask, do_sample=True,
-                                    temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=case.new_tokens,
+                                    temperature=1.0, top_k=None, top_p=1.0, max_new_tokens=case.new_tokens,
                                     min_new_tokens=case.new_tokens, use_cache=True, pad_token_id=0)
         assert out.shape[1] == case.prompt_len + case.new_tokens
         return out

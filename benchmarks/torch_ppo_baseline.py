@@ -34,9 +34,9 @@ class TorchPPOSettings:
     temperature: float = 1.0
     kl_coef: float = 0.05
     gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
+    gae_lambda: float = 0.95
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
     vf_coef: float = 0.1
     learning_rate: float = 1e-5
     max_grad_norm: float = 1.0
@@ -135,7 +135,7 @@ class TorchPPO:
         for t in reversed(range(N)):
             next_values = values_m[:, t + 1] if t < N - 1 else torch.zeros_like(scores)
             delta = rewards[:, t] + s.gamma * next_values - values_m[:, t]
-            lastgaelam = delta + s.gamma * s.lam * lastgaelam
+            lastgaelam = delta + s.gamma * s.gae_lambda * lastgaelam
             advantages_reversed.append(lastgaelam)
         advantages = torch.stack(advantages_reversed[::-1], 1) * maskf
         returns = advantages + values_m
@@ -158,9 +158,9 @@ class TorchPPO:
                 vpred = self.critic(mb["ids"], mb["mask"], positions(mb["mask"]))[:, prompt_len - 1 : prompt_len - 1 + N]
                 ratio = torch.exp(logprobs - mb["logprobs"])
                 adv = mb["advantages"]
-                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - s.cliprange, 1 + s.cliprange))
+                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - s.clip_eps, 1 + s.clip_eps))
                 pg_loss = masked_mean(pg, m)
-                v_clipped = mb["values"] + (vpred - mb["values"]).clamp(-s.cliprange_value, s.cliprange_value)
+                v_clipped = mb["values"] + (vpred - mb["values"]).clamp(-s.value_clip_eps, s.value_clip_eps)
                 vf = torch.max((vpred - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2)
                 vf_loss = 0.5 * masked_mean(vf, m)
                 loss = pg_loss + s.vf_coef * vf_loss

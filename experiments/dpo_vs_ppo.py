@@ -184,7 +184,7 @@ def run_seed(config: Config, seed: int, logger: MetricsLogger) -> Dict[str, Any]
         critic_learning_rate=config.critic_lr, seed=seed, save_every=max(config.ppo_steps, 1))
     prompt_pool = lang.sample_prompts(k_ppo, config.ppo_batch_size * 16)
     result = train_sweep((policy, sft_params), RewardModel(rm), tuple(np.asarray(x) for x in prompt_pool), ppo_config,
-                         os.path.join(out_dir, "ppo"), [{"init_kl_coef": float(c)} for c in config.kl_coefs],
+                         os.path.join(out_dir, "ppo"), [{"kl_coef": float(c)} for c in config.kl_coefs],
                          reward_params=rm_params, export=False, progress=False)
     for run, kl_coef in enumerate(config.kl_coefs):
         params = jax.tree.map(lambda x: x[run], result.state.runs.policy_params)

@@ -38,7 +38,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -113,8 +113,8 @@ class Config:
     """Value head on the policy's trunk (one network; the CPU default) instead of a separate critic."""
     kl_estimator: str = "k1"
     """Per-token KL estimator of the penalty (k1, k2, k3, abs)."""
-    score_norm: str = "none"
-    """Score normalisation before the step rewards: none, batch, running."""
+    score_norm: Optional[str] = None
+    """Score normalisation before the step rewards: None (off), "batch", "running"."""
 
     # --- evaluation / output ---
     num_samples_shown: int = 6
@@ -283,7 +283,7 @@ def main(config: Config) -> dict:
         total_steps=config.steps, batch_size=config.batch_size, minibatch_size=config.minibatch_size,
         ppo_epochs=config.ppo_epochs, max_prompt_len=width, max_new_tokens=config.max_new_tokens,
         temperature=config.temperature, eos_token_id=-1 if eos is None else int(eos), pad_token_id=int(pad),
-        init_kl_coef=0.0, kl_estimator=config.kl_estimator, score_norm=config.score_norm,
+        kl_coef=0.0, kl_estimator=config.kl_estimator, score_norm=config.score_norm,
         learning_rate=config.learning_rate, critic_learning_rate=config.learning_rate,
         shared_trunk=config.shared_trunk, seed=config.seed)
     reward = TextReward(style, tokenizer)
@@ -312,7 +312,7 @@ def main(config: Config) -> dict:
         "distinct_1": distinct_n([words(t) for t in responses], 1),
         "distinct_2": distinct_n([words(t) for t in responses], 2)})
     result = train_sweep(pretrained, diversity, train_data, ppo_config, sweep_dir,
-                         runs=[{"init_kl_coef": float(coef)} for coef in config.kl_coefs],
+                         runs=[{"kl_coef": float(coef)} for coef in config.kl_coefs],
                          tokenizer=tokenizer, export=False, progress=config.progress)
     bridge = style.bridge_timings(tokenizer, *evaluate.last_rollout)  # the reward bridge's cost, once
     steady = [m["step_time"] for m in result.histories[0][1:]] or [result.histories[0][0]["step_time"]]

@@ -116,7 +116,7 @@ def jax_policy_grad(d, agg, dtype):
 def jax_value_grad(d, dtype):
     def loss(values):
         cast = lambda k: jnp.asarray(d[k], dtype)
-        value, _ = core.ppo_value_loss(values, cast("old_values"), cast("returns"), cast("mask"), clip_eps=0.2)
+        value, _ = core.ppo_value_loss(values, cast("old_values"), cast("returns"), cast("mask"), value_clip_eps=0.2)
         return value
 
     return np.asarray(jax.grad(loss)(jnp.asarray(d["values"], dtype)), np.float64)

@@ -35,7 +35,7 @@ def test_returns_by_hand():
 
 def test_gae_by_hand():
     rewards = jnp.array([[-0.02, 0.0, 2.05, 0.0]])
-    # gamma = 1.0, lam = 0.95; V past the last valid token is 0.
+    # gamma = 1.0, gae_lambda = 0.95; V past the last valid token is 0.
     #   delta_2 = 2.05 + 1.0 * 0.0 - 1.5 = 0.55
     #   delta_1 = 0.0  + 1.0 * 1.5 - 1.0 = 0.5
     #   delta_0 = -0.02 + 1.0 * 1.0 - 0.5 = 0.48
@@ -43,12 +43,12 @@ def test_gae_by_hand():
     #   A_1 = 0.5  + 0.95 * 0.55   = 0.5  + 0.5225   = 1.0225
     #   A_0 = 0.48 + 0.95 * 1.0225 = 0.48 + 0.971375 = 1.451375
     #   returns = A + V = [1.451375 + 0.5, 1.0225 + 1.0, 0.55 + 1.5] = [1.951375, 2.0225, 2.05]
-    advantages, returns = core.gae_advantages(rewards, VALUES, MASK, gamma=1.0, lam=0.95)
+    advantages, returns = core.gae_advantages(rewards, VALUES, MASK, gamma=1.0, gae_lambda=0.95)
     np.testing.assert_allclose(advantages, [[1.451375, 1.0225, 0.55, 0.0]], atol=1e-6)
     np.testing.assert_allclose(returns, [[1.951375, 2.0225, 2.05, 0.0]], atol=1e-6)
-    # lam = 1.0: A_t = G_t - V_t, so the value targets are the plain returns [2.03, 2.05, 2.05].
+    # gae_lambda = 1.0: A_t = G_t - V_t, so the value targets are the plain returns [2.03, 2.05, 2.05].
     #   A_2 = 0.55;  A_1 = 0.5 + 0.55 = 1.05;  A_0 = 0.48 + 1.05 = 1.53
-    advantages, returns = core.gae_advantages(rewards, VALUES, MASK, gamma=1.0, lam=1.0)
+    advantages, returns = core.gae_advantages(rewards, VALUES, MASK, gamma=1.0, gae_lambda=1.0)
     np.testing.assert_allclose(advantages, [[1.53, 1.05, 0.55, 0.0]], atol=1e-6)
     np.testing.assert_allclose(returns, [[2.03, 2.05, 2.05, 0.0]], atol=1e-6)
 

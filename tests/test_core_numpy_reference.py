@@ -191,14 +191,14 @@ def np_discounted_returns(rewards, mask, gamma):
     return returns
 
 
-def np_gae(rewards, values, mask, gamma, lam):
+def np_gae(rewards, values, mask, gamma, gae_lambda):
     advantages = np.zeros(mask.shape)
     for b in range(mask.shape[0]):
         valid = [t for t in range(mask.shape[1]) if mask[b, t]]
         next_value, next_advantage = 0.0, 0.0
         for t in reversed(valid):
             delta = rewards[b, t] + gamma * next_value - values[b, t]
-            advantages[b, t] = delta + gamma * lam * next_advantage
+            advantages[b, t] = delta + gamma * gae_lambda * next_advantage
             next_value, next_advantage = values[b, t], advantages[b, t]
     returns = np.where(mask != 0, advantages + values, 0.0)
     return advantages, returns
@@ -228,13 +228,13 @@ def test_discounted_returns_match_numpy(rng, gamma):
     assert_finite_close(core.discounted_returns(rewards, mask, gamma), np_discounted_returns(rewards, mask, gamma))
 
 
-@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0), (1.0, 0.0)])
-def test_gae_matches_numpy(rng, gamma, lam):
+@pytest.mark.parametrize("gamma,gae_lambda", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0), (1.0, 0.0)])
+def test_gae_matches_numpy(rng, gamma, gae_lambda):
     rewards = rng.normal(size=(B, T)).astype(np.float32)
     values = rng.normal(size=(B, T)).astype(np.float32)
     mask = ragged_mask()
-    advantages, returns = core.gae_advantages(rewards, values, mask, gamma, lam)
-    expected_advantages, expected_returns = np_gae(rewards, values, mask, gamma, lam)
+    advantages, returns = core.gae_advantages(rewards, values, mask, gamma, gae_lambda)
+    expected_advantages, expected_returns = np_gae(rewards, values, mask, gamma, gae_lambda)
     assert_finite_close(advantages, expected_advantages)
     assert_finite_close(returns, expected_returns)
 
@@ -334,17 +334,17 @@ def np_value_loss(values, old_values, returns, mask, eps):
     return 0.5 * np_aggregate(per_token, mask, "token-mean"), np_aggregate(clipped, mask, "token-mean")
 
 
-@pytest.mark.parametrize("clip_eps", [0.2, None])
-def test_ppo_value_loss_matches_numpy(rng, clip_eps):
+@pytest.mark.parametrize("value_clip_eps", [0.2, None])
+def test_ppo_value_loss_matches_numpy(rng, value_clip_eps):
     old_values = rng.normal(size=(B, T)).astype(np.float32)
     values = (old_values + rng.normal(size=(B, T)) * 0.3).astype(np.float32)
     returns = rng.normal(size=(B, T)).astype(np.float32)
     mask = ragged_mask()
-    loss, stats = core.ppo_value_loss(values, old_values, returns, mask, clip_eps=clip_eps)
-    expected_loss, expected_clipfrac = np_value_loss(values, old_values, returns, mask, clip_eps)
+    loss, stats = core.ppo_value_loss(values, old_values, returns, mask, value_clip_eps=value_clip_eps)
+    expected_loss, expected_clipfrac = np_value_loss(values, old_values, returns, mask, value_clip_eps)
     assert_finite_close(loss, expected_loss)
     assert_finite_close(stats["vf_clipfrac"], expected_clipfrac)
-    if clip_eps is not None:
+    if value_clip_eps is not None:
         assert 0 < expected_clipfrac < 1
 
 

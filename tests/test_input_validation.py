@@ -85,8 +85,9 @@ def test_bad_top_p(tiny, top_p):
 
 
 def test_bad_top_k(tiny):
-    with pytest.raises(ValueError, match=r"generate: top_k must be >= 0 \(0 = off\), got -1"):
-        _generate(*tiny, *_prompts(), top_k=-1)
+    for k in (-1, 0):  # None, not 0, turns top-k off
+        with pytest.raises(ValueError, match=rf"generate: top_k must be None \(off\) or >= 1, got {k}"):
+            _generate(*tiny, *_prompts(), top_k=k)
     with pytest.raises(ValueError, match=r"generate: top_k must be an integer, got 2.0"):
         _generate(*tiny, *_prompts(), top_k=2.0)
 
@@ -174,7 +175,7 @@ def test_position_check_counts_real_tokens_not_padding(tiny):
 
 
 def test_valid_arguments_still_sample(tiny):
-    """The documented "off" values (top_k = 0, top_p = 1) and limits (top_k >= V, eos = V - 1) run."""
+    """The documented "off" values (top_k = None, top_p = 1) and limits (top_k >= V, eos = V - 1) run."""
     model, params = tiny
     ids, mask = _prompts()
     out = _generate(model, params, ids, mask.astype(bool), temperature=0.7, top_k=VOCAB + 5, top_p=1.0,
@@ -215,7 +216,7 @@ def test_sampler_checks_options_at_construction(tiny):
         make_sampler(model, max_new_tokens=2, temperature=-1.0)
     with pytest.raises(ValueError, match=r"Sampler: top_p must be in \(0, 1\]"):
         make_sampler(model, max_new_tokens=2, top_p=0.0)
-    with pytest.raises(ValueError, match=r"Sampler: top_k must be >= 0"):
+    with pytest.raises(ValueError, match=r"Sampler: top_k must be None \(off\) or >= 1"):
         make_sampler(model, max_new_tokens=2, top_k=-3)
     with pytest.raises(ValueError, match=r"Sampler: eos_token_id 32 is outside the vocabulary"):
         make_sampler(model, max_new_tokens=2, eos_token_id=VOCAB)

@@ -146,7 +146,7 @@ def test_greedy_matches_transformers_left_padded(tiny):
     np.testing.assert_array_equal(np.asarray(out.mask)[0], np.arange(N) <= first_eos)
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, 1.0), (0.7, 20, 0.9)])
 def test_logprobs_equal_full_forward(tiny, temperature, top_k, top_p):
     _, model, params = tiny
     ids, mask = _left_padded_prompts()
@@ -219,7 +219,7 @@ def test_top_p_keeps_smallest_set_reaching_p():
 def test_top_k_filter():
     logits = jnp.asarray([[0.1, 3.0, -1.0, 2.0, 0.5]])
     assert set(np.flatnonzero(np.isfinite(np.asarray(top_k_filter(logits, 2)[0])))) == {1, 3}
-    np.testing.assert_array_equal(np.asarray(top_k_filter(logits, 0)), np.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(top_k_filter(logits, None)), np.asarray(logits))
 
 
 def _chi_square_pvalue(tokens, probs):
@@ -234,7 +234,7 @@ def test_temperature_sampling_matches_softmax_frequencies(temperature):
     logits = np.array([1.0, 0.2, -0.5, 2.0, 0.0, -1.5], np.float32)
     draws = 40_000
     tokens, logprobs = jax.jit(sample_token, static_argnums=(3,))(
-        jnp.tile(jnp.asarray(logits), (draws, 1)), jax.random.key(42), temperature, 0)
+        jnp.tile(jnp.asarray(logits), (draws, 1)), jax.random.key(42), temperature, None)
     probs = np.exp(logits.astype(np.float64) / temperature)
     probs /= probs.sum()
     pvalue, counts = _chi_square_pvalue(tokens, probs)
@@ -426,7 +426,7 @@ def test_generate_inside_outer_jit_with_traced_temperature(tiny):
         return out, jnp.sum(out.logprobs * out.mask)
 
     out, total = rollout(params, ids, mask, jax.random.key(1), 1.0)
-    _assert_same_samples(out, _run(model, params, ids, mask, jax.random.key(1), temperature=1.0, top_k=0,
+    _assert_same_samples(out, _run(model, params, ids, mask, jax.random.key(1), temperature=1.0, top_k=None,
                                    top_p=1.0, eos_token_id=(5, 7)))
     # A traced temperature of 0 is greedy: the greedy tokens, cut after the first 5 or 7.
     out, _ = rollout(params, ids, mask, jax.random.key(1), 0.0)

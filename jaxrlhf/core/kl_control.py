@@ -25,11 +25,11 @@ class KLController(NamedTuple):
     update: Callable[[KLControllerState, jax.Array, jax.Array], KLControllerState]
 
 
-def fixed_kl_controller(init_kl_coef: float) -> KLController:
+def fixed_kl_controller(kl_coef: float) -> KLController:
     """A constant coefficient: ``beta <- beta``."""
 
     def init() -> KLControllerState:
-        return KLControllerState(kl_coef=jnp.asarray(init_kl_coef, jnp.float32))
+        return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
 
     def update(state: KLControllerState, kl, n_steps) -> KLControllerState:
         del kl, n_steps
@@ -38,19 +38,19 @@ def fixed_kl_controller(init_kl_coef: float) -> KLController:
     return KLController(init, update)
 
 
-def adaptive_kl_controller(init_kl_coef: float, target: float, horizon: float) -> KLController:
+def adaptive_kl_controller(kl_coef: float, target: float, horizon: float) -> KLController:
     """Adaptive coefficient of Ziegler et al. (2019), steering the observed KL towards ``target``.
 
     ``e = clip(KL / target - 1, -0.2, 0.2)``, ``beta <- beta * (1 + e * n_steps / horizon)``.
 
     Args:
-      init_kl_coef: initial beta.
+      kl_coef: initial beta.
       target: the KL (per sequence, as you measure it) to aim for.
       horizon: how many samples it takes to move beta by a factor ~e^(+-0.2).
     """
 
     def init() -> KLControllerState:
-        return KLControllerState(kl_coef=jnp.asarray(init_kl_coef, jnp.float32))
+        return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
 
     def update(state: KLControllerState, kl, n_steps) -> KLControllerState:
         proportional_error = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)

@@ -14,18 +14,12 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.core.kl import kl_estimate
-from jaxrlhf.core.stats import masked_count, masked_mean, masked_sum
+from jaxrlhf.core.stats import at_least_float32, masked_count, masked_mean, masked_sum
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 GSPO_VARIANTS = ("seq", "token")
 
 Stats = Dict[str, jax.Array]
-
-
-def _at_least_float32(*arrays):
-    """Upcast bf16/f16 inputs so ratios and squared errors are computed in float32 or wider."""
-    dtype = jnp.result_type(jnp.float32, *arrays)
-    return tuple(jnp.asarray(a, dtype) for a in arrays)
 
 
 def aggregate_loss(
@@ -143,13 +137,13 @@ def ppo_policy_loss(
     _check_dual_clip(dual_clip)
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    logprobs, old_logprobs, advantages = _at_least_float32(logprobs, old_logprobs, advantages)
-    advantages = jax.lax.stop_gradient(advantages)
-    old_logprobs = jax.lax.stop_gradient(old_logprobs)
+    logprobs_BxT, old_logprobs_BxT, advantages_BxT = at_least_float32(logprobs, old_logprobs, advantages)
+    advantages_BxT = jax.lax.stop_gradient(advantages_BxT)
+    old_logprobs_BxT = jax.lax.stop_gradient(old_logprobs_BxT)
 
-    ratio_BxT = jnp.exp(logprobs - old_logprobs)
+    ratio_BxT = jnp.exp(logprobs_BxT - old_logprobs_BxT)
     pg_loss_BxT, is_clipped_BxT, is_dual_clipped_BxT = _clipped_surrogate(
-        ratio_BxT, advantages, eps_low, eps_high, dual_clip
+        ratio_BxT, advantages_BxT, eps_low, eps_high, dual_clip
     )
     loss = aggregate_loss(pg_loss_BxT, mask, agg, axis_name)
 
@@ -157,7 +151,7 @@ def ppo_policy_loss(
     stats = {
         "pg_loss": sg(loss),
         "clipfrac": masked_mean(is_clipped_BxT.astype(jnp.float32), mask, axis_name=axis_name),
-        "approx_kl": masked_mean(sg(kl_estimate(logprobs, old_logprobs, "k3")), mask, axis_name=axis_name),
+        "approx_kl": masked_mean(sg(kl_estimate(logprobs_BxT, old_logprobs_BxT, "k3")), mask, axis_name=axis_name),
         **_ratio_stats(ratio_BxT, mask, axis_name),
     }
     if is_dual_clipped_BxT is not None:
@@ -217,23 +211,23 @@ def gspo_policy_loss(
     sg = jax.lax.stop_gradient
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
-    logprobs, old_logprobs, advantages = _at_least_float32(logprobs_BxT, old_logprobs_BxT, advantages_BxT)
-    advantages, old_logprobs = sg(advantages), sg(old_logprobs)
+    logprobs_BxT, old_logprobs_BxT, advantages_BxT = at_least_float32(logprobs_BxT, old_logprobs_BxT, advantages_BxT)
+    advantages_BxT, old_logprobs_BxT = sg(advantages_BxT), sg(old_logprobs_BxT)
 
-    log_seq_ratio_B = masked_mean(logprobs - old_logprobs, mask_BxT, axis=-1)  # 0 for an empty row
+    log_seq_ratio_B = masked_mean(logprobs_BxT - old_logprobs_BxT, mask_BxT, axis=-1)  # 0 for an empty row
     if variant == "seq":
-        log_ratio_BxT = jnp.broadcast_to(log_seq_ratio_B[:, None], logprobs.shape)
+        log_ratio_BxT = jnp.broadcast_to(log_seq_ratio_B[:, None], logprobs_BxT.shape)
     else:
-        log_ratio_BxT = sg(log_seq_ratio_B)[:, None] + logprobs - sg(logprobs)
+        log_ratio_BxT = sg(log_seq_ratio_B)[:, None] + logprobs_BxT - sg(logprobs_BxT)
     ratio_BxT = jnp.exp(log_ratio_BxT)
-    pg_loss_BxT, is_clipped_BxT, _ = _clipped_surrogate(ratio_BxT, advantages, eps_low, eps_high, None)
+    pg_loss_BxT, is_clipped_BxT, _ = _clipped_surrogate(ratio_BxT, advantages_BxT, eps_low, eps_high, None)
     loss = aggregate_loss(pg_loss_BxT, mask_BxT, agg, axis_name)
 
     row_has_tokens_B = masked_count(mask_BxT, axis=-1) > 0
     stats = {
         "pg_loss": sg(loss),
         "clipfrac": masked_mean(is_clipped_BxT.astype(jnp.float32), mask_BxT, axis_name=axis_name),
-        "approx_kl": masked_mean(sg(kl_estimate(logprobs, old_logprobs, "k3")), mask_BxT, axis_name=axis_name),
+        "approx_kl": masked_mean(sg(kl_estimate(logprobs_BxT, old_logprobs_BxT, "k3")), mask_BxT, axis_name=axis_name),
         **_ratio_stats(jnp.exp(log_seq_ratio_B)[:, None], row_has_tokens_B[:, None], axis_name, prefix="seq_"),
     }
     return loss, stats
@@ -282,8 +276,8 @@ def kl_loss(
     """
     chex.assert_rank([logprobs_BxT, ref_logprobs_BxT, mask_BxT], 2)
     chex.assert_equal_shape([logprobs_BxT, ref_logprobs_BxT, mask_BxT])
-    logprobs, ref_logprobs = _at_least_float32(logprobs_BxT, ref_logprobs_BxT)
-    kl_BxT = kl_estimate(logprobs, jax.lax.stop_gradient(ref_logprobs), kind)
+    logprobs_BxT, ref_logprobs_BxT = at_least_float32(logprobs_BxT, ref_logprobs_BxT)
+    kl_BxT = kl_estimate(logprobs_BxT, jax.lax.stop_gradient(ref_logprobs_BxT), kind)
     loss = aggregate_loss(kl_BxT, mask_BxT, agg, axis_name)
     return loss, {"kl_loss": jax.lax.stop_gradient(loss)}
 
@@ -293,13 +287,13 @@ def ppo_value_loss(
     old_values: chex.Array,
     returns: chex.Array,
     mask: chex.Array,
-    clip_eps: Optional[float] = 0.2,
+    value_clip_eps: Optional[float] = 0.2,
     axis_name=None,
 ) -> Tuple[jax.Array, Stats]:
     """Clipped value loss.
 
     ``V_clip = clip(V, V_old - eps, V_old + eps)``,
-    ``loss = 0.5 * token-mean(max((V - R)^2, (V_clip - R)^2))``; ``clip_eps=None`` drops the
+    ``loss = 0.5 * token-mean(max((V - R)^2, (V_clip - R)^2))``; ``value_clip_eps=None`` drops the
     clipped term: ``0.5 * token-mean((V - R)^2)``.
 
     Args:
@@ -314,25 +308,25 @@ def ppo_value_loss(
     """
     chex.assert_rank([values, old_values, returns, mask], 2)
     chex.assert_equal_shape([values, old_values, returns, mask])
-    values, old_values, returns = _at_least_float32(values, old_values, returns)
-    old_values = jax.lax.stop_gradient(old_values)
-    returns = jax.lax.stop_gradient(returns)
-    unclipped_error_BxT = jnp.square(values - returns)
-    if clip_eps is None:
+    values_BxT, old_values_BxT, returns_BxT = at_least_float32(values, old_values, returns)
+    old_values_BxT = jax.lax.stop_gradient(old_values_BxT)
+    returns_BxT = jax.lax.stop_gradient(returns_BxT)
+    unclipped_error_BxT = jnp.square(values_BxT - returns_BxT)
+    if value_clip_eps is None:
         error_BxT = unclipped_error_BxT
         clipfrac = jnp.zeros((), jnp.float32)
     else:
-        clipped_values_BxT = jnp.clip(values, old_values - clip_eps, old_values + clip_eps)
-        clipped_error_BxT = jnp.square(clipped_values_BxT - returns)
+        clipped_values_BxT = jnp.clip(values_BxT, old_values_BxT - value_clip_eps, old_values_BxT + value_clip_eps)
+        clipped_error_BxT = jnp.square(clipped_values_BxT - returns_BxT)
         error_BxT = jnp.maximum(unclipped_error_BxT, clipped_error_BxT)
-        is_clipped = (clipped_error_BxT > unclipped_error_BxT).astype(jnp.float32)
-        clipfrac = masked_mean(is_clipped, mask, axis_name=axis_name)
+        is_clipped_BxT = (clipped_error_BxT > unclipped_error_BxT).astype(jnp.float32)
+        clipfrac = masked_mean(is_clipped_BxT, mask, axis_name=axis_name)
     loss = 0.5 * masked_mean(error_BxT, mask, axis_name=axis_name)
     sg = jax.lax.stop_gradient
     stats = {
         "vf_loss": sg(loss),
         "vf_clipfrac": clipfrac,
-        "value_mean": masked_mean(sg(values), mask, axis_name=axis_name),
+        "value_mean": masked_mean(sg(values_BxT), mask, axis_name=axis_name),
         "value_error": masked_mean(sg(unclipped_error_BxT), mask, axis_name=axis_name),
     }
     return loss, stats

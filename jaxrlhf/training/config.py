@@ -1,7 +1,7 @@
 """`PPOConfig`: every switch of the PPO trainer, with its default and meaning.
 
 A frozen (hashable) dataclass, so it can be a static argument of `jax.jit` and a field of an
-experiment's own config (``--ppo.cliprange 0.1`` on the command line, see `jaxrlhf.config`).
+experiment's own config (``--ppo.clip_eps 0.1`` on the command line, see `jaxrlhf.config`).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from jaxrlhf.core.losses import LOSS_AGGREGATIONS
 from jaxrlhf.metrics_log import LOGGERS
 
 KL_PLACEMENTS = ("reward", "loss")
-SCORE_NORMS = ("none", "batch", "running")
+SCORE_NORMS = ("batch", "running")  # or None: scores used as they are
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # Advantage estimators: "gae" trains a critic; every other one is critic-free (DESIGN.md, "Groups").
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce++", "reinforce++-baseline", "remax")
@@ -61,13 +61,14 @@ class PPOConfig:
     """Response length budget; responses stop earlier at EOS."""
     temperature: float = 1.0
     """Sampling temperature; log-probs for the losses use the same temperature."""
-    top_k: int = 0
-    """Sample among the k most likely tokens (0 = no limit)."""
+    top_k: Optional[int] = None
+    """Sample among the k most likely tokens (None = no limit)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold (1.0 = off)."""
+    """Nucleus sampling threshold; 1.0 keeps every token (a number, so it may be swept: it is no
+    switch, the identity of the filter)."""
     eos_token_id: Optional[int] = None
-    """End-of-sequence token; None takes the policy's `ModelConfig.eos_token_id` (first one if it is
-    a tuple); -1 means no EOS (every response runs to max_new_tokens)."""
+    """End-of-sequence token; None takes the policy's `ModelConfig.eos_token_id` (every id of it, if
+    it is a tuple); -1 means no EOS (every response runs to max_new_tokens)."""
     pad_token_id: int = 0
     """Token written in padding positions (left of prompts, after EOS)."""
     old_logprobs_from_sampler: bool = False
@@ -79,9 +80,10 @@ class PPOConfig:
     # --- reward ---
     score_clip: Optional[float] = None
     """Clip scores to [-score_clip, score_clip] before use (None = no clipping)."""
-    score_norm: str = "none"
-    """Score normalisation before it enters the step rewards: "none"; "batch" (whiten over the
-    batch); "running" (divide by the running std of all scores seen, mean kept in the state)."""
+    score_norm: Optional[str] = None
+    """Score normalisation before it enters the step rewards: None (scores as they are); "batch"
+    (whiten over the batch); "running" (divide by the running std of all scores seen, mean kept in
+    the state)."""
     score_norm_shift_mean: bool = False
     """With score_norm, also subtract the (batch or running) mean, not just divide by the std."""
     missing_eos_penalty: Optional[float] = None
@@ -94,7 +96,7 @@ class PPOConfig:
     kl_placement: str = "reward"
     """"reward": -kl_coef * KL is added to each step reward (Ziegler et al., InstructGPT);
     "loss": kl_coef * mean KL(policy || ref) is added to the policy loss (GRPO style)."""
-    init_kl_coef: float = 0.05
+    kl_coef: float = 0.05
     """Initial (or fixed) KL coefficient beta; 0 turns the penalty off."""
     adaptive_kl: bool = False
     """Adapt beta towards target_kl with the controller of Ziegler et al. (2019)."""
@@ -128,7 +130,7 @@ class PPOConfig:
     added to its raw score (from 0 down to -1). None = off."""
     gamma: float = 1.0
     """Discount factor over response tokens (1.0 for text)."""
-    lam: float = 0.95
+    gae_lambda: float = 0.95
     """GAE lambda."""
     whiten_advantages: bool = True
     """Whiten advantages over the batch's valid tokens (mean 0, std 1). "gae" only: the
@@ -138,15 +140,15 @@ class PPOConfig:
     policy_loss: str = "ppo"
     """"ppo" (token-level ratio clip), "gspo" (GSPO's sequence-level ratio, Zheng et al. 2025)
     or "gspo-token" (GSPO-token: the sequence ratio's value, each token's own gradient). GSPO
-    clips the sequence ratio with cliprange / cliprange_high (the paper uses 3e-4 / 4e-4)."""
+    clips the sequence ratio with clip_eps / clip_eps_high (the paper uses 3e-4 / 4e-4)."""
     dual_clip: Optional[float] = None
     """Dual-clip PPO constant c > 1 (Ye et al. 2020): for negative advantages the token loss is
     also capped at -A * c. None = off. "ppo" policy loss only."""
-    cliprange: float = 0.2
-    """PPO ratio clip epsilon (lower side, and upper side unless cliprange_high is set)."""
-    cliprange_high: Optional[float] = None
-    """Upper ratio clip epsilon (DAPO's "clip-higher"); None = cliprange."""
-    cliprange_value: Optional[float] = 0.2
+    clip_eps: float = 0.2
+    """PPO ratio clip epsilon (lower side, and upper side unless clip_eps_high is set)."""
+    clip_eps_high: Optional[float] = None
+    """Upper ratio clip epsilon (DAPO's "clip-higher"); None = clip_eps."""
+    value_clip_eps: Optional[float] = 0.2
     """Value clip around the rollout values; None disables value clipping."""
     vf_coef: float = 0.1
     """Weight of the value loss in the total loss."""
@@ -208,10 +210,13 @@ class PPOConfig:
         need(self.temperature > 0, "temperature must be positive")
         need(self.kl_estimator in KL_KINDS, f"kl_estimator must be one of {KL_KINDS}, got {self.kl_estimator!r}")
         need(self.kl_placement in KL_PLACEMENTS, f"kl_placement must be one of {KL_PLACEMENTS}, got {self.kl_placement!r}")
-        need(self.score_norm in SCORE_NORMS, f"score_norm must be one of {SCORE_NORMS}, got {self.score_norm!r}")
+        need(self.score_norm is None or self.score_norm in SCORE_NORMS,
+             f"score_norm must be None (off) or one of {SCORE_NORMS}, got {self.score_norm!r}")
+        need(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
+             f"top_k must be None (off) or an int >= 1, got {self.top_k!r}")
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         need(self.loss_agg in LOSS_AGGREGATIONS, f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
-        need(self.init_kl_coef >= 0, "init_kl_coef must be >= 0")
+        need(self.kl_coef >= 0, "kl_coef must be >= 0")
         need(not self.adaptive_kl or (self.target_kl > 0 and self.kl_horizon > 0),
              "adaptive_kl needs target_kl > 0 and kl_horizon > 0")
         need(self.score_clip is None or self.score_clip > 0, "score_clip must be positive or None")
@@ -236,8 +241,8 @@ class PPOConfig:
         need(not self.shared_trunk or self.uses_critic,
              f"shared_trunk puts a value head on the policy, but advantage_estimator={self.advantage_estimator!r} "
              "trains no critic")
-        need(self.advantage_estimator != "remax" or self.score_norm == "none",
-             'advantage_estimator="remax" compares each score with the greedy response\'s: score_norm must be "none"')
+        need(self.advantage_estimator != "remax" or self.score_norm is None,
+             'advantage_estimator="remax" compares each score with the greedy response\'s: score_norm must be None')
         f = self.dynamic_sampling_oversample
         need(isinstance(f, int) and not isinstance(f, bool) and f >= 1,
              f"dynamic_sampling_oversample must be an int >= 1, got {f!r}")

@@ -6,7 +6,7 @@
                        logprobs, ref_logprobs, values  [B, N]
                      scores -> (EOS penalty, clip, normalise) -> step rewards
                        r = -beta * KL * mask,  r[last] += score        (kl_placement="reward")
-                     GAE: A, returns = gae(r, V, mask, gamma, lam);  A <- whiten(A)
+                     GAE: A, returns = gae(r, V, mask, gamma, gae_lambda);  A <- whiten(A)
                      or a critic-free estimator (no critic forward, see below)
 
 Critic-free estimators (``advantage_estimator != "gae"``, `jaxrlhf.core.groups`) replace the
@@ -38,6 +38,7 @@ from jaxrlhf.core.advantages import gae_advantages
 from jaxrlhf.core.kl import kl_estimate
 from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
 from jaxrlhf.core.rewards import kl_penalized_rewards
+from jaxrlhf.core.sequences import concat_prompt_response
 from jaxrlhf.core.stats import masked_mean, masked_sum, masked_var, masked_whiten
 from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import value_head_apply
@@ -138,13 +139,6 @@ def greedy_rollout(config: PPOConfig, policy: LanguageModel, policy_params, prom
     return Rollout(sample.tokens, sample.mask.astype(jnp.int32))
 
 
-def full_sequence(prompt_ids, prompt_mask, response_ids, response_mask):
-    """Prompt and response side by side: ``ids, mask [B, P + N]``."""
-    ids = jnp.concatenate([prompt_ids, response_ids], axis=1).astype(jnp.int32)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1).astype(jnp.int32)
-    return ids, mask
-
-
 def response_window(prompt_len: int, num_new: int) -> slice:
     """Positions ``P - 1 .. P + N - 2`` of the concatenated sequence: the ones that predict (and
     value) response tokens. A static slice: prompts are left-padded to P, responses have N slots."""
@@ -172,7 +166,7 @@ def policy_and_values(models: Models, policy_params, value_params, prompt_ids, p
     """
     prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
     window = response_window(prompt_len, num_new)
-    ids, mask = full_sequence(prompt_ids, prompt_mask, response_ids, response_mask)
+    ids, mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
     logprobs = entropy = out = None
     if with_logprobs:
         out = models.policy.forward(policy_params, ids, mask, logits_positions=window)
@@ -193,7 +187,7 @@ def reference_logprobs(models: Models, ref_params, prompt_ids, prompt_mask, resp
     """Response log-probs under the frozen reference policy (temperature-scaled like the policy's);
     the vocabulary head runs at the `response_window` positions only."""
     prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
-    ids, mask = full_sequence(prompt_ids, prompt_mask, response_ids, response_mask)
+    ids, mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
     logits_BxNxV = models.policy.forward(ref_params, ids, mask,
                                          logits_positions=response_window(prompt_len, num_new)).logits
     return token_logprobs(logits_BxNxV, response_ids.astype(jnp.int32), temperature)
@@ -226,7 +220,7 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
     top-p) instead of the exact per-token entropy. Step rewards (DESIGN.md):
     ``r = -kl_coef * KL * mask; r[last valid] += score`` with ``kl_placement="reward"``; with
     ``"loss"`` the KL moves into the policy loss and ``r`` is the score alone. Then
-    ``A, R = gae(r, V, mask, gamma, lam)`` and ``A <- whiten(A)`` if ``whiten_advantages``; or,
+    ``A, R = gae(r, V, mask, gamma, gae_lambda)`` and ``A <- whiten(A)`` if ``whiten_advantages``; or,
     for a critic-free ``advantage_estimator``, the estimator of the module docstring (no critic
     forward, ``old_values`` and ``returns`` None). With ``overlong_buffer`` DAPO's overlong penalty
     is added to the raw scores first. The numbers (temperature, gamma, lambda, score clipping,
@@ -235,56 +229,57 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
     ``prompts`` has one row per response (already repeated ``num_generations`` times);
     ``greedy = (rollout [B // G, N], raw scores [B // G])`` of the greedy responses (one per
     prompt) is needed by "remax": their scores go through the same overlong shaping, missing-EOS
-    penalty and clipping (``score_norm`` must be "none") and are the baseline.
+    penalty and clipping (``score_norm`` must be None) and are the baseline.
 
     Returns:
       ``(experience, new_score_stats, stats)`` with scalar diagnostics in ``stats``.
     """
-    response_ids, response_mask = rollout_out.tokens, rollout_out.mask
+    response_ids_BxN, response_mask_BxN = rollout_out.tokens, rollout_out.mask
     estimator, G = config.advantage_estimator, config.num_generations
     sg = jax.lax.stop_gradient
     from_sampler = config.old_logprobs_from_sampler
     if from_sampler and rollout_out.logprobs is None:
         raise ValueError("config.old_logprobs_from_sampler takes old_logprobs from the rollout: pass a Rollout "
                          "with the sampler's logprobs (what `rollout` returns)")
-    logprobs, values, entropy = policy_and_values(
-        models, policy_params, value_params, prompts.ids, prompts.mask, response_ids, response_mask,
+    logprobs_BxN, values_BxN, entropy_BxN = policy_and_values(
+        models, policy_params, value_params, prompts.ids, prompts.mask, response_ids_BxN, response_mask_BxN,
         hparams.temperature, with_entropy=not from_sampler, with_logprobs=not from_sampler)
     if from_sampler:
-        logprobs = jnp.where(response_mask > 0, rollout_out.logprobs.astype(jnp.float32), 0.0)
-        entropy = -logprobs  # per-token sample estimate; only its masked mean is reported
-    ref_logprobs = reference_logprobs(models, ref_params, prompts.ids, prompts.mask, response_ids,
-                                      response_mask, hparams.temperature)
-    logprobs, ref_logprobs = sg(logprobs), sg(ref_logprobs)
-    values = None if values is None else sg(values)
-    response_length_B = jnp.sum(response_mask, axis=1).astype(jnp.float32)
+        logprobs_BxN = jnp.where(response_mask_BxN > 0, rollout_out.logprobs.astype(jnp.float32), 0.0)
+        entropy_BxN = -logprobs_BxN  # per-token sample estimate; only its masked mean is reported
+    ref_logprobs_BxN = reference_logprobs(models, ref_params, prompts.ids, prompts.mask, response_ids_BxN,
+                                          response_mask_BxN, hparams.temperature)
+    logprobs_BxN, ref_logprobs_BxN = sg(logprobs_BxN), sg(ref_logprobs_BxN)
+    values_BxN = None if values_BxN is None else sg(values_BxN)
+    response_length_B = jnp.sum(response_mask_BxN, axis=1).astype(jnp.float32)
 
     extra = {}
     shaped_scores_B = raw_scores_B
     if config.overlong_buffer is not None:
-        penalty_B = overlong_penalty(config, response_mask, hparams)
+        penalty_B = overlong_penalty(config, response_mask_BxN, hparams)
         shaped_scores_B = raw_scores_B + penalty_B
         extra["overlong_penalty"] = jnp.mean(penalty_B)
-    eos_found_B = has_eos(response_ids, response_mask, resolve_eos(config, models.policy))
+    eos_found_B = has_eos(response_ids_BxN, response_mask_BxN, resolve_eos(config, models.policy))
     scores_B, new_score_stats = postprocess_scores(config, shaped_scores_B, eos_found_B, score_stats, hparams)
 
     reward_kl_coef = kl_coef if config.kl_placement == "reward" else jnp.zeros_like(kl_coef)
-    kl_BxN = kl_estimate(logprobs, ref_logprobs, config.kl_estimator)
-    kl_per_sequence_B = masked_sum(kl_BxN, response_mask, axis=1)
-    returns = None
+    kl_BxN = kl_estimate(logprobs_BxN, ref_logprobs_BxN, config.kl_estimator)
+    kl_per_sequence_B = masked_sum(kl_BxN, response_mask_BxN, axis=1)
+    returns_BxN = None
     if estimator == "gae":
-        rewards = kl_penalized_rewards(scores_B, logprobs, ref_logprobs, response_mask, reward_kl_coef,
-                                       config.kl_estimator)
-        advantages, returns = gae_advantages(rewards, values, response_mask, hparams.gamma, hparams.lam)
+        rewards_BxN = kl_penalized_rewards(scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN,
+                                           reward_kl_coef, config.kl_estimator)
+        advantages_BxN, returns_BxN = gae_advantages(rewards_BxN, values_BxN, response_mask_BxN, hparams.gamma,
+                                                     hparams.gae_lambda)
         if config.whiten_advantages:
-            advantages = masked_whiten(advantages, response_mask)
+            advantages_BxN = masked_whiten(advantages_BxN, response_mask_BxN)
     elif estimator in ("reinforce++", "reinforce++-baseline"):
         baseline = G if estimator == "reinforce++-baseline" else None
-        advantages = groups.reinforce_pp_advantages(scores_B, logprobs, ref_logprobs, response_mask,
-                                                    reward_kl_coef, config.kl_estimator, hparams.gamma,
-                                                    baseline_group_size=baseline)
-        rewards = kl_penalized_rewards(scores_B, logprobs, ref_logprobs, response_mask, reward_kl_coef,
-                                       config.kl_estimator)
+        advantages_BxN = groups.reinforce_pp_advantages(scores_B, logprobs_BxN, ref_logprobs_BxN,
+                                                        response_mask_BxN, reward_kl_coef, config.kl_estimator,
+                                                        hparams.gamma, baseline_group_size=baseline)
+        rewards_BxN = kl_penalized_rewards(scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN,
+                                           reward_kl_coef, config.kl_estimator)
     else:  # outcome estimators: one advantage per response
         sequence_scores_B = scores_B - reward_kl_coef * kl_per_sequence_B
         if estimator == "grpo":
@@ -303,9 +298,9 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
             greedy_eos_P = has_eos(greedy_rollout.tokens, greedy_rollout.mask, resolve_eos(config, models.policy))
             greedy_used_P, _ = postprocess_scores(config, greedy_shaped_P, greedy_eos_P, score_stats, hparams)
             advantages_B = groups.remax_advantages(sequence_scores_B, greedy_used_P, G)
-        advantages = groups.broadcast_over_tokens(advantages_B, response_mask)
-        rewards = kl_penalized_rewards(sequence_scores_B, logprobs, ref_logprobs, response_mask,
-                                       jnp.zeros_like(kl_coef), config.kl_estimator)
+        advantages_BxN = groups.broadcast_over_tokens(advantages_B, response_mask_BxN)
+        rewards_BxN = kl_penalized_rewards(sequence_scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN,
+                                           jnp.zeros_like(kl_coef), config.kl_estimator)
     if G > 1:
         extra["group_signal_fraction"] = groups.group_signal_fraction(scores_B, G)
     if greedy is not None:
@@ -316,25 +311,25 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
         "score_std": jnp.std(raw_scores_B),
         "score_used": jnp.mean(scores_B),
         "kl": jnp.mean(kl_per_sequence_B),  # per sequence (what the adaptive controller tracks)
-        "kl_per_token": masked_mean(kl_BxN, response_mask),
+        "kl_per_token": masked_mean(kl_BxN, response_mask_BxN),
         "kl_coef": kl_coef,
         "non_score_reward": -kl_coef * jnp.mean(kl_per_sequence_B),
-        "entropy": masked_mean(entropy, response_mask),
+        "entropy": masked_mean(entropy_BxN, response_mask_BxN),
         "response_length": jnp.mean(response_length_B),
         "eos_fraction": jnp.mean(eos_found_B.astype(jnp.float32)),
-        "advantages_mean": masked_mean(advantages, response_mask),
-        "num_response_tokens": jnp.sum(response_mask).astype(jnp.float32),
+        "advantages_mean": masked_mean(advantages_BxN, response_mask_BxN),
+        "num_response_tokens": jnp.sum(response_mask_BxN).astype(jnp.float32),
         **extra,
     }
-    if values is not None:
-        stats["value_mean"] = masked_mean(values, response_mask)
-        stats["returns_mean"] = masked_mean(returns, response_mask)
-        stats["explained_variance"] = explained_variance(values, returns, response_mask)
+    if values_BxN is not None:
+        stats["value_mean"] = masked_mean(values_BxN, response_mask_BxN)
+        stats["returns_mean"] = masked_mean(returns_BxN, response_mask_BxN)
+        stats["explained_variance"] = explained_variance(values_BxN, returns_BxN, response_mask_BxN)
     experience = Experience(
         prompt_ids=prompts.ids, prompt_mask=prompts.mask,
-        response_ids=response_ids, response_mask=response_mask,
-        old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
-        advantages=sg(advantages), returns=None if returns is None else sg(returns), rewards=rewards,
-        scores=scores_B,
+        response_ids=response_ids_BxN, response_mask=response_mask_BxN,
+        old_logprobs=logprobs_BxN, ref_logprobs=ref_logprobs_BxN, old_values=values_BxN,
+        advantages=sg(advantages_BxN), returns=None if returns_BxN is None else sg(returns_BxN),
+        rewards=rewards_BxN, scores=scores_B,
     )
     return experience, new_score_stats, stats

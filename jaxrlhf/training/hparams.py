@@ -15,13 +15,13 @@ Where each number lives in the state:
     learning_rate, critic_learning_rate,        policy_opt_state / value_opt_state .hyperparams
     adam_b1, adam_b2, adam_eps, weight_decay,     (optax.inject_hyperparams: the optimizer reads
     max_grad_norm                                  them from its own state at every update)
-    init_kl_coef                                 kl_ctl.kl_coef (its initial value)
+    kl_coef                                      kl_ctl.kl_coef (its initial value)
     everything else in `HyperParams`             state.hparams
 
 ``seed`` is no hyper-parameter but a sweep axis too: it picks the run's PRNG key (in the state)
 and its prompt order.
 
-An optional number given as None (``cliprange_value=None``: no value clipping) is structure: the
+An optional number given as None (``value_clip_eps=None``: no value clipping) is structure: the
 term is not computed. Likewise ``entropy_coef == 0`` skips the entropy computation (a sweep that
 mixes 0 and non-zero values computes it for all runs, which changes nothing for the zero ones).
 """
@@ -36,6 +36,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.config import renamed_field_message
 from jaxrlhf.training.config import PPOConfig
 
 
@@ -51,10 +52,10 @@ class HyperParams:
     target_kl: jax.Array
     kl_horizon: jax.Array
     gamma: jax.Array
-    lam: jax.Array
-    cliprange: jax.Array
-    cliprange_high: jax.Array  # = cliprange when the config's cliprange_high is None
-    cliprange_value: jax.Array
+    gae_lambda: jax.Array
+    clip_eps: jax.Array
+    clip_eps_high: jax.Array  # = clip_eps when the config's clip_eps_high is None
+    value_clip_eps: jax.Array
     vf_coef: jax.Array
     entropy_coef: jax.Array
     score_clip: jax.Array
@@ -65,8 +66,8 @@ class HyperParams:
     @classmethod
     def from_config(cls, config: PPOConfig) -> "HyperParams":
         values = {name: getattr(config, name) for name in HPARAM_FIELDS}
-        if values["cliprange_high"] is None:
-            values["cliprange_high"] = config.cliprange
+        if values["clip_eps_high"] is None:
+            values["clip_eps_high"] = config.clip_eps
         return cls(**{name: jnp.asarray(0.0 if v is None else v, jnp.float32) for name, v in values.items()})
 
 
@@ -85,10 +86,10 @@ LEARNING_RATE_FIELDS = {"policy": "learning_rate", "value": "critic_learning_rat
 
 # Every PPOConfig field that is data (changes no shape), and the sweep axes (those plus the seed).
 NUMERIC_FIELDS = (HPARAM_FIELDS + tuple(OPTIMIZER_FIELDS) + tuple(LEARNING_RATE_FIELDS.values())
-                  + ("init_kl_coef",))
+                  + ("kl_coef",))
 SWEEPABLE_FIELDS = NUMERIC_FIELDS + ("seed",)
 # Numbers whose None switches a term off (structure) rather than taking a value.
-OPTIONAL_NUMERIC_FIELDS = ("cliprange_high", "cliprange_value", "score_clip", "missing_eos_penalty", "max_grad_norm",
+OPTIONAL_NUMERIC_FIELDS = ("clip_eps_high", "value_clip_eps", "score_clip", "missing_eos_penalty", "max_grad_norm",
                            "dual_clip", "overlong_buffer")
 
 
@@ -104,13 +105,13 @@ def optimizer_numbers(config: PPOConfig, which: str) -> Dict[str, float]:
 
 def initial_numbers(config: PPOConfig) -> Dict[str, Any]:
     """Every number of ``config`` that the state holds, as a pytree of float32 scalars (what a
-    sweep stacks on its run axis): ``hparams``, both optimizers' injected numbers, ``init_kl_coef``."""
+    sweep stacks on its run axis): ``hparams``, both optimizers' injected numbers, ``kl_coef``."""
     as_array = lambda tree: jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), tree)  # noqa: E731
     return {
         "hparams": HyperParams.from_config(config),
         "policy_optimizer": as_array(optimizer_numbers(config, "policy")),
         "value_optimizer": as_array(optimizer_numbers(config, "value")),
-        "init_kl_coef": jnp.asarray(config.init_kl_coef, jnp.float32),
+        "kl_coef": jnp.asarray(config.kl_coef, jnp.float32),
     }
 
 
@@ -125,7 +126,7 @@ def structure(config: PPOConfig) -> Dict[str, Any]:
     static = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
               if f.name not in SWEEPABLE_FIELDS}
     for name in OPTIONAL_NUMERIC_FIELDS:
-        if name != "cliprange_high":  # None means "= cliprange": a value, not a switch
+        if name != "clip_eps_high":  # None means "= clip_eps": a value, not a switch
             static[f"{name} is None"] = getattr(config, name) is None
     static["top_p < 1"] = config.top_p < 1.0
     return static
@@ -147,8 +148,8 @@ class SweepSpecError(ValueError):
 def grid(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
     """The Cartesian product of per-field value lists, as a list of per-run overrides.
 
-    ``grid(seed=[0, 1], init_kl_coef=[0.0, 0.1])`` ->
-    ``[{seed: 0, init_kl_coef: 0.0}, {seed: 0, init_kl_coef: 0.1}, {seed: 1, ...}, ...]``
+    ``grid(seed=[0, 1], kl_coef=[0.0, 0.1])`` ->
+    ``[{seed: 0, kl_coef: 0.0}, {seed: 0, kl_coef: 0.1}, {seed: 1, ...}, ...]``
     (the first axis varies slowest).
     """
     for name, values in axes.items():
@@ -185,7 +186,9 @@ def run_configs(base: PPOConfig, runs: Sequence[Mapping[str, Any]]) -> List[PPOC
             raise SweepSpecError(f"run {index}: overrides must be a dict of PPOConfig fields, got {overrides!r}")
         for name, value in overrides.items():
             if name not in known:
-                raise SweepSpecError(f"run {index}: unknown PPOConfig field {name!r}")
+                renamed = renamed_field_message(name, known)
+                raise SweepSpecError(f"run {index}: {renamed}" if renamed
+                                     else f"run {index}: unknown PPOConfig field {name!r}")
             if name not in SWEEPABLE_FIELDS:
                 raise SweepSpecError(
                     f"run {index}: {name!r} is a static field (it changes shapes or the program), so it "

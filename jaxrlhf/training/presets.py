@@ -54,8 +54,8 @@ def _algorithm(**settings) -> Dict[str, Any]:
     fields = dict(
         advantage_estimator=_DEFAULTS.advantage_estimator, policy_loss=_DEFAULTS.policy_loss,
         num_generations=1, kl_placement=_DEFAULTS.kl_placement, kl_estimator=_DEFAULTS.kl_estimator,
-        init_kl_coef=_DEFAULTS.init_kl_coef, adaptive_kl=_DEFAULTS.adaptive_kl, cliprange=_DEFAULTS.cliprange,
-        cliprange_high=_DEFAULTS.cliprange_high, loss_agg=_DEFAULTS.loss_agg, dual_clip=_DEFAULTS.dual_clip,
+        kl_coef=_DEFAULTS.kl_coef, adaptive_kl=_DEFAULTS.adaptive_kl, clip_eps=_DEFAULTS.clip_eps,
+        clip_eps_high=_DEFAULTS.clip_eps_high, loss_agg=_DEFAULTS.loss_agg, dual_clip=_DEFAULTS.dual_clip,
         greedy_rollout=_DEFAULTS.greedy_rollout, overlong_buffer=_DEFAULTS.overlong_buffer,
         whiten_advantages=_DEFAULTS.whiten_advantages, shared_trunk=False,
         dynamic_sampling_oversample=_DEFAULTS.dynamic_sampling_oversample,
@@ -79,7 +79,7 @@ def grpo(base: PPOConfig) -> Dict[str, Any]:
     reference as a k3 loss term with beta 0.04, clip 0.2, each response's token mean averaged over
     responses ("seq-mean-token-mean"), one update per batch of rollouts."""
     return _algorithm(advantage_estimator="grpo", num_generations=_group_size(base), kl_placement="loss",
-                      kl_estimator="k3", init_kl_coef=0.04, loss_agg="seq-mean-token-mean", ppo_epochs=1)
+                      kl_estimator="k3", kl_coef=0.04, loss_agg="seq-mean-token-mean", ppo_epochs=1)
 
 
 def dr_grpo(base: PPOConfig) -> Dict[str, Any]:
@@ -87,7 +87,7 @@ def dr_grpo(base: PPOConfig) -> Dict[str, Any]:
     ``A_i = r_i - mean_g r`` (no std), each response's token sum over the constant max_new_tokens
     ("seq-mean-token-sum-norm"), no KL term; otherwise GRPO's."""
     return _algorithm(advantage_estimator="drgrpo", num_generations=_group_size(base), kl_placement="loss",
-                      kl_estimator="k3", init_kl_coef=0.0, loss_agg="seq-mean-token-sum-norm", ppo_epochs=1)
+                      kl_estimator="k3", kl_coef=0.0, loss_agg="seq-mean-token-sum-norm", ppo_epochs=1)
 
 
 def dapo(base: PPOConfig) -> Dict[str, Any]:
@@ -97,7 +97,7 @@ def dapo(base: PPOConfig) -> Dict[str, Any]:
     a fifth of max_new_tokens (the paper: 4096 of 20480). Dynamic sampling samples more responses
     per step, so it is kept from the base: pass ``dynamic_sampling_oversample=2`` (or more) for it."""
     return _algorithm(advantage_estimator="grpo", num_generations=_group_size(base), kl_placement="loss",
-                      kl_estimator="k3", init_kl_coef=0.0, cliprange=0.2, cliprange_high=0.28, loss_agg="token-mean",
+                      kl_estimator="k3", kl_coef=0.0, clip_eps=0.2, clip_eps_high=0.28, loss_agg="token-mean",
                       overlong_buffer=max(1, base.max_new_tokens // 5),
                       dynamic_sampling_oversample=base.dynamic_sampling_oversample)
 
@@ -107,7 +107,7 @@ def gspo(base: PPOConfig) -> Dict[str, Any]:
     the length-normalised sequence ratio, clipped to [1 - 3e-4, 1 + 4e-4], "seq-mean-token-mean",
     no KL term."""
     return _algorithm(advantage_estimator="grpo", policy_loss="gspo", num_generations=_group_size(base),
-                      kl_placement="loss", kl_estimator="k3", init_kl_coef=0.0, cliprange=3e-4, cliprange_high=4e-4,
+                      kl_placement="loss", kl_estimator="k3", kl_coef=0.0, clip_eps=3e-4, clip_eps_high=4e-4,
                       loss_agg="seq-mean-token-mean")
 
 
@@ -117,7 +117,7 @@ def rloo(base: PPOConfig) -> Dict[str, Any]:
     sequence reward ``r - beta * sum_t k1_t`` (beta 0.05); the whole response is one action, so
     its token log-probs are summed ("seq-mean-token-sum"); one update per batch."""
     return _algorithm(advantage_estimator="rloo", num_generations=_group_size(base), kl_placement="reward",
-                      kl_estimator="k1", init_kl_coef=0.05, loss_agg="seq-mean-token-sum", ppo_epochs=1)
+                      kl_estimator="k1", kl_coef=0.05, loss_agg="seq-mean-token-sum", ppo_epochs=1)
 
 
 def reinforce_pp(base: PPOConfig) -> Dict[str, Any]:
@@ -126,14 +126,14 @@ def reinforce_pp(base: PPOConfig) -> Dict[str, Any]:
     beta 0.01), whitened over the global batch, PPO's clip 0.2, one response per prompt."""
     del base
     return _algorithm(advantage_estimator="reinforce++", kl_placement="reward", kl_estimator="k1",
-                      init_kl_coef=0.01)
+                      kl_coef=0.01)
 
 
 def reinforce_pp_baseline(base: PPOConfig) -> Dict[str, Any]:
     """REINFORCE++-baseline (Hu 2025): the group mean subtracted from each score, then REINFORCE++'s
     batch whitening; KL as a k2 loss term with beta 1e-3 (the authors' OpenRLHF recipe)."""
     return _algorithm(advantage_estimator="reinforce++-baseline", num_generations=_group_size(base),
-                      kl_placement="loss", kl_estimator="k2", init_kl_coef=1e-3)
+                      kl_placement="loss", kl_estimator="k2", kl_coef=1e-3)
 
 
 def remax(base: PPOConfig) -> Dict[str, Any]:
@@ -143,7 +143,7 @@ def remax(base: PPOConfig) -> Dict[str, Any]:
     response's token log-probs summed ("seq-mean-token-sum"), one update per batch."""
     del base
     return _algorithm(advantage_estimator="remax", greedy_rollout=True, kl_placement="reward",
-                      kl_estimator="k1", loss_agg="seq-mean-token-sum", ppo_epochs=1, score_norm="none")
+                      kl_estimator="k1", loss_agg="seq-mean-token-sum", ppo_epochs=1, score_norm=None)
 
 
 PRESETS: Dict[str, Callable[[PPOConfig], Dict[str, Any]]] = {

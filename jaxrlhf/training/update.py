@@ -68,29 +68,29 @@ def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams
     with_entropy = uses_entropy(config)
     # LoRA: ``params["policy"]`` are the adapters (differentiated), ``policy_base`` the frozen base.
     policy_params = params["policy"] if policy_base is None else LoraParams(policy_base, params["policy"])
-    logprobs, values, entropy = policy_and_values(
+    logprobs_BxN, values_BxN, entropy_BxN = policy_and_values(
         models, policy_params, params["value"], exp.prompt_ids, exp.prompt_mask,
         exp.response_ids, exp.response_mask, hp.temperature, with_entropy=with_entropy)
-    mask = exp.response_mask
+    mask_BxN = exp.response_mask
     if config.policy_loss == "ppo":
         dual_clip = None if config.dual_clip is None else hp.dual_clip
-        pg_loss, pg_stats = ppo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
+        pg_loss, pg_stats = ppo_policy_loss(logprobs_BxN, exp.old_logprobs, exp.advantages, mask_BxN,
                                             hp.clip_eps, hp.clip_eps_high, config.loss_agg, dual_clip=dual_clip)
     else:
         variant = "seq" if config.policy_loss == "gspo" else "token"
-        pg_loss, pg_stats = gspo_policy_loss(logprobs, exp.old_logprobs, exp.advantages, mask,
+        pg_loss, pg_stats = gspo_policy_loss(logprobs_BxN, exp.old_logprobs, exp.advantages, mask_BxN,
                                              hp.clip_eps, hp.clip_eps_high, variant, config.loss_agg)
         pg_stats = {**pg_stats, "ratio_mean": pg_stats["seq_ratio_mean"]}
     sg = jax.lax.stop_gradient
     policy_loss = pg_loss
     extra_stats = {}
     if with_entropy:
-        ent_loss, ent_stats = entropy_loss(entropy, mask, config.loss_agg)
+        ent_loss, ent_stats = entropy_loss(entropy_BxN, mask_BxN, config.loss_agg)
         policy_loss = policy_loss + hp.entropy_coef * ent_loss
         extra_stats["policy_entropy"] = policy_weight * ent_stats["entropy"]
     if config.kl_placement == "loss":
-        kl_BxN = kl_estimate(logprobs, exp.ref_logprobs, config.kl_estimator)
-        kl_term = aggregate_loss(kl_BxN, mask, config.loss_agg)
+        kl_BxN = kl_estimate(logprobs_BxN, exp.ref_logprobs, config.kl_estimator)
+        kl_term = aggregate_loss(kl_BxN, mask_BxN, config.loss_agg)
         policy_loss = policy_loss + kl_coef * kl_term
         extra_stats["policy_kl"] = policy_weight * sg(kl_term)
     loss = policy_weight * policy_loss
@@ -106,7 +106,7 @@ def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams
         stats["dual_clipfrac"] = token_weight * pg_stats["dual_clipfrac"]
     if models.has_value:
         value_clip = None if config.value_clip_eps is None else hp.value_clip_eps
-        vf_loss, vf_stats = ppo_value_loss(values, exp.old_values, exp.returns, mask, value_clip)
+        vf_loss, vf_stats = ppo_value_loss(values_BxN, exp.old_values, exp.returns, mask_BxN, value_clip)
         loss = loss + value_weight * hp.vf_coef * vf_loss
         stats["vf_loss"] = token_weight * vf_stats["vf_loss"]
         stats["vf_clipfrac"] = token_weight * vf_stats["vf_clipfrac"]
