@@ -87,6 +87,9 @@ def reference():
 # Scanned with every remat policy for GPT-2 and Llama; remat without scan; Qwen3 (q/k norms) scanned.
 CASES = ([(family, True, remat) for family in ("gpt2", "llama") for remat in REMATS]
          + [("llama", False, "full"), ("gpt2", False, "dots_saveable"), ("qwen3", True, "dots_saveable")])
+# The fast subset keeps one case of each kind (scan, remat without scan, q/k norms); the rest is slow.
+FAST_CASES = (("gpt2", True, None), ("llama", True, "full"), ("llama", False, "full"), ("qwen3", True, "dots_saveable"))
+CASES = [case if case in FAST_CASES else pytest.param(*case, marks=pytest.mark.slow) for case in CASES]
 
 
 @pytest.mark.parametrize("family,scan,remat", CASES)
@@ -128,7 +131,7 @@ def test_bad_remat_policy():
         CONFIGS["llama"].replace(remat="sometimes")
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
 def test_cached_paths_equal_plain_model(family, reference):
     """Prefill (`cache_size`), a preallocated cache, `grow_cache` and sampling with a scanned model."""
     params = reference[family][0]

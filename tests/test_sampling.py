@@ -169,6 +169,7 @@ def test_segment_ends():
         segment_ends(8, 0)
 
 
+@pytest.mark.slow
 def test_cache_segments_change_nothing_but_speed(tiny):
     """Decoding in 3 or N loops with growing caches: same tokens, log-probs still exact."""
     _, model, params = tiny
