@@ -17,6 +17,11 @@ records them.
 
     python benchmarks/tuning.py                          # the default shapes, 3 repetitions
     python benchmarks/tuning.py --shapes gpt2-b16 gpt2-b32 --reps 5
+    python benchmarks/tuning.py --shapes ppo-w768-b16    # one fused PPO step instead of sampling
+
+`ppo-*` shapes time `PPO.train_step` (rollout, experience and one epoch of updates in one
+program, which compiles with one set of options) of a 2-layer GPT-2 of that width with a 4096-token
+vocabulary (the GPT-2 one needs more memory than a shared machine has); "tokens" there are the rollout's sampled tokens.
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ SHAPES = {
     "gpt2-b16": Shape(768, 12, 12, 50257, 16, 16),
     "gpt2-b32": Shape(768, 12, 12, 50257, 32, 16),
     "gpt2-b64": Shape(768, 12, 12, 50257, 64, 16),
+    "ppo-w768-b16": Shape(768, 2, 12, 4096, 16, 16),
 }
 
 
@@ -56,7 +62,7 @@ class Args:
     """Tokens/s of sampling with and without the XLA:CPU options of `jaxrlhf.tuning`."""
 
     shapes: tuple[str, ...] = ("tiny-b16", "tiny-b128", "gpt2-b16", "gpt2-b64")
-    """Shapes to measure, from: tiny-b16, tiny-b128, gpt2-b16, gpt2-b32, gpt2-b64."""
+    """Shapes to measure, from: tiny-b16, tiny-b128, gpt2-b16, gpt2-b32, gpt2-b64, ppo-w768-b16."""
     reps: int = 3
     """Interleaved repetitions per shape (one call of each variant per repetition); medians are reported."""
     seed: int = 0
@@ -83,13 +89,31 @@ def measure(name: str, shape: Shape, reps: int, seed: int) -> dict:
     params = jax.jit(model.init_params)(key)
     ids = jax.random.randint(jax.random.fold_in(key, 1), (shape.batch, shape.prompt_len), 0, shape.vocab)
     mask = jnp.ones_like(ids)
-    sample = functools.partial(generate, model, max_new_tokens=shape.new_tokens, temperature=1.0)
     programs, compile_s = {}, {}
-    for variant, tuning in variants.items():
-        start = time.perf_counter()
-        programs[variant] = tuning.jit(sample).lower(params, ids, mask, key).compile()
-        compile_s[variant] = time.perf_counter() - start
-        jax.block_until_ready(programs[variant](params, ids, mask, key))  # warm-up call
+    if name.startswith("ppo-"):
+        from jaxrlhf.training import PPO, PPOConfig
+
+        config = PPOConfig(batch_size=shape.batch, minibatch_size=shape.batch, ppo_epochs=1,
+                           max_new_tokens=shape.new_tokens, max_prompt_len=shape.prompt_len, eos_token_id=-1)
+
+        def reward(prompt_ids, prompt_mask, response_ids, response_mask):  # share of even token ids
+            return jnp.mean((response_ids % 2 == 0) * response_mask, axis=-1)
+
+        for variant, tuning in variants.items():
+            ppo = PPO(config, model, reward, tuning=tuning)
+            state, frozen, batch = ppo.init_state(params), ppo.frozen_params(params), ppo.prompt_batch(ids, mask)
+            start = time.perf_counter()
+            jax.block_until_ready(ppo.train_step(state, frozen, batch))  # compile + first step
+            compile_s[variant] = time.perf_counter() - start
+            programs[variant] = lambda p, i, m, k, ppo=ppo, state=state, frozen=frozen, batch=batch: ppo.train_step(
+                state, frozen, batch)
+    else:
+        sample = functools.partial(generate, model, max_new_tokens=shape.new_tokens, temperature=1.0)
+        for variant, tuning in variants.items():
+            start = time.perf_counter()
+            programs[variant] = tuning.jit(sample).lower(params, ids, mask, key).compile()
+            compile_s[variant] = time.perf_counter() - start
+            jax.block_until_ready(programs[variant](params, ids, mask, key))  # warm-up call
     seconds = {variant: [] for variant in variants}
     cpu_seconds = {variant: [] for variant in variants}
     load_before = _load()

@@ -4,7 +4,7 @@ Some ways of computing the same numbers are faster on one backend and slower on 
 collected in `Tuning`, chosen once where the program is built (`Tuning.for_backend`), and handed
 down explicitly: the model reads its fields (`LanguageModel.tuning`), and every jitted program
 that samples (`make_sampler`, the PPO trainer's rollout and fused step, sweeps) compiles with
-its `compiler_options`. Nothing below the top asks `jax.default_backend()`. No choice changes
+the `compiler_options` chosen for it (a program that also trains gets none, see `for_backend`). Nothing below the top asks `jax.default_backend()`. No choice changes
 a result beyond floating-point rounding.
 
 Fields:
@@ -90,7 +90,7 @@ class Tuning:
 
     @classmethod
     def for_backend(cls, backend: str | None = None, *, rows_per_device: int | None = None,
-                    width: int | None = None) -> "Tuning":
+                    width: int | None = None, trains: bool = False) -> "Tuning":
         """The tuning of `backend` (default: `jax.default_backend()`) for a decoding shape.
 
         Args:
@@ -98,18 +98,21 @@ class Tuning:
           rows_per_device: rows each device feeds through a decoding step (the sampling batch
             divided by the devices it is split over); None: unknown.
           width: the model's hidden size (the narrow side of its weight matrices); None: unknown.
+          trains: the program also trains (the fused PPO step: forward and backward passes over
+            `B x T` rows in the same program as the rollout); it gets no compiler options.
 
         On CPU: `decode_attention="per_head"`, `decode_head="transposed"`, and YNNPACK dot fusions
         off (`NO_YNN_FUSIONS`) when `rows_per_device <= CPU_NO_YNN_MAX_ROWS` and
         `width >= CPU_NO_YNN_MIN_WIDTH`, i.e. a mid-sized model decoded at a small batch, the case
         where they are measured slower (docs/performance.md "Backend tuning"); an unknown shape
-        keeps them. The options are also dropped when this XLA build does not accept them
-        (`compiler_options_supported`).
+        keeps them, and so does a program that `trains` (a fused PPO step of a width-768 policy at
+        batch 16 ran 0.81x as fast without them). The options are also dropped when this XLA build
+        does not accept them (`compiler_options_supported`).
         """
         backend = jax.default_backend() if backend is None else backend
         if backend != "cpu":
             return cls()
-        skinny = (rows_per_device is not None and width is not None
+        skinny = (not trains and rows_per_device is not None and width is not None
                   and rows_per_device <= CPU_NO_YNN_MAX_ROWS and width >= CPU_NO_YNN_MIN_WIDTH)
         options = NO_YNN_FUSIONS if skinny and compiler_options_supported(NO_YNN_FUSIONS, backend) else ()
         return cls(decode_attention="per_head", decode_head="transposed", compiler_options=options)
@@ -136,7 +139,7 @@ def compiler_options_supported(options: tuple[tuple[str, str], ...], backend: st
 
 
 def resolve_tuning(tuning: Tuning | str | None, *, rows_per_device: int | None = None,
-                   width: int | None = None) -> Tuning:
+                   width: int | None = None, trains: bool = False) -> Tuning:
     """A `Tuning` from what a sampler or trainer was given: `"auto"` picks `Tuning.for_backend` for
     the shape hints, None is `Tuning()` (portable, no compiler options), a `Tuning` is kept."""
     if isinstance(tuning, Tuning):
@@ -144,7 +147,7 @@ def resolve_tuning(tuning: Tuning | str | None, *, rows_per_device: int | None =
     if tuning is None:
         return Tuning()
     if tuning == "auto":
-        return Tuning.for_backend(rows_per_device=rows_per_device, width=width)
+        return Tuning.for_backend(rows_per_device=rows_per_device, width=width, trains=trains)
     raise ValueError(f"tuning must be a Tuning, 'auto' or None, got {tuning!r}")
 
 

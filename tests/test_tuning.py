@@ -42,6 +42,7 @@ def test_for_backend_rule():
     assert skinny.compiler_options == NO_YNN_FUSIONS
     assert Tuning.for_backend("cpu", rows_per_device=CPU_NO_YNN_MAX_ROWS + 1, width=768).compiler_options == ()
     assert Tuning.for_backend("cpu", rows_per_device=1, width=CPU_NO_YNN_MIN_WIDTH - 1).compiler_options == ()
+    assert Tuning.for_backend("cpu", rows_per_device=1, width=768, trains=True).compiler_options == ()
     assert resolve_tuning(None) == PORTABLE and resolve_tuning(CPU) is CPU
     with pytest.raises(ValueError, match="tuning"):
         resolve_tuning("fast")
@@ -104,6 +105,7 @@ def test_ppo_applies_its_tuning():
     ppo = PPO(config, model, reward)
     assert ppo.tuning == Tuning.for_backend(rows_per_device=config.rollout_size, width=GPT2.hidden_size)
     assert ppo.policy.tuning == ppo.tuning
+    assert ppo.fused_tuning == ppo.tuning.replace(compiler_options=())  # the fused step also trains
     assert PPO(config, model, reward, tuning=CPU).policy.tuning == CPU
 
 

@@ -73,8 +73,9 @@ class PPO:
       tuning: the speed-only choices of sampling (`jaxrlhf.tuning`): ``"auto"`` picks
         `Tuning.for_backend` for the rollout's rows per device and the policy's width; a `Tuning`
         is used as given; None is `Tuning()`. The policy decodes with it (``self.policy``), and
-        the jitted programs that sample (the fused step and the rollout) compile with its XLA
-        options.
+        the jitted programs that sample compile with its XLA options: the rollout step with
+        ``self.tuning``'s, the fused step with ``self.fused_tuning``'s (with ``"auto"``, none:
+        that program also trains, see `Tuning.for_backend`).
     """
 
     def __init__(self, config: PPOConfig, policy: LanguageModel, reward: Any,
@@ -111,8 +112,9 @@ class PPO:
                 f"the number of data-parallel devices ({divisor}) so every device gets whole rows")
         # Chosen once for the rollout's shape: the policy decodes with it, the sampling programs
         # compile with its options.
-        self.tuning = resolve_tuning(tuning, rows_per_device=max(1, config.rollout_size // divisor),
-                                     width=model_width(policy))
+        hints = dict(rows_per_device=max(1, config.rollout_size // divisor), width=model_width(policy))
+        self.tuning = resolve_tuning(tuning, **hints)
+        self.fused_tuning = resolve_tuning(tuning, **hints, trains=True)
         if hasattr(policy, "with_tuning"):
             policy = self.policy = policy.with_tuning(self.tuning)
         self.models = Models(policy, self.critic, has_value=self.has_critic)
@@ -125,10 +127,11 @@ class PPO:
         # The jitted entry points, built once (compiled on first use per input shapes/shardings).
         rep, batch_sh = replicated(self.mesh), batch_sharding(self.mesh)
         step_shardings = (self._state_shardings, rep)  # metrics: replicated scalars
-        sampling_jit = self.tuning.jit  # the programs that sample get the tuning's compiler options
-        self._jit_fused = sampling_jit(self.fused_step, out_shardings=step_shardings)
-        self._jit_fused_donated = sampling_jit(self.fused_step, out_shardings=step_shardings, donate_argnums=0)
-        self._jit_rollout = sampling_jit(self.rollout, out_shardings=Rollout(batch_sh, batch_sh, batch_sh))
+        # The programs that sample compile with the tuning's compiler options.
+        self._jit_fused = self.fused_tuning.jit(self.fused_step, out_shardings=step_shardings)
+        self._jit_fused_donated = self.fused_tuning.jit(self.fused_step, out_shardings=step_shardings,
+                                                        donate_argnums=0)
+        self._jit_rollout = self.tuning.jit(self.rollout, out_shardings=Rollout(batch_sh, batch_sh, batch_sh))
         self._jit_update = jax.jit(self.update, out_shardings=step_shardings)
         self._jit_init = jax.jit(self._init_from_seed, out_shardings=self._state_shardings)
 

@@ -117,9 +117,9 @@ class Sweep:
 
         rep_runs = self.run_sharding()
         step_out = (self._state_shardings, rep_runs)
-        sampling_jit = self.ppo.tuning.jit  # the programs that sample get the tuning's compiler options
-        self._jit_fused = sampling_jit(self._fused, out_shardings=step_out)
-        self._jit_rollout = sampling_jit(self._rollout, out_shardings=Rollout(*(self.batch_sharding(),) * 3))
+        # The programs that sample compile with the trainer's tuning options (`PPO`'s `tuning`).
+        self._jit_fused = self.ppo.fused_tuning.jit(self._fused, out_shardings=step_out)
+        self._jit_rollout = self.ppo.tuning.jit(self._rollout, out_shardings=Rollout(*(self.batch_sharding(),) * 3))
         self._jit_update = jax.jit(self._update, out_shardings=step_out)
         self._jit_init = jax.jit(self._init, out_shardings=self._state_shardings)
 
