@@ -9,6 +9,7 @@ step times of each and their ratio.
 
     python benchmarks/interrupts.py               # 6 blocks of 10 steps each way
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,6 +39,7 @@ def main(args: Args) -> dict:
 
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     import test_training as tt
+
     from jaxrlhf.models import LanguageModel
     from jaxrlhf.training import PPO, train
     from jaxrlhf.training import trainer as trainer_module
@@ -60,9 +62,17 @@ def main(args: Args) -> dict:
             name = "with interrupt handling" if block % 2 else "without"
             trainer_module._run_loop = with_handling if block % 2 else without_handling
             with contextlib.redirect_stderr(open(os.devnull, "w")):
-                result = train((model, params), tt.target_fraction_reward, prompts, config,
-                               os.path.join(tmp, f"block_{block}"), num_steps=args.steps, progress=False,
-                               export=False, trainer=ppo)
+                result = train(
+                    (model, params),
+                    tt.target_fraction_reward,
+                    prompts,
+                    config,
+                    os.path.join(tmp, f"block_{block}"),
+                    num_steps=args.steps,
+                    progress=False,
+                    export=False,
+                    trainer=ppo,
+                )
             if block:  # block 0 compiles
                 times[name] += [m["step_time"] for m in result.history[1:]]
     trainer_module._run_loop = with_handling

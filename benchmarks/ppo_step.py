@@ -26,6 +26,7 @@ separately) the table shows medians of --iters iterations. torch runs with
     python benchmarks/ppo_step.py --batch 32 --new-tokens 64 --minibatches 4
     python benchmarks/ppo_step.py --quick               # tiny model, checks that it runs (< 1 min)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -58,24 +59,24 @@ class Config:
 
     quick: bool = False
     """Tiny model, 16 new tokens, 2 iterations, no phase split: checks that it runs."""
-    model: Optional[Literal[tuple(MODELS)]] = None
+    model: Literal[tuple(MODELS)] | None = None
     """Model shape (None: gpt2-124m, tiny with --quick)."""
     batch: int = 16
     """Prompts (= responses) per iteration."""
     prompt_len: int = 32
     """Prompt length (left-padded, half to all of it real tokens)."""
-    new_tokens: Optional[int] = None
+    new_tokens: int | None = None
     """Sampled tokens per response (None: 32, 16 with --quick)."""
     minibatches: int = 2
     """Minibatches of the one PPO epoch; must divide batch."""
-    iters: Optional[int] = None
+    iters: int | None = None
     """Timed iterations per side (None: 5, 2 with --quick)."""
     block: int = 1
     """Iterations per framework before switching to the other (each switch rebuilds the training
     state, so only one framework's state is in memory at a time)."""
     threads: int = os.cpu_count() or 1
     """torch.set_num_threads."""
-    split: Optional[bool] = None
+    split: bool | None = None
     """Also time jaxrlhf's three phases as separate jits (None: on, off with --quick)."""
     verbose: bool = False
     """Print every iteration."""
@@ -101,14 +102,21 @@ def build_checkpoint(model_name: str, directory: str, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(**MODELS[model_name], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    config = transformers.GPT2Config(
+        **MODELS[model_name],
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     policy = transformers.GPT2LMHeadModel(config)
     policy.generation_config.eos_token_id = None
     policy.generation_config.pad_token_id = 0
     policy.save_pretrained(directory)
     head = torch.nn.Linear(config.n_embd, 1)
-    torch.nn.init.normal_(head.weight, std=0.1 / config.n_embd ** 0.5)
+    torch.nn.init.normal_(head.weight, std=0.1 / config.n_embd**0.5)
     torch.nn.init.zeros_(head.bias)
     return policy, head
 
@@ -151,13 +159,32 @@ class JaxSide:
 
         self.jax = jax
         model, self.params = pretrained.model, pretrained.params
-        self.head = {"kernel": jax.numpy.asarray(head.weight.detach().numpy().T),
-                     "bias": jax.numpy.asarray(head.bias.detach().numpy())}
+        self.head = {
+            "kernel": jax.numpy.asarray(head.weight.detach().numpy().T),
+            "bias": jax.numpy.asarray(head.bias.detach().numpy()),
+        }
         config = PPOConfig(
-            total_steps=1000, batch_size=args.batch, minibatch_size=args.batch // args.minibatches, ppo_epochs=1,
-            max_new_tokens=args.new_tokens, max_prompt_len=args.prompt_len, temperature=1.0, top_k=None, top_p=1.0,
-            eos_token_id=-1, kl_coef=0.05, kl_estimator="k1", gamma=1.0, gae_lambda=0.95, clip_eps=0.2,
-            value_clip_eps=0.2, vf_coef=0.1, learning_rate=1e-5, critic_learning_rate=1e-5, max_grad_norm=1.0)
+            total_steps=1000,
+            batch_size=args.batch,
+            minibatch_size=args.batch // args.minibatches,
+            ppo_epochs=1,
+            max_new_tokens=args.new_tokens,
+            max_prompt_len=args.prompt_len,
+            temperature=1.0,
+            top_k=None,
+            top_p=1.0,
+            eos_token_id=-1,
+            kl_coef=0.05,
+            kl_estimator="k1",
+            gamma=1.0,
+            gae_lambda=0.95,
+            clip_eps=0.2,
+            value_clip_eps=0.2,
+            vf_coef=0.1,
+            learning_rate=1e-5,
+            critic_learning_rate=1e-5,
+            max_grad_norm=1.0,
+        )
         self.ppo = ppo = PPO(config, model, jax_reward, critic=ValueModel(model.config))
         self.frozen = ppo.frozen_params(ref_params=self.params)
         ids, mask = make_prompts(args.batch, args.prompt_len, model.config.vocab_size)
@@ -169,8 +196,18 @@ class JaxSide:
         def experience(state, frozen, batch, rollout_out):
             raw = jax_reward(batch.ids, batch.mask, rollout_out.tokens, rollout_out.mask)
             exp, score_stats, _ = make_experience(
-                config, ppo.models, state.policy_params, state.value_params, frozen.ref_params, batch, rollout_out,
-                raw, state.kl_ctl.kl_coef, state.score_stats, state.hparams)
+                config,
+                ppo.models,
+                state.policy_params,
+                state.value_params,
+                frozen.ref_params,
+                batch,
+                rollout_out,
+                raw,
+                state.kl_ctl.kl_coef,
+                state.score_stats,
+                state.hparams,
+            )
             return exp, score_stats
 
         ppo_update = make_ppo_update(config, ppo.models, ppo.policy_optimizer, ppo.value_optimizer)
@@ -179,11 +216,16 @@ class JaxSide:
             _, update_key, next_key = jax.random.split(state.key, 3)
             params = {"policy": state.policy_params, "value": state.value_params}
             opt_states = {"policy": state.policy_opt_state, "value": state.value_opt_state}
-            params, opt_states, _ = ppo_update(params, opt_states, exp, state.kl_ctl.kl_coef, state.hparams,
-                                               update_key)
-            return state.replace(step=state.step + 1, policy_params=params["policy"], value_params=params["value"],
-                                 policy_opt_state=opt_states["policy"], value_opt_state=opt_states["value"],
-                                 score_stats=score_stats, key=next_key)
+            params, opt_states, _ = ppo_update(params, opt_states, exp, state.kl_ctl.kl_coef, state.hparams, update_key)
+            return state.replace(
+                step=state.step + 1,
+                policy_params=params["policy"],
+                value_params=params["value"],
+                policy_opt_state=opt_states["policy"],
+                value_opt_state=opt_states["value"],
+                score_stats=score_stats,
+                key=next_key,
+            )
 
         self.experience = jax.jit(experience)
         self.update = jax.jit(update, donate_argnums=0)
@@ -234,8 +276,9 @@ class TorchSide:
         critic = Critic(transformers.GPT2Model(policy.config), self.torch.nn.Linear(policy.config.n_embd, 1))
         critic.trunk.load_state_dict(policy.transformer.state_dict())
         critic.head.load_state_dict(self.head.state_dict())
-        settings = TorchPPOSettings(max_new_tokens=self.args.new_tokens,
-                                    minibatch_size=self.args.batch // self.args.minibatches)
+        settings = TorchPPOSettings(
+            max_new_tokens=self.args.new_tokens, minibatch_size=self.args.batch // self.args.minibatches
+        )
         self.ppo = TorchPPO(policy, critic, torch_reward, settings)
 
     def free(self):
@@ -265,7 +308,7 @@ def run(args) -> dict:
             # which framework goes first, so slow spells of the shared machine hit both.
             warm_up = block == 0
             count = 1 if warm_up else min(args.block, args.iters - done)
-            for side in (("jax", "torch") if block % 2 == 0 else ("torch", "jax")):
+            for side in ("jax", "torch") if block % 2 == 0 else ("torch", "jax"):
                 if side == "jax":
                     jax_side.reset()
                     for _ in range(count):
@@ -282,7 +325,7 @@ def run(args) -> dict:
                     torch_side.reset()
                     for _ in range(count):
                         times = torch_side.step()
-                        for p, t in ([] if warm_up else times.items()):
+                        for p, t in [] if warm_up else times.items():
                             torch_times[p].append(t)
                     torch_side.free()
                 loads.append(os.getloadavg()[0])
@@ -291,11 +334,14 @@ def run(args) -> dict:
             if args.verbose:
                 i = len(fused) - 1
                 last = (lambda d: sum(d[p][-1] for p in PHASES)) if i >= 0 else (lambda d: float("nan"))
-                print(f"  block {block}{' (warm-up)' if warm_up else ''}: jaxrlhf fused "
-                      f"{compile_fused if warm_up else fused[-1]:.2f}s, split "
-                      f"{compile_split if warm_up else (last(split) if args.split else float('nan')):.2f}s, "
-                      f"torch {sum(times.values()) if warm_up else last(torch_times):.2f}s, "
-                      f"load {loads[-1]:.1f}", flush=True)
+                print(
+                    f"  block {block}{' (warm-up)' if warm_up else ''}: jaxrlhf fused "
+                    f"{compile_fused if warm_up else fused[-1]:.2f}s, split "
+                    f"{compile_split if warm_up else (last(split) if args.split else float('nan')):.2f}s, "
+                    f"torch {sum(times.values()) if warm_up else last(torch_times):.2f}s, "
+                    f"load {loads[-1]:.1f}",
+                    flush=True,
+                )
 
     med = statistics.median
     n = len(fused)
@@ -325,16 +371,25 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     print(f"PPO step benchmark, {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"(torch.set_num_threads({args.threads})), transformers {transformers.__version__}, "
-          f"{os.cpu_count()} CPUs, load average {load_start[0]:.1f} {load_start[1]:.1f} {load_start[2]:.1f}")
-    print(f"model {args.model}, batch {args.batch}, prompt {args.prompt_len} (left-padded, 16-32 real), "
-          f"{args.new_tokens} new tokens, 1 epoch x {args.minibatches} minibatches of {args.batch // args.minibatches}, "
-          f"float32, median of {args.iters} interleaved iterations", flush=True)
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"(torch.set_num_threads({args.threads})), transformers {transformers.__version__}, "
+        f"{os.cpu_count()} CPUs, load average {load_start[0]:.1f} {load_start[1]:.1f} {load_start[2]:.1f}"
+    )
+    print(
+        f"model {args.model}, batch {args.batch}, prompt {args.prompt_len} (left-padded, 16-32 real), "
+        f"{args.new_tokens} new tokens, 1 epoch x {args.minibatches} minibatches of {args.batch // args.minibatches}, "
+        f"float32, median of {args.iters} interleaved iterations",
+        flush=True,
+    )
 
     r = run(args)
-    rows = [("rollout", "rollout"), ("score + experience", "experience"), ("update", "update"),
-            ("sum of phases", "total")]
+    rows = [
+        ("rollout", "rollout"),
+        ("score + experience", "experience"),
+        ("update", "update"),
+        ("sum of phases", "total"),
+    ]
     header = f"{'phase (s / iteration)':<26} {'jaxrlhf':>9} {'torch':>9} {'torch/jax':>10}"
     print(f"params {r['num_params'] / 1e6:.1f}M per model")
     print(header)
@@ -345,8 +400,10 @@ def main(argv=None):
     fused, torch_total = r["jax"]["fused"], r["torch"]["total"]
     print(f"{'iteration (fused jit)':<26} {fused:>9.3f} {torch_total:>9.3f} {torch_total / fused:>9.2f}x")
     print("-" * len(header))
-    print(f"jaxrlhf compile (not in the times above): fused step {r['compile_fused']:.1f} s, "
-          f"three split phases {r['compile_split']:.1f} s")
+    print(
+        f"jaxrlhf compile (not in the times above): fused step {r['compile_fused']:.1f} s, "
+        f"three split phases {r['compile_split']:.1f} s"
+    )
     print(f"load average (1 min) during the timed iterations: min {min(r['loads']):.1f}, max {max(r['loads']):.1f}")
     print(f"ratio (torch / jaxrlhf) per PPO iteration: {torch_total / fused:.2f}x")
 

@@ -17,6 +17,7 @@ values of the cache slots attention reads, averaged over the steps), the bandwid
 and its fraction of the device's memory bandwidth: measured here by a jitted sum over a large array
 (`--peak-gbps` overrides it with a datasheet figure, e.g. 3350 for an H100 SXM).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 
@@ -42,9 +43,16 @@ class Case:
 GPT2_124M = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
 # Llama-shaped, ~153M parameters: 12 layers of width 768, grouped-query attention (12 q / 4 kv
 # heads), SwiGLU 3072, 32k vocabulary with an untied head.
-LLAMA_150M = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024,
-                  tie_word_embeddings=False)
+LLAMA_150M = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
 # The small-model regime of RLHF research: a 6-layer, width-144 GPT-2 with a tiny vocabulary.
 GPT2_TINY = dict(vocab_size=30, n_positions=128, n_embd=144, n_layer=6, n_head=4)
 
@@ -85,7 +93,7 @@ class Config:
     """Time the PyTorch baseline; --no-torch skips it (e.g. on a GPU machine)."""
     roofline: bool = False
     """Also time single decode steps and print their fraction of the memory-bandwidth roofline."""
-    peak_gbps: Optional[float] = None
+    peak_gbps: float | None = None
     """Memory bandwidth for --roofline in GB/s (None: measured by a jitted sum)."""
 
 
@@ -193,13 +201,25 @@ def roofline(model, params, ids, mask, case: Case, reps: int, peak_gbps: float) 
     step_bytes = decode_step_bytes(model, params, case.batch, case.prompt_len, case.new_tokens)
     step_flops = decode_step_flops(model, params, case.batch, case.prompt_len, case.new_tokens)
     achieved = step_bytes / step_s / 1e9
-    return dict(step_ms=step_s * 1e3, step_mb=step_bytes / 1e6, achieved_gbps=achieved,
-                roofline_fraction=achieved / peak_gbps, gflop_s=step_flops / step_s / 1e9,
-                flop_per_byte=step_flops / step_bytes)
+    return dict(
+        step_ms=step_s * 1e3,
+        step_mb=step_bytes / 1e6,
+        achieved_gbps=achieved,
+        roofline_fraction=achieved / peak_gbps,
+        gflop_s=step_flops / step_s / 1e9,
+        flop_per_byte=step_flops / step_bytes,
+    )
 
 
-def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int | None,
-             with_torch: bool = True, peak_gbps: float | None = None) -> dict:
+def run_case(
+    case: Case,
+    reps: int,
+    dtype: str,
+    threads: int,
+    extra_threads: int | None,
+    with_torch: bool = True,
+    peak_gbps: float | None = None,
+) -> dict:
     import jax
     import torch
 
@@ -211,8 +231,9 @@ def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int
         pretrained = jaxrlhf.load_pretrained(directory, dtype=dtype)
     model, params = pretrained.model, pretrained.params
     ids, mask = prompts(case, model.config.vocab_size)
-    sampler = jaxrlhf.make_sampler(model, max_new_tokens=case.new_tokens, temperature=1.0,
-                                   prompt_buckets=(case.prompt_len,))
+    sampler = jaxrlhf.make_sampler(
+        model, max_new_tokens=case.new_tokens, temperature=1.0, prompt_buckets=(case.prompt_len,)
+    )
     torch_ids, torch_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def run_jax(seed):
@@ -223,9 +244,18 @@ def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int
     def run_torch(num_threads=threads):
         torch.set_num_threads(num_threads)
         with torch.inference_mode():
-            out = hf_model.generate(input_ids=torch_ids, attention_mask=torch_mask, do_sample=True,
-                                    temperature=1.0, top_k=None, top_p=1.0, max_new_tokens=case.new_tokens,
-                                    min_new_tokens=case.new_tokens, use_cache=True, pad_token_id=0)
+            out = hf_model.generate(
+                input_ids=torch_ids,
+                attention_mask=torch_mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=None,
+                top_p=1.0,
+                max_new_tokens=case.new_tokens,
+                min_new_tokens=case.new_tokens,
+                use_cache=True,
+                pad_token_id=0,
+            )
         assert out.shape[1] == case.prompt_len + case.new_tokens
         return out
 
@@ -252,9 +282,14 @@ def run_case(case: Case, reps: int, dtype: str, threads: int, extra_threads: int
     tokens = case.batch * case.new_tokens
     jax_s = statistics.median(jax_times)
     torch_s = statistics.median(torch_times) if torch_times else float("nan")
-    result = dict(case=case.name, jax_tok_s=tokens / jax_s, torch_tok_s=tokens / torch_s,
-                  ratio=torch_s / jax_s, compile_s=first_call - jax_s,
-                  params_m=sum(x.size for x in jax.tree.leaves(params)) / 1e6)
+    result = dict(
+        case=case.name,
+        jax_tok_s=tokens / jax_s,
+        torch_tok_s=tokens / torch_s,
+        ratio=torch_s / jax_s,
+        compile_s=first_call - jax_s,
+        params_m=sum(x.size for x in jax.tree.leaves(params)) / 1e6,
+    )
     if peak_gbps:
         result.update(roofline(model, params, ids, mask, case, reps, peak_gbps))
     if extra_times:
@@ -285,34 +320,55 @@ def main(argv=None):
     peak_gbps = None
     if args.roofline:
         peak_gbps = args.peak_gbps or measured_bandwidth_gbps()
-        print(f"roofline bandwidth: {peak_gbps:.1f} GB/s ({'given' if args.peak_gbps else 'measured: jitted sum'}) "
-              f"on {jax.devices()[0].device_kind}")
-    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({args.threads} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
-          f"jaxrlhf dtype {args.dtype}, median of {args.reps}, {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
-          "(other processes share these cores: absolute numbers vary, the ratios are from interleaved runs)")
+        print(
+            f"roofline bandwidth: {peak_gbps:.1f} GB/s ({'given' if args.peak_gbps else 'measured: jitted sum'}) "
+            f"on {jax.devices()[0].device_kind}"
+        )
+    print(
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({args.threads} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
+        f"jaxrlhf dtype {args.dtype}, median of {args.reps}, {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    print(
+        f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} "
+        "(other processes share these cores: absolute numbers vary, the ratios are from interleaved runs)"
+    )
     header = f"{'case':<22} {'params':>7} {'jaxrlhf tok/s':>14} {'torch tok/s':>12} {'ratio':>6} {'compile s':>10}"
     print(header)
     print("-" * len(header))
     extra_rows, roofline_rows = [], []
     for case in cases:
-        r = run_case(case, args.reps, args.dtype, args.threads, args.extra_threads if args.torch else 0,
-                     with_torch=args.torch, peak_gbps=peak_gbps)
-        torch_cols = "-".rjust(12) + "-".rjust(7) if not args.torch else f"{r['torch_tok_s']:>12.0f} {r['ratio']:>5.2f}x"
-        print(f"{r['case']:<22} {r['params_m']:>6.0f}M {r['jax_tok_s']:>14.0f} {torch_cols} {r['compile_s']:>10.1f}",
-              flush=True)
+        r = run_case(
+            case,
+            args.reps,
+            args.dtype,
+            args.threads,
+            args.extra_threads if args.torch else 0,
+            with_torch=args.torch,
+            peak_gbps=peak_gbps,
+        )
+        torch_cols = (
+            "-".rjust(12) + "-".rjust(7) if not args.torch else f"{r['torch_tok_s']:>12.0f} {r['ratio']:>5.2f}x"
+        )
+        print(
+            f"{r['case']:<22} {r['params_m']:>6.0f}M {r['jax_tok_s']:>14.0f} {torch_cols} {r['compile_s']:>10.1f}",
+            flush=True,
+        )
         if "extra_tok_s" in r:
             extra_rows.append(r)
         if "step_ms" in r:
             roofline_rows.append(r)
     if roofline_rows:
         print(f"\ndecode step vs the {peak_gbps:.0f} GB/s memory-bandwidth roofline:")
-        print(f"  {'case':<22} {'step ms':>8} {'MB/step':>8} {'GB/s':>7} {'of roofline':>11} {'GFLOP/s':>8} "
-              f"{'FLOP/byte':>9}")
+        print(
+            f"  {'case':<22} {'step ms':>8} {'MB/step':>8} {'GB/s':>7} {'of roofline':>11} {'GFLOP/s':>8} "
+            f"{'FLOP/byte':>9}"
+        )
         for r in roofline_rows:
-            print(f"  {r['case']:<22} {r['step_ms']:>8.2f} {r['step_mb']:>8.1f} {r['achieved_gbps']:>7.1f} "
-                  f"{r['roofline_fraction']:>10.0%} {r['gflop_s']:>8.1f} {r['flop_per_byte']:>9.1f}")
+            print(
+                f"  {r['case']:<22} {r['step_ms']:>8.2f} {r['step_mb']:>8.1f} {r['achieved_gbps']:>7.1f} "
+                f"{r['roofline_fraction']:>10.0%} {r['gflop_s']:>8.1f} {r['flop_per_byte']:>9.1f}"
+            )
         print("  (a step is bandwidth-bound when FLOP/byte is below the device's FLOP/s over its bytes/s)")
     if extra_rows:
         print(f"\ntorch with {args.extra_threads} thread(s), same runs (interleaved):")

@@ -10,6 +10,7 @@ function each time; memory is that executable's `memory_analysis()` (temporaries
 kept for the backward pass plus scratch; arguments = parameters and batch). The loss is the
 next-token cross-entropy, the gradient is with respect to every parameter.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,11 +25,32 @@ from jaxrlhf.config import parse_config
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lm import LanguageModel
 
-TOY = ModelConfig(model_type="llama", vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=64, intermediate_size=768, max_position_embeddings=512, norm_eps=1e-5)
-SMOLLM2 = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,
-                      head_dim=64, intermediate_size=1536, max_position_embeddings=8192, norm_eps=1e-5,
-                      rope_theta=100000.0, tie_word_embeddings=True)
+TOY = ModelConfig(
+    model_type="llama",
+    vocab_size=4096,
+    hidden_size=256,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=64,
+    intermediate_size=768,
+    max_position_embeddings=512,
+    norm_eps=1e-5,
+)
+SMOLLM2 = ModelConfig(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    intermediate_size=1536,
+    max_position_embeddings=8192,
+    norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 
 
 def _loss(model, params, ids, mask):
@@ -49,8 +71,11 @@ def measure(cfg: ModelConfig, batch: int, length: int, run: bool = False) -> dic
     out = {"compile_s": seconds}
     try:
         mem = compiled.memory_analysis()
-        out.update(temp_mb=mem.temp_size_in_bytes / 2**20, args_mb=mem.argument_size_in_bytes / 2**20,
-                   out_mb=mem.output_size_in_bytes / 2**20)
+        out.update(
+            temp_mb=mem.temp_size_in_bytes / 2**20,
+            args_mb=mem.argument_size_in_bytes / 2**20,
+            out_mb=mem.output_size_in_bytes / 2**20,
+        )
     except Exception:  # not every backend reports it
         pass
     if run:
@@ -99,8 +124,13 @@ class Config:
     """Instead: compile time of generate (prompt 32, 64 new tokens: 4 decode segments)."""
 
 
-VARIANTS = (("per-layer", False, None), ("per-layer + remat full", False, "full"), ("scan", True, None),
-            ("scan + remat full", True, "full"), ("scan + remat dots_saveable", True, "dots_saveable"))
+VARIANTS = (
+    ("per-layer", False, None),
+    ("per-layer + remat full", False, "full"),
+    ("scan", True, None),
+    ("scan + remat full", True, "full"),
+    ("scan + remat dots_saveable", True, "dots_saveable"),
+)
 
 
 def main(argv=None):
@@ -109,10 +139,12 @@ def main(argv=None):
         raise SystemExit("--layers: give at least one layer count")
     base = SMOLLM2 if args.smollm2 else TOY
     layer_counts = [base.num_layers] if args.smollm2 else args.layers
-    print(f"# {jax.default_backend()} x{jax.device_count()}, jax {jax.__version__}, load average "
-          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; batch {args.batch} x "
-          f"{'(32 prompt + 64 new)' if args.sampler else args.length} tokens; "
-          f"width {base.hidden_size}, vocab {base.vocab_size}")
+    print(
+        f"# {jax.default_backend()} x{jax.device_count()}, jax {jax.__version__}, load average "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}; batch {args.batch} x "
+        f"{'(32 prompt + 64 new)' if args.sampler else args.length} tokens; "
+        f"width {base.hidden_size}, vocab {base.vocab_size}"
+    )
     if args.sampler:
         print("| layers | variant | generate compile s |")
         print("| --- | --- | --- |")
@@ -129,8 +161,10 @@ def main(argv=None):
         for name, scan, remat in VARIANTS:
             cfg = base.replace(num_layers=layers, scan_layers=scan, remat=remat)
             r = measure(cfg, args.batch, args.length, run=args.run)
-            row = (f"| {layers} | {name} | {r['compile_s']:.2f} | {r.get('temp_mb', float('nan')):.1f} | "
-                   f"{r.get('args_mb', float('nan')):.1f} |")
+            row = (
+                f"| {layers} | {name} | {r['compile_s']:.2f} | {r.get('temp_mb', float('nan')):.1f} | "
+                f"{r.get('args_mb', float('nan')):.1f} |"
+            )
             if args.run:
                 row += f" {r['step_ms']:.1f} |"
             print(row, flush=True)

@@ -40,6 +40,7 @@ out.
     python benchmarks/sweep.py --runs 1 8 --no-phases --compare xla:xla_cpu_use_onednn=true
     python benchmarks/sweep.py --quick                      # tiny steps: checks that it runs
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -86,12 +87,12 @@ def sweep_sizes(args: Args) -> tuple[int, ...]:
 def build(args: Args):
     import jax
     import numpy as np
-
     import randomwalks_ppo
     import randomwalks_sft
+
     from jaxrlhf.models import load_pretrained
-    from tasks import randomwalks as rw
     from jaxrlhf.tokenizers import char_tokenizer
+    from tasks import randomwalks as rw
 
     task = rw.make_task(1002, 21, 0.1, 10)
     model_dir = os.path.join(args.sft_dir, "model")
@@ -104,8 +105,9 @@ def build(args: Args):
         model = randomwalks_sft.make_model(sft_config, tokenizer)
         params = model.init_params(jax.random.PRNGKey(0))
         source = "random weights (no SFT policy found)"
-    config = randomwalks_ppo.Config().ppo.replace(eos_token_id=tokenizer.eos_token_id,
-                                                  pad_token_id=tokenizer.pad_token_id)
+    config = randomwalks_ppo.Config().ppo.replace(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     if args.quick:
         config = config.replace(batch_size=16, minibatch_size=8, ppo_epochs=1)
     ids, mask = rw.encode_prompts(task.prompts, tokenizer)
@@ -176,23 +178,34 @@ def main(args: Args) -> dict:
     reps = 1 if args.quick else args.reps
     model, params, reward_fn, config, (ids, mask), source = build(args)
     n_params = sum(x.size for x in jax.tree.leaves(params))
-    print(f"randomwalks PPO: {n_params / 1e6:.2f}M parameters ({source}); batch {config.batch_size}, "
-          f"{config.max_new_tokens} new tokens, {config.ppo_epochs} epochs x {config.num_minibatches} minibatches; "
-          f"{jax.device_count()} {jax.default_backend()} device(s), sweeps' run axis over {args.devices}")
+    print(
+        f"randomwalks PPO: {n_params / 1e6:.2f}M parameters ({source}); batch {config.batch_size}, "
+        f"{config.max_new_tokens} new tokens, {config.ppo_epochs} epochs x {config.num_minibatches} minibatches; "
+        f"{jax.device_count()} {jax.default_backend()} device(s), sweeps' run axis over {args.devices}"
+    )
 
     programs = {}
     ppo = PPO(config, model, reward_fn)
     batch = ppo.prompt_batch(ids, mask)
-    programs["one run"] = dict(step=ppo.train_step, rollout=ppo.rollout_step, state=ppo.init_state(params),
-                               frozen=ppo.frozen_params(params), batch=batch)
+    programs["one run"] = dict(
+        step=ppo.train_step,
+        rollout=ppo.rollout_step,
+        state=ppo.init_state(params),
+        frozen=ppo.frozen_params(params),
+        batch=batch,
+    )
 
     def add_sweep(name, r, devices=args.devices, **options):
         mesh = make_mesh(runs=devices, data=1, devices=jax.devices()[:devices]) if devices > 1 else None
         sweep = Sweep(config, model, reward_fn, [{"seed": s} for s in range(r)], mesh=mesh, **options)
         programs[name] = dict(
-            step=sweep.train_step, rollout=sweep.rollout_step, state=sweep.init_state(params),
-            frozen=sweep.frozen_params(params), batch=sweep.prompt_batch(np.stack([ids] * r), np.stack([mask] * r)),
-            runs=r)
+            step=sweep.train_step,
+            rollout=sweep.rollout_step,
+            state=sweep.init_state(params),
+            frozen=sweep.frozen_params(params),
+            batch=sweep.prompt_batch(np.stack([ids] * r), np.stack([mask] * r)),
+            runs=r,
+        )
 
     for r in runs:
         add_sweep(f"sweep R={r}", r)
@@ -202,10 +215,12 @@ def main(args: Args) -> dict:
     if "one_device" in args.compare:
         add_sweep(f"R={largest} 1 device", largest, devices=1)
     for option in (c for c in args.compare if c.startswith("xla:")):
-        name, value = option[len("xla:"):].split("=", 1)
-        add_sweep(f"R={largest} {name.removeprefix('xla_cpu_')}={value}", largest,
-                  tuning=dataclasses.replace(ppo.tuning, compiler_options={**dict(ppo.tuning.compiler_options),
-                                                                           name: value}))
+        name, value = option[len("xla:") :].split("=", 1)
+        add_sweep(
+            f"R={largest} {name.removeprefix('xla_cpu_')}={value}",
+            largest,
+            tuning=dataclasses.replace(ppo.tuning, compiler_options={**dict(ppo.tuning.compiler_options), name: value}),
+        )
 
     def timed(fn, *call_args):
         start = time.perf_counter()
@@ -237,11 +252,15 @@ def main(args: Args) -> dict:
     peak = matmul_peak_gflops()
     gflop_one = ppo_step_gflop(params, config, ids.shape[1])
 
-    print(f"\n{datetime.date.today()}, load average during the runs {min(loads):.2f}-{max(loads):.2f}, "
-          f"medians of {reps} interleaved repetitions\n")
-    print(f"{'program':<34} {'s/step':>8} {'x one run':>10} {'R in sequence s/step':>21} "
-          f"{'throughput vs sequence':>23} "
-          f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'of peak':>8} {'compile s':>10}")
+    print(
+        f"\n{datetime.date.today()}, load average during the runs {min(loads):.2f}-{max(loads):.2f}, "
+        f"medians of {reps} interleaved repetitions\n"
+    )
+    print(
+        f"{'program':<34} {'s/step':>8} {'x one run':>10} {'R in sequence s/step':>21} "
+        f"{'throughput vs sequence':>23} "
+        f"{'GFLOP/step':>11} {'GFLOP/s':>8} {'of peak':>8} {'compile s':>10}"
+    )
     results = {"one_run_s": t_one, "load_average": [min(loads), max(loads)], "matmul_peak_gflops": peak, "rows": []}
     for name, program in programs.items():
         r = program.get("runs", 1)
@@ -249,10 +268,21 @@ def main(args: Args) -> dict:
         ratio = sequential / median[name]
         gflop = r * gflop_one
         rate = gflop / median[name]
-        print(f"{name:<34} {median[name]:8.3f} {median[name] / t_one:9.2f}x {sequential:21.3f} {ratio:22.2f}x "
-              f"{gflop:11.1f} {rate:8.1f} {rate / peak:7.0%} {compile_s[name] - median[name]:10.1f}")
-        results["rows"].append(dict(program=name, runs=r, seconds=median[name], vs_one_run=median[name] / t_one,
-                                    throughput_ratio=ratio, gflops=rate, compile_s=compile_s[name] - median[name]))
+        print(
+            f"{name:<34} {median[name]:8.3f} {median[name] / t_one:9.2f}x {sequential:21.3f} {ratio:22.2f}x "
+            f"{gflop:11.1f} {rate:8.1f} {rate / peak:7.0%} {compile_s[name] - median[name]:10.1f}"
+        )
+        results["rows"].append(
+            dict(
+                program=name,
+                runs=r,
+                seconds=median[name],
+                vs_one_run=median[name] / t_one,
+                throughput_ratio=ratio,
+                gflops=rate,
+                compile_s=compile_s[name] - median[name],
+            )
+        )
     print(f"\nmatrix-product peak of this machine: {peak:.0f} GFLOP/s (float32, jitted 2048^3 product)")
     if args.phases:
         rollout_one = statistics.median(rollout_times["one run"])
@@ -262,11 +292,15 @@ def main(args: Args) -> dict:
             rollout_s = statistics.median(rollout_times[row["program"]])
             rest_s = row["seconds"] - rollout_s
             row.update(rollout_s=rollout_s, rest_s=rest_s)
-            print(f"{row['program'] + ':':<34} {rollout_s:10.3f} {rollout_s / rollout_one:9.2f}x {rest_s:8.3f} "
-                  f"{rest_s / (t_one - rollout_one):9.2f}x")
+            print(
+                f"{row['program'] + ':':<34} {rollout_s:10.3f} {rollout_s / rollout_one:9.2f}x {rest_s:8.3f} "
+                f"{rest_s / (t_one - rollout_one):9.2f}x"
+            )
     row = next(x for x in results["rows"] if x["program"] == f"sweep R={largest}")
-    print(f"\n{largest} runs as one sweep: {row['vs_one_run']:.2f}x the time of one run, "
-          f"{row['throughput_ratio']:.2f}x the throughput of {largest} runs in sequence")
+    print(
+        f"\n{largest} runs as one sweep: {row['vs_one_run']:.2f}x the time of one run, "
+        f"{row['throughput_ratio']:.2f}x the throughput of {largest} runs in sequence"
+    )
     return results
 
 

@@ -15,12 +15,13 @@ A plain PyTorch loop over `transformers` models, no compilation:
 The critic is a `GPT2Model` trunk with a `Linear(D, 1)` value head on its last hidden state, as
 TRL's separate value model. The formulas are those of docs/design.md (what jaxrlhf computes).
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,9 @@ class Critic(torch.nn.Module):
         self.head = head
 
     def forward(self, input_ids, attention_mask, position_ids):
-        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        hidden = self.trunk(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
         return self.head(hidden).squeeze(-1)
 
 
@@ -91,8 +94,12 @@ class TorchPPO:
         self.critic = critic.train()
         self.reward_fn = reward_fn
         self.s = settings
-        self.policy_opt = torch.optim.AdamW(self.policy.parameters(), lr=settings.learning_rate, weight_decay=0.0, eps=1e-8)
-        self.critic_opt = torch.optim.AdamW(self.critic.parameters(), lr=settings.learning_rate, weight_decay=0.0, eps=1e-8)
+        self.policy_opt = torch.optim.AdamW(
+            self.policy.parameters(), lr=settings.learning_rate, weight_decay=0.0, eps=1e-8
+        )
+        self.critic_opt = torch.optim.AdamW(
+            self.critic.parameters(), lr=settings.learning_rate, weight_decay=0.0, eps=1e-8
+        )
 
     # ---------------------------------------------------------------- phases
 
@@ -101,11 +108,19 @@ class TorchPPO:
         s = self.s
         self.policy.eval()
         out = self.policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=s.temperature,
-            top_k=0, top_p=1.0, max_new_tokens=s.max_new_tokens, min_new_tokens=s.max_new_tokens,
-            use_cache=True, pad_token_id=0)
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            do_sample=True,
+            temperature=s.temperature,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=s.max_new_tokens,
+            min_new_tokens=s.max_new_tokens,
+            use_cache=True,
+            pad_token_id=0,
+        )
         self.policy.train()
-        response = out[:, prompt_ids.shape[1]:]
+        response = out[:, prompt_ids.shape[1] :]
         # No EOS in these runs (the generation config has none): every response token is valid.
         return response, torch.ones_like(response)
 
@@ -141,8 +156,16 @@ class TorchPPO:
         returns = advantages + values_m
         advantages = masked_whiten(advantages, maskf)
         stats = {"kl": (kl * maskf).sum(1).mean().item(), "entropy": masked_mean(entropy, maskf).item()}
-        return dict(ids=ids, mask=mask, response=response, response_mask=maskf, logprobs=logprobs,
-                    values=values, advantages=advantages, returns=returns), stats
+        return dict(
+            ids=ids,
+            mask=mask,
+            response=response,
+            response_mask=maskf,
+            logprobs=logprobs,
+            values=values,
+            advantages=advantages,
+            returns=returns,
+        ), stats
 
     def update(self, exp, prompt_len):
         s = self.s
@@ -155,7 +178,9 @@ class TorchPPO:
                 m = mb["response_mask"]
                 logits = response_logits(self.policy, mb["ids"], mb["mask"], prompt_len, N)
                 logprobs, _ = logprobs_of(logits, mb["response"], s.temperature)
-                vpred = self.critic(mb["ids"], mb["mask"], positions(mb["mask"]))[:, prompt_len - 1 : prompt_len - 1 + N]
+                vpred = self.critic(mb["ids"], mb["mask"], positions(mb["mask"]))[
+                    :, prompt_len - 1 : prompt_len - 1 + N
+                ]
                 ratio = torch.exp(logprobs - mb["logprobs"])
                 adv = mb["advantages"]
                 pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - s.clip_eps, 1 + s.clip_eps))

@@ -23,6 +23,7 @@ records them.
 program, which compiles with one set of options) of a 2-layer GPT-2 of that width with a 4096-token
 vocabulary (the GPT-2 one needs more memory than a shared machine has); "tokens" there are the rollout's sampled tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,8 +81,13 @@ def measure(name: str, shape: Shape, reps: int, seed: int) -> dict:
     from jaxrlhf.sampling import generate
     from jaxrlhf.tuning import NO_YNN_FUSIONS, Tuning
 
-    config = gpt2_config(shape.vocab, hidden_size=shape.width, num_layers=shape.layers, num_heads=shape.heads,
-                         max_len=shape.prompt_len + shape.new_tokens)
+    config = gpt2_config(
+        shape.vocab,
+        hidden_size=shape.width,
+        num_layers=shape.layers,
+        num_heads=shape.heads,
+        max_len=shape.prompt_len + shape.new_tokens,
+    )
     base = Tuning.for_backend("cpu").replace(compiler_options=())
     variants = {"default": base, "no_ynn": base.replace(compiler_options=NO_YNN_FUSIONS)}
     model = LanguageModel(config, base)  # the model-level fields are the same in both variants
@@ -93,8 +99,14 @@ def measure(name: str, shape: Shape, reps: int, seed: int) -> dict:
     if name.startswith("ppo-"):
         from jaxrlhf.training import PPO, PPOConfig
 
-        config = PPOConfig(batch_size=shape.batch, minibatch_size=shape.batch, ppo_epochs=1,
-                           max_new_tokens=shape.new_tokens, max_prompt_len=shape.prompt_len, eos_token_id=-1)
+        config = PPOConfig(
+            batch_size=shape.batch,
+            minibatch_size=shape.batch,
+            ppo_epochs=1,
+            max_new_tokens=shape.new_tokens,
+            max_prompt_len=shape.prompt_len,
+            eos_token_id=-1,
+        )
 
         def reward(prompt_ids, prompt_mask, response_ids, response_mask):  # share of even token ids
             return jnp.mean((response_ids % 2 == 0) * response_mask, axis=-1)
@@ -106,7 +118,8 @@ def measure(name: str, shape: Shape, reps: int, seed: int) -> dict:
             jax.block_until_ready(ppo.train_step(state, frozen, batch))  # compile + first step
             compile_s[variant] = time.perf_counter() - start
             programs[variant] = lambda p, i, m, k, ppo=ppo, state=state, frozen=frozen, batch=batch: ppo.train_step(
-                state, frozen, batch)
+                state, frozen, batch
+            )
     else:
         sample = functools.partial(generate, model, max_new_tokens=shape.new_tokens, temperature=1.0)
         for variant, tuning in variants.items():
@@ -127,9 +140,18 @@ def measure(name: str, shape: Shape, reps: int, seed: int) -> dict:
     tokens = shape.batch * shape.new_tokens
     rate = {variant: tokens / statistics.median(s) for variant, s in seconds.items()}
     cpu = {variant: statistics.median(s) for variant, s in cpu_seconds.items()}
-    return dict(shape=name, batch=shape.batch, width=shape.width, default=rate["default"], no_ynn=rate["no_ynn"],
-                ratio=rate["no_ynn"] / rate["default"], cpu_ratio=cpu["default"] / cpu["no_ynn"],
-                compile_s=sum(compile_s.values()), load_before=load_before, load_after=_load())
+    return dict(
+        shape=name,
+        batch=shape.batch,
+        width=shape.width,
+        default=rate["default"],
+        no_ynn=rate["no_ynn"],
+        ratio=rate["no_ynn"] / rate["default"],
+        cpu_ratio=cpu["default"] / cpu["no_ynn"],
+        compile_s=sum(compile_s.values()),
+        load_before=load_before,
+        load_after=_load(),
+    )
 
 
 def main(args: Args) -> None:
@@ -138,16 +160,23 @@ def main(args: Args) -> None:
     unknown = [s for s in args.shapes if s not in SHAPES]
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; choose from {', '.join(SHAPES)}")
-    print(f"# jax {jax.__version__}, {jax.default_backend()} x{jax.device_count()}, {os.cpu_count()} CPUs, "
-          f"{args.reps} interleaved repetitions, medians; load average {_load()}")
-    print("| shape | batch | width | tok/s default | tok/s no_ynn | no_ynn / default | same in CPU time | compile s "
-          "| load before -> after |")
+    print(
+        f"# jax {jax.__version__}, {jax.default_backend()} x{jax.device_count()}, {os.cpu_count()} CPUs, "
+        f"{args.reps} interleaved repetitions, medians; load average {_load()}"
+    )
+    print(
+        "| shape | batch | width | tok/s default | tok/s no_ynn | no_ynn / default | same in CPU time | compile s "
+        "| load before -> after |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name in args.shapes:
         r = measure(name, SHAPES[name], args.reps, args.seed)
-        print(f"| {r['shape']} | {r['batch']} | {r['width']} | {r['default']:.0f} | {r['no_ynn']:.0f} | "
-              f"{r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {r['compile_s']:.1f} | {r['load_before']} -> "
-              f"{r['load_after']} |", flush=True)
+        print(
+            f"| {r['shape']} | {r['batch']} | {r['width']} | {r['default']:.0f} | {r['no_ynn']:.0f} | "
+            f"{r['ratio']:.2f} | {r['cpu_ratio']:.2f} | {r['compile_s']:.1f} | {r['load_before']} -> "
+            f"{r['load_after']} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Writes to ``out_dir``: ``config.json``; per preset ``<preset>/`` (the sweep: che
 greedy optimality, KL to SFT, steps to reach ``target_optimality``, tokens sampled, wall-clock);
 ``compare_algorithms.png`` (sampled optimality against tokens sampled, mean over seeds).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,11 +30,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling script, also when imported
 import randomwalks_ppo as rwp  # noqa: E402
+
 from jaxrlhf.config import parse_config, save_config  # noqa: E402
 from jaxrlhf.metrics_log import read_metrics  # noqa: E402
 from jaxrlhf.plotting import plot_curves  # noqa: E402
-from tasks import randomwalks as rw  # noqa: E402
 from jaxrlhf.training.presets import PRESETS, preset  # noqa: E402
+from tasks import randomwalks as rw  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +71,26 @@ class Config:
 
 
 def run_preset(config: Config, name: str, sft, task, reward_fn, evaluator) -> dict:
-    base = rwp.Config().ppo.replace(total_steps=config.steps, batch_size=config.batch_size,
-                                    minibatch_size=config.minibatch_size, learning_rate=config.learning_rate,
-                                    critic_learning_rate=config.learning_rate, num_generations=config.group_size,
-                                    save_every=config.steps)
+    base = rwp.Config().ppo.replace(
+        total_steps=config.steps,
+        batch_size=config.batch_size,
+        minibatch_size=config.minibatch_size,
+        learning_rate=config.learning_rate,
+        critic_learning_rate=config.learning_rate,
+        num_generations=config.group_size,
+        save_every=config.steps,
+    )
     ppo_config = preset(name, base)
-    run_config = rwp.Config(out_dir=os.path.join(config.out_dir, name), sft_dir=config.sft_dir, seeds=config.seeds,
-                            eval_every=config.eval_every, eval_samples=config.eval_samples,
-                            target_optimality=config.target_optimality, progress=config.progress, ppo=ppo_config)
+    run_config = rwp.Config(
+        out_dir=os.path.join(config.out_dir, name),
+        sft_dir=config.sft_dir,
+        seeds=config.seeds,
+        eval_every=config.eval_every,
+        eval_samples=config.eval_samples,
+        target_optimality=config.target_optimality,
+        progress=config.progress,
+        ppo=ppo_config,
+    )
     start = time.perf_counter()
     runs, timings = rwp.run_seeds(run_config, sft, task, reward_fn, evaluator)
     curves, tokens = [], []
@@ -86,17 +100,35 @@ def run_preset(config: Config, name: str, sft, task, reward_fn, evaluator) -> di
         sampled = np.cumsum([r.get("num_sampled_tokens", r["num_response_tokens"]) for r in steps])
         tokens.append(float(sampled[-1]) if len(sampled) else 0.0)
         evals = [r for r in records if "eval/sampled/optimality" in r]
-        curves.append(([0.0] + [float(sampled[e["step"]]) for e in evals],
-                       [run["before"]["sampled/optimality"]] + [e["eval/sampled/optimality"] for e in evals]))
-    after = {key: [run["after"][key] for run in runs]
-             for key in ("sampled/optimality", "greedy/optimality", "sampled/kl_to_ref", "sampled/invalid")}
+        curves.append(
+            (
+                [0.0] + [float(sampled[e["step"]]) for e in evals],
+                [run["before"]["sampled/optimality"]] + [e["eval/sampled/optimality"] for e in evals],
+            )
+        )
+    after = {
+        key: [run["after"][key] for run in runs]
+        for key in ("sampled/optimality", "greedy/optimality", "sampled/kl_to_ref", "sampled/invalid")
+    }
     reached = [run["target_reached_at"]["step"] if run["target_reached_at"] else None for run in runs]
     return {
         "preset": name,
         "before": runs[0]["before"],
-        "settings": {k: getattr(ppo_config, k) for k in ("advantage_estimator", "policy_loss", "num_generations",
-                                                         "kl_placement", "kl_estimator", "kl_coef",
-                                                         "loss_agg", "ppo_epochs", "clip_eps", "clip_eps_high")},
+        "settings": {
+            k: getattr(ppo_config, k)
+            for k in (
+                "advantage_estimator",
+                "policy_loss",
+                "num_generations",
+                "kl_placement",
+                "kl_estimator",
+                "kl_coef",
+                "loss_agg",
+                "ppo_epochs",
+                "clip_eps",
+                "clip_eps_high",
+            )
+        },
         "after": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} for k, v in after.items()},
         "steps_to_target": reached,
         "tokens_sampled": tokens,
@@ -117,13 +149,17 @@ def results_table(results: list[dict], sft_before: dict, target: float) -> str:
     for r in results:
         a = r["after"]
         reached = [s for s in r["steps_to_target"] if s is not None]
-        steps = (f"{np.mean(reached):.0f} ({len(reached)}/{len(r['steps_to_target'])} seeds)" if reached
-                 else f"not reached (0/{len(r['steps_to_target'])})")
+        steps = (
+            f"{np.mean(reached):.0f} ({len(reached)}/{len(r['steps_to_target'])} seeds)"
+            if reached
+            else f"not reached (0/{len(r['steps_to_target'])})"
+        )
         lines.append(
             f"| {r['preset']} | {a['sampled/optimality']['mean']:.3f} ± {a['sampled/optimality']['std']:.3f} "
             f"| {a['greedy/optimality']['mean']:.3f} ± {a['greedy/optimality']['std']:.3f} "
             f"| {a['sampled/kl_to_ref']['mean']:.2f} ± {a['sampled/kl_to_ref']['std']:.2f} | {steps} "
-            f"| {np.mean(r['tokens_sampled']):.0f} | {r['wall_clock_s']:.0f} s |")
+            f"| {np.mean(r['tokens_sampled']):.0f} | {r['wall_clock_s']:.0f} s |"
+        )
     return "\n".join(lines)
 
 
@@ -133,9 +169,14 @@ def plot(results: list[dict], out_png: str) -> None:
         xs = np.mean([c[0] for c in r["curves"]], axis=0)
         ys = np.mean([c[1] for c in r["curves"]], axis=0)
         panel[r["preset"]] = (xs.tolist(), ys.tolist())
-    plot_curves({"sampled optimality (mean over seeds)": panel}, out_png, title="randomwalks: every preset",
-                xlabel="response tokens sampled per run", ylims={"sampled optimality (mean over seeds)": (0.75, 1.01)},
-                ncols=1)
+    plot_curves(
+        {"sampled optimality (mean over seeds)": panel},
+        out_png,
+        title="randomwalks: every preset",
+        xlabel="response tokens sampled per run",
+        ylims={"sampled optimality (mean over seeds)": (0.75, 1.01)},
+        ncols=1,
+    )
 
 
 def main(config: Config) -> dict:
@@ -153,8 +194,11 @@ def main(config: Config) -> dict:
         result = run_preset(config, name, sft, task, reward_fn, evaluator)
         results.append(result)
         a = result["after"]
-        print(f"{name}: sampled optimality {a['sampled/optimality']['mean']:.3f} ± {a['sampled/optimality']['std']:.3f}, "
-              f"KL {a['sampled/kl_to_ref']['mean']:.2f}, {result['wall_clock_s']:.0f} s", flush=True)
+        print(
+            f"{name}: sampled optimality {a['sampled/optimality']['mean']:.3f} ± {a['sampled/optimality']['std']:.3f}, "
+            f"KL {a['sampled/kl_to_ref']['mean']:.2f}, {result['wall_clock_s']:.0f} s",
+            flush=True,
+        )
     sft_before = results[0]["before"]
     table = results_table(results, sft_before, config.target_optimality)
     with open(os.path.join(config.out_dir, "results.md"), "w") as f:

@@ -14,6 +14,7 @@ Writes to ``out_dir``: ``config.json``, ``metrics.jsonl`` (loss, and ``eval/`` h
 greedy and sampled), TensorBoard events, ``model/`` (Hugging Face format with the tokenizer),
 ``summary.json``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,8 @@ import jax
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import LanguageModel, gpt2_config, save_pretrained
-from tasks import countdown as cd
 from jaxrlhf.training.sft import SFTConfig, train_sft
+from tasks import countdown as cd
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +66,18 @@ class Config:
 
 
 def make_model(config: Config, tokenizer) -> LanguageModel:
-    return LanguageModel(gpt2_config(len(tokenizer), config.n_embd, config.n_layer, config.n_head,
-                                     cd.PROMPT_LEN + cd.ANSWER_LEN + 4, bos_token_id=tokenizer.bos_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return LanguageModel(
+        gpt2_config(
+            len(tokenizer),
+            config.n_embd,
+            config.n_layer,
+            config.n_head,
+            cd.PROMPT_LEN + cd.ANSWER_LEN + 4,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
 
 
 def main(config: Config) -> dict:
@@ -78,8 +88,10 @@ def main(config: Config) -> dict:
     tokenizer = cd.tokenizer()
     demos = cd.demonstrations(task, config.correct_fraction, config.seed)
     data = cd.encode_demonstrations(demos, tokenizer)
-    print(f"countdown: {len(task.train)} training problems, {len(task.held_out)} held out; "
-          f"{sum(a in cd.solutions(p, task.ops) for p, a in demos) / len(demos):.3f} of demonstrations correct")
+    print(
+        f"countdown: {len(task.train)} training problems, {len(task.held_out)} held out; "
+        f"{sum(a in cd.solutions(p, task.ops) for p, a in demos) / len(demos):.3f} of demonstrations correct"
+    )
 
     model = make_model(config, tokenizer)
     init_key, data_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
@@ -90,14 +102,29 @@ def main(config: Config) -> dict:
         return {k: float(v) for k, v in evaluator(p, jax.random.fold_in(eval_key, step)).items()}
 
     with MetricsLogger(config.out_dir, total_steps=config.num_steps, progress_keys=("loss", "accuracy")) as logger:
-        params, last = train_sft(model.apply, params, data, data_key, config=config.sft, num_steps=config.num_steps,
-                                 batch_size=config.batch_size, logger=logger, log_every=config.log_every,
-                                 eval_fn=eval_fn, eval_every=config.eval_every)
+        params, last = train_sft(
+            model.apply,
+            params,
+            data,
+            data_key,
+            config=config.sft,
+            num_steps=config.num_steps,
+            batch_size=config.batch_size,
+            logger=logger,
+            log_every=config.log_every,
+            eval_fn=eval_fn,
+            eval_every=config.eval_every,
+        )
     model_dir = os.path.join(config.out_dir, "model")
     save_pretrained(model_dir, model, params, tokenizer)
-    summary = {"final_loss": last["loss"], **{f"held_out/{k}": v for k, v in eval_fn(params, config.num_steps + 1).items()},
-               "num_train_problems": len(task.train), "num_held_out_problems": len(task.held_out),
-               "wall_clock_s": time.time() - start, "model_dir": model_dir}
+    summary = {
+        "final_loss": last["loss"],
+        **{f"held_out/{k}": v for k, v in eval_fn(params, config.num_steps + 1).items()},
+        "num_train_problems": len(task.train),
+        "num_held_out_problems": len(task.held_out),
+        "wall_clock_s": time.time() - start,
+        "model_dir": model_dir,
+    }
     with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary, indent=2))

@@ -20,26 +20,27 @@ seeds) goes to ``dpo_vs_ppo.png``, and the table to ``summary.json`` and ``summa
     python experiments/dpo_vs_ppo.py --seeds 0 --pref_steps 50 --ppo_steps 30 --out_dir runs/dvp_small
     python experiments/dpo_vs_ppo.py --help
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
 import time
-from typing import Any, Dict, List
+from typing import Any
 
 import jax
 import numpy as np
-
 import reward_hacking as rh  # experiments/ is the script's directory, so it is on sys.path
+
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import LanguageModel, ValueModel, gpt2_config
 from jaxrlhf.plotting import plot_curves
-from tasks import synthetic_language as lang
 from jaxrlhf.training import PPOConfig, RewardModel, sft, train_sweep
 from jaxrlhf.training.preference import PreferenceConfig, train_preference
 from jaxrlhf.training.preference_data import pairs_from_arrays
+from tasks import synthetic_language as lang
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,40 +127,64 @@ class Config:
     """Decoded samples per run kept in summary.json."""
 
     def betas(self, loss: str) -> tuple[float, ...]:
-        return {"dpo": self.dpo_betas, "cdpo": self.dpo_betas, "ipo": self.ipo_betas,
-                "simpo": self.simpo_betas, "kto": self.kto_betas}[loss]
+        return {
+            "dpo": self.dpo_betas,
+            "cdpo": self.dpo_betas,
+            "ipo": self.ipo_betas,
+            "simpo": self.simpo_betas,
+            "kto": self.kto_betas,
+        }[loss]
 
 
 def pair_data(pairs: lang.PreferencePairs):
     """Sentences as prompt ``<bos>`` + response (the rest, ending with the '.' EOS)."""
     c, cm, r, rm_ = (np.asarray(x) for x in pairs)
-    return pairs_from_arrays(c[:, :1], cm[:, :1], c[:, 1:], cm[:, 1:], r[:, 1:], rm_[:, 1:], max_prompt_len=1,
-                             max_response_len=lang.MAX_SENTENCE_LEN - 1, pad_id=lang.PAD_ID)
+    return pairs_from_arrays(
+        c[:, :1],
+        cm[:, :1],
+        c[:, 1:],
+        cm[:, 1:],
+        r[:, 1:],
+        rm_[:, 1:],
+        max_prompt_len=1,
+        max_response_len=lang.MAX_SENTENCE_LEN - 1,
+        pad_id=lang.PAD_ID,
+    )
 
 
-def run_seed(config: Config, seed: int, logger: MetricsLogger) -> Dict[str, Any]:
+def run_seed(config: Config, seed: int, logger: MetricsLogger) -> dict[str, Any]:
     """The whole pipeline for one seed; returns ``{"sft": metrics, "rm_accuracy", "runs": [...]}``."""
     start = time.time()
     key = jax.random.key(seed)
     k_data, k_pairs, k_eval_pairs, k_policy, k_rm, k_sft, k_rm_train, k_ppo, k_prompts = jax.random.split(key, 9)
     out_dir = os.path.join(config.out_dir, f"seed_{seed}")
-    policy = LanguageModel(gpt2_config(lang.VOCAB_SIZE, config.policy_width, config.policy_layers, **lang.SPECIAL_TOKEN_IDS))
-    rm = ValueModel(gpt2_config(lang.VOCAB_SIZE, config.rm_width, config.rm_layers, num_heads=2, **lang.SPECIAL_TOKEN_IDS))
+    policy = LanguageModel(
+        gpt2_config(lang.VOCAB_SIZE, config.policy_width, config.policy_layers, **lang.SPECIAL_TOKEN_IDS)
+    )
+    rm = ValueModel(
+        gpt2_config(lang.VOCAB_SIZE, config.rm_width, config.rm_layers, num_heads=2, **lang.SPECIAL_TOKEN_IDS)
+    )
 
     # 1. SFT.
     ids, mask = lang.sample_sentences(k_data, config.sft_examples)
     sft_params, sft_metrics = sft.train_sft(
-        policy.apply, policy.init_params(k_policy), {"input_ids": np.asarray(ids), "attention_mask": np.asarray(mask)},
-        k_sft, config=sft.SFTConfig(learning_rate=config.sft_lr, warmup_steps=20), num_steps=config.sft_steps,
-        batch_size=config.sft_batch_size)
+        policy.apply,
+        policy.init_params(k_policy),
+        {"input_ids": np.asarray(ids), "attention_mask": np.asarray(mask)},
+        k_sft,
+        config=sft.SFTConfig(learning_rate=config.sft_lr, warmup_steps=20),
+        num_steps=config.sft_steps,
+        batch_size=config.sft_batch_size,
+    )
     logger.write(f"[seed {seed}] SFT loss {sft_metrics['loss']:.3f} ({time.time() - start:.0f} s)")
 
     # 2. The pairs, and the reward model trained on them.
     train_pairs = lang.preference_pairs(k_pairs, config.rm_pairs)
     eval_pairs = lang.preference_pairs(k_eval_pairs, config.rm_eval_pairs)
     rm_logger = _Null()
-    rm_params = rh.train_reward_model(rm, rm.init_params(k_rm, head_scale=1.0), train_pairs, k_rm_train, config,
-                                      rm_logger)
+    rm_params = rh.train_reward_model(
+        rm, rm.init_params(k_rm, head_scale=1.0), train_pairs, k_rm_train, config, rm_logger
+    )
     rm_params, _ = rh.normalize_reward_model(rm, rm_params, ids, mask)
     rm_acc = rh.rm_accuracy(rm, rm_params, eval_pairs)
     logger.write(f"[seed {seed}] reward model held-out accuracy {rm_acc:.3f}")
@@ -168,24 +193,43 @@ def run_seed(config: Config, seed: int, logger: MetricsLogger) -> Dict[str, Any]
     eval_prompts = lang.sample_prompts(k_prompts, config.eval_batch_size)
     k_eval = jax.random.fold_in(k_prompts, 1)
 
-    def evaluate(params) -> Dict[str, Any]:
+    def evaluate(params) -> dict[str, Any]:
         metrics, samples = evaluate_fn(params, sft_params, rm_params, *eval_prompts, k_eval)
-        return {**{k: float(v) for k, v in metrics.items()},
-                "samples": rh.show_samples(*samples, config.num_samples_shown)}
+        return {
+            **{k: float(v) for k, v in metrics.items()},
+            "samples": rh.show_samples(*samples, config.num_samples_shown),
+        }
 
-    runs: List[Dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     sft_eval = evaluate(sft_params)
 
     # 3. PPO against the reward model, one run per kl_coef (one sweep).
     ppo_config = PPOConfig(
-        total_steps=config.ppo_steps, batch_size=config.ppo_batch_size, minibatch_size=config.ppo_minibatch_size,
-        ppo_epochs=config.ppo_epochs, max_prompt_len=2, max_new_tokens=config.max_new_tokens,
-        eos_token_id=lang.EOS_ID, pad_token_id=lang.PAD_ID, learning_rate=config.ppo_lr,
-        critic_learning_rate=config.critic_lr, seed=seed, save_every=max(config.ppo_steps, 1))
+        total_steps=config.ppo_steps,
+        batch_size=config.ppo_batch_size,
+        minibatch_size=config.ppo_minibatch_size,
+        ppo_epochs=config.ppo_epochs,
+        max_prompt_len=2,
+        max_new_tokens=config.max_new_tokens,
+        eos_token_id=lang.EOS_ID,
+        pad_token_id=lang.PAD_ID,
+        learning_rate=config.ppo_lr,
+        critic_learning_rate=config.critic_lr,
+        seed=seed,
+        save_every=max(config.ppo_steps, 1),
+    )
     prompt_pool = lang.sample_prompts(k_ppo, config.ppo_batch_size * 16)
-    result = train_sweep((policy, sft_params), RewardModel(rm), tuple(np.asarray(x) for x in prompt_pool), ppo_config,
-                         os.path.join(out_dir, "ppo"), [{"kl_coef": float(c)} for c in config.kl_coefs],
-                         reward_params=rm_params, export=False, progress=False)
+    result = train_sweep(
+        (policy, sft_params),
+        RewardModel(rm),
+        tuple(np.asarray(x) for x in prompt_pool),
+        ppo_config,
+        os.path.join(out_dir, "ppo"),
+        [{"kl_coef": float(c)} for c in config.kl_coefs],
+        reward_params=rm_params,
+        export=False,
+        progress=False,
+    )
     for run, kl_coef in enumerate(config.kl_coefs):
         params = jax.tree.map(lambda x: x[run], result.state.runs.policy_params)
         runs.append({"method": "ppo", "knob": "kl_coef", "value": float(kl_coef), **evaluate(params)})
@@ -199,21 +243,43 @@ def run_seed(config: Config, seed: int, logger: MetricsLogger) -> Dict[str, Any]
             if loss == "simpo":
                 overrides["simpo_gamma"] = config.simpo_gamma_ratio * beta
             pref_config = PreferenceConfig.preset(
-                loss, **overrides, learning_rate=config.pref_lr, total_steps=config.pref_steps,
-                batch_size=config.pref_batch_size, max_prompt_len=1, max_response_len=lang.MAX_SENTENCE_LEN - 1,
-                seed=seed, save_every=max(config.pref_steps, 1))
-            res = train_preference((policy, sft_params), train_data, pref_config, eval_data=held_out,
-                                   progress=False, tensorboard=False, export=False)
+                loss,
+                **overrides,
+                learning_rate=config.pref_lr,
+                total_steps=config.pref_steps,
+                batch_size=config.pref_batch_size,
+                max_prompt_len=1,
+                max_response_len=lang.MAX_SENTENCE_LEN - 1,
+                seed=seed,
+                save_every=max(config.pref_steps, 1),
+            )
+            res = train_preference(
+                (policy, sft_params),
+                train_data,
+                pref_config,
+                eval_data=held_out,
+                progress=False,
+                tensorboard=False,
+                export=False,
+            )
             final = res.evals[-1]
-            runs.append({"method": loss, "knob": "beta", "value": float(beta), **evaluate(res.params),
-                         "implicit_accuracy": final["accuracy"], "train_loss": res.history[-1]["loss"]})
+            runs.append(
+                {
+                    "method": loss,
+                    "knob": "beta",
+                    "value": float(beta),
+                    **evaluate(res.params),
+                    "implicit_accuracy": final["accuracy"],
+                    "train_loss": res.history[-1]["loss"],
+                }
+            )
         logger.write(f"[seed {seed}] {loss} done ({time.time() - start:.0f} s)")
     return {"seed": seed, "sft": sft_eval, "rm_accuracy": rm_acc, "runs": runs, "seconds": time.time() - start}
 
 
-def aggregate(per_seed: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+def aggregate(per_seed: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and standard deviation over seeds of each (method, knob value)."""
-    table: Dict[tuple, List[Dict[str, Any]]] = {}
+    table: dict[tuple, list[dict[str, Any]]] = {}
     for seed_result in per_seed:
         for run in seed_result["runs"]:
             table.setdefault((run["method"], run["value"]), []).append(run)
@@ -228,18 +294,22 @@ def aggregate(per_seed: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return rows
 
 
-def markdown_table(rows: List[Dict[str, Any]], sft: Dict[str, float]) -> str:
-    lines = ["| method | knob | true score | KL (nats) | well formed | proxy (RM) | held-out implicit acc. |",
-             "|---|---|---|---|---|---|---|",
-             f"| SFT | - | {sft['true_score']:.2f} | 0 | {sft['well_formed']:.2f} | {sft['proxy_score']:.2f} | - |"]
+def markdown_table(rows: list[dict[str, Any]], sft: dict[str, float]) -> str:
+    lines = [
+        "| method | knob | true score | KL (nats) | well formed | proxy (RM) | held-out implicit acc. |",
+        "|---|---|---|---|---|---|---|",
+        f"| SFT | - | {sft['true_score']:.2f} | 0 | {sft['well_formed']:.2f} | {sft['proxy_score']:.2f} | - |",
+    ]
     for r in rows:
         acc = f"{r['implicit_accuracy']:.3f}" if "implicit_accuracy" in r else "-"
-        lines.append(f"| {r['method']} | {r['knob']}={r['value']:g} | {r['true_score']:.2f} ± {r['true_score_std']:.2f} "
-                     f"| {r['kl']:.2f} ± {r['kl_std']:.2f} | {r['well_formed']:.2f} | {r['proxy_score']:.2f} | {acc} |")
+        lines.append(
+            f"| {r['method']} | {r['knob']}={r['value']:g} | {r['true_score']:.2f} ± {r['true_score_std']:.2f} "
+            f"| {r['kl']:.2f} ± {r['kl_std']:.2f} | {r['well_formed']:.2f} | {r['proxy_score']:.2f} | {acc} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def main(config: Config) -> Dict[str, Any]:
+def main(config: Config) -> dict[str, Any]:
     os.makedirs(config.out_dir, exist_ok=True)
     save_config(config, os.path.join(config.out_dir, "config.json"))
     logger = MetricsLogger(config.out_dir, total_steps=len(config.seeds), progress=False, tensorboard=False)
@@ -249,9 +319,10 @@ def main(config: Config) -> Dict[str, Any]:
         logger.log(i, {"seed": seed, "seconds": per_seed[-1]["seconds"]})
     logger.close()
     rows = aggregate(per_seed)
-    sft_mean = {k: float(np.mean([s["sft"][k] for s in per_seed])) for k in ("true_score", "well_formed", "proxy_score")}
-    summary = {"rows": rows, "sft": sft_mean, "per_seed": per_seed,
-               "rm_accuracy": [s["rm_accuracy"] for s in per_seed]}
+    sft_mean = {
+        k: float(np.mean([s["sft"][k] for s in per_seed])) for k in ("true_score", "well_formed", "proxy_score")
+    }
+    summary = {"rows": rows, "sft": sft_mean, "per_seed": per_seed, "rm_accuracy": [s["rm_accuracy"] for s in per_seed]}
     with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     table = markdown_table(rows, sft_mean)
@@ -267,12 +338,18 @@ def plot_frontier(rows, sft, out_dir) -> None:
     series = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["kl"])
-        series[method] = ([0.0] + [float(np.sqrt(max(r["kl"], 0.0))) for r in points],
-                          [sft["true_score"]] + [r["true_score"] for r in points])
-    plot_curves({"true score": series}, os.path.join(out_dir, "dpo_vs_ppo.png"),
-                title="True score vs KL on the same pairs",
-                xlabel="sqrt KL(policy || SFT)   (KL in nats per sentence)",
-                ylims={"true score": (lang.MIN_TRUE_SCORE - 0.2, lang.MAX_TRUE_SCORE + 0.2)}, ncols=1)
+        series[method] = (
+            [0.0] + [float(np.sqrt(max(r["kl"], 0.0))) for r in points],
+            [sft["true_score"]] + [r["true_score"] for r in points],
+        )
+    plot_curves(
+        {"true score": series},
+        os.path.join(out_dir, "dpo_vs_ppo.png"),
+        title="True score vs KL on the same pairs",
+        xlabel="sqrt KL(policy || SFT)   (KL in nats per sentence)",
+        ylims={"true score": (lang.MIN_TRUE_SCORE - 0.2, lang.MAX_TRUE_SCORE + 0.2)},
+        ncols=1,
+    )
 
 
 class _Null:

@@ -293,9 +293,7 @@ def train_q_learning(key, gamma, step_cost, env: GridWorld, config: Config):
             lambda k: run_episode(env, k, epsilon_greedy, config.max_steps, step_cost, config.slip_prob)
         )(jax.random.split(batch_key, config.episodes_per_batch))
         moves = jax.tree.map(lambda x: x.reshape(-1), episodes)  # episode after episode
-        q_SxA, _ = lax.scan(
-            lambda q, move: (q_learning_update(q, move, config.q_alpha, gamma), None), q_SxA, moves
-        )
+        q_SxA, _ = lax.scan(lambda q, move: (q_learning_update(q, move, config.q_alpha, gamma), None), q_SxA, moves)
         stats = jax.tree.map(jnp.mean, episode_stats(env, episodes))
         return q_SxA, {**stats, "epsilon": epsilon}
 
@@ -321,9 +319,9 @@ def evaluate(key, table_SxA, greedy, step_cost, env: GridWorld, config: Config):
         sampled = jax.random.categorical(action_key, table_SxA[cell])
         return jnp.where(greedy, best, sampled)
 
-    episodes = jax.vmap(
-        lambda k: run_episode(env, k, choose_action, config.max_steps, step_cost, config.slip_prob)
-    )(jax.random.split(key, config.eval_episodes))
+    episodes = jax.vmap(lambda k: run_episode(env, k, choose_action, config.max_steps, step_cost, config.slip_prob))(
+        jax.random.split(key, config.eval_episodes)
+    )
     stats = episode_stats(env, episodes)
     successes = stats["success"].astype(jnp.float32)
     return {
@@ -415,8 +413,11 @@ def main(config: Config) -> dict:
 
     # Final evaluation of every trained table, with the same episodes budget.
     # Three ways to act, evaluated in one compiled call (vmap over them, variants and seeds).
-    modes = {"reinforce_sampled": (logits_VxNxSxA, False), "reinforce_greedy": (logits_VxNxSxA, True),
-             "q_learning_greedy": (q_VxNxSxA, True)}
+    modes = {
+        "reinforce_sampled": (logits_VxNxSxA, False),
+        "reinforce_greedy": (logits_VxNxSxA, True),
+        "q_learning_greedy": (q_VxNxSxA, True),
+    }
     tables_MxVxNxSxA = jnp.stack([table for table, _ in modes.values()])
     greedy_M = jnp.array([greedy for _, greedy in modes.values()])
 
@@ -436,10 +437,16 @@ def main(config: Config) -> dict:
     with MetricsLogger(
         config.out_dir,
         total_steps=config.num_batches,
-        progress_keys=(f"reinforce/{variant_tag(*variants[0])}/success", f"q_learning/{variant_tag(*variants[0])}/success"),
+        progress_keys=(
+            f"reinforce/{variant_tag(*variants[0])}/success",
+            f"q_learning/{variant_tag(*variants[0])}/success",
+        ),
     ) as logger:
         for batch in range(config.num_batches):
-            metrics = {"episodes": (batch + 1) * config.episodes_per_batch, "q_learning/epsilon": q_stats["epsilon"][0, 0, batch]}
+            metrics = {
+                "episodes": (batch + 1) * config.episodes_per_batch,
+                "q_learning/epsilon": q_stats["epsilon"][0, 0, batch],
+            }
             for v, variant in enumerate(variants):
                 for agent, stats in (("reinforce", reinforce_stats), ("q_learning", q_stats)):
                     for name in ("success", "fire", "length"):
@@ -449,7 +456,7 @@ def main(config: Config) -> dict:
     # Plot: success rate and episode length by episode, one series per variant.
     episodes_axis = (np.arange(config.num_batches) + 1) * config.episodes_per_batch
     panels = {}
-    for agent, title, stats in (
+    for _agent, title, stats in (
         ("reinforce", "REINFORCE (policy-based)", reinforce_stats),
         ("q_learning", "Q-learning (value-based)", q_stats),
     ):
@@ -512,8 +519,10 @@ def print_report(summary: dict, config: Config) -> None:
     print("\nMap (S start, F fire, D diamond, # wall):")
     print("\n".join("  " + " ".join(row) for row in config.grid))
     print(f"Shortest safe path: {summary['shortest_path_length']} moves; step limit {config.max_steps}.")
-    print(f"Each run: {summary['episodes_per_run']} training episodes; {config.num_seeds} seeds per variant; "
-          f"final numbers over {config.eval_episodes} evaluation episodes per seed, averaged over seeds.\n")
+    print(
+        f"Each run: {summary['episodes_per_run']} training episodes; {config.num_seeds} seeds per variant; "
+        f"final numbers over {config.eval_episodes} evaluation episodes per seed, averaged over seeds.\n"
+    )
     for entry in summary["variants"]:
         label = variant_label(entry["gamma"], entry["step_cost"])
         grids = zip(entry["reinforce_arrows_seed0"], entry["q_learning_arrows_seed0"])
@@ -523,11 +532,15 @@ def print_report(summary: dict, config: Config) -> None:
         for name in ("reinforce_sampled", "reinforce_greedy", "q_learning_greedy"):
             e = entry[name]
             moves = "-" if e["success_length"] is None else f"{e['success_length']:.2f}"
-            print(f"  {name:18s} success {e['success_rate']:.3f}  fire {e['fire_rate']:.3f}  "
-                  f"moves to diamond {moves}  (per seed {e['success_rate_per_seed']})")
+            print(
+                f"  {name:18s} success {e['success_rate']:.3f}  fire {e['fire_rate']:.3f}  "
+                f"moves to diamond {moves}  (per seed {e['success_rate_per_seed']})"
+            )
         print()
-    print(f"Outputs in {config.out_dir}: config.json, metrics.jsonl, TensorBoard events, gridworld.png, summary.json "
-          f"({summary['total_seconds']:.1f} s)")
+    print(
+        f"Outputs in {config.out_dir}: config.json, metrics.jsonl, TensorBoard events, gridworld.png, summary.json "
+        f"({summary['total_seconds']:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

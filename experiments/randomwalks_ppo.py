@@ -26,6 +26,7 @@ TensorBoard events and ``policy/`` (final policy, Hugging Face format); ``sweep_
 (before/after evaluation per seed, mean and std over seeds); ``results.md`` (the SFT vs PPO table
 of docs/randomwalks.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,8 @@ from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
-from tasks import randomwalks as rw
 from jaxrlhf.training import PPOConfig, train_sweep
+from tasks import randomwalks as rw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +124,15 @@ def load_sft_policy(config: Config):
         sft = importlib.util.module_from_spec(spec)
         sys.modules["randomwalks_sft"] = sft  # dataclasses look their module up while the class is built
         spec.loader.exec_module(sft)
-        sft.main(sft.Config(out_dir=config.sft_dir, task_seed=config.task_seed, n_nodes=config.n_nodes,
-                            p_edge=config.p_edge, max_length=config.max_length))
+        sft.main(
+            sft.Config(
+                out_dir=config.sft_dir,
+                task_seed=config.task_seed,
+                n_nodes=config.n_nodes,
+                p_edge=config.p_edge,
+                max_length=config.max_length,
+            )
+        )
     return load_pretrained(model_dir)
 
 
@@ -152,33 +160,51 @@ def run_seeds(config: Config, sft, task, reward_fn, evaluator) -> tuple[list[dic
             results.append(result)
         return results
 
-    result = train_sweep(sft, reward_fn, (prompt_ids, prompt_mask), ppo_config, config.out_dir,
-                         runs=[{"seed": seed} for seed in config.seeds], ref_params=ref_params,
-                         progress=config.progress, evaluate=evaluate, eval_every=config.eval_every)
-    timings = {"wall_clock_s": time.perf_counter() - start, "cpu_time_s": time.process_time() - cpu_start,
-               "train_step_time_s": sum(m.get("step_time", 0.0) for m in result.histories[0]),
-               "num_runs": len(config.seeds)}
+    result = train_sweep(
+        sft,
+        reward_fn,
+        (prompt_ids, prompt_mask),
+        ppo_config,
+        config.out_dir,
+        runs=[{"seed": seed} for seed in config.seeds],
+        ref_params=ref_params,
+        progress=config.progress,
+        evaluate=evaluate,
+        eval_every=config.eval_every,
+    )
+    timings = {
+        "wall_clock_s": time.perf_counter() - start,
+        "cpu_time_s": time.process_time() - cpu_start,
+        "train_step_time_s": sum(m.get("step_time", 0.0) for m in result.histories[0]),
+        "num_runs": len(config.seeds),
+    }
     runs = []
     for run, seed in enumerate(config.seeds):
         history = [m for m in result.histories[run] if "kl_coef" in m]
         after = evaluate_params(result.state.run(run).policy_params, run, ppo_config.total_steps + 1)
-        runs.append({
-            "seed": seed,
-            "run_dir": os.path.join(config.out_dir, f"run_{run}"),
-            "before": befores[run],
-            "after": after,
-            "steps": int(result.state.runs.step[run]),
-            "failed": result.summary["runs"][run]["failed"],
-            "target_reached_at": reached[run] or None,
-            "final_kl_coef": history[-1]["kl_coef"] if history else None,
-            "policy_dir": result.policy_dirs[run],
-        })
+        runs.append(
+            {
+                "seed": seed,
+                "run_dir": os.path.join(config.out_dir, f"run_{run}"),
+                "before": befores[run],
+                "after": after,
+                "steps": int(result.state.runs.step[run]),
+                "failed": result.summary["runs"][run]["failed"],
+                "target_reached_at": reached[run] or None,
+                "final_kl_coef": history[-1]["kl_coef"] if history else None,
+                "policy_dir": result.policy_dirs[run],
+            }
+        )
     return runs, timings
 
 
 def plot(config: Config, runs: list[dict], out_png: str) -> None:
-    panels = {"training reward (mean optimality of rollouts)": {}, "evaluation optimality (T=1 samples)": {},
-              "KL to SFT per sequence": {}, "KL coefficient": {}}
+    panels = {
+        "training reward (mean optimality of rollouts)": {},
+        "evaluation optimality (T=1 samples)": {},
+        "KL to SFT per sequence": {},
+        "KL coefficient": {},
+    }
     for run in runs:
         seed = run["seed"]
         records = [r for r in read_metrics(run["run_dir"]) if "score" in r]
@@ -189,9 +215,12 @@ def plot(config: Config, runs: list[dict], out_png: str) -> None:
         panels["KL coefficient"][f"seed {seed}"] = (steps, [r["kl_coef"] for r in records])
         eval_steps = [0] + [e["step"] + 1 for e in evals]
         panels["evaluation optimality (T=1 samples)"][f"seed {seed}"] = (
-            eval_steps, [run["before"]["sampled/optimality"]] + [e["eval/sampled/optimality"] for e in evals])
-    plot_curves(panels, out_png, title="randomwalks PPO", ncols=2,
-                ylims={"evaluation optimality (T=1 samples)": (0.0, 1.02)})
+            eval_steps,
+            [run["before"]["sampled/optimality"]] + [e["eval/sampled/optimality"] for e in evals],
+        )
+    plot_curves(
+        panels, out_png, title="randomwalks PPO", ncols=2, ylims={"evaluation optimality (T=1 samples)": (0.0, 1.02)}
+    )
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -245,18 +274,22 @@ def main(config: Config) -> dict:
     sft = load_sft_policy(config)
     task = rw.make_task(config.task_seed, config.n_nodes, config.p_edge, config.max_length)
     if config.ppo.max_new_tokens < config.max_length:
-        print(f"warning: ppo.max_new_tokens={config.ppo.max_new_tokens} cannot hold a full walk "
-              f"({config.max_length - 1} nodes + EOS)")
+        print(
+            f"warning: ppo.max_new_tokens={config.ppo.max_new_tokens} cannot hold a full walk "
+            f"({config.max_length - 1} nodes + EOS)"
+        )
     reward_fn = rw.make_reward_fn(task, sft.tokenizer)
     evaluator = rw.make_evaluator(sft.model, task, sft.tokenizer, samples_per_prompt=config.eval_samples)
 
     runs, timings = run_seeds(config, sft, task, reward_fn, evaluator)
     for run in runs:
         b, a = run["before"], run["after"]
-        print(f"seed {run['seed']}: sampled optimality {b['sampled/optimality']:.3f} -> {a['sampled/optimality']:.3f}, "
-              f"greedy {b['greedy/optimality']:.3f} -> {a['greedy/optimality']:.3f}, "
-              f"invalid {b['sampled/invalid']:.3f} -> {a['sampled/invalid']:.3f}, "
-              f"KL to SFT {a['sampled/kl_to_ref']:.3f}; target reached at {run['target_reached_at']}")
+        print(
+            f"seed {run['seed']}: sampled optimality {b['sampled/optimality']:.3f} -> {a['sampled/optimality']:.3f}, "
+            f"greedy {b['greedy/optimality']:.3f} -> {a['greedy/optimality']:.3f}, "
+            f"invalid {b['sampled/invalid']:.3f} -> {a['sampled/invalid']:.3f}, "
+            f"KL to SFT {a['sampled/kl_to_ref']:.3f}; target reached at {run['target_reached_at']}"
+        )
 
     summary = {"runs": runs, "over_seeds": summarize(runs), "sweep_timings": timings}
     plot(config, runs, os.path.join(config.out_dir, "randomwalks_ppo.png"))
@@ -269,10 +302,14 @@ def main(config: Config) -> dict:
     over = summary["over_seeds"]
     print("over seeds (mean ± std):")
     for key in ("greedy/optimality", "sampled/optimality", "sampled/invalid", "sampled/kl_to_ref"):
-        print(f"  {key:22s} SFT {over['before/' + key]['mean']:.3f} ± {over['before/' + key]['std']:.3f}   "
-              f"PPO {over['after/' + key]['mean']:.3f} ± {over['after/' + key]['std']:.3f}")
-    print(f"  wall-clock of the sweep of {len(runs)} runs: {timings['wall_clock_s']:.0f} s "
-          f"(CPU {timings['cpu_time_s']:.0f} s)")
+        print(
+            f"  {key:22s} SFT {over['before/' + key]['mean']:.3f} ± {over['before/' + key]['std']:.3f}   "
+            f"PPO {over['after/' + key]['mean']:.3f} ± {over['after/' + key]['std']:.3f}"
+        )
+    print(
+        f"  wall-clock of the sweep of {len(runs)} runs: {timings['wall_clock_s']:.0f} s "
+        f"(CPU {timings['cpu_time_s']:.0f} s)"
+    )
     return summary
 
 

@@ -16,6 +16,7 @@ start letter ``s`` (what the policy will generate from a prompt ``<bos> s``).
 Writes to ``out_dir``: ``config.json`` (this run's settings), ``metrics.jsonl``, TensorBoard events,
 ``model/`` (the policy in Hugging Face format, with its tokenizer), ``sft.png`` and ``summary.json``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,9 +31,9 @@ from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import MetricsLogger, read_metrics
 from jaxrlhf.models import LanguageModel, gpt2_config, save_pretrained
 from jaxrlhf.plotting import plot_curves
-from tasks import randomwalks as rw
 from jaxrlhf.tokenizers import char_tokenizer
 from jaxrlhf.training.sft import SFTConfig, train_sft
+from tasks import randomwalks as rw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +81,18 @@ class Config:
 
 
 def make_model(config: Config, tokenizer) -> LanguageModel:
-    return LanguageModel(gpt2_config(len(tokenizer), config.n_embd, config.n_layer, config.n_head,
-                                     config.max_length + 6, bos_token_id=tokenizer.bos_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    return LanguageModel(
+        gpt2_config(
+            len(tokenizer),
+            config.n_embd,
+            config.n_layer,
+            config.n_head,
+            config.max_length + 6,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
 
 
 def check_hf_load(model_dir: str, model: LanguageModel, params, data) -> float:
@@ -93,8 +103,9 @@ def check_hf_load(model_dir: str, model: LanguageModel, params, data) -> float:
     hf_model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
     ids, mask = data["input_ids"][:8], data["attention_mask"][:8]
     with torch.no_grad():
-        theirs = hf_model(input_ids=torch.tensor(ids, dtype=torch.long),
-                          attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+        theirs = hf_model(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
+        ).logits.numpy()
     ours = np.asarray(model.apply(params, ids, mask))
     valid = mask.astype(bool)
     return float(np.abs(theirs - ours)[valid].max())
@@ -109,9 +120,11 @@ def main(config: Config) -> dict:
     tokenizer = char_tokenizer(task.letters, model_max_length=config.max_length + 6)
     data = rw.encode_walks(task, tokenizer)
     data_score = rw.optimality_reference(task, task.walks)
-    print(f"graph: {config.n_nodes} nodes, {int(task.adjacency.sum()) - 1} edges; "
-          f"{len(task.prompts)} start nodes; data optimality {data_score['optimality'].mean():.3f}, "
-          f"data walks not reaching the goal {data_score['invalid'].mean():.3f}")
+    print(
+        f"graph: {config.n_nodes} nodes, {int(task.adjacency.sum()) - 1} edges; "
+        f"{len(task.prompts)} start nodes; data optimality {data_score['optimality'].mean():.3f}, "
+        f"data walks not reaching the goal {data_score['invalid'].mean():.3f}"
+    )
 
     model = make_model(config, tokenizer)
     key = jax.random.key(config.seed)
@@ -127,9 +140,17 @@ def main(config: Config) -> dict:
 
     with MetricsLogger(config.out_dir, total_steps=config.num_steps, progress_keys=("loss", "accuracy")) as logger:
         params, last = train_sft(
-            model.apply, params, data, data_key, config=config.sft, num_steps=config.num_steps,
-            batch_size=config.batch_size, logger=logger, log_every=config.log_every,
-            eval_fn=eval_fn, eval_every=config.eval_every,
+            model.apply,
+            params,
+            data,
+            data_key,
+            config=config.sft,
+            num_steps=config.num_steps,
+            batch_size=config.batch_size,
+            logger=logger,
+            log_every=config.log_every,
+            eval_fn=eval_fn,
+            eval_every=config.eval_every,
         )
     train_seconds = time.time() - start_time
 

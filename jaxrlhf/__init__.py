@@ -29,6 +29,7 @@ from jaxrlhf.core import (
     reward_model_loss,
     token_logprobs,
 )
+
 # --- models ---
 from jaxrlhf.models import (
     CheckpointError,
@@ -38,14 +39,19 @@ from jaxrlhf.models import (
     ModelConfig,
     Pretrained,
     UnsupportedModelError,
-    load_pretrained,
     load_peft_adapter,
+    load_pretrained,
     save_peft_adapter,
     save_pretrained,
     with_lora,
 )
+
 # --- sampling ---
 from jaxrlhf.sampling import SampleOutput, Sampler, generate, make_sampler
+
+# --- devices: meshes and shardings, backend tuning ---
+from jaxrlhf.sharding import make_mesh
+
 # --- training ---
 from jaxrlhf.training import (
     PPO,
@@ -61,6 +67,4 @@ from jaxrlhf.training import (
     TrainState,
     train,
 )
-# --- devices: meshes and shardings, backend tuning ---
-from jaxrlhf.sharding import make_mesh
 from jaxrlhf.tuning import Tuning

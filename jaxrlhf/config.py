@@ -39,7 +39,8 @@ import os
 import sys
 import types
 import typing
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import tyro
 
@@ -129,8 +130,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     def fail(reason: str = "") -> ConfigError:
         detail = f" ({reason})" if reason else ""
         return ConfigError(
-            f"config key {key!r}: expected {_type_name(tp)}, got {value!r}"
-            f" of type {type(value).__name__}{detail}"
+            f"config key {key!r}: expected {_type_name(tp)}, got {value!r} of type {type(value).__name__}{detail}"
         )
 
     if tp is Any or isinstance(tp, (str, typing.TypeVar)):
@@ -192,10 +192,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, Mapping):
             raise fail()
         if len(args) == 2:
-            return {
-                _coerce(k, args[0], f"{key}.<key>"): _coerce(v, args[1], f"{key}.{k}")
-                for k, v in value.items()
-            }
+            return {_coerce(k, args[0], f"{key}.<key>"): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
         return dict(value)
     if isinstance(tp, type):
         if isinstance(value, tp):
@@ -224,8 +221,10 @@ def renamed_field_message(key: str, known: Sequence[str], prefix: str = "") -> s
     new = RENAMED_FIELDS.get(key)
     if new is None or new not in known:
         return None
-    return (f"config key {prefix + key!r} was renamed to {prefix + new!r} (a config saved by an older "
-            "version: rename the key)")
+    return (
+        f"config key {prefix + key!r} was renamed to {prefix + new!r} (a config saved by an older "
+        "version: rename the key)"
+    )
 
 
 def _unknown_key_error(key: str, known: Sequence[str], prefix: str) -> ConfigError:
@@ -248,9 +247,7 @@ def config_from_dict(config_cls: type, values: Mapping[str, Any], *, _prefix: st
     """
     _check_dataclass(config_cls)
     if not isinstance(values, Mapping):
-        raise ConfigError(
-            f"config {_prefix.rstrip('.') or config_cls.__name__}: expected a mapping, got {values!r}"
-        )
+        raise ConfigError(f"config {_prefix.rstrip('.') or config_cls.__name__}: expected a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     types_by_name = _field_types(config_cls)
     for key in values:
@@ -267,9 +264,7 @@ def config_from_dict(config_cls: type, values: Mapping[str, Any], *, _prefix: st
                     value = {**config_to_dict(default), **value}
             kwargs[name] = _coerce(value, tp, _prefix + name)
         elif not _has_default(f):
-            raise ConfigError(
-                f"config key {_prefix + name!r} ({_type_name(tp)}) is required and has no default"
-            )
+            raise ConfigError(f"config key {_prefix + name!r} ({_type_name(tp)}) is required and has no default")
     return config_cls(**kwargs)
 
 

@@ -61,8 +61,9 @@ def check_loggers(loggers: Iterable[str]) -> None:
     if unknown:
         raise ValueError(f"unknown logger(s) {unknown}: choose among {LOGGERS}")
     if "wandb" in loggers and importlib.util.find_spec("wandb") is None:
-        raise ImportError('the "wandb" logger needs the wandb package: pip install "jaxrlhf[wandb]" '
-                          '(or drop "wandb" from loggers)')
+        raise ImportError(
+            'the "wandb" logger needs the wandb package: pip install "jaxrlhf[wandb]" (or drop "wandb" from loggers)'
+        )
 
 
 def logger_options(
@@ -83,8 +84,12 @@ def logger_options(
     check_loggers(loggers)
     wandb = None
     if "wandb" in loggers:
-        wandb = {"project": wandb_project, "name": name, "group": group,
-                 "config": None if run_config is None else dict(run_config)}
+        wandb = {
+            "project": wandb_project,
+            "name": name,
+            "group": group,
+            "config": None if run_config is None else dict(run_config),
+        }
     return {"jsonl": "jsonl" in loggers, "tensorboard": "tensorboard" in loggers, "wandb": wandb}
 
 

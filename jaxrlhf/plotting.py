@@ -142,6 +142,6 @@ def plot_metrics(
     panels = {}
     for key in keys:
         points = [(r[x_key], r[key]) for r in records if key in r and x_key in r and r[key] is not None]
-        x, y = (zip(*points) if points else ((), ()))
+        x, y = zip(*points) if points else ((), ())
         panels[key] = {"": (tuple(x), tuple(y))}
     return plot_curves(panels, out_png, title, xlabel=x_key, smooth=smooth, ncols=ncols)

@@ -51,11 +51,13 @@ dtypes and Python (or NumPy, or concrete jax) values are checked; values that ar
 `generate` called inside the caller's `jax.jit` with traced prompts or a traced temperature) can
 not be, and their behaviour is documented at `generate`.
 """
+
 from __future__ import annotations
 
 import math
 import operator
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -161,8 +163,9 @@ def inverse_cdf_sample(weights: Array, uniform: Array) -> Array:
     return block * _CDF_BLOCK + _inverse_cdf_small(chosen_block, target - mass_before_block)
 
 
-def sample_from_uniform(logits: Array, uniform: Array, temperature=1.0, top_k: int | None = None, top_p=1.0
-                        ) -> tuple[Array, Array]:
+def sample_from_uniform(
+    logits: Array, uniform: Array, temperature=1.0, top_k: int | None = None, top_p=1.0
+) -> tuple[Array, Array]:
     """`sample_token` with the randomness given as one uniform number in [0, 1) per row.
 
     This is what `generate` runs per token: all uniforms of a call are drawn before the decoding
@@ -205,8 +208,9 @@ def _chosen_logprob(scaled_logits: Array, tokens: Array) -> Array:
     return chosen - jax.nn.logsumexp(scaled_logits, axis=-1)
 
 
-def sample_token(logits: Array, key: Array, temperature=1.0, top_k: int | None = None, top_p=1.0
-                 ) -> tuple[Array, Array]:
+def sample_token(
+    logits: Array, key: Array, temperature=1.0, top_k: int | None = None, top_p=1.0
+) -> tuple[Array, Array]:
     """Draws one token per row from `[B, V]` logits; returns `(tokens [B] int32, logprobs [B] f32)`.
 
     `logprobs` is `log softmax(logits / T)` at the chosen token, before top-k/top-p filtering
@@ -294,9 +298,17 @@ def model_limits(model) -> tuple[int | None, int | None]:
     return read("vocab_size"), read("max_position_embeddings")
 
 
-def check_sampling_options(*, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, eos_token_id=None,
-                           pad_token_id=0, vocab_size: int | None = None, where: str = "generate"
-                           ) -> tuple[int, tuple[int, ...]]:
+def check_sampling_options(
+    *,
+    max_new_tokens,
+    temperature=1.0,
+    top_k=None,
+    top_p=1.0,
+    eos_token_id=None,
+    pad_token_id=0,
+    vocab_size: int | None = None,
+    where: str = "generate",
+) -> tuple[int, tuple[int, ...]]:
     """Validates the sampling arguments of `generate`; returns `(max_new_tokens, eos_ids)`.
 
     Valid values (ValueError otherwise, naming the argument and the value):
@@ -328,8 +340,10 @@ def check_sampling_options(*, max_new_tokens, temperature=1.0, top_k=None, top_p
     upper = f"{vocab_size}" if vocab_size is not None else "inf"
     for eos in eos_ids:
         if eos < 0 or (vocab_size is not None and eos >= vocab_size):
-            raise ValueError(f"{where}: eos_token_id {eos} is outside the vocabulary [0, {upper}): the model can "
-                             f"never emit it, so generation would never stop at it")
+            raise ValueError(
+                f"{where}: eos_token_id {eos} is outside the vocabulary [0, {upper}): the model can "
+                f"never emit it, so generation would never stop at it"
+            )
     pad = _as_index(pad_token_id, f"{where}: pad_token_id")
     if pad < 0 or (vocab_size is not None and pad >= vocab_size):
         raise ValueError(f"{where}: pad_token_id {pad} is outside the vocabulary [0, {upper})")
@@ -348,8 +362,15 @@ def _first_bad(bad: np.ndarray) -> tuple[int, int, int]:
     return int(rows[0]), int(cols[0]), int(rows.size)
 
 
-def check_prompts(prompt_ids, prompt_mask, *, vocab_size: int | None = None, max_new_tokens: int | None = None,
-                  max_positions: int | None = None, where: str = "generate") -> None:
+def check_prompts(
+    prompt_ids,
+    prompt_mask,
+    *,
+    vocab_size: int | None = None,
+    max_new_tokens: int | None = None,
+    max_positions: int | None = None,
+    where: str = "generate",
+) -> None:
     """Validates a left-padded prompt batch; errors name the row (and column) and the value.
 
     Always (shapes and dtypes are static, known even under `jax.jit`):
@@ -373,8 +394,9 @@ def check_prompts(prompt_ids, prompt_mask, *, vocab_size: int | None = None, max
     if len(id_shape) != 2:
         raise ValueError(f"{where}: prompt_ids must be a [batch, width] array, got shape {id_shape}")
     if mask_shape != id_shape:
-        raise ValueError(f"{where}: prompt_ids and prompt_mask must have the same shape, got {id_shape} and "
-                         f"{mask_shape}")
+        raise ValueError(
+            f"{where}: prompt_ids and prompt_mask must have the same shape, got {id_shape} and {mask_shape}"
+        )
     if id_shape[1] < 1:
         raise ValueError(f"{where}: prompts must have at least one column, got shape {id_shape}")
     id_dtype = _dtype_of(prompt_ids)
@@ -389,18 +411,24 @@ def check_prompts(prompt_ids, prompt_mask, *, vocab_size: int | None = None, max
         bad = (mask != 0) & (mask != 1)
         if bad.any():
             row, col, count = _first_bad(bad)
-            raise ValueError(f"{where}: prompt_mask must hold only 0 and 1; row {row}, column {col} is "
-                             f"{mask[row, col].item()!r} ({count} such entries)")
+            raise ValueError(
+                f"{where}: prompt_mask must hold only 0 and 1; row {row}, column {col} is "
+                f"{mask[row, col].item()!r} ({count} such entries)"
+            )
         lengths = mask.astype(np.int64).sum(axis=1)
         empty = np.flatnonzero(lengths == 0)
         if empty.size:
-            raise ValueError(f"{where}: prompt_mask row {int(empty[0])} is all zeros, an empty prompt "
-                             f"({empty.size} such rows): every row needs at least one real token")
+            raise ValueError(
+                f"{where}: prompt_mask row {int(empty[0])} is all zeros, an empty prompt "
+                f"({empty.size} such rows): every row needs at least one real token"
+            )
         not_left_padded = np.flatnonzero(mask[:, -1] == 0)
         if not_left_padded.size:
-            raise ValueError(f"{where}: prompt_mask row {int(not_left_padded[0])} is 0 in the last column "
-                             f"({not_left_padded.size} such rows): prompts must be left-padded (the last "
-                             f"token of every row real)")
+            raise ValueError(
+                f"{where}: prompt_mask row {int(not_left_padded[0])} is 0 in the last column "
+                f"({not_left_padded.size} such rows): prompts must be left-padded (the last "
+                f"token of every row real)"
+            )
         if max_new_tokens is not None and max_positions is not None:
             row = int(np.argmax(lengths))
             if lengths[row] + max_new_tokens > max_positions:
@@ -408,16 +436,19 @@ def check_prompts(prompt_ids, prompt_mask, *, vocab_size: int | None = None, max
                     f"{where}: prompt row {row} has {int(lengths[row])} tokens; with max_new_tokens="
                     f"{max_new_tokens} prompt and response need {int(lengths[row]) + max_new_tokens} positions, "
                     f"more than the model's max_position_embeddings={max_positions}: shorten the prompts or "
-                    f"max_new_tokens")
+                    f"max_new_tokens"
+                )
     ids = _concrete(prompt_ids)
     if ids is not None:
         bad = (ids < 0) | (ids >= vocab_size) if vocab_size is not None else ids < 0
         if bad.any():
             row, col, count = _first_bad(bad)
             upper = vocab_size if vocab_size is not None else "inf"
-            raise ValueError(f"{where}: prompt_ids row {row}, column {col} is {int(ids[row, col])}, outside the "
-                             f"vocabulary [0, {upper}) ({count} such ids; padding must be a valid id too, "
-                             f"e.g. pad_token_id)")
+            raise ValueError(
+                f"{where}: prompt_ids row {row}, column {col} is {int(ids[row, col])}, outside the "
+                f"vocabulary [0, {upper}) ({count} such ids; padding must be a valid id too, "
+                f"e.g. pad_token_id)"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -523,10 +554,15 @@ def generate(
     """
     vocab_size, max_positions = model_limits(model)
     num_new, eos_ids = check_sampling_options(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=vocab_size)
-    check_prompts(prompt_ids, prompt_mask, vocab_size=vocab_size, max_new_tokens=num_new,
-                  max_positions=max_positions)
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        vocab_size=vocab_size,
+    )
+    check_prompts(prompt_ids, prompt_mask, vocab_size=vocab_size, max_new_tokens=num_new, max_positions=max_positions)
     pad_token_id = _as_index(pad_token_id, "pad_token_id")
     batch, prompt_len = np.shape(prompt_ids)
     prompt_ids = jnp.asarray(prompt_ids).astype(jnp.int32)
@@ -564,9 +600,14 @@ def generate(
     def decode_step(state: _DecodeState, segment_mask: Array) -> _DecodeState:
         """Feeds `last_tokens` at slot P - 1 + i and samples response token i."""
         step = state.step
-        out = model.forward(params, state.last_tokens[:, None], segment_mask,
-                            positions=(last_prompt_position + step)[:, None],
-                            cache=state.cache, cache_index=prompt_len - 1 + step)
+        out = model.forward(
+            params,
+            state.last_tokens[:, None],
+            segment_mask,
+            positions=(last_prompt_position + step)[:, None],
+            cache=state.cache,
+            cache_index=prompt_len - 1 + step,
+        )
         uniform = jax.lax.dynamic_index_in_dim(uniforms, step, axis=0, keepdims=False)
         tokens, logprobs = sample_from_uniform(out.logits[:, 0, :], uniform, temperature, top_k, top_p)
         valid = ~state.done
@@ -593,7 +634,8 @@ def generate(
         state = jax.lax.while_loop(
             lambda s, end=end: (s.step < end) & _any_alive(s.done, stop_axis_name),
             lambda s, segment_mask=segment_mask: decode_step(s, segment_mask),
-            state)
+            state,
+        )
     return SampleOutput(state.tokens, state.logprobs, state.mask)
 
 
@@ -621,8 +663,10 @@ def left_pad(prompt_ids, prompt_mask, length: int, pad_token_id: int = 0):
     if extra < 0:
         raise ValueError(f"prompt of width {prompt_ids.shape[1]} is longer than {length}")
     widths = ((0, 0), (extra, 0))
-    return (np.pad(prompt_ids.astype(np.int32), widths, constant_values=pad_token_id),
-            np.pad(prompt_mask.astype(np.int32), widths, constant_values=0))
+    return (
+        np.pad(prompt_ids.astype(np.int32), widths, constant_values=pad_token_id),
+        np.pad(prompt_mask.astype(np.int32), widths, constant_values=0),
+    )
 
 
 class Sampler:
@@ -646,13 +690,32 @@ class Sampler:
     device time and the jitted program has none.
     """
 
-    def __init__(self, model, *, max_new_tokens: int, temperature=1.0, top_k: int | None = None, top_p=1.0,
-                 eos_token_id=None, pad_token_id: int = 0, prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-                 mesh: Mesh | None = None, tuning: Tuning | str | None = "auto", cache_segments: int | None = None):
+    def __init__(
+        self,
+        model,
+        *,
+        max_new_tokens: int,
+        temperature=1.0,
+        top_k: int | None = None,
+        top_p=1.0,
+        eos_token_id=None,
+        pad_token_id: int = 0,
+        prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+        mesh: Mesh | None = None,
+        tuning: Tuning | str | None = "auto",
+        cache_segments: int | None = None,
+    ):
         self.vocab_size, self.max_positions = model_limits(model)
         self.max_new_tokens, _ = check_sampling_options(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            eos_token_id=eos_token_id, pad_token_id=pad_token_id, vocab_size=self.vocab_size, where="Sampler")
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            vocab_size=self.vocab_size,
+            where="Sampler",
+        )
         if not (tuning is None or tuning == "auto" or isinstance(tuning, Tuning)):
             raise ValueError(f"Sampler: tuning must be a Tuning, 'auto' or None, got {tuning!r}")
         self.model = model
@@ -661,8 +724,15 @@ class Sampler:
         self.mesh = mesh
         self.tuning = tuning
         self.trace_count = 0
-        self._options = dict(max_new_tokens=self.max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, cache_segments=cache_segments)
+        self._options = dict(
+            max_new_tokens=self.max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            cache_segments=cache_segments,
+        )
         # No donation: the only per-call inputs are the small prompt arrays, and no output has their
         # shape, so XLA could not reuse them (the cache is created inside and updated in place).
         self._jit_kwargs: dict = {}
@@ -690,8 +760,14 @@ class Sampler:
 
     def __call__(self, params, prompt_ids, prompt_mask, key) -> SampleOutput:
         # The prompts are concrete here (inside the jitted program generate sees them traced).
-        check_prompts(prompt_ids, prompt_mask, vocab_size=self.vocab_size, max_new_tokens=self.max_new_tokens,
-                      max_positions=self.max_positions, where="Sampler")
+        check_prompts(
+            prompt_ids,
+            prompt_mask,
+            vocab_size=self.vocab_size,
+            max_new_tokens=self.max_new_tokens,
+            max_positions=self.max_positions,
+            where="Sampler",
+        )
         width = bucket_length(np.shape(prompt_ids)[1], self.prompt_buckets)
         prompt_ids, prompt_mask = left_pad(prompt_ids, prompt_mask, width, self.pad_token_id)
         if self.mesh is not None:

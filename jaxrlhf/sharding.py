@@ -35,11 +35,13 @@ everywhere (`jax.devices()` lists all processes' devices). Every process runs th
 the same global arrays; `global_array` builds them from host data that every process holds, and
 `to_host` fetches results back to every process.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -69,8 +71,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 # Meshes
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, *, runs: int | None = None,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+    data: int = -1, fsdp: int = 1, *, runs: int | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
     """A `(data, fsdp)` mesh, or `(runs, data, fsdp)` with `runs`; `-1` on one axis takes the rest.
 
     `make_mesh()` is plain data parallelism over all devices; `make_mesh(data=2, fsdp=4)` splits
@@ -94,8 +97,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, *, runs: int | None = None,
         known = math.prod(s for s in sizes if s != -1)
         sizes[sizes.index(-1)] = len(devices) // known if known > 0 else 0
     if any(s < 1 for s in sizes) or math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {' x '.join(f'{n}={s}' for n, s in zip(names, sizes))} does not use the "
-                         f"{len(devices)} devices exactly (pass devices=jax.devices()[:n] for fewer)")
+        raise ValueError(
+            f"mesh {' x '.join(f'{n}={s}' for n, s in zip(names, sizes))} does not use the "
+            f"{len(devices)} devices exactly (pass devices=jax.devices()[:n] for fewer)"
+        )
     return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
@@ -113,8 +118,9 @@ def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
     """Sharding of an array whose axis `batch_dim` is the batch: split over `batch_axes(mesh)`."""
     axes = batch_axes(mesh)
     if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} have none of the batch axes {BATCH_AXES}: build it "
-                         "with make_mesh")
+        raise ValueError(
+            f"mesh axes {mesh.axis_names} have none of the batch axes {BATCH_AXES}: build it with make_mesh"
+        )
     return NamedSharding(mesh, PartitionSpec(*([None] * batch_dim), axes))
 
 
@@ -151,8 +157,15 @@ def _rename(entry, fsdp_axis):
     return fsdp_axis if entry == FSDP else entry
 
 
-def spec_for(path: str, shape: tuple[int, ...], rules=DEFAULT_RULES, fsdp_axis: str = FSDP,
-             fsdp_size: int = 1, axis_sizes: dict[str, int] | None = None, min_size: int = 0) -> PartitionSpec:
+def spec_for(
+    path: str,
+    shape: tuple[int, ...],
+    rules=DEFAULT_RULES,
+    fsdp_axis: str = FSDP,
+    fsdp_size: int = 1,
+    axis_sizes: dict[str, int] | None = None,
+    min_size: int = 0,
+) -> PartitionSpec:
     """The `PartitionSpec` the first matching rule gives one parameter (see the module docstring)."""
     axis_sizes = dict(axis_sizes or {})
     axis_sizes.setdefault(fsdp_axis, fsdp_size)
@@ -177,8 +190,9 @@ def spec_for(path: str, shape: tuple[int, ...], rules=DEFAULT_RULES, fsdp_axis: 
     return PartitionSpec()
 
 
-def param_partition_specs(params, rules=DEFAULT_RULES, fsdp_axis: str = FSDP, mesh: Mesh | None = None,
-                          min_size: int = 0):
+def param_partition_specs(
+    params, rules=DEFAULT_RULES, fsdp_axis: str = FSDP, mesh: Mesh | None = None, min_size: int = 0
+):
     """A pytree of `PartitionSpec`s, one per parameter, from `rules`.
 
     Args:
@@ -229,16 +243,22 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, abstract_opt_st
     """Optimizer moments shard like the parameters they mirror; counters are replicated."""
     is_sharding = lambda x: isinstance(x, NamedSharding)  # noqa: E731
     return optax.tree_map_params(
-        optimizer, lambda _, sharding: sharding, abstract_opt_state, params_shardings,
-        transform_non_params=lambda _: replicated(mesh), is_leaf=is_sharding)
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract_opt_state,
+        params_shardings,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=is_sharding,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Processes and host data
 
 
-def initialize_distributed(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-                           process_id: Optional[int] = None, **kwargs) -> None:
+def initialize_distributed(
+    coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None, **kwargs
+) -> None:
     """`jax.distributed.initialize`, with CPU collectives over gloo (needed by multi-process CPU runs).
 
     Call once per process before any other JAX call; arguments as in `jax.distributed.initialize`
@@ -254,7 +274,8 @@ def check_threefry_partitionable() -> None:
     if not jax.config.jax_threefry_partitionable:
         raise RuntimeError(
             "jax_threefry_partitionable is off: random numbers would depend on how the batch is "
-            "sharded. Turn it on with jax.config.update('jax_threefry_partitionable', True).")
+            "sharded. Turn it on with jax.config.update('jax_threefry_partitionable', True)."
+        )
 
 
 def global_array(host_array: np.ndarray, sharding: NamedSharding) -> jax.Array:

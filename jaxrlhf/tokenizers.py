@@ -15,6 +15,7 @@ Encoding splits the text into single characters (special tokens written in the t
 ``"<eos>"``, stay whole); a character not in ``chars`` becomes ``<unk>``. Decoding concatenates the
 tokens without separators, so ``decode(encode(text)) == text`` for text over ``chars``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -73,7 +74,9 @@ def char_tokenizer(
     backend.add_special_tokens(specials)  # matched whole in text, skipped by skip_special_tokens
 
     single = " ".join(([f"{bos_token}:0"] if add_bos else []) + ["$A:0"] + ([f"{eos_token}:0"] if add_eos else []))
-    pair = " ".join(([f"{bos_token}:0"] if add_bos else []) + ["$A:0", "$B:1"] + ([f"{eos_token}:1"] if add_eos else []))
+    pair = " ".join(
+        ([f"{bos_token}:0"] if add_bos else []) + ["$A:0", "$B:1"] + ([f"{eos_token}:1"] if add_eos else [])
+    )
     backend.post_processor = processors.TemplateProcessing(
         single=single,
         pair=pair,

@@ -4,7 +4,8 @@ Some ways of computing the same numbers are faster on one backend and slower on 
 collected in `Tuning`, chosen once where the program is built (`Tuning.for_backend`), and handed
 down explicitly: the model reads its fields (`LanguageModel.tuning`), and every jitted program
 that samples (`make_sampler`, the PPO trainer's rollout and fused step, sweeps) compiles with
-the `compiler_options` chosen for it (a program that also trains gets none, see `for_backend`). Nothing below the top asks `jax.default_backend()`. No choice changes
+the `compiler_options` chosen for it (a program that also trains gets none, see `for_backend`).
+Nothing below the top asks `jax.default_backend()`. No choice changes
 a result beyond floating-point rounding.
 
 Fields:
@@ -27,11 +28,13 @@ Fields:
 
 `Tuning()` is the portable choice (what an accelerator gets).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,12 +88,18 @@ class Tuning:
         """`jax.jit(fn, compiler_options=self.jit_compiler_options, **jit_kwargs)`."""
         return jax.jit(fn, compiler_options=self.jit_compiler_options, **jit_kwargs)
 
-    def replace(self, **changes) -> "Tuning":
+    def replace(self, **changes) -> Tuning:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def for_backend(cls, backend: str | None = None, *, rows_per_device: int | None = None,
-                    width: int | None = None, trains: bool = False) -> "Tuning":
+    def for_backend(
+        cls,
+        backend: str | None = None,
+        *,
+        rows_per_device: int | None = None,
+        width: int | None = None,
+        trains: bool = False,
+    ) -> Tuning:
         """The tuning of `backend` (default: `jax.default_backend()`) for a decoding shape.
 
         Args:
@@ -112,8 +121,13 @@ class Tuning:
         backend = jax.default_backend() if backend is None else backend
         if backend != "cpu":
             return cls()
-        skinny = (not trains and rows_per_device is not None and width is not None
-                  and rows_per_device <= CPU_NO_YNN_MAX_ROWS and width >= CPU_NO_YNN_MIN_WIDTH)
+        skinny = (
+            not trains
+            and rows_per_device is not None
+            and width is not None
+            and rows_per_device <= CPU_NO_YNN_MAX_ROWS
+            and width >= CPU_NO_YNN_MIN_WIDTH
+        )
         options = NO_YNN_FUSIONS if skinny and compiler_options_supported(NO_YNN_FUSIONS, backend) else ()
         return cls(decode_attention="per_head", decode_head="transposed", compiler_options=options)
 
@@ -138,8 +152,9 @@ def compiler_options_supported(options: tuple[tuple[str, str], ...], backend: st
     return True
 
 
-def resolve_tuning(tuning: Tuning | str | None, *, rows_per_device: int | None = None,
-                   width: int | None = None, trains: bool = False) -> Tuning:
+def resolve_tuning(
+    tuning: Tuning | str | None, *, rows_per_device: int | None = None, width: int | None = None, trains: bool = False
+) -> Tuning:
     """A `Tuning` from what a sampler or trainer was given: `"auto"` picks `Tuning.for_backend` for
     the shape hints, None is `Tuning()` (portable, no compiler options), a `Tuning` is kept."""
     if isinstance(tuning, Tuning):
@@ -157,5 +172,14 @@ def model_width(model: Any) -> int | None:
     return int(width) if isinstance(width, int) else None
 
 
-__all__ = ["CPU_NO_YNN_MAX_ROWS", "CPU_NO_YNN_MIN_WIDTH", "DECODE_ATTENTION", "DECODE_HEAD", "NO_YNN_FUSIONS",
-           "Tuning", "compiler_options_supported", "model_width", "resolve_tuning"]
+__all__ = [
+    "CPU_NO_YNN_MAX_ROWS",
+    "CPU_NO_YNN_MIN_WIDTH",
+    "DECODE_ATTENTION",
+    "DECODE_HEAD",
+    "NO_YNN_FUSIONS",
+    "Tuning",
+    "compiler_options_supported",
+    "model_width",
+    "resolve_tuning",
+]

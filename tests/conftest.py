@@ -2,6 +2,7 @@
 
 The flag must be set before jax is imported anywhere, hence at conftest import time.
 """
+
 import contextlib
 import os
 import sys

@@ -1,4 +1,5 @@
 """Flax BERT encoder against transformers' BertModel, on a tiny random model and on all-MiniLM-L6-v2."""
+
 import importlib.util
 import json
 import os
@@ -35,8 +36,13 @@ def tiny_bert_dir(tmp_path_factory):
     transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(str(path))
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        type_vocab_size=2,
     )
     model = transformers.BertModel(config).eval()
     with torch.no_grad():  # LayerNorms start at (1, 0): randomise so a swapped name would show
@@ -127,9 +133,7 @@ def test_cosine_style_reward(tiny_encoder):
     emb = np.asarray(encoder.embed(encoder.params, ids, mask))
     target, contrast = emb[0] * 3.0, emb[1]  # unnormalised target on purpose
 
-    reward = jax.jit(lambda p, i, m: cosine_style_reward(encoder, p, i, m, target, contrast))(
-        encoder.params, ids, mask
-    )
+    reward = jax.jit(lambda p, i, m: cosine_style_reward(encoder, p, i, m, target, contrast))(encoder.params, ids, mask)
     unit = lambda v: v / np.linalg.norm(v, axis=-1, keepdims=True)  # noqa: E731
     expected = emb @ unit(target) - emb @ unit(contrast)
     np.testing.assert_allclose(reward, expected, atol=1e-5)

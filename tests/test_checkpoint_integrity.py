@@ -3,6 +3,7 @@
 set's fingerprint. Before the integrity manifest, a flipped byte restored silently and a truncated
 file or a missing `_METADATA` gave a raw TensorStore error.
 """
+
 import json
 import os
 import re
@@ -13,13 +14,18 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from test_training import BASE_CONFIG, target_fraction_reward, tiny_gpt2_config
 
 from jaxrlhf.models import LanguageModel
 from jaxrlhf.training import PPO, Checkpointer, CheckpointMismatchError
-from jaxrlhf.training.checkpoint import (CORRUPT_SUFFIX, MANIFEST_NAME, CheckpointCorruptError,
-                                         CheckpointIntegrityWarning, prompts_fingerprint, verify_step_dir)
-
-from test_training import BASE_CONFIG, target_fraction_reward, tiny_gpt2_config
+from jaxrlhf.training.checkpoint import (
+    CORRUPT_SUFFIX,
+    MANIFEST_NAME,
+    CheckpointCorruptError,
+    CheckpointIntegrityWarning,
+    prompts_fingerprint,
+    verify_step_dir,
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,7 @@ def setup():
     ppo = PPO(BASE_CONFIG, model, target_fraction_reward)
     state0 = ppo.init_state(params)
     # A second state that differs from the first in its step and its parameters.
-    state1 = state0.replace(step=state0.step + 1,
-                            policy_params=jax.tree.map(lambda x: x + 1, state0.policy_params))
+    state1 = state0.replace(step=state0.step + 1, policy_params=jax.tree.map(lambda x: x + 1, state0.policy_params))
     return ppo, state0, state1
 
 
@@ -170,8 +175,11 @@ def save_old_format(directory, ppo, state, checkpointer_metadata):
     """A step as the code before manifests wrote it: no manifest, no integrity key in ``meta``."""
     meta = {k: v for k, v in checkpointer_metadata.items() if k not in ("integrity", "prompts_fingerprint")}
     manager = ocp.CheckpointManager(os.fspath(directory), options=ocp.CheckpointManagerOptions(create=True))
-    manager.save(int(state.step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                          meta=ocp.args.JsonSave(meta)), force=True)
+    manager.save(
+        int(state.step),
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
     manager.wait_until_finished()
     manager.close()
 
@@ -188,8 +196,10 @@ def test_old_format_step_restores_with_a_warning_and_its_read_errors_are_clear(s
     assert restored_step_and_param(state) == restored_step_and_param(state1)
     # Without a manifest a flipped byte cannot be seen, but Orbax's read errors become clear ones.
     remove_metadata(str(tmp_path / "old" / "1"))
-    with pytest.warns(CheckpointIntegrityWarning), \
-            pytest.raises(CheckpointCorruptError, match=r"(?s)step 1 .*Orbax could not read the state"):
+    with (
+        pytest.warns(CheckpointIntegrityWarning),
+        pytest.raises(CheckpointCorruptError, match=r"(?s)step 1 .*Orbax could not read the state"),
+    ):
         checkpointer.restore()
     checkpointer.close()
     fallback = Checkpointer(tmp_path / "old", ppo, fallback_to_intact=True)
@@ -233,8 +243,17 @@ def test_prompts_fingerprint_sees_values_mask_and_shape_not_dtype():
     assert base == prompts_fingerprint(jnp.asarray(ids), jnp.asarray(mask))
     mask2 = mask.copy()
     mask2[0, 0] = 0
-    assert len({base, prompts_fingerprint(ids + 1, mask), prompts_fingerprint(ids, mask2),
-                prompts_fingerprint(ids.reshape(4, 3), mask.reshape(4, 3))}) == 4
+    assert (
+        len(
+            {
+                base,
+                prompts_fingerprint(ids + 1, mask),
+                prompts_fingerprint(ids, mask2),
+                prompts_fingerprint(ids.reshape(4, 3), mask.reshape(4, 3)),
+            }
+        )
+        == 4
+    )
 
 
 def test_kill_mid_save_leaves_only_a_temporary_directory_that_is_ignored(setup, tmp_path):

@@ -5,7 +5,7 @@ import importlib.util
 import json
 import os
 import sys
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -24,7 +24,7 @@ class OptimConfig:
 
     lr: float = 1e-3
     """Adam learning rate."""
-    clip_norm: Optional[float] = None
+    clip_norm: float | None = None
     """Global gradient-norm clip; none turns clipping off."""
 
 
@@ -42,7 +42,7 @@ class ToyConfig:
     """Widths of the hidden layers."""
     gammas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 1.0])
     """Discount factors to compare."""
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     """Stop after this many steps; none runs to the end."""
     estimator: Literal["k1", "k2", "k3"] = "k3"
     """KL estimator.
@@ -50,6 +50,7 @@ class ToyConfig:
     Second line of the docstring."""
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(lr=3e-4))
     """Optimizer settings (nested)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class TrunkConfig:
@@ -126,8 +127,19 @@ def test_help_lists_every_field_with_type_default_and_doc(capsys):
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # tyro wraps lines in a box
     assert text.startswith("usage: toy.py")
-    for flag in ("--seed", "--name", "--use_kl", "--no_use_kl", "--hidden_sizes", "--gammas", "--max_steps",
-                 "--estimator", "--optim.lr", "--optim.clip_norm", "--config PATH.json"):
+    for flag in (
+        "--seed",
+        "--name",
+        "--use_kl",
+        "--no_use_kl",
+        "--hidden_sizes",
+        "--gammas",
+        "--max_steps",
+        "--estimator",
+        "--optim.lr",
+        "--optim.clip_norm",
+        "--config PATH.json",
+    ):
         assert flag in text
     assert "Seed of every random key in the run." in text
     assert "Second line of the docstring." in text
@@ -159,7 +171,8 @@ def test_file_round_trip_and_cli_over_file(tmp_path):
     assert overridden == dataclasses.replace(config, seed=9, optim=OptimConfig(lr=0.5, clip_norm=2.0))
     # --config may come after the flags (and take =); the flags still win over the file.
     assert parse_config(ToyConfig, ["--seed", "9", f"--config={path}", "--max_steps", "None"]) == (
-        dataclasses.replace(config, seed=9, max_steps=None))
+        dataclasses.replace(config, seed=9, max_steps=None)
+    )
 
 
 def test_partial_file_keeps_defaults(tmp_path):
@@ -227,8 +240,11 @@ def test_file_errors_name_the_key_and_type(tmp_path, content, must_mention):
 def test_bad_config_flag_or_file(tmp_path, argv, must_mention):
     (tmp_path / "not_json.json").write_text("{seed: 1")
     (tmp_path / "a_list.json").write_text("[1, 2]")
-    names = {"missing": tmp_path / "nothere.json", "not_json": tmp_path / "not_json.json",
-             "a_list": tmp_path / "a_list.json"}
+    names = {
+        "missing": tmp_path / "nothere.json",
+        "not_json": tmp_path / "not_json.json",
+        "a_list": tmp_path / "a_list.json",
+    }
     with pytest.raises(ConfigError) as err:
         parse_config(ToyConfig, [word.format(**names) for word in argv])
     for word in must_mention:
@@ -280,8 +296,12 @@ def test_a_config_saved_under_old_field_names_is_refused_with_the_new_name(tmp_p
     class Experiment:
         ppo: PPOConfig = PPOConfig()
 
-    for old, new in (("cliprange", "clip_eps"), ("cliprange_value", "value_clip_eps"), ("lam", "gae_lambda"),
-                     ("init_kl_coef", "kl_coef")):
+    for old, new in (
+        ("cliprange", "clip_eps"),
+        ("cliprange_value", "value_clip_eps"),
+        ("lam", "gae_lambda"),
+        ("init_kl_coef", "kl_coef"),
+    ):
         path = tmp_path / f"{old}.json"
         path.write_text(json.dumps({"ppo": {old: 0.1}}))
         with pytest.raises(ConfigError, match=f"config key 'ppo.{old}' was renamed to 'ppo.{new}'"):
@@ -316,22 +336,40 @@ def _dotted(config, name):
 
 
 DOCUMENTED_COMMAND_LINES = [
-    ("gridworld", "--gamma_study 0.5 0.9 0.99 1.0 --out_dir runs/gridworld_gammas",
-     {"gamma_study": (0.5, 0.9, 0.99, 1.0), "out_dir": "runs/gridworld_gammas"}),
+    (
+        "gridworld",
+        "--gamma_study 0.5 0.9 0.99 1.0 --out_dir runs/gridworld_gammas",
+        {"gamma_study": (0.5, 0.9, 0.99, 1.0), "out_dir": "runs/gridworld_gammas"},
+    ),
     ("gridworld", "--slip_prob 0.1 --out_dir runs/gridworld_slippery", {"slip_prob": 0.1}),
-    ("gridworld", "--grid ...FD .#... .F... ...F. S.... --gamma_study 0.9 --step_cost 0",
-     {"grid": ("...FD", ".#...", ".F...", "...F.", "S...."), "gamma_study": (0.9,), "step_cost": 0.0}),
+    (
+        "gridworld",
+        "--grid ...FD .#... .F... ...F. S.... --gamma_study 0.9 --step_cost 0",
+        {"grid": ("...FD", ".#...", ".F...", "...F.", "S...."), "gamma_study": (0.9,), "step_cost": 0.0},
+    ),
     ("randomwalks_sft", "--num_steps 2000 --out_dir runs/rw_sft_long", {"num_steps": 2000}),
     ("randomwalks_ppo", "--seeds 0 1 2", {"seeds": (0, 1, 2)}),
-    ("randomwalks_ppo", "--no-run_sft_if_missing --ppo.no_shared_trunk --ppo.lr_schedule cosine",
-     {"run_sft_if_missing": False, "ppo.shared_trunk": False, "ppo.lr_schedule": "cosine"}),
-    ("compare_algorithms", "--presets ppo grpo --seeds 0 --steps 20",
-     {"presets": ("ppo", "grpo"), "seeds": (0,), "steps": 20}),
+    (
+        "randomwalks_ppo",
+        "--no-run_sft_if_missing --ppo.no_shared_trunk --ppo.lr_schedule cosine",
+        {"run_sft_if_missing": False, "ppo.shared_trunk": False, "ppo.lr_schedule": "cosine"},
+    ),
+    (
+        "compare_algorithms",
+        "--presets ppo grpo --seeds 0 --steps 20",
+        {"presets": ("ppo", "grpo"), "seeds": (0,), "steps": 20},
+    ),
     ("countdown_sft", "--correct_fraction 0.2 --num_steps 3000", {"correct_fraction": 0.2, "num_steps": 3000}),
-    ("dpo_vs_ppo", "--seeds 0 --pref_steps 50 --ppo_steps 30 --out_dir runs/dvp_small",
-     {"seeds": (0,), "pref_steps": 50, "ppo_steps": 30, "out_dir": "runs/dvp_small"}),
-    ("reward_hacking", "--kl_coefs 0 0.005 0.02 --ppo_steps 200 --out_dir runs/rh_more",
-     {"kl_coefs": (0.0, 0.005, 0.02), "ppo_steps": 200}),
+    (
+        "dpo_vs_ppo",
+        "--seeds 0 --pref_steps 50 --ppo_steps 30 --out_dir runs/dvp_small",
+        {"seeds": (0,), "pref_steps": 50, "ppo_steps": 30, "out_dir": "runs/dvp_small"},
+    ),
+    (
+        "reward_hacking",
+        "--kl_coefs 0 0.005 0.02 --ppo_steps 200 --out_dir runs/rh_more",
+        {"kl_coefs": (0.0, 0.005, 0.02), "ppo_steps": 200},
+    ),
     ("steer_smollm", "--full --out_dir runs/steer_smollm", {"full": True, "out_dir": "runs/steer_smollm"}),
 ]
 

@@ -1,4 +1,5 @@
 """The snippets in docs/concepts.md run and print exactly what the page shows."""
+
 import contextlib
 import io
 import pathlib

@@ -1,9 +1,10 @@
 """Clear errors for wrong shapes / unknown options, and the KL controllers."""
-import numpy as np
-import pytest
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+
 from jaxrlhf import core
 
 BT = jnp.zeros((2, 3))
@@ -14,16 +15,16 @@ MASK = jnp.ones((2, 3))
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: core.token_logprobs(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.int32)),          # logits lacks V
-        lambda: core.token_logprobs(jnp.zeros((2, 4, 5)), jnp.zeros((2, 3), jnp.int32)),       # T mismatch
-        lambda: core.token_logprobs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3))),                  # float tokens
+        lambda: core.token_logprobs(jnp.zeros((2, 3)), jnp.zeros((2, 3), jnp.int32)),  # logits lacks V
+        lambda: core.token_logprobs(jnp.zeros((2, 4, 5)), jnp.zeros((2, 3), jnp.int32)),  # T mismatch
+        lambda: core.token_logprobs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 3))),  # float tokens
         lambda: core.entropy_from_logits(jnp.zeros((2, 3))),
         lambda: core.kl_estimate(BT, BT_OTHER),
         lambda: core.masked_mean(BT, BT_OTHER),
         lambda: core.masked_whiten(BT, jnp.ones((3,))),
-        lambda: core.kl_penalized_rewards(jnp.zeros((3,)), BT, BT, MASK, 0.1),                 # scores not [B]
+        lambda: core.kl_penalized_rewards(jnp.zeros((3,)), BT, BT, MASK, 0.1),  # scores not [B]
         lambda: core.kl_penalized_rewards(jnp.zeros((2, 1)), BT, BT, MASK, 0.1),
-        lambda: core.kl_penalized_rewards(jnp.zeros((2,)), BT, BT, MASK, jnp.ones(2)),         # kl_coef not scalar
+        lambda: core.kl_penalized_rewards(jnp.zeros((2,)), BT, BT, MASK, jnp.ones(2)),  # kl_coef not scalar
         lambda: core.discounted_returns(jnp.zeros((3,)), jnp.zeros((3,))),
         lambda: core.gae_advantages(BT, BT_OTHER, MASK),
         lambda: core.last_valid_index(jnp.ones((3,))),

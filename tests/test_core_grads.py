@@ -4,13 +4,14 @@ Two independent references: the analytic gradient written out in NumPy, and cent
 differences of a plain float64 NumPy loss. The jaxrlhf losses are differentiated both in float32
 (to 1e-5) and, under ``jax.enable_x64``, in float64 (to 1e-9).
 """
-import math
 
-import numpy as np
-import pytest
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
+
 from jaxrlhf import core
 
 B, T = 5, 6
@@ -105,8 +106,13 @@ def jax_policy_grad(d, agg, dtype):
     def loss(logprobs):
         cast = lambda k: jnp.asarray(d[k], dtype)
         value, _ = core.ppo_policy_loss(
-            logprobs, cast("old_logprobs"), cast("advantages"), cast("mask"),
-            clip_eps=EPS_LOW, clip_eps_high=EPS_HIGH, agg=agg,
+            logprobs,
+            cast("old_logprobs"),
+            cast("advantages"),
+            cast("mask"),
+            clip_eps=EPS_LOW,
+            clip_eps_high=EPS_HIGH,
+            agg=agg,
         )
         return value
 
@@ -140,9 +146,7 @@ def test_policy_loss_gradient(inputs, agg):
 def test_value_loss_gradient(inputs):
     d = inputs
     analytic = np_value_grad(d["values"], d["old_values"], d["returns"], d["mask"])
-    numeric = finite_difference(
-        lambda v: np_value_loss(v, d["old_values"], d["returns"], d["mask"]), d["values"]
-    )
+    numeric = finite_difference(lambda v: np_value_loss(v, d["old_values"], d["returns"], d["mask"]), d["values"])
     np.testing.assert_allclose(analytic, numeric, atol=1e-8)
     assert np.count_nonzero(d["mask"] * (analytic == 0)) > 0  # some tokens are clipped
 

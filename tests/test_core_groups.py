@@ -5,15 +5,16 @@ ragged masks with an all-zero row and an all-equal group), on a group of 4 worke
 under jit / vmap, and (for the batch-wide reductions) under pmap / shard_map with ``axis_name``
 on the 8 simulated CPU devices of conftest.py.
 """
+
 import functools
 import math
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
+
 from jaxrlhf import core
 
 G = 4
@@ -51,8 +52,9 @@ def random_logprobs(rng, shape=(B, T), noise=0.3):
 
 # ----------------------------------------------------------------------------- NumPy references
 
+
 def np_groups(scores, group_size):
-    return [[float(s) for s in scores[g:g + group_size]] for g in range(0, len(scores), group_size)]
+    return [[float(s) for s in scores[g : g + group_size]] for g in range(0, len(scores), group_size)]
 
 
 def np_grpo(scores, group_size, eps=1e-6):
@@ -167,6 +169,7 @@ def np_gspo_loss(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, ag
 
 # ----------------------------------------------------------------------------- outcome advantages
 
+
 @pytest.mark.parametrize(
     "fn, reference",
     [(core.grpo_advantages, np_grpo), (core.drgrpo_advantages, np_drgrpo), (core.rloo_advantages, np_rloo)],
@@ -276,6 +279,7 @@ def test_reinforce_pp_group_of_four_by_hand():
 
 # ----------------------------------------------------------------------------- DAPO pieces
 
+
 def test_overlong_reward_shaping_by_hand():
     # L_max = 20, L_c = 5: no penalty up to 15 tokens, then -1/5 per extra token, -1 at 20.
     lengths = jnp.array([10, 15, 16, 18, 20, 25])
@@ -330,6 +334,7 @@ def test_dynamic_sampling_matches_numpy_and_jit(rng):
 
 
 # ----------------------------------------------------------------------------- losses
+
 
 def test_dual_clip_by_hand():
     # eps = 0.2, c = 3; four tokens (ratio = e^(logp - old_logp)):
@@ -410,7 +415,9 @@ def test_gspo_all_zero_mask_is_finite(rng):
         loss, stats = core.gspo_policy_loss(logprobs, old, np.ones((B, T), np.float32), zeros, variant=variant)
         assert float(loss) == 0.0 and all(np.isfinite(v) for v in stats.values())
         ones = np.ones((B, T), np.float32)
-        grad = jax.grad(lambda lp: core.gspo_policy_loss(lp, old, ones, zeros, variant=variant)[0])(jnp.asarray(logprobs))
+        grad = jax.grad(lambda lp: core.gspo_policy_loss(lp, old, ones, zeros, variant=variant)[0])(
+            jnp.asarray(logprobs)
+        )
         np.testing.assert_array_equal(grad, 0.0)
 
 
@@ -477,8 +484,7 @@ def test_gspo_gradient_equals_float64_reference(rng):
     adv_BxT = adv_B[:, None] * mask
     ratios = np_seq_ratios(logprobs, old, mask)
     clipped = [
-        -a * min(max(r, 1 - eps_low), 1 + eps_high) > -a * r
-        for r, a, n in zip(ratios, adv_B, ROW_LENGTHS) if n and a
+        -a * min(max(r, 1 - eps_low), 1 + eps_high) > -a * r for r, a, n in zip(ratios, adv_B, ROW_LENGTHS) if n and a
     ]
     assert any(clipped) and not all(clipped)  # rows with and without gradient
 
@@ -549,6 +555,7 @@ def test_kl_loss_expected_gradients_are_what_the_docstring_says():
 
 
 # ----------------------------------------------------------------------------- jit / vmap
+
 
 def _everything(b):
     mask = b["mask"]
@@ -691,13 +698,15 @@ def test_shard_map_with_axis_name_equals_one_device(device_batch):
 
 # ----------------------------------------------------------------------------- bad input
 
+
 @pytest.mark.parametrize("fn", [core.grpo_advantages, core.drgrpo_advantages, core.rloo_advantages])
 def test_group_of_one_is_a_clear_error(fn):
     with pytest.raises(ValueError, match="group_size must be >= 2"):
         fn(jnp.zeros((8,)), 1)
     with pytest.raises(ValueError, match="group_size must be >= 2"):
-        core.reinforce_pp_advantages(jnp.zeros((8,)), jnp.zeros((8, 3)), jnp.zeros((8, 3)), jnp.ones((8, 3)), 0.1,
-                                     baseline_group_size=1)
+        core.reinforce_pp_advantages(
+            jnp.zeros((8,)), jnp.zeros((8, 3)), jnp.zeros((8, 3)), jnp.ones((8, 3)), 0.1, baseline_group_size=1
+        )
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,16 @@
 """One response worked out by hand: step rewards, returns and GAE with the numbers written out."""
-import numpy as np
 
 import jax.numpy as jnp
+import numpy as np
+
 from jaxrlhf import core
 
 # A 3-token response (plus one padding position) that the reward model scored 2.0.
 SCORES = jnp.array([2.0])
-LOGPROBS = jnp.array([[-1.0, -0.5, -2.0, -3.0]])      # policy log pi(a_t | s_t)
+LOGPROBS = jnp.array([[-1.0, -0.5, -2.0, -3.0]])  # policy log pi(a_t | s_t)
 REF_LOGPROBS = jnp.array([[-1.2, -0.5, -1.5, -9.0]])  # SFT reference log pi_ref(a_t | s_t)
-MASK = jnp.array([[1, 1, 1, 0]])                       # the 4th position is padding
-VALUES = jnp.array([[0.5, 1.0, 1.5, 7.0]])             # critic V(s_t); the padding value is ignored
+MASK = jnp.array([[1, 1, 1, 0]])  # the 4th position is padding
+VALUES = jnp.array([[0.5, 1.0, 1.5, 7.0]])  # critic V(s_t); the padding value is ignored
 KL_COEF = 0.1
 
 

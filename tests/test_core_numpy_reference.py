@@ -2,12 +2,13 @@
 
 Inputs are random with ragged masks: rows of different lengths and one all-zero row.
 """
+
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
 from jaxrlhf import core
 
 B, T, V = 6, 7, 11
@@ -38,6 +39,7 @@ def assert_finite_close(actual, expected, atol=1e-5, rtol=1e-5):
 
 # ----------------------------------------------------------------------------- log-probs
 
+
 def np_token_logprobs(logits, tokens, temperature):
     out = np.zeros(tokens.shape)
     for b in range(tokens.shape[0]):
@@ -65,7 +67,9 @@ def np_entropy(logits, temperature):
 def test_token_logprobs_and_entropy_match_numpy(rng, temperature):
     logits = rng.normal(size=(B, T, V)).astype(np.float32) * 3
     tokens = rng.integers(0, V, size=(B, T)).astype(np.int32)
-    assert_finite_close(core.token_logprobs(logits, tokens, temperature), np_token_logprobs(logits, tokens, temperature))
+    assert_finite_close(
+        core.token_logprobs(logits, tokens, temperature), np_token_logprobs(logits, tokens, temperature)
+    )
     assert_finite_close(core.entropy_from_logits(logits, temperature), np_entropy(logits, temperature))
 
 
@@ -83,9 +87,7 @@ def test_token_logprobs_bf16_computes_in_float32(rng):
 def test_token_logprobs_builds_no_vocab_sized_one_hot_and_no_float64():
     import jax
 
-    jaxpr = jax.make_jaxpr(core.token_logprobs)(
-        jnp.zeros((2, 3, 1000), jnp.bfloat16), jnp.zeros((2, 3), jnp.int32)
-    )
+    jaxpr = jax.make_jaxpr(core.token_logprobs)(jnp.zeros((2, 3, 1000), jnp.bfloat16), jnp.zeros((2, 3), jnp.int32))
     for eqn in jaxpr.jaxpr.eqns:
         for var in eqn.outvars:
             assert var.aval.dtype != jnp.float64
@@ -95,6 +97,7 @@ def test_token_logprobs_builds_no_vocab_sized_one_hot_and_no_float64():
 
 
 # ----------------------------------------------------------------------------- KL
+
 
 def np_kl(logprobs, ref_logprobs, kind):
     out = np.zeros(logprobs.shape)
@@ -118,6 +121,7 @@ def test_kl_k3_nonnegative_and_zero_for_equal_inputs(rng):
 
 
 # ----------------------------------------------------------------------------- stats
+
 
 def np_masked_stats(x, mask):
     values = [float(x[b, t]) for b, t in valid_positions(mask)]
@@ -150,7 +154,7 @@ def test_masked_stats_match_numpy(rng, lengths):
 def test_masked_mean_along_axis_matches_numpy(rng):
     x = rng.normal(size=(B, T)).astype(np.float32)
     mask = ragged_mask()
-    per_row = [np.mean(x[b, : n]) if n else 0.0 for b, n in enumerate(ROW_LENGTHS)]
+    per_row = [np.mean(x[b, :n]) if n else 0.0 for b, n in enumerate(ROW_LENGTHS)]
     assert_finite_close(core.masked_mean(x, mask, axis=1), per_row)
 
 
@@ -165,6 +169,7 @@ def test_masked_stats_ignore_nonfinite_values_at_masked_positions(rng):
 
 
 # ----------------------------------------------------------------------------- rewards and returns
+
 
 def np_step_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kind):
     kl = np_kl(logprobs, ref_logprobs, kind)
@@ -248,6 +253,7 @@ def test_gae_with_lambda_one_gives_discounted_returns(rng):
 
 
 # ----------------------------------------------------------------------------- losses
+
 
 def np_aggregate(loss_per_token, mask, agg):
     if agg == "token-mean":

@@ -4,15 +4,16 @@ Checked against independent float64 NumPy versions written as plain loops (value
 by central finite differences of the NumPy loss), a hand-worked DPO example, the analytic form of
 DPO's gradient, and under jit, vmap, pmap and shard_map over the 8 simulated CPU devices.
 """
+
 import functools
 import math
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
+
 from jaxrlhf import core
 
 N_DEV = 8
@@ -68,6 +69,7 @@ def pairs():
 
 
 # ----------------------------------------------------------------------------- NumPy references
+
 
 def f64(*arrays):
     return [np.asarray(a, np.float64) for a in arrays]
@@ -140,6 +142,7 @@ def check_stats(stats, expected):
 
 # ----------------------------------------------------------------------------- against NumPy
 
+
 @pytest.mark.parametrize("beta,label_smoothing", [(0.1, 0.0), (0.5, 0.0), (0.1, 0.2)])
 def test_dpo_matches_numpy_and_finite_difference_gradient(pairs, beta, label_smoothing):
     p = pairs
@@ -156,8 +159,9 @@ def test_dpo_matches_numpy_and_finite_difference_gradient(pairs, beta, label_smo
     assert_finite_close(stats["pref_loss"], f(*args))
 
     grads = jax.grad(
-        lambda cw, cl: core.dpo_loss(cw, cl, *args[2:], beta=beta, label_smoothing=label_smoothing,
-                                     pair_mask=p["pair_mask"])[0],
+        lambda cw, cl: core.dpo_loss(
+            cw, cl, *args[2:], beta=beta, label_smoothing=label_smoothing, pair_mask=p["pair_mask"]
+        )[0],
         argnums=(0, 1),
     )(*args[:2])
     for index in (0, 1):
@@ -186,8 +190,9 @@ def test_rpo_adds_alpha_times_chosen_token_mean_nll(pairs):
     p = pairs
     args = (p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"])
     alpha = 0.7
-    loss, stats = core.dpo_loss(*args, beta=0.1, rpo_alpha=alpha, chosen_lengths=p["chosen_lengths"],
-                                pair_mask=p["pair_mask"])
+    loss, stats = core.dpo_loss(
+        *args, beta=0.1, rpo_alpha=alpha, chosen_lengths=p["chosen_lengths"], pair_mask=p["pair_mask"]
+    )
 
     def f(cw, cl, rw, rl):
         return np_dpo(cw, cl, rw, rl, 0.1, 0.0, p["pair_mask"], alpha, p["chosen_lengths"])
@@ -199,16 +204,18 @@ def test_rpo_adds_alpha_times_chosen_token_mean_nll(pairs):
     assert_finite_close(
         core.chosen_nll_loss(p["chosen"], p["chosen_lengths"], p["pair_mask"]), (f(*args) - no_rpo) / alpha
     )
-    grad = jax.grad(lambda cw: core.dpo_loss(cw, *args[1:], beta=0.1, rpo_alpha=alpha,
-                                             chosen_lengths=p["chosen_lengths"], pair_mask=p["pair_mask"])[0])
+    grad = jax.grad(
+        lambda cw: core.dpo_loss(
+            cw, *args[1:], beta=0.1, rpo_alpha=alpha, chosen_lengths=p["chosen_lengths"], pair_mask=p["pair_mask"]
+        )[0]
+    )
     assert_finite_close(grad(args[0]), finite_difference_grad(f, args, 0), atol=1e-5)
 
 
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_ipo_matches_numpy_and_finite_difference_gradient(pairs, beta):
     p = pairs
-    args = (p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"],
-            p["chosen_lengths"], p["rejected_lengths"])
+    args = (p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"], p["chosen_lengths"], p["rejected_lengths"])
     loss, stats = core.ipo_loss(*args, beta=beta, pair_mask=p["pair_mask"])
 
     def f(*a):
@@ -217,11 +224,11 @@ def test_ipo_matches_numpy_and_finite_difference_gradient(pairs, beta):
     # The loss is O(1 / beta^2) = 100, so compare relative to that.
     assert_finite_close(loss, f(*args), atol=1e-4)
     hw = [beta * (a - b) / max(n, 1) for a, b, n in zip(p["chosen"], p["ref_chosen"], p["chosen_lengths"])]
-    hl = [beta * (a - b) / max(n, 1)
-          for a, b, n in zip(p["rejected"], p["ref_rejected"], p["rejected_lengths"])]
+    hl = [beta * (a - b) / max(n, 1) for a, b, n in zip(p["rejected"], p["ref_rejected"], p["rejected_lengths"])]
     check_stats(stats, np_pair_stats(hw, hl, p["pair_mask"]))
-    grads = jax.grad(lambda cw, cl: core.ipo_loss(cw, cl, *args[2:], beta=beta, pair_mask=p["pair_mask"])[0],
-                     argnums=(0, 1))(*args[:2])
+    grads = jax.grad(
+        lambda cw, cl: core.ipo_loss(cw, cl, *args[2:], beta=beta, pair_mask=p["pair_mask"])[0], argnums=(0, 1)
+    )(*args[:2])
     for index in (0, 1):
         assert_finite_close(grads[index], finite_difference_grad(f, args, index, eps=1e-5), atol=1e-4)
 
@@ -239,8 +246,10 @@ def test_simpo_matches_numpy_and_finite_difference_gradient(pairs, beta, gamma):
     hw = [beta * a / max(n, 1) for a, n in zip(p["chosen"], p["chosen_lengths"])]
     hl = [beta * a / max(n, 1) for a, n in zip(p["rejected"], p["rejected_lengths"])]
     check_stats(stats, np_pair_stats(hw, hl, p["pair_mask"]))
-    grads = jax.grad(lambda cw, cl: core.simpo_loss(cw, cl, *args[2:], beta=beta, gamma=gamma,
-                                                    pair_mask=p["pair_mask"])[0], argnums=(0, 1))(*args[:2])
+    grads = jax.grad(
+        lambda cw, cl: core.simpo_loss(cw, cl, *args[2:], beta=beta, gamma=gamma, pair_mask=p["pair_mask"])[0],
+        argnums=(0, 1),
+    )(*args[:2])
     for index in (0, 1):
         assert_finite_close(grads[index], finite_difference_grad(f, args, index), atol=1e-5)
 
@@ -264,8 +273,15 @@ def kto_batch():
 def test_kto_matches_numpy_and_finite_difference_gradient(kto_batch, beta, lam_d, lam_u):
     k = kto_batch
     loss, stats = core.kto_loss(
-        k["logps"], k["ref_logps"], k["desirable"], k["kl_logps"], k["ref_kl_logps"], beta=beta,
-        desirable_weight=lam_d, undesirable_weight=lam_u, mask=k["mask"],
+        k["logps"],
+        k["ref_logps"],
+        k["desirable"],
+        k["kl_logps"],
+        k["ref_kl_logps"],
+        beta=beta,
+        desirable_weight=lam_d,
+        undesirable_weight=lam_u,
+        mask=k["mask"],
     )
 
     def f(logps, ref, kl, ref_kl):
@@ -280,13 +296,28 @@ def test_kto_matches_numpy_and_finite_difference_gradient(kto_batch, beta, lam_d
     d_mask = [m * d for m, d in zip(k["mask"], k["desirable"])]
     u_mask = [m * (not d) for m, d in zip(k["mask"], k["desirable"])]
     chosen, rejected = np_masked_mean(rewards, d_mask), np_masked_mean(rewards, u_mask)
-    check_stats(stats, {"chosen_reward": chosen, "rejected_reward": rejected,
-                        "reward_margin": chosen - rejected,
-                        "desirable_fraction": np_masked_mean(list(map(float, k["desirable"])), k["mask"])})
+    check_stats(
+        stats,
+        {
+            "chosen_reward": chosen,
+            "rejected_reward": rejected,
+            "reward_margin": chosen - rejected,
+            "desirable_fraction": np_masked_mean(list(map(float, k["desirable"])), k["mask"]),
+        },
+    )
 
     def loss_fn(logps, kl_logps):
-        return core.kto_loss(logps, k["ref_logps"], k["desirable"], kl_logps, k["ref_kl_logps"], beta=beta,
-                             desirable_weight=lam_d, undesirable_weight=lam_u, mask=k["mask"])[0]
+        return core.kto_loss(
+            logps,
+            k["ref_logps"],
+            k["desirable"],
+            kl_logps,
+            k["ref_kl_logps"],
+            beta=beta,
+            desirable_weight=lam_d,
+            undesirable_weight=lam_u,
+            mask=k["mask"],
+        )[0]
 
     grad_logps, grad_kl = jax.grad(loss_fn, argnums=(0, 1))(k["logps"], k["kl_logps"])
     assert_finite_close(grad_logps, finite_difference_grad(f, args, 0), atol=1e-5)
@@ -301,22 +332,21 @@ def test_kto_reference_point_is_clamped_at_zero_and_optional(kto_batch):
     no_kl_loss, no_kl_stats = core.kto_loss(k["logps"], k["ref_logps"], k["desirable"])
     assert float(stats["kl"]) == 0.0 and float(no_kl_stats["kl"]) == 0.0
     np.testing.assert_allclose(loss, no_kl_loss, rtol=1e-7)
-    expected = np_kto(k["logps"], k["ref_logps"], k["desirable"], below, k["ref_kl_logps"], 0.1, 1.0, 1.0,
-                      np.ones(B))
+    expected = np_kto(k["logps"], k["ref_logps"], k["desirable"], below, k["ref_kl_logps"], 0.1, 1.0, 1.0, np.ones(B))
     assert_finite_close(loss, expected)
 
 
 def test_kto_policy_equal_to_reference_gives_half_the_weights():
     logps = jnp.asarray([-3.0, -7.0, -1.5, -4.0])
     desirable = jnp.asarray([True, False, True, False])
-    loss, stats = core.kto_loss(logps, logps, desirable, logps, logps,
-                                desirable_weight=1.0, undesirable_weight=2.0)
+    loss, stats = core.kto_loss(logps, logps, desirable, logps, logps, desirable_weight=1.0, undesirable_weight=2.0)
     # h = 0 and z0 = 0: every example's loss is lambda * (1 - sigmoid(0)) = lambda / 2.
     np.testing.assert_allclose(loss, (0.5 + 1.0 + 0.5 + 1.0) / 4, rtol=1e-6)
     assert float(stats["reward_margin"]) == 0.0
 
 
 # ----------------------------------------------------------------------------- by hand
+
 
 def test_dpo_hand_worked_example():
     # beta = 0.1. Summed log-probs of four pairs under the policy and the reference:
@@ -419,6 +449,7 @@ def test_simpo_with_equal_per_token_logprobs_depends_only_on_gamma():
 
 # ----------------------------------------------------------------------------- sequence log-probs
 
+
 def test_sequence_logprobs_from_logits_matches_numpy_loop():
     rng = np.random.default_rng(4)
     batch, seq, vocab = 4, 8, 6
@@ -466,6 +497,7 @@ def test_concat_pairs_and_split_pairs_round_trip():
 
 # ----------------------------------------------------------------------------- empty responses
 
+
 def test_empty_responses_give_finite_losses_and_gradients():
     # Pair 0: both responses empty (summed log-probs 0, length 0); pair 1: an empty rejected one.
     token_logprobs = jnp.asarray([[jnp.nan, jnp.nan], [-1.0, -0.5], [jnp.nan, -jnp.inf], [jnp.nan, jnp.nan]])
@@ -479,8 +511,9 @@ def test_empty_responses_give_finite_losses_and_gradients():
             "dpo": core.dpo_loss(chosen, rejected, ref, ref, rpo_alpha=1.0, chosen_lengths=n_chosen)[0],
             "ipo": core.ipo_loss(chosen, rejected, ref, ref, n_chosen, n_rejected)[0],
             "simpo": core.simpo_loss(chosen, rejected, n_chosen, n_rejected)[0],
-            "kto": core.kto_loss(logps_2B, jnp.zeros_like(logps_2B), jnp.asarray([1, 1, 0, 0]),
-                                 logps_2B, jnp.zeros_like(logps_2B))[0],
+            "kto": core.kto_loss(
+                logps_2B, jnp.zeros_like(logps_2B), jnp.asarray([1, 1, 0, 0]), logps_2B, jnp.zeros_like(logps_2B)
+            )[0],
         }
 
     values = losses(token_logprobs)
@@ -504,20 +537,32 @@ def test_bf16_inputs_compute_in_float32(pairs):
 
 # ----------------------------------------------------------------------------- transforms
 
+
 def _all_losses(b, axis_name=None):
     pair_args = (b["chosen"], b["rejected"], b["ref_chosen"], b["ref_rejected"])
     lengths = (b["chosen_lengths"], b["rejected_lengths"])
     return {
         "dpo": core.dpo_loss(*pair_args, beta=0.1, pair_mask=b["pair_mask"], axis_name=axis_name),
-        "cdpo_rpo": core.dpo_loss(*pair_args, beta=0.2, label_smoothing=0.1, rpo_alpha=0.5,
-                                  chosen_lengths=b["chosen_lengths"], pair_mask=b["pair_mask"],
-                                  axis_name=axis_name),
+        "cdpo_rpo": core.dpo_loss(
+            *pair_args,
+            beta=0.2,
+            label_smoothing=0.1,
+            rpo_alpha=0.5,
+            chosen_lengths=b["chosen_lengths"],
+            pair_mask=b["pair_mask"],
+            axis_name=axis_name,
+        ),
         "ipo": core.ipo_loss(*pair_args, *lengths, beta=0.1, pair_mask=b["pair_mask"], axis_name=axis_name),
-        "simpo": core.simpo_loss(b["chosen"], b["rejected"], *lengths, pair_mask=b["pair_mask"],
-                                 axis_name=axis_name),
-        "kto": core.kto_loss(b["chosen"], b["ref_chosen"], b["chosen_lengths"] > 4,
-                             b["rejected"], b["ref_rejected"],
-                             mask=b["pair_mask"], axis_name=axis_name),
+        "simpo": core.simpo_loss(b["chosen"], b["rejected"], *lengths, pair_mask=b["pair_mask"], axis_name=axis_name),
+        "kto": core.kto_loss(
+            b["chosen"],
+            b["ref_chosen"],
+            b["chosen_lengths"] > 4,
+            b["rejected"],
+            b["ref_rejected"],
+            mask=b["pair_mask"],
+            axis_name=axis_name,
+        ),
     }
 
 
@@ -539,8 +584,9 @@ def test_traced_hyper_parameters_do_not_recompile(pairs):
     args = (p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"])
     fn = jax.jit(lambda beta, e: core.dpo_loss(*args, beta=beta, label_smoothing=e)[0])
     for beta, e in [(0.1, 0.0), (0.3, 0.2)]:
-        np.testing.assert_allclose(fn(jnp.float32(beta), jnp.float32(e)),
-                                   core.dpo_loss(*args, beta=beta, label_smoothing=e)[0], rtol=1e-6)
+        np.testing.assert_allclose(
+            fn(jnp.float32(beta), jnp.float32(e)), core.dpo_loss(*args, beta=beta, label_smoothing=e)[0], rtol=1e-6
+        )
     assert fn._cache_size() == 1
 
 
@@ -562,13 +608,17 @@ def test_pmap_with_axis_name_equals_one_device(pairs):
 
 def test_shard_map_with_axis_name_equals_one_device(pairs):
     mesh = jax.make_mesh((N_DEV,), ("batch",))
-    sharded_fn = jax.jit(jax.shard_map(functools.partial(_all_losses, axis_name="batch"), mesh=mesh,
-                                       in_specs=(P("batch"),), out_specs=P()))
+    sharded_fn = jax.jit(
+        jax.shard_map(
+            functools.partial(_all_losses, axis_name="batch"), mesh=mesh, in_specs=(P("batch"),), out_specs=P()
+        )
+    )
     sharded_pairs = jax.device_put(pairs, jax.sharding.NamedSharding(mesh, P("batch")))
     _assert_trees_close(jax.block_until_ready(sharded_fn(sharded_pairs)), _all_losses(pairs))
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def test_bad_shapes_raise_clear_errors(pairs):
     p = pairs
@@ -580,8 +630,15 @@ def test_bad_shapes_raise_clear_errors(pairs):
     with pytest.raises(AssertionError, match=r"\[B\]"):
         core.simpo_loss(p["chosen"], p["rejected"], p["chosen_lengths"][:3], p["rejected_lengths"])
     with pytest.raises(AssertionError, match="pair_mask"):
-        core.ipo_loss(p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"], p["chosen_lengths"],
-                      p["rejected_lengths"], pair_mask=jnp.ones(3))
+        core.ipo_loss(
+            p["chosen"],
+            p["rejected"],
+            p["ref_chosen"],
+            p["ref_rejected"],
+            p["chosen_lengths"],
+            p["rejected_lengths"],
+            pair_mask=jnp.ones(3),
+        )
     with pytest.raises(ValueError, match="chosen_lengths"):
         core.dpo_loss(p["chosen"], p["rejected"], p["ref_chosen"], p["ref_rejected"], rpo_alpha=1.0)
     with pytest.raises(ValueError, match="both"):

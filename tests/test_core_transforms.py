@@ -3,14 +3,15 @@
 Multi-device results are blocked on one at a time: jax on 2 CPU cores can otherwise hit XLA:CPU
 rendezvous timeouts when several 8-device programs are in flight.
 """
-import functools
 
-import numpy as np
-import pytest
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
+
 from jaxrlhf import core
 
 N_DEV = 8
@@ -47,9 +48,7 @@ def _reductions(b, axis_name=None):
         "masked_sum": core.masked_sum(b["x"], b["mask"], axis_name=axis_name),
         "whiten_shift_false": core.masked_whiten(b["x"], b["mask"], shift_mean=False, axis_name=axis_name),
         "whiten": core.masked_whiten(b["x"], b["mask"], axis_name=axis_name),
-        "value_loss": core.ppo_value_loss(
-            b["values"], b["old_values"], b["returns"], b["mask"], axis_name=axis_name
-        ),
+        "value_loss": core.ppo_value_loss(b["values"], b["old_values"], b["returns"], b["mask"], axis_name=axis_name),
     }
     for agg in core.LOSS_AGGREGATIONS:
         out["policy_" + agg] = core.ppo_policy_loss(
@@ -133,9 +132,7 @@ def test_shard_map_matches_single_device(batch, eager):
         scalars = {k: v for k, v in out.items() if not k.startswith("whiten")}
         return out["whiten"], scalars
 
-    sharded_fn = jax.jit(
-        jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),), out_specs=(P("batch"), P()))
-    )
+    sharded_fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("batch"),), out_specs=(P("batch"), P())))
     row_sharding = jax.sharding.NamedSharding(mesh, P("batch"))
     sharded_batch = jax.device_put(batch, row_sharding)
     whitened, scalars = jax.block_until_ready(sharded_fn(sharded_batch))

@@ -1,5 +1,6 @@
 """The countdown task: problems are solvable and split for good, the checker on hand-made answers
 (right, wrong, malformed, empty), and the JAX checker against a plain-Python one on many answers."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,8 +27,9 @@ def _check(tok, problem, answers, **kwargs):
     prompt_ids, _ = cd.encode_prompts([problem] * len(answers), tok)
     rows = [_response(tok, a, **kwargs) for a in answers]
     response_ids, response_mask = (np.stack(x) for x in zip(*rows))
-    return jax.jit(cd.check_answers, static_argnums=0)(cd.token_ids(tok), jnp.asarray(prompt_ids),
-                                                        jnp.asarray(response_ids), jnp.asarray(response_mask))
+    return jax.jit(cd.check_answers, static_argnums=0)(
+        cd.token_ids(tok), jnp.asarray(prompt_ids), jnp.asarray(response_ids), jnp.asarray(response_mask)
+    )
 
 
 def test_checker_on_hand_made_answers(tok):
@@ -74,16 +76,22 @@ def test_checker_matches_plain_python_on_random_answers(tok):
     prompt_ids, _ = cd.encode_prompts(problems, tok)
     rows = [_response(tok, a) for a in answers]
     response_ids, response_mask = (np.stack(x) for x in zip(*rows))
-    check = cd.check_answers(cd.token_ids(tok), jnp.asarray(prompt_ids), jnp.asarray(response_ids),
-                             jnp.asarray(response_mask))
+    check = cd.check_answers(
+        cd.token_ids(tok), jnp.asarray(prompt_ids), jnp.asarray(response_ids), jnp.asarray(response_mask)
+    )
 
     def python_correct(problem, answer):
-        if len(answer) != 5 or not all(answer[i] in "123456789" for i in (0, 2, 4)) or \
-                not all(answer[i] in "+-*" for i in (1, 3)):
+        if (
+            len(answer) != 5
+            or not all(answer[i] in "123456789" for i in (0, 2, 4))
+            or not all(answer[i] in "+-*" for i in (1, 3))
+        ):
             return False
         numbers = [int(answer[i]) for i in (0, 2, 4)]
-        return (sorted(numbers) == sorted(problem.numbers)
-                and cd.evaluate_expression(numbers, (answer[1], answer[3])) == problem.target)
+        return (
+            sorted(numbers) == sorted(problem.numbers)
+            and cd.evaluate_expression(numbers, (answer[1], answer[3])) == problem.target
+        )
 
     expected = [python_correct(p, a) for p, a in zip(problems, answers)]
     assert check.correct.tolist() == expected

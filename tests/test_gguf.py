@@ -5,6 +5,7 @@ Each tiny file is written from a random transformers model the way llama.cpp's c
 transposed), so read_gguf must give back the original HF state dict, and agree with what
 `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` loads from the same file.
 """
+
 import importlib.util
 import os
 
@@ -110,20 +111,34 @@ def _hf_model(arch, tie):
     s = _sizes(arch)
     if arch == "gpt2":
         config = transformers.GPT2Config(
-            vocab_size=VOCAB_SIZE, n_embd=s["hidden"], n_layer=s["layers"], n_head=s["heads"],
-            n_inner=s["ffn"], n_positions=s["ctx"], tie_word_embeddings=tie,
+            vocab_size=VOCAB_SIZE,
+            n_embd=s["hidden"],
+            n_layer=s["layers"],
+            n_head=s["heads"],
+            n_inner=s["ffn"],
+            n_positions=s["ctx"],
+            tie_word_embeddings=tie,
         )
         return transformers.GPT2LMHeadModel(config)
-    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
     config = cls[0](
-        vocab_size=VOCAB_SIZE, hidden_size=s["hidden"], intermediate_size=s["ffn"],
-        num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv_heads"],
-        max_position_embeddings=s["ctx"], rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=tie,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=s["hidden"],
+        intermediate_size=s["ffn"],
+        num_hidden_layers=s["layers"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv_heads"],
+        max_position_embeddings=s["ctx"],
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tie,
     )
     model = cls[1](config)
     with torch.no_grad():  # norms start at 1: make them random so a mix-up would show
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.normal_()
     return model
@@ -156,8 +171,10 @@ def _write_gguf(path, arch, hf_state, tie, quant):
             value = _permute_like_llama_cpp(value, s["heads"])
         if arch == "llama" and ".attn_k." in name:
             value = _permute_like_llama_cpp(value, s["kv_heads"])
-        if arch == "gpt2" and name.endswith(".weight") and name.split(".")[-2] in (
-            "attn_qkv", "attn_output", "ffn_up", "ffn_down"
+        if (
+            arch == "gpt2"
+            and name.endswith(".weight")
+            and name.split(".")[-2] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
         ):
             value = np.ascontiguousarray(value.T)  # Conv1D (in, out) -> (out, in)
         if quant == Q.F32 or value.ndim == 1:
@@ -189,7 +206,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,tie,quant", CASES, ids=[f"{a}-{q.name}-{'tied' if t else 'untied'}" for a, t, q in CASES])
+@pytest.mark.parametrize(
+    "arch,tie,quant", CASES, ids=[f"{a}-{q.name}-{'tied' if t else 'untied'}" for a, t, q in CASES]
+)
 def test_tiny_gguf_matches_transformers(tmp_path, arch, tie, quant):
     source = _hf_model(arch, tie)
     original = _hf_state(source)
@@ -211,10 +230,10 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch, tie, quant):
 
     # ... and, for F32, exactly the weights the file was written from (permutation undone).
     if quant == Q.F32:
-        for name, value in expected.items():
+        for name in expected:
             np.testing.assert_array_equal(checkpoint.state_dict[name], original[name], err_msg=name)
     else:  # Q8_0 keeps ~8 bits: close to the original, not equal
-        for name, value in expected.items():
+        for name in expected:
             np.testing.assert_allclose(checkpoint.state_dict[name], original[name], atol=0.02, err_msg=name)
 
     # The config rebuilds the model the file was written from (transformers' own GGUF config
@@ -227,8 +246,16 @@ def test_tiny_gguf_matches_transformers(tmp_path, arch, tie, quant):
     fields = (
         ["n_embd", "n_layer", "n_head", "n_inner", "n_positions", "vocab_size"]
         if arch == "gpt2"
-        else ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads", "head_dim", "max_position_embeddings", "vocab_size"]
+        else [
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "vocab_size",
+        ]
     )
     for field in fields:
         expected_value = getattr(source.config, field, None)
@@ -259,8 +286,12 @@ def test_unpermute_inverts_llama_cpp_permute():
 def test_unsupported_tensor_type_names_tensor_and_type(tmp_path):
     path = tmp_path / "bad.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in [("context_length", 16), ("embedding_length", 8), ("block_count", 1),
-                       ("feed_forward_length", 16)]:
+    for key, value in [
+        ("context_length", 16),
+        ("embedding_length", 8),
+        ("block_count", 1),
+        ("feed_forward_length", 16),
+    ]:
         getattr(writer, f"add_{key}")(value)
     writer.add_head_count(2)
     writer.add_layer_norm_rms_eps(1e-5)
@@ -311,8 +342,14 @@ def test_smollm2_q4_1_matches_transformers():
     checkpoint = read_gguf(path)
     config = checkpoint.config
     assert config["model_type"] == "llama"
-    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
-            config["num_key_value_heads"], config["head_dim"], config["vocab_size"]) == (576, 30, 9, 3, 64, 49152)
+    assert (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+        config["vocab_size"],
+    ) == (576, 30, 9, 3, 64, 49152)
     assert config["tie_word_embeddings"] is True
     assert config["rms_norm_eps"] == 1e-5 and config["rope_theta"] == 100000.0
     assert len(checkpoint.state_dict) == 272

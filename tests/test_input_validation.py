@@ -5,16 +5,16 @@ a tokenizer quietly None, a bare JSONDecodeError, "directory does not exist" for
 sampling checks run on concrete values before tracing, so most tests below compile nothing; the
 few that run `generate` use a one-layer model and a few tokens.
 """
+
 from __future__ import annotations
 
 import json
 import warnings
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 import jaxrlhf
 from jaxrlhf.models import CheckpointError, save_pretrained
@@ -27,12 +27,31 @@ MAX_POSITIONS = 16
 
 
 def _config(positions: str = "learned") -> ModelConfig:
-    common = dict(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8,
-                  intermediate_size=32, max_position_embeddings=MAX_POSITIONS, norm_eps=1e-5, eos_token_id=None)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=MAX_POSITIONS,
+        norm_eps=1e-5,
+        eos_token_id=None,
+    )
     if positions == "learned":
-        return ModelConfig(model_type="gpt2", positions="learned", norm="layernorm", mlp="plain",
-                           activation="gelu_new", qkv_bias=True, o_bias=True, mlp_bias=True,
-                           tie_word_embeddings=True, **common)
+        return ModelConfig(
+            model_type="gpt2",
+            positions="learned",
+            norm="layernorm",
+            mlp="plain",
+            activation="gelu_new",
+            qkv_bias=True,
+            o_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=True,
+            **common,
+        )
     return ModelConfig(model_type="llama", **common)
 
 
@@ -58,8 +77,7 @@ def _generate(model, params, ids, mask, **options):
 # generate: sampling arguments
 
 
-@pytest.mark.parametrize("temperature", [-1.0, -1e-6, float("nan"), float("inf"), np.float32(-0.5),
-                                         jnp.asarray(-2.0)])
+@pytest.mark.parametrize("temperature", [-1.0, -1e-6, float("nan"), float("inf"), np.float32(-0.5), jnp.asarray(-2.0)])
 def test_bad_temperature(tiny, temperature):
     with pytest.raises(ValueError, match=r"generate: temperature must be a finite number >= 0 .* got"):
         _generate(*tiny, *_prompts(), temperature=temperature)
@@ -158,8 +176,11 @@ def test_prompt_plus_new_tokens_longer_than_position_table(positions):
     ids = np.ones((2, 10), np.int32)
     mask = np.ones((2, 10), np.int32)
     mask[0, :6] = 0  # row 1 is the longest: 10 tokens
-    with pytest.raises(ValueError, match=r"prompt row 1 has 10 tokens; with max_new_tokens=7 prompt and response "
-                                         r"need 17 positions, more than the model's max_position_embeddings=16"):
+    with pytest.raises(
+        ValueError,
+        match=r"prompt row 1 has 10 tokens; with max_new_tokens=7 prompt and response "
+        r"need 17 positions, more than the model's max_position_embeddings=16",
+    ):
         generate(model, None, ids, mask, jax.random.key(0), max_new_tokens=7)
 
 
@@ -178,8 +199,18 @@ def test_valid_arguments_still_sample(tiny):
     """The documented "off" values (top_k = None, top_p = 1) and limits (top_k >= V, eos = V - 1) run."""
     model, params = tiny
     ids, mask = _prompts()
-    out = _generate(model, params, ids, mask.astype(bool), temperature=0.7, top_k=VOCAB + 5, top_p=1.0,
-                    eos_token_id=(VOCAB - 1, 0), pad_token_id=VOCAB - 1, max_new_tokens=3)
+    out = _generate(
+        model,
+        params,
+        ids,
+        mask.astype(bool),
+        temperature=0.7,
+        top_k=VOCAB + 5,
+        top_p=1.0,
+        eos_token_id=(VOCAB - 1, 0),
+        pad_token_id=VOCAB - 1,
+        max_new_tokens=3,
+    )
     assert out.tokens.shape == (3, 3)
     assert np.all((np.asarray(out.tokens) >= 0) & (np.asarray(out.tokens) < VOCAB))
 
@@ -308,8 +339,11 @@ def test_hub_id_offline_and_not_cached_says_how_to_fix(hub_id, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)  # so that no local directory of that name exists
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub ids resolve through huggingface_hub: no network here
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    with pytest.raises(CheckpointError, match=rf"{hub_id!r} is not a local directory and looks like a Hugging "
-                                              r"Face Hub id.*snapshot_download"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{hub_id!r} is not a local directory and looks like a Hugging "
+        r"Face Hub id.*snapshot_download",
+    ):
         jaxrlhf.load_pretrained(hub_id)
 
 

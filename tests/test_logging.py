@@ -32,8 +32,14 @@ def test_jsonl_lines_are_flat_floats(tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5
     first = json.loads(lines[2])
-    assert first == {"step": 2, "reward": 1.0, "kl": pytest.approx(0.2), "loss/policy": pytest.approx(1 / 3),
-                     "loss/value": 2.0, "done": 0.0}
+    assert first == {
+        "step": 2,
+        "reward": 1.0,
+        "kl": pytest.approx(0.2),
+        "loss/policy": pytest.approx(1 / 3),
+        "loss/value": 2.0,
+        "done": 0.0,
+    }
     assert all(type(v) is float for k, v in first.items() if k != "step")
     records = read_metrics(tmp_path)  # a run directory works as well as the file path
     assert [r["step"] for r in records] == list(range(5))
@@ -90,8 +96,13 @@ def test_logger_without_tensorboard_or_bar(tmp_path):
 
 def test_plot_metrics_writes_a_png(tmp_path):
     _log_steps(tmp_path, range(10))
-    out = plot_metrics(tmp_path / "metrics.jsonl", ["reward", "kl", "loss/policy", "missing"],
-                       tmp_path / "plots" / "metrics.png", title="toy", smooth=3)
+    out = plot_metrics(
+        tmp_path / "metrics.jsonl",
+        ["reward", "kl", "loss/policy", "missing"],
+        tmp_path / "plots" / "metrics.png",
+        title="toy",
+        smooth=3,
+    )
     data = open(out, "rb").read()
     assert data.startswith(b"\x89PNG") and len(data) > 5000
     records = read_metrics(tmp_path)
@@ -102,10 +113,15 @@ def test_plot_metrics_writes_a_png(tmp_path):
 def test_plot_curves_with_several_series(tmp_path):
     x = np.arange(50)
     out = plot_curves(
-        {"success rate": {"REINFORCE": np.sin(x / 10), "Q-learning": (x, np.cos(x / 10))},
-         "steps": {"gamma=0.9": x * 2.0}},
-        tmp_path / "curves.png", title="curves", ylims={"success rate": (-1, 1)},
-        ylabels={"steps": "steps to goal"}, smooth=5,
+        {
+            "success rate": {"REINFORCE": np.sin(x / 10), "Q-learning": (x, np.cos(x / 10))},
+            "steps": {"gamma=0.9": x * 2.0},
+        },
+        tmp_path / "curves.png",
+        title="curves",
+        ylims={"success rate": (-1, 1)},
+        ylabels={"steps": "steps to goal"},
+        smooth=5,
     )
     data = open(out, "rb").read()
     assert data.startswith(b"\x89PNG") and len(data) > 5000

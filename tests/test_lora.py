@@ -9,6 +9,7 @@
   is untouched), its reference is the base model, and with an NF4 base it runs and stays close to
   the float model.
 """
+
 from __future__ import annotations
 
 import jax
@@ -35,13 +36,39 @@ from jaxrlhf.training.experience import reference_logprobs
 
 VOCAB = 64
 CONFIGS = {
-    "qwen2": ModelConfig(model_type="qwen2", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=8, intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
-                         qkv_bias=True),
-    "gpt2": ModelConfig(model_type="gpt2", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2,
-                        num_kv_heads=2, head_dim=16, intermediate_size=64, max_position_embeddings=32, norm_eps=1e-5,
-                        positions="learned", norm="layernorm", mlp="plain", activation="gelu_new", qkv_bias=True,
-                        o_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "qwen2": ModelConfig(
+        model_type="qwen2",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        norm_eps=1e-5,
+        qkv_bias=True,
+    ),
+    "gpt2": ModelConfig(
+        model_type="gpt2",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        norm_eps=1e-5,
+        positions="learned",
+        norm="layernorm",
+        mlp="plain",
+        activation="gelu_new",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    ),
 }
 LORA = LoraConfig(rank=4, alpha=8.0, target_modules=("q", "v", "o", "up", "down"))
 
@@ -103,8 +130,9 @@ def test_adapters_merge_scan_and_dropout():
     key = jax.random.key(3)
     with_key = dropped.apply(LoraParams(base, adapters, key), ids, mask)
     assert _max_diff(with_key, adapted) > 1e-3
-    np.testing.assert_array_equal(np.asarray(with_key), np.asarray(dropped.apply(LoraParams(base, adapters, key),
-                                                                               ids, mask)))
+    np.testing.assert_array_equal(
+        np.asarray(with_key), np.asarray(dropped.apply(LoraParams(base, adapters, key), ids, mask))
+    )
 
 
 def test_bad_configs_are_refused():
@@ -136,6 +164,7 @@ def test_peft_round_trip_and_merged_checkpoint(family, tmp_path):
         export_policy(str(tmp_path / "adapter"), model, adapters)
 
     from safetensors.numpy import load_file
+
     weights = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     if family == "qwen2":
         a = weights["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
@@ -146,8 +175,11 @@ def test_peft_round_trip_and_merged_checkpoint(family, tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32)
     peft_model = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
     # Positions from the mask as ours (GPT-2 in transformers would count the padding otherwise).
-    torch_inputs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                        position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0)))
+    torch_inputs = dict(
+        input_ids=torch.tensor(ids),
+        attention_mask=torch.tensor(mask),
+        position_ids=torch.tensor(np.maximum(np.cumsum(mask, 1) - 1, 0)),
+    )
     with torch.no_grad():
         theirs = peft_model(**torch_inputs).logits.numpy()
     real = mask.astype(bool)  # padded positions are not compared (HF's own masking of them differs)
@@ -171,6 +203,7 @@ def test_peft_round_trip_and_merged_checkpoint(family, tmp_path):
 
 def test_reading_a_non_lora_adapter_fails(tmp_path):
     import json
+
     model, _, adapters = _setup("qwen2")
     save_peft_adapter(str(tmp_path), model, adapters)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -191,7 +224,8 @@ def test_quantized_base_is_close_to_the_float_model(qtype, kernel_tolerance, log
     """
     model = with_lora(LanguageModel(CONFIGS["qwen2"]), LORA)
     base = jax.tree_util.tree_map_with_path(  # weights x5 (as in _setup), norm scales left at 1
-        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else 5.0 * x, model.init_params(jax.random.key(0)))
+        lambda path, x: x if "norm" in jax.tree_util.keystr(path) else 5.0 * x, model.init_params(jax.random.key(0))
+    )
     adapters = init_lora(LORA, base, jax.random.key(1))
     quantized = quantize_params(base, qtype)
     up = quantized["layer_0"]["mlp"]["up"]
@@ -253,9 +287,20 @@ def test_qlora_sft_steps_with_dropout_lower_the_loss():
 # PPO with LoRA
 
 TARGET = 3
-PPO_CONFIG = PPOConfig(total_steps=4, batch_size=8, num_generations=2, minibatch_size=4, ppo_epochs=1,
-                       max_new_tokens=4, max_prompt_len=4, learning_rate=1e-2, eos_token_id=-1,
-                       advantage_estimator="grpo", kl_coef=0.05, seed=0)
+PPO_CONFIG = PPOConfig(
+    total_steps=4,
+    batch_size=8,
+    num_generations=2,
+    minibatch_size=4,
+    ppo_epochs=1,
+    max_new_tokens=4,
+    max_prompt_len=4,
+    learning_rate=1e-2,
+    eos_token_id=-1,
+    advantage_estimator="grpo",
+    kl_coef=0.05,
+    seed=0,
+)
 
 
 def target_reward(prompt_ids, prompt_mask, response_ids, response_mask):
@@ -287,8 +332,9 @@ def test_ppo_step_trains_only_the_adapters(quantize):
     state, metrics = ppo.train_step(state, frozen, batch)
     assert bool(metrics["all_finite"])
     assert float(metrics["kl"]) == pytest.approx(0.0, abs=1e-6)  # B = 0: policy == reference at the rollout
-    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), adapters_before,
-                           jax.device_get(state.policy_params))
+    changed = jax.tree.map(
+        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), adapters_before, jax.device_get(state.policy_params)
+    )
     assert all(jax.tree.leaves(changed))  # every adapter leaf moved (B from 0, A through B's gradient)
     assert jax.tree.structure(state.policy_params) == jax.tree.structure(adapters_before)
     # The frozen base (also the reference) is the same buffers, untouched.
@@ -304,8 +350,9 @@ def test_ppo_step_trains_only_the_adapters(quantize):
     logits = plain.apply(base, jnp.concatenate([ids, response], 1), jnp.concatenate([mask, response_mask], 1))
     expected = jnp.take_along_axis(jax.nn.log_softmax(logits[:, 3:-1]), response[..., None], -1)[..., 0]
     assert _max_diff(ref, expected) < 1e-5
-    policy_logits = model.apply(ppo.policy_params(state, frozen), jnp.concatenate([ids, response], 1),
-                                jnp.concatenate([mask, response_mask], 1))
+    policy_logits = model.apply(
+        ppo.policy_params(state, frozen), jnp.concatenate([ids, response], 1), jnp.concatenate([mask, response_mask], 1)
+    )
     assert _max_diff(policy_logits, logits) > 1e-4
 
     state, metrics = ppo.train_step(state, frozen, batch)  # the same compiled step again

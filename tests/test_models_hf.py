@@ -4,6 +4,7 @@ Each family gets a tiny random model built by `transformers` from a config, with
 pushed away from their init values (so a wrong mapping of a norm or a bias shows up in the logits),
 saved to disk, loaded with `jaxrlhf.load_pretrained` and compared on a left-padded batch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,23 +26,70 @@ from jaxrlhf.models.value import ValueModel, value_head_apply  # noqa: E402
 
 VOCAB = 96
 # Llama-family defaults: width 32, 4 query heads, 2 layers.
-_LLAMA = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.15,
-              bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_LLAMA = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    initializer_range=0.15,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 FAMILIES = {
-    "gpt2": ("gpt2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, initializer_range=0.15,
-                          bos_token_id=1, eos_token_id=2)),
-    "gpt2_untied": ("gpt2", dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                 initializer_range=0.15, tie_word_embeddings=False, activation_function="gelu",
-                                 bos_token_id=1, eos_token_id=2)),
+    "gpt2": (
+        "gpt2",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            initializer_range=0.15,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
+    "gpt2_untied": (
+        "gpt2",
+        dict(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            initializer_range=0.15,
+            tie_word_embeddings=False,
+            activation_function="gelu",
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+    ),
     "llama_gqa": ("llama", dict(_LLAMA, num_key_value_heads=2)),
     "llama_tied": ("llama", dict(_LLAMA, tie_word_embeddings=True)),
     # Llama 3.1 rope scaling with a short original context, so that all three frequency bands
     # (kept, interpolated, divided by `factor`) occur at head_dim 16 and show up within 12 tokens.
-    "llama3_rope": ("llama", dict(_LLAMA, num_attention_heads=2, num_key_value_heads=1, rope_parameters=dict(
-        rope_type="llama3", rope_theta=10000.0, factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=32))),
+    "llama3_rope": (
+        "llama",
+        dict(
+            _LLAMA,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=10000.0,
+                factor=4.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=32,
+            ),
+        ),
+    ),
     "qwen2": ("qwen2", dict(_LLAMA, num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": ("qwen3", dict(_LLAMA, num_key_value_heads=2, head_dim=16)),  # head_dim != width / heads
     "qwen3_bias": ("qwen3", dict(_LLAMA, num_attention_heads=2, num_key_value_heads=2, attention_bias=True)),
@@ -88,8 +136,11 @@ def _positions(mask):
 
 def _torch_logits(model, ids, mask) -> np.ndarray:
     with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                    position_ids=torch.tensor(_positions(mask), dtype=torch.long))
+        out = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask),
+            position_ids=torch.tensor(_positions(mask), dtype=torch.long),
+        )
     return out.logits.float().numpy()
 
 
@@ -136,8 +187,14 @@ def tiny_tokenizer():
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", unk_token="<unk>", padding_side="left")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +249,9 @@ def test_llama3_rope_frequencies_match_transformers(checkpoints):
 # Save -> transformers, shards, tokenizer
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gpt2_untied", "llama_gqa", "llama3_rope", "qwen2", "qwen3", "qwen3_bias", "mistral"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "gpt2_untied", "llama_gqa", "llama3_rope", "qwen2", "qwen3", "qwen3_bias", "mistral"]
+)
 def test_round_trip_through_transformers(family, checkpoints, tmp_path):
     path, torch_model, ref = checkpoints(family)
     pre = jaxrlhf.load_pretrained(path)
@@ -200,9 +259,14 @@ def test_round_trip_through_transformers(family, checkpoints, tmp_path):
     jaxrlhf.save_pretrained(out, pre)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
     assert type(reloaded) is type(torch_model)
+    # The saved weights are the original ones, bit for bit (tied copies included) ...
+    original = torch_model.state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        np.testing.assert_array_equal(tensor.numpy(), original[name].numpy(), err_msg=f"{family}: {name}")
+    # ... so the logits agree up to torch's own kernel choices (its threading can reorder sums).
     ids, mask = _batch()
     diff = _max_diff(_torch_logits(reloaded, ids, mask), ref, mask)
-    assert diff < 1e-6, f"{family}: {diff:.2e}"
+    assert diff < 1e-4, f"{family}: {diff:.2e}"
     # And back into jaxrlhf: identical parameters.
     again = jaxrlhf.load_pretrained(out)
     assert again.config == pre.config
@@ -404,8 +468,9 @@ def test_bf16_checkpoint_files(tmp_path):
     pre = jaxrlhf.load_pretrained(str(src))
     assert {p.dtype for p in jax.tree.leaves(pre.params)} == {jnp.dtype(jnp.float32)}
     # Reference: transformers loading the same file in float32 (its rotary buffers stay fp32).
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32,
-                                                                  attn_implementation="eager").eval()
+    ref_model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(src), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     ids, mask = _batch()
     assert _max_diff(_logits(pre, ids, mask), _torch_logits(ref_model, ids, mask), mask) < 1e-4
 
@@ -441,7 +506,7 @@ def test_kv_cache_decode_matches_full_forward(family, checkpoints):
     steps = [out.logits]
     cache = out.cache
     for t in range(prompt, T):
-        out = forward(pre.params, ids[:, t:t + 1], mask_S, cache=cache, cache_index=t)
+        out = forward(pre.params, ids[:, t : t + 1], mask_S, cache=cache, cache_index=t)
         cache = out.cache
         steps.append(out.logits)
     got = np.concatenate(steps, axis=1)
@@ -452,15 +517,19 @@ def test_kv_cache_decode_matches_full_forward(family, checkpoints):
     # The sampler's protocol: a prefill that returns a fresh cache of `cache_size` slots (the
     # prompt attends only to itself), decoding, and growing the cache between decode segments.
     prefill = pre.forward(pre.params, ids[:, :prompt], mask[:, :prompt], cache_size=prompt + 2)
-    np.testing.assert_allclose(np.asarray(prefill.cache[0]["k"]), np.asarray(cache[0]["k"][:, :, :prompt + 2])
-                               * (np.arange(prompt + 2) < prompt)[None, None, :, None], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(prefill.cache[0]["k"]),
+        np.asarray(cache[0]["k"][:, :, : prompt + 2]) * (np.arange(prompt + 2) < prompt)[None, None, :, None],
+        atol=1e-5,
+        rtol=0,
+    )
     cache, steps = prefill.cache, [prefill.logits]
     for t in range(prompt, T):
         if t == prompt + 2:
             cache = pre.model.grow_cache(cache, S)
             assert cache[0]["v"].shape[2] == S
         slots = cache[0]["k"].shape[2]
-        out = forward(pre.params, ids[:, t:t + 1], mask_S[:, :slots], cache=cache, cache_index=t)
+        out = forward(pre.params, ids[:, t : t + 1], mask_S[:, :slots], cache=cache, cache_index=t)
         cache = out.cache
         steps.append(out.logits)
     assert _max_diff(np.concatenate(steps, axis=1), full, mask) < 1e-5
@@ -472,8 +541,9 @@ def test_decoding_params_transpose_a_tied_head_only(checkpoints):
     ids, mask = _batch()
     decoding = pre.model.decoding_params(pre.params)
     np.testing.assert_array_equal(np.asarray(decoding["decode_head"]), np.asarray(pre.params["embed"]["embedding"]).T)
-    np.testing.assert_allclose(np.asarray(jax.jit(pre.apply)(decoding, ids, mask)), _logits(pre, ids, mask),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(pre.apply)(decoding, ids, mask)), _logits(pre, ids, mask), atol=1e-5, rtol=0
+    )
     untied = jaxrlhf.load_pretrained(checkpoints("llama_gqa")[0])
     assert untied.model.decoding_params(untied.params) is untied.params
 

@@ -4,6 +4,7 @@ The cache has the layout huggingface_hub writes (`models--org--name/refs/<branch
 hash, `snapshots/<hash>/` with the files, optionally `blobs/<sha>` behind symlinks), filled with
 checkpoints written by `save_pretrained`. No test touches the network: HF_HUB_OFFLINE=1 throughout.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,9 +21,21 @@ pytest.importorskip("huggingface_hub")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 32
-CFG = ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=16, num_layers=2, num_heads=2, num_kv_heads=1,
-                  head_dim=8, intermediate_size=24, max_position_embeddings=32, norm_eps=1e-5, bos_token_id=1,
-                  eos_token_id=2, pad_token_id=0)
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=8,
+    intermediate_size=24,
+    max_position_embeddings=32,
+    norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40
 REPO = "tiny-org/tiny-llama"
@@ -40,8 +53,14 @@ def _tokenizer():
     words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                                eos_token="</s>", unk_token="<unk>", padding_side="left")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+    )
 
 
 def _checkpoint(directory, seed):
@@ -124,8 +143,14 @@ def test_revision_not_cached_is_a_clear_error(cache):
     with pytest.raises(CheckpointError) as info:
         jaxrlhf.load_pretrained(REPO, revision="v3", cache_dir=cache)
     message = str(info.value)
-    for part in (repr(REPO), "revision 'v3'", str(cache), "HF_HUB_OFFLINE=1", "hf download tiny-org/tiny-llama "
-                 "--revision v3", "snapshot_download"):
+    for part in (
+        repr(REPO),
+        "revision 'v3'",
+        str(cache),
+        "HF_HUB_OFFLINE=1",
+        "hf download tiny-org/tiny-llama --revision v3",
+        "snapshot_download",
+    ):
         assert part in message, (part, message)
     with pytest.raises(CheckpointError, match=f"revision '{'c' * 40}' is not in the Hugging Face cache"):
         jaxrlhf.load_pretrained(REPO, revision="c" * 40, cache_dir=cache)
@@ -140,8 +165,10 @@ def test_nothing_cached_is_a_clear_error(tmp_path, monkeypatch):
     assert "'other-org/absent' is not a local directory and looks like a Hugging Face Hub id" in message
     assert str(empty) in message and "revision 'main'" in message and "unset HF_HUB_OFFLINE" in message
     monkeypatch.setenv("HF_HUB_CACHE", str(empty))
-    with pytest.raises(CheckpointError, match=r"'gpt2' is not a local directory.*not in the Hugging Face cache "
-                                              + str(empty).replace("/", ".")):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'gpt2' is not a local directory.*not in the Hugging Face cache " + str(empty).replace("/", "."),
+    ):
         jaxrlhf.load_pretrained("gpt2")
 
 

@@ -3,6 +3,7 @@
 Same weights in both layouts (`stack_layers`): logits, gradients, the KV-cache paths and sampling
 must agree; checkpoints written from a scanned model are ordinary per-layer HF checkpoints.
 """
+
 from __future__ import annotations
 
 import jax
@@ -17,15 +18,52 @@ from jaxrlhf.sampling import generate
 
 VOCAB = 96
 CONFIGS = {
-    "gpt2": ModelConfig(model_type="gpt2", vocab_size=VOCAB, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=4,
-                        head_dim=8, intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5,
-                        positions="learned", norm="layernorm", mlp="plain", activation="gelu_new", qkv_bias=True,
-                        o_bias=True, mlp_bias=True, tie_word_embeddings=True),
-    "llama": ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_layers=3, num_heads=4,
-                         num_kv_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=64, norm_eps=1e-5),
-    "qwen3": ModelConfig(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                         num_kv_heads=2, head_dim=16, intermediate_size=48, max_position_embeddings=64, norm_eps=1e-5,
-                         qk_norm=True, sliding_window=None),
+    "gpt2": ModelConfig(
+        model_type="gpt2",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=4,
+        head_dim=8,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        norm_eps=1e-5,
+        positions="learned",
+        norm="layernorm",
+        mlp="plain",
+        activation="gelu_new",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+    ),
+    "llama": ModelConfig(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=3,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        norm_eps=1e-5,
+    ),
+    "qwen3": ModelConfig(
+        model_type="qwen3",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        norm_eps=1e-5,
+        qk_norm=True,
+        sliding_window=None,
+    ),
 }
 REMATS = [None, "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 
@@ -85,8 +123,11 @@ def reference():
 
 
 # Scanned with every remat policy for GPT-2 and Llama; remat without scan; Qwen3 (q/k norms) scanned.
-CASES = ([(family, True, remat) for family in ("gpt2", "llama") for remat in REMATS]
-         + [("llama", False, "full"), ("gpt2", False, "dots_saveable"), ("qwen3", True, "dots_saveable")])
+CASES = [(family, True, remat) for family in ("gpt2", "llama") for remat in REMATS] + [
+    ("llama", False, "full"),
+    ("gpt2", False, "dots_saveable"),
+    ("qwen3", True, "dots_saveable"),
+]
 # The fast subset keeps one case of each kind (scan, remat without scan, q/k norms); the rest is slow.
 FAST_CASES = (("gpt2", True, None), ("llama", True, "full"), ("llama", False, "full"), ("qwen3", True, "dots_saveable"))
 CASES = [case if case in FAST_CASES else pytest.param(*case, marks=pytest.mark.slow) for case in CASES]
@@ -143,8 +184,13 @@ def test_cached_paths_equal_plain_model(family, reference):
     # Prefill with a fresh cache of 14 slots: stacked [layers, B, K, S, E], equal to the per-layer one.
     ref_cache = plain.forward(params, ids, mask, cache_size=14).cache
     cache = scanned.forward(sp, ids, mask, cache_size=14).cache
-    assert isinstance(cache, dict) and cache["k"].shape == (plain.config.num_layers, B, plain.config.num_kv_heads,
-                                                           14, plain.config.head_dim)
+    assert isinstance(cache, dict) and cache["k"].shape == (
+        plain.config.num_layers,
+        B,
+        plain.config.num_kv_heads,
+        14,
+        plain.config.head_dim,
+    )
     assert _max_abs(unstack_cache(cache), ref_cache) < 1e-5
     assert _max_abs(stack_cache(ref_cache), cache) < 1e-5
     grown = scanned.grow_cache(cache, 16)
@@ -156,8 +202,13 @@ def test_cached_paths_equal_plain_model(family, reference):
     assert empty["k"].shape == (plain.config.num_layers, B, plain.config.num_kv_heads, L + 1, plain.config.head_dim)
     prefilled = scanned.forward(sp, ids, full_mask, cache=empty, cache_index=0).cache
     out = scanned.forward(sp, step_ids, full_mask, cache=prefilled, cache_index=L)
-    ref = plain.forward(params, step_ids, full_mask, cache=plain.forward(
-        params, ids, full_mask, cache=plain.init_cache(B, L + 1), cache_index=0).cache, cache_index=L)
+    ref = plain.forward(
+        params,
+        step_ids,
+        full_mask,
+        cache=plain.forward(params, ids, full_mask, cache=plain.init_cache(B, L + 1), cache_index=0).cache,
+        cache_index=L,
+    )
     assert float(jnp.max(jnp.abs(out.logits - ref.logits))) < 1e-5
     # And the sampler, unchanged, in several cache segments.
     kwargs = dict(max_new_tokens=6, temperature=1.0, cache_segments=2)
@@ -193,7 +244,8 @@ def test_sharding_specs_get_a_leading_none(reference):
     assert stacked["layers"]["attn_norm"]["scale"] == P()
     for name in ("attn", "mlp"):
         for leaf_path, spec in jax.tree_util.tree_leaves_with_path(
-                stacked["layers"][name], is_leaf=lambda x: isinstance(x, P)):
+            stacked["layers"][name], is_leaf=lambda x: isinstance(x, P)
+        ):
             per_layer = plain["layer_0"][name]
             for key in leaf_path:
                 per_layer = per_layer[key.key]

@@ -1,4 +1,5 @@
 """`jaxrlhf.sharding`: meshes, the batch sharding and parameter rules on 8 simulated CPU devices."""
+
 from __future__ import annotations
 
 import jax
@@ -26,9 +27,20 @@ from jaxrlhf.sharding import (
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
-CFG = ModelConfig(model_type="llama", vocab_size=100, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                  head_dim=8, intermediate_size=64, max_position_embeddings=64, norm_eps=1e-5, qk_norm=True,
-                  qkv_bias=True)
+CFG = ModelConfig(
+    model_type="llama",
+    vocab_size=100,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    norm_eps=1e-5,
+    qk_norm=True,
+    qkv_bias=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +52,10 @@ def setup():
 
 
 def _flat(tree):
-    return {"/".join(str(k.key) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, P))}
+    return {
+        "/".join(str(k.key) for k in path): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=lambda x: isinstance(x, P))
+    }
 
 
 def test_make_mesh_axes():
@@ -119,10 +133,11 @@ def test_default_specs(setup):
 
 def test_non_dividing_rule_falls_back_to_replication(setup):
     _, params, mesh = setup
-    rules = ((r"embed/embedding$", P(None, FSDP)),  # 32 / 4: kept
-             (r"lm_head$", P(None, ("data", FSDP))),  # 100 / 8: does not divide -> replicated
-             (r"attn/k/kernel$", P(None, None, FSDP)),  # more dims than the tensor -> replicated
-             ) + DEFAULT_RULES
+    rules = (
+        (r"embed/embedding$", P(None, FSDP)),  # 32 / 4: kept
+        (r"lm_head$", P(None, ("data", FSDP))),  # 100 / 8: does not divide -> replicated
+        (r"attn/k/kernel$", P(None, None, FSDP)),  # more dims than the tensor -> replicated
+    ) + DEFAULT_RULES
     specs = _flat(param_partition_specs(params, rules, mesh=mesh))
     assert specs["embed/embedding"] == P(None, "fsdp")
     assert specs["lm_head"] == P()
@@ -175,8 +190,9 @@ def test_sharded_logits_match_unsharded(setup):
     grads = jax.jit(jax.grad(loss), out_shardings=param_shardings)(sharded)
     assert grads["embed"]["embedding"].sharding.spec == P("fsdp", None)
     ref_grads = jax.jit(jax.grad(lambda p: jnp.mean(model.apply(p, ids, mask) ** 2)))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4),
-                 grads, ref_grads)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4), grads, ref_grads
+    )
 
 
 def test_shard_params_default_specs(setup):

@@ -1,13 +1,22 @@
 """Preference data: JSONL / Parquet through `datasets`, tokenisation (chat template or not), the
 fixed-shape padded layout, and every drop rule counted and reported (never silently kept)."""
+
 import json
 
 import numpy as np
 import pytest
 
 from jaxrlhf.tokenizers import char_tokenizer
-from jaxrlhf.training.preference_data import (PreferenceDataError, kto_from_arrays, load_preference_data, load_rows,
-                                              pairs_from_arrays, pairs_to_kto, tokenize_kto, tokenize_pairs)
+from jaxrlhf.training.preference_data import (
+    PreferenceDataError,
+    kto_from_arrays,
+    load_preference_data,
+    load_rows,
+    pairs_from_arrays,
+    pairs_to_kto,
+    tokenize_kto,
+    tokenize_pairs,
+)
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ?:"
 PAD, BOS, EOS = 0, 1, 2
@@ -62,8 +71,9 @@ def test_jsonl_and_parquet_give_the_same_padded_arrays(tmp_path, tokenizer):
 
 def test_chat_template_is_used_for_the_prompt(tokenizer):
     tok = char_tokenizer(CHARS)
-    tok.chat_template = ("{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}:{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    )
     d = tokenize_pairs(ROWS[:1], tok, 6, 8)
     np.testing.assert_array_equal(d.prompt_ids[0], [PAD, BOS] + ids("hi?") + ids(":"))
     plain = tokenize_pairs(ROWS[:1], tok, 6, 8, use_chat_template=False)
@@ -86,8 +96,14 @@ def test_bad_rows_are_counted_dropped_and_reported(tokenizer):
     with pytest.warns(UserWarning, match="kept 4 of 10"):
         d = tokenize_pairs(rows, tokenizer, 4, 8)
     s = d.stats
-    assert (s["rows"], s["kept"], s["empty_response"], s["identical"], s["prompt_too_long"], s["empty_prompt"]) == \
-        (10, 4, 2, 2, 1, 1)
+    assert (s["rows"], s["kept"], s["empty_response"], s["identical"], s["prompt_too_long"], s["empty_prompt"]) == (
+        10,
+        4,
+        2,
+        2,
+        1,
+        1,
+    )
     assert s["response_truncated"] == 3  # two in the identical-after-cut pair, one kept
     np.testing.assert_array_equal(d.chosen_ids[3], ids("abcdefgh"))  # the first R tokens, no EOS
     assert d.chosen_mask.sum(axis=1).min() >= 1 and d.rejected_mask.sum(axis=1).min() >= 1
@@ -123,11 +139,14 @@ def test_mismatched_columns_raise_clear_errors(tmp_path, tokenizer):
 
 
 def test_kto_rows_from_jsonl(tmp_path, tokenizer):
-    rows = [{"prompt": "q", "completion": c, "label": lab} for c, lab in
-            [("good", True), ("bad", False), ("fine", 1), ("", True), ("meh", "false")]]
+    rows = [
+        {"prompt": "q", "completion": c, "label": lab}
+        for c, lab in [("good", True), ("bad", False), ("fine", 1), ("", True), ("meh", "false")]
+    ]
     with pytest.warns(UserWarning, match="empty_response=1"):
-        d = load_preference_data(write_jsonl(tmp_path / "kto.jsonl", rows[:3] + rows[4:] + rows[3:4]), tokenizer,
-                                 2, 6, kind="kto")
+        d = load_preference_data(
+            write_jsonl(tmp_path / "kto.jsonl", rows[:3] + rows[4:] + rows[3:4]), tokenizer, 2, 6, kind="kto"
+        )
     assert d.kind == "kto" and len(d) == 4
     np.testing.assert_array_equal(d.desirable, [True, False, True, False])
     # each row's KL completion is another row's completion (a derangement)
@@ -144,8 +163,9 @@ def test_from_arrays_any_padding_and_drops():
     chosen = np.array([[0, 9, 10], [0, 0, 11], [0, 0, 0]])
     rejected = np.array([[0, 0, 12], [0, 0, 11], [0, 0, 13]])
     with pytest.warns(UserWarning, match="kept 1 of 3"):
-        d = pairs_from_arrays(prompt, prompt_mask, chosen, (chosen > 0).astype(int), rejected,
-                              (rejected > 0).astype(int))
+        d = pairs_from_arrays(
+            prompt, prompt_mask, chosen, (chosen > 0).astype(int), rejected, (rejected > 0).astype(int)
+        )
     assert d.stats["identical"] == 1 and d.stats["empty_response"] == 1
     np.testing.assert_array_equal(d.prompt_ids, [[5, 6]])
     np.testing.assert_array_equal(d.chosen_ids, [[9, 10]])

@@ -7,6 +7,7 @@ micro-batches, constant learning rate, so `total_steps` changes no program) whos
 cached across calls, one module-scoped reference run provides the numbers the others compare to,
 and a persistent compilation cache in a temporary directory backs the rest.
 """
+
 import dataclasses
 import json
 import math
@@ -19,16 +20,24 @@ from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel, gpt2_config
-from tasks import synthetic_language as sl
-from jaxrlhf.training.checkpoint import CheckpointMismatchError
 from jaxrlhf.sharding import make_mesh
+from jaxrlhf.training.checkpoint import CheckpointMismatchError
 from jaxrlhf.training.preference import PRESETS, PreferenceConfig, train_preference
 from jaxrlhf.training.preference_data import PreferenceDataError, pairs_from_arrays
+from tasks import synthetic_language as sl
 
 NUM_TRAIN, NUM_EVAL = 256, 64
 CONFIG = PreferenceConfig.preset(
-    "dpo", learning_rate=3e-3, total_steps=4, batch_size=16, grad_accum_steps=2, max_prompt_len=1,
-    max_response_len=sl.MAX_SENTENCE_LEN - 1, save_every=2, seed=0)
+    "dpo",
+    learning_rate=3e-3,
+    total_steps=4,
+    batch_size=16,
+    grad_accum_steps=2,
+    max_prompt_len=1,
+    max_response_len=sl.MAX_SENTENCE_LEN - 1,
+    save_every=2,
+    seed=0,
+)
 QUIET = dict(progress=False, tensorboard=False, mesh=make_mesh())  # all 8 (CPU) devices
 
 
@@ -40,14 +49,24 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny():
-    model = LanguageModel(gpt2_config(sl.VOCAB_SIZE, hidden_size=32, num_layers=1, num_heads=2, max_len=16, **sl.SPECIAL_TOKEN_IDS))
+    model = LanguageModel(
+        gpt2_config(sl.VOCAB_SIZE, hidden_size=32, num_layers=1, num_heads=2, max_len=16, **sl.SPECIAL_TOKEN_IDS)
+    )
     return model, model.init_params(jax.random.PRNGKey(1))
 
 
 def to_data(c, cm, r, rm):
     """Sentences as prompt = <bos>, response = the rest (with its '.' EOS)."""
-    return pairs_from_arrays(c[:, :1], cm[:, :1], c[:, 1:], cm[:, 1:], r[:, 1:], rm[:, 1:],
-                             max_prompt_len=1, max_response_len=sl.MAX_SENTENCE_LEN - 1)
+    return pairs_from_arrays(
+        c[:, :1],
+        cm[:, :1],
+        c[:, 1:],
+        cm[:, 1:],
+        r[:, 1:],
+        rm[:, 1:],
+        max_prompt_len=1,
+        max_response_len=sl.MAX_SENTENCE_LEN - 1,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +87,9 @@ def reference_run(tiny, pairs):
     """CONFIG on all 8 devices without files; keeps the parameters after steps 0 and 1."""
     train, _, _ = pairs
     params_at = {}
-    result = train_preference(tiny, train, CONFIG, on_step=lambda s, state, _: params_at.__setitem__(s, host(state.params)),
-                              **QUIET)
+    result = train_preference(
+        tiny, train, CONFIG, on_step=lambda s, state, _: params_at.__setitem__(s, host(state.params)), **QUIET
+    )
     return result, params_at
 
 
@@ -84,10 +104,15 @@ def test_presets_and_config_checks():
     assert simpo.beta == 2.0 and simpo.simpo_gamma / simpo.beta == 0.5
     assert PreferenceConfig.preset("cdpo").label_smoothing == 0.1
     assert PreferenceConfig.preset("dpo", beta=0.3).beta == 0.3
-    for bad, match in [(dict(loss="orpo"), "loss"), (dict(loss="cdpo"), "label_smoothing"),
-                       (dict(label_smoothing=0.1), "cdpo"), (dict(batch_size=6, grad_accum_steps=4), "multiple"),
-                       (dict(reference_logprobs="lazy"), "reference_logprobs"),
-                       (dict(loss="ipo", rpo_alpha=1.0), "rpo_alpha"), (dict(beta=0.0), "beta")]:
+    for bad, match in [
+        (dict(loss="orpo"), "loss"),
+        (dict(loss="cdpo"), "label_smoothing"),
+        (dict(label_smoothing=0.1), "cdpo"),
+        (dict(batch_size=6, grad_accum_steps=4), "multiple"),
+        (dict(reference_logprobs="lazy"), "reference_logprobs"),
+        (dict(loss="ipo", rpo_alpha=1.0), "rpo_alpha"),
+        (dict(beta=0.0), "beta"),
+    ]:
         with pytest.raises(ValueError, match=match):
             PreferenceConfig(**bad)
     # numbers change no program: a different beta / learning rate / length has the same structure
@@ -117,8 +142,12 @@ def test_dpo_raises_held_out_accuracy(tiny, pairs):
 def test_one_device_equals_eight(tiny, pairs, reference_run):
     train, _, _ = pairs
     reference, params_at = reference_run
-    one = train_preference(tiny, train, dataclasses.replace(CONFIG, total_steps=2),
-                           **{**QUIET, "mesh": make_mesh(devices=jax.devices()[:1])})
+    one = train_preference(
+        tiny,
+        train,
+        dataclasses.replace(CONFIG, total_steps=2),
+        **{**QUIET, "mesh": make_mesh(devices=jax.devices()[:1])},
+    )
     for a, b in zip(one.history, reference.history[:2]):
         for key in ("loss", "accuracy", "reward_margin", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
@@ -141,8 +170,9 @@ def test_reference_precomputed_equals_on_the_fly(tiny, pairs, reference_run):
     train, _, _ = pairs
     reference, params_at = reference_run
     assert reference.data.has_reference  # precomputed once, stored with the data
-    fly = train_preference(tiny, train, dataclasses.replace(CONFIG, total_steps=2, reference_logprobs="on_the_fly"),
-                           **QUIET)
+    fly = train_preference(
+        tiny, train, dataclasses.replace(CONFIG, total_steps=2, reference_logprobs="on_the_fly"), **QUIET
+    )
     assert not fly.data.has_reference
     for a, b in zip(fly.history, reference.history[:2]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
@@ -196,8 +226,10 @@ def test_every_loss_at_the_reference_point(tiny, pairs, loss):
     length-only value; then one update, everything finite."""
     train, _, _ = pairs
     name, rpo = (loss.split("+")[0], 1.0) if "+" in loss else (loss, None)
-    overrides = {k: getattr(CONFIG, k) for k in ("learning_rate", "batch_size", "grad_accum_steps", "max_prompt_len",
-                                                 "max_response_len")}
+    overrides = {
+        k: getattr(CONFIG, k)
+        for k in ("learning_rate", "batch_size", "grad_accum_steps", "max_prompt_len", "max_response_len")
+    }
     config = PreferenceConfig.preset(name, total_steps=2, rpo_alpha=rpo, **overrides)
     result = train_preference(tiny, train, config, **QUIET)
     first = result.history[0]
@@ -211,7 +243,9 @@ def test_every_loss_at_the_reference_point(tiny, pairs, loss):
     if name == "simpo":  # -log sigmoid(beta (mean logp_w - mean logp_l) - gamma): no reference
         assert not result.data.has_reference and first["loss"] > 0
     if rpo:
-        assert first["nll_loss"] > 0 and first["loss"] == pytest.approx(first["pref_loss"] + first["nll_loss"], rel=1e-5)
+        assert first["nll_loss"] > 0 and first["loss"] == pytest.approx(
+            first["pref_loss"] + first["nll_loss"], rel=1e-5
+        )
     for row in result.history:
         assert all(math.isfinite(v) for v in row.values()), row
 
@@ -226,8 +260,16 @@ def test_bad_pairs_are_dropped_not_nan(tiny, pairs):
     prompt_mask[1, 1] = 1  # row 1: a 2-token prompt, over max_prompt_len = 1
     r[2], rm[2] = c[2], cm[2]  # row 2: identical pair
     with pytest.warns(UserWarning, match="kept 37 of 40"):
-        data = pairs_from_arrays(prompt, prompt_mask, c[:, 1:], cm[:, 1:], r[:, 1:], rm[:, 1:], max_prompt_len=1,
-                                 max_response_len=sl.MAX_SENTENCE_LEN - 1)
+        data = pairs_from_arrays(
+            prompt,
+            prompt_mask,
+            c[:, 1:],
+            cm[:, 1:],
+            r[:, 1:],
+            rm[:, 1:],
+            max_prompt_len=1,
+            max_response_len=sl.MAX_SENTENCE_LEN - 1,
+        )
     assert (data.stats["empty_response"], data.stats["prompt_too_long"], data.stats["identical"]) == (1, 1, 1)
     result = train_preference(tiny, data, dataclasses.replace(CONFIG, total_steps=2), **QUIET)
     assert result.data_stats["kept"] == 37
@@ -247,23 +289,40 @@ def test_text_pairs_from_jsonl_end_to_end(tmp_path):
     from jaxrlhf.tokenizers import char_tokenizer
 
     tokenizer = char_tokenizer("abcdefghijklmnopq:")  # 4 specials + 18 = 22 ids: the tiny model's vocabulary
-    tokenizer.chat_template = ("{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %}:{% endif %}")
-    model = LanguageModel(gpt2_config(sl.VOCAB_SIZE, hidden_size=32, num_layers=1, num_heads=2, max_len=16, **sl.SPECIAL_TOKEN_IDS))
+    tokenizer.chat_template = (
+        "{% for m in messages %}<bos>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}:{% endif %}"
+    )
+    model = LanguageModel(
+        gpt2_config(sl.VOCAB_SIZE, hidden_size=32, num_layers=1, num_heads=2, max_len=16, **sl.SPECIAL_TOKEN_IDS)
+    )
     params = model.init_params(jax.random.PRNGKey(2))
     rng = np.random.default_rng(0)
     letters = list("abcdefghijklmnopq")
-    rows = [{"prompt": "".join(rng.choice(letters, 2)), "chosen": "a" * int(rng.integers(1, 5)),
-             "rejected": "".join(rng.choice(letters[1:], int(rng.integers(1, 5))))} for _ in range(20)]
+    rows = [
+        {
+            "prompt": "".join(rng.choice(letters, 2)),
+            "chosen": "a" * int(rng.integers(1, 5)),
+            "rejected": "".join(rng.choice(letters[1:], int(rng.integers(1, 5)))),
+        }
+        for _ in range(20)
+    ]
     rows.append({"prompt": "ab", "chosen": "", "rejected": "b"})  # dropped: empty response
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = PreferenceConfig.preset("dpo", learning_rate=1e-3, total_steps=1, batch_size=16, max_prompt_len=4,
-                                     max_response_len=6)
+    config = PreferenceConfig.preset(
+        "dpo", learning_rate=1e-3, total_steps=1, batch_size=16, max_prompt_len=4, max_response_len=6
+    )
     out = str(tmp_path / "run")
     with pytest.warns(UserWarning, match="empty_response=1"):
-        result = train_preference((model, params, tokenizer), str(path), config, out, eval_every=1,
-                                  evaluate_fn=lambda step, state: {"probe": 1.5}, **QUIET)
+        result = train_preference(
+            (model, params, tokenizer),
+            str(path),
+            config,
+            out,
+            eval_every=1,
+            evaluate_fn=lambda step, state: {"probe": 1.5},
+            **QUIET,
+        )
     assert result.data_stats["kept"] == 20 and result.data.prompt_ids.shape == (20, 4)
     assert result.history[0]["eval/probe"] == 1.5 and math.isfinite(result.history[0]["loss"])
     loaded = load_pretrained(os.path.join(out, "policy"))

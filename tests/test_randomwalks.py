@@ -1,12 +1,13 @@
 """Random-walks task: graph and data generation, the optimality score (JAX on token ids and the
 Python reference, on hand-made walks), and the character-level tokenizer."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasks import randomwalks as rw
 from jaxrlhf.tokenizers import char_tokenizer
+from tasks import randomwalks as rw
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +110,12 @@ def encode_cases(tokenizer, walks, width=12, left_pad_prompt=False):
 @pytest.mark.parametrize("left_pad_prompt", [False, True])
 def test_jax_score_on_hand_made_walks(task, tokenizer, left_pad_prompt):
     batch = encode_cases(tokenizer, [w for w, *_ in CASES], left_pad_prompt=left_pad_prompt)
-    kwargs = dict(adjacency=task.adjacency, shortest=task.shortest,
-                  token_to_node=rw.token_to_node_table(tokenizer, task), max_length=task.max_length)
+    kwargs = dict(
+        adjacency=task.adjacency,
+        shortest=task.shortest,
+        token_to_node=rw.token_to_node_table(tokenizer, task),
+        max_length=task.max_length,
+    )
     out = jax.jit(lambda *b: rw.optimality_from_tokens(*b, **kwargs))(*batch)
     np.testing.assert_allclose(out["length"], [c[1] for c in CASES])
     np.testing.assert_allclose(out["optimality"], [c[2] for c in CASES], rtol=1e-6)

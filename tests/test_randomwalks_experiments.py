@@ -1,4 +1,5 @@
 """End to end: experiments/randomwalks_sft.py then experiments/randomwalks_ppo.py with tiny configs."""
+
 import importlib.util
 import json
 import math
@@ -29,8 +30,18 @@ def all_finite(record):
 def sft_run(tmp_path_factory):
     sft = load_script("randomwalks_sft")
     out_dir = str(tmp_path_factory.mktemp("rw") / "sft")
-    config = sft.Config(out_dir=out_dir, n_layer=1, n_embd=16, n_head=2, num_steps=4, batch_size=32,
-                        eval_every=2, eval_samples=2, log_every=1, sft=SFTConfig(learning_rate=1e-3))
+    config = sft.Config(
+        out_dir=out_dir,
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        num_steps=4,
+        batch_size=32,
+        eval_every=2,
+        eval_samples=2,
+        log_every=1,
+        sft=SFTConfig(learning_rate=1e-3),
+    )
     summary = sft.main(config)
     return out_dir, summary
 
@@ -38,8 +49,15 @@ def sft_run(tmp_path_factory):
 @pytest.mark.slow
 def test_sft_script_end_to_end(sft_run):
     out_dir, summary = sft_run
-    for name in ("config.json", "metrics.jsonl", "sft.png", "summary.json", "model/config.json",
-                 "model/model.safetensors", "model/tokenizer.json"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "sft.png",
+        "summary.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "model/tokenizer.json",
+    ):
         assert os.path.isfile(os.path.join(out_dir, name)), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out_dir))
     records = read_metrics(out_dir)
@@ -55,7 +73,12 @@ def test_ppo_script_end_to_end(sft_run, tmp_path):
     ppo = load_script("randomwalks_ppo")
     out_dir = str(tmp_path / "ppo")
     config = ppo.Config(
-        out_dir=out_dir, sft_dir=sft_dir, run_sft_if_missing=False, eval_every=1, eval_samples=2, progress=False,
+        out_dir=out_dir,
+        sft_dir=sft_dir,
+        run_sft_if_missing=False,
+        eval_every=1,
+        eval_samples=2,
+        progress=False,
         ppo=ppo.Config().ppo.replace(total_steps=2, batch_size=20, minibatch_size=10, ppo_epochs=1, save_every=1),
     )
     summary = ppo.main(config)
@@ -89,8 +112,18 @@ def test_ppo_script_says_what_to_run_without_sft(tmp_path):
 def test_compare_algorithms_end_to_end(sft_run, tmp_path):
     compare = load_script("compare_algorithms")
     out_dir = str(tmp_path / "compare")
-    config = compare.Config(out_dir=out_dir, sft_dir=sft_run[0], presets=("grpo", "remax"), seeds=(0, 1), steps=2,
-                            batch_size=16, minibatch_size=8, group_size=4, eval_every=1, eval_samples=2)
+    config = compare.Config(
+        out_dir=out_dir,
+        sft_dir=sft_run[0],
+        presets=("grpo", "remax"),
+        seeds=(0, 1),
+        steps=2,
+        batch_size=16,
+        minibatch_size=8,
+        group_size=4,
+        eval_every=1,
+        eval_samples=2,
+    )
     summary = compare.main(config)
     for name in ("config.json", "summary.json", "results.md", "compare_algorithms.png", "grpo/sweep_summary.json"):
         assert os.path.isfile(os.path.join(out_dir, name)), name

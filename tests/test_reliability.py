@@ -2,20 +2,20 @@
 Ctrl-C, SIGTERM and a failing host reward checkpoint the last committed step; a rerun after a kill
 before the first checkpoint does not duplicate metrics rows; a checkpoint past total_steps warns.
 """
+
 import os
 import signal
 
 import jax
 import numpy as np
 import pytest
+import test_training as tt
 from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel
 from jaxrlhf.training import PPO, Checkpointer, CheckpointMismatchError, TextReward, train
 from jaxrlhf.training.trainer import TrainingInterrupted
-
-import test_training as tt
 
 CONFIG = tt.BASE_CONFIG.replace(total_steps=4, save_every=100)  # no periodic checkpoint before the end
 
@@ -44,10 +44,10 @@ def _train(tiny, out_dir, prompts=None, config=CONFIG, reward=tt.target_fraction
 def test_prompt_sets_that_do_not_fit_the_model_fail_before_any_work(tiny, tmp_path):
     ids, mask = tt.make_prompts(tt.BATCH)
     cases = [
-        ((ids, mask[:-1]), "same shape"),                                  # rows were cut to the shorter
-        ((ids.astype(np.float32) + 0.5, mask), "must be integers"),        # float ids were truncated
+        ((ids, mask[:-1]), "same shape"),  # rows were cut to the shorter
+        ((ids.astype(np.float32) + 0.5, mask), "must be integers"),  # float ids were truncated
         ([[5, 6], [7.5, 8]], "prompt 1: token ids must be integers"),
-        ((np.where(np.arange(4) == 1, -3, ids), mask), r"row 0, column 1 is -3"),   # negative ids wrapped around
+        ((np.where(np.arange(4) == 1, -3, ids), mask), r"row 0, column 1 is -3"),  # negative ids wrapped around
         ((np.where(np.arange(4) == 2, tt.VOCAB, ids), mask), f"outside the vocabulary \\[0, {tt.VOCAB}\\)"),
     ]
     for prompts, message in cases:
@@ -80,8 +80,9 @@ def _host_reward(fail_at_call: int, error: BaseException):
     return TextReward(fraction, DigitTokenizer())
 
 
-@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("scoring server went away")],
-                         ids=["ctrl-c", "host-reward-exception"])
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt(), RuntimeError("scoring server went away")], ids=["ctrl-c", "host-reward-exception"]
+)
 def test_interrupt_or_host_error_checkpoints_the_last_committed_step(tiny, tmp_path, error):
     reward = _host_reward(fail_at_call=3, error=error)  # steps 0 and 1 commit, step 2's scoring fails
     with pytest.raises(type(error)):

@@ -1,5 +1,6 @@
 """The synthetic language's true reward on hand-made sentences, and a tiny end-to-end run of
 experiments/reward_hacking.py (SFT -> reward model -> PPO at two KL coefficients)."""
+
 import importlib.util
 import json
 import math
@@ -92,10 +93,24 @@ def test_tiny_end_to_end_run(tmp_path):
     rh = _load_experiment()
     config = rh.Config(
         out_dir=str(tmp_path / "run"),
-        policy_width=16, policy_layers=1, sft_examples=256, sft_steps=20, sft_batch_size=32,
-        rm_width=16, rm_pairs=64, rm_eval_pairs=64, rm_steps=10, rm_batch_size=32,
-        kl_coefs=(0.0, 0.1), ppo_steps=3, ppo_batch_size=8, ppo_minibatch_size=4, ppo_epochs=1,
-        eval_every=2, eval_batch_size=16, num_samples_shown=2,
+        policy_width=16,
+        policy_layers=1,
+        sft_examples=256,
+        sft_steps=20,
+        sft_batch_size=32,
+        rm_width=16,
+        rm_pairs=64,
+        rm_eval_pairs=64,
+        rm_steps=10,
+        rm_batch_size=32,
+        kl_coefs=(0.0, 0.1),
+        ppo_steps=3,
+        ppo_batch_size=8,
+        ppo_minibatch_size=4,
+        ppo_epochs=1,
+        eval_every=2,
+        eval_batch_size=16,
+        num_samples_shown=2,
     )
     summary = rh.main(config)
     out = tmp_path / "run"

@@ -3,16 +3,16 @@
 Tiny random models are built with transformers + torch from configs, saved as HF checkpoints and
 loaded with `jaxrlhf.load_pretrained`, so the weights are the same on both sides.
 """
+
 from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
-
-import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 torch = pytest.importorskip("torch")
@@ -39,16 +39,33 @@ PAD = 0
 def _hf_tiny(kind: str):
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                         initializer_range=0.2, pad_token_id=PAD, eos_token_id=None,
-                                         bos_token_id=None)
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            initializer_range=0.2,
+            pad_token_id=PAD,
+            eos_token_id=None,
+            bos_token_id=None,
+        )
         model = transformers.GPT2LMHeadModel(config)
     else:  # Llama with grouped-query attention (4 query heads, 2 key/value heads), untied head
-        config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                          max_position_embeddings=64, initializer_range=0.2,
-                                          tie_word_embeddings=False, pad_token_id=PAD, eos_token_id=None,
-                                          bos_token_id=None)
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            initializer_range=0.2,
+            tie_word_embeddings=False,
+            pad_token_id=PAD,
+            eos_token_id=None,
+            bos_token_id=None,
+        )
         model = transformers.LlamaForCausalLM(config)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD
@@ -86,11 +103,15 @@ def _left_padded_prompts(batch=8, width=7, seed=0):
 
 def _hf_greedy(hf_model, ids, mask, max_new_tokens, eos_token_id=None):
     with torch.no_grad():
-        out = hf_model.generate(input_ids=torch.tensor(ids, dtype=torch.long),
-                                attention_mask=torch.tensor(mask, dtype=torch.long),
-                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD,
-                                eos_token_id=eos_token_id)
-    new = out[:, ids.shape[1]:].numpy()
+        out = hf_model.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=PAD,
+            eos_token_id=eos_token_id,
+        )
+    new = out[:, ids.shape[1] :].numpy()
     # transformers stops once every row is finished: pad to the full length as we do.
     return np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])), constant_values=PAD)
 
@@ -99,7 +120,7 @@ def _hf_greedy(hf_model, ids, mask, max_new_tokens, eos_token_id=None):
 N = 12
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_generate(model, **options):
     return jax.jit(functools.partial(generate, model, max_new_tokens=N, **options))
 
@@ -108,7 +129,7 @@ def _run(model, params, ids, mask, key, **options):
     return jax.block_until_ready(_jit_generate(model, **options)(params, jnp.asarray(ids), jnp.asarray(mask), key))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jit_apply(model):
     return jax.jit(model.apply)
 
@@ -117,7 +138,7 @@ def _full_forward_logprobs(model, params, ids, mask, out: SampleOutput, temperat
     """`token_logprobs` of the response under one forward pass over prompt + response."""
     full_ids = jnp.concatenate([jnp.asarray(ids), out.tokens], axis=1)
     full_mask = jnp.concatenate([jnp.asarray(mask), out.mask], axis=1)
-    logits = _jit_apply(model)(params, full_ids, full_mask)[:, ids.shape[1] - 1:-1]
+    logits = _jit_apply(model)(params, full_ids, full_mask)[:, ids.shape[1] - 1 : -1]
     expected = token_logprobs(logits, out.tokens, temperature)
     return np.where(np.asarray(out.mask) == 1, np.asarray(expected), 0.0)
 
@@ -134,8 +155,9 @@ def test_greedy_matches_transformers_left_padded(tiny):
     np.testing.assert_array_equal(np.asarray(out.tokens), expected)
     assert np.all(np.asarray(out.mask) == 1)
     # Greedy log-probs are those of softmax(logits) (T = 1), exact through the KV cache.
-    np.testing.assert_allclose(np.asarray(out.logprobs), _full_forward_logprobs(model, params, ids, mask, out, 1.0),
-                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(out.logprobs), _full_forward_logprobs(model, params, ids, mask, out, 1.0), atol=1e-4, rtol=0
+    )
 
     # With an EOS that greedy decoding emits mid-way in row 0: tokens after it are padding.
     eos = int(expected[0, 4])
@@ -150,8 +172,17 @@ def test_greedy_matches_transformers_left_padded(tiny):
 def test_logprobs_equal_full_forward(tiny, temperature, top_k, top_p):
     _, model, params = tiny
     ids, mask = _left_padded_prompts()
-    out = _run(model, params, ids, mask, jax.random.key(1), temperature=temperature, top_k=top_k, top_p=top_p,
-               eos_token_id=(5, 7))  # (argument order matters to the shared jit cache)
+    out = _run(
+        model,
+        params,
+        ids,
+        mask,
+        jax.random.key(1),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=(5, 7),
+    )  # (argument order matters to the shared jit cache)
     expected = _full_forward_logprobs(model, params, ids, mask, out, temperature)
     np.testing.assert_allclose(np.asarray(out.logprobs), expected, atol=1e-4, rtol=0)
 
@@ -178,13 +209,17 @@ def test_cache_segments_change_nothing_but_speed(tiny):
     for segments in (3, N):
         out = _run(model, params, ids, mask, jax.random.key(1), **SAMPLED, cache_segments=segments)
         _assert_same_samples(out, one)
-        np.testing.assert_allclose(np.asarray(out.logprobs),
-                                   _full_forward_logprobs(model, params, ids, mask, out, SAMPLED["temperature"]),
-                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(out.logprobs),
+            _full_forward_logprobs(model, params, ids, mask, out, SAMPLED["temperature"]),
+            atol=1e-4,
+            rtol=0,
+        )
     greedy = _run(model, params, ids, mask, jax.random.key(0), temperature=0.0)
     np.testing.assert_array_equal(
         np.asarray(_run(model, params, ids, mask, jax.random.key(0), temperature=0.0, cache_segments=3).tokens),
-        np.asarray(greedy.tokens))
+        np.asarray(greedy.tokens),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +247,9 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert kept(0.99) == {0, 1, 2, 3, 4}
     assert kept(1.0) == {0, 1, 2, 3, 4}
     assert kept(0.0) == {1}  # the top token always survives
-    np.testing.assert_array_equal(np.asarray(top_p_filter(logits, jnp.float32(0.5))), np.asarray(top_p_filter(logits, 0.5)))
+    np.testing.assert_array_equal(
+        np.asarray(top_p_filter(logits, jnp.float32(0.5))), np.asarray(top_p_filter(logits, 0.5))
+    )
     # Kept logits are unchanged.
     np.testing.assert_array_equal(np.asarray(top_p_filter(logits, 0.5)[0, [1, 3]]), np.asarray(logits[0, [1, 3]]))
 
@@ -235,7 +272,8 @@ def test_temperature_sampling_matches_softmax_frequencies(temperature):
     logits = np.array([1.0, 0.2, -0.5, 2.0, 0.0, -1.5], np.float32)
     draws = 40_000
     tokens, logprobs = jax.jit(sample_token, static_argnums=(3,))(
-        jnp.tile(jnp.asarray(logits), (draws, 1)), jax.random.key(42), temperature, None)
+        jnp.tile(jnp.asarray(logits), (draws, 1)), jax.random.key(42), temperature, None
+    )
     probs = np.exp(logits.astype(np.float64) / temperature)
     probs /= probs.sum()
     pvalue, counts = _chi_square_pvalue(tokens, probs)
@@ -269,8 +307,12 @@ def test_inverse_cdf_sample_frequencies_and_zero_weights(size):
     tokens = np.asarray(jax.jit(inverse_cdf_sample)(jnp.tile(jnp.asarray(weights, jnp.float32), (draws, 1)), uniform))
     assert np.all(weights[tokens] > 0)
     # Edge uniforms: the first and the last positive entries.
-    edge = np.asarray(inverse_cdf_sample(jnp.asarray(weights, jnp.float32)[None].repeat(2, 0),
-                                         jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))])))
+    edge = np.asarray(
+        inverse_cdf_sample(
+            jnp.asarray(weights, jnp.float32)[None].repeat(2, 0),
+            jnp.asarray([0.0, np.nextafter(np.float32(1), np.float32(0))]),
+        )
+    )
     positive = np.flatnonzero(weights > 0)
     np.testing.assert_array_equal(edge, [positive[0], positive[-1]])
     probs = weights / weights.sum()
@@ -290,7 +332,8 @@ def test_first_token_frequencies_of_generate(tiny_gpt2):
     ids, mask = _left_padded_prompts(batch=1)
     ids, mask = np.repeat(ids, draws, 0), np.repeat(mask, draws, 0)
     out = jax.jit(lambda p, i, m, k: generate(model, p, i, m, k, max_new_tokens=1, temperature=temperature))(
-        params, ids, mask, jax.random.key(5))
+        params, ids, mask, jax.random.key(5)
+    )
     logits = np.asarray(model.apply(params, ids[:1], mask[:1])[0, -1], np.float64) / temperature
     probs = np.exp(logits - logits.max())
     probs /= probs.sum()
@@ -329,8 +372,7 @@ class _ScriptedModel:
     def grow_cache(self, cache, max_len):
         return cache
 
-    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None,
-                cache_size=None):
+    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None, cache_size=None):
         if cache is None:  # the prefill
             cache, cache_index = self.init_cache(input_ids.shape[0], cache_size), 0
         step = jnp.clip(cache_index - (self.prompt_len - 1), 0, self.script.shape[1] - 1)
@@ -342,24 +384,39 @@ class _ScriptedModel:
 
 def test_eos_masks_and_padding():
     eos, pad = 9, 15
-    script = np.array([
-        [1, 2, 9, 3, 9, 4],  # EOS at 2; the second EOS is after it and not counted
-        [9, 1, 1, 1, 1, 1],  # EOS first
-        [1, 2, 3, 4, 5, 6],  # never: mask 1 for all max_new_tokens
-        [1, 2, 3, 4, 5, 8],  # the other EOS id, at the last step
-    ])
+    script = np.array(
+        [
+            [1, 2, 9, 3, 9, 4],  # EOS at 2; the second EOS is after it and not counted
+            [9, 1, 1, 1, 1, 1],  # EOS first
+            [1, 2, 3, 4, 5, 6],  # never: mask 1 for all max_new_tokens
+            [1, 2, 3, 4, 5, 8],  # the other EOS id, at the last step
+        ]
+    )
     model = _ScriptedModel(script, prompt_len=3)
     ids = jnp.ones((4, 3), jnp.int32)
-    out = generate(model, None, ids, ids, jax.random.key(0), max_new_tokens=6, temperature=0.0,
-                   eos_token_id=(eos, 8), pad_token_id=pad)
-    np.testing.assert_array_equal(np.asarray(out.tokens), [
-        [1, 2, 9, pad, pad, pad],
-        [9, pad, pad, pad, pad, pad],
-        [1, 2, 3, 4, 5, 6],
-        [1, 2, 3, 4, 5, 8],
-    ])
-    np.testing.assert_array_equal(np.asarray(out.mask), [
-        [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    out = generate(
+        model,
+        None,
+        ids,
+        ids,
+        jax.random.key(0),
+        max_new_tokens=6,
+        temperature=0.0,
+        eos_token_id=(eos, 8),
+        pad_token_id=pad,
+    )
+    np.testing.assert_array_equal(
+        np.asarray(out.tokens),
+        [
+            [1, 2, 9, pad, pad, pad],
+            [9, pad, pad, pad, pad, pad],
+            [1, 2, 3, 4, 5, 6],
+            [1, 2, 3, 4, 5, 8],
+        ],
+    )
+    np.testing.assert_array_equal(
+        np.asarray(out.mask), [[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+    )
     assert np.all(np.asarray(out.logprobs)[np.asarray(out.mask) == 0] == 0)
     assert out.tokens.dtype == jnp.int32 and out.mask.dtype == jnp.int32 and out.logprobs.dtype == jnp.float32
 
@@ -376,8 +433,11 @@ def test_early_stop_when_every_row_is_done():
             return super().forward(params, input_ids, *args, **kwargs)
 
     ids = jnp.ones((2, 3), jnp.int32)
-    out = jax.jit(lambda i: generate(Counting(script, 3), None, i, i, jax.random.key(0), max_new_tokens=8,
-                                     temperature=0.0, eos_token_id=9))(ids)
+    out = jax.jit(
+        lambda i: generate(
+            Counting(script, 3), None, i, i, jax.random.key(0), max_new_tokens=8, temperature=0.0, eos_token_id=9
+        )
+    )(ids)
     jax.block_until_ready(out)
     jax.effects_barrier()
     np.testing.assert_array_equal(np.asarray(out.mask), [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]])
@@ -427,8 +487,10 @@ def test_generate_inside_outer_jit_with_traced_temperature(tiny):
         return out, jnp.sum(out.logprobs * out.mask)
 
     out, total = rollout(params, ids, mask, jax.random.key(1), 1.0)
-    _assert_same_samples(out, _run(model, params, ids, mask, jax.random.key(1), temperature=1.0, top_k=None,
-                                   top_p=1.0, eos_token_id=(5, 7)))
+    _assert_same_samples(
+        out,
+        _run(model, params, ids, mask, jax.random.key(1), temperature=1.0, top_k=None, top_p=1.0, eos_token_id=(5, 7)),
+    )
     # A traced temperature of 0 is greedy: the greedy tokens, cut after the first 5 or 7.
     out, _ = rollout(params, ids, mask, jax.random.key(1), 0.0)
     greedy = np.asarray(_run(model, params, ids, mask, jax.random.key(0), temperature=0.0).tokens)

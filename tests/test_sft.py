@@ -1,6 +1,6 @@
 """The SFT loop: masked next-token cross-entropy and that training lowers it."""
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.models import LanguageModel, ModelConfig
@@ -8,8 +8,9 @@ from jaxrlhf.training import sft
 
 
 def tiny_model(vocab=12):
-    return LanguageModel(ModelConfig.from_hf(dict(
-        model_type="gpt2", vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=16)))
+    return LanguageModel(
+        ModelConfig.from_hf(dict(model_type="gpt2", vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=16))
+    )
 
 
 def tiny_data():
@@ -44,8 +45,15 @@ def test_sft_loss_decreases_on_tiny_set():
     params = model.init_params(jax.random.key(0))
     data = tiny_data()
     initial, _ = sft.sft_loss(model.apply, params, data)
-    params, last = sft.train_sft(model.apply, params, data, jax.random.key(1), num_steps=60, batch_size=8,
-                                 config=sft.SFTConfig(learning_rate=3e-3, warmup_steps=5))
+    params, last = sft.train_sft(
+        model.apply,
+        params,
+        data,
+        jax.random.key(1),
+        num_steps=60,
+        batch_size=8,
+        config=sft.SFTConfig(learning_rate=3e-3, warmup_steps=5),
+    )
     final, metrics = sft.sft_loss(model.apply, params, data)
     assert np.isfinite(last["loss"]) and np.isfinite(float(final))
     assert float(final) < 0.25 * float(initial), (float(initial), float(final))

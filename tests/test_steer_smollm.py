@@ -5,7 +5,7 @@ GGUF file (with the byte-level BPE tokenizer of tests/test_gguf.py) and a random
 HF directory; the script's code path (chat prompts, the kl_coef runs as one sweep with host scoring
 of every run's texts, evaluation, plot, summary) runs on them.
 """
-import importlib.util
+
 import json
 import os
 import sys
@@ -33,8 +33,14 @@ def _tiny_bert_dir(path):
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
     transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(str(path))
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     transformers.BertModel(config).eval().save_pretrained(str(path))
     return path
 
@@ -52,8 +58,7 @@ def tiny_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_style(tiny_models):
-    return StyleReward(load_bert_encoder(tiny_models[2]), target="a happy reply", contrast="a sad reply",
-                       max_length=16)
+    return StyleReward(load_bert_encoder(tiny_models[2]), target="a happy reply", contrast="a sad reply", max_length=16)
 
 
 def test_style_reward_on_hand_made_strings(tiny_style):
@@ -87,8 +92,7 @@ def test_bridge_retokenizes_policy_tokens(tiny_models, tiny_style):
         ids[i, : len(row)] = row
         mask[i, : len(row) + 1] = 1  # the EOS is a valid response token, but not text
     assert decode_responses(policy_tok, ids, mask) == texts
-    np.testing.assert_allclose(tiny_style.score_tokens(policy_tok, ids, mask), tiny_style.score_texts(texts),
-                               atol=1e-6)
+    np.testing.assert_allclose(tiny_style.score_tokens(policy_tok, ids, mask), tiny_style.score_texts(texts), atol=1e-6)
     enc_ids, enc_mask = tiny_style.tokenize(texts)
     assert enc_ids.shape == (2, 16) and enc_mask[0].sum() == 6  # [CLS] the cat is happy [SEP]
     timings = tiny_style.bridge_timings(policy_tok, ids, mask, repeats=2)
@@ -108,15 +112,34 @@ def test_tiny_end_to_end_run(tiny_models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"request number {i}" for i in range(12)) + "\n")
     config = steer_smollm.Config(
-        out_dir=str(tmp_path / "run"), policy_path=policy_path, encoder_path=encoder_path,
-        prompts_file=str(prompts), system_prompt="be brief", num_eval_prompts=4, kl_coefs=(0.0, 0.1),
-        steps=2, batch_size=4, minibatch_size=2, ppo_epochs=1, max_new_tokens=5, learning_rate=1e-3,
-        encoder_max_length=16, num_samples_shown=1, progress=False)
+        out_dir=str(tmp_path / "run"),
+        policy_path=policy_path,
+        encoder_path=encoder_path,
+        prompts_file=str(prompts),
+        system_prompt="be brief",
+        num_eval_prompts=4,
+        kl_coefs=(0.0, 0.1),
+        steps=2,
+        batch_size=4,
+        minibatch_size=2,
+        ppo_epochs=1,
+        max_new_tokens=5,
+        learning_rate=1e-3,
+        encoder_max_length=16,
+        num_samples_shown=1,
+        progress=False,
+    )
     summary = steer_smollm.main(config)
 
     out = tmp_path / "run"
-    for name in ("config.json", "summary.json", "steer_smollm.png", "sweep/run_0/metrics.jsonl",
-                 "sweep/run_1/metrics.jsonl", "sweep/sweep_summary.json"):
+    for name in (
+        "config.json",
+        "summary.json",
+        "steer_smollm.png",
+        "sweep/run_0/metrics.jsonl",
+        "sweep/run_1/metrics.jsonl",
+        "sweep/sweep_summary.json",
+    ):
         assert (out / name).is_file(), name
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "sweep" / "run_1"))
     lines = (out / "sweep" / "run_1" / "metrics.jsonl").read_text().splitlines()  # kl_coef 0.1

@@ -5,6 +5,7 @@ while the others train; bad sweep specs fail before any compile.
 One sweep of 8 runs serves most tests: two seeds, a kl_coef x learning-rate grid, one run with other
 clip range and temperature, and one whose learning rate (1e38) makes its first update overflow.
 """
+
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+import test_training as tt
 from conftest import persistent_compilation_cache
 
 from jaxrlhf.metrics_log import read_metrics
@@ -25,14 +27,14 @@ from jaxrlhf.training import PPO, Checkpointer, Sweep, SweepSpecError, grid, run
 from jaxrlhf.training.sweep import split_metrics
 from jaxrlhf.training.trainer import TIMING_METRICS
 
-import test_training as tt
-
 STEPS = 3
 NAN_RUN = 7
-RUNS = ([{"seed": 0}, {"seed": 1}]
-        + [dict(seed=2, **g) for g in grid(kl_coef=[0.0, 0.2], learning_rate=[3e-3, 1e-3])]
-        + [{"seed": 3, "clip_eps": 0.1, "value_clip_eps": 0.5, "temperature": 0.8, "critic_learning_rate": 1e-3}]
-        + [{"seed": 4, "learning_rate": 1e38}])
+RUNS = (
+    [{"seed": 0}, {"seed": 1}]
+    + [dict(seed=2, **g) for g in grid(kl_coef=[0.0, 0.2], learning_rate=[3e-3, 1e-3])]
+    + [{"seed": 3, "clip_eps": 0.1, "value_clip_eps": 0.5, "temperature": 0.8, "critic_learning_rate": 1e-3}]
+    + [{"seed": 4, "learning_rate": 1e38}]
+)
 CONFIG = tt.BASE_CONFIG.replace(total_steps=2 * STEPS, save_every=2)
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sweep_worker.py")
 
@@ -168,16 +170,33 @@ def _comparable(records):
 def test_killed_sweep_resumes_bit_identical(tt_tiny, tmp_path, compilation_cache):
     model, params = tt_tiny
     prompts = tt.make_prompts(tt.RESUME_PROMPTS)
-    straight = train_sweep((model, params), tt.target_fraction_reward, prompts, CONFIG, tmp_path / "straight",
-                           RUNS, progress=False, export=False)
+    straight = train_sweep(
+        (model, params),
+        tt.target_fraction_reward,
+        prompts,
+        CONFIG,
+        tmp_path / "straight",
+        RUNS,
+        progress=False,
+        export=False,
+    )
     # A fresh process trains, checkpoints at step 2 and is killed (SIGKILL) after logging step 3.
     env = tt._worker_env(compilation_cache)
-    proc = subprocess.run([sys.executable, WORKER, str(tmp_path / "resumed")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, WORKER, str(tmp_path / "resumed")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert len(read_metrics(tmp_path / "resumed" / "run_0")) == 4  # steps 0-3 logged, 3 not checkpointed
-    resumed = train_sweep((model, params), tt.target_fraction_reward, prompts, CONFIG, tmp_path / "resumed",
-                          RUNS, progress=False, export=True)
+    resumed = train_sweep(
+        (model, params),
+        tt.target_fraction_reward,
+        prompts,
+        CONFIG,
+        tmp_path / "resumed",
+        RUNS,
+        progress=False,
+        export=True,
+    )
     chex.assert_trees_all_equal(jax.device_get(resumed.state), jax.device_get(straight.state))
     for r in range(len(RUNS)):
         resumed_rows = read_metrics(tmp_path / "resumed" / f"run_{r}")
@@ -218,8 +237,7 @@ def test_bad_sweep_specs_are_errors_before_any_compile(tt_tiny):
     with pytest.raises(SweepSpecError, match="grid axis 'seed' must be a list"):
         grid(seed=3)
     with pytest.raises(ValueError, match="8 runs cannot be split over a 'runs' mesh axis of 3"):
-        Sweep(CONFIG, model, tt.target_fraction_reward, RUNS,
-              mesh=make_mesh(runs=3, data=1, devices=jax.devices()[:3]))
+        Sweep(CONFIG, model, tt.target_fraction_reward, RUNS, mesh=make_mesh(runs=3, data=1, devices=jax.devices()[:3]))
 
 
 def test_shared_decode_stop_samples_what_each_run_samples_alone(tt_tiny):
@@ -232,12 +250,18 @@ def test_shared_decode_stop_samples_what_each_run_samples_alone(tt_tiny):
     params_R = jax.vmap(model.init_params)(jax.random.split(jax.random.PRNGKey(1), num_runs))
     keys_R = jax.random.split(jax.random.PRNGKey(2), num_runs)
     ids, mask = tt.make_prompts(rows)
-    options = dict(max_new_tokens=num_new, temperature=1.0, eos_token_id=(0, 1, 2, 3), pad_token_id=5,
-                   cache_segments=2)
+    options = dict(max_new_tokens=num_new, temperature=1.0, eos_token_id=(0, 1, 2, 3), pad_token_id=5, cache_segments=2)
 
     def sample_all(stop_axis_name):
-        one = lambda params, key: generate(model, params, ids, mask, key, stop_axis_name=stop_axis_name,  # noqa: E731
-                                           **options)
+        one = lambda params, key: generate(
+            model,
+            params,
+            ids,
+            mask,
+            key,
+            stop_axis_name=stop_axis_name,  # noqa: E731
+            **options,
+        )
         return jax.device_get(jax.jit(jax.vmap(one, axis_name="runs"))(params_R, keys_R))
 
     shared, per_run = sample_all("runs"), sample_all(None)

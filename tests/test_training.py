@@ -9,6 +9,7 @@ compiled instead of compiling it again. (The two processes of the multi-host tes
 programs: on CPU their cache keys differ per process, and `jax_share_binary_between_hosts` then
 deadlocks, so each compiles its own.)
 """
+
 import functools
 import os
 import socket
@@ -26,11 +27,24 @@ from jaxrlhf.core.stats import masked_mean
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel, ModelConfig, ValueModel
 from jaxrlhf.sharding import make_mesh
-from jaxrlhf.training import (PPO, Checkpointer, CheckpointMismatchError, NonFiniteError, PPOConfig, PromptBatch,
-                              PromptTooLongError, RewardModel, RewardShapeError, Rollout, TextReward,
-                              make_experience, prepare_prompts, train)
-from jaxrlhf.training.rewards import postprocess_scores, score_in_jit
+from jaxrlhf.training import (
+    PPO,
+    Checkpointer,
+    CheckpointMismatchError,
+    NonFiniteError,
+    PPOConfig,
+    PromptBatch,
+    PromptTooLongError,
+    RewardModel,
+    RewardShapeError,
+    Rollout,
+    TextReward,
+    make_experience,
+    prepare_prompts,
+    train,
+)
 from jaxrlhf.training.hparams import HyperParams
+from jaxrlhf.training.rewards import postprocess_scores, score_in_jit
 from jaxrlhf.training.state import ScoreStats
 from jaxrlhf.training.trainer import TIMING_METRICS, host_scores
 
@@ -44,10 +58,26 @@ LEARN_STEPS = 25
 
 def tiny_gpt2_config() -> ModelConfig:
     return ModelConfig(
-        model_type="gpt2", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=2,
-        head_dim=16, intermediate_size=64, max_position_embeddings=32, norm_eps=1e-5,
-        positions="learned", norm="layernorm", mlp="plain", activation="gelu_new",
-        qkv_bias=True, o_bias=True, mlp_bias=True, tie_word_embeddings=True, eos_token_id=None)
+        model_type="gpt2",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=2,
+        head_dim=16,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        norm_eps=1e-5,
+        positions="learned",
+        norm="layernorm",
+        mlp="plain",
+        activation="gelu_new",
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=True,
+        eos_token_id=None,
+    )
 
 
 TRACES = {"reward": 0}
@@ -61,9 +91,21 @@ def target_fraction_reward(prompt_ids, prompt_mask, response_ids, response_mask)
 
 
 BASE_CONFIG = PPOConfig(
-    total_steps=LEARN_STEPS, batch_size=BATCH, minibatch_size=16, ppo_epochs=2, max_new_tokens=8,
-    max_prompt_len=PROMPT_LEN, learning_rate=3e-3, critic_learning_rate=3e-3, eos_token_id=-1,
-    kl_coef=0.01, adaptive_kl=True, target_kl=1.0, kl_horizon=200.0, seed=0)
+    total_steps=LEARN_STEPS,
+    batch_size=BATCH,
+    minibatch_size=16,
+    ppo_epochs=2,
+    max_new_tokens=8,
+    max_prompt_len=PROMPT_LEN,
+    learning_rate=3e-3,
+    critic_learning_rate=3e-3,
+    eos_token_id=-1,
+    kl_coef=0.01,
+    adaptive_kl=True,
+    target_kl=1.0,
+    kl_horizon=200.0,
+    seed=0,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,8 +143,14 @@ def learning_run(tiny):
         history.append(jax.device_get(metrics))
         if i == 0:
             state_after_1 = jax.device_get(state)
-    return dict(ppo=ppo, history=history, state_after_1=state_after_1, batch_np=(ids, mask),
-                traces=TRACES["reward"] - traces_before, final_state=state)
+    return dict(
+        ppo=ppo,
+        history=history,
+        state_after_1=state_after_1,
+        batch_np=(ids, mask),
+        traces=TRACES["reward"] - traces_before,
+        final_state=state,
+    )
 
 
 @pytest.mark.slow
@@ -175,9 +223,16 @@ def _worker_env(cache_dir):
 def test_two_processes_match_single_process(learning_run, tmp_path):
     out = tmp_path / "multihost.npz"
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, "multihost", str(port), str(i), "2", "2", str(out)],
-                              env=_worker_env(None), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WORKER, "multihost", str(port), str(i), "2", "2", str(out)],
+            env=_worker_env(None),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     logs = []
     for proc in procs:
         try:
@@ -213,12 +268,33 @@ def _comparable(records):
 def test_resume_in_fresh_process_is_exact(tiny, tmp_path, compilation_cache):
     model, params = tiny
     prompts = make_prompts(RESUME_PROMPTS)
-    straight = train((model, params), target_fraction_reward, prompts, BASE_CONFIG, tmp_path / "straight",
-                     num_steps=2 * RESUME_STEPS, progress=False, export=False)
-    train((model, params), target_fraction_reward, prompts, BASE_CONFIG, tmp_path / "resumed",
-          num_steps=RESUME_STEPS, progress=False, export=False)
-    proc = subprocess.run([sys.executable, WORKER, "resume", str(tmp_path / "resumed"), str(RESUME_STEPS)],
-                          env=_worker_env(compilation_cache), capture_output=True, text=True, timeout=300)
+    straight = train(
+        (model, params),
+        target_fraction_reward,
+        prompts,
+        BASE_CONFIG,
+        tmp_path / "straight",
+        num_steps=2 * RESUME_STEPS,
+        progress=False,
+        export=False,
+    )
+    train(
+        (model, params),
+        target_fraction_reward,
+        prompts,
+        BASE_CONFIG,
+        tmp_path / "resumed",
+        num_steps=RESUME_STEPS,
+        progress=False,
+        export=False,
+    )
+    proc = subprocess.run(
+        [sys.executable, WORKER, "resume", str(tmp_path / "resumed"), str(RESUME_STEPS)],
+        env=_worker_env(compilation_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
     ppo = PPO(BASE_CONFIG, model, target_fraction_reward)
@@ -240,8 +316,16 @@ def test_nan_reward_raises_and_keeps_last_good_state(tiny, tmp_path):
     data = prepare_prompts((ids, mask), PROMPT_LEN, seed=BASE_CONFIG.seed)
     bad_step = next(s for s in range(2) if 5 in data.indices_for_step(s, BATCH))
     with pytest.raises(NonFiniteError, match=f"(?s)step {bad_step}.*First non-finite: scores.*the reward"):
-        train((model, params), target_fraction_reward, (ids, mask), BASE_CONFIG, tmp_path, num_steps=4,
-              progress=False, export=False)
+        train(
+            (model, params),
+            target_fraction_reward,
+            (ids, mask),
+            BASE_CONFIG,
+            tmp_path,
+            num_steps=4,
+            progress=False,
+            export=False,
+        )
     assert len(read_metrics(tmp_path)) == bad_step  # nothing logged for the bad step
     ppo = PPO(BASE_CONFIG, model, target_fraction_reward)
     checkpointer = Checkpointer(tmp_path / "checkpoints", ppo)
@@ -265,8 +349,9 @@ def test_incompatible_checkpoint_is_refused_before_any_work(tiny, tmp_path):
     with pytest.raises(CheckpointMismatchError, match="policy_config.hidden_size"):
         Checkpointer(tmp_path / "checkpoints", PPO(BASE_CONFIG, other_model, target_fraction_reward)).restore()
     # Changing only how often checkpoints are written is fine.
-    relaxed = Checkpointer(tmp_path / "checkpoints", PPO(BASE_CONFIG.replace(save_every=7), model,
-                                                          target_fraction_reward))
+    relaxed = Checkpointer(
+        tmp_path / "checkpoints", PPO(BASE_CONFIG.replace(save_every=7), model, target_fraction_reward)
+    )
     assert int(relaxed.restore().step) == 0
     relaxed.close()
     assert not os.path.exists(tmp_path / "metrics.jsonl")  # the refused runs did no work
@@ -325,8 +410,17 @@ def _experiences(config, model, params, kl_coef, scores):
     ref_params = jax.tree.map(lambda p: p * 1.1, params)  # a reference that differs: KL != 0
     configs = tuple(config.replace(kl_estimator=kind) for kind in KL_KINDS)
     experiences = _jitted_make_experiences(
-        configs, ppo.models, params, value_params, ref_params, PromptBatch(jnp.asarray(ids), jnp.asarray(mask)),
-        rollout_out, jnp.asarray(scores, jnp.float32), jnp.float32(kl_coef), ScoreStats.zeros())
+        configs,
+        ppo.models,
+        params,
+        value_params,
+        ref_params,
+        PromptBatch(jnp.asarray(ids), jnp.asarray(mask)),
+        rollout_out,
+        jnp.asarray(scores, jnp.float32),
+        jnp.float32(kl_coef),
+        ScoreStats.zeros(),
+    )
     return dict(zip(KL_KINDS, jax.device_get(experiences)))
 
 
@@ -348,11 +442,12 @@ def test_zero_kl_coef_gives_the_plain_score_on_the_last_token(tiny):
     experiences = _experiences(config, model, params, beta, scores)
     d = np.asarray(experiences["k1"].ref_logprobs, np.float64) - np.asarray(experiences["k1"].old_logprobs, np.float64)
     assert np.any(d * mask > 1e-3) and np.any(d * mask < -1e-3)
-    estimates = {"k1": -d, "k2": d ** 2 / 2, "k3": np.exp(d) - d - 1, "abs": np.abs(d)}
+    estimates = {"k1": -d, "k2": d**2 / 2, "k3": np.exp(d) - d - 1, "abs": np.abs(d)}
     for kind, exp1 in experiences.items():
         np.testing.assert_array_equal(exp1.old_logprobs, experiences["k1"].old_logprobs)
-        np.testing.assert_allclose(np.asarray(exp1.rewards), expected - beta * estimates[kind] * mask, atol=1e-6,
-                                   err_msg=kind)
+        np.testing.assert_allclose(
+            np.asarray(exp1.rewards), expected - beta * estimates[kind] * mask, atol=1e-6, err_msg=kind
+        )
 
 
 def test_reward_model_scores_the_last_valid_token(tiny):
@@ -367,8 +462,8 @@ def test_reward_model_scores_the_last_valid_token(tiny):
     # Reference: each row's real tokens alone, right-padded, head output at its last real token.
     rows, last = np.zeros((4, 12), np.int32), []
     for row in range(4):
-        seq = np.concatenate([ids[row][mask[row] != 0], np.asarray(rollout_out.tokens[row, :lengths[row]])])
-        rows[row, :len(seq)] = seq
+        seq = np.concatenate([ids[row][mask[row] != 0], np.asarray(rollout_out.tokens[row, : lengths[row]])])
+        rows[row, : len(seq)] = seq
         last.append(len(seq) - 1)
     real = (np.arange(12)[None] <= np.array(last)[:, None]).astype(np.int32)
     values = jax.jit(rm_model.apply)(rm_params, jnp.asarray(rows), jnp.asarray(real))
@@ -403,8 +498,9 @@ def test_text_reward_split_step_matches_fused_jax_reward(tiny, learning_run):
     # (and committedness) that init_state gave it, so rollout_step sees the same input types.
     for _ in range(2):
         rollout_out = ppo.rollout_step(state, frozen, batch)
-        state, metrics = ppo.update_step(state, frozen, batch, rollout_out,
-                                         host_scores(ppo.reward, None, ids, mask, rollout_out))
+        state, metrics = ppo.update_step(
+            state, frozen, batch, rollout_out, host_scores(ppo.reward, None, ids, mask, rollout_out)
+        )
         jax.block_until_ready(metrics)
     assert ppo.compiled_step_count("rollout") == 1
     assert ppo.compiled_step_count("update") == 1
@@ -415,15 +511,29 @@ def test_text_reward_split_step_matches_fused_jax_reward(tiny, learning_run):
 
 EOS = 5
 SWITCHES = PPOConfig(
-    total_steps=10, batch_size=8, minibatch_size=4, ppo_epochs=1, grad_accum_steps=2, max_new_tokens=6,
-    max_prompt_len=PROMPT_LEN, eos_token_id=EOS, learning_rate=1e-3, critic_learning_rate=1e-3,
-    shared_trunk=True,                           # value head on the policy trunk
-    kl_placement="loss", kl_estimator="k3",      # GRPO-style KL term in the policy loss
-    score_clip=1.0, score_norm="batch",          # scores clipped to [-1, 1], then divided by their std
-    missing_eos_penalty=-0.5,                    # rows without EOS score -0.5
-    entropy_coef=0.01, value_clip_eps=None,
-    gamma=1.0, gae_lambda=1.0,                          # returns = sum of later rewards (values start at 0)
-    loss_agg="seq-mean-token-mean", seed=3)
+    total_steps=10,
+    batch_size=8,
+    minibatch_size=4,
+    ppo_epochs=1,
+    grad_accum_steps=2,
+    max_new_tokens=6,
+    max_prompt_len=PROMPT_LEN,
+    eos_token_id=EOS,
+    learning_rate=1e-3,
+    critic_learning_rate=1e-3,
+    shared_trunk=True,  # value head on the policy trunk
+    kl_placement="loss",
+    kl_estimator="k3",  # GRPO-style KL term in the policy loss
+    score_clip=1.0,
+    score_norm="batch",  # scores clipped to [-1, 1], then divided by their std
+    missing_eos_penalty=-0.5,  # rows without EOS score -0.5
+    entropy_coef=0.01,
+    value_clip_eps=None,
+    gamma=1.0,
+    gae_lambda=1.0,  # returns = sum of later rewards (values start at 0)
+    loss_agg="seq-mean-token-mean",
+    seed=3,
+)
 SWITCH_BETA = 0.5
 # Raw scores outside [-1, 1] in most rows; given by the "host" so the expected scores are known.
 SWITCH_RAW_SCORES = np.array([3.0, -4.0, 0.25, -0.5, 2.0, 0.75, -2.0, 1.5], np.float32)
@@ -447,8 +557,9 @@ def switch_runs(tiny):
     runs = {}
     for name, accum, beta in (("accum2", 2, SWITCH_BETA), ("beta0", 2, 0.0), ("accum1", 1, SWITCH_BETA)):
         step_ppo = ppo if accum == 2 else PPO(SWITCHES.replace(grad_accum_steps=accum), model, target_fraction_reward)
-        new_state, metrics = step_ppo.update_step(_with_kl_coef(state, beta), frozen, batch, rollout_out,
-                                                  SWITCH_RAW_SCORES)
+        new_state, metrics = step_ppo.update_step(
+            _with_kl_coef(state, beta), frozen, batch, rollout_out, SWITCH_RAW_SCORES
+        )
         runs[name] = (jax.device_get(new_state), jax.device_get(metrics))
     return dict(runs=runs, rollout=rollout_out, state=jax.device_get(state))
 
@@ -485,7 +596,7 @@ def _check_score_clip(runs):
 
 
 def _check_score_norm(runs):
-    """"batch" normalisation divides the clipped scores by their batch std."""
+    """ "batch" normalisation divides the clipped scores by their batch std."""
     _, _, clipped, expected_B, _ = _switch_scores(runs)
     _, metrics = runs["runs"]["accum2"]
     assert np.std(clipped, ddof=1) != pytest.approx(1.0)  # the division changes the scores
@@ -516,8 +627,12 @@ def _check_entropy_coef(runs):
     _, metrics_beta0 = runs["runs"]["beta0"]
     for m, beta in ((metrics, SWITCH_BETA), (metrics_beta0, 0.0)):
         assert float(m["policy_kl"]) > 1e-3 and float(m["policy_entropy"]) > 0.1
-        expected_loss = (m["pg_loss"] + SWITCHES.vf_coef * m["vf_loss"] - SWITCHES.entropy_coef * m["policy_entropy"]
-                         + beta * m["policy_kl"])
+        expected_loss = (
+            m["pg_loss"]
+            + SWITCHES.vf_coef * m["vf_loss"]
+            - SWITCHES.entropy_coef * m["policy_entropy"]
+            + beta * m["policy_kl"]
+        )
         assert float(m["loss"]) == pytest.approx(float(expected_loss), rel=1e-5, abs=1e-6)
 
 
@@ -546,8 +661,18 @@ def _check_grad_accum_steps(runs):
     same gradients and update as one pass over the minibatch of 4."""
     state, metrics = runs["runs"]["accum2"]
     accum1_state, accum1_metrics = runs["runs"]["accum1"]
-    for key in ("policy_grad_norm", "value_grad_norm", "loss", "pg_loss", "vf_loss", "policy_kl", "policy_entropy",
-                "approx_kl", "ratio_mean", "clipfrac"):
+    for key in (
+        "policy_grad_norm",
+        "value_grad_norm",
+        "loss",
+        "pg_loss",
+        "vf_loss",
+        "policy_kl",
+        "policy_entropy",
+        "approx_kl",
+        "ratio_mean",
+        "clipfrac",
+    ):
         assert float(metrics[key]) == pytest.approx(float(accum1_metrics[key]), rel=1e-4, abs=1e-6), key
     moved = _max_abs_diff(state.policy_params, runs["state"].policy_params)
     assert moved > 1e-4
@@ -579,14 +704,16 @@ def test_score_postprocessing_of_one_score_or_equal_scores_is_finite():
     for norm in ("batch", "running"):
         for shift in (False, True):
             config = PPOConfig(score_norm=norm, score_norm_shift_mean=shift, batch_size=1, minibatch_size=1)
-            scores, stats = postprocess_scores(config, jnp.array([2.5]), eos, ScoreStats.zeros(),
-                                               HyperParams.from_config(config))
+            scores, stats = postprocess_scores(
+                config, jnp.array([2.5]), eos, ScoreStats.zeros(), HyperParams.from_config(config)
+            )
             # No spread to divide by: the score is left unscaled (and centred with shift_mean).
             np.testing.assert_allclose(np.asarray(scores), [0.0 if shift else 2.5])
             assert int(stats.count) == 1
     config = PPOConfig(score_norm="batch", batch_size=4, minibatch_size=4)
-    scores, _ = postprocess_scores(config, jnp.full((4,), 3.0), jnp.ones(4, bool), ScoreStats.zeros(),
-                                     HyperParams.from_config(config))
+    scores, _ = postprocess_scores(
+        config, jnp.full((4,), 3.0), jnp.ones(4, bool), ScoreStats.zeros(), HyperParams.from_config(config)
+    )
     np.testing.assert_allclose(np.asarray(scores), 3.0)
     # The normal case is unchanged: s / std(s, ddof=1); penalty and clipping come first.
     config = PPOConfig(score_norm="batch", score_clip=2.0, missing_eos_penalty=-1.0, batch_size=4, minibatch_size=4)

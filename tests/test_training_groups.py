@@ -7,6 +7,7 @@ Cost: one compile per learning case (~10 s on 2 cores) and 20 cheap steps; the o
 the "grpo" case's results or one extra compile each (a module-scoped persistent compilation cache
 lets equal programs load instead of compiling again).
 """
+
 import functools
 
 import chex
@@ -14,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_training as tt
 from conftest import persistent_compilation_cache
+from test_training import BASE_CONFIG, make_prompts, target_fraction_reward, tiny_gpt2_config
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import ValueModel
@@ -23,9 +26,6 @@ from jaxrlhf.training import PPO, PPOConfig, TextReward, train, train_sweep
 from jaxrlhf.training.hparams import OPTIONAL_NUMERIC_FIELDS, SWEEPABLE_FIELDS, run_configs
 from jaxrlhf.training.presets import DEFAULT_GROUP_SIZE, PRESETS, preset
 from jaxrlhf.training.trainer import TIMING_METRICS
-
-import test_training as tt
-from test_training import BASE_CONFIG, make_prompts, target_fraction_reward, tiny_gpt2_config
 
 STEPS = 20
 BASE = BASE_CONFIG.replace(total_steps=STEPS)  # batch 32 responses, minibatch 16, lr 3e-3, 8 tokens
@@ -71,7 +71,7 @@ def learn(tiny):
     """``learn(name)``: STEPS train steps of case ``name`` on a fixed prompt batch (cached)."""
     model, params = tiny
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def run(name):
         config = case_config(name)
         ppo = PPO(config, model, target_fraction_reward)
@@ -86,8 +86,16 @@ def learn(tiny):
             history.append({k: float(v) for k, v in jax.device_get(metrics).items()})
             if i == 0:
                 state_after_1 = jax.device_get(state)
-        return dict(ppo=ppo, config=config, history=history, initial_state=initial_state,
-                    state_after_1=state_after_1, batch_np=(ids, mask), frozen=frozen, batch=batch)
+        return dict(
+            ppo=ppo,
+            config=config,
+            history=history,
+            initial_state=initial_state,
+            state_after_1=state_after_1,
+            batch_np=(ids, mask),
+            frozen=frozen,
+            batch=batch,
+        )
 
     return run
 
@@ -151,8 +159,15 @@ def test_critic_free_state_has_no_value_leaves(learn, tiny, name):
     n_small = sum(1 for x in jax.tree.leaves((state.step, state.kl_ctl, state.score_stats, state.hparams, state.key)))
     assert len(jax.tree.leaves(state)) == n_policy + n_small
     metrics = run["history"][0]
-    for key in ("vf_loss", "vf_clipfrac", "value_grad_norm", "value_mean", "returns_mean", "explained_variance",
-                "critic_learning_rate"):
+    for key in (
+        "vf_loss",
+        "vf_clipfrac",
+        "value_grad_norm",
+        "value_mean",
+        "returns_mean",
+        "explained_variance",
+        "critic_learning_rate",
+    ):
         assert key not in metrics, key
     # ... while a "gae" trainer of the same policy has a critic of the policy's size.
     gae = PPO(BASE, model, target_fraction_reward)
@@ -172,7 +187,7 @@ def test_groups_are_contiguous_prompt_copies_with_different_samples(learn):
     tokens = np.asarray(jax.device_get(ppo.rollout_step(state, run["frozen"], run["batch"]).tokens))
     assert tokens.shape == (config.batch_size, config.max_new_tokens)
     for g in range(P):
-        group = tokens[g * G:(g + 1) * G]
+        group = tokens[g * G : (g + 1) * G]
         assert len({tuple(row) for row in group}) == G, group  # every row its own sample
 
 
@@ -202,22 +217,35 @@ def test_grpo_train_sweep_run_equals_train_and_resume_is_exact(tiny, tmp_path):
     model, params = tiny
     config = preset("grpo", BASE.replace(total_steps=2, save_every=1))
     prompts = make_prompts(12)  # 3 passes of 4 prompts over 2 steps, in each seed's order
-    straight = train((model, params), target_fraction_reward, prompts, config, tmp_path / "straight",
-                     progress=False, export=False)
-    train((model, params), target_fraction_reward, prompts, config, tmp_path / "resumed", num_steps=1,
-          progress=False, export=False)
-    resumed = train((model, params), target_fraction_reward, prompts, config, tmp_path / "resumed",
-                    progress=False, export=False)
+    straight = train(
+        (model, params), target_fraction_reward, prompts, config, tmp_path / "straight", progress=False, export=False
+    )
+    train(
+        (model, params),
+        target_fraction_reward,
+        prompts,
+        config,
+        tmp_path / "resumed",
+        num_steps=1,
+        progress=False,
+        export=False,
+    )
+    resumed = train(
+        (model, params), target_fraction_reward, prompts, config, tmp_path / "resumed", progress=False, export=False
+    )
     chex.assert_trees_all_equal(jax.device_get(resumed.state), jax.device_get(straight.state))
     comparable = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in rows]  # noqa: E731
     assert comparable(read_metrics(tmp_path / "resumed")) == comparable(read_metrics(tmp_path / "straight"))
     assert "group_signal_fraction" in straight.history[0]
 
     runs = [{"seed": 0}, {"seed": 1, "kl_coef": 0.1, "clip_eps": 0.1}]
-    sweep = train_sweep((model, params), target_fraction_reward, prompts, config, tmp_path / "sweep", runs,
-                        progress=False, export=False)
-    assert _relative_error(jax.device_get(sweep.state.run(0).policy_params),
-                           jax.device_get(straight.state.policy_params)) < 1e-5
+    sweep = train_sweep(
+        (model, params), target_fraction_reward, prompts, config, tmp_path / "sweep", runs, progress=False, export=False
+    )
+    assert (
+        _relative_error(jax.device_get(sweep.state.run(0).policy_params), jax.device_get(straight.state.policy_params))
+        < 1e-5
+    )
     assert sweep.histories[0][0]["score"] == pytest.approx(straight.history[0]["score"], abs=1e-6)
     assert sweep.histories[1][0]["score"] != sweep.histories[0][0]["score"]  # run 1: other prompts, samples
     assert jax.tree.leaves(sweep.state.runs.value_params) == []
@@ -240,13 +268,25 @@ def test_presets_carry_their_papers_settings():
     base = BASE
     assert set(PRESETS) >= {"ppo", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp", "remax"}
     grpo = preset("grpo", base)
-    assert (grpo.advantage_estimator, grpo.kl_placement, grpo.kl_estimator, grpo.kl_coef, grpo.loss_agg,
-            grpo.ppo_epochs, grpo.num_generations) == ("grpo", "loss", "k3", 0.04, "seq-mean-token-mean", 1, 8)
+    assert (
+        grpo.advantage_estimator,
+        grpo.kl_placement,
+        grpo.kl_estimator,
+        grpo.kl_coef,
+        grpo.loss_agg,
+        grpo.ppo_epochs,
+        grpo.num_generations,
+    ) == ("grpo", "loss", "k3", 0.04, "seq-mean-token-mean", 1, 8)
     dr = preset("dr_grpo", base)
     assert (dr.advantage_estimator, dr.loss_agg, dr.kl_coef) == ("drgrpo", "seq-mean-token-sum-norm", 0.0)
     dapo = preset("dapo", base)
     assert (dapo.clip_eps, dapo.clip_eps_high, dapo.loss_agg, dapo.kl_coef, dapo.overlong_buffer) == (
-        0.2, 0.28, "token-mean", 0.0, base.max_new_tokens // 5)
+        0.2,
+        0.28,
+        "token-mean",
+        0.0,
+        base.max_new_tokens // 5,
+    )
     gspo = preset("gspo", base)
     assert (gspo.policy_loss, gspo.clip_eps, gspo.clip_eps_high) == ("gspo", 3e-4, 4e-4)
     assert preset("rloo", base).advantage_estimator == "rloo"
@@ -256,8 +296,16 @@ def test_presets_carry_their_papers_settings():
     # A group size from the base is kept; every preset resets the others' switches.
     assert preset("grpo", base.replace(num_generations=4)).num_generations == 4
     back = preset("ppo", preset("dapo", base))
-    for field in ("advantage_estimator", "policy_loss", "num_generations", "overlong_buffer", "clip_eps_high",
-                  "kl_placement", "kl_coef", "loss_agg"):
+    for field in (
+        "advantage_estimator",
+        "policy_loss",
+        "num_generations",
+        "overlong_buffer",
+        "clip_eps_high",
+        "kl_placement",
+        "kl_coef",
+        "loss_agg",
+    ):
         assert getattr(back, field) == getattr(PPOConfig(), field), field
     with pytest.raises(ValueError, match="unknown preset 'grpoo'"):
         preset("grpoo", base)
@@ -274,7 +322,7 @@ def test_bad_group_configs_are_errors_at_construction():
         BASE.replace(batch_size=30, minibatch_size=10, num_generations=4)
     with pytest.raises(ValueError, match="remax.*greedy_rollout=True"):
         BASE.replace(advantage_estimator="remax")
-    with pytest.raises(ValueError, match='remax.*score_norm must be None'):
+    with pytest.raises(ValueError, match="remax.*score_norm must be None"):
         preset("remax", BASE, score_norm="batch")
     with pytest.raises(ValueError, match="advantage_estimator must be one of"):
         BASE.replace(advantage_estimator="ppo")

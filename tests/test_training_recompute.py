@@ -10,6 +10,7 @@
 
 Every PPO setup here compiles its fused step once (2 shared CPU cores: tiny models, short steps).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,17 +41,37 @@ STEPS = 2
 
 
 def llama_config(**changes) -> ModelConfig:
-    return ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4,
-                       num_kv_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=64,
-                       norm_eps=1e-5, eos_token_id=None, **changes)
+    return ModelConfig(
+        model_type="llama",
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        norm_eps=1e-5,
+        eos_token_id=None,
+        **changes,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class FullLogitsLM(LanguageModel):
     """The previous trainer path: the output layer at every position, sliced afterwards."""
 
-    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None,
-                cache_size=None, logits_positions=None):
+    def forward(
+        self,
+        params,
+        input_ids,
+        attention_mask,
+        positions=None,
+        cache=None,
+        cache_index=None,
+        cache_size=None,
+        logits_positions=None,
+    ):
         out = super().forward(params, input_ids, attention_mask, positions, cache, cache_index, cache_size)
         return out if logits_positions is None else out._replace(logits=out.logits[:, logits_positions])
 
@@ -59,9 +80,18 @@ def target_reward(prompt_ids, prompt_mask, response_ids, response_mask):
     return masked_mean((response_ids == TARGET_TOKEN).astype(jnp.float32), response_mask, axis=1)
 
 
-CONFIG = PPOConfig(total_steps=STEPS, batch_size=BATCH, minibatch_size=4, ppo_epochs=2, max_new_tokens=NEW_TOKENS,
-                   max_prompt_len=PROMPT_LEN, learning_rate=3e-3, critic_learning_rate=3e-3, eos_token_id=-1,
-                   seed=0)
+CONFIG = PPOConfig(
+    total_steps=STEPS,
+    batch_size=BATCH,
+    minibatch_size=4,
+    ppo_epochs=2,
+    max_new_tokens=NEW_TOKENS,
+    max_prompt_len=PROMPT_LEN,
+    learning_rate=3e-3,
+    critic_learning_rate=3e-3,
+    eos_token_id=-1,
+    seed=0,
+)
 
 
 def _prompts(n=BATCH, seed=0):
@@ -119,8 +149,9 @@ def test_response_only_heads_equal_full_logits(params, critic):
     rng = np.random.default_rng(1)
     prompt_ids, prompt_mask = map(jnp.asarray, _prompts())
     response_ids = jnp.asarray(rng.integers(0, VOCAB, size=(BATCH, NEW_TOKENS)), jnp.int32)
-    response_mask = jnp.asarray(np.arange(NEW_TOKENS)[None] < rng.integers(1, NEW_TOKENS + 1, size=(BATCH, 1)),
-                                jnp.int32)
+    response_mask = jnp.asarray(
+        np.arange(NEW_TOKENS)[None] < rng.integers(1, NEW_TOKENS + 1, size=(BATCH, 1)), jnp.int32
+    )
     head = init_value_head(jax.random.PRNGKey(2), model.config.hidden_size, scale=1.0)
     if critic == "separate":
         value_model = ValueModel(model.config)
@@ -129,15 +160,18 @@ def test_response_only_heads_equal_full_logits(params, critic):
         models, value_params = Models(model, None), head
     temperature = 0.7
     logprobs, values, entropy = jax.jit(
-        lambda p, v: policy_and_values(models, p, v, prompt_ids, prompt_mask, response_ids, response_mask,
-                                       temperature, with_entropy=True))(params, value_params)
+        lambda p, v: policy_and_values(
+            models, p, v, prompt_ids, prompt_mask, response_ids, response_mask, temperature, with_entropy=True
+        )
+    )(params, value_params)
 
     ids = jnp.concatenate([prompt_ids, response_ids], axis=1)  # prompt + response, as the trainer lays them
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
     full_out = model.forward(params, ids, mask)
     assert full_out.logits.shape == (BATCH, PROMPT_LEN + NEW_TOKENS, VOCAB)
-    expected_logprobs = token_logprobs(response_slice(full_out.logits, PROMPT_LEN, NEW_TOKENS), response_ids,
-                                       temperature)
+    expected_logprobs = token_logprobs(
+        response_slice(full_out.logits, PROMPT_LEN, NEW_TOKENS), response_ids, temperature
+    )
     np.testing.assert_allclose(logprobs, expected_logprobs, atol=1e-5)
     expected_values = response_slice(value_head_apply(head, full_out.hidden), PROMPT_LEN, NEW_TOKENS)
     np.testing.assert_allclose(values, expected_values, atol=1e-5)
@@ -166,14 +200,32 @@ def _first_ratio_deviation(ppo, state, frozen, batch, rollout_out, raw_scores):
     """max |ratio - 1| over valid tokens of the first minibatch's ratio: the policy is still the
     rollout's, so ``ratio = exp(forward log-probs - experience.old_logprobs)`` for every row."""
     hp = state.hparams
-    experience, _, _ = make_experience(ppo.config, ppo.models, state.policy_params, state.value_params,
-                                       frozen.ref_params, ppo.repeat_prompts(batch), rollout_out, raw_scores,
-                                       state.kl_ctl.kl_coef, state.score_stats, hp)
-    logprobs, _, _ = policy_and_values(ppo.models, state.policy_params, state.value_params, experience.prompt_ids,
-                                       experience.prompt_mask, experience.response_ids, experience.response_mask,
-                                       hp.temperature)
-    _, stats = ppo_policy_loss(logprobs, experience.old_logprobs, experience.advantages, experience.response_mask,
-                               0.2, 0.2, "token-mean")
+    experience, _, _ = make_experience(
+        ppo.config,
+        ppo.models,
+        state.policy_params,
+        state.value_params,
+        frozen.ref_params,
+        ppo.repeat_prompts(batch),
+        rollout_out,
+        raw_scores,
+        state.kl_ctl.kl_coef,
+        state.score_stats,
+        hp,
+    )
+    logprobs, _, _ = policy_and_values(
+        ppo.models,
+        state.policy_params,
+        state.value_params,
+        experience.prompt_ids,
+        experience.prompt_mask,
+        experience.response_ids,
+        experience.response_mask,
+        hp.temperature,
+    )
+    _, stats = ppo_policy_loss(
+        logprobs, experience.old_logprobs, experience.advantages, experience.response_mask, 0.2, 0.2, "token-mean"
+    )
     return max(float(stats["ratio_max"]) - 1.0, 1.0 - float(stats["ratio_min"])), experience
 
 
@@ -203,8 +255,9 @@ def test_sampler_logprobs_as_old_logprobs(params, unrolled_run):
     assert sorted(history[0]) == sorted(base_history[0])
     for step in range(STEPS):
         for name in ("score", "kl", "pg_loss", "vf_loss", "ratio_mean", "approx_kl"):
-            np.testing.assert_allclose(history[step][name], base_history[step][name], rtol=1e-2, atol=1e-3,
-                                       err_msg=f"step {step}: {name}")
+            np.testing.assert_allclose(
+                history[step][name], base_history[step][name], rtol=1e-2, atol=1e-3, err_msg=f"step {step}: {name}"
+            )
         # A sample estimate of the entropy against the exact one.
         np.testing.assert_allclose(history[step]["entropy"], base_history[step]["entropy"], rtol=0.1)
 
@@ -219,18 +272,36 @@ def test_sampler_logprobs_without_a_separate_critic(params, setup):
         config, value_params = CONFIG.replace(advantage_estimator="grpo", num_generations=2), {}
     models = Models(LanguageModel(llama_config()), None, has_value=config.uses_critic)
     prompt_ids, prompt_mask = map(jnp.asarray, _prompts())
-    sample = generate(models.policy, params, prompt_ids, prompt_mask, jax.random.PRNGKey(4),
-                      max_new_tokens=NEW_TOKENS, temperature=0.9)
+    sample = generate(
+        models.policy,
+        params,
+        prompt_ids,
+        prompt_mask,
+        jax.random.PRNGKey(4),
+        max_new_tokens=NEW_TOKENS,
+        temperature=0.9,
+    )
     rollout_out = Rollout(sample.tokens, sample.mask, sample.logprobs)
     raw_scores = target_reward(prompt_ids, prompt_mask, sample.tokens, sample.mask)
     hp = HyperParams.from_config(config.replace(temperature=0.9))
 
     @jax.jit
     def both(params, value_params):
-        args = (params, value_params, params, PromptBatch(prompt_ids, prompt_mask), rollout_out, raw_scores,
-                jnp.float32(0.05), ScoreStats.zeros(), hp)
-        return (make_experience(config.replace(old_logprobs_from_sampler=True), models, *args)[0],
-                make_experience(config, models, *args)[0])
+        args = (
+            params,
+            value_params,
+            params,
+            PromptBatch(prompt_ids, prompt_mask),
+            rollout_out,
+            raw_scores,
+            jnp.float32(0.05),
+            ScoreStats.zeros(),
+            hp,
+        )
+        return (
+            make_experience(config.replace(old_logprobs_from_sampler=True), models, *args)[0],
+            make_experience(config, models, *args)[0],
+        )
 
     from_sampler, recomputed = both(params, value_params)
     np.testing.assert_array_equal(from_sampler.old_logprobs, sample.logprobs * sample.mask)
@@ -241,9 +312,19 @@ def test_sampler_logprobs_without_a_separate_critic(params, setup):
     else:
         assert from_sampler.old_values is None
     with pytest.raises(ValueError, match="old_logprobs_from_sampler"):
-        make_experience(config.replace(old_logprobs_from_sampler=True), models, params, value_params, params,
-                        PromptBatch(prompt_ids, prompt_mask), Rollout(sample.tokens, sample.mask), raw_scores,
-                        jnp.float32(0.05), ScoreStats.zeros(), hp)
+        make_experience(
+            config.replace(old_logprobs_from_sampler=True),
+            models,
+            params,
+            value_params,
+            params,
+            PromptBatch(prompt_ids, prompt_mask),
+            Rollout(sample.tokens, sample.mask),
+            raw_scores,
+            jnp.float32(0.05),
+            ScoreStats.zeros(),
+            hp,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

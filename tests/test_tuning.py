@@ -1,4 +1,5 @@
 """`jaxrlhf.tuning`: the choices are explicit, chosen once, and never change the numbers."""
+
 from __future__ import annotations
 
 import jax
@@ -7,11 +8,27 @@ import pytest
 
 from jaxrlhf.models import LanguageModel, ModelConfig, gpt2_config
 from jaxrlhf.sampling import generate, make_sampler
-from jaxrlhf.tuning import (CPU_NO_YNN_MAX_ROWS, CPU_NO_YNN_MIN_WIDTH, NO_YNN_FUSIONS, Tuning,
-                            compiler_options_supported, resolve_tuning)
+from jaxrlhf.tuning import (
+    CPU_NO_YNN_MAX_ROWS,
+    CPU_NO_YNN_MIN_WIDTH,
+    NO_YNN_FUSIONS,
+    Tuning,
+    compiler_options_supported,
+    resolve_tuning,
+)
 
-LLAMA_GQA = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
-                        head_dim=8, intermediate_size=64, max_position_embeddings=32, norm_eps=1e-5)
+LLAMA_GQA = ModelConfig(
+    model_type="llama",
+    vocab_size=64,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    norm_eps=1e-5,
+)
 GPT2 = gpt2_config(64, hidden_size=32, num_layers=2, num_heads=4, max_len=32)
 PORTABLE = Tuning()
 CPU = Tuning(decode_attention="per_head", decode_head="transposed", compiler_options=NO_YNN_FUSIONS)
@@ -126,8 +143,9 @@ def test_sampling_programs_compile_with_the_tuning_options():
     def reward(prompt_ids, prompt_mask, response_ids, response_mask):
         return response_mask.sum(-1).astype(np.float32)
 
-    ppo = PPO(PPOConfig(batch_size=8, minibatch_size=8, max_new_tokens=2, max_prompt_len=4), model, reward,
-              tuning=bogus)
+    ppo = PPO(
+        PPOConfig(batch_size=8, minibatch_size=8, max_new_tokens=2, max_prompt_len=4), model, reward, tuning=bogus
+    )
     state, frozen, batch = ppo.init_state(params), ppo.frozen_params(params), ppo.prompt_batch(ids, mask)
     for step in (ppo.train_step, ppo.rollout_step):
         with pytest.raises(jax.errors.JaxRuntimeError, match="no_such_option"):

@@ -5,6 +5,7 @@ records the W&B service would have uploaded, protobufs in LevelDB's log format. 
 reads them back, so the tests check what a later ``wandb sync`` would upload: the run's name,
 group and config, and the metrics of every step.
 """
+
 import glob
 import json
 import os
@@ -45,10 +46,10 @@ def _records(path):
         if block - pos % block < 7:  # a block's last bytes, too few for a header, are padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:
             break  # zero padding after the last record
-        pieces.append(data[pos + 7:pos + 7 + length])
+        pieces.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -69,8 +70,9 @@ def _wandb_records(run_dir):
         elif kind == "config":
             out["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
-            out["history"].append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                                   for item in record.history.item})
+            out["history"].append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return out
 
 
@@ -93,7 +95,10 @@ def test_offline_run_holds_every_step_and_a_resume_continues_it(tmp_path):
     assert records["run"].display_name == "one" and records["run"].project == "tests"
     assert records["config"]["lr"] == 0.5
     assert [(h["_step"], h["reward"], h["loss/policy"]) for h in records["history"]] == [
-        (0, 0.0, 1.0), (1, 0.5, 2.0), (2, 1.0, 3.0)]
+        (0, 0.0, 1.0),
+        (1, 0.5, 2.0),
+        (2, 1.0, 3.0),
+    ]
     assert len(read_metrics(tmp_path)) == 3  # JSONL as before, no TensorBoard events
     assert not glob.glob(str(tmp_path / "events.out.tfevents.*"))
 
@@ -112,8 +117,16 @@ def test_sweep_writes_one_run_per_member_grouped_by_the_sweep(tmp_path, monkeypa
     params = model.init_params(jax.random.PRNGKey(0))
     config = tt.BASE_CONFIG.replace(total_steps=2, loggers=("jsonl", "wandb"), wandb_project="sweeps")
     runs = [{"seed": 0}, {"seed": 1, "learning_rate": 1e-3}]
-    result = train_sweep((model, params), tt.target_fraction_reward, tt.make_prompts(tt.BATCH), config,
-                         tmp_path / "my_sweep", runs, export=False, progress=False)
+    result = train_sweep(
+        (model, params),
+        tt.target_fraction_reward,
+        tt.make_prompts(tt.BATCH),
+        config,
+        tmp_path / "my_sweep",
+        runs,
+        export=False,
+        progress=False,
+    )
     offline = _offline_runs(tmp_path / "wandb_home")
     assert len(offline) == len(runs)
     by_name = {}
@@ -126,8 +139,7 @@ def test_sweep_writes_one_run_per_member_grouped_by_the_sweep(tmp_path, monkeypa
         records = by_name[f"my_sweep/run_{r}"]
         assert records["config"]["sweep_run"] == r
         assert records["config"]["seed"] == overrides["seed"]
-        assert records["config"]["learning_rate"] == pytest.approx(overrides.get("learning_rate",
-                                                                                  config.learning_rate))
+        assert records["config"]["learning_rate"] == pytest.approx(overrides.get("learning_rate", config.learning_rate))
         # The same numbers as the run's metrics.jsonl, step by step.
         jsonl = read_metrics(tmp_path / "my_sweep" / f"run_{r}")
         history = records["history"]

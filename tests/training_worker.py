@@ -11,6 +11,7 @@ With $JAXRLHF_TEST_COMPILATION_CACHE set, compiled programs go to (and come from
 compilation cache directory, shared with the test process (the resume worker loads the step the test
 process compiled).
 """
+
 import os
 import sys
 
@@ -35,8 +36,9 @@ def flat_params(params) -> dict:
     import jax
     import numpy as np
 
-    return {jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
 
 
 def run_multihost(port: int, process_id: int, num_processes: int, out_path: str) -> None:
@@ -72,8 +74,15 @@ def run_resume(out_dir: str, num_steps: int) -> None:
 
     model = tt.LanguageModel(tt.tiny_gpt2_config())
     params = model.init_params(jax.random.PRNGKey(0))
-    train((model, params), tt.target_fraction_reward, tt.make_prompts(tt.RESUME_PROMPTS), tt.BASE_CONFIG,
-          out_dir, num_steps=num_steps, progress=False)
+    train(
+        (model, params),
+        tt.target_fraction_reward,
+        tt.make_prompts(tt.RESUME_PROMPTS),
+        tt.BASE_CONFIG,
+        out_dir,
+        num_steps=num_steps,
+        progress=False,
+    )
 
 
 if __name__ == "__main__":

@@ -24,12 +24,14 @@ solution with that probability, otherwise a random well-formed expression of the
 (usually wrong). The SFT policy then writes well-formed answers but is right only part of the
 time, leaving RL something to learn from a binary, verifiable reward.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import itertools
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -96,8 +98,9 @@ class CountdownTask:
     held_out: tuple[Problem, ...]
 
 
-def make_task(seed: int = 0, num_problems: int = 4000, ops: str = "+-", max_digit: int = 9,
-              held_out_fraction: float = 0.2) -> CountdownTask:
+def make_task(
+    seed: int = 0, num_problems: int = 4000, ops: str = "+-", max_digit: int = 9, held_out_fraction: float = 0.2
+) -> CountdownTask:
     """Random solvable problems (duplicates removed), split into train and held-out by `is_held_out`."""
     if not set(ops) <= set("+-*") or not ops:
         raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
@@ -162,13 +165,19 @@ def encode_demonstrations(demos: Sequence[tuple[Problem, str]], tokenizer) -> di
     width = PROMPT_LEN + ANSWER_LEN
     ids = np.full((len(demos), width), tokenizer.pad_token_id, np.int32)
     for row, (problem, answer) in enumerate(demos):
-        tokens = ([tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(list(prompt_text(problem) + answer))
-                  + [tokenizer.eos_token_id])
+        tokens = (
+            [tokenizer.bos_token_id]
+            + tokenizer.convert_tokens_to_ids(list(prompt_text(problem) + answer))
+            + [tokenizer.eos_token_id]
+        )
         ids[row, : len(tokens)] = tokens
     attention = (np.arange(width)[None] < PROMPT_LEN + ANSWER_LEN).astype(np.int32)
     loss = (np.arange(width)[None] >= PROMPT_LEN).astype(np.int32) * attention
-    return {"input_ids": ids, "attention_mask": np.broadcast_to(attention, ids.shape).copy(),
-            "loss_mask": np.broadcast_to(loss, ids.shape).copy()}
+    return {
+        "input_ids": ids,
+        "attention_mask": np.broadcast_to(attention, ids.shape).copy(),
+        "loss_mask": np.broadcast_to(loss, ids.shape).copy(),
+    }
 
 
 class Check(NamedTuple):
@@ -184,8 +193,10 @@ def check_answers(ids: TokenIds, prompt_ids: jax.Array, response_ids: jax.Array,
     """Checks answers on token ids (jit/vmap-able). ``prompt_ids [B, PROMPT_LEN]`` as written by
     `encode_prompts`; ``response_ids, response_mask [B, N]`` with ``N >= ANSWER_LEN``."""
     if prompt_ids.shape[1] != PROMPT_LEN or response_ids.shape[1] < ANSWER_LEN:
-        raise ValueError(f"countdown prompts are {PROMPT_LEN} tokens wide and answers need {ANSWER_LEN} "
-                         f"response slots; got {prompt_ids.shape[1]} and {response_ids.shape[1]}")
+        raise ValueError(
+            f"countdown prompts are {PROMPT_LEN} tokens wide and answers need {ANSWER_LEN} "
+            f"response slots; got {prompt_ids.shape[1]} and {response_ids.shape[1]}"
+        )
     digit = lambda t: t - ids.digit0  # noqa: E731
     is_digit = lambda t: (t >= ids.digit0) & (t < ids.digit0 + 10)  # noqa: E731
     is_op = lambda t: (t == ids.plus) | (t == ids.minus) | (t == ids.times)  # noqa: E731
@@ -198,8 +209,9 @@ def check_answers(ids: TokenIds, prompt_ids: jax.Array, response_ids: jax.Array,
     tokens = response_ids[:, :ANSWER_LEN]
     length_B = jnp.sum(response_mask != 0, axis=1)
     a, op1, b, op2, c, end = (tokens[:, i] for i in range(ANSWER_LEN))
-    well_formed = ((length_B == ANSWER_LEN) & is_digit(a) & is_op(op1) & is_digit(b) & is_op(op2) & is_digit(c)
-                   & (end == ids.eos))
+    well_formed = (
+        (length_B == ANSWER_LEN) & is_digit(a) & is_op(op1) & is_digit(b) & is_op(op2) & is_digit(c) & (end == ids.eos)
+    )
     answer_Bx3 = jnp.stack([digit(a), digit(b), digit(c)], axis=1)
     uses_numbers = well_formed & jnp.all(jnp.sort(answer_Bx3, axis=1) == jnp.sort(numbers_Bx3, axis=1), axis=1)
 
@@ -240,11 +252,22 @@ def make_evaluator(model, tokenizer, problems: Sequence[Problem], samples_per_pr
 
     ids = token_ids(tokenizer)
     prompt_ids, prompt_mask = (jnp.asarray(x) for x in encode_prompts(problems, tokenizer))
-    repeated = (jnp.repeat(prompt_ids, samples_per_problem, axis=0), jnp.repeat(prompt_mask, samples_per_problem, axis=0))
+    repeated = (
+        jnp.repeat(prompt_ids, samples_per_problem, axis=0),
+        jnp.repeat(prompt_mask, samples_per_problem, axis=0),
+    )
 
     def measure(params, prompts, key, temperature):
-        out = generate(model, params, *prompts, key, max_new_tokens=ANSWER_LEN + 2, temperature=temperature,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        out = generate(
+            model,
+            params,
+            *prompts,
+            key,
+            max_new_tokens=ANSWER_LEN + 2,
+            temperature=temperature,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         check = check_answers(ids, prompts[0], out.tokens, out.mask)
         return jnp.mean(check.correct.astype(jnp.float32)), jnp.mean(check.well_formed.astype(jnp.float32))
 
@@ -252,7 +275,11 @@ def make_evaluator(model, tokenizer, problems: Sequence[Problem], samples_per_pr
     def evaluate(params, key):
         greedy_accuracy, greedy_formed = measure(params, (prompt_ids, prompt_mask), key, 0.0)
         sampled_accuracy, sampled_formed = measure(params, repeated, key, 1.0)
-        return {"greedy/accuracy": greedy_accuracy, "greedy/well_formed": greedy_formed,
-                "sampled/accuracy": sampled_accuracy, "sampled/well_formed": sampled_formed}
+        return {
+            "greedy/accuracy": greedy_accuracy,
+            "greedy/well_formed": greedy_formed,
+            "sampled/accuracy": sampled_accuracy,
+            "sampled/well_formed": sampled_formed,
+        }
 
     return evaluate

@@ -41,11 +41,12 @@ letters: a prompt is ``<bos> s`` (``s`` the start letter), a response is the res
 JAX function (jit/vmap-safe, fixed shapes); ``optimality_reference`` is the plain-Python version on
 strings that the tests compare it with.
 """
+
 from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -159,8 +160,9 @@ class RandomWalks:
         return tuple(node_letter(i) for i in self.start_nodes)
 
 
-def make_task(seed: int = 1002, n_nodes: int = 21, p_edge: float = 0.1, max_length: int = 10,
-              n_walks: int = 1000) -> RandomWalks:
+def make_task(
+    seed: int = 1002, n_nodes: int = 21, p_edge: float = 0.1, max_length: int = 10, n_walks: int = 1000
+) -> RandomWalks:
     """The graph and the walks, both drawn from one ``np.random.RandomState(seed)`` (graph first)."""
     rng = np.random.RandomState(seed)
     adjacency = generate_graph(rng, n_nodes, p_edge)
@@ -248,7 +250,6 @@ def optimality_from_tokens(
       ``{"optimality": [B], "length": [B], "invalid": [B]}`` float32.
     """
     B, P = prompt_ids.shape
-    T = response_ids.shape[1]
     adjacency = jnp.asarray(adjacency, bool)
     shortest = jnp.asarray(shortest, jnp.int32)
     token_to_node = jnp.asarray(token_to_node, jnp.int32)
@@ -297,8 +298,14 @@ def make_reward_fn(task: RandomWalks, tokenizer) -> Callable[..., jax.Array]:
 
     def reward_fn(prompt_ids, prompt_mask, response_ids, response_mask):
         return optimality_from_tokens(
-            prompt_ids, prompt_mask, response_ids, response_mask,
-            adjacency=adjacency, shortest=shortest, token_to_node=table, max_length=task.max_length,
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            adjacency=adjacency,
+            shortest=shortest,
+            token_to_node=table,
+            max_length=task.max_length,
         )["optimality"]
 
     return reward_fn
@@ -374,11 +381,14 @@ def make_evaluator(model, task: RandomWalks, tokenizer, *, samples_per_prompt: i
 
     prompt_ids, prompt_mask = encode_prompts(task.prompts, tokenizer)
     reward_kwargs = dict(
-        adjacency=jnp.asarray(task.adjacency), shortest=jnp.asarray(task.shortest),
-        token_to_node=jnp.asarray(token_to_node_table(tokenizer, task)), max_length=task.max_length,
+        adjacency=jnp.asarray(task.adjacency),
+        shortest=jnp.asarray(task.shortest),
+        token_to_node=jnp.asarray(token_to_node_table(tokenizer, task)),
+        max_length=task.max_length,
     )
-    gen_kwargs = dict(max_new_tokens=task.max_length, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+    gen_kwargs = dict(
+        max_new_tokens=task.max_length, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     repeated_ids = np.repeat(prompt_ids, samples_per_prompt, axis=0)
     repeated_mask = np.repeat(prompt_mask, samples_per_prompt, axis=0)
 
@@ -387,8 +397,9 @@ def make_evaluator(model, task: RandomWalks, tokenizer, *, samples_per_prompt: i
         greedy = generate(model, params, prompt_ids, prompt_mask, key, temperature=0, **gen_kwargs)
         greedy_scores = optimality_from_tokens(prompt_ids, prompt_mask, greedy.tokens, greedy.mask, **reward_kwargs)
         sampled = generate(model, params, repeated_ids, repeated_mask, key, temperature=temperature, **gen_kwargs)
-        sampled_scores = optimality_from_tokens(repeated_ids, repeated_mask, sampled.tokens, sampled.mask,
-                                                **reward_kwargs)
+        sampled_scores = optimality_from_tokens(
+            repeated_ids, repeated_mask, sampled.tokens, sampled.mask, **reward_kwargs
+        )
         kl = sequence_kl(model, params, ref_params, repeated_ids, repeated_mask, sampled.tokens, sampled.mask)
         return {
             "greedy/optimality": greedy_scores["optimality"].mean(),
@@ -405,5 +416,8 @@ def make_evaluator(model, task: RandomWalks, tokenizer, *, samples_per_prompt: i
 def decode_walks(tokenizer, prompt_ids, response_ids, response_mask) -> list[str]:
     """Walk strings ``start + response`` (special tokens dropped), for printing and the reference."""
     start_ids = np.asarray(prompt_ids)[:, -1:]
-    return decode_responses(tokenizer, np.concatenate([start_ids, np.asarray(response_ids)], axis=1),
-                            np.concatenate([np.ones_like(start_ids), np.asarray(response_mask)], axis=1))
+    return decode_responses(
+        tokenizer,
+        np.concatenate([start_ids, np.asarray(response_ids)], axis=1),
+        np.concatenate([np.ones_like(start_ids), np.asarray(response_mask)], axis=1),
+    )

@@ -24,11 +24,13 @@ The texts are padded to ``max_length`` word pieces (truncating longer ones), so 
 compiles once. Its cost per batch is measured by `bridge_timings` (see docs/steer_smollm.md: about
 a millisecond of tokenizer work for 8 responses of 32 tokens, against seconds for the rollout).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,12 +103,14 @@ class StyleReward:
         encoder = self.encoder
         self._embed = jax.jit(lambda params, ids, mask: encoder.embed(params, ids, mask))
         self._score = jax.jit(
-            lambda params, ids, mask, target, contrast: cosine_style_reward(encoder, params, ids, mask, target, contrast)
+            lambda params, ids, mask, target, contrast: cosine_style_reward(
+                encoder, params, ids, mask, target, contrast
+            )
         )
         self.target_emb, self.contrast_emb = self.embed_texts([self.target, self.contrast])
 
     @classmethod
-    def from_pretrained(cls, path, **kwargs) -> "StyleReward":
+    def from_pretrained(cls, path, **kwargs) -> StyleReward:
         """Loads the encoder from a local sentence-transformers / HF BERT directory."""
         return cls(load_bert_encoder(path), **kwargs)
 

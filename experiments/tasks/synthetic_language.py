@@ -32,17 +32,18 @@ near the SFT model by a KL penalty can only raise the count the grammatical way 
 Everything here is a pure function of JAX arrays with explicit PRNG keys; ``true_score`` and
 ``true_reward_fn`` run under ``jax.jit``/``vmap`` and give finite values for all-zero masks.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.core import concat_prompt_response
-
 
 # ------------------------------------------------------------------------------------------------
 # Vocabulary

@@ -1,4 +1,5 @@
 """Core RLHF math: pure JAX functions on ``[batch, time]`` arrays (see docs/design.md)."""
+
 from jaxrlhf.core.advantages import gae_advantages
 from jaxrlhf.core.groups import (
     GroupSelection,

@@ -1,4 +1,5 @@
 """Generalised advantage estimation (Schulman et al., 2016) over ``[B, T]`` token arrays."""
+
 from __future__ import annotations
 
 import chex
@@ -51,9 +52,7 @@ def gae_advantages(rewards: chex.Array, values: chex.Array, mask: chex.Array, ga
 
     # zeros_like of a row (not jnp.zeros): under shard_map the carry must vary per device like the rows.
     zeros_B = jnp.zeros_like(rewards_TxB[0])
-    _, advantages_TxB = lax.scan(
-        step, (zeros_B, zeros_B), (rewards_TxB, values_TxB, valid_TxB), reverse=True
-    )
+    _, advantages_TxB = lax.scan(step, (zeros_B, zeros_B), (rewards_TxB, values_TxB, valid_TxB), reverse=True)
     advantages_BxT = advantages_TxB.T
     returns_BxT = jnp.where(valid_TxB.T, advantages_BxT + values_TxB.T, 0)
     return advantages_BxT, returns_BxT

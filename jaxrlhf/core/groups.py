@@ -13,6 +13,7 @@ Under ``shard_map``/``pmap`` every device must hold whole groups (its row count 
 group statistics are then local, and only the batch-wide reductions (REINFORCE++'s whitening, the
 fraction of groups with signal) take ``axis_name``.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -300,9 +301,7 @@ def select_groups_with_signal(scores_B: chex.Array, group_size: int, num_keep: i
     has_signal_P = group_has_signal(scores_B, group_size)
     n_groups = has_signal_P.shape[0]
     if isinstance(num_keep, bool) or not isinstance(num_keep, numbers.Integral) or not 1 <= num_keep <= n_groups:
-        raise ValueError(
-            f"num_keep must be a static int in [1, {n_groups}] (the number of groups), got {num_keep!r}."
-        )
+        raise ValueError(f"num_keep must be a static int in [1, {n_groups}] (the number of groups), got {num_keep!r}.")
     order_P = jnp.argsort(jnp.logical_not(has_signal_P).astype(jnp.int32), stable=True)
     group_indices_K = order_P[:num_keep].astype(jnp.int32)
     row_indices_R = (group_indices_K[:, None] * group_size + jnp.arange(group_size, dtype=jnp.int32)).reshape(-1)

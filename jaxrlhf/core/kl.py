@@ -8,6 +8,7 @@ KL divergence", 2020):
 * ``k3 = exp(d) - d - 1``   unbiased, low variance, non-negative;
 * ``abs = |d|``             non-negative, used by some RLHF codes.
 """
+
 from __future__ import annotations
 
 import chex

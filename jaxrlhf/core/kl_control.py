@@ -4,9 +4,11 @@ A controller is a pair ``(init, update)``: ``init() -> KLControllerState`` and
 ``update(state, kl, n_steps) -> KLControllerState``. The state is a pytree of arrays, so it can
 live inside a jitted train state.
 """
+
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -5,6 +5,7 @@ A language model is a policy: at step t it emits token ``a_t`` with probability
 whatever the logits' dtype (bf16 logits are upcast before ``logsumexp``) and never build a one-hot
 array of vocabulary size: the chosen token's logit is gathered with ``take_along_axis``.
 """
+
 from __future__ import annotations
 
 import chex
@@ -23,7 +24,7 @@ def _shifted_scaled_logits(logits: chex.Array, temperature) -> jax.Array:
     and everything downstream works with numbers of moderate size. The maximum is a constant for
     differentiation (``stop_gradient``): the result does not depend on it.
     """
-    logits, = at_least_float32(logits)
+    (logits,) = at_least_float32(logits)
     max_logit = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     return (logits - max_logit) / jnp.asarray(temperature, logits.dtype)
 

@@ -5,9 +5,8 @@ Every loss returns ``(loss, stats)``: a scalar to differentiate and a dict of sc
 (already ``stop_gradient``-ed). Token-level losses reduce over the batch with
 :func:`aggregate_loss`; pass ``axis_name`` under ``pmap``/``shard_map`` to reduce over all devices.
 """
-from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from __future__ import annotations
 
 import chex
 import jax
@@ -19,7 +18,7 @@ from jaxrlhf.core.stats import at_least_float32, masked_count, masked_mean, mask
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 GSPO_VARIANTS = ("seq", "token")
 
-Stats = Dict[str, jax.Array]
+Stats = dict[str, jax.Array]
 
 
 def aggregate_loss(
@@ -27,7 +26,7 @@ def aggregate_loss(
     mask: chex.Array,
     agg: str = "token-mean",
     axis_name=None,
-    max_len: Optional[float] = None,
+    max_len: float | None = None,
 ) -> jax.Array:
     """Reduce a ``[B, T]`` per-token loss to a scalar.
 
@@ -102,11 +101,11 @@ def ppo_policy_loss(
     advantages: chex.Array,
     mask: chex.Array,
     clip_eps: float = 0.2,
-    clip_eps_high: Optional[float] = None,
+    clip_eps_high: float | None = None,
     agg: str = "token-mean",
     axis_name=None,
     dual_clip=None,
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """Clipped PPO surrogate (Schulman et al., 2017), per token, with optional dual clip.
 
     ``ratio = exp(logprobs - old_logprobs)``,
@@ -165,11 +164,11 @@ def gspo_policy_loss(
     advantages_BxT: chex.Array,
     mask_BxT: chex.Array,
     clip_eps: float = 3e-4,
-    clip_eps_high: Optional[float] = 4e-4,
+    clip_eps_high: float | None = 4e-4,
     variant: str = "seq",
     agg: str = "seq-mean-token-mean",
     axis_name=None,
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """GSPO, Group Sequence Policy Optimization (Zheng et al. 2025): a sequence-level ratio.
 
     ``s_i = exp(mean over valid t of (logp_it - old_logp_it))`` (the length-normalised sequence
@@ -240,7 +239,7 @@ def kl_loss(
     kind: str = "k3",
     agg: str = "token-mean",
     axis_name=None,
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """KL to the reference as a loss term (GRPO's ``+ beta * KL``): ``aggregate(kl_estimate(...))``.
 
     ``d = ref_logprobs - logprobs`` on tokens sampled from the policy; the reference is constant.
@@ -287,9 +286,9 @@ def ppo_value_loss(
     old_values: chex.Array,
     returns: chex.Array,
     mask: chex.Array,
-    value_clip_eps: Optional[float] = 0.2,
+    value_clip_eps: float | None = 0.2,
     axis_name=None,
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """Clipped value loss.
 
     ``V_clip = clip(V, V_old - eps, V_old + eps)``,
@@ -334,7 +333,7 @@ def ppo_value_loss(
 
 def entropy_loss(
     entropy: chex.Array, mask: chex.Array, agg: str = "token-mean", axis_name=None
-) -> Tuple[jax.Array, Stats]:
+) -> tuple[jax.Array, Stats]:
     """Entropy bonus as a loss to minimise: ``loss = -aggregate(H)``.
 
     Args:
@@ -348,9 +347,7 @@ def entropy_loss(
     return -aggregated_entropy, {"entropy": jax.lax.stop_gradient(aggregated_entropy)}
 
 
-def reward_model_loss(
-    chosen_scores: chex.Array, rejected_scores: chex.Array, margin=None
-) -> Tuple[jax.Array, Stats]:
+def reward_model_loss(chosen_scores: chex.Array, rejected_scores: chex.Array, margin=None) -> tuple[jax.Array, Stats]:
     """Bradley-Terry pairwise loss for a reward model.
 
     ``loss = mean(-log sigmoid(s_chosen - s_rejected - margin))`` (``margin`` 0 when None).

@@ -22,6 +22,7 @@ e.g. padding of a last, short batch; an all-zero ``pair_mask`` gives loss 0, nev
 Hyper-parameters (``beta``, ``label_smoothing``, ``gamma``, ...) may be traced arrays: nothing
 branches on their values.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -146,7 +147,7 @@ def split_pairs(batch: Any) -> tuple[Any, Any]:
         return x.shape[0] // 2
 
     chosen = jax.tree.map(lambda x: jnp.asarray(x)[: half(x)], batch)
-    rejected = jax.tree.map(lambda x: jnp.asarray(x)[half(x):], batch)
+    rejected = jax.tree.map(lambda x: jnp.asarray(x)[half(x) :], batch)
     return chosen, rejected
 
 
@@ -196,9 +197,7 @@ def _pairwise_stats(loss_B, chosen_reward_B, rejected_reward_B, pair_mask_B, axi
     }
 
 
-def chosen_nll_loss(
-    chosen_logps: chex.Array, chosen_lengths: chex.Array, pair_mask=None, axis_name=None
-) -> jax.Array:
+def chosen_nll_loss(chosen_logps: chex.Array, chosen_lengths: chex.Array, pair_mask=None, axis_name=None) -> jax.Array:
     """SFT term on the chosen responses: the per-token mean negative log-likelihood.
 
     ``nll = -sum_b logp(y_w^b) / sum_b |y_w^b|`` over the valid pairs of the (global) batch, i.e.
@@ -211,7 +210,8 @@ def chosen_nll_loss(
       pair_mask: optional ``[B]`` row mask.
     """
     chosen_logps_B, chosen_lengths_B, pair_mask_B = _rows(
-        [("chosen_logps", chosen_logps), ("chosen_lengths", chosen_lengths)], pair_mask)
+        [("chosen_logps", chosen_logps), ("chosen_lengths", chosen_lengths)], pair_mask
+    )
     token_count = masked_sum(chosen_lengths_B, pair_mask_B, axis_name=axis_name)
     return -masked_sum(chosen_logps_B, pair_mask_B, axis_name=axis_name) / jnp.maximum(token_count, 1)
 
@@ -257,21 +257,21 @@ def dpo_loss(
       ``(loss, stats)``: the module docstring's stats, ``pref_loss`` (the loss without the NLL term)
       and, with ``rpo_alpha``, ``nll_loss``.
     """
-    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, pair_mask_B = _rows([
-        ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
-        ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
-    ], pair_mask)
+    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, pair_mask_B = _rows(
+        [
+            ("chosen_logps", chosen_logps),
+            ("rejected_logps", rejected_logps),
+            ("ref_chosen_logps", ref_chosen_logps),
+            ("ref_rejected_logps", ref_rejected_logps),
+        ],
+        pair_mask,
+    )
     chosen_logratio_B = chosen_B - sg(ref_chosen_B)  # h_w
     rejected_logratio_B = rejected_B - sg(ref_rejected_B)  # h_l
     logits_B = beta * (chosen_logratio_B - rejected_logratio_B)  # beta * d
-    loss_B = (
-        -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits_B)
-        - label_smoothing * jax.nn.log_sigmoid(-logits_B)
-    )
+    loss_B = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(logits_B) - label_smoothing * jax.nn.log_sigmoid(-logits_B)
     loss = masked_mean(loss_B, pair_mask_B, axis_name=axis_name)
-    stats = _pairwise_stats(
-        loss_B, beta * chosen_logratio_B, beta * rejected_logratio_B, pair_mask_B, axis_name
-    )
+    stats = _pairwise_stats(loss_B, beta * chosen_logratio_B, beta * rejected_logratio_B, pair_mask_B, axis_name)
     if rpo_alpha is not None:
         if chosen_lengths is None:
             raise ValueError("dpo_loss: rpo_alpha needs chosen_lengths (the [B] chosen token counts).")
@@ -307,19 +307,23 @@ def ipo_loss(
       beta: regularisation strength (tau in the paper); 0.1 as in TRL.
       pair_mask, axis_name: as in :func:`dpo_loss`.
     """
-    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_len_B, rejected_len_B, pair_mask_B = _rows([
-        ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
-        ("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps),
-        ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
-    ], pair_mask)
+    chosen_B, rejected_B, ref_chosen_B, ref_rejected_B, chosen_len_B, rejected_len_B, pair_mask_B = _rows(
+        [
+            ("chosen_logps", chosen_logps),
+            ("rejected_logps", rejected_logps),
+            ("ref_chosen_logps", ref_chosen_logps),
+            ("ref_rejected_logps", ref_rejected_logps),
+            ("chosen_lengths", chosen_lengths),
+            ("rejected_lengths", rejected_lengths),
+        ],
+        pair_mask,
+    )
     chosen_logratio_B = _length_mean(chosen_B - sg(ref_chosen_B), chosen_len_B)
     rejected_logratio_B = _length_mean(rejected_B - sg(ref_rejected_B), rejected_len_B)
     gap_B = chosen_logratio_B - rejected_logratio_B
     loss_B = jnp.square(gap_B - 1.0 / (2.0 * beta))
     loss = masked_mean(loss_B, pair_mask_B, axis_name=axis_name)
-    stats = _pairwise_stats(
-        loss_B, beta * chosen_logratio_B, beta * rejected_logratio_B, pair_mask_B, axis_name
-    )
+    stats = _pairwise_stats(loss_B, beta * chosen_logratio_B, beta * rejected_logratio_B, pair_mask_B, axis_name)
     return loss, stats
 
 
@@ -346,10 +350,15 @@ def simpo_loss(
       beta: reward scale; gamma: target margin (in reward units).
       pair_mask, axis_name: as in :func:`dpo_loss`.
     """
-    chosen_B, rejected_B, chosen_len_B, rejected_len_B, pair_mask_B = _rows([
-        ("chosen_logps", chosen_logps), ("rejected_logps", rejected_logps),
-        ("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths),
-    ], pair_mask)
+    chosen_B, rejected_B, chosen_len_B, rejected_len_B, pair_mask_B = _rows(
+        [
+            ("chosen_logps", chosen_logps),
+            ("rejected_logps", rejected_logps),
+            ("chosen_lengths", chosen_lengths),
+            ("rejected_lengths", rejected_lengths),
+        ],
+        pair_mask,
+    )
     chosen_reward_B = beta * _length_mean(chosen_B, chosen_len_B)
     rejected_reward_B = beta * _length_mean(rejected_B, rejected_len_B)
     loss_B = -jax.nn.log_sigmoid(chosen_reward_B - rejected_reward_B - gamma)

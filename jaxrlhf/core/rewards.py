@@ -7,6 +7,7 @@ A response earns one score at its end; RL needs a reward for every token. The st
 
 and the return is ``G_t = sum_{k >= t} gamma^(k - t) r_k`` over the valid tokens.
 """
+
 from __future__ import annotations
 
 import chex

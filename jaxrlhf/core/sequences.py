@@ -4,6 +4,7 @@ Prompts are left-padded ``[B, P]`` and responses right-padded ``[B, N]``, so wri
 side gives ``[B, P + N]`` rows whose real tokens are contiguous between padding on the left and on
 the right: what a causal LM (positions ``cumsum(mask) - 1``), a reward model or a judge reads.
 """
+
 from __future__ import annotations
 
 import chex
@@ -11,8 +12,9 @@ import jax
 import jax.numpy as jnp
 
 
-def concat_prompt_response(prompt_ids: chex.Array, prompt_mask: chex.Array, response_ids: chex.Array,
-                           response_mask: chex.Array) -> tuple[jax.Array, jax.Array]:
+def concat_prompt_response(
+    prompt_ids: chex.Array, prompt_mask: chex.Array, response_ids: chex.Array, response_mask: chex.Array
+) -> tuple[jax.Array, jax.Array]:
     """``(ids_BxL, mask_BxL)``, int32, ``L = P + N``: each prompt row followed by its response row."""
     chex.assert_rank([prompt_ids, prompt_mask, response_ids, response_mask], 2)
     chex.assert_equal_shape([prompt_ids, prompt_mask])

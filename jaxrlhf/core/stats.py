@@ -7,6 +7,7 @@ When ``axis_name`` is given, the partial sums and counts are also ``lax.psum``-e
 device axis (``pmap``/``shard_map``), so every device gets the number one device would compute on
 the whole, concatenated batch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

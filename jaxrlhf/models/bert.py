@@ -51,11 +51,13 @@ class BertConfig:
     hidden_act: str = "gelu"
 
     @classmethod
-    def from_hf_dict(cls, config: dict, source: str = "config.json") -> "BertConfig":
+    def from_hf_dict(cls, config: dict, source: str = "config.json") -> BertConfig:
         if config.get("model_type") != "bert":
             raise ValueError(f"{source}: model_type {config.get('model_type')!r} is not supported; expected 'bert'")
         if config.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{source}: position_embedding_type {config['position_embedding_type']!r} is not supported")
+            raise ValueError(
+                f"{source}: position_embedding_type {config['position_embedding_type']!r} is not supported"
+            )
         if config.get("hidden_act", "gelu") not in ACTIVATIONS:
             raise ValueError(f"{source}: hidden_act {config['hidden_act']!r} is not supported")
         return cls(

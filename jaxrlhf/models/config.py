@@ -5,11 +5,13 @@ learned vs rotary positions, LayerNorm vs RMSNorm, GELU MLP vs gated SiLU MLP, w
 carry biases, per-head q/k norms, tied embeddings. `ModelConfig` names those switches once, so the
 Flax model in `transformer.py` has a single code path.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -31,8 +33,15 @@ ACTIVATIONS = {
 
 # `ModelConfig.remat` values: "full" rematerialises everything (jax.checkpoint's default); the
 # others name the `jax.checkpoint_policies` attribute of the same name (what may be saved).
-REMAT_POLICIES = ("full", "nothing_saveable", "dots_saveable", "checkpoint_dots",
-                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims", "everything_saveable")
+REMAT_POLICIES = (
+    "full",
+    "nothing_saveable",
+    "dots_saveable",
+    "checkpoint_dots",
+    "dots_with_no_batch_dims_saveable",
+    "checkpoint_dots_with_no_batch_dims",
+    "everything_saveable",
+)
 
 
 class UnsupportedModelError(ValueError):
@@ -88,14 +97,15 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.remat is not None and self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={self.remat!r} is not a known policy; use None or one of "
-                             f"{', '.join(REMAT_POLICIES)}")
+            raise ValueError(
+                f"remat={self.remat!r} is not a known policy; use None or one of {', '.join(REMAT_POLICIES)}"
+            )
 
     @property
     def is_llama_family(self) -> bool:
         return self.model_type in LLAMA_FAMILY
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     def rope_inv_freq(self) -> np.ndarray:
@@ -121,7 +131,7 @@ class ModelConfig:
         raise UnsupportedModelError(f"rope scaling type {rope_type!r} is not supported")
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any] | Any, **overrides) -> "ModelConfig":
+    def from_hf(cls, hf: Mapping[str, Any] | Any, **overrides) -> ModelConfig:
         """Builds a config from an HF `config.json` dict (or a `transformers.PretrainedConfig`)."""
         if not isinstance(hf, Mapping):
             hf = hf.to_dict()
@@ -198,12 +208,27 @@ class ModelConfig:
         return cfg.replace(**overrides)
 
 
-def gpt2_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                max_len: int = 32, **token_ids: int | None) -> ModelConfig:
+def gpt2_config(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_len: int = 32,
+    **token_ids: int | None,
+) -> ModelConfig:
     """A small GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings), built as from HF's
     ``config.json``; ``token_ids`` are ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id``."""
-    return ModelConfig.from_hf(dict(model_type="gpt2", vocab_size=vocab_size, n_embd=hidden_size,
-                                    n_layer=num_layers, n_head=num_heads, n_positions=max_len, **token_ids))
+    return ModelConfig.from_hf(
+        dict(
+            model_type="gpt2",
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=max_len,
+            **token_ids,
+        )
+    )
 
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple | None]:

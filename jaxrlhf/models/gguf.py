@@ -128,11 +128,7 @@ def unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     if rows % (2 * n_heads):
         raise ValueError(f"cannot un-permute {rows} rotary rows into {n_heads} heads")
     per_head_half = rows // n_heads // 2
-    return (
-        weight.reshape(n_heads, per_head_half, 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
+    return weight.reshape(n_heads, per_head_half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,13 +23,15 @@ stacks after converting and `hf_from_params` unstacks before (`transformer.stack
 
 Hub ids (`"org/name"`) resolve through `huggingface_hub.snapshot_download` (`resolve_hub_id`).
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +124,7 @@ def _normalise_keys(config: ModelConfig, state_dict: Mapping[str, Any]) -> dict[
         return dict(state_dict)
     out = {}
     for k, v in state_dict.items():
-        out[k[len("transformer."):] if k.startswith("transformer.") else k] = v
+        out[k[len("transformer.") :] if k.startswith("transformer.") else k] = v
     return out
 
 
@@ -147,8 +149,9 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
     dtype = jnp.dtype(dtype or config.param_dtype)
     sd = _normalise_keys(config, state_dict)
     # Shapes per layer (the file's layout), whatever the model's layer execution.
-    expected = jax.eval_shape(LanguageModel(config.replace(scan_layers=False, remat=None)).init_params,
-                              jax.random.key(0))
+    expected = jax.eval_shape(
+        LanguageModel(config.replace(scan_layers=False, remat=None)).init_params, jax.random.key(0)
+    )
     params: dict = {}
 
     def take(name):
@@ -162,8 +165,10 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
             want = want[::-1]
         if tuple(value.shape) != want:
             # Shapes in the checkpoint's (HF) layout, so the message matches what the file holds.
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {want} "
-                                  f"(for {'/'.join(path)} of a {config.model_type} model)")
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(value.shape)}, expected {want} "
+                f"(for {'/'.join(path)} of a {config.model_type} model)"
+            )
         value = value.T if transpose else value
         _set(params, path, jnp.asarray(value.astype(np.float32) if value.dtype != dtype else value, dtype=dtype))
 
@@ -178,8 +183,8 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
             if w.shape != (D, 3 * D):
                 raise CheckpointError(f"tensor {name + '.weight'!r} has shape {w.shape}, expected {(D, 3 * D)}")
             for j, ours in enumerate("qkv"):
-                put(name + ".weight", (f"layer_{i}", "attn", ours, "kernel"), w[:, j * D:(j + 1) * D])
-                put(name + ".bias", (f"layer_{i}", "attn", ours, "bias"), b[j * D:(j + 1) * D])
+                put(name + ".weight", (f"layer_{i}", "attn", ours, "kernel"), w[:, j * D : (j + 1) * D])
+                put(name + ".bias", (f"layer_{i}", "attn", ours, "bias"), b[j * D : (j + 1) * D])
     return stack_layers(params) if config.scan_layers else params
 
 
@@ -228,8 +233,12 @@ def hf_config_from_config(config: ModelConfig) -> dict:
             activation_function=config.activation,
             **common,
         )
-    arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-            "qwen3": "Qwen3ForCausalLM"}[config.model_type]
+    arch = {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "qwen3": "Qwen3ForCausalLM",
+    }[config.model_type]
     rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
     if config.rope_scaling is not None:
         kind, factor, low, high, original = config.rope_scaling
@@ -311,8 +320,13 @@ def read_safetensors(directory: str) -> dict[str, np.ndarray]:
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                         "added_tokens.json")
+_TOKENIZER_JSON_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "added_tokens.json",
+)
 
 
 def load_tokenizer(directory: str):
@@ -330,8 +344,10 @@ def load_tokenizer(directory: str):
                 with open(path, encoding="utf-8") as f:
                     json.load(f)
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"tokenizer file {path} is not valid JSON ({e}); fix or remove it "
-                                      f"(without tokenizer files the model loads with tokenizer=None)") from e
+                raise CheckpointError(
+                    f"tokenizer file {path} is not valid JSON ({e}); fix or remove it "
+                    f"(without tokenizer files the model loads with tokenizer=None)"
+                ) from e
     from transformers import AutoTokenizer
 
     try:
@@ -347,8 +363,15 @@ def _looks_like_hub_id(path: str) -> bool:
 
 # Files a checkpoint directory may need: the weights (single or sharded), the config and the
 # tokenizer; nothing else of the repository (PyTorch .bin weights, ONNX exports, ...) is fetched.
-HUB_CHECKPOINT_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                           *_TOKENIZER_JSON_FILES, "tokenizer.model", "merges.txt")
+HUB_CHECKPOINT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    *_TOKENIZER_JSON_FILES,
+    "tokenizer.model",
+    "merges.txt",
+)
 
 
 def _hub_offline() -> bool:
@@ -386,42 +409,71 @@ def resolve_hub_id(repo_id: str, revision: str | None = None, cache_dir=None, al
     """
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError as e:  # pragma: no cover - huggingface_hub is a dependency of transformers
-        raise CheckpointError(f"{repo_id!r} is not a local path and looks like a Hugging Face Hub id; loading "
-                              f"hub ids needs the huggingface_hub package ({e})") from e
+        raise CheckpointError(
+            f"{repo_id!r} is not a local path and looks like a Hugging Face Hub id; loading "
+            f"hub ids needs the huggingface_hub package ({e})"
+        ) from e
     offline = _hub_offline()
     cache = _hub_cache_dir(cache_dir)
     rev = revision or "main"
     where = f"{repo_id!r} is not a local directory and looks like a Hugging Face Hub id"
-    fetch = (f"`huggingface_hub.snapshot_download({repo_id!r}" + (f", revision={revision!r}" if revision else "")
-             + f")` or `hf download {repo_id}" + (f" --revision {revision}" if revision else "") + "`")
+    fetch = (
+        f"`huggingface_hub.snapshot_download({repo_id!r}"
+        + (f", revision={revision!r}" if revision else "")
+        + f")` or `hf download {repo_id}"
+        + (f" --revision {revision}" if revision else "")
+        + "`"
+    )
     try:
-        return snapshot_download(repo_id, revision=revision, cache_dir=cache, local_files_only=offline,
-                                 allow_patterns=list(allow_patterns or HUB_CHECKPOINT_PATTERNS))
+        return snapshot_download(
+            repo_id,
+            revision=revision,
+            cache_dir=cache,
+            local_files_only=offline,
+            allow_patterns=list(allow_patterns or HUB_CHECKPOINT_PATTERNS),
+        )
     except LocalEntryNotFoundError as e:
         if offline:
             raise CheckpointError(
                 f"{where}, but revision {rev!r} is not in the Hugging Face cache {cache} and HF_HUB_OFFLINE=1 "
                 f"forbids downloading it. Fix: download it once with network access ({fetch}), point "
-                f"`cache_dir=` or HF_HUB_CACHE at a cache that holds it, or unset HF_HUB_OFFLINE") from e
+                f"`cache_dir=` or HF_HUB_CACHE at a cache that holds it, or unset HF_HUB_OFFLINE"
+            ) from e
         raise CheckpointError(
             f"{where}, but revision {rev!r} could not be downloaded and is not in the Hugging Face cache {cache} "
             f"({type(e).__name__}: {e}). Fix: check the network and the id, fetch it elsewhere ({fetch}) into "
-            f"that cache, or pass a local checkpoint directory") from e
+            f"that cache, or pass a local checkpoint directory"
+        ) from e
     except RevisionNotFoundError as e:
         raise CheckpointError(f"{where}, but the Hub has no revision {rev!r} (branch, tag or commit) of it") from e
     except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise CheckpointError(f"{where}, but the Hub has no accessible repository of that name (private or gated "
-                              f"repositories need `hf auth login`): {e}") from e
+        raise CheckpointError(
+            f"{where}, but the Hub has no accessible repository of that name (private or gated "
+            f"repositories need `hf auth login`): {e}"
+        ) from e
     except HfHubHTTPError as e:
         raise CheckpointError(f"{where}, but downloading it failed: {e}") from e
 
 
-def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | None = None, *,
-                    revision: str | None = None, cache_dir=None, scan_layers: bool = False,
-                    remat: str | None = None) -> Pretrained:
+def load_pretrained(
+    path: str,
+    dtype=None,
+    compute_dtype=None,
+    gguf_file: str | None = None,
+    *,
+    revision: str | None = None,
+    cache_dir=None,
+    scan_layers: bool = False,
+    remat: str | None = None,
+) -> Pretrained:
     """Loads an HF checkpoint (a local directory, a Hub id or a `.gguf` file) into a `Pretrained` model.
 
     Args:
@@ -455,14 +507,17 @@ def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | 
         ckpt = read_gguf(gguf_path)
         hf_config, state_dict, tokenizer = ckpt.config, ckpt.state_dict, ckpt.tokenizer
         if tokenizer is None:
-            warnings.warn(f"{gguf_path} has no tokenizer metadata: the model is loaded with tokenizer=None",
-                          stacklevel=2)
+            warnings.warn(
+                f"{gguf_path} has no tokenizer metadata: the model is loaded with tokenizer=None", stacklevel=2
+            )
     else:
         if not os.path.exists(path):
             raise CheckpointError(f"checkpoint directory {path} does not exist")
         if not os.path.isdir(path):
-            raise CheckpointError(f"{path} is not a directory: expected a checkpoint directory (config.json, "
-                                  f"*.safetensors, tokenizer files) or a .gguf file")
+            raise CheckpointError(
+                f"{path} is not a directory: expected a checkpoint directory (config.json, "
+                f"*.safetensors, tokenizer files) or a .gguf file"
+            )
         config_path = os.path.join(path, "config.json")
         hf_config = _read_json(config_path)
         try:  # fail on an unsupported architecture before reading weights
@@ -474,11 +529,14 @@ def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | 
         state_dict = read_safetensors(path)
         tokenizer = load_tokenizer(path)
         if tokenizer is None:
-            warnings.warn(f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): the model is "
-                          f"loaded with tokenizer=None; pass token ids directly or load a tokenizer yourself",
-                          stacklevel=2)
-    config = ModelConfig.from_hf(hf_config, param_dtype=param_dtype.name, dtype=compute.name,
-                                 scan_layers=bool(scan_layers), remat=remat)
+            warnings.warn(
+                f"{path} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): the model is "
+                f"loaded with tokenizer=None; pass token ids directly or load a tokenizer yourself",
+                stacklevel=2,
+            )
+    config = ModelConfig.from_hf(
+        hf_config, param_dtype=param_dtype.name, dtype=compute.name, scan_layers=bool(scan_layers), remat=remat
+    )
     try:
         params = params_from_hf(config, state_dict, dtype=param_dtype)
     except CheckpointError as e:
@@ -486,8 +544,9 @@ def load_pretrained(path: str, dtype=None, compute_dtype=None, gguf_file: str | 
     return Pretrained(LanguageModel(config), params, tokenizer)
 
 
-def save_pretrained(directory: str, model: LanguageModel | Pretrained, params=None, tokenizer=None,
-                    max_shard_bytes: int = 2 << 30) -> None:
+def save_pretrained(
+    directory: str, model: LanguageModel | Pretrained, params=None, tokenizer=None, max_shard_bytes: int = 2 << 30
+) -> None:
     """Writes `config.json`, safetensors (sharded with an index above `max_shard_bytes`) and the
     tokenizer, in the layout `transformers.AutoModelForCausalLM.from_pretrained` loads."""
     from safetensors.numpy import save_file

@@ -4,6 +4,7 @@
 static argument to `jax.jit`; parameters travel separately as a pytree. `Pretrained` bundles a
 model with loaded parameters and its tokenizer (what `load_pretrained` returns).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +15,17 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lora import LoraParams, model_variables
+from jaxrlhf.models.transformer import (
+    ModelOutput,
+    Transformer,
+    decoding_params,
+    grow_cache,
+    init_cache,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 from jaxrlhf.tuning import Tuning
-from jaxrlhf.models.transformer import (ModelOutput, Transformer, decoding_params, grow_cache, init_cache, init_params,
-                                        stack_layers, unstack_layers)
-
 
 _KEEP = object()  # `with_layers`: leave `remat` as it is
 
@@ -42,8 +50,17 @@ class LanguageModel:
         """Logits `[B, L, V]` (float32) for a (left-padded) batch."""
         return self.forward(params, input_ids_BxL, attention_mask_BxL).logits
 
-    def forward(self, params, input_ids, attention_mask, positions=None, cache=None, cache_index=None,
-                cache_size=None, logits_positions: slice | None = None) -> ModelOutput:
+    def forward(
+        self,
+        params,
+        input_ids,
+        attention_mask,
+        positions=None,
+        cache=None,
+        cache_index=None,
+        cache_size=None,
+        logits_positions: slice | None = None,
+    ) -> ModelOutput:
         """Full output: logits, final hidden states and, in cache mode, the updated KV cache.
 
         With `cache_size` (and no `cache`) this is a prefill: the tokens attend to each other as
@@ -53,8 +70,9 @@ class LanguageModel:
         caller that needs `hidden` alone), while `hidden` keeps all L.
         """
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
-        return self.module.apply(variables, input_ids, attention_mask, positions, cache, cache_index,
-                                 cache_size, logits_positions, rngs=rngs)
+        return self.module.apply(
+            variables, input_ids, attention_mask, positions, cache, cache_index, cache_size, logits_positions, rngs=rngs
+        )
 
     def hidden_states(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
         """Final (normalised) hidden states `[B, L, D]` without the output layer (e.g. a critic's trunk)."""
@@ -84,7 +102,7 @@ class LanguageModel:
             return params._replace(base=self.layout_params(params.base), adapters=self.layout_params(params.adapters))
         return stack_layers(params) if self.config.scan_layers else unstack_layers(params)
 
-    def with_layers(self, scan_layers: bool | None = None, remat: Any = _KEEP) -> "LanguageModel":
+    def with_layers(self, scan_layers: bool | None = None, remat: Any = _KEEP) -> LanguageModel:
         """The same model with another layer execution (`scan_layers`, `remat`); convert the
         parameters with the new model's `layout_params`."""
         changes = {}
@@ -94,7 +112,7 @@ class LanguageModel:
             changes["remat"] = remat
         return LanguageModel(self.config.replace(**changes), self.tuning)
 
-    def with_tuning(self, tuning: Tuning) -> "LanguageModel":
+    def with_tuning(self, tuning: Tuning) -> LanguageModel:
         """The same model decoding with `tuning` (same parameters, same numbers)."""
         return dataclasses.replace(self, tuning=tuning)
 
@@ -120,7 +138,7 @@ class Pretrained:
     def apply(self):
         return self.model.apply
 
-    def with_layers(self, scan_layers: bool | None = None, remat: Any = _KEEP) -> "Pretrained":
+    def with_layers(self, scan_layers: bool | None = None, remat: Any = _KEEP) -> Pretrained:
         """The same checkpoint run with scanned and/or rematerialised layers (parameters converted
         to the matching layout), e.g. `pre.with_layers(scan_layers=True, remat="dots_saveable")`."""
         model = self.model.with_layers(scan_layers, remat)

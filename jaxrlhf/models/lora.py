@@ -36,6 +36,7 @@ What qwix is good for here is the numerics: `quantize_params` uses its public `q
 `qwix.dequantize` (NF4 buckets, int8 / int4 absmax) on plain arrays, and stores the result as plain
 arrays `kernel_q` (codes) + `kernel_scale` in place of `kernel`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,8 +54,15 @@ ATTENTION_TARGETS = ("q", "k", "v", "o")
 MLP_TARGETS = ("gate", "up", "down")
 ALL_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
 # Hugging Face (Llama family) module names accepted as targets too.
-HF_TARGET_NAMES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
-                   "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+HF_TARGET_NAMES = {
+    "q_proj": "q",
+    "k_proj": "k",
+    "v_proj": "v",
+    "o_proj": "o",
+    "gate_proj": "gate",
+    "up_proj": "up",
+    "down_proj": "down",
+}
 QUANT_TYPES = ("nf4", "int8", "int4")
 # Storage dtype of each quantisation type's codes (qwix keeps NF4 bucket indices as uint4).
 _CODE_DTYPES = {"nf4": jnp.uint4, "int8": jnp.int8, "int4": jnp.int4}
@@ -89,8 +97,10 @@ class LoraConfig:
         for name in self.target_modules:
             ours = HF_TARGET_NAMES.get(name, name)
             if ours not in ALL_TARGETS:
-                raise ValueError(f"LoraConfig: unknown target module {name!r}; use some of {ALL_TARGETS} "
-                                 f"(or their HF names {tuple(HF_TARGET_NAMES)})")
+                raise ValueError(
+                    f"LoraConfig: unknown target module {name!r}; use some of {ALL_TARGETS} "
+                    f"(or their HF names {tuple(HF_TARGET_NAMES)})"
+                )
             if ours not in names:
                 names.append(ours)
         if not names:
@@ -154,8 +164,11 @@ class LoraDense(nn.Dense):
     @nn.compact
     def __call__(self, inputs):
         if self.has_variable("params", QUANTIZED_KERNEL):
-            kernel = dequantize_kernel(self.get_variable("params", QUANTIZED_KERNEL),
-                                       self.get_variable("params", KERNEL_SCALE), self.param_dtype)
+            kernel = dequantize_kernel(
+                self.get_variable("params", QUANTIZED_KERNEL),
+                self.get_variable("params", KERNEL_SCALE),
+                self.param_dtype,
+            )
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
             x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
@@ -166,8 +179,10 @@ class LoraDense(nn.Dense):
         if not self.has_variable("lora", "lora_A"):
             return y
         if self.lora is None:
-            raise ValueError("adapters were passed for a model without ModelConfig.lora: build it with "
-                             "with_lora(model, LoraConfig(...))")
+            raise ValueError(
+                "adapters were passed for a model without ModelConfig.lora: build it with "
+                "with_lora(model, LoraConfig(...))"
+            )
         lora_a = self.get_variable("lora", "lora_A")
         lora_b = self.get_variable("lora", "lora_B")
         h = inputs
@@ -288,8 +303,12 @@ def quantize_params(params, qtype: str = "nf4", block_size: int = 64, targets=AL
         fan_in_axis = kernel.ndim - 2
         block = math.gcd(kernel.shape[fan_in_axis], block_size)
         channelwise = tuple(a for a in range(kernel.ndim) if a != fan_in_axis)
-        q = qwix.quantize(jnp.asarray(kernel, jnp.float32), qtype if qtype == "nf4" else jnp.dtype(qtype),
-                          channelwise_axes=channelwise, tiled_axes={fan_in_axis: block})
+        q = qwix.quantize(
+            jnp.asarray(kernel, jnp.float32),
+            qtype if qtype == "nf4" else jnp.dtype(qtype),
+            channelwise_axes=channelwise,
+            tiled_axes={fan_in_axis: block},
+        )
         node[QUANTIZED_KERNEL] = q.qvalue
         node[KERNEL_SCALE] = q.scale.astype(jnp.dtype(kernel.dtype))
         _set(out, path, node)
@@ -348,7 +367,22 @@ def count_params(tree) -> int:
 
 
 __all__ = [
-    "ALL_TARGETS", "ATTENTION_TARGETS", "LoraConfig", "LoraDense", "LoraParams", "MLP_TARGETS", "QUANT_TYPES",
-    "adapter_paths", "base_params", "count_params", "dequantize_kernel", "dequantize_params", "init_lora",
-    "is_quantized", "merge_lora", "model_variables", "quantize_params", "with_lora",
+    "ALL_TARGETS",
+    "ATTENTION_TARGETS",
+    "LoraConfig",
+    "LoraDense",
+    "LoraParams",
+    "MLP_TARGETS",
+    "QUANT_TYPES",
+    "adapter_paths",
+    "base_params",
+    "count_params",
+    "dequantize_kernel",
+    "dequantize_params",
+    "init_lora",
+    "is_quantized",
+    "merge_lora",
+    "model_variables",
+    "quantize_params",
+    "with_lora",
 ]

@@ -22,6 +22,7 @@ PEFT's scale is `lora_alpha / r` per module (`rank_pattern`, `alpha_pattern`; `u
 `alpha / sqrt(r)`). On reading, a module whose scale differs from the file's global
 `lora_alpha / r` gets the ratio folded into its `B`, so one `LoraConfig` describes the result.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,15 @@ from jaxrlhf.models.transformer import stack_layers, unstack_layers
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_LLAMA_NAMES = {("attn", "q"): "self_attn.q_proj", ("attn", "k"): "self_attn.k_proj",
-                ("attn", "v"): "self_attn.v_proj", ("attn", "o"): "self_attn.o_proj",
-                ("mlp", "gate"): "mlp.gate_proj", ("mlp", "up"): "mlp.up_proj", ("mlp", "down"): "mlp.down_proj"}
+_LLAMA_NAMES = {
+    ("attn", "q"): "self_attn.q_proj",
+    ("attn", "k"): "self_attn.k_proj",
+    ("attn", "v"): "self_attn.v_proj",
+    ("attn", "o"): "self_attn.o_proj",
+    ("mlp", "gate"): "mlp.gate_proj",
+    ("mlp", "up"): "mlp.up_proj",
+    ("mlp", "down"): "mlp.down_proj",
+}
 _GPT2_NAMES = {("attn", "o"): "attn.c_proj", ("mlp", "up"): "mlp.c_fc", ("mlp", "down"): "mlp.c_proj"}
 
 
@@ -53,14 +60,17 @@ class AdapterError(ValueError):
 def _module_name(config: ModelConfig, layer: int, block: str, proj: str) -> str:
     """The transformers module name of our projection (GPT-2's q/k/v: the fused c_attn)."""
     if config.model_type == "gpt2":
-        name = "attn.c_attn" if (block, proj) in (("attn", "q"), ("attn", "k"), ("attn", "v")) else \
-            _GPT2_NAMES[(block, proj)]
+        name = (
+            "attn.c_attn"
+            if (block, proj) in (("attn", "q"), ("attn", "k"), ("attn", "v"))
+            else _GPT2_NAMES[(block, proj)]
+        )
         return f"transformer.h.{layer}.{name}"
     return f"model.layers.{layer}.{_LLAMA_NAMES[(block, proj)]}"
 
 
 def _layer_index(name: str) -> int:
-    return int(name[len("layer_"):])
+    return int(name[len("layer_") :])
 
 
 def peft_state_dict(config: ModelConfig, lora: LoraConfig, adapters) -> tuple[dict[str, np.ndarray], dict]:
@@ -78,8 +88,11 @@ def peft_state_dict(config: ModelConfig, lora: LoraConfig, adapters) -> tuple[di
         else:
             modules[name] = (a_inxr.T, b_rxout.T)
     for name, parts in fused.items():
-        width = {"q": config.num_heads * config.head_dim, "k": config.num_kv_heads * config.head_dim,
-                 "v": config.num_kv_heads * config.head_dim}
+        width = {
+            "q": config.num_heads * config.head_dim,
+            "k": config.num_kv_heads * config.head_dim,
+            "v": config.num_kv_heads * config.head_dim,
+        }
         a_blocks, b_blocks = [], []
         for proj in "qkv":
             if proj in parts:
@@ -92,7 +105,7 @@ def peft_state_dict(config: ModelConfig, lora: LoraConfig, adapters) -> tuple[di
         b_Rx3out = np.zeros((a_inxR.shape[1], sum(width.values())), np.float32)
         row = col = 0
         for b_rxout in b_blocks:  # block-diagonal: q's rank rows feed q's columns only
-            b_Rx3out[row:row + b_rxout.shape[0], col:col + b_rxout.shape[1]] = b_rxout
+            b_Rx3out[row : row + b_rxout.shape[0], col : col + b_rxout.shape[1]] = b_rxout
             row, col = row + b_rxout.shape[0], col + b_rxout.shape[1]
         modules[name] = (a_inxR.T, b_Rx3out.T)
     state_dict, rank_pattern, alpha_pattern = {}, {}, {}
@@ -163,8 +176,9 @@ def peft_adapters_from_state_dict(config: ModelConfig, adapter_config: dict, sta
         raise AdapterError(f"only LoRA adapters are read, this one is {adapter_config.get('peft_type')!r}")
     for unsupported in ("use_dora", "modules_to_save"):
         if adapter_config.get(unsupported):
-            raise AdapterError(f"adapter_config.json sets {unsupported}={adapter_config[unsupported]!r}, which is "
-                               "not supported")
+            raise AdapterError(
+                f"adapter_config.json sets {unsupported}={adapter_config[unsupported]!r}, which is not supported"
+            )
     if adapter_config.get("bias", "none") != "none":
         raise AdapterError(f"adapters with trained biases (bias={adapter_config['bias']!r}) are not supported")
     rank, alpha = int(adapter_config["r"]), float(adapter_config["lora_alpha"])
@@ -214,18 +228,26 @@ def peft_adapters_from_state_dict(config: ModelConfig, adapter_config: dict, sta
             parts = {hf_proj: (a_rxin, b_outxr)}
         for proj, (a, b) in parts.items():
             adapters.setdefault(f"layer_{layer}", {}).setdefault(block, {})[proj] = {
-                "lora_A": np.ascontiguousarray(a.T), "lora_B": np.ascontiguousarray(b.T)}
+                "lora_A": np.ascontiguousarray(a.T),
+                "lora_B": np.ascontiguousarray(b.T),
+            }
             targets.add(proj)
     if not adapters:
         raise AdapterError("the adapter holds no LoRA weights")
     order = [t for t in ("q", "k", "v", "o", "gate", "up", "down") if t in targets]
-    lora = LoraConfig(rank=rank, alpha=alpha if not rslora else global_scale * rank,
-                      dropout=float(adapter_config.get("lora_dropout", 0.0)), target_modules=tuple(order))
+    lora = LoraConfig(
+        rank=rank,
+        alpha=alpha if not rslora else global_scale * rank,
+        dropout=float(adapter_config.get("lora_dropout", 0.0)),
+        target_modules=tuple(order),
+    )
     adapters = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
     if config.scan_layers:
         if len(adapters) != config.num_layers:
-            raise AdapterError("a scanned model needs adapters on every layer; this adapter has "
-                               f"{len(adapters)} of {config.num_layers}")
+            raise AdapterError(
+                "a scanned model needs adapters on every layer; this adapter has "
+                f"{len(adapters)} of {config.num_layers}"
+            )
         adapters = stack_layers(adapters)
     return lora, adapters
 
@@ -266,5 +288,14 @@ def export_policy(directory: str, model, params, tokenizer=None) -> None:
         tokenizer.save_pretrained(directory)
 
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "export_policy", "load_peft_adapter",
-           "peft_adapters_from_state_dict", "peft_state_dict", "save_merged", "save_peft_adapter"]
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "AdapterError",
+    "export_policy",
+    "load_peft_adapter",
+    "peft_adapters_from_state_dict",
+    "peft_state_dict",
+    "save_merged",
+    "save_peft_adapter",
+]

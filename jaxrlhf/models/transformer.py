@@ -21,6 +21,7 @@ stacked cache (`{"k", "v"}` of `[num_layers, B, K, S, E]`), so compile time does
 depth; `stack_layers` / `unstack_layers` convert between the layouts. `remat` wraps each block in
 `nn.remat` with a named `jax.checkpoint_policies` policy. Neither changes the computation.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -130,8 +131,9 @@ class Attention(nn.Module):
     tuning: Tuning = Tuning()
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index, cache_size=None,
-                 layer_index=None):
+    def __call__(
+        self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index, cache_size=None, layer_index=None
+    ):
         cfg = self.config
         B, L, _ = x_BxLxD.shape
         H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -222,8 +224,14 @@ class Block(nn.Module):
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         attn_out, new_cache = Attention(cfg, self.tuning, name="attn")(
-            Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x), positions, allowed, layer_cache, cache_index,
-            self.cache_size, layer_index)
+            Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x),
+            positions,
+            allowed,
+            layer_cache,
+            cache_index,
+            self.cache_size,
+            layer_index,
+        )
         x = x + attn_out
         x = x + MLP(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, pdt, name="mlp_norm")(x))
         return x, new_cache
@@ -257,8 +265,16 @@ class Transformer(nn.Module):
     tuning: Tuning = Tuning()
 
     @nn.compact
-    def __call__(self, input_ids_BxL, attention_mask, positions_BxL=None, cache=None, cache_index=None,
-                 cache_size=None, logits_positions=None):
+    def __call__(
+        self,
+        input_ids_BxL,
+        attention_mask,
+        positions_BxL=None,
+        cache=None,
+        cache_index=None,
+        cache_size=None,
+        logits_positions=None,
+    ):
         """`logits_positions`: a static `slice` of the L positions at which to apply the output
         layer (None: all). The `[B, L, V]` head matmul is often most of a short model's forward;
         a trainer that scores only the response needs it at those positions alone. `hidden` is
@@ -282,22 +298,39 @@ class Transformer(nn.Module):
             allowed_LxS &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
         allowed_BxLxS = allowed_LxS[None] & key_mask[:, None, :]
 
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
-                         embedding_init=nn.initializers.normal(0.02), name="embed")
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=pdt,
+            embedding_init=nn.initializers.normal(0.02),
+            name="embed",
+        )
         x = embed(input_ids_BxL)
         if cfg.positions == "learned":
-            pos_embed = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=dtype, param_dtype=pdt,
-                                 embedding_init=nn.initializers.normal(0.01), name="pos_embed")
+            pos_embed = nn.Embed(
+                cfg.max_position_embeddings,
+                cfg.hidden_size,
+                dtype=dtype,
+                param_dtype=pdt,
+                embedding_init=nn.initializers.normal(0.01),
+                name="pos_embed",
+            )
             x = x + pos_embed(jnp.minimum(positions_BxL, cfg.max_position_embeddings - 1))
 
         if cfg.scan_layers and cache is None:
             # One block body scanned over `params["layers"]` (leaves [num_layers, ...]); the hidden
             # state is the carry, and a prefill's fresh per-layer caches stack up as the outputs.
-            scanned = nn.scan(block_class(cfg, scanned=True), variable_axes=_SCANNED_COLLECTIONS,
-                              split_rngs=_SCANNED_RNGS, in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                              length=cfg.num_layers)
+            scanned = nn.scan(
+                block_class(cfg, scanned=True),
+                variable_axes=_SCANNED_COLLECTIONS,
+                split_rngs=_SCANNED_RNGS,
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.num_layers,
+            )
             x, new_cache = scanned(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)(
-                x, positions_BxL, allowed_BxLxS, cache, cache_index)
+                x, positions_BxL, allowed_BxLxS, cache, cache_index
+            )
         elif cfg.scan_layers:
             # Decoding: the whole stacked cache rides in the carry and each layer updates its new
             # slots in place (scanning over it as inputs/outputs would copy it every step).
@@ -306,18 +339,25 @@ class Transformer(nn.Module):
                 h, stacked = block(h, positions, allowed, stacked, index, layer_index)
                 return (h, stacked), None
 
-            scanned = nn.scan(body, variable_axes=_SCANNED_COLLECTIONS, split_rngs=_SCANNED_RNGS,
-                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.num_layers)
+            scanned = nn.scan(
+                body,
+                variable_axes=_SCANNED_COLLECTIONS,
+                split_rngs=_SCANNED_RNGS,
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+            )
             block = block_class(cfg, scanned=True)(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)
-            (x, new_cache), _ = scanned(block, (x, cache), jnp.arange(cfg.num_layers), positions_BxL,
-                                        allowed_BxLxS, cache_index)
+            (x, new_cache), _ = scanned(
+                block, (x, cache), jnp.arange(cfg.num_layers), positions_BxL, allowed_BxLxS, cache_index
+            )
         else:
             block = block_class(cfg)
             new_cache = []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else cache[i]
                 x, layer_new_cache = block(cfg, cache_size, self.tuning, name=f"layer_{i}")(
-                    x, positions_BxL, allowed_BxLxS, layer_cache, cache_index)
+                    x, positions_BxL, allowed_BxLxS, layer_cache, cache_index
+                )
                 new_cache.append(layer_new_cache)
             new_cache = tuple(new_cache)
         hidden = Norm(cfg.norm, cfg.norm_eps, pdt, name="final_norm")(x)
@@ -339,7 +379,10 @@ class Transformer(nn.Module):
 DECODE_HEAD = "decode_head"
 
 
-def decoding_params(config: ModelConfig, params: dict, tuning: Tuning = Tuning()) -> dict:
+_PORTABLE_TUNING = Tuning()
+
+
+def decoding_params(config: ModelConfig, params: dict, tuning: Tuning = _PORTABLE_TUNING) -> dict:
     """Parameters for a decoding loop: with `tuning.decode_head == "transposed"` a tied output
     layer gets a `[D, V]` copy of the `[V, D]` embedding table.
 
@@ -363,8 +406,8 @@ def init_params(config: ModelConfig, key: Array) -> dict:
 
 
 def _layer_keys(params) -> list[str]:
-    keys = [k for k in params if k.startswith("layer_") and k[len("layer_"):].isdigit()]
-    return sorted(keys, key=lambda k: int(k[len("layer_"):]))
+    keys = [k for k in params if k.startswith("layer_") and k[len("layer_") :].isdigit()]
+    return sorted(keys, key=lambda k: int(k[len("layer_") :]))
 
 
 def is_stacked(params) -> bool:
@@ -381,7 +424,7 @@ def stack_layers(params) -> dict:
     keys = _layer_keys(params)
     if not keys:
         raise ValueError("no layer_<i> entries to stack")
-    if [int(k[len("layer_"):]) for k in keys] != list(range(len(keys))):
+    if [int(k[len("layer_") :]) for k in keys] != list(range(len(keys))):
         raise ValueError(f"layer entries are not layer_0 .. layer_{len(keys) - 1}: {keys}")
     out = {k: v for k, v in params.items() if k not in keys}
     out[SCANNED_LAYERS] = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[params[k] for k in keys])

@@ -7,6 +7,7 @@
   parameters kept beside the policy's.
 The head starts at zero (`scale=0`) or small, so early value estimates do not swamp the advantages.
 """
+
 from __future__ import annotations
 
 import dataclasses

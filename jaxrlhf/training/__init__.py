@@ -4,21 +4,31 @@ See docs/training.md. The main entry points are `PPOConfig`, `PPO` (static setup
 `train` (the driver: logging, checkpoints, resume, export) and `train_sweep` (R runs of seeds and
 hyper-parameters as one compiled program, see `jaxrlhf.training.sweep` and `grid`).
 """
+
+from jaxrlhf.training.checkpoint import (
+    CheckpointCorruptError,
+    Checkpointer,
+    CheckpointIntegrityWarning,
+    CheckpointMismatchError,
+    prompts_fingerprint,
+)
 from jaxrlhf.training.config import PPOConfig
-from jaxrlhf.training.hparams import HyperParams, SweepSpecError, grid, run_configs
 from jaxrlhf.training.experience import Experience, PromptBatch, Rollout, make_experience, rollout
+from jaxrlhf.training.hparams import HyperParams, SweepSpecError, grid, run_configs
 from jaxrlhf.training.ppo import PPO, PromptTooLongError
-from jaxrlhf.training.rewards import (NonFiniteError, RewardModel, RewardShapeError, TextReward,
-                                      postprocess_scores)
+from jaxrlhf.training.preference import (
+    PreferenceConfig,
+    PreferenceResult,
+    PreferenceState,
+    PreferenceTrainer,
+    train_preference,
+)
+from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data
+from jaxrlhf.training.rewards import NonFiniteError, RewardModel, RewardShapeError, TextReward, postprocess_scores
 from jaxrlhf.training.state import FrozenParams, ScoreStats, TrainState, make_optimizer
-from jaxrlhf.training.update import make_ppo_update
-from jaxrlhf.training.checkpoint import (CheckpointCorruptError, CheckpointIntegrityWarning, Checkpointer,
-                                        CheckpointMismatchError, prompts_fingerprint)
 from jaxrlhf.training.sweep import Sweep, SweepState
 from jaxrlhf.training.trainer import PromptDataset, SweepResult, TrainResult, prepare_prompts, train, train_sweep
-from jaxrlhf.training.preference import (PreferenceConfig, PreferenceResult, PreferenceState, PreferenceTrainer,
-                                        train_preference)
-from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data
+from jaxrlhf.training.update import make_ppo_update
 
 __all__ = [
     "CheckpointCorruptError",

@@ -25,6 +25,7 @@ Restoring then reads ``meta`` and refuses a checkpoint from an incompatible setu
 then it restores ``state`` onto an abstract target of `jax.ShapeDtypeStruct`s carrying the current
 mesh's shardings, so each device (and host) reads only its own shards.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,15 +34,14 @@ import hashlib
 import json
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxrlhf.config import config_to_dict
-from jaxrlhf.training.config import RESUME_MUTABLE_FIELDS
-from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.config import RESUME_MUTABLE_FIELDS, PPOConfig
 from jaxrlhf.training.ppo import PPO
 
 FORMAT_VERSION = 2  # 2: hyper-parameters in the state (TrainState.hparams, injected optimizer numbers)
@@ -66,8 +66,16 @@ class CheckpointCorruptError(ValueError):
     ``intact_steps`` (older steps whose checksums verified), ``directory``.
     """
 
-    def __init__(self, message: str, *, step: Optional[int] = None, file: Optional[str] = None,
-                 problem: str = "", intact_steps=(), directory: Optional[str] = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        step: int | None = None,
+        file: str | None = None,
+        problem: str = "",
+        intact_steps=(),
+        directory: str | None = None,
+    ):
         super().__init__(message)
         self.step, self.file, self.problem = step, file, problem
         self.intact_steps, self.directory = list(intact_steps), directory
@@ -99,8 +107,10 @@ def write_manifest(step_dir: str | os.PathLike) -> dict:
     """Writes ``_INTEGRITY.json`` (size and SHA-256 of every data file) into ``step_dir``
     atomically (temporary file + rename) and returns it."""
     step_dir = os.fspath(step_dir)
-    files = {rel: {"size": os.path.getsize(os.path.join(step_dir, rel)),
-                   "sha256": _sha256_file(os.path.join(step_dir, rel))} for rel in _step_files(step_dir)}
+    files = {
+        rel: {"size": os.path.getsize(os.path.join(step_dir, rel)), "sha256": _sha256_file(os.path.join(step_dir, rel))}
+        for rel in _step_files(step_dir)
+    }
     manifest = {"version": MANIFEST_VERSION, "algorithm": "sha256", "files": files}
     tmp = os.path.join(step_dir, MANIFEST_NAME + ".tmp")
     with open(tmp, "w") as f:
@@ -111,7 +121,7 @@ def write_manifest(step_dir: str | os.PathLike) -> dict:
     return manifest
 
 
-def verify_step_dir(step_dir: str | os.PathLike) -> Optional[tuple[str, str]]:
+def verify_step_dir(step_dir: str | os.PathLike) -> tuple[str, str] | None:
     """Checks ``step_dir`` against its manifest. Returns None when every listed file has its
     size and SHA-256, else ``(file, problem)`` for the first fault. Raises `FileNotFoundError`
     when there is no manifest (a step written before manifests existed)."""
@@ -170,19 +180,20 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def checkpoint_metadata(ppo: PPO, config: PPOConfig, sweep_runs=None,
-                        prompts_fingerprint: Optional[str] = None) -> dict:
+def checkpoint_metadata(ppo: PPO, config: PPOConfig, sweep_runs=None, prompts_fingerprint: str | None = None) -> dict:
     """What a checkpoint records about the run that wrote it (JSON values only)."""
     critic = None if ppo.critic is None else dataclasses.asdict(ppo.critic.config)  # shared trunk / critic-free
-    return _json_roundtrip({
-        "format_version": FORMAT_VERSION,
-        "ppo_config": config_to_dict(config),
-        "policy_config": dataclasses.asdict(ppo.policy.config),
-        "critic_config": critic,
-        "sweep_runs": sweep_runs,
-        "integrity": "sha256-manifest",  # steps written by this code have a manifest
-        "prompts_fingerprint": prompts_fingerprint,
-    })
+    return _json_roundtrip(
+        {
+            "format_version": FORMAT_VERSION,
+            "ppo_config": config_to_dict(config),
+            "policy_config": dataclasses.asdict(ppo.policy.config),
+            "critic_config": critic,
+            "sweep_runs": sweep_runs,
+            "integrity": "sha256-manifest",  # steps written by this code have a manifest
+            "prompts_fingerprint": prompts_fingerprint,
+        }
+    )
 
 
 def metadata_differences(saved: dict, current: dict) -> list[str]:
@@ -198,8 +209,10 @@ def metadata_differences(saved: dict, current: dict) -> list[str]:
         if name in mutable:
             continue
         if saved_ppo.get(name, "<missing>") != current_ppo.get(name, "<missing>"):
-            problems.append(f"ppo_config.{name}: checkpoint {saved_ppo.get(name, '<missing>')!r}, "
-                            f"now {current_ppo.get(name, '<missing>')!r}")
+            problems.append(
+                f"ppo_config.{name}: checkpoint {saved_ppo.get(name, '<missing>')!r}, "
+                f"now {current_ppo.get(name, '<missing>')!r}"
+            )
     if saved.get("sweep_runs") != current["sweep_runs"]:
         problems.append(f"sweep_runs: checkpoint {saved.get('sweep_runs')!r}, now {current['sweep_runs']!r}")
     for key in ("policy_config", "critic_config"):
@@ -234,14 +247,22 @@ class Checkpointer:
       allow_different_prompts: resume even though the prompt set changed.
     """
 
-    def __init__(self, directory: str | os.PathLike, trainer, config: Optional[PPOConfig] = None,
-                 async_save: bool = True, *, fallback_to_intact: bool = False,
-                 prompts_fingerprint: Optional[str] = None, allow_different_prompts: bool = False):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        trainer,
+        config: PPOConfig | None = None,
+        async_save: bool = True,
+        *,
+        fallback_to_intact: bool = False,
+        prompts_fingerprint: str | None = None,
+        allow_different_prompts: bool = False,
+    ):
         self.directory = os.path.abspath(os.fspath(directory))
         self.trainer = trainer
         self.fallback_to_intact = fallback_to_intact
         self.allow_different_prompts = allow_different_prompts
-        self.restored_step: Optional[int] = None  # the step `restore` actually restored
+        self.restored_step: int | None = None  # the step `restore` actually restored
         self.moved_aside: list[str] = []  # damaged step directories renamed by a fallback
         config = trainer.config if config is None else config
         ppo = trainer if isinstance(trainer, PPO) else trainer.ppo
@@ -266,7 +287,7 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(s for s in self.manager.all_steps() if s not in self._damaged)
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         """The newest step on disk not known to be damaged (`restore` verifies it; with
         ``fallback_to_intact`` it may restore an older one: read ``int(state.step)`` or
         `restored_step` after it)."""
@@ -285,25 +306,36 @@ class Checkpointer:
         if problems:
             raise CheckpointMismatchError(
                 f"cannot resume from {self.directory} (step {step}): it was written with a different "
-                "configuration:\n  " + "\n  ".join(problems)
-                + "\nUse a new output directory, or restore the original configuration.")
+                "configuration:\n  "
+                + "\n  ".join(problems)
+                + "\nUse a new output directory, or restore the original configuration."
+            )
         saved_fp, current_fp = saved.get("prompts_fingerprint"), self.metadata.get("prompts_fingerprint")
         if saved_fp and current_fp and saved_fp != current_fp and not self.allow_different_prompts:
             raise CheckpointMismatchError(
                 f"cannot resume from {self.directory} (step {step}): it was trained on a different prompt "
                 f"set (fingerprint {saved_fp}, now {current_fp}). Resuming would continue the run on other "
                 "prompts (and another batch order). Pass allow_different_prompts=True to the Checkpointer "
-                "(train(..., allow_different_prompts=True)) to resume anyway, or use a new output directory.")
+                "(train(..., allow_different_prompts=True)) to resume anyway, or use a new output directory."
+            )
         if current_fp and saved_fp and saved_fp != current_fp:
-            warnings.warn(f"resuming step {step} of {self.directory} with a different prompt set "
-                          "(allow_different_prompts=True)", CheckpointIntegrityWarning, stacklevel=3)
+            warnings.warn(
+                f"resuming step {step} of {self.directory} with a different prompt set (allow_different_prompts=True)",
+                CheckpointIntegrityWarning,
+                stacklevel=3,
+            )
 
     # -- integrity -------------------------------------------------------------------------
 
-    def _corrupt(self, step: int, file: Optional[str], problem: str) -> CheckpointCorruptError:
+    def _corrupt(self, step: int, file: str | None, problem: str) -> CheckpointCorruptError:
         where = self.step_dir(step) if file is None else os.path.join(self.step_dir(step), file)
-        return CheckpointCorruptError(f"checkpoint step {step} in {self.directory} is damaged: {where}: {problem}",
-                                      step=step, file=file, problem=problem, directory=self.directory)
+        return CheckpointCorruptError(
+            f"checkpoint step {step} in {self.directory} is damaged: {where}: {problem}",
+            step=step,
+            file=file,
+            problem=problem,
+            directory=self.directory,
+        )
 
     def verify(self, step: int) -> bool:
         """Checks step ``step`` against its manifest: True if verified, False if it has none (written
@@ -317,11 +349,18 @@ class Checkpointer:
             try:
                 meta = self.saved_metadata(step)
             except Exception as e:  # noqa: BLE001 - any reader error means the step is unreadable
-                raise self._corrupt(step, "meta", f"no integrity manifest, and the metadata is unreadable "
-                                    f"({type(e).__name__}: {_short(e)})") from e
+                raise self._corrupt(
+                    step,
+                    "meta",
+                    f"no integrity manifest, and the metadata is unreadable ({type(e).__name__}: {_short(e)})",
+                ) from e
             if meta.get("integrity"):
-                raise self._corrupt(step, MANIFEST_NAME, "missing: this step was written with an integrity "
-                                    "manifest, which has been removed, so its data cannot be trusted") from None
+                raise self._corrupt(
+                    step,
+                    MANIFEST_NAME,
+                    "missing: this step was written with an integrity "
+                    "manifest, which has been removed, so its data cannot be trusted",
+                ) from None
             return False
         if fault is not None:
             raise self._corrupt(step, *fault)
@@ -336,7 +375,7 @@ class Checkpointer:
                 continue
         return described
 
-    def _move_aside(self, step: int) -> Optional[str]:
+    def _move_aside(self, step: int) -> str | None:
         """Renames a damaged step directory to ``<step>.corrupt[-k]`` so that Orbax no longer sees
         it and a new save of the same step does not collide; never deletes it."""
         self._damaged.add(step)
@@ -351,6 +390,7 @@ class Checkpointer:
             self.moved_aside.append(target)
         if jax.process_count() > 1:  # every host sees the rename before it reloads the step list
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices(f"jaxrlhf_checkpoint_move_aside_{step}")
         self.manager.reload()
         return target
@@ -358,9 +398,12 @@ class Checkpointer:
     def _restore_step(self, step: int):
         verified = self.verify(step)  # CheckpointCorruptError
         if not verified:
-            warnings.warn(f"checkpoint step {step} in {self.directory} has no integrity manifest (written by an "
-                          "older version): restoring it without verifying its contents",
-                          CheckpointIntegrityWarning, stacklevel=3)
+            warnings.warn(
+                f"checkpoint step {step} in {self.directory} has no integrity manifest (written by an "
+                "older version): restoring it without verifying its contents",
+                CheckpointIntegrityWarning,
+                stacklevel=3,
+            )
         try:
             self.check_compatible(step)
         except CheckpointMismatchError:
@@ -375,8 +418,9 @@ class Checkpointer:
         except Exception as e:  # noqa: BLE001
             if verified:  # the files are as written: not damage, but e.g. a state structure the code changed
                 raise
-            raise self._corrupt(step, "state",
-                                f"Orbax could not read the state ({type(e).__name__}: {_short(e)})") from e
+            raise self._corrupt(
+                step, "state", f"Orbax could not read the state ({type(e).__name__}: {_short(e)})"
+            ) from e
         return restored["state"]
 
     # -- save / restore --------------------------------------------------------------------
@@ -398,7 +442,7 @@ class Checkpointer:
             self._damaged.discard(step)
         return started
 
-    def restore(self, step: Optional[int] = None):
+    def restore(self, step: int | None = None):
         """The state of checkpoint ``step`` (default: latest), after the integrity and compatibility
         checks. A damaged step raises `CheckpointCorruptError` (naming the file and the fault, and
         listing the intact older steps); with ``fallback_to_intact`` it is moved aside to
@@ -418,25 +462,37 @@ class Checkpointer:
                 if not self.fallback_to_intact:
                     e.intact_steps = self._intact_older(s)
                     older = ", ".join(e.intact_steps) or "none"
-                    e.args = (f"{e.args[0]}\nIntact older steps: {older}. Pass fallback_to_intact=True to the "
-                              f"Checkpointer (train(..., fallback_to_intact=True)) to move step {s} aside to "
-                              f"{self.step_dir(s)}{CORRUPT_SUFFIX} and resume from the newest intact one, or move "
-                              "the damaged step directory away yourself.",)
+                    e.args = (
+                        f"{e.args[0]}\nIntact older steps: {older}. Pass fallback_to_intact=True to the "
+                        f"Checkpointer (train(..., fallback_to_intact=True)) to move step {s} aside to "
+                        f"{self.step_dir(s)}{CORRUPT_SUFFIX} and resume from the newest intact one, or move "
+                        "the damaged step directory away yourself.",
+                    )
                     raise
                 moved = self._move_aside(s)
                 damaged.append(s)
-                warnings.warn(f"{e}\nMoved it aside to {moved} (not deleted); trying the next older step.",
-                              CheckpointIntegrityWarning, stacklevel=2)
+                warnings.warn(
+                    f"{e}\nMoved it aside to {moved} (not deleted); trying the next older step.",
+                    CheckpointIntegrityWarning,
+                    stacklevel=2,
+                )
                 continue
             if damaged:
-                warnings.warn(f"restored checkpoint step {s} of {self.directory} instead of damaged step(s) "
-                              f"{damaged} (moved aside to <step>{CORRUPT_SUFFIX})", CheckpointIntegrityWarning,
-                              stacklevel=2)
+                warnings.warn(
+                    f"restored checkpoint step {s} of {self.directory} instead of damaged step(s) "
+                    f"{damaged} (moved aside to <step>{CORRUPT_SUFFIX})",
+                    CheckpointIntegrityWarning,
+                    stacklevel=2,
+                )
             self.restored_step = s
             return state
         raise CheckpointCorruptError(
             f"no intact checkpoint in {self.directory}: damaged step(s) {damaged} were moved aside to "
-            f"<step>{CORRUPT_SUFFIX}", step=step, problem="no intact step", directory=self.directory)
+            f"<step>{CORRUPT_SUFFIX}",
+            step=step,
+            problem="no intact step",
+            directory=self.directory,
+        )
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

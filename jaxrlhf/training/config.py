@@ -3,10 +3,10 @@
 A frozen (hashable) dataclass, so it can be a static argument of `jax.jit` and a field of an
 experiment's own config (``--ppo.clip_eps 0.1`` on the command line, see `jaxrlhf.config`).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from jaxrlhf.core.kl import KL_KINDS
 from jaxrlhf.core.losses import LOSS_AGGREGATIONS
@@ -61,12 +61,12 @@ class PPOConfig:
     """Response length budget; responses stop earlier at EOS."""
     temperature: float = 1.0
     """Sampling temperature; log-probs for the losses use the same temperature."""
-    top_k: Optional[int] = None
+    top_k: int | None = None
     """Sample among the k most likely tokens (None = no limit)."""
     top_p: float = 1.0
     """Nucleus sampling threshold; 1.0 keeps every token (a number, so it may be swept: it is no
     switch, the identity of the filter)."""
-    eos_token_id: Optional[int] = None
+    eos_token_id: int | None = None
     """End-of-sequence token; None takes the policy's `ModelConfig.eos_token_id` (every id of it, if
     it is a tuple); -1 means no EOS (every response runs to max_new_tokens)."""
     pad_token_id: int = 0
@@ -78,15 +78,15 @@ class PPOConfig:
     minibatch's ratio is then 1 only up to the cached decode's rounding (docs/training.md)."""
 
     # --- reward ---
-    score_clip: Optional[float] = None
+    score_clip: float | None = None
     """Clip scores to [-score_clip, score_clip] before use (None = no clipping)."""
-    score_norm: Optional[str] = None
+    score_norm: str | None = None
     """Score normalisation before it enters the step rewards: None (scores as they are); "batch"
     (whiten over the batch); "running" (divide by the running std of all scores seen, mean kept in
     the state)."""
     score_norm_shift_mean: bool = False
     """With score_norm, also subtract the (batch or running) mean, not just divide by the std."""
-    missing_eos_penalty: Optional[float] = None
+    missing_eos_penalty: float | None = None
     """When set, the score of a response that never emitted EOS is replaced by this value."""
 
     # --- KL penalty ---
@@ -124,7 +124,7 @@ class PPOConfig:
     the losses (their advantage is 0 anyway; the losses' normalisers count only the kept rows).
     1 = off. Needs a group estimator; logged: group_signal_fraction (of the sampled groups) and
     kept_group_fraction."""
-    overlong_buffer: Optional[int] = None
+    overlong_buffer: int | None = None
     """DAPO's soft overlong punishment (Yu et al. 2025): with L_c = overlong_buffer and
     L_max = max_new_tokens, a response of length L > L_max - L_c gets (L_max - L_c - L) / L_c
     added to its raw score (from 0 down to -1). None = off."""
@@ -141,14 +141,14 @@ class PPOConfig:
     """"ppo" (token-level ratio clip), "gspo" (GSPO's sequence-level ratio, Zheng et al. 2025)
     or "gspo-token" (GSPO-token: the sequence ratio's value, each token's own gradient). GSPO
     clips the sequence ratio with clip_eps / clip_eps_high (the paper uses 3e-4 / 4e-4)."""
-    dual_clip: Optional[float] = None
+    dual_clip: float | None = None
     """Dual-clip PPO constant c > 1 (Ye et al. 2020): for negative advantages the token loss is
     also capped at -A * c. None = off. "ppo" policy loss only."""
     clip_eps: float = 0.2
     """PPO ratio clip epsilon (lower side, and upper side unless clip_eps_high is set)."""
-    clip_eps_high: Optional[float] = None
+    clip_eps_high: float | None = None
     """Upper ratio clip epsilon (DAPO's "clip-higher"); None = clip_eps."""
-    value_clip_eps: Optional[float] = 0.2
+    value_clip_eps: float | None = 0.2
     """Value clip around the rollout values; None disables value clipping."""
     vf_coef: float = 0.1
     """Weight of the value loss in the total loss."""
@@ -168,7 +168,7 @@ class PPOConfig:
     """Linear warm-up from 0, counted in optimizer updates."""
     lr_schedule: str = "constant"
     """After warm-up: "constant", "linear" (to 0) or "cosine" (to 0) over all updates of the run."""
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: float | None = 1.0
     """Clip each model's gradient to this global norm (None = no clipping)."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay."""
@@ -201,24 +201,37 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig: {message}")
 
         need(self.batch_size > 0 and self.minibatch_size > 0, "batch_size and minibatch_size must be positive")
-        need(self.batch_size % self.minibatch_size == 0,
-             f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size})")
-        need(self.grad_accum_steps > 0 and self.minibatch_size % self.grad_accum_steps == 0,
-             f"grad_accum_steps ({self.grad_accum_steps}) must divide minibatch_size ({self.minibatch_size})")
+        need(
+            self.batch_size % self.minibatch_size == 0,
+            f"minibatch_size ({self.minibatch_size}) must divide batch_size ({self.batch_size})",
+        )
+        need(
+            self.grad_accum_steps > 0 and self.minibatch_size % self.grad_accum_steps == 0,
+            f"grad_accum_steps ({self.grad_accum_steps}) must divide minibatch_size ({self.minibatch_size})",
+        )
         need(self.ppo_epochs > 0, "ppo_epochs must be positive")
         need(self.max_new_tokens > 0 and self.max_prompt_len > 0, "max_new_tokens and max_prompt_len must be positive")
         need(self.temperature > 0, "temperature must be positive")
         need(self.kl_estimator in KL_KINDS, f"kl_estimator must be one of {KL_KINDS}, got {self.kl_estimator!r}")
-        need(self.kl_placement in KL_PLACEMENTS, f"kl_placement must be one of {KL_PLACEMENTS}, got {self.kl_placement!r}")
-        need(self.score_norm is None or self.score_norm in SCORE_NORMS,
-             f"score_norm must be None (off) or one of {SCORE_NORMS}, got {self.score_norm!r}")
-        need(self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
-             f"top_k must be None (off) or an int >= 1, got {self.top_k!r}")
+        need(
+            self.kl_placement in KL_PLACEMENTS,
+            f"kl_placement must be one of {KL_PLACEMENTS}, got {self.kl_placement!r}",
+        )
+        need(
+            self.score_norm is None or self.score_norm in SCORE_NORMS,
+            f"score_norm must be None (off) or one of {SCORE_NORMS}, got {self.score_norm!r}",
+        )
+        need(
+            self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 1),
+            f"top_k must be None (off) or an int >= 1, got {self.top_k!r}",
+        )
         need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         need(self.loss_agg in LOSS_AGGREGATIONS, f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         need(self.kl_coef >= 0, "kl_coef must be >= 0")
-        need(not self.adaptive_kl or (self.target_kl > 0 and self.kl_horizon > 0),
-             "adaptive_kl needs target_kl > 0 and kl_horizon > 0")
+        need(
+            not self.adaptive_kl or (self.target_kl > 0 and self.kl_horizon > 0),
+            "adaptive_kl needs target_kl > 0 and kl_horizon > 0",
+        )
         need(self.score_clip is None or self.score_clip > 0, "score_clip must be positive or None")
         need(self.save_every > 0 and self.keep_checkpoints > 0, "save_every and keep_checkpoints must be positive")
         need(not isinstance(self.loggers, str), f"loggers is a tuple of names, got the string {self.loggers!r}")
@@ -226,35 +239,57 @@ class PPOConfig:
         need(all(name in LOGGERS for name in self.loggers), f"loggers must be among {LOGGERS}, got {self.loggers!r}")
         # --- groups and critic-free estimators ---
         G = self.num_generations
-        need(isinstance(G, int) and not isinstance(G, bool) and G >= 1,
-             f"num_generations must be an int >= 1, got {G!r}")
-        need(self.batch_size % G == 0,
-             f"batch_size ({self.batch_size}) counts responses and must be a multiple of num_generations "
-             f"({G}): each of the batch_size / num_generations prompts is sampled num_generations times")
-        need(self.advantage_estimator in ADVANTAGE_ESTIMATORS,
-             f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}")
-        need(self.advantage_estimator not in GROUP_ESTIMATORS or G >= 2,
-             f"advantage_estimator={self.advantage_estimator!r} compares the responses to one prompt, so it needs "
-             f"num_generations >= 2 (got {G}): a group of one response has no baseline")
-        need(self.advantage_estimator != "remax" or self.greedy_rollout,
-             'advantage_estimator="remax" uses the greedy response\'s score as baseline: set greedy_rollout=True')
-        need(not self.shared_trunk or self.uses_critic,
-             f"shared_trunk puts a value head on the policy, but advantage_estimator={self.advantage_estimator!r} "
-             "trains no critic")
-        need(self.advantage_estimator != "remax" or self.score_norm is None,
-             'advantage_estimator="remax" compares each score with the greedy response\'s: score_norm must be None')
+        need(
+            isinstance(G, int) and not isinstance(G, bool) and G >= 1, f"num_generations must be an int >= 1, got {G!r}"
+        )
+        need(
+            self.batch_size % G == 0,
+            f"batch_size ({self.batch_size}) counts responses and must be a multiple of num_generations "
+            f"({G}): each of the batch_size / num_generations prompts is sampled num_generations times",
+        )
+        need(
+            self.advantage_estimator in ADVANTAGE_ESTIMATORS,
+            f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}",
+        )
+        need(
+            self.advantage_estimator not in GROUP_ESTIMATORS or G >= 2,
+            f"advantage_estimator={self.advantage_estimator!r} compares the responses to one prompt, so it needs "
+            f"num_generations >= 2 (got {G}): a group of one response has no baseline",
+        )
+        need(
+            self.advantage_estimator != "remax" or self.greedy_rollout,
+            'advantage_estimator="remax" uses the greedy response\'s score as baseline: set greedy_rollout=True',
+        )
+        need(
+            not self.shared_trunk or self.uses_critic,
+            f"shared_trunk puts a value head on the policy, but advantage_estimator={self.advantage_estimator!r} "
+            "trains no critic",
+        )
+        need(
+            self.advantage_estimator != "remax" or self.score_norm is None,
+            'advantage_estimator="remax" compares each score with the greedy response\'s: score_norm must be None',
+        )
         f = self.dynamic_sampling_oversample
-        need(isinstance(f, int) and not isinstance(f, bool) and f >= 1,
-             f"dynamic_sampling_oversample must be an int >= 1, got {f!r}")
-        need(f == 1 or self.advantage_estimator in GROUP_ESTIMATORS,
-             f"dynamic_sampling_oversample > 1 keeps groups with signal: it needs a group estimator "
-             f"{GROUP_ESTIMATORS}, got {self.advantage_estimator!r}")
+        need(
+            isinstance(f, int) and not isinstance(f, bool) and f >= 1,
+            f"dynamic_sampling_oversample must be an int >= 1, got {f!r}",
+        )
+        need(
+            f == 1 or self.advantage_estimator in GROUP_ESTIMATORS,
+            f"dynamic_sampling_oversample > 1 keeps groups with signal: it needs a group estimator "
+            f"{GROUP_ESTIMATORS}, got {self.advantage_estimator!r}",
+        )
         need(self.policy_loss in POLICY_LOSSES, f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
         need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 or None, got {self.dual_clip!r}")
-        need(self.dual_clip is None or self.policy_loss == "ppo",
-             f'dual_clip applies to policy_loss="ppo" only, got policy_loss={self.policy_loss!r}')
-        need(self.overlong_buffer is None or 0 < self.overlong_buffer <= self.max_new_tokens,
-             f"overlong_buffer must be in [1, max_new_tokens={self.max_new_tokens}] or None, got {self.overlong_buffer!r}")
+        need(
+            self.dual_clip is None or self.policy_loss == "ppo",
+            f'dual_clip applies to policy_loss="ppo" only, got policy_loss={self.policy_loss!r}',
+        )
+        need(
+            self.overlong_buffer is None or 0 < self.overlong_buffer <= self.max_new_tokens,
+            f"overlong_buffer must be in [1, max_new_tokens={self.max_new_tokens}] or None, "
+            f"got {self.overlong_buffer!r}",
+        )
 
     @property
     def prompts_per_step(self) -> int:
@@ -281,5 +316,5 @@ class PPOConfig:
         """Optimizer updates per PPO iteration."""
         return self.ppo_epochs * self.num_minibatches
 
-    def replace(self, **changes) -> "PPOConfig":
+    def replace(self, **changes) -> PPOConfig:
         return dataclasses.replace(self, **changes)

@@ -25,10 +25,11 @@ Token t of a response of a batch with prompt width P sits at position P + t of t
 sequence; it is predicted by the logits at P + t - 1, and the state it is chosen in, s_t, is the
 prefix ending at P + t - 1, so ``V(s_t)`` is the value head at P + t - 1 too.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ class Rollout(NamedTuple):
 
     tokens: jax.Array
     mask: jax.Array
-    logprobs: Optional[jax.Array] = None
+    logprobs: jax.Array | None = None
 
 
 class Experience(NamedTuple):
@@ -77,9 +78,9 @@ class Experience(NamedTuple):
     response_mask: jax.Array  # [B, N]
     old_logprobs: jax.Array  # [B, N] policy log-probs at rollout time (temperature-scaled)
     ref_logprobs: jax.Array  # [B, N] reference log-probs (temperature-scaled)
-    old_values: Optional[jax.Array]  # [B, N] V(s_t) at rollout time; None without a critic
+    old_values: jax.Array | None  # [B, N] V(s_t) at rollout time; None without a critic
     advantages: jax.Array  # [B, N] (whitened if configured)
-    returns: Optional[jax.Array]  # [B, N] value targets A + V; None without a critic
+    returns: jax.Array | None  # [B, N] value targets A + V; None without a critic
     rewards: jax.Array  # [B, N] step rewards (for analysis; the update does not read them)
     scores: jax.Array  # [B] scores after EOS penalty, clipping and normalisation
 
@@ -104,8 +105,15 @@ def resolve_eos(config: PPOConfig, policy: LanguageModel):
     return policy.config.eos_token_id
 
 
-def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch, key,
-            hparams: HyperParams, stop_axis_name: Optional[str] = None) -> Rollout:
+def rollout(
+    config: PPOConfig,
+    policy: LanguageModel,
+    policy_params,
+    prompts: PromptBatch,
+    key,
+    hparams: HyperParams,
+    stop_axis_name: str | None = None,
+) -> Rollout:
     """Sample one response per prompt with the current policy (`jaxrlhf.sampling.generate`).
 
     Temperature and top-p come from ``hparams`` (data); whether top-p filters at all, top-k and
@@ -113,7 +121,11 @@ def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: Pr
     whose runs then stop decoding together (`generate`'s argument; same samples).
     """
     sample = generate(
-        policy, policy_params, prompts.ids, prompts.mask, key,
+        policy,
+        policy_params,
+        prompts.ids,
+        prompts.mask,
+        key,
         max_new_tokens=config.max_new_tokens,
         temperature=hparams.temperature,
         top_k=config.top_k,
@@ -125,11 +137,16 @@ def rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: Pr
     return Rollout(sample.tokens, sample.mask.astype(jnp.int32), sample.logprobs)
 
 
-def greedy_rollout(config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch,
-                   stop_axis_name: Optional[str] = None) -> Rollout:
+def greedy_rollout(
+    config: PPOConfig, policy: LanguageModel, policy_params, prompts: PromptBatch, stop_axis_name: str | None = None
+) -> Rollout:
     """One greedy (argmax, temperature 0) response per prompt: ReMax's baseline (Li et al. 2023)."""
     sample = generate(
-        policy, policy_params, prompts.ids, prompts.mask, jax.random.PRNGKey(0),  # no randomness used
+        policy,
+        policy_params,
+        prompts.ids,
+        prompts.mask,
+        jax.random.PRNGKey(0),  # no randomness used
         max_new_tokens=config.max_new_tokens,
         temperature=0.0,
         eos_token_id=resolve_eos(config, policy),
@@ -150,9 +167,18 @@ def response_slice(x_BxLx, prompt_len: int, num_new: int):
     return x_BxLx[:, response_window(prompt_len, num_new)]
 
 
-def policy_and_values(models: Models, policy_params, value_params, prompt_ids, prompt_mask,
-                      response_ids, response_mask, temperature, with_entropy: bool = False,
-                      with_logprobs: bool = True):
+def policy_and_values(
+    models: Models,
+    policy_params,
+    value_params,
+    prompt_ids,
+    prompt_mask,
+    response_ids,
+    response_mask,
+    temperature,
+    with_entropy: bool = False,
+    with_logprobs: bool = True,
+):
     """Response log-probs, values and (optionally) entropies under the given parameters.
 
     Returns ``(logprobs [B, N] or None, values [B, N] or None, entropy [B, N] or None)``. The
@@ -188,8 +214,9 @@ def reference_logprobs(models: Models, ref_params, prompt_ids, prompt_mask, resp
     the vocabulary head runs at the `response_window` positions only."""
     prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
     ids, mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
-    logits_BxNxV = models.policy.forward(ref_params, ids, mask,
-                                         logits_positions=response_window(prompt_len, num_new)).logits
+    logits_BxNxV = models.policy.forward(
+        ref_params, ids, mask, logits_positions=response_window(prompt_len, num_new)
+    ).logits
     return token_logprobs(logits_BxNxV, response_ids.astype(jnp.int32), temperature)
 
 
@@ -205,9 +232,20 @@ def overlong_penalty(config: PPOConfig, mask_BxN, hparams: HyperParams):
     return groups.overlong_reward_shaping(lengths_B, config.max_new_tokens, hparams.overlong_buffer)
 
 
-def make_experience(config: PPOConfig, models: Models, policy_params, value_params, ref_params,
-                    prompts: PromptBatch, rollout_out: Rollout, raw_scores_B, kl_coef,
-                    score_stats: ScoreStats, hparams: HyperParams, greedy: Optional[Tuple[Rollout, Any]] = None):
+def make_experience(
+    config: PPOConfig,
+    models: Models,
+    policy_params,
+    value_params,
+    ref_params,
+    prompts: PromptBatch,
+    rollout_out: Rollout,
+    raw_scores_B,
+    kl_coef,
+    score_stats: ScoreStats,
+    hparams: HyperParams,
+    greedy: tuple[Rollout, Any] | None = None,
+):
     """Forward passes, step rewards and advantages for one batch of rollouts.
 
     ``logprobs`` (the PPO ratio's ``old_logprobs``) are recomputed with a forward over prompt +
@@ -239,16 +277,28 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
     sg = jax.lax.stop_gradient
     from_sampler = config.old_logprobs_from_sampler
     if from_sampler and rollout_out.logprobs is None:
-        raise ValueError("config.old_logprobs_from_sampler takes old_logprobs from the rollout: pass a Rollout "
-                         "with the sampler's logprobs (what `rollout` returns)")
+        raise ValueError(
+            "config.old_logprobs_from_sampler takes old_logprobs from the rollout: pass a Rollout "
+            "with the sampler's logprobs (what `rollout` returns)"
+        )
     logprobs_BxN, values_BxN, entropy_BxN = policy_and_values(
-        models, policy_params, value_params, prompts.ids, prompts.mask, response_ids_BxN, response_mask_BxN,
-        hparams.temperature, with_entropy=not from_sampler, with_logprobs=not from_sampler)
+        models,
+        policy_params,
+        value_params,
+        prompts.ids,
+        prompts.mask,
+        response_ids_BxN,
+        response_mask_BxN,
+        hparams.temperature,
+        with_entropy=not from_sampler,
+        with_logprobs=not from_sampler,
+    )
     if from_sampler:
         logprobs_BxN = jnp.where(response_mask_BxN > 0, rollout_out.logprobs.astype(jnp.float32), 0.0)
         entropy_BxN = -logprobs_BxN  # per-token sample estimate; only its masked mean is reported
-    ref_logprobs_BxN = reference_logprobs(models, ref_params, prompts.ids, prompts.mask, response_ids_BxN,
-                                          response_mask_BxN, hparams.temperature)
+    ref_logprobs_BxN = reference_logprobs(
+        models, ref_params, prompts.ids, prompts.mask, response_ids_BxN, response_mask_BxN, hparams.temperature
+    )
     logprobs_BxN, ref_logprobs_BxN = sg(logprobs_BxN), sg(ref_logprobs_BxN)
     values_BxN = None if values_BxN is None else sg(values_BxN)
     response_length_B = jnp.sum(response_mask_BxN, axis=1).astype(jnp.float32)
@@ -267,19 +317,29 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
     kl_per_sequence_B = masked_sum(kl_BxN, response_mask_BxN, axis=1)
     returns_BxN = None
     if estimator == "gae":
-        rewards_BxN = kl_penalized_rewards(scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN,
-                                           reward_kl_coef, config.kl_estimator)
-        advantages_BxN, returns_BxN = gae_advantages(rewards_BxN, values_BxN, response_mask_BxN, hparams.gamma,
-                                                     hparams.gae_lambda)
+        rewards_BxN = kl_penalized_rewards(
+            scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN, reward_kl_coef, config.kl_estimator
+        )
+        advantages_BxN, returns_BxN = gae_advantages(
+            rewards_BxN, values_BxN, response_mask_BxN, hparams.gamma, hparams.gae_lambda
+        )
         if config.whiten_advantages:
             advantages_BxN = masked_whiten(advantages_BxN, response_mask_BxN)
     elif estimator in ("reinforce++", "reinforce++-baseline"):
         baseline = G if estimator == "reinforce++-baseline" else None
-        advantages_BxN = groups.reinforce_pp_advantages(scores_B, logprobs_BxN, ref_logprobs_BxN,
-                                                        response_mask_BxN, reward_kl_coef, config.kl_estimator,
-                                                        hparams.gamma, baseline_group_size=baseline)
-        rewards_BxN = kl_penalized_rewards(scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN,
-                                           reward_kl_coef, config.kl_estimator)
+        advantages_BxN = groups.reinforce_pp_advantages(
+            scores_B,
+            logprobs_BxN,
+            ref_logprobs_BxN,
+            response_mask_BxN,
+            reward_kl_coef,
+            config.kl_estimator,
+            hparams.gamma,
+            baseline_group_size=baseline,
+        )
+        rewards_BxN = kl_penalized_rewards(
+            scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN, reward_kl_coef, config.kl_estimator
+        )
     else:  # outcome estimators: one advantage per response
         sequence_scores_B = scores_B - reward_kl_coef * kl_per_sequence_B
         if estimator == "grpo":
@@ -299,8 +359,14 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
             greedy_used_P, _ = postprocess_scores(config, greedy_shaped_P, greedy_eos_P, score_stats, hparams)
             advantages_B = groups.remax_advantages(sequence_scores_B, greedy_used_P, G)
         advantages_BxN = groups.broadcast_over_tokens(advantages_B, response_mask_BxN)
-        rewards_BxN = kl_penalized_rewards(sequence_scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN,
-                                           jnp.zeros_like(kl_coef), config.kl_estimator)
+        rewards_BxN = kl_penalized_rewards(
+            sequence_scores_B,
+            logprobs_BxN,
+            ref_logprobs_BxN,
+            response_mask_BxN,
+            jnp.zeros_like(kl_coef),
+            config.kl_estimator,
+        )
     if G > 1:
         extra["group_signal_fraction"] = groups.group_signal_fraction(scores_B, G)
     if greedy is not None:
@@ -326,10 +392,16 @@ def make_experience(config: PPOConfig, models: Models, policy_params, value_para
         stats["returns_mean"] = masked_mean(returns_BxN, response_mask_BxN)
         stats["explained_variance"] = explained_variance(values_BxN, returns_BxN, response_mask_BxN)
     experience = Experience(
-        prompt_ids=prompts.ids, prompt_mask=prompts.mask,
-        response_ids=response_ids_BxN, response_mask=response_mask_BxN,
-        old_logprobs=logprobs_BxN, ref_logprobs=ref_logprobs_BxN, old_values=values_BxN,
-        advantages=sg(advantages_BxN), returns=None if returns_BxN is None else sg(returns_BxN),
-        rewards=rewards_BxN, scores=scores_B,
+        prompt_ids=prompts.ids,
+        prompt_mask=prompts.mask,
+        response_ids=response_ids_BxN,
+        response_mask=response_mask_BxN,
+        old_logprobs=logprobs_BxN,
+        ref_logprobs=ref_logprobs_BxN,
+        old_values=values_BxN,
+        advantages=sg(advantages_BxN),
+        returns=None if returns_BxN is None else sg(returns_BxN),
+        rewards=rewards_BxN,
+        scores=scores_B,
     )
     return experience, new_score_stats, stats

@@ -7,8 +7,9 @@ A `PPOConfig` mixes two kinds of field:
   static and part of what `jax.jit` compiles;
 - **numbers** (learning rates, the KL coefficient and the adaptive controller's target/horizon,
   clip ranges, the dual-clip constant, the value/entropy coefficients, gamma, lambda, temperature,
-  top-p, score clipping, the missing-EOS penalty, DAPO's overlong buffer, AdamW's constants): they are float32 scalars in the `TrainState`, so a
-  run with other numbers reuses the compiled step, and a sweep stacks them on a run axis.
+  top-p, score clipping, the missing-EOS penalty, DAPO's overlong buffer, AdamW's constants):
+  they are float32 scalars in the `TrainState`, so a run with other numbers reuses the compiled
+  step, and a sweep stacks them on a run axis.
 
 Where each number lives in the state:
 
@@ -25,12 +26,14 @@ An optional number given as None (``value_clip_eps=None``: no value clipping) is
 term is not computed. Likewise ``entropy_coef == 0`` skips the entropy computation (a sweep that
 mixes 0 and non-zero values computes it for all runs, which changes nothing for the zero ones).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import numbers
-from typing import Any, Dict, Iterable, List, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import flax.struct
 import jax
@@ -64,7 +67,7 @@ class HyperParams:
     overlong_buffer: jax.Array
 
     @classmethod
-    def from_config(cls, config: PPOConfig) -> "HyperParams":
+    def from_config(cls, config: PPOConfig) -> HyperParams:
         values = {name: getattr(config, name) for name in HPARAM_FIELDS}
         if values["clip_eps_high"] is None:
             values["clip_eps_high"] = config.clip_eps
@@ -85,15 +88,21 @@ OPTIMIZER_FIELDS = {
 LEARNING_RATE_FIELDS = {"policy": "learning_rate", "value": "critic_learning_rate"}
 
 # Every PPOConfig field that is data (changes no shape), and the sweep axes (those plus the seed).
-NUMERIC_FIELDS = (HPARAM_FIELDS + tuple(OPTIMIZER_FIELDS) + tuple(LEARNING_RATE_FIELDS.values())
-                  + ("kl_coef",))
+NUMERIC_FIELDS = HPARAM_FIELDS + tuple(OPTIMIZER_FIELDS) + tuple(LEARNING_RATE_FIELDS.values()) + ("kl_coef",)
 SWEEPABLE_FIELDS = NUMERIC_FIELDS + ("seed",)
 # Numbers whose None switches a term off (structure) rather than taking a value.
-OPTIONAL_NUMERIC_FIELDS = ("clip_eps_high", "value_clip_eps", "score_clip", "missing_eos_penalty", "max_grad_norm",
-                           "dual_clip", "overlong_buffer")
+OPTIONAL_NUMERIC_FIELDS = (
+    "clip_eps_high",
+    "value_clip_eps",
+    "score_clip",
+    "missing_eos_penalty",
+    "max_grad_norm",
+    "dual_clip",
+    "overlong_buffer",
+)
 
 
-def optimizer_numbers(config: PPOConfig, which: str) -> Dict[str, float]:
+def optimizer_numbers(config: PPOConfig, which: str) -> dict[str, float]:
     """The injected hyper-parameters of the ``"policy"`` or ``"value"`` optimizer, from ``config``."""
     numbers_ = {"learning_rate": getattr(config, LEARNING_RATE_FIELDS[which])}
     for field, name in OPTIMIZER_FIELDS.items():
@@ -103,7 +112,7 @@ def optimizer_numbers(config: PPOConfig, which: str) -> Dict[str, float]:
     return numbers_
 
 
-def initial_numbers(config: PPOConfig) -> Dict[str, Any]:
+def initial_numbers(config: PPOConfig) -> dict[str, Any]:
     """Every number of ``config`` that the state holds, as a pytree of float32 scalars (what a
     sweep stacks on its run axis): ``hparams``, both optimizers' injected numbers, ``kl_coef``."""
     as_array = lambda tree: jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), tree)  # noqa: E731
@@ -120,11 +129,10 @@ def uses_entropy(config: PPOConfig) -> bool:
     return config.entropy_coef != 0
 
 
-def structure(config: PPOConfig) -> Dict[str, Any]:
+def structure(config: PPOConfig) -> dict[str, Any]:
     """What of ``config`` the compiled program depends on: every non-numeric field, and for each
     optional number whether it is set (plus whether top-p filtering is on at all)."""
-    static = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-              if f.name not in SWEEPABLE_FIELDS}
+    static = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in SWEEPABLE_FIELDS}
     for name in OPTIONAL_NUMERIC_FIELDS:
         if name != "clip_eps_high":  # None means "= clip_eps": a value, not a switch
             static[f"{name} is None"] = getattr(config, name) is None
@@ -132,7 +140,7 @@ def structure(config: PPOConfig) -> Dict[str, Any]:
     return static
 
 
-def structure_differences(a: PPOConfig, b: PPOConfig) -> List[str]:
+def structure_differences(a: PPOConfig, b: PPOConfig) -> list[str]:
     sa, sb = structure(a), structure(b)
     return [f"{name}: {sa[name]!r} vs {sb[name]!r}" for name in sa if sa[name] != sb[name]]
 
@@ -145,7 +153,7 @@ class SweepSpecError(ValueError):
     """A sweep names an unknown or static field, or gives a value of the wrong type."""
 
 
-def grid(**axes: Sequence[Any]) -> List[Dict[str, Any]]:
+def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
     """The Cartesian product of per-field value lists, as a list of per-run overrides.
 
     ``grid(seed=[0, 1], kl_coef=[0.0, 0.1])`` ->
@@ -170,7 +178,7 @@ def _check_value(name: str, value: Any) -> None:
         raise SweepSpecError(f"sweep field {name!r} takes numbers, got {value!r} ({type(value).__name__})")
 
 
-def run_configs(base: PPOConfig, runs: Sequence[Mapping[str, Any]]) -> List[PPOConfig]:
+def run_configs(base: PPOConfig, runs: Sequence[Mapping[str, Any]]) -> list[PPOConfig]:
     """One `PPOConfig` per run: ``base`` with the run's overrides, all of one structure.
 
     Raises `SweepSpecError` (naming the field) for an unknown field, a static field, a value of the
@@ -187,12 +195,14 @@ def run_configs(base: PPOConfig, runs: Sequence[Mapping[str, Any]]) -> List[PPOC
         for name, value in overrides.items():
             if name not in known:
                 renamed = renamed_field_message(name, known)
-                raise SweepSpecError(f"run {index}: {renamed}" if renamed
-                                     else f"run {index}: unknown PPOConfig field {name!r}")
+                raise SweepSpecError(
+                    f"run {index}: {renamed}" if renamed else f"run {index}: unknown PPOConfig field {name!r}"
+                )
             if name not in SWEEPABLE_FIELDS:
                 raise SweepSpecError(
                     f"run {index}: {name!r} is a static field (it changes shapes or the program), so it "
-                    f"cannot differ between the runs of one sweep; sweepable fields: {', '.join(SWEEPABLE_FIELDS)}")
+                    f"cannot differ between the runs of one sweep; sweepable fields: {', '.join(SWEEPABLE_FIELDS)}"
+                )
             _check_value(name, value)
         try:
             config = base.replace(**overrides)
@@ -200,8 +210,9 @@ def run_configs(base: PPOConfig, runs: Sequence[Mapping[str, Any]]) -> List[PPOC
             raise SweepSpecError(f"run {index} ({dict(overrides)}): {error}") from None
         problems = structure_differences(base, config)
         if problems:
-            raise SweepSpecError(f"run {index} ({dict(overrides)}) changes the program's structure: "
-                                 + "; ".join(problems))
+            raise SweepSpecError(
+                f"run {index} ({dict(overrides)}) changes the program's structure: " + "; ".join(problems)
+            )
         configs.append(config)
     return configs
 

@@ -22,9 +22,11 @@ builds its jitted functions once. The config's numbers are only the initial valu
 (`jaxrlhf.training.hparams`): a state with other numbers, passed to the same `PPO`, runs the same
 compiled program.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,25 +34,46 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from jaxrlhf.core.groups import select_groups_with_signal
 from jaxrlhf.core.kl_control import KLControllerState, adaptive_kl_controller, fixed_kl_controller
 from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.lora import LoraParams, init_lora, is_quantized
 from jaxrlhf.models.lora import base_params as lora_base_params
 from jaxrlhf.models.value import ValueModel, init_value_head
-from jaxrlhf.sharding import (batch_sharding, batch_size_divisor, check_threefry_partitionable, global_array,
-                              make_mesh, opt_state_shardings, param_shardings, replicated)
+from jaxrlhf.sharding import (
+    batch_sharding,
+    batch_size_divisor,
+    check_threefry_partitionable,
+    global_array,
+    make_mesh,
+    opt_state_shardings,
+    param_shardings,
+    replicated,
+)
 from jaxrlhf.training.config import PPOConfig
-from jaxrlhf.tuning import Tuning, model_width, resolve_tuning
-from jaxrlhf.core.groups import select_groups_with_signal
-from jaxrlhf.training.experience import (Models, PromptBatch, Rollout, greedy_rollout, make_experience,
-                                         overlong_penalty, rollout)
-from jaxrlhf.training.rewards import RewardModel, TextReward, check_scores, is_host_reward, score_in_jit
+from jaxrlhf.training.experience import (
+    Models,
+    PromptBatch,
+    Rollout,
+    greedy_rollout,
+    make_experience,
+    overlong_penalty,
+    rollout,
+)
 from jaxrlhf.training.hparams import HyperParams, initial_numbers, structure_differences, uses_entropy
-from jaxrlhf.training.state import (FrozenParams, ScoreStats, TrainState, init_optimizer_state,
-                                    learning_rate_multiplier, make_optimizer)
+from jaxrlhf.training.rewards import RewardModel, TextReward, check_scores, is_host_reward, score_in_jit
+from jaxrlhf.training.state import (
+    FrozenParams,
+    ScoreStats,
+    TrainState,
+    init_optimizer_state,
+    learning_rate_multiplier,
+    make_optimizer,
+)
 from jaxrlhf.training.update import make_ppo_update
+from jaxrlhf.tuning import Tuning, model_width, resolve_tuning
 
-Metrics = Dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
 
 
 class PromptTooLongError(ValueError):
@@ -78,9 +101,15 @@ class PPO:
         that program also trains, see `Tuning.for_backend`).
     """
 
-    def __init__(self, config: PPOConfig, policy: LanguageModel, reward: Any,
-                 critic: Optional[ValueModel] = None, mesh: Optional[Mesh] = None,
-                 tuning: Tuning | str | None = "auto"):
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy: LanguageModel,
+        reward: Any,
+        critic: ValueModel | None = None,
+        mesh: Mesh | None = None,
+        tuning: Tuning | str | None = "auto",
+    ):
         check_threefry_partitionable()
         if config.shared_trunk and critic is not None:
             raise ValueError("config.shared_trunk=True uses a value head on the policy; pass critic=None")
@@ -89,17 +118,21 @@ class PPO:
         if not isinstance(reward, TextReward) and not callable(reward):
             raise TypeError(f"reward must be a JAX function, a RewardModel or a TextReward, got {reward!r}")
         if config.greedy_rollout and is_host_reward(reward):
-            raise ValueError("greedy_rollout (ReMax's baseline) scores the greedy responses inside the jit: it needs "
-                             "a JAX reward function or a RewardModel, not a TextReward")
+            raise ValueError(
+                "greedy_rollout (ReMax's baseline) scores the greedy responses inside the jit: it needs "
+                "a JAX reward function or a RewardModel, not a TextReward"
+            )
         self.config = config
         self.policy = policy
         # LoRA (`policy.config.lora`): the state trains the adapters only; the frozen base is the
         # reference (`frozen.ref_params`) and the policy is `LoraParams(base, adapters)`.
         self.lora = policy.config.lora
         if self.lora is not None and self.lora.dropout > 0:
-            raise ValueError(f"LoRA dropout ({self.lora.dropout}) would make the update's log-probs differ from the "
-                             "rollout's at the same parameters (a PPO ratio != 1 from noise alone): use dropout=0 "
-                             "for PPO")
+            raise ValueError(
+                f"LoRA dropout ({self.lora.dropout}) would make the update's log-probs differ from the "
+                "rollout's at the same parameters (a PPO ratio != 1 from noise alone): use dropout=0 "
+                "for PPO"
+            )
         self.reward = reward
         self.has_critic = config.uses_critic
         self.critic = None if (config.shared_trunk or not self.has_critic) else (critic or ValueModel(policy.config))
@@ -109,7 +142,8 @@ class PPO:
         if micro % divisor:
             raise ValueError(
                 f"the micro-batch size minibatch_size / grad_accum_steps = {micro} must be a multiple of "
-                f"the number of data-parallel devices ({divisor}) so every device gets whole rows")
+                f"the number of data-parallel devices ({divisor}) so every device gets whole rows"
+            )
         # Chosen once for the rollout's shape: the policy decodes with it, the sampling programs
         # compile with its options.
         hints = dict(rows_per_device=max(1, config.rollout_size // divisor), width=model_width(policy))
@@ -129,8 +163,7 @@ class PPO:
         step_shardings = (self._state_shardings, rep)  # metrics: replicated scalars
         # The programs that sample compile with the tuning's compiler options.
         self._jit_fused = self.fused_tuning.jit(self.fused_step, out_shardings=step_shardings)
-        self._jit_fused_donated = self.fused_tuning.jit(self.fused_step, out_shardings=step_shardings,
-                                                        donate_argnums=0)
+        self._jit_fused_donated = self.fused_tuning.jit(self.fused_step, out_shardings=step_shardings, donate_argnums=0)
         self._jit_rollout = self.tuning.jit(self.rollout, out_shardings=Rollout(batch_sh, batch_sh, batch_sh))
         self._jit_update = jax.jit(self.update, out_shardings=step_shardings)
         self._jit_init = jax.jit(self._init_from_seed, out_shardings=self._state_shardings)
@@ -189,9 +222,11 @@ class PPO:
             return {}
         policy_params = lora_base_params(policy_params)
         if not self.config.shared_trunk and is_quantized(policy_params):
-            raise ValueError("a separate critic trains a full copy of the policy's trunk, which cannot be a "
-                             "quantised (QLoRA) base: pass value_params (a float critic), or use shared_trunk=True "
-                             "or a critic-free advantage_estimator")
+            raise ValueError(
+                "a separate critic trains a full copy of the policy's trunk, which cannot be a "
+                "quantised (QLoRA) base: pass value_params (a float critic), or use shared_trunk=True "
+                "or a critic-free advantage_estimator"
+            )
         if self.config.shared_trunk:
             return init_value_head(key, self.policy.config.hidden_size)
         if self.critic.config != self.policy.config:
@@ -214,7 +249,7 @@ class PPO:
             value_params = self.default_value_params(policy_params, value_key)
         return self._init_state(policy_params, value_params, seed_key, numbers)
 
-    def init_state(self, policy_params, value_params=None, config: Optional[PPOConfig] = None) -> TrainState:
+    def init_state(self, policy_params, value_params=None, config: PPOConfig | None = None) -> TrainState:
         """The initial `TrainState`, placed on the mesh.
 
         ``config`` (default: the trainer's) gives the numbers and the seed of the PRNG key; it must
@@ -268,13 +303,19 @@ class PPO:
         config = self.config
         if rows != config.prompts_per_step:
             B, G, f = config.batch_size, config.num_generations, config.dynamic_sampling_oversample
-            how = (f"batch_size / num_generations = {B} / {G}" if f == 1 else
-                   f"batch_size * dynamic_sampling_oversample / num_generations = {B} * {f} / {G}")
-            raise ValueError(f"prompt batch has {rows} rows; the step takes {how} = {config.prompts_per_step} "
-                             "prompts (each sampled num_generations times)")
+            how = (
+                f"batch_size / num_generations = {B} / {G}"
+                if f == 1
+                else f"batch_size * dynamic_sampling_oversample / num_generations = {B} * {f} / {G}"
+            )
+            raise ValueError(
+                f"prompt batch has {rows} rows; the step takes {how} = {config.prompts_per_step} "
+                "prompts (each sampled num_generations times)"
+            )
         if width > self.config.max_prompt_len:
             raise PromptTooLongError(
-                f"prompt batch is {width} tokens wide, more than config.max_prompt_len={self.config.max_prompt_len}")
+                f"prompt batch is {width} tokens wide, more than config.max_prompt_len={self.config.max_prompt_len}"
+            )
 
     @staticmethod
     def _keys(state: TrainState):
@@ -289,56 +330,98 @@ class PPO:
             return batch
         return PromptBatch(*(self._constrain_batch(jnp.repeat(x, G, axis=0)) for x in batch))
 
-    def rollout(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch,
-                stop_axis_name: Optional[str] = None) -> Rollout:
+    def rollout(
+        self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, stop_axis_name: str | None = None
+    ) -> Rollout:
         """Sample the responses of one iteration (pure; `rollout_step` is its jitted form): ``[B, N]``,
         G consecutive rows per prompt of ``batch``, each row with its own random draws.
         ``stop_axis_name``: a sweep's vmapped run axis (its runs stop decoding together; same samples)."""
         self._check_batch(batch)
         rollout_key, _, _ = self._keys(state)
-        out = rollout(self.config, self.policy, self.policy_params(state, frozen), self.repeat_prompts(batch),
-                      rollout_key, state.hparams, stop_axis_name=stop_axis_name)
+        out = rollout(
+            self.config,
+            self.policy,
+            self.policy_params(state, frozen),
+            self.repeat_prompts(batch),
+            rollout_key,
+            state.hparams,
+            stop_axis_name=stop_axis_name,
+        )
         return Rollout(*(self._constrain_batch(x) for x in out))
 
-    def greedy_rollout(self, state: TrainState, batch: PromptBatch, stop_axis_name: Optional[str] = None,
-                       frozen: Optional[FrozenParams] = None) -> Rollout:
+    def greedy_rollout(
+        self,
+        state: TrainState,
+        batch: PromptBatch,
+        stop_axis_name: str | None = None,
+        frozen: FrozenParams | None = None,
+    ) -> Rollout:
         """One greedy (temperature 0) response per distinct prompt, ``[B / G, N]`` (ReMax).
         ``frozen`` is needed with LoRA (the base)."""
         self._check_batch(batch)
         if self.lora is not None and frozen is None:
             raise ValueError("with LoRA the policy needs its frozen base: pass frozen")
-        return greedy_rollout(self.config, self.policy, self.policy_params(state, frozen), batch,
-                              stop_axis_name=stop_axis_name)
+        return greedy_rollout(
+            self.config, self.policy, self.policy_params(state, frozen), batch, stop_axis_name=stop_axis_name
+        )
 
-    def update(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout,
-               raw_scores_B, greedy: Optional[Tuple[Rollout, Any]] = None) -> Tuple[TrainState, Metrics]:
+    def update(
+        self,
+        state: TrainState,
+        frozen: FrozenParams,
+        batch: PromptBatch,
+        rollout_out: Rollout,
+        raw_scores_B,
+        greedy: tuple[Rollout, Any] | None = None,
+    ) -> tuple[TrainState, Metrics]:
         """Experience + PPO update + KL controller from scored rollouts (pure; see `update_step`).
 
         ``batch`` holds the distinct prompts (``[B / G, P]``); ``greedy`` the greedy responses and
         their raw scores (with ``greedy_rollout``)."""
         config, hp = self.config, state.hparams
         if config.greedy_rollout and greedy is None:
-            raise ValueError("greedy_rollout is on: update needs greedy=(greedy responses, their scores); "
-                             "train_step computes them")
+            raise ValueError(
+                "greedy_rollout is on: update needs greedy=(greedy responses, their scores); train_step computes them"
+            )
         _, update_key, next_key = self._keys(state)
         kl_coef = state.kl_ctl.kl_coef
         selection = None
         if config.dynamic_sampling_oversample > 1:
             batch, rollout_out, raw_scores_B, selection = self._keep_groups_with_signal(
-                batch, rollout_out, raw_scores_B, hp)
+                batch, rollout_out, raw_scores_B, hp
+            )
         experience, score_stats, exp_stats = make_experience(
-            config, self.models, self.policy_params(state, frozen), state.value_params, frozen.ref_params,
-            self.repeat_prompts(batch), rollout_out, raw_scores_B, kl_coef, state.score_stats, hp, greedy=greedy)
+            config,
+            self.models,
+            self.policy_params(state, frozen),
+            state.value_params,
+            frozen.ref_params,
+            self.repeat_prompts(batch),
+            rollout_out,
+            raw_scores_B,
+            kl_coef,
+            state.score_stats,
+            hp,
+            greedy=greedy,
+        )
         if selection is not None:
             exp_stats.update(selection)
         experience = jax.tree.map(self._constrain_batch, experience)
 
-        ppo_update = make_ppo_update(config, self.models, self.policy_optimizer, self.value_optimizer,
-                                     self._constrain_batch)
+        ppo_update = make_ppo_update(
+            config, self.models, self.policy_optimizer, self.value_optimizer, self._constrain_batch
+        )
         params = {"policy": state.policy_params, "value": state.value_params}
         opt_states = {"policy": state.policy_opt_state, "value": state.value_opt_state}
-        params, opt_states, update_stats = ppo_update(params, opt_states, experience, kl_coef, hp, update_key,
-                                                      policy_base=None if self.lora is None else frozen.ref_params)
+        params, opt_states, update_stats = ppo_update(
+            params,
+            opt_states,
+            experience,
+            kl_coef,
+            hp,
+            update_key,
+            policy_base=None if self.lora is None else frozen.ref_params,
+        )
 
         kl_ctl = self.kl_controller(hp).update(state.kl_ctl, exp_stats["kl"], config.batch_size)
         new_state = state.replace(
@@ -380,8 +463,12 @@ class PPO:
         kept_batch = PromptBatch(*(x[sel.group_indices_K] for x in batch))
         mask = rollout_out.mask[sel.row_indices_R] * sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
         kept_logprobs = None if rollout_out.logprobs is None else rollout_out.logprobs[sel.row_indices_R]
-        kept_rollout = Rollout(*(None if x is None else self._constrain_batch(x)
-                                 for x in (rollout_out.tokens[sel.row_indices_R], mask, kept_logprobs)))
+        kept_rollout = Rollout(
+            *(
+                None if x is None else self._constrain_batch(x)
+                for x in (rollout_out.tokens[sel.row_indices_R], mask, kept_logprobs)
+            )
+        )
         stats = {
             "score": jnp.mean(raw_scores_B),
             "score_std": jnp.std(raw_scores_B),
@@ -391,27 +478,30 @@ class PPO:
         }
         return kept_batch, kept_rollout, self._constrain_batch(raw_scores_B[sel.row_indices_R]), stats
 
-    def fused_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch,
-                   stop_axis_name: Optional[str] = None) -> Tuple[TrainState, Metrics]:
+    def fused_step(
+        self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, stop_axis_name: str | None = None
+    ) -> tuple[TrainState, Metrics]:
         """Rollout, scoring in the jit and update: one whole iteration (pure; see `train_step`).
         ``stop_axis_name``: see `rollout`."""
         if self.uses_host_reward:
             raise TypeError("a TextReward is scored on the host: use rollout_step, then update_step")
         rollout_out = self.rollout(state, frozen, batch, stop_axis_name)
         prompts = self.repeat_prompts(batch)
-        raw_scores_B = score_in_jit(self.reward, frozen.reward_params, prompts.ids, prompts.mask,
-                                    rollout_out.tokens, rollout_out.mask)
+        raw_scores_B = score_in_jit(
+            self.reward, frozen.reward_params, prompts.ids, prompts.mask, rollout_out.tokens, rollout_out.mask
+        )
         greedy = None
         if self.config.greedy_rollout:
             greedy_out = self.greedy_rollout(state, batch, stop_axis_name, frozen=frozen)
-            greedy_scores_P = score_in_jit(self.reward, frozen.reward_params, batch.ids, batch.mask,
-                                           greedy_out.tokens, greedy_out.mask)
+            greedy_scores_P = score_in_jit(
+                self.reward, frozen.reward_params, batch.ids, batch.mask, greedy_out.tokens, greedy_out.mask
+            )
             greedy = (greedy_out, greedy_scores_P)
         return self.update(state, frozen, batch, rollout_out, raw_scores_B, greedy)
 
     # ------------------------------------------------------------------ jitted entry points
 
-    def train_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Tuple[TrainState, Metrics]:
+    def train_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> tuple[TrainState, Metrics]:
         """One PPO iteration under a single `jax.jit` (JAX reward function or reward model)."""
         return self._jit_fused(state, frozen, batch)
 
@@ -419,13 +509,15 @@ class PPO:
         """First half of the split step: sample responses (jitted), ``[batch_size, N]``."""
         return self._jit_rollout(state, frozen, batch)
 
-    def update_step(self, state, frozen, batch, rollout_out: Rollout, raw_scores_B) -> Tuple[TrainState, Metrics]:
+    def update_step(self, state, frozen, batch, rollout_out: Rollout, raw_scores_B) -> tuple[TrainState, Metrics]:
         """Second half of the split step: experience + PPO update from host-computed scores (jitted)."""
         raw_scores_B = check_scores(np.asarray(raw_scores_B, np.float32), self.config.rollout_size, "text reward")
         raw_scores_B = global_array(np.asarray(raw_scores_B), batch_sharding(self.mesh))
         return self._jit_update(state, frozen, batch, rollout_out, raw_scores_B)
 
-    def bind(self, frozen: FrozenParams, donate: bool = False) -> Callable[[TrainState, PromptBatch], Tuple[TrainState, Metrics]]:
+    def bind(
+        self, frozen: FrozenParams, donate: bool = False
+    ) -> Callable[[TrainState, PromptBatch], tuple[TrainState, Metrics]]:
         """``train_step(state, prompts) -> (state, metrics)`` with the frozen parameters bound.
 
         With ``donate=True`` the step donates the input state's buffers to the new state (same
@@ -472,15 +564,18 @@ class PPO:
         elif self.config.shared_trunk:
             value_sh = jax.tree.map(lambda _: rep, shapes.value_params)
         else:
-            value_sh = {"trunk": param_shardings(shapes.value_params["trunk"], mesh),
-                        "head": jax.tree.map(lambda _: rep, shapes.value_params["head"])}
+            value_sh = {
+                "trunk": param_shardings(shapes.value_params["trunk"], mesh),
+                "head": jax.tree.map(lambda _: rep, shapes.value_params["head"]),
+            }
         everything_replicated = jax.tree.map(lambda _: rep, shapes)
         return everything_replicated.replace(
             policy_params=policy_sh,
             value_params=value_sh,
-            policy_opt_state=opt_state_shardings(self.policy_optimizer, shapes.policy_opt_state,
-                                                          policy_sh, mesh),
-            value_opt_state=({} if not self.has_critic else
-                             opt_state_shardings(self.value_optimizer, shapes.value_opt_state,
-                                                          value_sh, mesh)),
+            policy_opt_state=opt_state_shardings(self.policy_optimizer, shapes.policy_opt_state, policy_sh, mesh),
+            value_opt_state=(
+                {}
+                if not self.has_critic
+                else opt_state_shardings(self.value_optimizer, shapes.value_opt_state, value_sh, mesh)
+            ),
         )

@@ -36,6 +36,7 @@ reference model once before training and stores ``ref_chosen_logps`` / ``ref_rej
 the data, so the step never holds the reference model; ``"on_the_fly"`` runs the reference forward
 in every step instead (more compute, the same numbers). SimPO uses no reference.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,7 +44,8 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -53,10 +55,18 @@ import optax
 
 from jaxrlhf.core import preference as P
 from jaxrlhf.core.sequences import concat_prompt_response
-from jaxrlhf.sharding import (batch_sharding, batch_size_divisor, global_array, make_mesh, opt_state_shardings,
-                              param_shardings, replicated, to_host)
-from jaxrlhf.training.state import injected_adamw, schedule_multiplier
+from jaxrlhf.sharding import (
+    batch_sharding,
+    batch_size_divisor,
+    global_array,
+    make_mesh,
+    opt_state_shardings,
+    param_shardings,
+    replicated,
+    to_host,
+)
 from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data, pairs_to_kto
+from jaxrlhf.training.state import injected_adamw, schedule_multiplier
 
 __all__ = [
     "LOSSES",
@@ -77,7 +87,7 @@ LOSSES = ("dpo", "cdpo", "ipo", "simpo", "kto")
 #   IPO  (Azar et al. 2023): the paper sweeps tau; TRL's default beta (= tau) 0.1.
 #   SimPO (Meng et al. 2024): beta 2.0 (2.0-2.5 in the paper), gamma / beta = 0.5, so gamma = 1.0.
 #   KTO  (Ethayarajh et al. 2024): beta = 0.1, lambda_D = lambda_U = 1.
-PRESETS: Dict[str, Dict[str, Any]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "dpo": dict(beta=0.1, label_smoothing=0.0),
     "cdpo": dict(beta=0.1, label_smoothing=0.1),
     "ipo": dict(beta=0.1),
@@ -86,10 +96,15 @@ PRESETS: Dict[str, Dict[str, Any]] = {
 }
 
 # Numbers that live in the state (loss numbers) or in the optimizer state: they change no program.
-LOSS_NUMBERS = ("beta", "label_smoothing", "simpo_gamma", "rpo_alpha", "kto_desirable_weight",
-                "kto_undesirable_weight")
-OPTIMIZER_NUMBERS = {"learning_rate": "learning_rate", "adam_b1": "b1", "adam_b2": "b2", "adam_eps": "eps",
-                     "weight_decay": "weight_decay", "max_grad_norm": "max_grad_norm"}
+LOSS_NUMBERS = ("beta", "label_smoothing", "simpo_gamma", "rpo_alpha", "kto_desirable_weight", "kto_undesirable_weight")
+OPTIMIZER_NUMBERS = {
+    "learning_rate": "learning_rate",
+    "adam_b1": "b1",
+    "adam_b2": "b2",
+    "adam_eps": "eps",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+}
 # Fields that may change when a run resumes from its checkpoints.
 RESUME_MUTABLE_FIELDS = ("save_every", "keep_checkpoints")
 
@@ -106,7 +121,7 @@ class PreferenceConfig:
     """cDPO's label-flip probability e in [0, 0.5); must be 0 for ``dpo`` and > 0 for ``cdpo``."""
     simpo_gamma: float = 1.0
     """SimPO's target reward margin gamma (in reward units)."""
-    rpo_alpha: Optional[float] = None
+    rpo_alpha: float | None = None
     """Weight of the per-token NLL term on the chosen responses (RPO); None: off (DPO/cDPO only)."""
     kto_desirable_weight: float = 1.0
     """KTO's lambda_D."""
@@ -122,7 +137,7 @@ class PreferenceConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     weight_decay: float = 0.0
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: float | None = 1.0
     """Global gradient-norm clipping; None: off."""
     total_steps: int = 1000
     """Optimizer updates (each one batch)."""
@@ -134,7 +149,7 @@ class PreferenceConfig:
     """P: prompt tokens (left-padded to it); longer prompts are dropped when tokenising."""
     max_response_len: int = 256
     """R: response tokens (right-padded to it); longer responses are truncated when tokenising."""
-    eval_batch_size: Optional[int] = None
+    eval_batch_size: int | None = None
     """Pairs per evaluation / reference-scoring batch (default: the micro-batch size)."""
     seed: int = 0
     """Data order (and the KTO KL pairing of pair data)."""
@@ -150,7 +165,9 @@ class PreferenceConfig:
         if self.loss not in LOSSES:
             raise ValueError(f"PreferenceConfig.loss must be one of {LOSSES}, got {self.loss!r}")
         if self.reference_logprobs not in ("precomputed", "on_the_fly"):
-            raise ValueError(f"reference_logprobs must be 'precomputed' or 'on_the_fly', got {self.reference_logprobs!r}")
+            raise ValueError(
+                f"reference_logprobs must be 'precomputed' or 'on_the_fly', got {self.reference_logprobs!r}"
+            )
         if self.lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"lr_schedule must be constant, linear or cosine, got {self.lr_schedule!r}")
         if not self.beta > 0:
@@ -161,18 +178,26 @@ class PreferenceConfig:
             raise ValueError(f"loss='cdpo' needs 0 < label_smoothing < 0.5, got {self.label_smoothing}")
         if self.rpo_alpha is not None and self.loss not in ("dpo", "cdpo"):
             raise ValueError(f"rpo_alpha (the RPO NLL term) goes with dpo/cdpo, not {self.loss!r}")
-        for name in ("total_steps", "batch_size", "grad_accum_steps", "max_prompt_len", "max_response_len",
-                     "save_every", "keep_checkpoints"):
+        for name in (
+            "total_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "max_prompt_len",
+            "max_response_len",
+            "save_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"PreferenceConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum_steps "
-                             f"({self.grad_accum_steps})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of grad_accum_steps ({self.grad_accum_steps})"
+            )
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 
     @classmethod
-    def preset(cls, loss: str, **overrides) -> "PreferenceConfig":
+    def preset(cls, loss: str, **overrides) -> PreferenceConfig:
         """The config of ``loss`` with the paper's default numbers (`PRESETS`), then ``overrides``."""
         if loss not in PRESETS:
             raise ValueError(f"no preset for loss {loss!r}; presets: {sorted(PRESETS)}")
@@ -190,7 +215,7 @@ class PreferenceConfig:
     def data_kind(self) -> str:
         return "kto" if self.loss == "kto" else "pairs"
 
-    def structure(self) -> "PreferenceConfig":
+    def structure(self) -> PreferenceConfig:
         """This config with every number that lives in the state set to a placeholder: what the
         compiled programs depend on (an optional number keeps whether it is set)."""
         numbers = {name: 0.0 for name in LOSS_NUMBERS + tuple(OPTIMIZER_NUMBERS)}
@@ -200,8 +225,7 @@ class PreferenceConfig:
             numbers["loss"] = "dpo"  # the same program, label_smoothing being data
         if self.lr_schedule == "constant" and self.warmup_steps <= self.total_steps:
             numbers["total_steps"] = max(self.warmup_steps, 1)  # the run's length changes nothing then
-        return _Structure(**{**dataclasses.asdict(self), **numbers, "seed": 0, "save_every": 1,
-                             "keep_checkpoints": 1})
+        return _Structure(**{**dataclasses.asdict(self), **numbers, "seed": 0, "save_every": 1, "keep_checkpoints": 1})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +250,7 @@ class PreferenceState:
     step: jax.Array
     params: Any
     opt_state: Any
-    hparams: Dict[str, jax.Array]
+    hparams: dict[str, jax.Array]
 
 
 class PreferenceResult(NamedTuple):
@@ -234,10 +258,10 @@ class PreferenceResult(NamedTuple):
 
     state: PreferenceState
     params: Any  # the final policy parameters (on the host)
-    history: List[Dict[str, float]]  # the logged rows of this call (steps run here)
-    evals: List[Dict[str, float]]  # the held-out evaluations of this call, each with its "step"
+    history: list[dict[str, float]]  # the logged rows of this call (steps run here)
+    evals: list[dict[str, float]]  # the held-out evaluations of this call, each with its "step"
     data: PreferenceData  # the training data, with the reference log-probs when precomputed
-    data_stats: Dict[str, int]
+    data_stats: dict[str, int]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,14 +275,17 @@ def learning_rate_multiplier(config: PreferenceConfig) -> optax.Schedule:
 
 def make_optimizer(config: PreferenceConfig) -> optax.GradientTransformation:
     """Clipped AdamW whose numbers live in its state (`optax.inject_hyperparams`)."""
-    numbers = {name: getattr(config, field) for field, name in OPTIMIZER_NUMBERS.items()
-               if getattr(config, field) is not None}
+    numbers = {
+        name: getattr(config, field) for field, name in OPTIMIZER_NUMBERS.items() if getattr(config, field) is not None
+    }
     return injected_adamw(numbers, learning_rate_multiplier(config))
 
 
-def loss_numbers(config: PreferenceConfig) -> Dict[str, jax.Array]:
-    return {name: jnp.asarray(0.0 if getattr(config, name) is None else getattr(config, name), jnp.float32)
-            for name in LOSS_NUMBERS}
+def loss_numbers(config: PreferenceConfig) -> dict[str, jax.Array]:
+    return {
+        name: jnp.asarray(0.0 if getattr(config, name) is None else getattr(config, name), jnp.float32)
+        for name in LOSS_NUMBERS
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,9 +297,11 @@ def response_logps(apply_fn, params, batch) -> tuple:
 
     Returns ``(chosen_logps, chosen_lengths, rejected_logps, rejected_lengths)``, each ``[M]``.
     """
+
     def sequences(prefix):
-        ids, mask = concat_prompt_response(batch["prompt_ids"], batch["prompt_mask"], batch[f"{prefix}_ids"],
-                                           batch[f"{prefix}_mask"])
+        ids, mask = concat_prompt_response(
+            batch["prompt_ids"], batch["prompt_mask"], batch[f"{prefix}_ids"], batch[f"{prefix}_mask"]
+        )
         response_mask = jnp.concatenate([jnp.zeros_like(batch["prompt_mask"]), batch[f"{prefix}_mask"]], axis=1)
         return {"ids": ids, "mask": mask, "response_mask": response_mask}
 
@@ -290,20 +319,37 @@ def compute_loss(loss: str, hp, logps, ref_logps, pair_mask, desirable=None, rpo
     ref_chosen, ref_rejected = ref_logps if ref_logps is not None else (None, None)
     if loss in ("dpo", "cdpo"):
         # label_smoothing is 0 for "dpo" (the config checks it), so DPO and cDPO share one program
-        value, stats = P.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=hp["beta"],
-                                  label_smoothing=hp["label_smoothing"], pair_mask=pair_mask)
+        value, stats = P.dpo_loss(
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta=hp["beta"],
+            label_smoothing=hp["label_smoothing"],
+            pair_mask=pair_mask,
+        )
     elif loss == "ipo":
-        value, stats = P.ipo_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
-                                  beta=hp["beta"], pair_mask=pair_mask)
+        value, stats = P.ipo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len, beta=hp["beta"], pair_mask=pair_mask
+        )
     elif loss == "simpo":
-        value, stats = P.simpo_loss(chosen, rejected, chosen_len, rejected_len, beta=hp["beta"],
-                                    gamma=hp["simpo_gamma"], pair_mask=pair_mask)
+        value, stats = P.simpo_loss(
+            chosen, rejected, chosen_len, rejected_len, beta=hp["beta"], gamma=hp["simpo_gamma"], pair_mask=pair_mask
+        )
     elif loss == "kto":
         # chosen = the completion, rejected = its KL (mismatched) completion.
-        value, stats = P.kto_loss(chosen, ref_chosen, desirable, kl_logps=rejected, ref_kl_logps=ref_rejected,
-                                  beta=hp["beta"], desirable_weight=hp["kto_desirable_weight"],
-                                  undesirable_weight=hp["kto_undesirable_weight"], mask=pair_mask,
-                                  kl_mask=pair_mask)
+        value, stats = P.kto_loss(
+            chosen,
+            ref_chosen,
+            desirable,
+            kl_logps=rejected,
+            ref_kl_logps=ref_rejected,
+            beta=hp["beta"],
+            desirable_weight=hp["kto_desirable_weight"],
+            undesirable_weight=hp["kto_undesirable_weight"],
+            mask=pair_mask,
+            kl_mask=pair_mask,
+        )
     else:  # pragma: no cover - checked by the config
         raise ValueError(loss)
     nll = P.chosen_nll_loss(chosen, chosen_len, pair_mask) if rpo else None
@@ -315,8 +361,7 @@ def pair_rewards(loss: str, hp, logps, ref_logps):
     length-averaged ``h`` (IPO), or ``beta * mean logp`` (SimPO, no reference)."""
     chosen, chosen_len, rejected, rejected_len = logps
     if loss == "simpo":
-        return (hp["beta"] * chosen / jnp.maximum(chosen_len, 1),
-                hp["beta"] * rejected / jnp.maximum(rejected_len, 1))
+        return (hp["beta"] * chosen / jnp.maximum(chosen_len, 1), hp["beta"] * rejected / jnp.maximum(rejected_len, 1))
     h_w, h_l = chosen - ref_logps[0], rejected - ref_logps[1]
     if loss == "ipo":
         h_w, h_l = h_w / jnp.maximum(chosen_len, 1), h_l / jnp.maximum(rejected_len, 1)
@@ -341,13 +386,16 @@ class PreferenceTrainer:
         self.mesh = make_mesh(devices=jax.devices()[:1]) if mesh is None else mesh
         divisor = batch_size_divisor(self.mesh)
         if config.micro_batch_size % divisor:
-            raise ValueError(f"the micro-batch size ({config.batch_size} / {config.grad_accum_steps} = "
-                             f"{config.micro_batch_size}) must be a multiple of the data-parallel devices "
-                             f"({divisor})")
+            raise ValueError(
+                f"the micro-batch size ({config.batch_size} / {config.grad_accum_steps} = "
+                f"{config.micro_batch_size}) must be a multiple of the data-parallel devices "
+                f"({divisor})"
+            )
         self.eval_batch_size = config.eval_batch_size or config.micro_batch_size
         if self.eval_batch_size % divisor:
-            raise ValueError(f"eval_batch_size ({self.eval_batch_size}) must be a multiple of the data-parallel "
-                             f"devices ({divisor})")
+            raise ValueError(
+                f"eval_batch_size ({self.eval_batch_size}) must be a multiple of the data-parallel devices ({divisor})"
+            )
         self.optimizer = make_optimizer(config)
         fns = _jitted(model, config.structure())
         self.train_step, self.eval_step, self.reference_step = fns
@@ -361,20 +409,31 @@ class PreferenceTrainer:
         shardings = param_shardings(params, self.mesh)
         params = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
         opt_state = self.optimizer.init(params)
-        state = PreferenceState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                                hparams=loss_numbers(self.config))
+        state = PreferenceState(
+            step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, hparams=loss_numbers(self.config)
+        )
         return jax.device_put(state, self.state_shardings(state))
 
     def state_shardings(self, state: PreferenceState):
         params_sh = param_shardings(state.params, self.mesh)
         opt_sh = opt_state_shardings(self.optimizer, state.opt_state, params_sh, self.mesh)
-        return PreferenceState(step=self._replicated, params=params_sh, opt_state=opt_sh,
-                               hparams=jax.tree.map(lambda _: self._replicated, state.hparams))
+        return PreferenceState(
+            step=self._replicated,
+            params=params_sh,
+            opt_state=opt_sh,
+            hparams=jax.tree.map(lambda _: self._replicated, state.hparams),
+        )
 
     def abstract_state(self, params) -> PreferenceState:
-        shapes = jax.eval_shape(lambda p: PreferenceState(
-            step=jnp.zeros((), jnp.int32), params=p, opt_state=self.optimizer.init(p),
-            hparams=loss_numbers(self.config)), params)
+        shapes = jax.eval_shape(
+            lambda p: PreferenceState(
+                step=jnp.zeros((), jnp.int32),
+                params=p,
+                opt_state=self.optimizer.init(p),
+                hparams=loss_numbers(self.config),
+            ),
+            params,
+        )
         shardings = self.state_shardings(shapes)
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -383,7 +442,7 @@ class PreferenceTrainer:
 
     # -- batches
 
-    def put_batch(self, host_batch: Mapping[str, np.ndarray], batch_dim: int) -> Dict[str, jax.Array]:
+    def put_batch(self, host_batch: Mapping[str, np.ndarray], batch_dim: int) -> dict[str, jax.Array]:
         sharding = batch_sharding(self.mesh, batch_dim)
         return {k: global_array(np.asarray(v), sharding) for k, v in host_batch.items()}
 
@@ -395,7 +454,7 @@ def _step_inputs(arrays: Mapping[str, np.ndarray], rows: np.ndarray, kind: str, 
     if with_ref:
         keys += ["ref_chosen_logps", "ref_rejected_logps"]
     batch = {k: arrays[k][rows] for k in keys}
-    batch["pair_mask"] = (np.ones(rows.shape, np.float32) if valid is None else valid.astype(np.float32))
+    batch["pair_mask"] = np.ones(rows.shape, np.float32) if valid is None else valid.astype(np.float32)
     return batch
 
 
@@ -484,18 +543,23 @@ def _pad_data(data: PreferenceData, max_prompt_len: int, max_response_len: int) 
     """Pads the arrays to the config's lengths (prompts on the left, responses on the right)."""
     P_, R_ = data.max_prompt_len, data.max_response_len
     if P_ > max_prompt_len or R_ > max_response_len:
-        raise PreferenceDataError(f"the data is [prompt {P_}, response {R_}] tokens wide, more than the config's "
-                                  f"max_prompt_len={max_prompt_len}, max_response_len={max_response_len}; "
-                                  "tokenise it with these limits")
+        raise PreferenceDataError(
+            f"the data is [prompt {P_}, response {R_}] tokens wide, more than the config's "
+            f"max_prompt_len={max_prompt_len}, max_response_len={max_response_len}; "
+            "tokenise it with these limits"
+        )
     if (P_, R_) == (max_prompt_len, max_response_len):
         return data
     pad = lambda x, left, right: np.pad(x, ((0, 0), (left, right)))  # noqa: E731 - pad id 0, mask 0
     return dataclasses.replace(
         data,
-        prompt_ids=pad(data.prompt_ids, max_prompt_len - P_, 0), prompt_mask=pad(data.prompt_mask, max_prompt_len - P_, 0),
-        chosen_ids=pad(data.chosen_ids, 0, max_response_len - R_), chosen_mask=pad(data.chosen_mask, 0, max_response_len - R_),
+        prompt_ids=pad(data.prompt_ids, max_prompt_len - P_, 0),
+        prompt_mask=pad(data.prompt_mask, max_prompt_len - P_, 0),
+        chosen_ids=pad(data.chosen_ids, 0, max_response_len - R_),
+        chosen_mask=pad(data.chosen_mask, 0, max_response_len - R_),
         rejected_ids=pad(data.rejected_ids, 0, max_response_len - R_),
-        rejected_mask=pad(data.rejected_mask, 0, max_response_len - R_))
+        rejected_mask=pad(data.rejected_mask, 0, max_response_len - R_),
+    )
 
 
 def _batches_of(n: int, batch_size: int):
@@ -527,11 +591,11 @@ def batch_rows(n: int, step: int, config: PreferenceConfig) -> np.ndarray:
     per_epoch = n // config.batch_size
     epoch, i = divmod(step, per_epoch)
     order = np.random.default_rng([config.seed, epoch]).permutation(n)
-    rows = order[i * config.batch_size:(i + 1) * config.batch_size]
+    rows = order[i * config.batch_size : (i + 1) * config.batch_size]
     return rows.reshape(config.grad_accum_steps, config.micro_batch_size)
 
 
-def evaluate(trainer: PreferenceTrainer, params, data: PreferenceData, hparams, ref_params=None) -> Dict[str, float]:
+def evaluate(trainer: PreferenceTrainer, params, data: PreferenceData, hparams, ref_params=None) -> dict[str, float]:
     """Held-out metrics over all pairs of ``data``: implicit-reward ``accuracy`` (ties count 1/2),
     ``chosen_reward``, ``rejected_reward``, ``reward_margin``, and the loss (not for KTO)."""
     if data.kind != "pairs":
@@ -554,9 +618,13 @@ def evaluate(trainer: PreferenceTrainer, params, data: PreferenceData, hparams, 
         count += int(valid.sum())
     r_w, r_l = np.concatenate(r_w), np.concatenate(r_l)
     margin = r_w - r_l
-    result = {"accuracy": float(np.mean(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0)))),
-              "chosen_reward": float(np.mean(r_w)), "rejected_reward": float(np.mean(r_l)),
-              "reward_margin": float(np.mean(margin)), "pairs": count}
+    result = {
+        "accuracy": float(np.mean(np.where(margin > 0, 1.0, np.where(margin == 0, 0.5, 0.0)))),
+        "chosen_reward": float(np.mean(r_w)),
+        "rejected_reward": float(np.mean(r_l)),
+        "reward_margin": float(np.mean(margin)),
+        "pairs": count,
+    }
     if config.loss != "kto":
         result["loss"] = loss_sum / count
     if config.rpo_alpha is not None:
@@ -571,11 +639,16 @@ FORMAT_VERSION = 1
 
 
 def _checkpoint_metadata(config: PreferenceConfig, model_config) -> dict:
-    return json.loads(json.dumps({
-        "format_version": FORMAT_VERSION,
-        "preference_config": dataclasses.asdict(config),
-        "policy_config": dataclasses.asdict(model_config),
-    }, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "format_version": FORMAT_VERSION,
+                "preference_config": dataclasses.asdict(config),
+                "policy_config": dataclasses.asdict(model_config),
+            },
+            default=str,
+        )
+    )
 
 
 class PreferenceCheckpointer:
@@ -589,13 +662,16 @@ class PreferenceCheckpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self.trainer = trainer
         self.metadata = _checkpoint_metadata(trainer.config, trainer.model.config)
-        options = ocp.CheckpointManagerOptions(save_interval_steps=trainer.config.save_every,
-                                               max_to_keep=trainer.config.keep_checkpoints,
-                                               enable_async_checkpointing=async_save, create=True)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=trainer.config.save_every,
+            max_to_keep=trainer.config.keep_checkpoints,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._saved = set(self.manager.all_steps())
 
-    def latest_step(self) -> Optional[int]:
+    def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def check_compatible(self, step: int) -> None:
@@ -612,26 +688,32 @@ class PreferenceCheckpointer:
                 if key == "preference_config" and name in RESUME_MUTABLE_FIELDS:
                     continue
                 if old.get(name, "<missing>") != new.get(name, "<missing>"):
-                    problems.append(f"{key}.{name}: checkpoint {old.get(name, '<missing>')!r}, now "
-                                    f"{new.get(name, '<missing>')!r}")
+                    problems.append(
+                        f"{key}.{name}: checkpoint {old.get(name, '<missing>')!r}, now {new.get(name, '<missing>')!r}"
+                    )
         if problems:
             raise CheckpointMismatchError(
                 f"cannot resume from {self.directory} (step {step}): it was written with a different "
-                "configuration:\n  " + "\n  ".join(problems)
-                + "\nUse a new output directory, or restore the original configuration.")
+                "configuration:\n  "
+                + "\n  ".join(problems)
+                + "\nUse a new output directory, or restore the original configuration."
+            )
 
     def save(self, state: PreferenceState, force: bool = False) -> bool:
         ocp = self._ocp
         step = int(state.step)
         if step in self._saved:
             return False
-        started = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                  meta=ocp.args.JsonSave(self.metadata)), force=force)
+        started = self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(self.metadata)),
+            force=force,
+        )
         if started:
             self._saved.add(step)
         return started
 
-    def restore(self, params_like, step: Optional[int] = None) -> PreferenceState:
+    def restore(self, params_like, step: int | None = None) -> PreferenceState:
         ocp = self._ocp
         step = self.latest_step() if step is None else step
         if step is None:
@@ -669,7 +751,7 @@ def _prepare(data, config: PreferenceConfig, tokenizer, kind: str) -> Preference
         if isinstance(data, (str, os.PathLike)):
             data = load_preference_data(data, tokenizer, config.max_prompt_len, config.max_response_len, kind=kind)
         else:
-            from jaxrlhf.training.preference_data import tokenize_kto, tokenize_pairs, load_rows
+            from jaxrlhf.training.preference_data import load_rows, tokenize_kto, tokenize_pairs
 
             fn = tokenize_kto if kind == "kto" else tokenize_pairs
             data = fn(load_rows(data), tokenizer, config.max_prompt_len, config.max_response_len)
@@ -686,7 +768,7 @@ def train_preference(
     model_and_params,
     data,
     config: PreferenceConfig,
-    out_dir: Optional[str] = None,
+    out_dir: str | None = None,
     *,
     eval_data=None,
     eval_every: int = 0,
@@ -698,8 +780,8 @@ def train_preference(
     progress: bool = True,
     tensorboard: bool = True,
     export: bool = True,
-    on_step: Optional[Callable[[int, PreferenceState, Dict[str, float]], None]] = None,
-    evaluate_fn: Optional[Callable[[int, PreferenceState], Mapping[str, Any]]] = None,
+    on_step: Callable[[int, PreferenceState, dict[str, float]], None] | None = None,
+    evaluate_fn: Callable[[int, PreferenceState], Mapping[str, Any]] | None = None,
 ) -> PreferenceResult:
     """Trains the policy on preference data for ``config.total_steps`` updates.
 
@@ -751,8 +833,8 @@ def train_preference(
     state = trainer.init_state(params)
     checkpointer = logger = None
     start = 0
-    history: List[Dict[str, float]] = []
-    evals: List[Dict[str, float]] = []
+    history: list[dict[str, float]] = []
+    evals: list[dict[str, float]] = []
     arrays = data.arrays()
     try:
         if out_dir is not None:
@@ -762,21 +844,28 @@ def train_preference(
             if resume and checkpointer.latest_step() is not None:
                 state = checkpointer.restore(params)
                 start = int(state.step)
-            logger = MetricsLogger(out_dir, total_steps=config.total_steps, progress_keys=PROGRESS_KEYS,
-                                   resume_step=start - 1, tensorboard=tensorboard, progress=progress)
+            logger = MetricsLogger(
+                out_dir,
+                total_steps=config.total_steps,
+                progress_keys=PROGRESS_KEYS,
+                resume_step=start - 1,
+                tensorboard=tensorboard,
+                progress=progress,
+            )
         for step in range(start, config.total_steps):
             rows = batch_rows(len(data), step, config)
             batch = trainer.put_batch(_step_inputs(arrays, rows, data.kind, with_ref), 1)
             state, metrics = trainer.train_step(state, batch, step_ref)
             last = step == config.total_steps - 1
-            record: Dict[str, Any] = {}
+            record: dict[str, Any] = {}
             if step % log_every == 0 or last:
                 record.update({k: float(v) for k, v in jax.device_get(metrics).items()})
                 if not all(math.isfinite(v) for v in record.values()):
                     bad = sorted(k for k, v in record.items() if not math.isfinite(v))
                     raise FloatingPointError(f"non-finite metrics at step {step}: {bad}")
-            if (eval_data is not None or evaluate_fn is not None) and \
-                    ((eval_every and (step + 1) % eval_every == 0) or last):
+            if (eval_data is not None or evaluate_fn is not None) and (
+                (eval_every and (step + 1) % eval_every == 0) or last
+            ):
                 result = {}
                 if eval_data is not None:
                     result.update(evaluate(trainer, state.params, eval_data, state.hparams, step_ref))

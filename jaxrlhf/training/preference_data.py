@@ -53,12 +53,14 @@ a warning says how much. No row is ever kept silently broken, and a data set wit
 an error. Missing columns, or a mix of pair and KTO columns that fits neither, raise
 `PreferenceDataError` naming the columns found and the columns expected.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
 import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -100,10 +102,10 @@ class PreferenceData:
     chosen_mask: np.ndarray
     rejected_ids: np.ndarray
     rejected_mask: np.ndarray
-    desirable: Optional[np.ndarray] = None
-    ref_chosen_logps: Optional[np.ndarray] = None
-    ref_rejected_logps: Optional[np.ndarray] = None
-    stats: Dict[str, int] = dataclasses.field(default_factory=dict)
+    desirable: np.ndarray | None = None
+    ref_chosen_logps: np.ndarray | None = None
+    ref_rejected_logps: np.ndarray | None = None
+    stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         n = self.prompt_ids.shape[0]
@@ -113,13 +115,19 @@ class PreferenceData:
                 raise PreferenceDataError(f"PreferenceData.{name} must be [N={n}, T], got shape {value.shape}")
             setattr(self, name, value.astype(np.int32))
         if self.chosen_ids.shape != self.rejected_ids.shape:
-            raise PreferenceDataError(f"chosen and rejected arrays must have one shape, got "
-                                      f"{self.chosen_ids.shape} and {self.rejected_ids.shape}")
-        for ids, mask in (("prompt_ids", "prompt_mask"), ("chosen_ids", "chosen_mask"),
-                          ("rejected_ids", "rejected_mask")):
+            raise PreferenceDataError(
+                f"chosen and rejected arrays must have one shape, got "
+                f"{self.chosen_ids.shape} and {self.rejected_ids.shape}"
+            )
+        for ids, mask in (
+            ("prompt_ids", "prompt_mask"),
+            ("chosen_ids", "chosen_mask"),
+            ("rejected_ids", "rejected_mask"),
+        ):
             if getattr(self, ids).shape != getattr(self, mask).shape:
-                raise PreferenceDataError(f"{ids} and {mask} differ in shape: {getattr(self, ids).shape} vs "
-                                          f"{getattr(self, mask).shape}")
+                raise PreferenceDataError(
+                    f"{ids} and {mask} differ in shape: {getattr(self, ids).shape} vs {getattr(self, mask).shape}"
+                )
         if self.desirable is not None:
             self.desirable = np.asarray(self.desirable).astype(bool).reshape(-1)
             if self.desirable.shape != (n,):
@@ -152,7 +160,7 @@ class PreferenceData:
     def max_response_len(self) -> int:
         return int(self.chosen_ids.shape[1])
 
-    def arrays(self) -> Dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
         """The per-row arrays (what the trainer batches), without ``stats``; absent ones left out."""
         out = {name: getattr(self, name) for name in ARRAY_FIELDS}
         for name in ("desirable", "ref_chosen_logps", "ref_rejected_logps"):
@@ -160,21 +168,24 @@ class PreferenceData:
                 out[name] = getattr(self, name)
         return out
 
-    def select(self, rows) -> "PreferenceData":
+    def select(self, rows) -> PreferenceData:
         """The rows ``rows`` (indices or a boolean mask); ``stats`` carried over."""
         picked = {k: v[rows] for k, v in self.arrays().items()}
         return dataclasses.replace(self, **picked, stats=dict(self.stats))
 
-    def with_reference(self, ref_chosen_logps, ref_rejected_logps) -> "PreferenceData":
-        return dataclasses.replace(self, ref_chosen_logps=np.asarray(ref_chosen_logps, np.float32),
-                                   ref_rejected_logps=np.asarray(ref_rejected_logps, np.float32))
+    def with_reference(self, ref_chosen_logps, ref_rejected_logps) -> PreferenceData:
+        return dataclasses.replace(
+            self,
+            ref_chosen_logps=np.asarray(ref_chosen_logps, np.float32),
+            ref_rejected_logps=np.asarray(ref_rejected_logps, np.float32),
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Reading rows
 
 
-def load_rows(source, columns: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+def load_rows(source, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Rows (dicts) from a JSONL / Parquet path, a ``datasets.Dataset`` or a list of dicts.
 
     Files go through Hugging Face ``datasets`` (``load_dataset("json"|"parquet", data_files=path,
@@ -216,8 +227,9 @@ def _check_row_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
     for i, row in enumerate(rows):
         missing = [c for c in columns if c not in row]
         if missing:
-            raise PreferenceDataError(f"row {i} lacks column(s) {missing}: it has {sorted(row)}; expected "
-                                      f"{list(columns)}")
+            raise PreferenceDataError(
+                f"row {i} lacks column(s) {missing}: it has {sorted(row)}; expected {list(columns)}"
+            )
 
 
 def _check_columns(present, columns, where):
@@ -230,8 +242,9 @@ def _check_columns(present, columns, where):
             hint = " (these look like KTO rows: prompt/completion/label; use loss='kto')"
         elif set(PAIR_COLUMNS) <= set(present):
             hint = " (these look like preference pairs: prompt/chosen/rejected)"
-        raise PreferenceDataError(f"{where}: missing column(s) {missing}; found {present}; expected "
-                                  f"{list(columns)}{hint}")
+        raise PreferenceDataError(
+            f"{where}: missing column(s) {missing}; found {present}; expected {list(columns)}{hint}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,7 +255,7 @@ def _has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def _encode_prompt(tokenizer, prompt, use_chat_template: Optional[bool]) -> List[int]:
+def _encode_prompt(tokenizer, prompt, use_chat_template: bool | None) -> list[int]:
     chat = _has_chat_template(tokenizer) if use_chat_template is None else use_chat_template
     if chat:
         messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
@@ -266,7 +279,7 @@ def _response_text(response) -> str:
     return "" if response is None else str(response)
 
 
-def _encode_response(tokenizer, response) -> List[int]:
+def _encode_response(tokenizer, response) -> list[int]:
     text = _response_text(response)
     if not text.strip():
         return []
@@ -282,8 +295,9 @@ class _Builder:
 
     def __init__(self, max_prompt_len, max_response_len, prompt_truncation, response_truncation, pad_id):
         if max_prompt_len < 1 or max_response_len < 1:
-            raise ValueError(f"max_prompt_len and max_response_len must be >= 1, got {max_prompt_len}, "
-                             f"{max_response_len}")
+            raise ValueError(
+                f"max_prompt_len and max_response_len must be >= 1, got {max_prompt_len}, {max_response_len}"
+            )
         if prompt_truncation not in ("drop", "left"):
             raise ValueError(f"prompt_truncation must be 'drop' or 'left', got {prompt_truncation!r}")
         if response_truncation not in ("truncate", "drop"):
@@ -291,9 +305,18 @@ class _Builder:
         self.P, self.R = int(max_prompt_len), int(max_response_len)
         self.prompt_truncation, self.response_truncation = prompt_truncation, response_truncation
         self.pad_id = int(pad_id)
-        self.stats = {"rows": 0, "kept": 0, "empty_prompt": 0, "empty_response": 0, "prompt_too_long": 0,
-                      "prompt_truncated": 0, "response_too_long": 0, "response_truncated": 0, "identical": 0}
-        self.kept: List[tuple] = []
+        self.stats = {
+            "rows": 0,
+            "kept": 0,
+            "empty_prompt": 0,
+            "empty_response": 0,
+            "prompt_too_long": 0,
+            "prompt_truncated": 0,
+            "response_too_long": 0,
+            "response_truncated": 0,
+            "identical": 0,
+        }
+        self.kept: list[tuple] = []
 
     def add(self, prompt: Sequence[int], responses: Sequence[Sequence[int]], pairwise: bool, extra=None) -> bool:
         self.stats["rows"] += 1
@@ -308,7 +331,7 @@ class _Builder:
             if self.prompt_truncation == "drop":
                 self.stats["prompt_too_long"] += 1
                 return False
-            prompt = prompt[-self.P:]
+            prompt = prompt[-self.P :]
             self.stats["prompt_truncated"] += 1
         if any(len(r) > self.R for r in responses):
             if self.response_truncation == "drop":
@@ -333,14 +356,14 @@ class _Builder:
         resp_ids = [np.full((n, self.R), self.pad_id, np.int32) for _ in range(num_responses)]
         resp_mask = [np.zeros((n, self.R), np.int32) for _ in range(num_responses)]
         for i, (prompt, responses, _) in enumerate(self.kept):
-            prompt_ids[i, self.P - len(prompt):] = prompt
-            prompt_mask[i, self.P - len(prompt):] = 1
+            prompt_ids[i, self.P - len(prompt) :] = prompt
+            prompt_mask[i, self.P - len(prompt) :] = 1
             for j, r in enumerate(responses):
                 resp_ids[j][i, : len(r)] = r
                 resp_mask[j][i, : len(r)] = 1
         return prompt_ids, prompt_mask, resp_ids, resp_mask
 
-    def report(self, what: str) -> Dict[str, int]:
+    def report(self, what: str) -> dict[str, int]:
         s = self.stats
         dropped = s["rows"] - s["kept"]
         cut = s["prompt_truncated"] + s["response_truncated"]
@@ -357,17 +380,26 @@ def _pad_id(tokenizer) -> int:
     return 0 if pad is None else int(pad)
 
 
-def tokenize_pairs(rows: Iterable[Mapping[str, Any]], tokenizer, max_prompt_len: int, max_response_len: int, *,
-                   use_chat_template: Optional[bool] = None, prompt_truncation: str = "drop",
-                   response_truncation: str = "truncate") -> PreferenceData:
+def tokenize_pairs(
+    rows: Iterable[Mapping[str, Any]],
+    tokenizer,
+    max_prompt_len: int,
+    max_response_len: int,
+    *,
+    use_chat_template: bool | None = None,
+    prompt_truncation: str = "drop",
+    response_truncation: str = "truncate",
+) -> PreferenceData:
     """Preference pairs (rows with ``prompt``, ``chosen``, ``rejected``) -> `PreferenceData`."""
     rows = list(rows)
     _check_row_columns(rows, PAIR_COLUMNS)
     builder = _Builder(max_prompt_len, max_response_len, prompt_truncation, response_truncation, _pad_id(tokenizer))
     for row in rows:
-        builder.add(_encode_prompt(tokenizer, row["prompt"], use_chat_template),
-                    [_encode_response(tokenizer, row["chosen"]), _encode_response(tokenizer, row["rejected"])],
-                    pairwise=True)
+        builder.add(
+            _encode_prompt(tokenizer, row["prompt"], use_chat_template),
+            [_encode_response(tokenizer, row["chosen"]), _encode_response(tokenizer, row["rejected"])],
+            pairwise=True,
+        )
     prompt_ids, prompt_mask, (c_ids, r_ids), (c_mask, r_mask) = builder.arrays()
     stats = builder.report("preference pairs")
     return PreferenceData(prompt_ids, prompt_mask, c_ids, c_mask, r_ids, r_mask, stats=stats)
@@ -392,9 +424,17 @@ def _derangement(n: int, seed: int) -> np.ndarray:
     return perm
 
 
-def tokenize_kto(rows: Iterable[Mapping[str, Any]], tokenizer, max_prompt_len: int, max_response_len: int, *,
-                 use_chat_template: Optional[bool] = None, prompt_truncation: str = "drop",
-                 response_truncation: str = "truncate", kl_seed: int = 0) -> PreferenceData:
+def tokenize_kto(
+    rows: Iterable[Mapping[str, Any]],
+    tokenizer,
+    max_prompt_len: int,
+    max_response_len: int,
+    *,
+    use_chat_template: bool | None = None,
+    prompt_truncation: str = "drop",
+    response_truncation: str = "truncate",
+    kl_seed: int = 0,
+) -> PreferenceData:
     """Unpaired KTO rows (``prompt``, ``completion``, ``label``) -> `PreferenceData` of kind ``"kto"``.
 
     The ``rejected_*`` slot gets each kept row's KL completion (see the module docstring).
@@ -403,9 +443,12 @@ def tokenize_kto(rows: Iterable[Mapping[str, Any]], tokenizer, max_prompt_len: i
     _check_row_columns(rows, KTO_COLUMNS)
     builder = _Builder(max_prompt_len, max_response_len, prompt_truncation, response_truncation, _pad_id(tokenizer))
     for i, row in enumerate(rows):
-        builder.add(_encode_prompt(tokenizer, row["prompt"], use_chat_template),
-                    [_encode_response(tokenizer, row["completion"])], pairwise=False,
-                    extra=_as_label(row["label"], i))
+        builder.add(
+            _encode_prompt(tokenizer, row["prompt"], use_chat_template),
+            [_encode_response(tokenizer, row["completion"])],
+            pairwise=False,
+            extra=_as_label(row["label"], i),
+        )
     desirable = np.asarray([extra for _, _, extra in builder.kept], bool)
     prompt_ids, prompt_mask, (c_ids,), (c_mask,) = builder.arrays()
     stats = builder.report("KTO rows")
@@ -417,12 +460,12 @@ def _kto_data(prompt_ids, prompt_mask, ids, mask, desirable, stats, kl_seed) -> 
     if n < 2:
         raise PreferenceDataError(f"KTO needs at least 2 rows (for the mismatched KL pairs), got {n}")
     perm = _derangement(n, kl_seed)
-    return PreferenceData(prompt_ids, prompt_mask, ids, mask, ids[perm], mask[perm], desirable=desirable,
-                          stats=stats)
+    return PreferenceData(prompt_ids, prompt_mask, ids, mask, ids[perm], mask[perm], desirable=desirable, stats=stats)
 
 
-def load_preference_data(source, tokenizer, max_prompt_len: int, max_response_len: int, *, kind: str = "pairs",
-                         **kwargs) -> PreferenceData:
+def load_preference_data(
+    source, tokenizer, max_prompt_len: int, max_response_len: int, *, kind: str = "pairs", **kwargs
+) -> PreferenceData:
     """`load_rows` then `tokenize_pairs` (``kind="pairs"``) or `tokenize_kto` (``kind="kto"``)."""
     if kind == "pairs":
         return tokenize_pairs(load_rows(source, PAIR_COLUMNS), tokenizer, max_prompt_len, max_response_len, **kwargs)
@@ -435,18 +478,27 @@ def load_preference_data(source, tokenizer, max_prompt_len: int, max_response_le
 # Already tokenised arrays
 
 
-def _rows_of(ids, mask, name) -> List[List[int]]:
+def _rows_of(ids, mask, name) -> list[list[int]]:
     ids, mask = np.asarray(ids), np.asarray(mask)
     if ids.ndim != 2 or ids.shape != mask.shape:
-        raise PreferenceDataError(f"{name}: ids and mask must be [N, T] of one shape, got {ids.shape} and "
-                                  f"{mask.shape}")
+        raise PreferenceDataError(f"{name}: ids and mask must be [N, T] of one shape, got {ids.shape} and {mask.shape}")
     return [row[m.astype(bool)].tolist() for row, m in zip(ids, mask)]
 
 
-def pairs_from_arrays(prompt_ids, prompt_mask, chosen_ids, chosen_mask, rejected_ids, rejected_mask, *,
-                      max_prompt_len: Optional[int] = None, max_response_len: Optional[int] = None,
-                      pad_id: int = 0, prompt_truncation: str = "drop",
-                      response_truncation: str = "truncate") -> PreferenceData:
+def pairs_from_arrays(
+    prompt_ids,
+    prompt_mask,
+    chosen_ids,
+    chosen_mask,
+    rejected_ids,
+    rejected_mask,
+    *,
+    max_prompt_len: int | None = None,
+    max_response_len: int | None = None,
+    pad_id: int = 0,
+    prompt_truncation: str = "drop",
+    response_truncation: str = "truncate",
+) -> PreferenceData:
     """`PreferenceData` from token arrays (any padding side: the masks say which tokens count).
 
     The rules of the module docstring apply (an all-zero response mask is an empty response); the
@@ -456,29 +508,43 @@ def pairs_from_arrays(prompt_ids, prompt_mask, chosen_ids, chosen_mask, rejected
     chosen = _rows_of(chosen_ids, chosen_mask, "chosen")
     rejected = _rows_of(rejected_ids, rejected_mask, "rejected")
     if not len(prompts) == len(chosen) == len(rejected):
-        raise PreferenceDataError(f"prompt, chosen and rejected need one number of rows, got {len(prompts)}, "
-                                  f"{len(chosen)}, {len(rejected)}")
+        raise PreferenceDataError(
+            f"prompt, chosen and rejected need one number of rows, got {len(prompts)}, {len(chosen)}, {len(rejected)}"
+        )
     P = max_prompt_len or max(1, max(map(len, prompts), default=1))
     R = max_response_len or max(1, max(map(len, chosen + rejected), default=1))
     builder = _Builder(P, R, prompt_truncation, response_truncation, pad_id)
     for p, c, r in zip(prompts, chosen, rejected):
         builder.add(p, [c, r], pairwise=True)
     prompt_ids, prompt_mask, (c_ids, r_ids), (c_mask, r_mask) = builder.arrays()
-    return PreferenceData(prompt_ids, prompt_mask, c_ids, c_mask, r_ids, r_mask,
-                          stats=builder.report("preference pairs"))
+    return PreferenceData(
+        prompt_ids, prompt_mask, c_ids, c_mask, r_ids, r_mask, stats=builder.report("preference pairs")
+    )
 
 
-def kto_from_arrays(prompt_ids, prompt_mask, completion_ids, completion_mask, desirable, *,
-                    max_prompt_len: Optional[int] = None, max_response_len: Optional[int] = None, pad_id: int = 0,
-                    prompt_truncation: str = "drop", response_truncation: str = "truncate",
-                    kl_seed: int = 0) -> PreferenceData:
+def kto_from_arrays(
+    prompt_ids,
+    prompt_mask,
+    completion_ids,
+    completion_mask,
+    desirable,
+    *,
+    max_prompt_len: int | None = None,
+    max_response_len: int | None = None,
+    pad_id: int = 0,
+    prompt_truncation: str = "drop",
+    response_truncation: str = "truncate",
+    kl_seed: int = 0,
+) -> PreferenceData:
     """KTO `PreferenceData` from token arrays and a ``[N]`` bool label."""
     prompts = _rows_of(prompt_ids, prompt_mask, "prompt")
     completions = _rows_of(completion_ids, completion_mask, "completion")
     desirable = np.asarray(desirable).astype(bool).reshape(-1)
     if not len(prompts) == len(completions) == len(desirable):
-        raise PreferenceDataError(f"prompt, completion and desirable need one number of rows, got {len(prompts)}, "
-                                  f"{len(completions)}, {len(desirable)}")
+        raise PreferenceDataError(
+            f"prompt, completion and desirable need one number of rows, got {len(prompts)}, "
+            f"{len(completions)}, {len(desirable)}"
+        )
     P = max_prompt_len or max(1, max(map(len, prompts), default=1))
     R = max_response_len or max(1, max(map(len, completions), default=1))
     builder = _Builder(P, R, prompt_truncation, response_truncation, pad_id)

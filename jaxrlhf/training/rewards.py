@@ -12,10 +12,12 @@
 
 Scores then go through `postprocess_scores`: missing-EOS penalty, clipping, normalisation.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +74,7 @@ class TextReward:
 
     fn: Callable[[Sequence[str], Sequence[str]], Sequence[float]]
     tokenizer: Any = None
-    metrics_fn: Optional[Callable[[Sequence[str], Sequence[str]], Mapping[str, float]]] = None
+    metrics_fn: Callable[[Sequence[str], Sequence[str]], Mapping[str, float]] | None = None
 
 
 def decode_responses(tokenizer, ids_BxN, mask_BxN) -> list[str]:
@@ -95,7 +97,7 @@ def check_scores(scores, batch_size: int, where: str = "reward function") -> jax
             f"it returned {type(scores).__name__} with shape {shape}"
         )
     dtype = jnp.asarray(scores).dtype
-    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or dtype == bool):
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_):
         raise RewardShapeError(f"the {where} must return numeric scores, got dtype {dtype}")
     return jnp.asarray(scores).astype(jnp.float32)
 
@@ -120,8 +122,7 @@ def has_eos(response_ids: jax.Array, response_mask: jax.Array, eos_token_id) -> 
     return jnp.any(is_eos(response_ids, eos_token_id) & (response_mask != 0), axis=1)
 
 
-def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats: ScoreStats,
-                       hparams: HyperParams):
+def postprocess_scores(config: PPOConfig, raw_scores_B, eos_found_B, score_stats: ScoreStats, hparams: HyperParams):
     """Scores as they enter the step rewards, and the updated running statistics.
 
     In order: a response without EOS gets ``missing_eos_penalty`` (if set); then clipping to

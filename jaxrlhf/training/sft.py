@@ -19,10 +19,12 @@ Usage::
 or the whole loop with ``train_sft`` (epoch-wise shuffling from an explicit key, optional logger).
 Everything is a pure function of its inputs; the model is any ``apply(params, ids, mask) -> logits``.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,16 @@ import optax
 from jaxrlhf.core.logprobs import token_logprobs
 from jaxrlhf.training.state import injected_adamw, schedule_multiplier
 
-__all__ = ["SFTConfig", "SFTState", "make_optimizer", "init_state", "sft_loss", "make_train_step", "train_sft",
-           "iterate_minibatches"]
+__all__ = [
+    "SFTConfig",
+    "SFTState",
+    "make_optimizer",
+    "init_state",
+    "sft_loss",
+    "make_train_step",
+    "train_sft",
+    "iterate_minibatches",
+]
 
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
@@ -56,7 +66,7 @@ class SFTConfig:
     """AdamW beta2."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
-    max_grad_norm: Optional[float] = 1.0
+    max_grad_norm: float | None = 1.0
     """Global gradient-norm clipping (None: off)."""
 
     def __post_init__(self):
@@ -74,8 +84,13 @@ def make_optimizer(config: SFTConfig, total_steps: int) -> optax.GradientTransfo
     """The trainers' one AdamW (`jaxrlhf.training.state.injected_adamw`: optional global-norm
     clipping, numbers in the optimizer state) with warm-up, then cosine decay to ``decay_to`` of the
     peak at ``total_steps``."""
-    numbers = {"learning_rate": config.learning_rate, "b1": config.adam_b1, "b2": config.adam_b2,
-               "eps": config.adam_eps, "weight_decay": config.weight_decay}
+    numbers = {
+        "learning_rate": config.learning_rate,
+        "b1": config.adam_b1,
+        "b2": config.adam_b2,
+        "eps": config.adam_eps,
+        "weight_decay": config.weight_decay,
+    }
     if config.max_grad_norm is not None:
         numbers["max_grad_norm"] = config.max_grad_norm
     multiplier = schedule_multiplier(max(int(total_steps), 1), config.warmup_steps, "cosine", config.decay_to)

@@ -5,6 +5,7 @@ is a pure function `state -> state` and a checkpoint is that pytree. What does n
 reference policy, a reward model's parameters) travels beside it as `FrozenParams`: it is not
 checkpointed, because the run can always rebuild it from the checkpoints it started from.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -32,11 +33,11 @@ class ScoreStats(NamedTuple):
     m2: jax.Array  # sum of squared deviations from the mean
 
     @classmethod
-    def zeros(cls) -> "ScoreStats":
+    def zeros(cls) -> ScoreStats:
         zero = jnp.zeros((), jnp.float32)
         return cls(zero, zero, zero)
 
-    def update(self, scores_B: jax.Array) -> "ScoreStats":
+    def update(self, scores_B: jax.Array) -> ScoreStats:
         scores_B = scores_B.astype(jnp.float32)
         batch_count = jnp.asarray(scores_B.shape[0], jnp.float32)
         batch_mean = jnp.mean(scores_B)
@@ -87,8 +88,9 @@ class FrozenParams(NamedTuple):
     reward_params: Any = None
 
 
-def schedule_multiplier(total_updates: int, warmup_steps: int, lr_schedule: str,
-                        end_fraction: float = 0.0) -> optax.Schedule:
+def schedule_multiplier(
+    total_updates: int, warmup_steps: int, lr_schedule: str, end_fraction: float = 0.0
+) -> optax.Schedule:
     """The shape of a learning-rate schedule, peak 1 (structure: it depends on lengths only).
 
     Linear warm-up from 0 over ``warmup_steps`` updates, then ``lr_schedule`` ("constant", or

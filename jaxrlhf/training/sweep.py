@@ -17,15 +17,18 @@ A run whose step is non-finite (NaN scores, a diverging update) is frozen: its s
 last good step, ``active[r]`` turns False and ``failed_step[r]`` records the step, while the other
 runs go on training.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import ValueModel
@@ -89,10 +92,17 @@ class Sweep:
         KV caches) between old and new in every step. False only to measure that difference.
     """
 
-    def __init__(self, config: PPOConfig, policy: LanguageModel, reward: Any,
-                 runs: Sequence[Mapping[str, Any]], critic: Optional[ValueModel] = None,
-                 mesh: Optional[Mesh] = None, shared_decode_stop: bool = True,
-                 tuning: Tuning | str | None = "auto"):
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy: LanguageModel,
+        reward: Any,
+        runs: Sequence[Mapping[str, Any]],
+        critic: ValueModel | None = None,
+        mesh: Mesh | None = None,
+        shared_decode_stop: bool = True,
+        tuning: Tuning | str | None = "auto",
+    ):
         self.run_configs = run_configs(config, runs)
         self.overrides = [dict(r) for r in runs]
         self.num_runs = len(self.run_configs)
@@ -100,19 +110,25 @@ class Sweep:
         self.mesh = self.ppo.mesh
         self.runs_axis = RUNS_AXIS if RUNS_AXIS in self.mesh.axis_names else None
         if self.runs_axis is not None and self.num_runs % self.mesh.shape[RUNS_AXIS]:
-            raise ValueError(f"{self.num_runs} runs cannot be split over a '{RUNS_AXIS}' mesh axis of "
-                             f"{self.mesh.shape[RUNS_AXIS]} devices: use a divisor of the run count")
+            raise ValueError(
+                f"{self.num_runs} runs cannot be split over a '{RUNS_AXIS}' mesh axis of "
+                f"{self.mesh.shape[RUNS_AXIS]} devices: use a divisor of the run count"
+            )
         self.uses_host_reward = self.ppo.uses_host_reward
         self.stop_axis_name = RUNS_AXIS if shared_decode_stop else None
         self.config = config  # what checkpoints and the driver read (save_every, total_steps ...)
 
         abstract_runs = jax.tree.map(
             lambda s: jax.ShapeDtypeStruct((self.num_runs, *s.shape), s.dtype, sharding=self._stacked(s.sharding)),
-            self.ppo.abstract_state())
+            self.ppo.abstract_state(),
+        )
         per_run = lambda dtype: jax.ShapeDtypeStruct((self.num_runs,), dtype, sharding=self.run_sharding())  # noqa: E731
         self._abstract_state = SweepState(
             step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh)),
-            runs=abstract_runs, active=per_run(jnp.bool_), failed_step=per_run(jnp.int32))
+            runs=abstract_runs,
+            active=per_run(jnp.bool_),
+            failed_step=per_run(jnp.int32),
+        )
         self._state_shardings = jax.tree.map(lambda s: s.sharding, self._abstract_state)
 
         rep_runs = self.run_sharding()
@@ -153,9 +169,12 @@ class Sweep:
             return self.ppo._init_from_seed(policy_params, value_params, seed, numbers)
 
         runs = self._vmap(init_one, (0, 0))(seeds_R, numbers_R)
-        return SweepState(step=jnp.zeros((), jnp.int32), runs=runs,
-                          active=jnp.ones((self.num_runs,), bool),
-                          failed_step=jnp.full((self.num_runs,), -1, jnp.int32))
+        return SweepState(
+            step=jnp.zeros((), jnp.int32),
+            runs=runs,
+            active=jnp.ones((self.num_runs,), bool),
+            failed_step=jnp.full((self.num_runs,), -1, jnp.int32),
+        )
 
     def init_state(self, policy_params, value_params=None) -> SweepState:
         """Every run's initial state from the same starting parameters and its own seed and numbers."""
@@ -169,12 +188,14 @@ class Sweep:
 
     def prompt_batch(self, prompt_ids_RxBxP, prompt_mask_RxBxP) -> PromptBatch:
         sharding = self.batch_sharding()
-        return PromptBatch(global_array(np.asarray(prompt_ids_RxBxP, np.int32), sharding),
-                           global_array(np.asarray(prompt_mask_RxBxP, np.int32), sharding))
+        return PromptBatch(
+            global_array(np.asarray(prompt_ids_RxBxP, np.int32), sharding),
+            global_array(np.asarray(prompt_mask_RxBxP, np.int32), sharding),
+        )
 
     # ------------------------------------------------------------------ the step
 
-    def _commit(self, sweep_state: SweepState, new_runs: TrainState, metrics: Metrics) -> Tuple[SweepState, Metrics]:
+    def _commit(self, sweep_state: SweepState, new_runs: TrainState, metrics: Metrics) -> tuple[SweepState, Metrics]:
         """Keep each run's new state only if its step was finite and it is still active."""
         ok_R = metrics["all_finite"] & sweep_state.active
         runs = self._vmap(_keep_where, (0, 0, 0))(ok_R, new_runs, sweep_state.runs)
@@ -192,13 +213,16 @@ class Sweep:
         rollout = lambda state, run_batch: self.ppo.rollout(state, frozen, run_batch, self.stop_axis_name)  # noqa: E731
         return self._vmap(rollout, (0, 0))(sweep_state.runs, batch)
 
-    def _update(self, sweep_state: SweepState, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout,
-                raw_scores_RxB):
+    def _update(
+        self, sweep_state: SweepState, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout, raw_scores_RxB
+    ):
         update = lambda state, b, r, s: self.ppo.update(state, frozen, b, r, s)  # noqa: E731
         new_runs, metrics = self._vmap(update, (0, 0, 0, 0))(sweep_state.runs, batch, rollout_out, raw_scores_RxB)
         return self._commit(sweep_state, new_runs, metrics)
 
-    def train_step(self, sweep_state: SweepState, frozen: FrozenParams, batch: PromptBatch) -> Tuple[SweepState, Metrics]:
+    def train_step(
+        self, sweep_state: SweepState, frozen: FrozenParams, batch: PromptBatch
+    ) -> tuple[SweepState, Metrics]:
         """One iteration of every run (JAX reward): metrics are ``[R]`` arrays."""
         if self.uses_host_reward:
             raise TypeError("a TextReward is scored on the host: use rollout_step, then update_step")
@@ -213,8 +237,9 @@ class Sweep:
         scores = np.asarray(raw_scores_RxB, np.float32)
         expected = (self.num_runs, self.ppo.config.rollout_size)
         if scores.shape != expected:
-            raise RewardShapeError(f"a sweep's text reward must give scores of shape {expected} (runs, batch); "
-                                   f"got {scores.shape}")
+            raise RewardShapeError(
+                f"a sweep's text reward must give scores of shape {expected} (runs, batch); got {scores.shape}"
+            )
         scores = global_array(scores, self.batch_sharding())
         return self._jit_update(sweep_state, frozen, batch, rollout_out, scores)
 
@@ -222,7 +247,7 @@ class Sweep:
         return {"fused": self._jit_fused, "rollout": self._jit_rollout, "update": self._jit_update}[which]._cache_size()
 
 
-def split_metrics(metrics: Dict[str, Any], num_runs: int) -> List[Dict[str, float]]:
+def split_metrics(metrics: dict[str, Any], num_runs: int) -> list[dict[str, float]]:
     """``{name: [R]}`` -> R dicts of floats."""
     host = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
     return [{k: float(v[r]) for k, v in host.items()} for r in range(num_runs)]

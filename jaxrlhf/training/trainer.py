@@ -24,6 +24,7 @@ policy, and ``sweep_summary.json``. Both go through one loop (`_run_loop`), with
 Each step's result is fetched before the next is dispatched: the NaN check needs it, and on CPU
 with several simulated devices many queued multi-device steps can trip XLA's rendezvous timeout.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,14 +35,15 @@ import signal
 import threading
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 
 from jaxrlhf.metrics_log import MetricsLogger, logger_options
-from jaxrlhf.models.peft_io import export_policy
 from jaxrlhf.models.lm import LanguageModel, Pretrained
+from jaxrlhf.models.peft_io import export_policy
 from jaxrlhf.models.value import ValueModel
 from jaxrlhf.sampling import check_prompts, model_limits
 from jaxrlhf.sharding import to_host
@@ -82,7 +84,7 @@ class PromptDataset:
         orders = {e: np.random.default_rng([self.seed, int(e)]).permutation(len(self)) for e in np.unique(epochs)}
         return np.array([orders[e][p] for e, p in zip(epochs, positions)])
 
-    def batch(self, step: int, batch_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         index = self.indices_for_step(step, batch_size)
         return self.ids[index], self.mask[index]
 
@@ -97,11 +99,19 @@ def check_prompt_set(data: PromptDataset, model: LanguageModel, config: PPOConfi
     """The prompts fit the model before any work: ids in its vocabulary (padding included, so
     ``pad_token_id`` too) and prompt + ``max_new_tokens`` within its position table."""
     vocab_size, max_positions = model_limits(model)
-    check_prompts(data.ids, data.mask, vocab_size=vocab_size, max_new_tokens=config.max_new_tokens,
-                  max_positions=max_positions, where="train")
+    check_prompts(
+        data.ids,
+        data.mask,
+        vocab_size=vocab_size,
+        max_new_tokens=config.max_new_tokens,
+        max_positions=max_positions,
+        where="train",
+    )
 
 
-def prepare_prompts(prompts, max_prompt_len: int, pad_token_id: int = 0, tokenizer=None, seed: int = 0) -> PromptDataset:
+def prepare_prompts(
+    prompts, max_prompt_len: int, pad_token_id: int = 0, tokenizer=None, seed: int = 0
+) -> PromptDataset:
     """Prompts as a `PromptDataset`, checked against ``max_prompt_len`` before any work starts.
 
     Accepts a list of strings (encoded with ``tokenizer``), a list of token-id sequences, or a
@@ -135,14 +145,15 @@ def prepare_prompts(prompts, max_prompt_len: int, pad_token_id: int = 0, tokeniz
         first = int(too_long[0])
         raise PromptTooLongError(
             f"{too_long.size} prompt(s) are longer than max_prompt_len={max_prompt_len}; the first is "
-            f"prompt {first} with {lengths[first]} tokens. Raise max_prompt_len or shorten the prompts.")
+            f"prompt {first} with {lengths[first]} tokens. Raise max_prompt_len or shorten the prompts."
+        )
     if np.any(lengths == 0):
         raise ValueError(f"prompt {int(np.flatnonzero(lengths == 0)[0])} is empty")
     ids = np.full((len(sequences), max_prompt_len), pad_token_id, np.int32)
     mask = np.zeros((len(sequences), max_prompt_len), np.int32)
     for row, seq in enumerate(sequences):
-        ids[row, max_prompt_len - len(seq):] = seq
-        mask[row, max_prompt_len - len(seq):] = 1
+        ids[row, max_prompt_len - len(seq) :] = seq
+        mask[row, max_prompt_len - len(seq) :] = 1
     return PromptDataset(ids, mask, seed)
 
 
@@ -183,9 +194,9 @@ class TrainResult:
     state: TrainState
     ppo: PPO
     frozen: FrozenParams
-    history: List[Dict[str, float]]
+    history: list[dict[str, float]]
     out_dir: str
-    policy_dir: Optional[str]
+    policy_dir: str | None
 
 
 @dataclasses.dataclass
@@ -196,13 +207,13 @@ class SweepResult:
     state: SweepState
     sweep: Sweep
     frozen: FrozenParams
-    histories: List[List[Dict[str, float]]]
-    summary: Dict[str, Any]
+    histories: list[list[dict[str, float]]]
+    summary: dict[str, Any]
     out_dir: str
-    policy_dirs: List[Optional[str]]
+    policy_dirs: list[str | None]
 
 
-def _unpack_policy(policy) -> Tuple[LanguageModel, Any, Any]:
+def _unpack_policy(policy) -> tuple[LanguageModel, Any, Any]:
     if isinstance(policy, Pretrained):
         return policy.model, policy.params, policy.tokenizer
     if isinstance(policy, tuple) and len(policy) == 2 and isinstance(policy[0], LanguageModel):
@@ -231,41 +242,56 @@ class _SingleRun:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # blocks on the step
         return new_state, [{**metrics, **extra}]
 
-    def on_failure(self, step: int, state: TrainState, metrics: Dict[str, float], checkpointer) -> None:
+    def on_failure(self, step: int, state: TrainState, metrics: dict[str, float], checkpointer) -> None:
         # The new state is discarded; the last good one is made durable before raising.
         checkpointer.save(state, force=True)
         checkpointer.wait()
         raise NonFiniteError(
             f"step {step} produced non-finite values; the state before it (step {int(state.step)}) is "
-            f"checkpointed in {checkpointer.directory}.\n" + diagnose_non_finite(metrics))
+            f"checkpointed in {checkpointer.directory}.\n" + diagnose_non_finite(metrics)
+        )
 
 
 # What went non-finite first, read from a step's metrics, in the order the step computes them, with
 # the likely causes of each.
 _NON_FINITE_STAGES = (
-    ("scores", ("score", "score_std"),
-     "the reward returned NaN/inf for some response: check it on edge cases (empty or EOS-less responses, "
-     "divisions by zero, log of 0)"),
-    ("log-probs", ("kl", "kl_per_token", "entropy"),
-     "the policy or reference forward gave non-finite log-probs: NaN/inf in the weights (a damaged "
-     "checkpoint), token ids outside the vocabulary, or overflow in a low-precision dtype"),
-    ("values and advantages", ("value_mean", "returns_mean", "advantages_mean", "score_used"),
-     "the critic or the advantages blew up: very large scores (try score_clip or score_norm) or a "
-     "diverged critic (lower critic_learning_rate)"),
-    ("losses and gradients", ("pg_loss", "vf_loss", "loss", "policy_grad_norm", "value_grad_norm", "approx_kl"),
-     "the update diverged: learning rate too high, max_grad_norm=None, or extreme importance ratios"),
+    (
+        "scores",
+        ("score", "score_std"),
+        "the reward returned NaN/inf for some response: check it on edge cases (empty or EOS-less responses, "
+        "divisions by zero, log of 0)",
+    ),
+    (
+        "log-probs",
+        ("kl", "kl_per_token", "entropy"),
+        "the policy or reference forward gave non-finite log-probs: NaN/inf in the weights (a damaged "
+        "checkpoint), token ids outside the vocabulary, or overflow in a low-precision dtype",
+    ),
+    (
+        "values and advantages",
+        ("value_mean", "returns_mean", "advantages_mean", "score_used"),
+        "the critic or the advantages blew up: very large scores (try score_clip or score_norm) or a "
+        "diverged critic (lower critic_learning_rate)",
+    ),
+    (
+        "losses and gradients",
+        ("pg_loss", "vf_loss", "loss", "policy_grad_norm", "value_grad_norm", "approx_kl"),
+        "the update diverged: learning rate too high, max_grad_norm=None, or extreme importance ratios",
+    ),
 )
 
 
-def diagnose_non_finite(metrics: Dict[str, float]) -> str:
+def diagnose_non_finite(metrics: dict[str, float]) -> str:
     """Names the first stage of the step whose metrics are non-finite, and its likely causes."""
     for stage, names, causes in _NON_FINITE_STAGES:
         bad = [n for n in names if n in metrics and not np.isfinite(metrics[n])]
         if bad:
             return f"First non-finite: {stage} ({', '.join(bad)}). Likely cause: {causes}."
-    return ("First non-finite: the parameters after the update (every metric is finite). Likely cause: an "
-            "update too large for the parameters' dtype (learning rate far too high) or non-finite optimizer "
-            "state (a damaged checkpoint).")
+    return (
+        "First non-finite: the parameters after the update (every metric is finite). Likely cause: an "
+        "update too large for the parameters' dtype (learning rate far too high) or non-finite optimizer "
+        "state (a damaged checkpoint)."
+    )
 
 
 class _SweepRuns:
@@ -284,8 +310,9 @@ class _SweepRuns:
             scores = []
             for r in range(self.num_runs):
                 run_rollout = jax.tree.map(lambda x: x[r], rollout_out)
-                run_scores, extras[r] = host_scores_and_metrics(self.reward, self.tokenizer, ids_RxBxP[r],
-                                                                mask_RxBxP[r], run_rollout)
+                run_scores, extras[r] = host_scores_and_metrics(
+                    self.reward, self.tokenizer, ids_RxBxP[r], mask_RxBxP[r], run_rollout
+                )
                 scores.append(run_scores)
             new_state, metrics = self.trainer.update_step(state, self.frozen, batch, rollout_out, np.stack(scores))
         else:
@@ -337,9 +364,20 @@ def _run_loop(runner, state, start: int, end: int, loggers, checkpointer, **hook
             raise
 
 
-def _steps(runner, state, start: int, end: int, loggers, checkpointer, last_committed, *, on_step=None,
-           evaluate=None, eval_every: int = 0):
-    histories: List[List[Dict[str, float]]] = [[] for _ in range(runner.num_runs)]
+def _steps(
+    runner,
+    state,
+    start: int,
+    end: int,
+    loggers,
+    checkpointer,
+    last_committed,
+    *,
+    on_step=None,
+    evaluate=None,
+    eval_every: int = 0,
+):
+    histories: list[list[dict[str, float]]] = [[] for _ in range(runner.num_runs)]
     frozen_runs: set = set()
     for step in range(start, end):
         t0 = time.perf_counter()
@@ -356,8 +394,11 @@ def _steps(runner, state, start: int, end: int, loggers, checkpointer, last_comm
             if not finite:  # a sweep's run that just failed: flagged in its metrics, then silent
                 frozen_runs.add(r)
                 bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
-                metrics = {"non_finite": 1.0, "non_finite_metrics": ", ".join(bad) or "parameters",
-                           "diagnosis": diagnose_non_finite(metrics)}
+                metrics = {
+                    "non_finite": 1.0,
+                    "non_finite_metrics": ", ".join(bad) or "parameters",
+                    "diagnosis": diagnose_non_finite(metrics),
+                }
             else:
                 metrics["step_time"] = step_time
                 metrics["tokens_per_s"] = metrics["num_response_tokens"] / step_time
@@ -383,10 +424,13 @@ def _steps(runner, state, start: int, end: int, loggers, checkpointer, last_comm
     return state, histories
 
 
-def _start_and_end(state_step: int, config: PPOConfig, num_steps: Optional[int]) -> Tuple[int, int]:
+def _start_and_end(state_step: int, config: PPOConfig, num_steps: int | None) -> tuple[int, int]:
     if state_step > config.total_steps:
-        warnings.warn(f"the checkpoint is at step {state_step}, past total_steps={config.total_steps}: "
-                      "nothing to train (raise total_steps to train on)", stacklevel=3)
+        warnings.warn(
+            f"the checkpoint is at step {state_step}, past total_steps={config.total_steps}: "
+            "nothing to train (raise total_steps to train on)",
+            stacklevel=3,
+        )
     end = config.total_steps if num_steps is None else min(config.total_steps, state_step + num_steps)
     return state_step, max(end, state_step)
 
@@ -398,26 +442,26 @@ def _check_lora_reference(policy_model, ref_params) -> None:
 
 
 def train(
-    policy: Union[Pretrained, Tuple[LanguageModel, Any]],
+    policy: Pretrained | tuple[LanguageModel, Any],
     reward,
     prompts,
     config: PPOConfig,
     out_dir: str | os.PathLike,
     *,
-    value_model: Optional[ValueModel] = None,
+    value_model: ValueModel | None = None,
     value_params=None,
     reward_params=None,
     ref_params=None,
     tokenizer=None,
     mesh=None,
-    num_steps: Optional[int] = None,
+    num_steps: int | None = None,
     export: bool = True,
     progress: bool = True,
-    on_step: Optional[Callable[[int, Dict[str, float], TrainState], None]] = None,
-    evaluate: Optional[Callable[[int, TrainState], Dict[str, float]]] = None,
+    on_step: Callable[[int, dict[str, float], TrainState], None] | None = None,
+    evaluate: Callable[[int, TrainState], dict[str, float]] | None = None,
     eval_every: int = 0,
-    initial_state: Optional[TrainState] = None,
-    trainer: Optional[PPO] = None,
+    initial_state: TrainState | None = None,
+    trainer: PPO | None = None,
     fallback_to_intact: bool = False,
     allow_different_prompts: bool = False,
 ) -> TrainResult:
@@ -465,8 +509,12 @@ def train(
       state is checkpointed first: a rerun resumes there.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
-    log_options = logger_options(config.loggers, wandb_project=config.wandb_project, name=os.path.basename(out_dir),
-                                 run_config=dataclasses.asdict(config))  # before any compile: checks wandb is there
+    log_options = logger_options(
+        config.loggers,
+        wandb_project=config.wandb_project,
+        name=os.path.basename(out_dir),
+        run_config=dataclasses.asdict(config),
+    )  # before any compile: checks wandb is there
     policy_model, policy_params, policy_tokenizer = _unpack_policy(policy)
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
     data = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
@@ -478,10 +526,14 @@ def train(
         ppo = trainer
     is_main = jax.process_index() == 0
 
-    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), ppo, config=config,
-                                fallback_to_intact=fallback_to_intact,
-                                prompts_fingerprint=prompts_fingerprint(data.ids, data.mask),
-                                allow_different_prompts=allow_different_prompts)
+    checkpointer = Checkpointer(
+        os.path.join(out_dir, "checkpoints"),
+        ppo,
+        config=config,
+        fallback_to_intact=fallback_to_intact,
+        prompts_fingerprint=prompts_fingerprint(data.ids, data.mask),
+        allow_different_prompts=allow_different_prompts,
+    )
     latest = checkpointer.latest_step()
     if latest is not None:
         state = checkpointer.restore(latest)  # checks the config first
@@ -495,11 +547,26 @@ def train(
     start, end = _start_and_end(int(state.step), config, num_steps)
     logger = None
     if is_main:  # rows past the restored step (a run killed before its checkpoint) are dropped
-        logger = MetricsLogger(out_dir, total_steps=config.total_steps, progress_keys=PROGRESS_KEYS,
-                               resume_step=start - 1, progress=progress, **log_options)
+        logger = MetricsLogger(
+            out_dir,
+            total_steps=config.total_steps,
+            progress_keys=PROGRESS_KEYS,
+            resume_step=start - 1,
+            progress=progress,
+            **log_options,
+        )
     try:
-        state, histories = _run_loop(_SingleRun(ppo, frozen, data, reward, tokenizer), state, start, end, [logger],
-                                     checkpointer, on_step=on_step, evaluate=evaluate, eval_every=eval_every)
+        state, histories = _run_loop(
+            _SingleRun(ppo, frozen, data, reward, tokenizer),
+            state,
+            start,
+            end,
+            [logger],
+            checkpointer,
+            on_step=on_step,
+            evaluate=evaluate,
+            eval_every=eval_every,
+        )
     finally:
         checkpointer.close()
         if logger is not None:
@@ -515,24 +582,24 @@ def train(
 
 
 def train_sweep(
-    policy: Union[Pretrained, Tuple[LanguageModel, Any]],
+    policy: Pretrained | tuple[LanguageModel, Any],
     reward,
     prompts,
     config: PPOConfig,
     out_dir: str | os.PathLike,
-    runs: Sequence[Dict[str, Any]],
+    runs: Sequence[dict[str, Any]],
     *,
-    value_model: Optional[ValueModel] = None,
+    value_model: ValueModel | None = None,
     value_params=None,
     reward_params=None,
     ref_params=None,
     tokenizer=None,
     mesh=None,
-    num_steps: Optional[int] = None,
+    num_steps: int | None = None,
     export: bool = True,
     progress: bool = True,
-    on_step: Optional[Callable[[int, List[Dict[str, float]], SweepState], None]] = None,
-    evaluate: Optional[Callable[[int, SweepState], List[Dict[str, float]]]] = None,
+    on_step: Callable[[int, list[dict[str, float]], SweepState], None] | None = None,
+    evaluate: Callable[[int, SweepState], list[dict[str, float]]] | None = None,
     eval_every: int = 0,
     fallback_to_intact: bool = False,
     allow_different_prompts: bool = False,
@@ -560,28 +627,52 @@ def train_sweep(
     data = [PromptDataset(base.ids, base.mask, c.seed) for c in sweep.run_configs]
     is_main = jax.process_index() == 0
 
-    checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), sweep, fallback_to_intact=fallback_to_intact,
-                                prompts_fingerprint=prompts_fingerprint(base.ids, base.mask),
-                                allow_different_prompts=allow_different_prompts)
+    checkpointer = Checkpointer(
+        os.path.join(out_dir, "checkpoints"),
+        sweep,
+        fallback_to_intact=fallback_to_intact,
+        prompts_fingerprint=prompts_fingerprint(base.ids, base.mask),
+        allow_different_prompts=allow_different_prompts,
+    )
     latest = checkpointer.latest_step()
     state = checkpointer.restore(latest) if latest is not None else sweep.init_state(policy_params, value_params)
     _check_lora_reference(policy_model, ref_params)
     frozen = sweep.frozen_params(policy_params if ref_params is None else ref_params, reward_params)
 
     start, end = _start_and_end(int(state.step), config, num_steps)
-    loggers: List[Optional[MetricsLogger]] = [None] * sweep.num_runs
+    loggers: list[MetricsLogger | None] = [None] * sweep.num_runs
     if is_main:
         # W&B: one run per sweep member, grouped by the sweep (its directory's name).
         sweep_name = os.path.basename(out_dir)
-        loggers = [MetricsLogger(os.path.join(out_dir, f"run_{r}"), total_steps=config.total_steps,
-                                 progress_keys=PROGRESS_KEYS, resume_step=start - 1, progress=progress and r == 0,
-                                 **logger_options(config.loggers, wandb_project=config.wandb_project,
-                                                  name=f"{sweep_name}/run_{r}", group=sweep_name,
-                                                  run_config={**dataclasses.asdict(run_config), "sweep_run": r}))
-                   for r, run_config in enumerate(sweep.run_configs)]
+        loggers = [
+            MetricsLogger(
+                os.path.join(out_dir, f"run_{r}"),
+                total_steps=config.total_steps,
+                progress_keys=PROGRESS_KEYS,
+                resume_step=start - 1,
+                progress=progress and r == 0,
+                **logger_options(
+                    config.loggers,
+                    wandb_project=config.wandb_project,
+                    name=f"{sweep_name}/run_{r}",
+                    group=sweep_name,
+                    run_config={**dataclasses.asdict(run_config), "sweep_run": r},
+                ),
+            )
+            for r, run_config in enumerate(sweep.run_configs)
+        ]
     try:
-        state, histories = _run_loop(_SweepRuns(sweep, frozen, data, reward, tokenizer), state, start, end, loggers,
-                                     checkpointer, on_step=on_step, evaluate=evaluate, eval_every=eval_every)
+        state, histories = _run_loop(
+            _SweepRuns(sweep, frozen, data, reward, tokenizer),
+            state,
+            start,
+            end,
+            loggers,
+            checkpointer,
+            on_step=on_step,
+            evaluate=evaluate,
+            eval_every=eval_every,
+        )
     finally:
         checkpointer.close()
         for logger in loggers:
@@ -591,16 +682,20 @@ def train_sweep(
     active = np.asarray(jax.device_get(state.active))
     failed_step = np.asarray(jax.device_get(state.failed_step))
     summary = {"num_runs": sweep.num_runs, "steps": int(state.step), "runs": []}
-    policy_dirs: List[Optional[str]] = []
+    policy_dirs: list[str | None] = []
     for r, overrides in enumerate(sweep.overrides):
         good = [m for m in histories[r] if "non_finite" not in m]
         flagged = next((m for m in histories[r] if "non_finite" in m), {})
-        summary["runs"].append({
-            "run": r, "overrides": overrides, "failed": not bool(active[r]),
-            "failed_at_step": None if active[r] else int(failed_step[r]),
-            "diagnosis": flagged.get("diagnosis"),
-            "final": {k: v for k, v in (good[-1] if good else {}).items() if k not in TIMING_METRICS},
-        })
+        summary["runs"].append(
+            {
+                "run": r,
+                "overrides": overrides,
+                "failed": not bool(active[r]),
+                "failed_at_step": None if active[r] else int(failed_step[r]),
+                "diagnosis": flagged.get("diagnosis"),
+                "final": {k: v for k, v in (good[-1] if good else {}).items() if k not in TIMING_METRICS},
+            }
+        )
         policy_dir = None
         if export:
             policy_dir = os.path.join(out_dir, f"run_{r}", "policy")

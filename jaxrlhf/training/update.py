@@ -19,9 +19,10 @@ Gradient accumulation is exact: micro-batch i's loss terms are weighted by its s
 the minibatch's normaliser (valid tokens for token-mean terms, non-empty rows for seq-mean
 terms), so the summed gradient equals the gradient of the whole minibatch's loss.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,17 @@ from jaxrlhf.training.experience import Experience, Models, policy_and_values
 from jaxrlhf.training.hparams import HyperParams, uses_entropy
 
 # Diagnostics averaged over all minibatches of a step.
-UPDATE_STAT_KEYS = ("pg_loss", "vf_loss", "loss", "clipfrac", "vf_clipfrac", "approx_kl",
-                    "ratio_mean", "policy_grad_norm", "value_grad_norm")
+UPDATE_STAT_KEYS = (
+    "pg_loss",
+    "vf_loss",
+    "loss",
+    "clipfrac",
+    "vf_clipfrac",
+    "approx_kl",
+    "ratio_mean",
+    "policy_grad_norm",
+    "value_grad_norm",
+)
 # Only with entropy_coef != 0 / kl_placement="loss": the aggregated entropy and KL(policy || ref)
 # terms of the policy loss (before their coefficients), so that
 # loss = pg_loss - entropy_coef * policy_entropy + kl_coef * policy_kl + vf_coef * vf_loss.
@@ -54,8 +64,17 @@ def _normaliser(mask, agg: str):
     return jnp.sum((masked_count(mask, axis=-1) > 0).astype(jnp.float32))
 
 
-def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams, config: PPOConfig,
-                   models: Models, policy_weight, value_weight, policy_base=None):
+def minibatch_loss(
+    params,
+    experience: Experience,
+    kl_coef,
+    hparams: HyperParams,
+    config: PPOConfig,
+    models: Models,
+    policy_weight,
+    value_weight,
+    policy_base=None,
+):
     """Weighted PPO loss of a (micro-)batch; ``params = {"policy": ..., "value": ...}``.
 
     Numbers (clip ranges, coefficients, temperature) come from ``hparams``; ``config`` gives the
@@ -69,17 +88,41 @@ def minibatch_loss(params, experience: Experience, kl_coef, hparams: HyperParams
     # LoRA: ``params["policy"]`` are the adapters (differentiated), ``policy_base`` the frozen base.
     policy_params = params["policy"] if policy_base is None else LoraParams(policy_base, params["policy"])
     logprobs_BxN, values_BxN, entropy_BxN = policy_and_values(
-        models, policy_params, params["value"], exp.prompt_ids, exp.prompt_mask,
-        exp.response_ids, exp.response_mask, hp.temperature, with_entropy=with_entropy)
+        models,
+        policy_params,
+        params["value"],
+        exp.prompt_ids,
+        exp.prompt_mask,
+        exp.response_ids,
+        exp.response_mask,
+        hp.temperature,
+        with_entropy=with_entropy,
+    )
     mask_BxN = exp.response_mask
     if config.policy_loss == "ppo":
         dual_clip = None if config.dual_clip is None else hp.dual_clip
-        pg_loss, pg_stats = ppo_policy_loss(logprobs_BxN, exp.old_logprobs, exp.advantages, mask_BxN,
-                                            hp.clip_eps, hp.clip_eps_high, config.loss_agg, dual_clip=dual_clip)
+        pg_loss, pg_stats = ppo_policy_loss(
+            logprobs_BxN,
+            exp.old_logprobs,
+            exp.advantages,
+            mask_BxN,
+            hp.clip_eps,
+            hp.clip_eps_high,
+            config.loss_agg,
+            dual_clip=dual_clip,
+        )
     else:
         variant = "seq" if config.policy_loss == "gspo" else "token"
-        pg_loss, pg_stats = gspo_policy_loss(logprobs_BxN, exp.old_logprobs, exp.advantages, mask_BxN,
-                                             hp.clip_eps, hp.clip_eps_high, variant, config.loss_agg)
+        pg_loss, pg_stats = gspo_policy_loss(
+            logprobs_BxN,
+            exp.old_logprobs,
+            exp.advantages,
+            mask_BxN,
+            hp.clip_eps,
+            hp.clip_eps_high,
+            variant,
+            config.loss_agg,
+        )
         pg_stats = {**pg_stats, "ratio_mean": pg_stats["seq_ratio_mean"]}
     sg = jax.lax.stop_gradient
     policy_loss = pg_loss
@@ -119,8 +162,13 @@ def _no_constraint(x, batch_dim: int = 0):
     return x
 
 
-def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.GradientTransformation,
-                    value_opt: optax.GradientTransformation, constrain: Optional[Callable] = None):
+def make_ppo_update(
+    config: PPOConfig,
+    models: Models,
+    policy_opt: optax.GradientTransformation,
+    value_opt: optax.GradientTransformation,
+    constrain: Callable | None = None,
+):
     """Builds ``ppo_update(params, opt_states, experience, kl_coef, hparams, key) -> (params, opt_states, stats)``.
 
     ``params = {"policy", "value"}``, ``opt_states = {"policy", "value"}``. ``constrain(x, batch_dim)``
@@ -146,8 +194,9 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
         def accumulate(grads_sum, micro_batch):
             token_w = _normaliser(micro_batch.response_mask, "token-mean") / token_total
             policy_w = _normaliser(micro_batch.response_mask, config.loss_agg) / policy_total
-            grads, stats = grad_fn(params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w,
-                                   policy_base)
+            grads, stats = grad_fn(
+                params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w, policy_base
+            )
             return jax.tree.map(jnp.add, grads_sum, grads), stats
 
         zeros = jax.tree.map(jnp.zeros_like, params)
@@ -173,12 +222,10 @@ def make_ppo_update(config: PPOConfig, models: Models, policy_opt: optax.Gradien
 
         def epoch(carry, epoch_key):
             perm = jax.random.permutation(epoch_key, batch)
-            shuffled = jax.tree.map(lambda x: constrain(x[perm].reshape(num_mb, mb_size, *x.shape[1:]), 1),
-                                    experience)
+            shuffled = jax.tree.map(lambda x: constrain(x[perm].reshape(num_mb, mb_size, *x.shape[1:]), 1), experience)
             return lax.scan(lambda c, mb: minibatch_step(c, mb, kl_coef, hparams, policy_base), carry, shuffled)
 
-        (params, opt_states), stats = lax.scan(epoch, (params, opt_states),
-                                               jax.random.split(key, config.ppo_epochs))
+        (params, opt_states), stats = lax.scan(epoch, (params, opt_states), jax.random.split(key, config.ppo_epochs))
         # stats: [epochs, minibatches] each; report the mean over all updates of this step.
         return params, opt_states, {k: jnp.mean(v) for k, v in stats.items()}
 
