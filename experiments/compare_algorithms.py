@@ -11,6 +11,13 @@ greedy and sampled optimality on every start node, KL to the SFT model).
     python experiments/randomwalks_sft.py                     # the SFT policy first (or it runs it)
     python experiments/compare_algorithms.py                  # all presets, 3 seeds
     python experiments/compare_algorithms.py --presets ppo grpo --seeds 0 --steps 20
+    python experiments/compare_algorithms.py --task_seed 9 --steps 100   # another graph
+
+The graph is ``tasks.randomwalks.make_task(task_seed, n_nodes, p_edge, max_length)``, trlx's by
+default (seed 1002). The SFT policy must be trained on the same graph: by default ``sft_dir`` and
+``out_dir`` are named after it (``runs/randomwalks_sft`` and ``runs/compare_algorithms`` for trlx's
+graph, ``runs/randomwalks_sft_seed9`` and ``runs/compare_algorithms_seed9`` for seed 9), the SFT
+script runs first when that directory has no model, and an SFT run of another graph is refused.
 
 Writes to ``out_dir``: ``config.json``; per preset ``<preset>/`` (the sweep: checkpoint,
 ``run_<i>/metrics.jsonl``); ``summary.json``; ``results.md`` (final sampled optimality mean ± std,
@@ -42,10 +49,20 @@ from tasks import randomwalks as rw  # noqa: E402
 class Config:
     """Every preset on randomwalks, the same budget of sampled responses each."""
 
-    out_dir: str = "runs/compare_algorithms"
-    """Directory for config.json, one sweep directory per preset, summary.json, results.md and the plot."""
-    sft_dir: str = "runs/randomwalks_sft"
-    """experiments/randomwalks_sft.py output (run first when missing)."""
+    out_dir: str | None = None
+    """Directory for config.json, one sweep directory per preset, summary.json, results.md and the plot
+    (None: ``runs/compare_algorithms`` plus the graph's suffix, see `graph_suffix`)."""
+    sft_dir: str | None = None
+    """experiments/randomwalks_sft.py output, run first when missing (None: ``runs/randomwalks_sft``
+    plus the graph's suffix)."""
+    task_seed: int = 1002
+    """Seed of the graph and walks (trlx's 1002); the SFT policy must have been trained on the same."""
+    n_nodes: int = 21
+    """Nodes of the graph."""
+    p_edge: float = 0.1
+    """Probability of each directed edge."""
+    max_length: int = 10
+    """Most nodes in a walk; also the response budget in tokens (max_length - 1 nodes + EOS)."""
     presets: tuple[str, ...] = tuple(PRESETS)
     """Presets to run (`jaxrlhf.training.presets`)."""
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -70,11 +87,63 @@ class Config:
     """Show the trainer's progress bar."""
 
 
+TRLX_GRAPH = (1002, 21, 0.1, 10)  # (task_seed, n_nodes, p_edge, max_length) of trlx's randomwalks
+
+
+def graph_suffix(task_seed: int, n_nodes: int, p_edge: float, max_length: int) -> str:
+    """Suffix of the default run directories of a graph: "" for trlx's, else ``_seed<k>`` (and
+    ``_n<nodes>``, ``_p<p_edge>``, ``_len<max_length>`` for the settings that differ from trlx's)."""
+    if (task_seed, n_nodes, p_edge, max_length) == TRLX_GRAPH:
+        return ""
+    suffix = f"_seed{task_seed}"
+    if n_nodes != TRLX_GRAPH[1]:
+        suffix += f"_n{n_nodes}"
+    if p_edge != TRLX_GRAPH[2]:
+        suffix += f"_p{p_edge:g}"
+    if max_length != TRLX_GRAPH[3]:
+        suffix += f"_len{max_length}"
+    return suffix
+
+
+def resolve_dirs(config: Config) -> Config:
+    """``config`` with out_dir and sft_dir filled in from the graph where they are None."""
+    suffix = graph_suffix(config.task_seed, config.n_nodes, config.p_edge, config.max_length)
+    return dataclasses.replace(
+        config,
+        out_dir=config.out_dir if config.out_dir is not None else f"runs/compare_algorithms{suffix}",
+        sft_dir=config.sft_dir if config.sft_dir is not None else f"runs/randomwalks_sft{suffix}",
+    )
+
+
+def graph_summary(task: rw.RandomWalks) -> dict:
+    """What makes a graph easy or hard: start nodes per shortest-path length, and the data's score."""
+    lengths = task.shortest[list(task.start_nodes)]
+    data = rw.optimality_reference(task, task.walks)
+    return {
+        "start_nodes": len(task.start_nodes),
+        "start_nodes_per_shortest_path_nodes": {
+            int(n): int(c) for n, c in zip(*np.unique(lengths, return_counts=True), strict=True)
+        },
+        "longest_shortest_path_nodes": int(lengths.max()),
+        "data_optimality": float(data["optimality"].mean()),
+        "data_walks_reaching_goal": float(1.0 - data["invalid"].mean()),
+    }
+
+
 def run_preset(config: Config, name: str, sft, task, reward_fn, evaluator) -> dict:
+    """One preset, every seed as one sweep. Returns the result dict that `results_table` and `plot` read:
+
+    ``preset``; ``before`` and ``after`` (``{metric: {"mean", "std", "values"}}`` over seeds; ``before``
+    is the first seed's SFT evaluation); ``steps_to_target`` (per seed, None if never reached);
+    ``tokens_sampled`` (per seed); ``wall_clock_s`` and ``load_average`` (1, 5, 15-minute averages at
+    the start and the end); ``curves`` (per seed ``(tokens sampled, metric)`` at each evaluation,
+    the SFT's first at 0 tokens).
+    """
     base = rwp.Config().ppo.replace(
         total_steps=config.steps,
         batch_size=config.batch_size,
         minibatch_size=config.minibatch_size,
+        max_new_tokens=config.max_length,
         learning_rate=config.learning_rate,
         critic_learning_rate=config.learning_rate,
         num_generations=config.group_size,
@@ -85,14 +154,20 @@ def run_preset(config: Config, name: str, sft, task, reward_fn, evaluator) -> di
         out_dir=os.path.join(config.out_dir, name),
         sft_dir=config.sft_dir,
         seeds=config.seeds,
+        task_seed=config.task_seed,
+        n_nodes=config.n_nodes,
+        p_edge=config.p_edge,
+        max_length=config.max_length,
         eval_every=config.eval_every,
         eval_samples=config.eval_samples,
         target_optimality=config.target_optimality,
         progress=config.progress,
         ppo=ppo_config,
     )
+    load_start = os.getloadavg()
     start = time.perf_counter()
     runs, timings = rwp.run_seeds(run_config, sft, task, reward_fn, evaluator)
+    wall_clock_s = time.perf_counter() - start
     curves, tokens = [], []
     for run in runs:
         records = read_metrics(run["run_dir"])
@@ -106,14 +181,18 @@ def run_preset(config: Config, name: str, sft, task, reward_fn, evaluator) -> di
                 [run["before"]["sampled/optimality"]] + [e["eval/sampled/optimality"] for e in evals],
             )
         )
-    after = {
-        key: [run["after"][key] for run in runs]
-        for key in ("sampled/optimality", "greedy/optimality", "sampled/kl_to_ref", "sampled/invalid")
-    }
+
+    def over_seeds(when: str) -> dict:
+        return {
+            key: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v}
+            for key in runs[0][when]
+            for v in [[run[when][key] for run in runs]]
+        }
+
     reached = [run["target_reached_at"]["step"] if run["target_reached_at"] else None for run in runs]
     return {
         "preset": name,
-        "before": runs[0]["before"],
+        "before": over_seeds("before"),
         "settings": {
             k: getattr(ppo_config, k)
             for k in (
@@ -129,52 +208,82 @@ def run_preset(config: Config, name: str, sft, task, reward_fn, evaluator) -> di
                 "clip_eps_high",
             )
         },
-        "after": {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": v} for k, v in after.items()},
+        "after": over_seeds("after"),
         "steps_to_target": reached,
         "tokens_sampled": tokens,
-        "wall_clock_s": time.perf_counter() - start,
+        "wall_clock_s": wall_clock_s,
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
         "sweep_timings": timings,
         "failed": [run["failed"] for run in runs],
         "curves": curves,
     }
 
 
-def results_table(results: list[dict], sft_before: dict, target: float) -> str:
+RANDOMWALKS_COLUMNS = (
+    ("sampled/optimality", "sampled optimality (T=1)", 3),
+    ("greedy/optimality", "greedy optimality", 3),
+    ("sampled/kl_to_ref", "KL to SFT (nats/walk)", 2),
+)
+"""The table's metric columns: (key in a result's ``before``/``after``, header, decimals)."""
+
+
+def steps_to_target_cell(steps: list[int | None]) -> str:
+    """``"<mean> (<k>/<n> seeds: s1, s2, ...)"`` over the seeds that reached it, "-" for those that did not."""
+    reached = [s for s in steps if s is not None]
+    per_seed = ", ".join("-" if s is None else str(s) for s in steps)
+    if not reached:
+        return f"not reached (0/{len(steps)})"
+    return f"{np.mean(reached):.0f} ({len(reached)}/{len(steps)} seeds: {per_seed})"
+
+
+def results_table(
+    results: list[dict], sft_before: dict, target: float, columns: tuple = RANDOMWALKS_COLUMNS, base: str = "SFT"
+) -> str:
+    """Markdown table, one row per result of `run_preset` (mean ± std over seeds), the SFT row first.
+
+    ``sft_before`` maps each column's key to the SFT's value. The wall-clock is the sweep of all seeds,
+    compilation included, with the 5-minute load average of the machine at its end (this run included).
+    """
+    headers = [label for _, label, _ in columns]
     lines = [
-        f"| preset | sampled optimality (T=1) | greedy optimality | KL to SFT (nats/walk) | steps to {target} "
-        "| tokens sampled per run | wall-clock (sweep of all seeds) |",
-        "|---|---|---|---|---|---|---|",
-        f"| SFT | {sft_before['sampled/optimality']:.3f} | {sft_before['greedy/optimality']:.3f} | 0 | | | |",
+        "| preset | " + " | ".join(headers) + f" | steps to {target} | tokens sampled per run "
+        "| wall-clock (sweep of all seeds; load avg) |",
+        "|---" * (len(columns) + 4) + "|",
+        f"| {base} | " + " | ".join(f"{sft_before[key]:.{digits}f}" for key, _, digits in columns) + " | | | |",
     ]
     for r in results:
-        a = r["after"]
-        reached = [s for s in r["steps_to_target"] if s is not None]
-        steps = (
-            f"{np.mean(reached):.0f} ({len(reached)}/{len(r['steps_to_target'])} seeds)"
-            if reached
-            else f"not reached (0/{len(r['steps_to_target'])})"
-        )
+        cells = [
+            f"{r['after'][key]['mean']:.{digits}f} ± {r['after'][key]['std']:.{digits}f}" for key, _, digits in columns
+        ]
+        load = r.get("load_average", {}).get("end")
+        wall = f"{r['wall_clock_s']:.0f} s" + (f" (load {load[1]:.1f})" if load else "")
         lines.append(
-            f"| {r['preset']} | {a['sampled/optimality']['mean']:.3f} ± {a['sampled/optimality']['std']:.3f} "
-            f"| {a['greedy/optimality']['mean']:.3f} ± {a['greedy/optimality']['std']:.3f} "
-            f"| {a['sampled/kl_to_ref']['mean']:.2f} ± {a['sampled/kl_to_ref']['std']:.2f} | {steps} "
-            f"| {np.mean(r['tokens_sampled']):.0f} | {r['wall_clock_s']:.0f} s |"
+            f"| {r['preset']} | "
+            + " | ".join(cells)
+            + f" | {steps_to_target_cell(r['steps_to_target'])} | {np.mean(r['tokens_sampled']):.0f} | {wall} |"
         )
     return "\n".join(lines)
 
 
-def plot(results: list[dict], out_png: str) -> None:
+def plot(
+    results: list[dict],
+    out_png: str,
+    title: str = "randomwalks: every preset",
+    ylabel: str = "sampled optimality (mean over seeds)",
+) -> None:
+    """The metric against tokens sampled, mean over seeds, one line per preset (curves of `run_preset`)."""
     panel = {}
     for r in results:
         xs = np.mean([c[0] for c in r["curves"]], axis=0)
         ys = np.mean([c[1] for c in r["curves"]], axis=0)
         panel[r["preset"]] = (xs.tolist(), ys.tolist())
+    lowest = min(min(ys) for _, ys in panel.values())
     plot_curves(
-        {"sampled optimality (mean over seeds)": panel},
+        {ylabel: panel},
         out_png,
-        title="randomwalks: every preset",
+        title=title,
         xlabel="response tokens sampled per run",
-        ylims={"sampled optimality (mean over seeds)": (0.75, 1.01)},
+        ylims={ylabel: (max(0.0, np.floor(lowest * 20) / 20 - 0.05), 1.01)},  # a 0.05 grid below the lowest
         ncols=1,
     )
 
@@ -183,10 +292,25 @@ def main(config: Config) -> dict:
     unknown = [p for p in config.presets if p not in PRESETS]
     if unknown:
         raise SystemExit(f"unknown presets {unknown}; known: {', '.join(PRESETS)}")
+    if config.batch_size % config.group_size:
+        raise SystemExit(f"group_size {config.group_size} must divide batch_size {config.batch_size}")
+    config = resolve_dirs(config)
+    task = rw.make_task(config.task_seed, config.n_nodes, config.p_edge, config.max_length)
+    if not task.start_nodes:
+        raise SystemExit(f"graph seed {config.task_seed}: no node reaches the goal in < {config.max_length} nodes")
+    graph = graph_summary(task)
+    print(f"graph seed {config.task_seed} ({config.n_nodes} nodes, p_edge {config.p_edge}): {graph}", flush=True)
     os.makedirs(config.out_dir, exist_ok=True)
     save_config(config, os.path.join(config.out_dir, "config.json"))
-    sft = rwp.load_sft_policy(rwp.Config(sft_dir=config.sft_dir))
-    task = rw.make_task(1002, 21, 0.1, 10)
+    sft = rwp.load_sft_policy(
+        rwp.Config(
+            sft_dir=config.sft_dir,
+            task_seed=config.task_seed,
+            n_nodes=config.n_nodes,
+            p_edge=config.p_edge,
+            max_length=config.max_length,
+        )
+    )
     reward_fn = rw.make_reward_fn(task, sft.tokenizer)
     evaluator = rw.make_evaluator(sft.model, task, sft.tokenizer, samples_per_prompt=config.eval_samples)
     results = []
@@ -196,18 +320,22 @@ def main(config: Config) -> dict:
         a = result["after"]
         print(
             f"{name}: sampled optimality {a['sampled/optimality']['mean']:.3f} ± {a['sampled/optimality']['std']:.3f}, "
-            f"KL {a['sampled/kl_to_ref']['mean']:.2f}, {result['wall_clock_s']:.0f} s",
+            f"KL {a['sampled/kl_to_ref']['mean']:.2f}, steps to target {result['steps_to_target']}, "
+            f"{result['wall_clock_s']:.0f} s (load {result['load_average']['end'][1]:.1f})",
             flush=True,
         )
-    sft_before = results[0]["before"]
+    sft_before = {key: value["mean"] for key, value in results[0]["before"].items()}
     table = results_table(results, sft_before, config.target_optimality)
     with open(os.path.join(config.out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
+    summary = {"results": results, "sft": sft_before, "graph": graph}
     with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
-        json.dump({"results": results, "sft": sft_before}, f, indent=2)
-    plot(results, os.path.join(config.out_dir, "compare_algorithms.png"))
+        json.dump(summary, f, indent=2)
+    on_trlx_graph = (config.task_seed, config.n_nodes, config.p_edge, config.max_length) == TRLX_GRAPH
+    title = "randomwalks: every preset" + ("" if on_trlx_graph else f" (graph seed {config.task_seed})")
+    plot(results, os.path.join(config.out_dir, "compare_algorithms.png"), title=title)
     print(table)
-    return {"results": results, "sft": sft_before}
+    return summary
 
 
 if __name__ == "__main__":

@@ -133,7 +133,29 @@ def load_sft_policy(config: Config):
                 max_length=config.max_length,
             )
         )
+    check_sft_graph(config)
     return load_pretrained(model_dir)
+
+
+def check_sft_graph(config: Config) -> None:
+    """Stop when ``<sft_dir>/config.json`` names another graph than ``config``: a policy trained on
+    one graph's walks scored on another's edges would learn from a meaningless reward."""
+    path = os.path.join(config.sft_dir, "config.json")
+    if not os.path.isfile(path):
+        return  # a model saved without its run's config: nothing to compare
+    with open(path) as f:
+        sft_config = json.load(f)
+    keys = ("task_seed", "n_nodes", "p_edge", "max_length")
+    differ = [
+        f"{k} {sft_config[k]} there, {getattr(config, k)} here"
+        for k in keys
+        if sft_config.get(k, getattr(config, k)) != getattr(config, k)
+    ]
+    if differ:
+        raise SystemExit(
+            f"the SFT policy in {config.sft_dir} was trained on another graph ({'; '.join(differ)}): "
+            "pass the matching --sft_dir, or the graph's settings"
+        )
 
 
 def run_seeds(config: Config, sft, task, reward_fn, evaluator) -> tuple[list[dict], dict]:

@@ -101,6 +101,26 @@ def test_ppo_script_end_to_end(sft_run, tmp_path):
         assert json.load(f)["over_seeds"]["after/sampled/optimality"]["values"] == [run["after"]["sampled/optimality"]]
 
 
+def test_an_sft_policy_of_another_graph_is_refused(tmp_path):
+    ppo = load_script("randomwalks_ppo")
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    trlx_graph = {"task_seed": 1002, "n_nodes": 21, "p_edge": 0.1, "max_length": 10}
+    (sft_dir / "config.json").write_text(json.dumps(trlx_graph))
+    ppo.check_sft_graph(ppo.Config(sft_dir=str(sft_dir)))  # the same graph: accepted
+    with pytest.raises(SystemExit, match="task_seed 1002 there, 9 here"):
+        ppo.check_sft_graph(ppo.Config(sft_dir=str(sft_dir), task_seed=9))
+
+
+def test_compare_algorithms_names_its_directories_after_the_graph():
+    compare = load_script("compare_algorithms")
+    trlx = compare.resolve_dirs(compare.Config())
+    assert (trlx.out_dir, trlx.sft_dir) == ("runs/compare_algorithms", "runs/randomwalks_sft")
+    other = compare.resolve_dirs(compare.Config(task_seed=9, p_edge=0.15))
+    assert (other.out_dir, other.sft_dir) == ("runs/compare_algorithms_seed9_p0.15", "runs/randomwalks_sft_seed9_p0.15")
+    assert compare.resolve_dirs(compare.Config(task_seed=9, sft_dir="x")).sft_dir == "x"
+
+
 def test_ppo_script_says_what_to_run_without_sft(tmp_path):
     ppo = load_script("randomwalks_ppo")
     config = ppo.Config(out_dir=str(tmp_path / "ppo"), sft_dir=str(tmp_path / "missing"), run_sft_if_missing=False)
