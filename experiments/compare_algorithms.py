@@ -290,8 +290,8 @@ def plot(
 
 def main(config: Config) -> dict:
     unknown = [p for p in config.presets if p not in PRESETS]
-    if unknown:
-        raise SystemExit(f"unknown presets {unknown}; known: {', '.join(PRESETS)}")
+    if unknown or not config.presets:
+        raise SystemExit(f"unknown presets {unknown or 'none given'}; known: {', '.join(PRESETS)}")
     if config.batch_size % config.group_size:
         raise SystemExit(f"group_size {config.group_size} must divide batch_size {config.batch_size}")
     config = resolve_dirs(config)
@@ -313,6 +313,8 @@ def main(config: Config) -> dict:
     )
     reward_fn = rw.make_reward_fn(task, sft.tokenizer)
     evaluator = rw.make_evaluator(sft.model, task, sft.tokenizer, samples_per_prompt=config.eval_samples)
+    on_trlx_graph = (config.task_seed, config.n_nodes, config.p_edge, config.max_length) == TRLX_GRAPH
+    title = "randomwalks: every preset" + ("" if on_trlx_graph else f" (graph seed {config.task_seed})")
     results = []
     for name in config.presets:
         result = run_preset(config, name, sft, task, reward_fn, evaluator)
@@ -324,6 +326,14 @@ def main(config: Config) -> dict:
             f"{result['wall_clock_s']:.0f} s (load {result['load_average']['end'][1]:.1f})",
             flush=True,
         )
+        # Written after every preset, so that a long comparison cut short keeps what it finished.
+        summary, table = write_results(config, results, graph, title)
+    print(table)
+    return summary
+
+
+def write_results(config: Config, results: list[dict], graph: dict, title: str) -> tuple[dict, str]:
+    """results.md, summary.json and the plot of the presets done so far; returns the summary and the table."""
     sft_before = {key: value["mean"] for key, value in results[0]["before"].items()}
     table = results_table(results, sft_before, config.target_optimality)
     with open(os.path.join(config.out_dir, "results.md"), "w") as f:
@@ -331,11 +341,8 @@ def main(config: Config) -> dict:
     summary = {"results": results, "sft": sft_before, "graph": graph}
     with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    on_trlx_graph = (config.task_seed, config.n_nodes, config.p_edge, config.max_length) == TRLX_GRAPH
-    title = "randomwalks: every preset" + ("" if on_trlx_graph else f" (graph seed {config.task_seed})")
     plot(results, os.path.join(config.out_dir, "compare_algorithms.png"), title=title)
-    print(table)
-    return summary
+    return summary, table
 
 
 if __name__ == "__main__":
