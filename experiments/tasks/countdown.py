@@ -246,9 +246,15 @@ def tokenizer():
 
 
 def make_evaluator(model, tokenizer, problems: Sequence[Problem], samples_per_problem: int = 4):
-    """``evaluate(params, key) -> {greedy/accuracy, greedy/well_formed, sampled/accuracy,
-    sampled/well_formed}`` on ``problems`` (jitted; sampled at temperature 1)."""
+    """``evaluate(params, key, ref_params=None) -> metrics`` on ``problems`` (jitted).
+
+    Metrics: ``greedy/accuracy``, ``greedy/well_formed`` (one greedy answer per problem);
+    ``sampled/accuracy``, ``sampled/well_formed`` (``samples_per_problem`` answers per problem at
+    temperature 1); with ``ref_params``, also ``sampled/kl_to_ref``, the mean per-answer KL of the
+    policy to the reference on the sampled answers (`jaxrlhf.training.evaluation.sequence_kl`).
+    """
     from jaxrlhf.sampling import generate
+    from jaxrlhf.training.evaluation import sequence_kl
 
     ids = token_ids(tokenizer)
     prompt_ids, prompt_mask = (jnp.asarray(x) for x in encode_prompts(problems, tokenizer))
@@ -257,8 +263,8 @@ def make_evaluator(model, tokenizer, problems: Sequence[Problem], samples_per_pr
         jnp.repeat(prompt_mask, samples_per_problem, axis=0),
     )
 
-    def measure(params, prompts, key, temperature):
-        out = generate(
+    def sample(params, prompts, key, temperature):
+        return generate(
             model,
             params,
             *prompts,
@@ -268,18 +274,28 @@ def make_evaluator(model, tokenizer, problems: Sequence[Problem], samples_per_pr
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
+
+    def rates(prompts, out):
         check = check_answers(ids, prompts[0], out.tokens, out.mask)
         return jnp.mean(check.correct.astype(jnp.float32)), jnp.mean(check.well_formed.astype(jnp.float32))
 
     @jax.jit
-    def evaluate(params, key):
-        greedy_accuracy, greedy_formed = measure(params, (prompt_ids, prompt_mask), key, 0.0)
-        sampled_accuracy, sampled_formed = measure(params, repeated, key, 1.0)
-        return {
+    def evaluate(params, key, ref_params=None):
+        greedy_key, sampled_key = jax.random.split(key)
+        greedy_accuracy, greedy_formed = rates(
+            (prompt_ids, prompt_mask), sample(params, (prompt_ids, prompt_mask), greedy_key, 0.0)
+        )
+        sampled = sample(params, repeated, sampled_key, 1.0)
+        sampled_accuracy, sampled_formed = rates(repeated, sampled)
+        metrics = {
             "greedy/accuracy": greedy_accuracy,
             "greedy/well_formed": greedy_formed,
             "sampled/accuracy": sampled_accuracy,
             "sampled/well_formed": sampled_formed,
         }
+        if ref_params is not None:
+            kl_B = sequence_kl(model, params, ref_params, *repeated, sampled.tokens, sampled.mask)
+            metrics["sampled/kl_to_ref"] = jnp.mean(kl_B)
+        return metrics
 
     return evaluate

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.core import concat_prompt_response
+from jaxrlhf.training.evaluation import sequence_kl
 from jaxrlhf.training.rewards import decode_responses
 
 __all__ = [
@@ -344,27 +344,6 @@ def encode_prompts(letters: Sequence[str], tokenizer) -> tuple[np.ndarray, np.nd
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation of a policy
-
-
-def sequence_kl(model, params, ref_params, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
-    """Per-sequence KL(policy || reference) ``[B]``: the sum over response tokens of the exact
-    per-token KL between the two next-token distributions,
-    ``sum_t mask_t * sum_v pi(v | s_t) (log pi(v | s_t) - log ref(v | s_t))``.
-
-    On responses sampled from the policy its batch mean is an unbiased, low-variance estimate of
-    the KL between the two sequence distributions.
-    """
-    P = prompt_ids.shape[1]
-    ids, mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
-    T = response_ids.shape[1]
-
-    def response_logp(p):
-        logits = model.apply(p, ids, mask)[:, P - 1 : P - 1 + T]
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-
-    logp, ref_logp = response_logp(params), response_logp(ref_params)
-    kl_BxT = jnp.sum(jnp.exp(logp) * (logp - ref_logp), axis=-1)
-    return jnp.sum(kl_BxT * response_mask, axis=1)
 
 
 def make_evaluator(model, task: RandomWalks, tokenizer, *, samples_per_prompt: int = 8, temperature: float = 1.0):
