@@ -39,7 +39,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import tyro
@@ -87,7 +87,11 @@ def _has_default(f: dataclasses.Field) -> bool:
 
 
 def _default_of(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise ConfigError(f"config field {f.name!r} has no default")
 
 
 def _is_dataclass_type(tp: Any) -> bool:
@@ -216,7 +220,7 @@ RENAMED_FIELDS = {
 }
 
 
-def renamed_field_message(key: str, known: Sequence[str], prefix: str = "") -> str | None:
+def renamed_field_message(key: str, known: Collection[str], prefix: str = "") -> str | None:
     """``"... was renamed to ..."`` when ``key`` is the old name of one of the ``known`` fields."""
     new = RENAMED_FIELDS.get(key)
     if new is None or new not in known:
@@ -275,8 +279,9 @@ def _to_json_value(value: Any) -> Any:
         return [_to_json_value(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _to_json_value(v) for k, v in value.items()}
-    if hasattr(value, "item") and callable(value.item):  # numpy / jax scalars
-        return value.item()
+    item = getattr(value, "item", None)
+    if callable(item):  # numpy / jax scalars
+        return item()
     return value
 
 

@@ -26,13 +26,13 @@ __all__ = ["plot_metrics", "plot_curves", "moving_average"]
 Series = Any  # y values, or an (x, y) pair of sequences
 
 
-def moving_average(values: Sequence[float], window: int) -> np.ndarray:
+def moving_average(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
     """Mean of the last ``window`` values at each position (shorter at the start); same length."""
-    values = np.asarray(values, dtype=np.float64)
-    if window <= 1 or values.size == 0:
-        return values
-    cumulative = np.cumsum(np.insert(values, 0, 0.0))
-    ends = np.arange(1, values.size + 1)
+    values_N = np.asarray(values, dtype=np.float64)
+    if window <= 1 or values_N.size == 0:
+        return values_N
+    cumulative = np.cumsum(np.insert(values_N, 0, 0.0))
+    ends = np.arange(1, values_N.size + 1)
     starts = np.maximum(ends - window, 0)
     return (cumulative[ends] - cumulative[starts]) / (ends - starts)
 

@@ -60,12 +60,14 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.core  # `jax.core.Tracer`, named explicitly for the type checker
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf.sharding import batch_sharding, batch_size_divisor, replicated
 from jaxrlhf.tuning import Tuning, model_width, resolve_tuning
+from jaxrlhf.typing import Scalar
 
 Array = jax.Array
 
@@ -94,7 +96,7 @@ def top_k_filter(logits: Array, k: int | None) -> Array:
     return jnp.where(logits >= kth_largest, logits, -jnp.inf)
 
 
-def top_p_filter(logits: Array, p) -> Array:
+def top_p_filter(logits: Array, p: Scalar) -> Array:
     """Nucleus filter: keeps the smallest most-likely set of tokens with probability mass >= p.
 
     With `q = softmax(logits)` sorted decreasingly, token `(j)` is kept iff
@@ -164,7 +166,7 @@ def inverse_cdf_sample(weights: Array, uniform: Array) -> Array:
 
 
 def sample_from_uniform(
-    logits: Array, uniform: Array, temperature=1.0, top_k: int | None = None, top_p=1.0
+    logits: Array, uniform: Array, temperature: Scalar = 1.0, top_k: int | None = None, top_p: Scalar = 1.0
 ) -> tuple[Array, Array]:
     """`sample_token` with the randomness given as one uniform number in [0, 1) per row.
 
@@ -209,7 +211,7 @@ def _chosen_logprob(scaled_logits: Array, tokens: Array) -> Array:
 
 
 def sample_token(
-    logits: Array, key: Array, temperature=1.0, top_k: int | None = None, top_p=1.0
+    logits: Array, key: Array, temperature: Scalar = 1.0, top_k: int | None = None, top_p: Scalar = 1.0
 ) -> tuple[Array, Array]:
     """Draws one token per row from `[B, V]` logits; returns `(tokens [B] int32, logprobs [B] f32)`.
 
@@ -301,9 +303,9 @@ def model_limits(model) -> tuple[int | None, int | None]:
 def check_sampling_options(
     *,
     max_new_tokens,
-    temperature=1.0,
+    temperature: Scalar | np.number = 1.0,
     top_k=None,
-    top_p=1.0,
+    top_p: Scalar | np.number = 1.0,
     eos_token_id=None,
     pad_token_id=0,
     vocab_size: int | None = None,
@@ -488,9 +490,9 @@ def generate(
     key: Array,
     *,
     max_new_tokens: int,
-    temperature=1.0,
+    temperature: Scalar = 1.0,
     top_k: int | None = None,
-    top_p=1.0,
+    top_p: Scalar = 1.0,
     eos_token_id=None,
     pad_token_id: int = 0,
     cache_segments: int | None = None,
@@ -724,7 +726,7 @@ class Sampler:
         self.mesh = mesh
         self.tuning = tuning
         self.trace_count = 0
-        self._options = dict(
+        self._options: dict[str, Any] = dict(  # `generate`'s keyword arguments
             max_new_tokens=self.max_new_tokens,
             temperature=temperature,
             top_k=top_k,
@@ -739,7 +741,8 @@ class Sampler:
         if mesh is not None:
             self._input_sharding = batch_sharding(mesh)
             self._replicated = replicated(mesh)
-            self._jit_kwargs.update(out_shardings=SampleOutput(*(self._input_sharding,) * 3))
+            # One sharding for the whole output (a pytree prefix): every field is batch-sharded.
+            self._jit_kwargs.update(out_shardings=self._input_sharding)
         self._programs: dict[Tuning, Any] = {}  # one jitted `generate` per tuning (jit caches the shapes)
 
     def tuning_for(self, batch: int) -> Tuning:

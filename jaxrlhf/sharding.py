@@ -72,7 +72,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def make_mesh(
-    data: int = -1, fsdp: int = 1, *, runs: int | None = None, devices: Sequence[jax.Device] | None = None
+    data: int = -1,
+    fsdp: int = 1,
+    *,
+    runs: int | None = None,
+    # jax exports `Device` as an assigned alias of jaxlib's class, which pyright rejects as a type.
+    devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
 ) -> Mesh:
     """A `(data, fsdp)` mesh, or `(runs, data, fsdp)` with `runs`; `-1` on one axis takes the rest.
 
@@ -264,14 +269,15 @@ def initialize_distributed(
     Call once per process before any other JAX call; arguments as in `jax.distributed.initialize`
     (all None on a managed cluster such as SLURM or Cloud TPU, which fill them in).
     """
-    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+    # jax.config's flags are attributes set at run time, unknown to the type checker.
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):  # pyright: ignore[reportAttributeAccessIssue]
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **kwargs)
 
 
 def check_threefry_partitionable() -> None:
     """Sampling must not depend on the device count; that needs partitionable threefry."""
-    if not jax.config.jax_threefry_partitionable:
+    if not jax.config.jax_threefry_partitionable:  # pyright: ignore[reportAttributeAccessIssue] (a run-time flag)
         raise RuntimeError(
             "jax_threefry_partitionable is off: random numbers would depend on how the batch is "
             "sharded. Turn it on with jax.config.update('jax_threefry_partitionable', True)."

@@ -7,9 +7,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxrlhf.core.stats import compute_dtype
+from jaxrlhf.typing import Scalar
 
 
-def gae_advantages(rewards: chex.Array, values: chex.Array, mask: chex.Array, gamma=1.0, gae_lambda=0.95):
+def gae_advantages(
+    rewards: chex.Array, values: chex.Array, mask: chex.Array, gamma: Scalar = 1.0, gae_lambda: Scalar = 0.95
+):
     """GAE advantages and value targets, by a reverse ``lax.scan`` over time.
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t``  (V past the last valid token is 0),

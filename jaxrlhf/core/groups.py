@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.core.rewards import discounted_returns, kl_penalized_rewards
 from jaxrlhf.core.stats import compute_dtype, masked_whiten
+from jaxrlhf.typing import Scalar
 
 GRPO_STD_EPS = 1e-6
 
@@ -170,9 +171,9 @@ def reinforce_pp_advantages(
     logprobs_BxT: chex.Array,
     ref_logprobs_BxT: chex.Array,
     mask_BxT: chex.Array,
-    kl_coef,
+    kl_coef: Scalar,
     kl_kind: str = "k1",
-    gamma=1.0,
+    gamma: Scalar = 1.0,
     baseline_group_size: int | None = None,
     axis_name=None,
 ) -> jax.Array:
@@ -213,7 +214,7 @@ def reinforce_pp_advantages(
 # ----------------------------------------------------------------------------- DAPO pieces
 
 
-def overlong_reward_shaping(lengths_B: chex.Array, max_len, buffer) -> jax.Array:
+def overlong_reward_shaping(lengths_B: chex.Array, max_len: Scalar, buffer: Scalar) -> jax.Array:
     """DAPO's soft overlong punishment (Yu et al. 2025), added to the score.
 
     With response length ``L``, limit ``L_max`` and buffer ``L_c``:
@@ -230,9 +231,9 @@ def overlong_reward_shaping(lengths_B: chex.Array, max_len, buffer) -> jax.Array
       ``[B]`` float penalties in ``[-1, 0]``.
     """
     chex.assert_rank(lengths_B, 1)
-    if isinstance(buffer, numbers.Real) and not buffer > 0:
+    if isinstance(buffer, numbers.Real) and not float(buffer) > 0:
         raise ValueError(f"The overlong buffer L_c must be > 0, got {buffer}.")
-    if isinstance(buffer, numbers.Real) and isinstance(max_len, numbers.Real) and buffer > max_len:
+    if isinstance(buffer, numbers.Real) and isinstance(max_len, numbers.Real) and float(buffer) > float(max_len):
         raise ValueError(f"The overlong buffer L_c = {buffer} exceeds the length limit L_max = {max_len}.")
     dtype = compute_dtype(lengths_B)
     lengths_B = jnp.asarray(lengths_B, dtype)

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.typing import Scalar
+
 
 class KLControllerState(NamedTuple):
     """State of a KL controller: the current coefficient beta (float32 scalar)."""
@@ -24,23 +26,23 @@ class KLController(NamedTuple):
     """``init() -> state``; ``update(state, kl, n_steps) -> state``."""
 
     init: Callable[[], KLControllerState]
-    update: Callable[[KLControllerState, jax.Array, jax.Array], KLControllerState]
+    update: Callable[[KLControllerState, Scalar, Scalar], KLControllerState]
 
 
-def fixed_kl_controller(kl_coef: float) -> KLController:
+def fixed_kl_controller(kl_coef: Scalar) -> KLController:
     """A constant coefficient: ``beta <- beta``."""
 
     def init() -> KLControllerState:
         return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
 
-    def update(state: KLControllerState, kl, n_steps) -> KLControllerState:
+    def update(state: KLControllerState, kl: Scalar, n_steps: Scalar) -> KLControllerState:
         del kl, n_steps
         return state
 
     return KLController(init, update)
 
 
-def adaptive_kl_controller(kl_coef: float, target: float, horizon: float) -> KLController:
+def adaptive_kl_controller(kl_coef: Scalar, target: Scalar, horizon: Scalar) -> KLController:
     """Adaptive coefficient of Ziegler et al. (2019), steering the observed KL towards ``target``.
 
     ``e = clip(KL / target - 1, -0.2, 0.2)``, ``beta <- beta * (1 + e * n_steps / horizon)``.
@@ -54,7 +56,7 @@ def adaptive_kl_controller(kl_coef: float, target: float, horizon: float) -> KLC
     def init() -> KLControllerState:
         return KLControllerState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
 
-    def update(state: KLControllerState, kl, n_steps) -> KLControllerState:
+    def update(state: KLControllerState, kl: Scalar, n_steps: Scalar) -> KLControllerState:
         proportional_error = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)
         multiplier = 1.0 + proportional_error * jnp.asarray(n_steps, jnp.float32) / horizon
         return KLControllerState(kl_coef=state.kl_coef * multiplier)

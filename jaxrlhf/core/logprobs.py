@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.core.stats import at_least_float32
+from jaxrlhf.typing import Scalar
 
 
-def _shifted_scaled_logits(logits: chex.Array, temperature) -> jax.Array:
+def _shifted_scaled_logits(logits: chex.Array, temperature: Scalar) -> jax.Array:
     """Returns ``z' = (logits - max_v logits) / temperature`` in (at least) float32, so ``max z' = 0``.
 
     Softmax, log-softmax and entropy are invariant to a shift of the logits, and the shift is
@@ -29,7 +30,7 @@ def _shifted_scaled_logits(logits: chex.Array, temperature) -> jax.Array:
     return (logits - max_logit) / jnp.asarray(temperature, logits.dtype)
 
 
-def token_logprobs(logits: chex.Array, tokens: chex.Array, temperature=1.0) -> jax.Array:
+def token_logprobs(logits: chex.Array, tokens: chex.Array, temperature: Scalar = 1.0) -> jax.Array:
     """Log-probability of each given token under ``softmax(logits / temperature)``.
 
     ``logp[b, t] = z[b, t, tokens[b, t]] - logsumexp_v z[b, t, v]`` with ``z = logits / temperature``,
@@ -55,7 +56,7 @@ def token_logprobs(logits: chex.Array, tokens: chex.Array, temperature=1.0) -> j
     return token_logits_BxT - log_normalizer_BxT
 
 
-def entropy_from_logits(logits: chex.Array, temperature=1.0) -> jax.Array:
+def entropy_from_logits(logits: chex.Array, temperature: Scalar = 1.0) -> jax.Array:
     """Entropy of ``softmax(logits / temperature)`` at each position.
 
     ``H[b, t] = logsumexp_v z - sum_v softmax(z)_v * z_v`` with ``z = logits[b, t] / temperature``.

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.core.kl import kl_estimate
 from jaxrlhf.core.stats import at_least_float32, masked_count, masked_mean, masked_sum
+from jaxrlhf.typing import Scalar
 
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 GSPO_VARIANTS = ("seq", "token")
@@ -100,8 +101,8 @@ def ppo_policy_loss(
     old_logprobs: chex.Array,
     advantages: chex.Array,
     mask: chex.Array,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
+    clip_eps: Scalar = 0.2,
+    clip_eps_high: Scalar | None = None,
     agg: str = "token-mean",
     axis_name=None,
     dual_clip=None,
@@ -163,8 +164,8 @@ def gspo_policy_loss(
     old_logprobs_BxT: chex.Array,
     advantages_BxT: chex.Array,
     mask_BxT: chex.Array,
-    clip_eps: float = 3e-4,
-    clip_eps_high: float | None = 4e-4,
+    clip_eps: Scalar = 3e-4,
+    clip_eps_high: Scalar | None = 4e-4,
     variant: str = "seq",
     agg: str = "seq-mean-token-mean",
     axis_name=None,
@@ -286,7 +287,7 @@ def ppo_value_loss(
     old_values: chex.Array,
     returns: chex.Array,
     mask: chex.Array,
-    value_clip_eps: float | None = 0.2,
+    value_clip_eps: Scalar | None = 0.2,
     axis_name=None,
 ) -> tuple[jax.Array, Stats]:
     """Clipped value loss.

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.core.logprobs import token_logprobs
 from jaxrlhf.core.stats import at_least_float32, masked_count, masked_mean, masked_sum
+from jaxrlhf.typing import Scalar
 
 Stats = dict[str, jax.Array]
 
@@ -224,9 +225,9 @@ def dpo_loss(
     rejected_logps: chex.Array,
     ref_chosen_logps: chex.Array,
     ref_rejected_logps: chex.Array,
-    beta=0.1,
-    label_smoothing=0.0,
-    rpo_alpha: float | None = None,
+    beta: Scalar = 0.1,
+    label_smoothing: Scalar = 0.0,
+    rpo_alpha: Scalar | None = None,
     chosen_lengths: chex.Array | None = None,
     pair_mask: chex.Array | None = None,
     axis_name=None,
@@ -289,7 +290,7 @@ def ipo_loss(
     ref_rejected_logps: chex.Array,
     chosen_lengths: chex.Array,
     rejected_lengths: chex.Array,
-    beta=0.1,
+    beta: Scalar = 0.1,
     pair_mask: chex.Array | None = None,
     axis_name=None,
 ) -> tuple[jax.Array, Stats]:
@@ -332,8 +333,8 @@ def simpo_loss(
     rejected_logps: chex.Array,
     chosen_lengths: chex.Array,
     rejected_lengths: chex.Array,
-    beta=2.0,
-    gamma=1.0,
+    beta: Scalar = 2.0,
+    gamma: Scalar = 1.0,
     pair_mask: chex.Array | None = None,
     axis_name=None,
 ) -> tuple[jax.Array, Stats]:
@@ -373,9 +374,9 @@ def kto_loss(
     desirable: chex.Array,
     kl_logps: chex.Array | None = None,
     ref_kl_logps: chex.Array | None = None,
-    beta=0.1,
-    desirable_weight=1.0,
-    undesirable_weight=1.0,
+    beta: Scalar = 0.1,
+    desirable_weight: Scalar = 1.0,
+    undesirable_weight: Scalar = 1.0,
     mask: chex.Array | None = None,
     kl_mask: chex.Array | None = None,
     axis_name=None,

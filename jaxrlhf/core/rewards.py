@@ -17,6 +17,7 @@ from jax import lax
 
 from jaxrlhf.core.kl import kl_estimate
 from jaxrlhf.core.stats import compute_dtype
+from jaxrlhf.typing import Scalar
 
 
 def last_valid_index(mask: chex.Array) -> jax.Array:
@@ -38,7 +39,7 @@ def kl_penalized_rewards(
     logprobs: chex.Array,
     ref_logprobs: chex.Array,
     mask: chex.Array,
-    kl_coef,
+    kl_coef: Scalar,
     kind: str = "k1",
 ) -> jax.Array:
     """Step rewards: a per-token KL penalty plus the sequence score on the last valid token.
@@ -72,7 +73,7 @@ def kl_penalized_rewards(
     return kl_penalty_BxT + jnp.where(is_last_BxT, scores.astype(dtype)[:, None], 0)
 
 
-def discounted_returns(rewards: chex.Array, mask: chex.Array, gamma=1.0) -> jax.Array:
+def discounted_returns(rewards: chex.Array, mask: chex.Array, gamma: Scalar = 1.0) -> jax.Array:
     """Reward-to-go ``G_t = r_t + gamma * G_{t+1}`` over the valid tokens, by a reverse scan.
 
     For the usual mask (a valid prefix per row) this is ``G_t = sum_{k >= t} gamma^(k - t) r_k``.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -174,9 +174,10 @@ class BertEncoder:
     pooling: str = "mean"
     normalize: bool = True
 
-    def apply(self, params, input_ids, attention_mask, token_type_ids=None):
+    def apply(self, params, input_ids, attention_mask, token_type_ids=None) -> jax.Array:
         """Last hidden states ``[B, L, D]``."""
-        return self.module.apply({"params": params}, input_ids, attention_mask, token_type_ids)
+        hidden = self.module.apply({"params": params}, input_ids, attention_mask, token_type_ids)
+        return cast(jax.Array, hidden)  # without `mutable`, Linen's apply returns the module's output alone
 
     def embed(self, params, input_ids, attention_mask, token_type_ids=None):
         """Sentence embeddings ``[B, D]`` (float32), pooled and (by default) L2-normalised."""

@@ -141,7 +141,7 @@ class ModelConfig:
                 f"model_type {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         eos = hf.get("eos_token_id")
-        common = dict(
+        common: dict[str, Any] = dict(  # the fields every model type reads the same way
             model_type=model_type,
             vocab_size=hf["vocab_size"],
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gpt2")),

@@ -72,7 +72,7 @@ def _hf_layer_map(config: ModelConfig, i: int) -> list[tuple[str, tuple[str, ...
         ]
         return rows
     p = f"model.layers.{i}."
-    rows = [
+    rows: list[tuple[str, tuple[str, ...], bool]] = [
         (p + "input_layernorm.weight", ("attn_norm", "scale"), False),
         (p + "post_attention_layernorm.weight", ("mlp_norm", "scale"), False),
     ]
@@ -94,7 +94,7 @@ def _hf_layer_map(config: ModelConfig, i: int) -> list[tuple[str, tuple[str, ...
 
 def _global_map(config: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
     if config.model_type == "gpt2":
-        rows = [
+        rows: list[tuple[str, tuple[str, ...], bool]] = [
             ("wte.weight", ("embed", "embedding"), False),
             ("wpe.weight", ("pos_embed", "embedding"), False),
             ("ln_f.weight", ("final_norm", "scale"), False),

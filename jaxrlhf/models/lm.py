@@ -8,7 +8,7 @@ model with loaded parameters and its tokenizer (what `load_pretrained` returns).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -70,9 +70,10 @@ class LanguageModel:
         caller that needs `hidden` alone), while `hidden` keeps all L.
         """
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
-        return self.module.apply(
+        output = self.module.apply(
             variables, input_ids, attention_mask, positions, cache, cache_index, cache_size, logits_positions, rngs=rngs
         )
+        return cast(ModelOutput, output)  # without `mutable`, Linen's apply returns the module's output alone
 
     def hidden_states(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
         """Final (normalised) hidden states `[B, L, D]` without the output layer (e.g. a critic's trunk)."""

@@ -46,6 +46,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 Array = jax.Array
 
@@ -170,7 +171,7 @@ class LoraDense(nn.Dense):
                 self.param_dtype,
             )
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-            x, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+            x, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
             if bias is not None:
                 y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))

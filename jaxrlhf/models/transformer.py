@@ -24,12 +24,15 @@ depth; `stack_layers` / `unstack_layers` convert between the layouts. `remat` wr
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core.scope import CollectionFilter, PRNGSequenceFilter
+from flax.typing import InOutScanAxis
 
 from jaxrlhf.models.config import ACTIVATIONS, ModelConfig
 from jaxrlhf.models.lora import LoraDense
@@ -240,8 +243,8 @@ class Block(nn.Module):
 SCANNED_LAYERS = "layers"  # params key of the stacked blocks of a scanned model
 # Scanned over the layer axis: the parameters and the LoRA adapters (leaves [num_layers, ...]);
 # each layer draws its own adapter-dropout mask.
-_SCANNED_COLLECTIONS = {"params": 0, "lora": 0}
-_SCANNED_RNGS = {"params": True, "lora_dropout": True}
+_SCANNED_COLLECTIONS: Mapping[CollectionFilter, InOutScanAxis] = {"params": 0, "lora": 0}
+_SCANNED_RNGS: Mapping[PRNGSequenceFilter, bool] = {"params": True, "lora_dropout": True}
 
 
 def _remat_policy(name: str):
@@ -285,6 +288,8 @@ class Transformer(nn.Module):
         if cache is None:
             cache_index = 0
             q_slots = jnp.arange(L)
+        elif cache_index is None:
+            raise ValueError("a forward with a cache needs cache_index, the first cache slot of these tokens")
         else:
             q_slots = cache_index + jnp.arange(L)
         S = attention_mask.shape[1]
@@ -325,7 +330,8 @@ class Transformer(nn.Module):
                 block_class(cfg, scanned=True),
                 variable_axes=_SCANNED_COLLECTIONS,
                 split_rngs=_SCANNED_RNGS,
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                # flax leaves `in_axes` unannotated, so its default 0 types it as int; a tuple is valid.
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # pyright: ignore[reportArgumentType]
                 length=cfg.num_layers,
             )
             x, new_cache = scanned(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)(
@@ -343,7 +349,7 @@ class Transformer(nn.Module):
                 body,
                 variable_axes=_SCANNED_COLLECTIONS,
                 split_rngs=_SCANNED_RNGS,
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),  # pyright: ignore[reportArgumentType] (as above)
                 length=cfg.num_layers,
             )
             block = block_class(cfg, scanned=True)(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)
@@ -398,7 +404,8 @@ def decoding_params(config: ModelConfig, params: dict, tuning: Tuning = _PORTABL
 def init_params(config: ModelConfig, key: Array) -> dict:
     """Random parameters (GPT-2-style normal(0.02) init) for training a model from scratch."""
     ids = jnp.zeros((1, 2), jnp.int32)
-    return Transformer(config).init(key, ids, jnp.ones((1, 2), jnp.int32))["params"]
+    variables = Transformer(config).init(key, ids, jnp.ones((1, 2), jnp.int32))
+    return cast(dict, variables["params"])  # Linen returns plain dicts (flax's frozen dicts are off by default)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -294,8 +294,10 @@ def make_experience(
         with_logprobs=not from_sampler,
     )
     if from_sampler:
+        assert rollout_out.logprobs is not None  # checked on entry
         logprobs_BxN = jnp.where(response_mask_BxN > 0, rollout_out.logprobs.astype(jnp.float32), 0.0)
         entropy_BxN = -logprobs_BxN  # per-token sample estimate; only its masked mean is reported
+    assert logprobs_BxN is not None  # the policy forward's (with_logprobs) or the sampler's
     ref_logprobs_BxN = reference_logprobs(
         models, ref_params, prompts.ids, prompts.mask, response_ids_BxN, response_mask_BxN, hparams.temperature
     )

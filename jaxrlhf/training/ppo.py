@@ -25,6 +25,7 @@ compiled program.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -146,9 +147,9 @@ class PPO:
             )
         # Chosen once for the rollout's shape: the policy decodes with it, the sampling programs
         # compile with its options.
-        hints = dict(rows_per_device=max(1, config.rollout_size // divisor), width=model_width(policy))
-        self.tuning = resolve_tuning(tuning, **hints)
-        self.fused_tuning = resolve_tuning(tuning, **hints, trains=True)
+        rows_per_device, width = max(1, config.rollout_size // divisor), model_width(policy)
+        self.tuning = resolve_tuning(tuning, rows_per_device=rows_per_device, width=width)
+        self.fused_tuning = resolve_tuning(tuning, rows_per_device=rows_per_device, width=width, trains=True)
         if hasattr(policy, "with_tuning"):
             policy = self.policy = policy.with_tuning(self.tuning)
         self.models = Models(policy, self.critic, has_value=self.has_critic)
@@ -164,7 +165,8 @@ class PPO:
         # The programs that sample compile with the tuning's compiler options.
         self._jit_fused = self.fused_tuning.jit(self.fused_step, out_shardings=step_shardings)
         self._jit_fused_donated = self.fused_tuning.jit(self.fused_step, out_shardings=step_shardings, donate_argnums=0)
-        self._jit_rollout = self.tuning.jit(self.rollout, out_shardings=Rollout(batch_sh, batch_sh, batch_sh))
+        # One sharding for the whole Rollout (a pytree prefix): every field is batch-sharded.
+        self._jit_rollout = self.tuning.jit(self.rollout, out_shardings=batch_sh)
         self._jit_update = jax.jit(self.update, out_shardings=step_shardings)
         self._jit_init = jax.jit(self._init_from_seed, out_shardings=self._state_shardings)
 
@@ -208,11 +210,13 @@ class PPO:
             return policy_params.adapters
         return init_lora(self.lora, policy_params, jax.random.fold_in(seed_key, 2))
 
-    def policy_params(self, state: TrainState, frozen: FrozenParams):
+    def policy_params(self, state: TrainState, frozen: FrozenParams | None):
         """What the policy is called with: the state's parameters, or with LoRA
         `LoraParams(frozen base, state's adapters)`."""
         if self.lora is None:
             return state.policy_params
+        if frozen is None:
+            raise ValueError("with LoRA the policy needs its frozen base: pass frozen")
         return LoraParams(frozen.ref_params, state.policy_params)
 
     def default_value_params(self, policy_params, key):
@@ -229,6 +233,7 @@ class PPO:
             )
         if self.config.shared_trunk:
             return init_value_head(key, self.policy.config.hidden_size)
+        assert self.critic is not None  # a critic without a shared trunk is a separate ValueModel
         if self.critic.config != self.policy.config:
             raise ValueError("the critic's architecture differs from the policy's: pass value_params")
         return self.critic.init_params(key, trunk_params=policy_params)
@@ -424,7 +429,8 @@ class PPO:
         )
 
         kl_ctl = self.kl_controller(hp).update(state.kl_ctl, exp_stats["kl"], config.batch_size)
-        new_state = state.replace(
+        new_state = dataclasses.replace(  # flax's `state.replace`, spelled so the type checker sees it
+            state,
             step=state.step + 1,
             policy_params=params["policy"],
             value_params=params["value"],
@@ -464,10 +470,9 @@ class PPO:
         mask = rollout_out.mask[sel.row_indices_R] * sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
         kept_logprobs = None if rollout_out.logprobs is None else rollout_out.logprobs[sel.row_indices_R]
         kept_rollout = Rollout(
-            *(
-                None if x is None else self._constrain_batch(x)
-                for x in (rollout_out.tokens[sel.row_indices_R], mask, kept_logprobs)
-            )
+            self._constrain_batch(rollout_out.tokens[sel.row_indices_R]),
+            self._constrain_batch(mask),
+            None if kept_logprobs is None else self._constrain_batch(kept_logprobs),
         )
         stats = {
             "score": jnp.mean(raw_scores_B),
@@ -548,6 +553,7 @@ class PPO:
             elif self.config.shared_trunk:
                 value_params = init_value_head(seed_key, self.policy.config.hidden_size)
             else:
+                assert self.critic is not None  # a critic without a shared trunk is a separate ValueModel
                 value_params = self.critic.init_params(seed_key)
             return self._init_state(policy_params, value_params, seed_key, initial_numbers(self.config))
 

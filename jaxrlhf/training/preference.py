@@ -218,7 +218,7 @@ class PreferenceConfig:
     def structure(self) -> PreferenceConfig:
         """This config with every number that lives in the state set to a placeholder: what the
         compiled programs depend on (an optional number keeps whether it is set)."""
-        numbers = {name: 0.0 for name in LOSS_NUMBERS + tuple(OPTIMIZER_NUMBERS)}
+        numbers: dict[str, Any] = {name: 0.0 for name in LOSS_NUMBERS + tuple(OPTIMIZER_NUMBERS)}
         numbers["rpo_alpha"] = None if self.rpo_alpha is None else 0.0
         numbers["max_grad_norm"] = None if self.max_grad_norm is None else 0.0
         if self.loss == "cdpo":
@@ -415,14 +415,12 @@ class PreferenceTrainer:
         return jax.device_put(state, self.state_shardings(state))
 
     def state_shardings(self, state: PreferenceState):
+        """The state's tree of shardings: the step and the numbers replicated, the parameters and
+        optimizer state as `param_shardings` places them."""
         params_sh = param_shardings(state.params, self.mesh)
         opt_sh = opt_state_shardings(self.optimizer, state.opt_state, params_sh, self.mesh)
-        return PreferenceState(
-            step=self._replicated,
-            params=params_sh,
-            opt_state=opt_sh,
-            hparams=jax.tree.map(lambda _: self._replicated, state.hparams),
-        )
+        every_leaf_replicated = jax.tree.map(lambda _: self._replicated, state)
+        return dataclasses.replace(every_leaf_replicated, params=params_sh, opt_state=opt_sh)
 
     def abstract_state(self, params) -> PreferenceState:
         shapes = jax.eval_shape(

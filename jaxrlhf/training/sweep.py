@@ -123,19 +123,22 @@ class Sweep:
             self.ppo.abstract_state(),
         )
         per_run = lambda dtype: jax.ShapeDtypeStruct((self.num_runs,), dtype, sharding=self.run_sharding())  # noqa: E731
-        self._abstract_state = SweepState(
+        # The abstract state: a SweepState holding ShapeDtypeStructs where its fields are typed as arrays.
+        abstract_fields: dict[str, Any] = dict(
             step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated(self.mesh)),
             runs=abstract_runs,
             active=per_run(jnp.bool_),
             failed_step=per_run(jnp.int32),
         )
+        self._abstract_state = SweepState(**abstract_fields)
         self._state_shardings = jax.tree.map(lambda s: s.sharding, self._abstract_state)
 
         rep_runs = self.run_sharding()
         step_out = (self._state_shardings, rep_runs)
         # The programs that sample compile with the trainer's tuning options (`PPO`'s `tuning`).
         self._jit_fused = self.ppo.fused_tuning.jit(self._fused, out_shardings=step_out)
-        self._jit_rollout = self.ppo.tuning.jit(self._rollout, out_shardings=Rollout(*(self.batch_sharding(),) * 3))
+        # One sharding for the whole Rollout (a pytree prefix): every field is batch-sharded.
+        self._jit_rollout = self.ppo.tuning.jit(self._rollout, out_shardings=self.batch_sharding())
         self._jit_update = jax.jit(self._update, out_shardings=step_out)
         self._jit_init = jax.jit(self._init, out_shardings=self._state_shardings)
 
