@@ -242,12 +242,13 @@ def results_table(
     """Markdown table, one row per result of `run_preset` (mean ± std over seeds), the SFT row first.
 
     ``sft_before`` maps each column's key to the SFT's value. The wall-clock is the sweep of all seeds,
-    compilation included, with the 5-minute load average of the machine at its end (this run included).
+    compilation included, with the 5-minute load average of the machine at its end (this run included)
+    and the CPU time of this process over the sweep, which other processes on the machine inflate less.
     """
     headers = [label for _, label, _ in columns]
     lines = [
         "| preset | " + " | ".join(headers) + f" | steps to {target} | tokens sampled per run "
-        "| wall-clock (sweep of all seeds; load avg) |",
+        "| wall-clock of the sweep of all seeds (5-min load avg at its end; CPU time) |",
         "|---" * (len(columns) + 4) + "|",
         f"| {base} | " + " | ".join(f"{sft_before[key]:.{digits}f}" for key, _, digits in columns) + " | | | |",
     ]
@@ -256,7 +257,9 @@ def results_table(
             f"{r['after'][key]['mean']:.{digits}f} ± {r['after'][key]['std']:.{digits}f}" for key, _, digits in columns
         ]
         load = r.get("load_average", {}).get("end")
-        wall = f"{r['wall_clock_s']:.0f} s" + (f" (load {load[1]:.1f})" if load else "")
+        cpu = r.get("sweep_timings", {}).get("cpu_time_s")
+        under = ([f"load {load[1]:.1f}"] if load else []) + ([f"CPU {cpu:.0f} s"] if cpu is not None else [])
+        wall = f"{r['wall_clock_s']:.0f} s" + (f" ({'; '.join(under)})" if under else "")
         lines.append(
             f"| {r['preset']} | "
             + " | ".join(cells)
