@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite: one command for a lent NVIDIA GPU, about 8 minutes, one markdown report.
+# The GPU suite: one command for a lent NVIDIA GPU, about 9 minutes, one markdown report.
 #
 #   bash benchmarks/gpu_suite.sh [--out DIR]      # on the GPU machine: DIR/gpu_report.md (default $OUT or gpu_report)
 #   bash benchmarks/gpu_suite.sh --smoke --out D  # tiny cases on the CPU (CI runs this so the script cannot rot)
@@ -10,7 +10,8 @@
 #      JAX_PLATFORMS is set, so it is set here)
 #   3. sampling: jaxrlhf tok/s and roofline fraction at GPT-2 124M and Llama-shaped 150M, float32 and bf16
 #   4. sweeps: 1, 8 and 64 randomwalks PPO runs as one program
-#   5. one PPO iteration at GPT-2 124M (jaxrlhf's fused step; the PyTorch loop beside it)
+#   5. one PPO iteration at GPT-2 124M (jaxrlhf's fused step; the PyTorch loop beside it), with
+#      the per-phase FLOP table; then the same with a rank-8 LoRA policy on both sides
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,7 @@ if [ "$smoke" = 1 ]; then
   sampling_bf16=(--cases tiny-b128-n10 --reps 1 --no-torch --dtype bfloat16)
   sweep_args=(--quick)
   ppo_args=(--quick)
+  ppo_lora_args=(--quick --lora_rank 4 --iters 1)
   limit=600
   test_limit=600
 else
@@ -44,7 +46,8 @@ else
   sampling_bf16=(--cases gpt2-124m-b64-n64 llama-150m-b64-n64 --reps 3 --no-torch --dtype bfloat16)
   sweep_args=(--runs 1 8 64 --reps 3)
   ppo_args=(--iters 3)
-  limit=75       # per benchmark section: 60 + 120 + 4 x 75 s = 8 minutes at most
+  ppo_lora_args=(--iters 1 --lora_rank 8)
+  limit=75       # per benchmark section: 60 + 120 + 5 x 75 s = 9.25 minutes at most
   test_limit=120
 fi
 
@@ -78,5 +81,6 @@ section "Sampling, float32" "$limit" python3 benchmarks/sampling.py "${sampling_
 section "Sampling, bfloat16" "$limit" python3 benchmarks/sampling.py "${sampling_bf16[@]}"
 section "Sweeps" "$limit" python3 benchmarks/sweep.py "${sweep_args[@]}"
 section "PPO iteration" "$limit" python3 benchmarks/ppo_step.py "${ppo_args[@]}"
+section "PPO iteration, LoRA" "$limit" python3 benchmarks/ppo_step.py "${ppo_lora_args[@]}"
 
 echo "report: $report" >&2

@@ -14,6 +14,11 @@ A plain PyTorch loop over `transformers` models, no compilation:
 
 The critic is a `GPT2Model` trunk with a `Linear(D, 1)` value head on its last hidden state, as
 TRL's separate value model. The formulas are those of docs/design.md (what jaxrlhf computes).
+
+LoRA (`lora_policy`): the policy is a `peft` model whose base is frozen; the optimizer and the
+grad-norm clip see the adapters only, and the reference is the same model with its adapters
+switched off (`with policy.disable_adapter():`), so no second copy of the weights exists. The
+critic stays a full trunk + head.
 """
 
 from __future__ import annotations
@@ -58,6 +63,28 @@ class Critic(torch.nn.Module):
         return self.head(hidden).squeeze(-1)
 
 
+def lora_policy(policy, rank: int, alpha: float, target_modules: list[str]):
+    """`policy` with LoRA adapters (peft; `fan_in_fan_out` for GPT-2's `Conv1D` weights, stored
+    (in, out)): `W x + (alpha / rank) B A x` on each module whose name ends in one of
+    `target_modules`, `A` random and `B = 0`, no dropout, biases frozen."""
+    import peft
+
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        fan_in_fan_out=True,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(policy, config)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def masked_mean(x, mask, dim=None):
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1)
@@ -86,16 +113,21 @@ def logprobs_of(logits, tokens, temperature):
 
 
 class TorchPPO:
-    """Policy, frozen reference, critic and two AdamW optimizers; `step` runs one timed iteration."""
+    """Policy, frozen reference, critic and two AdamW optimizers; `step` runs one timed iteration.
+
+    A `peft` policy (`lora_policy`) trains its adapters only and is its own reference with the
+    adapters off; any other policy trains every weight against a frozen deep copy."""
 
     def __init__(self, policy, critic: Critic, reward_fn: Callable, settings: TorchPPOSettings):
         self.policy = policy.train()
-        self.ref = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.uses_adapters = hasattr(policy, "disable_adapter")  # a peft model
+        self.ref = None if self.uses_adapters else copy.deepcopy(policy).eval().requires_grad_(False)
         self.critic = critic.train()
         self.reward_fn = reward_fn
         self.s = settings
+        self.policy_trainable = trainable_parameters(self.policy)
         self.policy_opt = torch.optim.AdamW(
-            self.policy.parameters(), lr=settings.learning_rate, weight_decay=0.0, eps=1e-8
+            self.policy_trainable, lr=settings.learning_rate, weight_decay=0.0, eps=1e-8
         )
         self.critic_opt = torch.optim.AdamW(
             self.critic.parameters(), lr=settings.learning_rate, weight_decay=0.0, eps=1e-8
@@ -134,7 +166,13 @@ class TorchPPO:
         logprobs, logp = logprobs_of(logits, response, s.temperature)
         entropy = -(logp.exp() * logp).sum(-1)
         del logits, logp
-        ref_logprobs, _ = logprobs_of(response_logits(self.ref, ids, mask, P, N), response, s.temperature)
+        if self.ref is None:  # LoRA: the reference is the base, i.e. the policy with adapters off
+            with self.policy.disable_adapter():
+                ref_logits = response_logits(self.policy, ids, mask, P, N)
+        else:
+            ref_logits = response_logits(self.ref, ids, mask, P, N)
+        ref_logprobs, _ = logprobs_of(ref_logits, response, s.temperature)
+        del ref_logits
         values = self.critic(ids, mask, positions(mask))[:, P - 1 : P - 1 + N].float()
         scores = self.reward_fn(prompt_ids, prompt_mask, response, response_mask)
 
@@ -192,7 +230,7 @@ class TorchPPO:
                 self.policy_opt.zero_grad(set_to_none=True)
                 self.critic_opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), s.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(self.policy_trainable, s.max_grad_norm)
                 torch.nn.utils.clip_grad_norm_(self.critic.parameters(), s.max_grad_norm)
                 self.policy_opt.step()
                 self.critic_opt.step()

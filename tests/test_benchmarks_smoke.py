@@ -4,6 +4,7 @@ Slow: each compiles a jitted step and runs a PyTorch baseline (about 35 s of CPU
 ppo_step.py; on the shared 2-core machine that was 2 minutes of wall time).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -40,6 +41,43 @@ def test_ppo_step_quick():
     assert float(match.group(1)) > 0
     assert re.search(r"^iteration \(fused jit\)\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x$", out, re.MULTILINE), out
     assert "load average" in out and "compile" in out
+
+
+@pytest.mark.slow
+def test_ppo_step_quick_lora_and_flop_table(tmp_path):
+    # A LoRA policy on both sides (the script exits if their trainable counts differ) and the split
+    # phases' FLOP table, also written as JSON and markdown.
+    out = _run("ppo_step.py", "--quick", "--lora_rank", "4", "--split", "True", "--out", str(tmp_path))
+    counts = re.search(r"^trainable policy parameters: jaxrlhf ([\d,]+), torch ([\d,]+)$", out, re.MULTILINE)
+    assert counts and counts.group(1) == counts.group(2), out[-4000:]
+    rows = re.findall(
+        r"^(rollout|experience|update|fused) +(\d+\.\d+) +(\d+\.\d+) +(xla|shapes) +\d+\.\d+ +\d+\.\d+ +\d+\.\d%$",
+        out,
+        re.MULTILINE,
+    )
+    assert [r[0] for r in rows] == ["rollout", "experience", "update", "fused"], out[-4000:]
+    # No loop over matrix products in the experience program: XLA's count and the shape count agree.
+    xla, shapes = float(rows[1][1]), float(rows[1][2])
+    assert abs(xla - shapes) <= 0.1 * shapes, rows
+    # The tiny model's decode step can be within the timing noise of a loaded machine: nan then.
+    assert re.search(r"^decode step: (\d+\.\d+|nan) ms, .* MB read .* of it reached", out, re.MULTILINE), out[-4000:]
+    record = json.loads((tmp_path / "ppo_step.json").read_text())
+    assert record["config"]["lora_rank"] == 4
+    assert [row["program"] for row in record["flops"]["programs"]] == ["rollout", "experience", "update", "fused"]
+    assert "| decode step ms |" in (tmp_path / "ppo_step.md").read_text()
+
+
+def test_ppo_step_refuses_lora_on_fused_qkv():
+    # GPT-2's c_attn holds q, k, v in one matrix: peft's adapter there is not jaxrlhf's q, k, v adapters.
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "ppo_step.py"), "--lora_rank", "4", "--lora_targets", "q"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1 and "c_attn" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.slow
@@ -117,6 +155,7 @@ def test_gpu_suite_smoke(tmp_path):
         "Sampling, bfloat16",
         "Sweeps",
         "PPO iteration",
+        "PPO iteration, LoRA",
     ):
         assert f"## {title}" in report, title
-    assert report.count("(exit 0,") == 6, report[-4000:]
+    assert report.count("(exit 0,") == 7, report[-4000:]
