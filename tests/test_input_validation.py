@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 import jaxrlhf
 from jaxrlhf.models import CheckpointError, save_pretrained
@@ -27,32 +28,18 @@ MAX_POSITIONS = 16
 
 
 def _config(positions: str = "learned") -> ModelConfig:
-    common = dict(
+    """One layer of width 16: a GPT-2 with learned positions, or a llama with rope."""
+    return tiny_config(
+        "gpt2" if positions == "learned" else "llama",
         vocab_size=VOCAB,
         hidden_size=16,
         num_layers=1,
         num_heads=2,
         num_kv_heads=2,
-        head_dim=8,
         intermediate_size=32,
         max_position_embeddings=MAX_POSITIONS,
-        norm_eps=1e-5,
         eos_token_id=None,
     )
-    if positions == "learned":
-        return ModelConfig(
-            model_type="gpt2",
-            positions="learned",
-            norm="layernorm",
-            mlp="plain",
-            activation="gelu_new",
-            qkv_bias=True,
-            o_bias=True,
-            mlp_bias=True,
-            tie_word_embeddings=True,
-            **common,
-        )
-    return ModelConfig(model_type="llama", **common)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from jaxrlhf.core.stats import masked_mean
-from jaxrlhf.models import LanguageModel, ModelConfig, save_pretrained, stack_layers
+from jaxrlhf.models import LanguageModel, save_pretrained, stack_layers
 from jaxrlhf.models.lora import (
     LoraConfig,
     LoraParams,
@@ -36,39 +37,8 @@ from jaxrlhf.training.experience import reference_logprobs
 
 VOCAB = 64
 CONFIGS = {
-    "qwen2": ModelConfig(
-        model_type="qwen2",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        norm_eps=1e-5,
-        qkv_bias=True,
-    ),
-    "gpt2": ModelConfig(
-        model_type="gpt2",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=2,
-        head_dim=16,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        norm_eps=1e-5,
-        positions="learned",
-        norm="layernorm",
-        mlp="plain",
-        activation="gelu_new",
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=True,
-    ),
+    "qwen2": tiny_config("qwen2", vocab_size=VOCAB),
+    "gpt2": tiny_config("gpt2", vocab_size=VOCAB, num_heads=2, max_position_embeddings=32),
 }
 LORA = LoraConfig(rank=4, alpha=8.0, target_modules=("q", "v", "o", "up", "down"))
 

@@ -13,25 +13,23 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 import jaxrlhf
-from jaxrlhf.models import CheckpointError, LanguageModel, ModelConfig
+from jaxrlhf.models import CheckpointError, LanguageModel
 
 pytest.importorskip("huggingface_hub")
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 32
-CFG = ModelConfig(
-    model_type="llama",
+CFG = tiny_config(
+    "llama",
     vocab_size=VOCAB,
     hidden_size=16,
-    num_layers=2,
     num_heads=2,
     num_kv_heads=1,
-    head_dim=8,
     intermediate_size=24,
     max_position_embeddings=32,
-    norm_eps=1e-5,
     bos_token_id=1,
     eos_token_id=2,
     pad_token_id=0,

@@ -10,60 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
 import jaxrlhf
-from jaxrlhf.models import LanguageModel, ModelConfig, stack_cache, stack_layers, unstack_cache, unstack_layers
+from jaxrlhf.models import LanguageModel, stack_cache, stack_layers, unstack_cache, unstack_layers
 from jaxrlhf.sampling import generate
 
 VOCAB = 96
 CONFIGS = {
-    "gpt2": ModelConfig(
-        model_type="gpt2",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=4,
-        head_dim=8,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        norm_eps=1e-5,
-        positions="learned",
-        norm="layernorm",
-        mlp="plain",
-        activation="gelu_new",
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=True,
-    ),
-    "llama": ModelConfig(
-        model_type="llama",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=3,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        norm_eps=1e-5,
-    ),
-    "qwen3": ModelConfig(
-        model_type="qwen3",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        norm_eps=1e-5,
-        qk_norm=True,
-        sliding_window=None,
-    ),
+    "gpt2": tiny_config("gpt2", vocab_size=VOCAB, num_layers=3),
+    "llama": tiny_config("llama", vocab_size=VOCAB, num_layers=3, intermediate_size=48),
+    "qwen3": tiny_config("qwen3", vocab_size=VOCAB, head_dim=16, intermediate_size=48),
 }
 REMATS = [None, "full", "dots_saveable", "dots_with_no_batch_dims_saveable"]
 

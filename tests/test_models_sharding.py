@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from jaxrlhf.models import LanguageModel, ModelConfig
+from jaxrlhf.models import LanguageModel
 from jaxrlhf.sharding import (
     DEFAULT_RULES,
     FSDP,
@@ -27,20 +28,7 @@ from jaxrlhf.sharding import (
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 
-CFG = ModelConfig(
-    model_type="llama",
-    vocab_size=100,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    intermediate_size=64,
-    max_position_embeddings=64,
-    norm_eps=1e-5,
-    qk_norm=True,
-    qkv_bias=True,
-)
+CFG = tiny_config("llama", vocab_size=100, qk_norm=True, qkv_bias=True)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import persistent_compilation_cache
+from conftest import persistent_compilation_cache, tiny_config
 
 from jaxrlhf.core.stats import masked_mean
 from jaxrlhf.metrics_log import read_metrics
@@ -57,27 +57,7 @@ LEARN_STEPS = 25
 
 
 def tiny_gpt2_config() -> ModelConfig:
-    return ModelConfig(
-        model_type="gpt2",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        num_kv_heads=2,
-        head_dim=16,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        norm_eps=1e-5,
-        positions="learned",
-        norm="layernorm",
-        mlp="plain",
-        activation="gelu_new",
-        qkv_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        tie_word_embeddings=True,
-        eos_token_id=None,
-    )
+    return tiny_config("gpt2", vocab_size=VOCAB, num_heads=2, max_position_embeddings=32, eos_token_id=None)
 
 
 TRACES = {"reward": 0}

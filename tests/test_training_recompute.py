@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from jaxrlhf.core.logprobs import token_logprobs
 from jaxrlhf.core.losses import ppo_policy_loss
@@ -41,20 +42,7 @@ STEPS = 2
 
 
 def llama_config(**changes) -> ModelConfig:
-    return ModelConfig(
-        model_type="llama",
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=8,
-        intermediate_size=48,
-        max_position_embeddings=64,
-        norm_eps=1e-5,
-        eos_token_id=None,
-        **changes,
-    )
+    return tiny_config("llama", vocab_size=VOCAB, intermediate_size=48, eos_token_id=None, **changes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from conftest import tiny_config
 
-from jaxrlhf.models import LanguageModel, ModelConfig, gpt2_config
+from jaxrlhf.models import LanguageModel, gpt2_config
 from jaxrlhf.sampling import generate, make_sampler
 from jaxrlhf.tuning import (
     CPU_NO_YNN_MAX_ROWS,
@@ -17,18 +18,7 @@ from jaxrlhf.tuning import (
     resolve_tuning,
 )
 
-LLAMA_GQA = ModelConfig(
-    model_type="llama",
-    vocab_size=64,
-    hidden_size=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    intermediate_size=64,
-    max_position_embeddings=32,
-    norm_eps=1e-5,
-)
+LLAMA_GQA = tiny_config("llama", max_position_embeddings=32)
 GPT2 = gpt2_config(64, hidden_size=32, num_layers=2, num_heads=4, max_len=32)
 PORTABLE = Tuning()
 CPU = Tuning(decode_attention="per_head", decode_head="transposed", compiler_options=NO_YNN_FUSIONS)
