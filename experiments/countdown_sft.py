@@ -45,6 +45,8 @@ class Config:
     """Problems drawn (duplicates dropped; a fifth held out by a fixed hash)."""
     ops: str = "+-"
     """Operators allowed in answers ("+-" or "+-*")."""
+    ordered: bool = False
+    """Targets made from the digits in the prompt's order (an in-order solution always exists)."""
     correct_fraction: float = 0.3
     """Probability that a demonstration is a correct answer (else a random expression of the digits)."""
     n_layer: int = 4
@@ -84,7 +86,7 @@ def main(config: Config) -> dict:
     os.makedirs(config.out_dir, exist_ok=True)
     save_config(config, os.path.join(config.out_dir, "config.json"))
     start = time.time()
-    task = cd.make_task(config.task_seed, config.num_problems, config.ops)
+    task = cd.make_task(config.task_seed, config.num_problems, config.ops, ordered=config.ordered)
     tokenizer = cd.tokenizer()
     demos = cd.demonstrations(task, config.correct_fraction, config.seed)
     data = cd.encode_demonstrations(demos, tokenizer)

@@ -114,3 +114,17 @@ def test_problems_are_solvable_and_held_out_ones_never_train():
     assert rows["loss_mask"][0].tolist() == [0] * cd.PROMPT_LEN + [1] * cd.ANSWER_LEN
     with pytest.raises(ValueError, match="ops must be"):
         cd.make_task(ops="/")
+
+
+def test_ordered_problems_have_an_in_order_solution_and_correct_demonstrations_use_it():
+    task = cd.make_task(seed=0, num_problems=2000, ordered=True)
+    assert task.ordered and len(task.held_out) > 50
+    assert not {p.key for p in task.train} & {p.key for p in task.held_out}
+    in_order = lambda p, a: a[::2] == "".join(map(str, p.numbers))  # noqa: E731
+    for problem in task.train[:300] + task.held_out[:100]:
+        assert any(in_order(problem, a) for a in cd.solutions(problem, task.ops)), problem
+    demos = cd.demonstrations(task, correct_fraction=1.0, seed=0)
+    assert all(a in cd.solutions(p, task.ops) and in_order(p, a) for p, a in demos)
+    # The unordered task's targets come from a random order: some have no in-order solution.
+    free = cd.make_task(seed=0, num_problems=2000)
+    assert not all(any(in_order(p, a) for a in cd.solutions(p, free.ops)) for p in free.train)

@@ -19,6 +19,13 @@ answer and ``format_reward`` (default 0) for a well-formed wrong one.
 Held-out problems: a problem's identity is (sorted digits, target); a fixed hash of it puts a
 fraction of all problems in the held-out split, which no SFT or RL step ever sees.
 
+Ordered problems (``make_task(ordered=True)``): each target is the value of an expression of the
+digits **in the prompt's order** (``357:+005=`` from ``3-5+7``), so an in-order solution always
+exists, and correct demonstrations use it. The checker still accepts any order. A policy then
+chooses two operators rather than a permutation as well, which a small model learns from a few
+thousand problems well enough to generalise to held-out ones; with targets from a random order it
+memorises the training problems (held-out accuracy about 0.7 after SFT on correct answers alone).
+
 SFT demonstrations are noisy on purpose (``correct_fraction``): a demonstration is a correct
 solution with that probability, otherwise a random well-formed expression of the same digits
 (usually wrong). The SFT policy then writes well-formed answers but is right only part of the
@@ -96,12 +103,19 @@ class CountdownTask:
     ops: str
     train: tuple[Problem, ...]
     held_out: tuple[Problem, ...]
+    ordered: bool = False
 
 
 def make_task(
-    seed: int = 0, num_problems: int = 4000, ops: str = "+-", max_digit: int = 9, held_out_fraction: float = 0.2
+    seed: int = 0,
+    num_problems: int = 4000,
+    ops: str = "+-",
+    max_digit: int = 9,
+    held_out_fraction: float = 0.2,
+    ordered: bool = False,
 ) -> CountdownTask:
-    """Random solvable problems (duplicates removed), split into train and held-out by `is_held_out`."""
+    """Random solvable problems (duplicates removed), split into train and held-out by `is_held_out`.
+    ``ordered``: each target is made from the digits in the prompt's order (else a random order)."""
     if not set(ops) <= set("+-*") or not ops:
         raise ValueError(f"ops must be a non-empty subset of '+-*', got {ops!r}")
     rng = np.random.default_rng(seed)
@@ -109,23 +123,29 @@ def make_task(
     for _ in range(num_problems):
         numbers = tuple(int(x) for x in rng.integers(1, max_digit + 1, NUM_NUMBERS))
         order = tuple(rng.permutation(numbers).tolist())
+        if ordered:
+            order = numbers
         op_pair = tuple(rng.choice(list(ops), 2).tolist())
         problem = Problem(numbers, evaluate_expression(order, op_pair))
         if problem in seen or abs(problem.target) >= 10**TARGET_DIGITS:
             continue
         seen.add(problem)
         (held_out if is_held_out(problem, held_out_fraction) else train).append(problem)
-    return CountdownTask(ops, tuple(train), tuple(held_out))
+    return CountdownTask(ops, tuple(train), tuple(held_out), ordered)
 
 
 def demonstrations(task: CountdownTask, correct_fraction: float, seed: int = 0) -> list[tuple[Problem, str]]:
     """One (problem, answer) per training problem: a correct answer with probability
-    ``correct_fraction``, otherwise a random well-formed expression of the same digits."""
+    ``correct_fraction`` (for an ordered task, one with the digits in the prompt's order), otherwise
+    a random well-formed expression of the same digits."""
     rng = np.random.default_rng(seed)
     demos = []
     for problem in task.train:
         if rng.random() < correct_fraction:
             candidates = solutions(problem, task.ops)
+            if task.ordered:
+                prefix = "".join(map(str, problem.numbers))
+                candidates = [c for c in candidates if c[::2] == prefix]
             answer = candidates[rng.integers(len(candidates))]
         else:
             order = rng.permutation(problem.numbers).tolist()
