@@ -1,0 +1,242 @@
+"""Countdown, step 2: RL from a verifiable reward lifts the SFT policy's held-out accuracy.
+
+The SFT policy of ``experiments/countdown_sft.py`` writes well-formed answers that use the prompt's
+digits but hit the target only part of the time. Here it is trained with a critic-free preset
+(GRPO by default; any of `jaxrlhf.training.presets`) on the **training** problems only, with the
+checker of ``experiments/tasks/countdown.py`` as the reward: 1 for a correct answer, 0 otherwise,
+computed on token ids inside the jitted step. Accuracy is measured on the held-out problems, which
+neither SFT nor RL ever sees, greedy and sampled (temperature 1), together with the KL of the
+sampled answers to the SFT policy.
+
+    python experiments/countdown_sft.py                      # the SFT policy first (or it runs it)
+    python experiments/countdown_rl.py                       # GRPO, seed 0
+    python experiments/countdown_rl.py --preset dapo --seeds 0 1 2
+
+The seeds train together as one sweep (`jaxrlhf.training.train_sweep`).
+
+Writes to ``out_dir``: ``config.json``; ``checkpoints/`` (the sweep); per seed ``run_<i>/``
+(``metrics.jsonl`` with ``eval/`` held-out metrics, TensorBoard events, ``policy/``);
+``summary.json`` (SFT and final evaluation per seed, steps to ``target_accuracy``);
+``countdown_rl.png`` (held-out accuracy and KL against sampled tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.metrics_log import read_metrics
+from jaxrlhf.models import load_pretrained
+from jaxrlhf.plotting import plot_curves
+from jaxrlhf.training import PPOConfig, train_sweep
+from jaxrlhf.training.presets import PRESETS, preset
+from tasks import countdown as cd
+
+# The SFT run's settings that define the problem set; RL must use the same ones.
+TASK_FIELDS = ("task_seed", "num_problems", "ops", "ordered")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Countdown: critic-free RL (a preset) from the SFT policy with the checker's reward."""
+
+    out_dir: str = "runs/countdown_rl"
+    """Directory for config.json, run_<i>/ run directories, summary.json and the plot."""
+    sft_dir: str = "runs/countdown_sft"
+    """Output directory of experiments/countdown_sft.py (the policy in <sft_dir>/model)."""
+    run_sft_if_missing: bool = True
+    """Run the SFT script (its defaults, out_dir=sft_dir) when <sft_dir>/model is missing."""
+    preset: str = "grpo"
+    """The algorithm (`jaxrlhf.training.presets`)."""
+    seeds: tuple[int, ...] = (0,)
+    """RL runs, one per seed, trained together as one sweep."""
+    task_seed: int = 0
+    """Seed of the problem set (must match the SFT run's)."""
+    num_problems: int = 6000
+    """Problems drawn (must match the SFT run's)."""
+    ops: str = "+-"
+    """Operators (must match the SFT run's)."""
+    ordered: bool = False
+    """Targets from the digits in the prompt's order (must match the SFT run's)."""
+    ppo: PPOConfig = PPOConfig(
+        total_steps=100,
+        batch_size=256,
+        minibatch_size=128,
+        num_generations=8,
+        max_prompt_len=cd.PROMPT_LEN,
+        max_new_tokens=cd.ANSWER_LEN + 2,
+        temperature=1.0,
+        top_k=None,
+        top_p=1.0,
+        learning_rate=1e-4,
+        critic_learning_rate=1e-4,
+        adam_b1=0.9,
+        adam_b2=0.99,
+        weight_decay=0.0,
+        shared_trunk=True,
+        save_every=100,
+    )
+    """Base trainer settings; the preset's algorithm fields go on top (``ppo.seed`` is replaced by
+    each entry of ``seeds``). 256 responses per step = 32 training problems x G 8."""
+    eval_every: int = 10
+    """Evaluate on the held-out problems every this many steps."""
+    eval_samples: int = 4
+    """Sampled answers per held-out problem in each evaluation (temperature 1)."""
+    target_accuracy: float = 0.85
+    """Report the first evaluation step at which held-out greedy accuracy reaches this."""
+    progress: bool = True
+    """Show the trainer's progress bar."""
+
+
+def load_sft_policy(config: Config):
+    """The SFT policy from ``<sft_dir>/model`` (running the SFT script first if allowed), after
+    checking that it was trained on the same problem set."""
+    model_dir = os.path.join(config.sft_dir, "model")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "countdown_sft.py")
+        if not config.run_sft_if_missing:
+            raise SystemExit(f"no SFT policy in {model_dir}: run `python {script} --out_dir {config.sft_dir}` first")
+        print(f"no SFT policy in {model_dir}: running {script} --out_dir {config.sft_dir}")
+        spec = importlib.util.spec_from_file_location("countdown_sft", script)
+        sft = importlib.util.module_from_spec(spec)
+        sys.modules["countdown_sft"] = sft  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(sft)
+        sft.main(sft.Config(out_dir=config.sft_dir, **{k: getattr(config, k) for k in TASK_FIELDS}))
+    path = os.path.join(config.sft_dir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            sft_config = json.load(f)
+        differ = [
+            f"{k} {sft_config[k]!r} there, {getattr(config, k)!r} here"
+            for k in TASK_FIELDS
+            if sft_config.get(k, getattr(config, k)) != getattr(config, k)
+        ]
+        if differ:
+            raise SystemExit(
+                f"the SFT policy in {config.sft_dir} was trained on another problem set ({'; '.join(differ)}): "
+                "pass the matching --sft_dir or task settings"
+            )
+    return load_pretrained(model_dir)
+
+
+def run_seeds(config: Config, sft, task: cd.CountdownTask) -> tuple[list[dict], dict]:
+    """All seeds as one sweep; returns each run's SFT/final evaluation and the sweep's timings."""
+    if config.preset not in PRESETS:
+        raise SystemExit(f"unknown preset {config.preset!r}; known: {', '.join(PRESETS)}")
+    ppo_config = preset(
+        config.preset,
+        config.ppo.replace(eos_token_id=sft.tokenizer.eos_token_id, pad_token_id=sft.tokenizer.pad_token_id),
+    )
+    prompt_ids, prompt_mask = cd.encode_prompts(task.train, sft.tokenizer)
+    reward_fn = cd.make_reward_fn(sft.tokenizer)
+    evaluator = cd.make_evaluator(sft.model, sft.tokenizer, task.held_out, samples_per_problem=config.eval_samples)
+    eval_keys = [jax.random.fold_in(jax.random.key(seed), 12345) for seed in config.seeds]
+    ref_params = sft.params
+
+    def evaluate_params(params, run, step):
+        result = evaluator(params, jax.random.fold_in(eval_keys[run], step), ref_params)
+        return {k: float(v) for k, v in result.items()}
+
+    befores = [evaluate_params(ref_params, run, 0) for run in range(len(config.seeds))]
+    reached: list[dict] = [{} for _ in config.seeds]
+    start = time.perf_counter()
+
+    def evaluate(step, sweep_state):
+        results = []
+        for run in range(len(config.seeds)):
+            result = evaluate_params(jax.tree.map(lambda x: x[run], sweep_state.runs.policy_params), run, step)
+            if not reached[run] and result["greedy/accuracy"] >= config.target_accuracy:
+                reached[run].update(step=step, wall_clock_s=time.perf_counter() - start)
+            results.append(result)
+        return results
+
+    result = train_sweep(
+        sft,
+        reward_fn,
+        (prompt_ids, prompt_mask),
+        ppo_config,
+        config.out_dir,
+        runs=[{"seed": seed} for seed in config.seeds],
+        ref_params=ref_params,
+        progress=config.progress,
+        evaluate=evaluate,
+        eval_every=config.eval_every,
+    )
+    timings = {"wall_clock_s": time.perf_counter() - start, "num_runs": len(config.seeds)}
+    runs = []
+    for run, seed in enumerate(config.seeds):
+        after = evaluate_params(result.state.run(run).policy_params, run, ppo_config.total_steps + 1)
+        runs.append(
+            {
+                "seed": seed,
+                "run_dir": os.path.join(config.out_dir, f"run_{run}"),
+                "before": befores[run],
+                "after": after,
+                "steps": int(result.state.runs.step[run]),
+                "failed": result.summary["runs"][run]["failed"],
+                "target_reached_at": reached[run] or None,
+                "policy_dir": result.policy_dirs[run],
+            }
+        )
+    return runs, timings
+
+
+def curves(run_dir: str, before: dict, metric: str) -> tuple[list[float], list[float]]:
+    """``(response tokens sampled so far, eval metric)`` at step 0 (the SFT policy) and each evaluation."""
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "score" in r]
+    sampled = np.cumsum([r.get("num_sampled_tokens", r["num_response_tokens"]) for r in steps])
+    evals = [r for r in records if f"eval/{metric}" in r]
+    xs = [0.0] + [float(sampled[min(e["step"], len(sampled) - 1)]) for e in evals]
+    return xs, [before[metric]] + [e[f"eval/{metric}"] for e in evals]
+
+
+def summarize(runs: list[dict]) -> dict:
+    keys = runs[0]["after"].keys()
+    return {
+        key: {
+            "before": float(np.mean([r["before"][key] for r in runs])),
+            "mean": float(np.mean([r["after"][key] for r in runs])),
+            "std": float(np.std([r["after"][key] for r in runs])),
+        }
+        for key in keys
+    }
+
+
+def main(config: Config) -> dict:
+    os.makedirs(config.out_dir, exist_ok=True)
+    save_config(config, os.path.join(config.out_dir, "config.json"))
+    sft = load_sft_policy(config)
+    task = cd.make_task(config.task_seed, config.num_problems, config.ops, ordered=config.ordered)
+    print(f"countdown: RL on {len(task.train)} training problems, held-out accuracy on {len(task.held_out)}")
+    runs, timings = run_seeds(config, sft, task)
+    summary = {"preset": config.preset, "runs": runs, "mean": summarize(runs), "timings": timings}
+    with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    panels = {"held-out greedy accuracy": {}, "held-out sampled accuracy (T=1)": {}, "KL to SFT (nats/answer)": {}}
+    for run in runs:
+        for panel, metric in zip(panels, ("greedy/accuracy", "sampled/accuracy", "sampled/kl_to_ref")):
+            panels[panel][f"seed {run['seed']}"] = curves(run["run_dir"], run["before"], metric)
+    plot_curves(
+        panels,
+        os.path.join(config.out_dir, "countdown_rl.png"),
+        title=f"countdown: {config.preset} from the SFT policy",
+        xlabel="response tokens sampled per run",
+        ncols=3,
+    )
+    mean = summary["mean"]
+    for key in ("greedy/accuracy", "sampled/accuracy", "sampled/kl_to_ref"):
+        print(f"held-out {key}: SFT {mean[key]['before']:.3f} -> {mean[key]['mean']:.3f} ± {mean[key]['std']:.3f}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

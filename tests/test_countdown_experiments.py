@@ -1,0 +1,68 @@
+"""The countdown scripts end to end on a tiny model: SFT, then RL from it (seeds as one sweep)."""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from jaxrlhf.metrics_log import read_metrics
+from jaxrlhf.training.sft import SFTConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_sft_then_rl_end_to_end(tmp_path):
+    sft, rl = load_script("countdown_sft"), load_script("countdown_rl")
+    task = dict(task_seed=0, num_problems=400, ops="+-", ordered=True)
+    sft_dir = str(tmp_path / "sft")
+    sft.main(
+        sft.Config(
+            out_dir=sft_dir,
+            n_layer=1,
+            n_embd=16,
+            n_head=2,
+            num_steps=3,
+            batch_size=16,
+            eval_every=3,
+            **task,
+            sft=SFTConfig(learning_rate=1e-3),
+        )
+    )
+    config = rl.Config(
+        out_dir=str(tmp_path / "rl"),
+        sft_dir=sft_dir,
+        preset="grpo",
+        seeds=(0, 1),
+        eval_every=1,
+        eval_samples=1,
+        progress=False,
+        ppo=rl.Config().ppo.replace(total_steps=2, batch_size=16, minibatch_size=16, save_every=2),
+        **task,
+    )
+    summary = rl.main(config)
+    assert [run["steps"] for run in summary["runs"]] == [2, 2]
+    for run in summary["runs"]:
+        assert not run["failed"]
+        assert set(run["after"]) >= {"greedy/accuracy", "sampled/accuracy", "sampled/kl_to_ref"}
+        assert all(math.isfinite(v) for v in run["after"].values())
+        evals = [r for r in read_metrics(run["run_dir"]) if "eval/greedy/accuracy" in r]
+        assert len(evals) == 2  # eval_every=1: after each of the 2 steps
+    assert os.path.isfile(tmp_path / "rl" / "countdown_rl.png")
+    with open(tmp_path / "rl" / "summary.json") as f:
+        assert json.load(f)["preset"] == "grpo"
+    # An SFT policy of another problem set is refused before any training.
+    with pytest.raises(SystemExit, match="another problem set"):
+        rl.main(dataclasses.replace(config, ordered=False))
