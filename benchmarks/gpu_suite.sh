@@ -32,11 +32,11 @@ export PYTHONUNBUFFERED=1
 if [ "$smoke" = 1 ]; then
   export JAX_PLATFORMS=cpu
   tests="tests/test_core_hand_worked.py"
-  sampling_args=(--cases tiny-b128-n10 --reps 1 --no-torch --roofline)
+  sampling_args=(--cases tiny-b128-n10 --reps 1 --roofline)  # with torch here: its path is checked too
   sampling_bf16=(--cases tiny-b128-n10 --reps 1 --no-torch --dtype bfloat16)
   sweep_args=(--quick)
   ppo_args=(--quick)
-  ppo_lora_args=(--quick --lora_rank 4 --iters 1)
+  ppo_lora_args=(--quick --lora_rank 4 --iters 1 --split True --out "$out/ppo_lora")
   limit=600
   test_limit=600
 else
@@ -62,7 +62,7 @@ section() {  # section TITLE SECONDS COMMAND...: run it, put its output (tail) i
     echo "\`$*\` (exit $rc, $((SECONDS - start)) s)"
     echo
     echo '```'
-    echo "$log" | grep -v -e 'Warning' -e '^ *warn' | tail -n 40
+    echo "$log" | grep -v -e 'Warning' -e '^ *warn' | tail -n 60
     echo '```'
     echo
   } >> "$report"

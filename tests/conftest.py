@@ -20,12 +20,56 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments"))
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", False)
 
 
+def load_script(name):
+    """An experiment script (``experiments/<name>.py``) imported as a module, as the tests call it."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "experiments", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for the whole test run, shared by the xdist workers and the
+    subprocesses the tests start (through ``JAX_COMPILATION_CACHE_DIR``).
+
+    Many tests compile the same program: the same tiny model's forward, or one trainer step under
+    several numeric configs (hyper-parameters are data, so the HLO is the same). Each is compiled
+    once per run and loaded afterwards. The directory lives under pytest's base temp (the parent of
+    the workers' own), so every run starts cold and old runs are cleaned up with pytest's temp dirs.
+    ``JAXRLHF_TEST_COMPILATION_CACHE=0`` turns it off.
+    """
+    if os.environ.get("JAXRLHF_TEST_COMPILATION_CACHE", "1") == "0":
+        yield None
+        return
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    directory = root / "jax_compilation_cache"
+    directory.mkdir(exist_ok=True)
+    min_seconds = 0.2  # below this, reading an entry back saves little
+    env = {"JAX_COMPILATION_CACHE_DIR": str(directory), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(min_seconds)}
+    previous_env = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    with persistent_compilation_cache(directory, min_compile_time_secs=min_seconds):
+        yield str(directory)
+    for name, value in previous_env.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @contextlib.contextmanager
-def persistent_compilation_cache(directory):
+def persistent_compilation_cache(directory, min_compile_time_secs: float = 0.0):
     """JAX's persistent compilation cache in ``directory`` while the block runs (off again after).
 
     Test modules that compile the same programs more than once (or in a subprocess) use it from a
@@ -37,7 +81,7 @@ def persistent_compilation_cache(directory):
     before = {name: getattr(jax.config, name) for name in names}
     cc.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(directory))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_time_secs)
     try:
         yield str(directory)
     finally:

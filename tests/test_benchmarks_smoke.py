@@ -1,7 +1,8 @@
-"""The benchmark scripts run end to end in their --quick mode and print their result lines.
+"""The benchmark scripts run end to end in their quick modes and print their result lines.
 
-Slow: each compiles a jitted step and runs a PyTorch baseline (about 35 s of CPU time each for
-ppo_step.py; on the shared 2-core machine that was 2 minutes of wall time).
+`benchmarks/gpu_suite.sh --smoke` runs every benchmark (sampling, sweeps, the PPO iteration with
+and without LoRA) once in its quick mode, so one test checks the suite and each script's output.
+Slow: each benchmark compiles jitted steps, and ppo_step.py also runs a PyTorch baseline.
 """
 
 import json
@@ -33,40 +34,6 @@ def _run(script: str, *args: str, timeout: int = 900) -> str:
     return proc.stdout
 
 
-@pytest.mark.slow
-def test_ppo_step_quick():
-    out = _run("ppo_step.py", "--quick")
-    match = re.search(r"^ratio \(torch / jaxrlhf\) per PPO iteration: (\d+\.\d+)x$", out, re.MULTILINE)
-    assert match, out[-4000:]
-    assert float(match.group(1)) > 0
-    assert re.search(r"^iteration \(fused jit\)\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x$", out, re.MULTILINE), out
-    assert "load average" in out and "compile" in out
-
-
-@pytest.mark.slow
-def test_ppo_step_quick_lora_and_flop_table(tmp_path):
-    # A LoRA policy on both sides (the script exits if their trainable counts differ) and the split
-    # phases' FLOP table, also written as JSON and markdown.
-    out = _run("ppo_step.py", "--quick", "--lora_rank", "4", "--split", "True", "--out", str(tmp_path))
-    counts = re.search(r"^trainable policy parameters: jaxrlhf ([\d,]+), torch ([\d,]+)$", out, re.MULTILINE)
-    assert counts and counts.group(1) == counts.group(2), out[-4000:]
-    rows = re.findall(
-        r"^(rollout|experience|update|fused) +(\d+\.\d+) +(\d+\.\d+) +(xla|shapes) +\d+\.\d+ +\d+\.\d+ +\d+\.\d%$",
-        out,
-        re.MULTILINE,
-    )
-    assert [r[0] for r in rows] == ["rollout", "experience", "update", "fused"], out[-4000:]
-    # No loop over matrix products in the experience program: XLA's count and the shape count agree.
-    xla, shapes = float(rows[1][1]), float(rows[1][2])
-    assert abs(xla - shapes) <= 0.1 * shapes, rows
-    # The tiny model's decode step can be within the timing noise of a loaded machine: nan then.
-    assert re.search(r"^decode step: (\d+\.\d+|nan) ms, .* MB read .* of it reached", out, re.MULTILINE), out[-4000:]
-    record = json.loads((tmp_path / "ppo_step.json").read_text())
-    assert record["config"]["lora_rank"] == 4
-    assert [row["program"] for row in record["flops"]["programs"]] == ["rollout", "experience", "update", "fused"]
-    assert "| decode step ms |" in (tmp_path / "ppo_step.md").read_text()
-
-
 def test_ppo_step_refuses_lora_on_fused_qkv():
     # GPT-2's c_attn holds q, k, v in one matrix: peft's adapter there is not jaxrlhf's q, k, v adapters.
     proc = subprocess.run(
@@ -78,26 +45,6 @@ def test_ppo_step_refuses_lora_on_fused_qkv():
         timeout=300,
     )
     assert proc.returncode == 1 and "c_attn" in proc.stdout, proc.stdout[-2000:]
-
-
-@pytest.mark.slow
-def test_sampling_quick():
-    # The tiny-model case only: the 124M cases are for benchmark runs, not for CI.
-    out = _run("sampling.py", "--cases", "tiny-b128-n10", "--reps", "1")
-    # One row per case, ending in "<ratio>x <compile s>".
-    rows = re.findall(r"^\S+\s+\d+M\s+\d+\s+\d+\s+(\d+\.\d+)x\s+\d+\.\d+$", out, re.MULTILINE)
-    assert rows, out[-4000:]
-
-
-@pytest.mark.slow
-def test_sweep_quick():
-    out = _run("sweep.py", "--quick")
-    rows = re.findall(r"^sweep R=(\d)\s+(\d+\.\d+)\s+(\d+\.\d+)x", out, re.MULTILINE)
-    assert [r[0] for r in rows] == ["1", "2"], out[-4000:]
-    assert re.search(
-        r"^2 runs as one sweep: \d+\.\d+x the time of one run, \d+\.\d+x the throughput", out, re.MULTILINE
-    )
-    assert "load average" in out and "matrix-product peak" in out
 
 
 @pytest.mark.slow
@@ -133,8 +80,16 @@ def test_benchmark_flags_are_checked_before_any_work():
         assert proc.returncode == 2 and word in proc.stdout, (script, proc.stdout[-2000:])
 
 
+def _section(report: str, title: str) -> str:
+    """The output block of one ``## title`` section of the GPU suite's report."""
+    body = report.split(f"## {title}\n", 1)[1]
+    return body.split("\n## ", 1)[0]
+
+
 @pytest.mark.slow
 def test_gpu_suite_smoke(tmp_path):
+    # The suite runs every benchmark in its quick mode: this one run also checks each benchmark's
+    # result lines (ppo_step with and without LoRA, its FLOP table and files, sampling, sweeps).
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
@@ -148,7 +103,7 @@ def test_gpu_suite_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     report = (tmp_path / "gpu_report.md").read_text()
-    for title in (
+    titles = (
         "Device",
         "Tests on the device",
         "Sampling, float32",
@@ -156,6 +111,47 @@ def test_gpu_suite_smoke(tmp_path):
         "Sweeps",
         "PPO iteration",
         "PPO iteration, LoRA",
-    ):
+    )
+    for title in titles:
         assert f"## {title}" in report, title
     assert report.count("(exit 0,") == 7, report[-4000:]
+    m = re.MULTILINE
+
+    # Sampling: one row per case, "<case> <params>M <jaxrlhf tok/s> <torch tok/s> <ratio>x <compile s>"
+    # (float32 against transformers' generate; bfloat16 without torch: "-").
+    row = r"^tiny-b128-n10\s+\d+M\s+\d+\s+{torch}\s+{ratio}\s+\d+\.\d+$"
+    assert re.search(row.format(torch=r"\d+", ratio=r"\d+\.\d+x"), _section(report, "Sampling, float32"), m)
+    assert re.search(row.format(torch="-", ratio="-"), _section(report, "Sampling, bfloat16"), m)
+
+    sweeps = _section(report, "Sweeps")
+    assert [r for r in re.findall(r"^sweep R=(\d)\s+\d+\.\d+\s+\d+\.\d+x", sweeps, m)] == ["1", "2"], sweeps
+    assert re.search(r"^2 runs as one sweep: \d+\.\d+x the time of one run, \d+\.\d+x the throughput", sweeps, m)
+    assert "load average" in sweeps and "matrix-product peak" in sweeps
+
+    for title in ("PPO iteration", "PPO iteration, LoRA"):
+        ppo = _section(report, title)
+        ratio = re.search(r"^ratio \(torch / jaxrlhf\) per PPO iteration: (\d+\.\d+)x$", ppo, m)
+        assert ratio and float(ratio.group(1)) > 0, ppo
+        assert re.search(r"^iteration \(fused jit\)\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x$", ppo, m), ppo
+        assert "load average" in ppo and "compile" in ppo
+
+    # LoRA on both sides (the script exits if their trainable counts differ), and the split phases'
+    # FLOP table, also written as JSON and markdown.
+    lora = _section(report, "PPO iteration, LoRA")
+    counts = re.search(r"^trainable policy parameters: jaxrlhf ([\d,]+), torch ([\d,]+)$", lora, m)
+    assert counts and counts.group(1) == counts.group(2), lora
+    rows = re.findall(
+        r"^(rollout|experience|update|fused) +(\d+\.\d+) +(\d+\.\d+) +(xla|shapes) +\d+\.\d+ +\d+\.\d+ +\d+\.\d%$",
+        lora,
+        m,
+    )
+    assert [r[0] for r in rows] == ["rollout", "experience", "update", "fused"], lora
+    # No loop over matrix products in the experience program: XLA's count and the shape count agree.
+    xla, shapes = float(rows[1][1]), float(rows[1][2])
+    assert abs(xla - shapes) <= 0.1 * shapes, rows
+    # The tiny model's decode step can be within the timing noise of a loaded machine: nan then.
+    assert re.search(r"^decode step: (\d+\.\d+|nan) ms, .* MB read .* of it reached", lora, m), lora
+    record = json.loads((tmp_path / "ppo_lora" / "ppo_step.json").read_text())
+    assert record["config"]["lora_rank"] == 4
+    assert [row["program"] for row in record["flops"]["programs"]] == ["rollout", "experience", "update", "fused"]
+    assert "| decode step ms |" in (tmp_path / "ppo_lora" / "ppo_step.md").read_text()

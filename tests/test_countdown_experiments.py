@@ -1,26 +1,15 @@
 """The countdown scripts end to end on a tiny model: SFT, then RL from it (seeds as one sweep)."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
+from conftest import load_script
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.training.sft import SFTConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow

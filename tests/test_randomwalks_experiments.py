@@ -1,25 +1,14 @@
 """End to end: experiments/randomwalks_sft.py then experiments/randomwalks_ppo.py with tiny configs."""
 
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
+from conftest import load_script
 
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.training.sft import SFTConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def all_finite(record):
