@@ -60,11 +60,11 @@ class Config:
     """RL runs, one per seed, trained together as one sweep."""
     task_seed: int = 0
     """Seed of the problem set (must match the SFT run's)."""
-    num_problems: int = 6000
+    num_problems: int = 20000
     """Problems drawn (must match the SFT run's)."""
     ops: str = "+-"
     """Operators (must match the SFT run's)."""
-    ordered: bool = False
+    ordered: bool = True
     """Targets from the digits in the prompt's order (must match the SFT run's)."""
     ppo: PPOConfig = PPOConfig(
         total_steps=100,

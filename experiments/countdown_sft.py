@@ -41,11 +41,11 @@ class Config:
     """Seed of the model initialisation, data order and evaluation samples."""
     task_seed: int = 0
     """Seed of the problem set (must match the RL run's)."""
-    num_problems: int = 6000
-    """Problems drawn (duplicates dropped; a fifth held out by a fixed hash)."""
+    num_problems: int = 20000
+    """Problems drawn (duplicates dropped, so about every distinct one; a fifth held out by a fixed hash)."""
     ops: str = "+-"
     """Operators allowed in answers ("+-" or "+-*")."""
-    ordered: bool = False
+    ordered: bool = True
     """Targets made from the digits in the prompt's order (an in-order solution always exists)."""
     correct_fraction: float = 0.3
     """Probability that a demonstration is a correct answer (else a random expression of the digits)."""
