@@ -47,15 +47,18 @@ class Config:
     """Operators allowed in answers ("+-" or "+-*")."""
     ordered: bool = True
     """Targets made from the digits in the prompt's order (an in-order solution always exists)."""
-    correct_fraction: float = 0.3
-    """Probability that a demonstration is a correct answer (else a random expression of the digits)."""
+    correct_fraction: float = 0.4
+    """Probability that a demonstration is a correct answer (else a wrong one, see ``noise``)."""
+    noise: str = "slip"
+    """Wrong demonstrations: "random" (a random expression of the digits) or "slip" (the correct
+    answer with its last operator replaced by another one: a systematic mistake)."""
     n_layer: int = 4
     """Transformer blocks."""
     n_embd: int = 128
     """Width."""
     n_head: int = 4
     """Attention heads."""
-    num_steps: int = 1500
+    num_steps: int = 800
     """AdamW updates."""
     batch_size: int = 128
     """Demonstrations per update."""
@@ -88,7 +91,7 @@ def main(config: Config) -> dict:
     start = time.time()
     task = cd.make_task(config.task_seed, config.num_problems, config.ops, ordered=config.ordered)
     tokenizer = cd.tokenizer()
-    demos = cd.demonstrations(task, config.correct_fraction, config.seed)
+    demos = cd.demonstrations(task, config.correct_fraction, config.seed, config.noise)
     data = cd.encode_demonstrations(demos, tokenizer)
     print(
         f"countdown: {len(task.train)} training problems, {len(task.held_out)} held out; "

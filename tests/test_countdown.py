@@ -128,3 +128,22 @@ def test_ordered_problems_have_an_in_order_solution_and_correct_demonstrations_u
     # The unordered task's targets come from a random order: some have no in-order solution.
     free = cd.make_task(seed=0, num_problems=2000)
     assert not all(any(in_order(p, a) for a in cd.solutions(p, free.ops)) for p in free.train)
+
+
+def test_slip_demonstrations_flip_only_the_last_operator_of_an_in_order_solution():
+    task = cd.make_task(seed=0, num_problems=2000, ordered=True)
+    demos = cd.demonstrations(task, correct_fraction=0.4, seed=0, noise="slip")
+    assert [p for p, _ in demos] == list(task.train)
+    right = np.mean([a in cd.solutions(p, task.ops) for p, a in demos])
+    assert 0.35 <= right <= 0.45  # digits 1..9: a slipped sign always changes the value
+    for problem, answer in demos[:300]:
+        assert answer[::2] == "".join(map(str, problem.numbers))  # the prompt's order, always
+        if answer not in cd.solutions(problem, task.ops):
+            slipped_back = answer[:-2] + {"+": "-", "-": "+"}[answer[-2]] + answer[-1]
+            assert slipped_back in cd.solutions(problem, task.ops), (problem, answer)
+    # "random" noise draws the same numbers as before this option existed.
+    assert cd.demonstrations(task, 0.3, seed=1) == cd.demonstrations(task, 0.3, seed=1, noise="random")
+    with pytest.raises(ValueError, match="noise must be one of"):
+        cd.demonstrations(task, 0.4, noise="typo")
+    with pytest.raises(ValueError, match="two operators"):
+        cd.demonstrations(cd.make_task(seed=0, num_problems=50, ops="+"), 0.4, noise="slip")

@@ -27,9 +27,10 @@ thousand problems well enough to generalise to held-out ones; with targets from 
 memorises the training problems (held-out accuracy about 0.7 after SFT on correct answers alone).
 
 SFT demonstrations are noisy on purpose (``correct_fraction``): a demonstration is a correct
-solution with that probability, otherwise a random well-formed expression of the same digits
-(usually wrong). The SFT policy then writes well-formed answers but is right only part of the
-time, leaving RL something to learn from a binary, verifiable reward.
+solution with that probability, otherwise a wrong one (``noise``): a random well-formed
+expression of the same digits, or the correct answer with its last operator slipped to another
+one. The SFT policy then writes well-formed answers but is right only part of the time, leaving
+RL something to learn from a binary, verifiable reward.
 """
 
 from __future__ import annotations
@@ -134,19 +135,37 @@ def make_task(
     return CountdownTask(ops, tuple(train), tuple(held_out), ordered)
 
 
-def demonstrations(task: CountdownTask, correct_fraction: float, seed: int = 0) -> list[tuple[Problem, str]]:
+NOISE_KINDS = ("random", "slip")
+
+
+def demonstrations(
+    task: CountdownTask, correct_fraction: float, seed: int = 0, noise: str = "random"
+) -> list[tuple[Problem, str]]:
     """One (problem, answer) per training problem: a correct answer with probability
     ``correct_fraction`` (for an ordered task, one with the digits in the prompt's order), otherwise
-    a random well-formed expression of the same digits."""
+    a wrong one of the kind ``noise`` names:
+
+    - ``"random"``: a random well-formed expression of the same digits (usually wrong);
+    - ``"slip"``: that correct answer with its last operator replaced by another one (``8+6+5`` ->
+      ``8+6-5``), the systematic mistake of a teacher who gets the sign of the last step wrong.
+    """
+    if noise not in NOISE_KINDS:
+        raise ValueError(f"noise must be one of {NOISE_KINDS}, got {noise!r}")
+    if noise == "slip" and len(task.ops) < 2:
+        raise ValueError(f"noise='slip' needs at least two operators to slip between, got ops={task.ops!r}")
     rng = np.random.default_rng(seed)
     demos = []
     for problem in task.train:
-        if rng.random() < correct_fraction:
+        correct = rng.random() < correct_fraction
+        if correct or noise == "slip":
             candidates = solutions(problem, task.ops)
             if task.ordered:
                 prefix = "".join(map(str, problem.numbers))
                 candidates = [c for c in candidates if c[::2] == prefix]
             answer = candidates[rng.integers(len(candidates))]
+            if not correct:
+                others = [op for op in task.ops if op != answer[-2]]
+                answer = answer[:-2] + others[rng.integers(len(others))] + answer[-1]
         else:
             order = rng.permutation(problem.numbers).tolist()
             answer = expression_text(order, rng.choice(list(task.ops), 2).tolist())
