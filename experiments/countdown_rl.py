@@ -27,16 +27,15 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
-import jax
 import numpy as np
 
 from jaxrlhf.config import parse_config, save_config
-from jaxrlhf.metrics_log import read_metrics
+from jaxrlhf.metrics_log import sampled_token_curve
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
-from jaxrlhf.training import PPOConfig, train_sweep
+from jaxrlhf.training import PPOConfig
+from jaxrlhf.training.evaluation import train_seeds
 from jaxrlhf.training.presets import PRESETS, preset
 from tasks import countdown as cd
 
@@ -67,7 +66,7 @@ class Config:
     ordered: bool = True
     """Targets from the digits in the prompt's order (must match the SFT run's)."""
     ppo: PPOConfig = PPOConfig(
-        total_steps=100,
+        total_steps=150,
         batch_size=256,
         minibatch_size=128,
         num_generations=8,
@@ -82,7 +81,7 @@ class Config:
         adam_b2=0.99,
         weight_decay=0.0,
         shared_trunk=True,
-        save_every=100,
+        save_every=150,
     )
     """Base trainer settings; the preset's algorithm fields go on top (``ppo.seed`` is replaced by
     each entry of ``seeds``). 256 responses per step = 32 training problems x G 8."""
@@ -135,68 +134,21 @@ def run_seeds(config: Config, sft, task: cd.CountdownTask) -> tuple[list[dict], 
         config.preset,
         config.ppo.replace(eos_token_id=sft.tokenizer.eos_token_id, pad_token_id=sft.tokenizer.pad_token_id),
     )
-    prompt_ids, prompt_mask = cd.encode_prompts(task.train, sft.tokenizer)
-    reward_fn = cd.make_reward_fn(sft.tokenizer)
     evaluator = cd.make_evaluator(sft.model, sft.tokenizer, task.held_out, samples_per_problem=config.eval_samples)
-    eval_keys = [jax.random.fold_in(jax.random.key(seed), 12345) for seed in config.seeds]
-    ref_params = sft.params
-
-    def evaluate_params(params, run, step):
-        result = evaluator(params, jax.random.fold_in(eval_keys[run], step), ref_params)
-        return {k: float(v) for k, v in result.items()}
-
-    befores = [evaluate_params(ref_params, run, 0) for run in range(len(config.seeds))]
-    reached: list[dict] = [{} for _ in config.seeds]
-    start = time.perf_counter()
-
-    def evaluate(step, sweep_state):
-        results = []
-        for run in range(len(config.seeds)):
-            result = evaluate_params(jax.tree.map(lambda x: x[run], sweep_state.runs.policy_params), run, step)
-            if not reached[run] and result["greedy/accuracy"] >= config.target_accuracy:
-                reached[run].update(step=step, wall_clock_s=time.perf_counter() - start)
-            results.append(result)
-        return results
-
-    result = train_sweep(
+    runs, timings, _ = train_seeds(
         sft,
-        reward_fn,
-        (prompt_ids, prompt_mask),
+        cd.make_reward_fn(sft.tokenizer),
+        cd.encode_prompts(task.train, sft.tokenizer),
         ppo_config,
         config.out_dir,
-        runs=[{"seed": seed} for seed in config.seeds],
-        ref_params=ref_params,
-        progress=config.progress,
-        evaluate=evaluate,
+        config.seeds,
+        lambda params, key: evaluator(params, key, sft.params),
+        target=("greedy/accuracy", config.target_accuracy),
+        ref_params=sft.params,
         eval_every=config.eval_every,
+        progress=config.progress,
     )
-    timings = {"wall_clock_s": time.perf_counter() - start, "num_runs": len(config.seeds)}
-    runs = []
-    for run, seed in enumerate(config.seeds):
-        after = evaluate_params(result.state.run(run).policy_params, run, ppo_config.total_steps + 1)
-        runs.append(
-            {
-                "seed": seed,
-                "run_dir": os.path.join(config.out_dir, f"run_{run}"),
-                "before": befores[run],
-                "after": after,
-                "steps": int(result.state.runs.step[run]),
-                "failed": result.summary["runs"][run]["failed"],
-                "target_reached_at": reached[run] or None,
-                "policy_dir": result.policy_dirs[run],
-            }
-        )
     return runs, timings
-
-
-def curves(run_dir: str, before: dict, metric: str) -> tuple[list[float], list[float]]:
-    """``(response tokens sampled so far, eval metric)`` at step 0 (the SFT policy) and each evaluation."""
-    records = read_metrics(run_dir)
-    steps = [r for r in records if "score" in r]
-    sampled = np.cumsum([r.get("num_sampled_tokens", r["num_response_tokens"]) for r in steps])
-    evals = [r for r in records if f"eval/{metric}" in r]
-    xs = [0.0] + [float(sampled[min(e["step"], len(sampled) - 1)]) for e in evals]
-    return xs, [before[metric]] + [e[f"eval/{metric}"] for e in evals]
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -224,7 +176,8 @@ def main(config: Config) -> dict:
     panels = {"held-out greedy accuracy": {}, "held-out sampled accuracy (T=1)": {}, "KL to SFT (nats/answer)": {}}
     for run in runs:
         for panel, metric in zip(panels, ("greedy/accuracy", "sampled/accuracy", "sampled/kl_to_ref")):
-            panels[panel][f"seed {run['seed']}"] = curves(run["run_dir"], run["before"], metric)
+            tokens, values, _ = sampled_token_curve(run["run_dir"], metric, run["before"][metric])
+            panels[panel][f"seed {run['seed']}"] = (tokens, values)
     plot_curves(
         panels,
         os.path.join(config.out_dir, "countdown_rl.png"),

@@ -34,16 +34,15 @@ import importlib.util
 import json
 import os
 import sys
-import time
 
-import jax
 import numpy as np
 
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
-from jaxrlhf.training import PPOConfig, train_sweep
+from jaxrlhf.training import PPOConfig
+from jaxrlhf.training.evaluation import train_seeds
 from tasks import randomwalks as rw
 
 
@@ -161,62 +160,22 @@ def check_sft_graph(config: Config) -> None:
 def run_seeds(config: Config, sft, task, reward_fn, evaluator) -> tuple[list[dict], dict]:
     """All seeds as one sweep; returns each run's before/after evaluation, and the sweep's timings."""
     ppo_config = config.ppo.replace(eos_token_id=sft.tokenizer.eos_token_id, pad_token_id=sft.tokenizer.pad_token_id)
-    prompt_ids, prompt_mask = rw.encode_prompts(task.prompts, sft.tokenizer)
-    eval_keys = [jax.random.fold_in(jax.random.key(seed), 12345) for seed in config.seeds]
-    ref_params = sft.params
-
-    def evaluate_params(params, run, step):
-        result = evaluator(params, ref_params, jax.random.fold_in(eval_keys[run], step))
-        return {k: float(v) for k, v in result.items()}
-
-    befores = [evaluate_params(ref_params, run, 0) for run in range(len(config.seeds))]
-    reached: list[dict] = [{} for _ in config.seeds]
-    start, cpu_start = time.perf_counter(), time.process_time()
-
-    def evaluate(step, sweep_state):
-        results = []
-        for run in range(len(config.seeds)):
-            result = evaluate_params(jax.tree.map(lambda x: x[run], sweep_state.runs.policy_params), run, step)
-            if not reached[run] and result["sampled/optimality"] >= config.target_optimality:
-                reached[run].update(step=step, wall_clock_s=time.perf_counter() - start)
-            results.append(result)
-        return results
-
-    result = train_sweep(
+    runs, timings, result = train_seeds(
         sft,
         reward_fn,
-        (prompt_ids, prompt_mask),
+        rw.encode_prompts(task.prompts, sft.tokenizer),
         ppo_config,
         config.out_dir,
-        runs=[{"seed": seed} for seed in config.seeds],
-        ref_params=ref_params,
-        progress=config.progress,
-        evaluate=evaluate,
+        config.seeds,
+        lambda params, key: evaluator(params, sft.params, key),
+        target=("sampled/optimality", config.target_optimality),
+        ref_params=sft.params,
         eval_every=config.eval_every,
+        progress=config.progress,
     )
-    timings = {
-        "wall_clock_s": time.perf_counter() - start,
-        "cpu_time_s": time.process_time() - cpu_start,
-        "train_step_time_s": sum(m.get("step_time", 0.0) for m in result.histories[0]),
-        "num_runs": len(config.seeds),
-    }
-    runs = []
-    for run, seed in enumerate(config.seeds):
-        history = [m for m in result.histories[run] if "kl_coef" in m]
-        after = evaluate_params(result.state.run(run).policy_params, run, ppo_config.total_steps + 1)
-        runs.append(
-            {
-                "seed": seed,
-                "run_dir": os.path.join(config.out_dir, f"run_{run}"),
-                "before": befores[run],
-                "after": after,
-                "steps": int(result.state.runs.step[run]),
-                "failed": result.summary["runs"][run]["failed"],
-                "target_reached_at": reached[run] or None,
-                "final_kl_coef": history[-1]["kl_coef"] if history else None,
-                "policy_dir": result.policy_dirs[run],
-            }
-        )
+    for run, history in zip(runs, result.histories):
+        kl_coefs = [m["kl_coef"] for m in history if "kl_coef" in m]
+        run["final_kl_coef"] = kl_coefs[-1] if kl_coefs else None
     return runs, timings
 
 

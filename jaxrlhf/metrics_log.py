@@ -46,7 +46,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MetricsLogger", "read_metrics", "flatten_metrics", "logger_options", "METRICS_FILENAME", "LOGGERS"]
+__all__ = [
+    "MetricsLogger",
+    "read_metrics",
+    "sampled_token_curve",
+    "flatten_metrics",
+    "logger_options",
+    "METRICS_FILENAME",
+    "LOGGERS",
+]
 
 METRICS_FILENAME = "metrics.jsonl"
 WANDB_ID_FILENAME = "wandb_run_id"
@@ -136,6 +144,27 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
                 break  # a last line without its newline: cut short by an interrupted run
             raise ValueError(f"{path}:{number}: not a JSON line: {line[:80]!r}") from None
     return records
+
+
+def sampled_token_curve(
+    path: str | os.PathLike, metric: str, start_value: float | None = None
+) -> tuple[list[float], list[float], float]:
+    """An evaluation metric against the response tokens sampled so far, from a run's metrics.
+
+    Returns ``(tokens, values, total_tokens)``: for each ``eval/<metric>`` record, the cumulative
+    ``num_sampled_tokens`` (``num_response_tokens`` where a step has no such field) of the steps up
+    to and including its step, and its value; ``start_value`` (the starting policy's evaluation)
+    is put first at 0 tokens when given. Steps are the records with a ``score``.
+    """
+    records = read_metrics(path)
+    per_step = [r.get("num_sampled_tokens", r.get("num_response_tokens", 0.0)) for r in records if "score" in r]
+    sampled = np.cumsum(per_step) if per_step else np.zeros(1)
+    evals = [r for r in records if f"eval/{metric}" in r]
+    tokens = [float(sampled[min(r["step"], len(sampled) - 1)]) for r in evals]
+    values = [float(r[f"eval/{metric}"]) for r in evals]
+    if start_value is not None:
+        tokens, values = [0.0, *tokens], [float(start_value), *values]
+    return tokens, values, float(sampled[-1]) if per_step else 0.0
 
 
 def _truncate_after(path: str, resume_step: int) -> int:

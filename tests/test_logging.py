@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from jaxrlhf.metrics_log import MetricsLogger, flatten_metrics, read_metrics
+from jaxrlhf.metrics_log import MetricsLogger, flatten_metrics, read_metrics, sampled_token_curve
 from jaxrlhf.plotting import moving_average, plot_curves, plot_metrics
 
 
@@ -77,6 +77,17 @@ def test_read_metrics_skips_a_cut_last_line_only(tmp_path):
     path.write_text('{"step": 0, "x": 1.0}\n{"step": 1, "x"\n{"step": 2, "x": 1.0}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:2"):
         read_metrics(path)
+
+
+def test_sampled_token_curve_counts_tokens_up_to_each_evaluation(tmp_path):
+    lines = [{"step": s, "score": 0.0, "num_sampled_tokens": 10.0 * (s + 1)} for s in range(4)]
+    lines.insert(2, {"step": 1, "eval/acc": 0.5})  # an evaluation after steps 0 and 1: 10 + 20 tokens
+    lines.append({"step": 3, "eval/acc": 0.75})  # after all four: 100 tokens
+    lines.append({"step": 4, "score": 0.0, "num_response_tokens": 7.0})  # no num_sampled_tokens field
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert sampled_token_curve(tmp_path, "acc") == ([30.0, 100.0], [0.5, 0.75], 107.0)
+    assert sampled_token_curve(tmp_path, "acc", start_value=0.25) == ([0.0, 30.0, 100.0], [0.25, 0.5, 0.75], 107.0)
+    assert sampled_token_curve(tmp_path, "missing") == ([], [], 107.0)
 
 
 def test_non_scalar_metric_is_rejected():
