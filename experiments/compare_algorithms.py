@@ -32,59 +32,83 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling script, also when imported
+import countdown_rl as crl  # noqa: E402
 import randomwalks_ppo as rwp  # noqa: E402
 
 from jaxrlhf.config import parse_config, save_config  # noqa: E402
-from jaxrlhf.metrics_log import read_metrics  # noqa: E402
+from jaxrlhf.metrics_log import sampled_token_curve  # noqa: E402
 from jaxrlhf.plotting import plot_curves  # noqa: E402
+from jaxrlhf.training import PPOConfig  # noqa: E402
 from jaxrlhf.training.presets import PRESETS, preset  # noqa: E402
+from tasks import countdown as cd  # noqa: E402
 from tasks import randomwalks as rw  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every preset on randomwalks, the same budget of sampled responses each."""
+    """Every preset on one task (randomwalks or countdown), the same budget of sampled responses each."""
 
+    task: str = "randomwalks"
+    """"randomwalks" (shortest paths, reward = optimality) or "countdown" (arithmetic, reward = the
+    checker's 1 or 0, accuracy on held-out problems)."""
     out_dir: str | None = None
     """Directory for config.json, one sweep directory per preset, summary.json, results.md and the plot
-    (None: ``runs/compare_algorithms`` plus the graph's suffix, see `graph_suffix`)."""
+    (None: ``runs/compare_algorithms`` plus the graph's suffix, see `graph_suffix`, or
+    ``runs/compare_algorithms_countdown``)."""
     sft_dir: str | None = None
-    """experiments/randomwalks_sft.py output, run first when missing (None: ``runs/randomwalks_sft``
-    plus the graph's suffix)."""
-    task_seed: int = 1002
-    """Seed of the graph and walks (trlx's 1002); the SFT policy must have been trained on the same."""
+    """The SFT script's output, run first when missing (None: ``runs/randomwalks_sft`` plus the
+    graph's suffix, or ``runs/countdown_sft``)."""
+    task_seed: int | None = None
+    """Seed of the graph and walks (None: trlx's 1002) or of the countdown problem set (None: 0); the
+    SFT policy must have been trained on the same."""
     n_nodes: int = 21
-    """Nodes of the graph."""
+    """randomwalks: nodes of the graph."""
     p_edge: float = 0.1
-    """Probability of each directed edge."""
+    """randomwalks: probability of each directed edge."""
     max_length: int = 10
-    """Most nodes in a walk; also the response budget in tokens (max_length - 1 nodes + EOS)."""
+    """randomwalks: most nodes in a walk; also the response budget in tokens (max_length - 1 nodes + EOS)."""
     presets: tuple[str, ...] = tuple(PRESETS)
     """Presets to run (`jaxrlhf.training.presets`)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds of every preset, trained together as one sweep."""
-    steps: int = 50
-    """RL steps of every run."""
-    batch_size: int = 128
-    """Sampled responses per step, every preset (randomwalks_ppo's 128)."""
-    minibatch_size: int = 64
-    """Responses per optimizer update."""
+    steps: int | None = None
+    """RL steps of every run (None: the task's, see `TASK_DEFAULTS`)."""
+    batch_size: int | None = None
+    """Sampled responses per step, every preset (None: the task's)."""
+    minibatch_size: int | None = None
+    """Responses per optimizer update (None: the task's)."""
     group_size: int = 8
     """Responses per prompt for the group presets (G; must divide batch_size)."""
-    learning_rate: float = 5e-5
-    """Policy (and critic) learning rate of every preset (randomwalks_ppo's tuned PPO value)."""
+    learning_rate: float | None = None
+    """Policy (and critic) learning rate of every preset (None: the task's)."""
     eval_every: int = 10
     """Evaluate every this many steps."""
-    eval_samples: int = 8
-    """Sampled walks per start node in each evaluation."""
-    target_optimality: float = 0.95
-    """Report the first evaluation at which sampled optimality reaches this."""
+    eval_samples: int | None = None
+    """Sampled responses per evaluation prompt (None: the task's)."""
+    target: float | None = None
+    """Report the first evaluation at which the task's main metric reaches this (None: the task's)."""
     progress: bool = False
     """Show the trainer's progress bar."""
+
+
+TASK_DEFAULTS = {
+    # randomwalks_ppo's settings: its 128 responses per step and tuned PPO learning rate.
+    "randomwalks": dict(
+        task_seed=1002, steps=50, batch_size=128, minibatch_size=64, learning_rate=5e-5, eval_samples=8, target=0.95
+    ),
+    # countdown_rl's: 32 training problems x G 8 per step.
+    "countdown": dict(
+        task_seed=0, steps=150, batch_size=256, minibatch_size=128, learning_rate=1e-4, eval_samples=4, target=0.85
+    ),
+}
+"""What the None fields of `Config` become, per task."""
+MAIN_METRIC = {"randomwalks": "sampled/optimality", "countdown": "greedy/accuracy"}
+"""Per task, the metric of the target, the plot and the printed line."""
 
 
 TRLX_GRAPH = (1002, 21, 0.1, 10)  # (task_seed, n_nodes, p_edge, max_length) of trlx's randomwalks
@@ -105,13 +129,24 @@ def graph_suffix(task_seed: int, n_nodes: int, p_edge: float, max_length: int) -
     return suffix
 
 
-def resolve_dirs(config: Config) -> Config:
-    """``config`` with out_dir and sft_dir filled in from the graph where they are None."""
-    suffix = graph_suffix(config.task_seed, config.n_nodes, config.p_edge, config.max_length)
+def resolve(config: Config) -> Config:
+    """``config`` with every None field filled in: the task's defaults, and out_dir and sft_dir
+    from the graph (randomwalks) or the task's name (countdown)."""
+    if config.task not in TASK_DEFAULTS:
+        raise SystemExit(f"unknown task {config.task!r}; known: {', '.join(TASK_DEFAULTS)}")
+    filled = {k: v for k, v in TASK_DEFAULTS[config.task].items() if getattr(config, k) is None}
+    config = dataclasses.replace(config, **filled)
+    if config.task == "countdown":
+        suffix = "_countdown" if config.task_seed == 0 else f"_countdown_seed{config.task_seed}"
+        sft_dir = "runs/countdown_sft" if config.task_seed == 0 else f"runs/countdown_sft_seed{config.task_seed}"
+    else:
+        assert config.task_seed is not None
+        suffix = graph_suffix(config.task_seed, config.n_nodes, config.p_edge, config.max_length)
+        sft_dir = f"runs/randomwalks_sft{suffix}"
     return dataclasses.replace(
         config,
         out_dir=config.out_dir if config.out_dir is not None else f"runs/compare_algorithms{suffix}",
-        sft_dir=config.sft_dir if config.sft_dir is not None else f"runs/randomwalks_sft{suffix}",
+        sft_dir=config.sft_dir if config.sft_dir is not None else sft_dir,
     )
 
 
@@ -130,57 +165,38 @@ def graph_summary(task: rw.RandomWalks) -> dict:
     }
 
 
-def run_preset(config: Config, name: str, sft, task, reward_fn, evaluator) -> dict:
-    """One preset, every seed as one sweep. Returns the result dict that `results_table` and `plot` read:
+def run_preset(config: Config, name: str, base: PPOConfig, run_seeds: Callable) -> dict:
+    """One preset, every seed as one sweep: ``run_seeds(out_dir, ppo_config) -> (runs, timings)``
+    (the task's, see `randomwalks_seeds` and `countdown_seeds`) trains them. Returns the result dict
+    that `results_table` and `plot` read:
 
     ``preset``; ``before`` and ``after`` (``{metric: {"mean", "std", "values"}}`` over seeds; ``before``
     is the first seed's SFT evaluation); ``steps_to_target`` (per seed, None if never reached);
     ``tokens_sampled`` (per seed); ``wall_clock_s`` and ``load_average`` (1, 5, 15-minute averages at
-    the start and the end); ``curves`` (per seed ``(tokens sampled, metric)`` at each evaluation,
+    the start and the end); ``curves`` (per seed ``(tokens sampled, main metric)`` at each evaluation,
     the SFT's first at 0 tokens).
     """
-    base = rwp.Config().ppo.replace(
+    assert config.steps is not None and config.learning_rate is not None and config.out_dir is not None
+    base = base.replace(
         total_steps=config.steps,
         batch_size=config.batch_size,
         minibatch_size=config.minibatch_size,
-        max_new_tokens=config.max_length,
         learning_rate=config.learning_rate,
         critic_learning_rate=config.learning_rate,
         num_generations=config.group_size,
         save_every=config.steps,
     )
     ppo_config = preset(name, base)
-    run_config = rwp.Config(
-        out_dir=os.path.join(config.out_dir, name),
-        sft_dir=config.sft_dir,
-        seeds=config.seeds,
-        task_seed=config.task_seed,
-        n_nodes=config.n_nodes,
-        p_edge=config.p_edge,
-        max_length=config.max_length,
-        eval_every=config.eval_every,
-        eval_samples=config.eval_samples,
-        target_optimality=config.target_optimality,
-        progress=config.progress,
-        ppo=ppo_config,
-    )
+    metric = MAIN_METRIC[config.task]
     load_start = os.getloadavg()
     start = time.perf_counter()
-    runs, timings = rwp.run_seeds(run_config, sft, task, reward_fn, evaluator)
+    runs, timings = run_seeds(os.path.join(config.out_dir, name), ppo_config)
     wall_clock_s = time.perf_counter() - start
     curves, tokens = [], []
     for run in runs:
-        records = read_metrics(run["run_dir"])
-        steps = [r for r in records if "score" in r]
-        sampled = np.cumsum([r.get("num_sampled_tokens", r["num_response_tokens"]) for r in steps])
-        tokens.append(float(sampled[-1]) if len(sampled) else 0.0)
-        evals = [r for r in records if "eval/sampled/optimality" in r]
-        curves.append(
-            (
-                [0.0] + [float(sampled[e["step"]]) for e in evals],
-                [run["before"]["sampled/optimality"]] + [e["eval/sampled/optimality"] for e in evals],
-            )
-        )
+        *curve, total = sampled_token_curve(run["run_dir"], metric, run["before"][metric])
+        curves.append(tuple(curve))
+        tokens.append(total)
 
     def over_seeds(when: str) -> dict:
         return {
@@ -291,60 +307,141 @@ def plot(
     )
 
 
-def main(config: Config) -> dict:
-    unknown = [p for p in config.presets if p not in PRESETS]
-    if unknown or not config.presets:
-        raise SystemExit(f"unknown presets {unknown or 'none given'}; known: {', '.join(PRESETS)}")
-    if config.batch_size % config.group_size:
-        raise SystemExit(f"group_size {config.group_size} must divide batch_size {config.batch_size}")
-    config = resolve_dirs(config)
+COUNTDOWN_COLUMNS = (
+    ("greedy/accuracy", "held-out greedy accuracy", 3),
+    ("sampled/accuracy", "held-out sampled accuracy (T=1)", 3),
+    ("sampled/kl_to_ref", "KL to SFT (nats/answer)", 2),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSetup:
+    """What `main` needs of a task: the base trainer settings, how to train a preset's seeds, and
+    how to report them."""
+
+    base: PPOConfig
+    run_seeds: Callable[[str, PPOConfig], tuple[list[dict], dict]]
+    description: dict
+    title: str
+    ylabel: str
+    columns: tuple
+
+
+def randomwalks_setup(config: Config) -> TaskSetup:
+    assert config.task_seed is not None and config.eval_samples is not None and config.target is not None
     task = rw.make_task(config.task_seed, config.n_nodes, config.p_edge, config.max_length)
     if not task.start_nodes:
         raise SystemExit(f"graph seed {config.task_seed}: no node reaches the goal in < {config.max_length} nodes")
     graph = graph_summary(task)
     print(f"graph seed {config.task_seed} ({config.n_nodes} nodes, p_edge {config.p_edge}): {graph}", flush=True)
-    os.makedirs(config.out_dir, exist_ok=True)
-    save_config(config, os.path.join(config.out_dir, "config.json"))
-    sft = rwp.load_sft_policy(
-        rwp.Config(
-            sft_dir=config.sft_dir,
-            task_seed=config.task_seed,
-            n_nodes=config.n_nodes,
-            p_edge=config.p_edge,
-            max_length=config.max_length,
-        )
-    )
+    task_fields = dict(task_seed=config.task_seed, n_nodes=config.n_nodes, p_edge=config.p_edge)
+    task_fields.update(max_length=config.max_length)
+    sft = rwp.load_sft_policy(rwp.Config(sft_dir=config.sft_dir, **task_fields))
     reward_fn = rw.make_reward_fn(task, sft.tokenizer)
     evaluator = rw.make_evaluator(sft.model, task, sft.tokenizer, samples_per_prompt=config.eval_samples)
+
+    def run_seeds(out_dir: str, ppo_config: PPOConfig):
+        run_config = rwp.Config(
+            out_dir=out_dir,
+            sft_dir=config.sft_dir,
+            seeds=config.seeds,
+            eval_every=config.eval_every,
+            eval_samples=config.eval_samples,
+            target_optimality=config.target,
+            progress=config.progress,
+            ppo=ppo_config,
+            **task_fields,
+        )
+        return rwp.run_seeds(run_config, sft, task, reward_fn, evaluator)
+
     on_trlx_graph = (config.task_seed, config.n_nodes, config.p_edge, config.max_length) == TRLX_GRAPH
-    title = "randomwalks: every preset" + ("" if on_trlx_graph else f" (graph seed {config.task_seed})")
+    return TaskSetup(
+        base=rwp.Config().ppo.replace(max_new_tokens=config.max_length),
+        run_seeds=run_seeds,
+        description={"graph": graph},
+        title="randomwalks: every preset" + ("" if on_trlx_graph else f" (graph seed {config.task_seed})"),
+        ylabel="sampled optimality (mean over seeds)",
+        columns=RANDOMWALKS_COLUMNS,
+    )
+
+
+def countdown_setup(config: Config) -> TaskSetup:
+    assert config.task_seed is not None and config.sft_dir is not None and config.target is not None
+    # The problem set is the SFT run's (its config.json), else countdown_rl's defaults (SFT runs with them).
+    sft_task = {}
+    if os.path.isfile(os.path.join(config.sft_dir, "config.json")):
+        with open(os.path.join(config.sft_dir, "config.json")) as f:
+            sft_task = {k: v for k, v in json.load(f).items() if k in crl.TASK_FIELDS and k != "task_seed"}
+    rl_config = crl.Config(
+        sft_dir=config.sft_dir,
+        task_seed=config.task_seed,
+        **sft_task,
+        eval_every=config.eval_every,
+        eval_samples=config.eval_samples,
+        target_accuracy=config.target,
+        progress=config.progress,
+        seeds=config.seeds,
+    )
+    sft = crl.load_sft_policy(rl_config)
+    task = cd.make_task(rl_config.task_seed, rl_config.num_problems, rl_config.ops, ordered=rl_config.ordered)
+    print(f"countdown: {len(task.train)} training problems, {len(task.held_out)} held out", flush=True)
+
+    def run_seeds(out_dir: str, ppo_config: PPOConfig):
+        # countdown_rl applies the preset again (a no-op: presets are idempotent) over these settings.
+        run_config = dataclasses.replace(rl_config, out_dir=out_dir, preset="ppo", ppo=ppo_config)
+        return crl.run_seeds(run_config, sft, task)
+
+    problems = {"train": len(task.train), "held_out": len(task.held_out), "ops": task.ops, "ordered": task.ordered}
+    return TaskSetup(
+        base=rl_config.ppo,
+        run_seeds=run_seeds,
+        description={"problems": problems},
+        title="countdown: every preset",
+        ylabel="held-out greedy accuracy (mean over seeds)",
+        columns=COUNTDOWN_COLUMNS,
+    )
+
+
+def main(config: Config) -> dict:
+    unknown = [p for p in config.presets if p not in PRESETS]
+    if unknown or not config.presets:
+        raise SystemExit(f"unknown presets {unknown or 'none given'}; known: {', '.join(PRESETS)}")
+    config = resolve(config)
+    assert config.batch_size is not None and config.out_dir is not None
+    if config.batch_size % config.group_size:
+        raise SystemExit(f"group_size {config.group_size} must divide batch_size {config.batch_size}")
+    setup = countdown_setup(config) if config.task == "countdown" else randomwalks_setup(config)
+    os.makedirs(config.out_dir, exist_ok=True)
+    save_config(config, os.path.join(config.out_dir, "config.json"))
+    metric = MAIN_METRIC[config.task]
     results = []
     for name in config.presets:
-        result = run_preset(config, name, sft, task, reward_fn, evaluator)
+        result = run_preset(config, name, setup.base, setup.run_seeds)
         results.append(result)
         a = result["after"]
         print(
-            f"{name}: sampled optimality {a['sampled/optimality']['mean']:.3f} ± {a['sampled/optimality']['std']:.3f}, "
+            f"{name}: {metric} {a[metric]['mean']:.3f} ± {a[metric]['std']:.3f}, "
             f"KL {a['sampled/kl_to_ref']['mean']:.2f}, steps to target {result['steps_to_target']}, "
             f"{result['wall_clock_s']:.0f} s (load {result['load_average']['end'][1]:.1f})",
             flush=True,
         )
         # Written after every preset, so that a long comparison cut short keeps what it finished.
-        summary, table = write_results(config, results, graph, title)
+        summary, table = write_results(config, results, setup)
     print(table)
     return summary
 
 
-def write_results(config: Config, results: list[dict], graph: dict, title: str) -> tuple[dict, str]:
+def write_results(config: Config, results: list[dict], setup: TaskSetup) -> tuple[dict, str]:
     """results.md, summary.json and the plot of the presets done so far; returns the summary and the table."""
+    assert config.out_dir is not None and config.target is not None
     sft_before = {key: value["mean"] for key, value in results[0]["before"].items()}
-    table = results_table(results, sft_before, config.target_optimality)
+    table = results_table(results, sft_before, config.target, setup.columns)
     with open(os.path.join(config.out_dir, "results.md"), "w") as f:
         f.write(table + "\n")
-    summary = {"results": results, "sft": sft_before, "graph": graph}
+    summary = {"task": config.task, "results": results, "sft": sft_before, **setup.description}
     with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot(results, os.path.join(config.out_dir, "compare_algorithms.png"), title=title)
+    plot(results, os.path.join(config.out_dir, "compare_algorithms.png"), title=setup.title, ylabel=setup.ylabel)
     return summary, table
 
 

@@ -103,11 +103,18 @@ def test_an_sft_policy_of_another_graph_is_refused(tmp_path):
 
 def test_compare_algorithms_names_its_directories_after_the_graph():
     compare = load_script("compare_algorithms")
-    trlx = compare.resolve_dirs(compare.Config())
+    trlx = compare.resolve(compare.Config())
     assert (trlx.out_dir, trlx.sft_dir) == ("runs/compare_algorithms", "runs/randomwalks_sft")
-    other = compare.resolve_dirs(compare.Config(task_seed=9, p_edge=0.15))
+    assert (trlx.task_seed, trlx.steps, trlx.batch_size, trlx.learning_rate, trlx.target) == (1002, 50, 128, 5e-5, 0.95)
+    other = compare.resolve(compare.Config(task_seed=9, p_edge=0.15))
     assert (other.out_dir, other.sft_dir) == ("runs/compare_algorithms_seed9_p0.15", "runs/randomwalks_sft_seed9_p0.15")
-    assert compare.resolve_dirs(compare.Config(task_seed=9, sft_dir="x")).sft_dir == "x"
+    assert compare.resolve(compare.Config(task_seed=9, sft_dir="x", steps=7)).sft_dir == "x"
+    assert compare.resolve(compare.Config(task_seed=9, steps=7)).steps == 7  # given values are kept
+    countdown = compare.resolve(compare.Config(task="countdown"))
+    assert (countdown.out_dir, countdown.sft_dir) == ("runs/compare_algorithms_countdown", "runs/countdown_sft")
+    assert (countdown.task_seed, countdown.batch_size, countdown.target) == (0, 256, 0.85)
+    with pytest.raises(SystemExit, match="unknown task 'maze'"):
+        compare.resolve(compare.Config(task="maze"))
 
 
 def test_ppo_script_says_what_to_run_without_sft(tmp_path):
