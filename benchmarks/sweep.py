@@ -77,11 +77,12 @@ class Args:
     sft_dir: str = "runs/randomwalks_sft"
     """randomwalks_sft.py output; a random-weight model of the same shape is used without it."""
     quick: bool = False
-    """Batch 16, 1 epoch, R = D, 2D (D = --devices), one repetition: a smoke test, not a measurement."""
+    """A 2-layer random-weight model, batch 16, 1 epoch, R = 2D (D = --devices), one repetition: a
+    smoke test, not a measurement."""
 
 
 def sweep_sizes(args: Args) -> tuple[int, ...]:
-    return (args.devices, 2 * args.devices) if args.quick else args.runs
+    return (2 * args.devices,) if args.quick else args.runs
 
 
 def build(args: Args):
@@ -96,11 +97,13 @@ def build(args: Args):
 
     task = rw.make_task(1002, 21, 0.1, 10)
     model_dir = os.path.join(args.sft_dir, "model")
-    if os.path.isfile(os.path.join(model_dir, "config.json")):
+    if os.path.isfile(os.path.join(model_dir, "config.json")) and not args.quick:
         sft = load_pretrained(model_dir)
         model, params, tokenizer, source = sft.model, sft.params, sft.tokenizer, f"SFT policy of {model_dir}"
     else:
         sft_config = randomwalks_sft.Config()
+        if args.quick:
+            sft_config = dataclasses.replace(sft_config, n_layer=2)
         tokenizer = char_tokenizer(task.letters, model_max_length=sft_config.max_length + 6)
         model = randomwalks_sft.make_model(sft_config, tokenizer)
         params = model.init_params(jax.random.PRNGKey(0))

@@ -283,6 +283,7 @@ def _prompts(rows):
     return ids, np.ones_like(ids)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_ppo_step_trains_only_the_adapters(quantize):
     model, base, _ = _setup("qwen2")
@@ -339,6 +340,7 @@ def test_ppo_with_lora_refuses_dropout_and_a_quantised_critic():
         ppo.init_state(quantize_params(base, "nf4"))
 
 
+@pytest.mark.slow
 def test_sweep_with_lora_shares_the_base():
     """Two runs (own seed and learning rate): each has its own adapters `[R, ...]`; the base is one
     copy in the frozen parameters, not stacked per run."""

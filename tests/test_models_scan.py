@@ -66,18 +66,23 @@ def _max_abs(a, b):
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """family -> (params, logits, grads) of the plain (unscanned, no remat) model."""
-    out = {}
-    ids, mask = _batch()
-    for family, cfg in CONFIGS.items():
-        model = LanguageModel(cfg)
-        params = _params(cfg)
+class _References(dict):
+    """family -> (params, logits, grads) of the plain (unscanned, no remat) model, each computed on
+    first use: the fast subset needs only some families."""
+
+    def __missing__(self, family):
+        ids, mask = _batch()
+        model = LanguageModel(CONFIGS[family])
+        params = _params(CONFIGS[family])
         logits = jax.jit(model.apply)(params, ids, mask)
         grads = jax.jit(jax.grad(lambda p: _loss(model, p, ids, mask)))(params)
-        out[family] = (params, logits, grads)
-    return out
+        self[family] = (params, logits, grads)
+        return self[family]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return _References()
 
 
 # Scanned with every remat policy for GPT-2 and Llama; remat without scan; Qwen3 (q/k norms) scanned.
@@ -130,7 +135,8 @@ def test_bad_remat_policy():
         CONFIGS["llama"].replace(remat="sometimes")
 
 
-@pytest.mark.parametrize("family", ["gpt2", pytest.param("llama", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_cached_paths_equal_plain_model(family, reference):
     """Prefill (`cache_size`), a preallocated cache, `grow_cache` and sampling with a scanned model."""
     params = reference[family][0]

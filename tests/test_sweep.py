@@ -100,6 +100,7 @@ def single_runs(tt_tiny, sweep_run):
     return dict(results=results, traces=tt.TRACES["reward"] - traces_before, ppo=ppo)
 
 
+@pytest.mark.slow
 def test_each_run_of_the_sweep_equals_its_single_run(sweep_run, single_runs):
     sweep_state = sweep_run["state"]
     for r, (single_state, single_history) in single_runs["results"].items():
@@ -141,6 +142,7 @@ def test_a_non_finite_run_is_frozen_and_the_others_train(sweep_run, tt_tiny):
     assert all(h[0]["all_finite"] == 1.0 for h in sweep_run["history"])
 
 
+@pytest.mark.slow
 def test_sweep_on_8_devices_with_sharded_run_axis_matches_1_device(tt_tiny, sweep_run):
     model, params = tt_tiny
     mesh = make_mesh(runs=4, data=2)
@@ -240,6 +242,7 @@ def test_bad_sweep_specs_are_errors_before_any_compile(tt_tiny):
         Sweep(CONFIG, model, tt.target_fraction_reward, RUNS, mesh=make_mesh(runs=3, data=1, devices=jax.devices()[:3]))
 
 
+@pytest.mark.slow
 def test_shared_decode_stop_samples_what_each_run_samples_alone(tt_tiny):
     """Under the sweep's vmap, decoding until every run is done (`stop_axis_name`) gives the tokens,
     log-probs and masks of a per-run early stop bit for bit (rows that are done only write padding),

@@ -457,6 +457,7 @@ class DigitTokenizer:
         return " ".join(f"t{i}" for i in ids)
 
 
+@pytest.mark.slow
 def test_text_reward_split_step_matches_fused_jax_reward(tiny, learning_run):
     model, params = tiny
 
@@ -674,6 +675,7 @@ SWITCH_CHECKS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", list(SWITCH_CHECKS))
 def test_ablation_switch_in_one_step(switch_runs, switch):
     SWITCH_CHECKS[switch](switch_runs)

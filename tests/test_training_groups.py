@@ -195,6 +195,7 @@ def test_groups_are_contiguous_prompt_copies_with_different_samples(learn):
 # Same guarantees as PPO: 8 devices, sweeps, resume
 
 
+@pytest.mark.slow
 def test_grpo_step_on_8_devices_matches_1_device(tiny, learn):
     """Groups of 8 over 32 rows on 8 devices: every group straddles two devices (4 rows each), and
     the 4 distinct prompts cannot be split over 8 devices (they are replicated, then repeated)."""
@@ -210,6 +211,7 @@ def test_grpo_step_on_8_devices_matches_1_device(tiny, learn):
     assert _relative_error(jax.device_get(state.policy_params), run["state_after_1"].policy_params) < 1e-5
 
 
+@pytest.mark.slow
 def test_grpo_train_sweep_run_equals_train_and_resume_is_exact(tiny, tmp_path):
     """`train` and `train_sweep` feed batch_size / G prompts a step; run 0 of a sweep (seed 0) equals
     the single run; 1 + 1 steps with a checkpoint in between equal 2 steps (empty value pytrees

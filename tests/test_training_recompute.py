@@ -172,6 +172,7 @@ def test_response_only_heads_equal_full_logits(params, critic):
     np.testing.assert_allclose(windowed.hidden, full_out.hidden, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_two_steps_equal_the_full_logit_trainer(params, unrolled_run):
     state, history, _ = unrolled_run
     old_state, old_history, _ = _train(FullLogitsLM(llama_config()), params)
@@ -217,6 +218,7 @@ def _first_ratio_deviation(ppo, state, frozen, batch, rollout_out, raw_scores):
     return max(float(stats["ratio_max"]) - 1.0, 1.0 - float(stats["ratio_min"])), experience
 
 
+@pytest.mark.slow
 def test_sampler_logprobs_as_old_logprobs(params, unrolled_run):
     config = CONFIG.replace(old_logprobs_from_sampler=True)
     policy = LanguageModel(llama_config())
@@ -319,6 +321,7 @@ def test_sampler_logprobs_without_a_separate_critic(params, setup):
 # A scanned, rematerialised policy and critic
 
 
+@pytest.mark.slow
 def test_scanned_rematerialised_trainer_equals_unrolled(params, unrolled_run):
     policy = LanguageModel(llama_config(scan_layers=True, remat="full"))
     state, history, ppo = _train(policy, policy.layout_params(params))
