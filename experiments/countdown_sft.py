@@ -1,14 +1,17 @@
-"""Countdown, step 1: a small GPT-2 learns the arithmetic task from noisy demonstrations.
+"""Countdown, step 1: a small GPT-2 learns the arithmetic task from demonstrations with a slip.
 
 The task (``experiments/tasks/countdown.py``): three digits and a target, answer an expression that
-uses each digit once and evaluates to the target (``357:+009=`` -> ``7+5-3``). The demonstrations
-are right only ``correct_fraction`` of the time (otherwise a random expression of the same
-digits), so the SFT policy learns the format and the digits but not how to hit the target: its
-held-out accuracy stays low, and a verifiable reward (1 if the checker says correct) gives RL
-something to learn (``experiments/compare_algorithms.py``).
+uses each digit once and evaluates to the target (``865:+019=`` -> ``8+6+5``). The
+demonstrations are right only ``correct_fraction`` of the time; otherwise (``noise="slip"``, the
+default) they are the correct answer with the last operator slipped to another one (``8+6-5``), a teacher's
+systematic mistake, or (``noise="random"``) a random expression of the same digits. With the slip
+the SFT policy learns the arithmetic and the mistake together: its held-out accuracy stays low
+(0.34 greedy, 0.42 sampled with the defaults), and a verifiable reward (1 if the checker says
+correct) lets RL make the correct answers it can already sample its habit
+(``experiments/countdown_rl.py``, ``experiments/compare_algorithms.py --task countdown``).
 
     python experiments/countdown_sft.py
-    python experiments/countdown_sft.py --correct_fraction 0.2 --num_steps 3000
+    python experiments/countdown_sft.py --noise random --correct_fraction 0.3 --num_steps 600
 
 Writes to ``out_dir``: ``config.json``, ``metrics.jsonl`` (loss, and ``eval/`` held-out accuracy
 greedy and sampled), TensorBoard events, ``model/`` (Hugging Face format with the tokenizer),
