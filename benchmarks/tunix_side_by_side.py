@@ -1,4 +1,4 @@
-"""jaxrlhf vs Google's Tunix, same Qwen2 weights: sampling tokens/s and seconds per GRPO iteration.
+"""jaxrlhf vs Google's Tunix, same Qwen2 weights: sampling tokens/s, seconds per GRPO and PPO iteration.
 
 Run with the Python of the env `benchmarks/tunix_env.sh` builds (Tunix is never a dependency of
 jaxrlhf: it pins older safetensors and transformers, so it lives in an env of its own):
@@ -39,14 +39,23 @@ What is timed (after one untimed call of each program: its compile, reported apa
                 advantages and the update under one `jax.jit`). Tunix: `GRPOLearner` over an
                 `RLCluster` (actor, reference and rollout on one 1-device mesh, the "vanilla"
                 rollout engine), one global step of its own `train` loop per batch.
+    PPO         the same, Q prompts x 1 response, with a critic: a copy of the trunk plus a linear
+                value head (the same random head on both sides), its own AdamW (same numbers),
+                value clip 0.2, GAE (gamma 1, lambda 0.95) with whitened advantages, and the KL to
+                the reference as a k1 penalty in the reward (beta 0.05). jaxrlhf: `preset("ppo")`
+                with `critic=ValueModel(...)`. Tunix: `PPOLearner` with `Qwen2Critic` (below: Tunix
+                has no critic for its Qwen2, so one is written here from its modules: its layers
+                and final norm, then the head, no vocabulary projection, as jaxrlhf's `ValueModel`).
 
 The two run interleaved in one process. Sampling: each repetition calls jaxrlhf, Tunix, Tunix
-(jit only) once per temperature. GRPO: Tunix's `train` runs over reps + 1 identical batches; its
-data iterator (which Tunix's loop calls between global steps, from its data thread, while the
-trainer waits for data) first waits for Tunix's parameters to be ready, then times one jaxrlhf
-step, so a Tunix step is the time from one batch handed out to the next batch asked for, jaxrlhf's
-step excluded. Tunix's first step (compile) is dropped. The tables show medians, with the load
-average (1 minute) seen during the runs.
+(jit only) once per temperature. GRPO and PPO: Tunix's `train` runs over `TUNIX_WARMUP_STEPS` +
+reps identical batches; its data iterator (which Tunix's loop calls between global steps, from its
+data thread, while the trainer waits for data) first waits for Tunix's parameters to be ready, then
+times one jaxrlhf step, so a Tunix step is the time from one batch handed out to the next batch
+asked for, jaxrlhf's step excluded. Tunix's first two steps are dropped (the first compiles; for
+PPO the second compiles again, 1.4 s against 0.09 s on the tiny config), and jaxrlhf's step beside
+them (it was compiled before). The tables show medians, with the load average (1 minute) seen
+during the runs.
 
 Every difference between the two setups that we know of:
 
@@ -82,14 +91,23 @@ Every difference between the two setups that we know of:
   reward function, the reference log-probs (a separate jitted forward), group advantages on the
   host, the trainer's jitted update (its policy forward also computes the token entropy from the
   logits for logging), its metrics buffering and progress bar, and the data thread's queue
-  hand-off. The rollout shares the actor's weights (same mesh), so there is no weight sync. With
-  one update per batch neither side recomputes old log-probs (both take the ratio against the
-  policy as it is, i.e. 1 at the update).
+  hand-off. The rollout shares the actor's weights (same mesh), so there is no weight sync.
+- Old log-probs: jaxrlhf's experience pass recomputes the policy's log-probs over prompt +
+  response (the ratio's old log-probs; `old_logprobs_from_sampler=False`, its default) for GRPO
+  too; Tunix's GRPO with one iteration skips that forward (its ratio's old log-probs are the
+  policy's own, stop-gradient). So jaxrlhf's GRPO step holds one policy forward more.
+- Critic (PPO): both a copy of the trunk, initialised from the checkpoint, with the same head;
+  Tunix loads a third `Qwen2` for it (actor, reference, critic trunk), jaxrlhf copies the arrays.
 - Logging: jaxrlhf's step returns its metrics as arrays (not fetched here); Tunix logs through its
   `MetricsLogger` (a temporary directory) and buffers per-step metrics on the host.
-- Tunix's PPO learner (`tunix.rl.ppo.ppo_learner.PpoLearner`) is not timed: it needs a critic
-  model (an nnx module returning per-token values) that Tunix's Qwen2 does not provide, so the
-  two sides would not run the same critic architecture without writing one here.
+- PPO: both recompute the old policy's log-probs and the critic's values with forwards over
+  prompt + response; Tunix runs them (and the reference's) as separate programs and updates the
+  actor and the critic with two trainers (two jitted updates), jaxrlhf's fused step does all of
+  it in one program.
+- Tunix 0.1.7's `PPOLearner` adds the scores into `jnp.zeros_like(completion_ids)`, an int32
+  array, so a reward function's fractional scores are truncated to integers (JAX warns: "scatter
+  inputs have incompatible types"); here every score in [0, 1) becomes 0. The work per step is
+  the same, so the timing stands, but Tunix's PPO does not learn from this reward.
 
 Not a measurement of quality: the weights are random, only the speed is compared.
 """
@@ -137,12 +155,16 @@ CONFIGS = {
 }
 PAD_ID = 0
 NO_EOS = -1  # Tunix's EOS list and jaxrlhf's eos_token_id: an id no token has
+# Untimed first steps of Tunix's learners: the first compiles everything, and the second compiles
+# again for PPO (1.4 s instead of 0.09 s on the tiny config: a program retraced once the updated
+# parameters come back); GRPO's second step is already steady, dropping it costs one step.
+TUNIX_WARMUP_STEPS = 2
 
 
 @dataclasses.dataclass(frozen=True)
 class Args:
-    """jaxrlhf vs Tunix on the same Qwen2 weights: sampling tokens/s, seconds per GRPO iteration
-    (see the module docstring of benchmarks/tunix_side_by_side.py for what is timed)."""
+    """jaxrlhf vs Tunix on the same Qwen2 weights: sampling tokens/s, seconds per GRPO and PPO
+    iteration (see the module docstring of benchmarks/tunix_side_by_side.py for what is timed)."""
 
     quick: bool = False
     """The tiny config, 16 new tokens, 1 repetition: a smoke run, not a measurement."""
@@ -158,7 +180,7 @@ class Args:
     temperatures: tuple[float, ...] = (0.0, 1.0)
     """Sampling temperatures to time (0: greedy)."""
     grpo_prompts: int = 4
-    """Prompts Q per GRPO iteration (each sampled --group times)."""
+    """Prompts Q per GRPO iteration (each sampled --group times) and per PPO iteration (once each)."""
     group: int = 4
     """G, responses per prompt."""
     learning_rate: float = 1e-5
@@ -169,6 +191,8 @@ class Args:
     """Time the samplers."""
     grpo: bool = True
     """Time the GRPO iterations."""
+    ppo: bool = True
+    """Time PPO iterations (--grpo_prompts prompts, one response each, a critic) the same way."""
     seed: int = 0
     """Weights, prompts and sampling keys."""
     out: str | None = None
@@ -383,69 +407,111 @@ def sampling_side_by_side(args: Args, jax_side, tunix_net, config, loads: list) 
     return results
 
 
-def grpo_side_by_side(args: Args, jax_side, directory: str, config, loads: list) -> dict:
-    """Seconds per GRPO iteration: jaxrlhf's fused step, interleaved with Tunix's GRPOLearner."""
+def qwen2_critic(trunk, head: dict):
+    """Tunix's PPO critic for the Qwen2 `trunk`: its layers and final norm, then a linear value
+    head (`head`'s kernel [D, 1] and bias [1], jaxrlhf's initial head), per-token values [B, T, 1].
+    Tunix calls a critic as it calls its policy; the vocabulary head is not computed, as in
+    jaxrlhf's `ValueModel`."""
+    import jax.numpy as jnp
+    from flax import nnx
+    from tunix.models.qwen2 import model as qwen2_model
+
+    class Qwen2Critic(nnx.Module):
+        def __init__(self):
+            self.trunk = trunk
+            self.value_head = nnx.Linear(trunk.config.embed_dim, 1, rngs=nnx.Rngs(0))
+            self.value_head.kernel.value = jnp.asarray(head["kernel"])
+            self.value_head.bias.value = jnp.asarray(head["bias"])
+
+        def __call__(self, input_tokens, positions, cache=None, attention_mask=None, segment_ids=None, **kwargs):
+            net = self.trunk
+            x = net.embedder.encode(input_tokens)
+            sin, cos = qwen2_model._generate_pos_embeddings(positions, net.config.head_dim, net.config.rope_theta)
+            sin, cos = sin.astype(x.dtype), cos.astype(x.dtype)
+            for layer in net.layers:
+                _, x = layer(x, None, attention_mask, sin, cos, segment_ids=segment_ids)
+            return self.value_head(net.final_norm(x)), None
+
+    return Qwen2Critic()
+
+
+def learner_side_by_side(args: Args, algorithm: str, jax_side, directory: str, config, loads: list) -> dict:
+    """Seconds per iteration of `algorithm` ("grpo" or "ppo"): jaxrlhf's fused step, interleaved
+    with Tunix's `GRPOLearner` / `PPOLearner` (see the module docstring)."""
     import jax
     import optax
     from flax import nnx
     from tunix.rl import rl_cluster as rl_cluster_lib
     from tunix.rl.grpo import grpo_learner
+    from tunix.rl.ppo import ppo_learner
     from tunix.rl.rollout import base_rollout
     from tunix.sft import metrics_logger
 
+    from jaxrlhf.models import ValueModel, init_value_head
     from jaxrlhf.training import PPO, PPOConfig
     from jaxrlhf.training.presets import preset
 
-    P, N, Q, G = args.prompt_len, args.new_tokens, args.grpo_prompts, args.group
+    P, N, Q = args.prompt_len, args.new_tokens, args.grpo_prompts
+    G = args.group if algorithm == "grpo" else 1
     ids, mask, texts = make_prompts(Q, P, config.vocab_size, args.seed + 2)
-
-    ppo_config = preset(
-        "grpo",
-        PPOConfig(
-            total_steps=1000,
-            batch_size=Q * G,
-            num_generations=G,
-            minibatch_size=Q * G,
-            max_new_tokens=N,
-            max_prompt_len=P,
-            temperature=1.0,
-            top_k=None,
-            top_p=1.0,
-            eos_token_id=NO_EOS,
-            pad_token_id=PAD_ID,
-            learning_rate=args.learning_rate,
-            max_grad_norm=1.0,
-            weight_decay=0.0,
-            seed=args.seed,
-        ),
+    base = PPOConfig(
+        total_steps=1000,
+        batch_size=Q * G,
+        minibatch_size=Q * G,
+        ppo_epochs=1,
+        max_new_tokens=N,
+        max_prompt_len=P,
+        temperature=1.0,
+        top_k=None,
+        top_p=1.0,
+        eos_token_id=NO_EOS,
+        pad_token_id=PAD_ID,
+        learning_rate=args.learning_rate,
+        critic_learning_rate=args.learning_rate,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        seed=args.seed,
     )
-    ppo = PPO(ppo_config, jax_side.model, even_fraction_jax)
+    head = init_value_head(jax.random.PRNGKey(args.seed + 3), config.hidden_size, scale=1.0)
+    if algorithm == "grpo":
+        ppo = PPO(preset("grpo", base.replace(num_generations=G)), jax_side.model, even_fraction_jax)
+        value_params = None
+    else:  # PPO with a separate critic (a trunk + head), k1 KL penalty in the reward, GAE
+        ppo_config = preset("ppo", base.replace(kl_coef=0.05, kl_estimator="k1", kl_placement="reward"))
+        ppo = PPO(ppo_config, jax_side.model, even_fraction_jax, critic=ValueModel(jax_side.model.config))
+        value_params = {"trunk": jax.tree.map(lambda x: x.copy(), jax_side.params), "head": head}
     frozen = ppo.frozen_params(ref_params=jax_side.params)
     batch = ppo.prompt_batch(ids, mask)
     step = ppo.bind(frozen, donate=True)
-    state = ppo.init_state(jax.tree.map(lambda x: x.copy(), jax_side.params))
+    state = ppo.init_state(jax.tree.map(lambda x: x.copy(), jax_side.params), value_params)
     (state, _), jax_first = timed(step, state, batch)
 
     mesh = tunix_mesh()
     actor, reference = tunix_model(directory, config, mesh), tunix_model(directory, config, mesh)
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(args.learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
-    )
-    log_dir = tempfile.mkdtemp(prefix="tunix_metrics_")
+    roles = [rl_cluster_lib.Role.ACTOR, rl_cluster_lib.Role.REFERENCE, rl_cluster_lib.Role.ROLLOUT]
+    critic = None
+    if algorithm == "ppo":
+        critic = qwen2_critic(tunix_model(directory, config, mesh), head)
+        roles.append(rl_cluster_lib.Role.CRITIC)
+
+    def optimizer():
+        return optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(args.learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0),
+        )
+
     cluster_config = rl_cluster_lib.ClusterConfig(
-        role_to_mesh={
-            rl_cluster_lib.Role.ACTOR: mesh,
-            rl_cluster_lib.Role.REFERENCE: mesh,
-            rl_cluster_lib.Role.ROLLOUT: mesh,
-        },
+        role_to_mesh={role: mesh for role in roles},
         rollout_engine="vanilla",
         offload_to_cpu=False,
         training_config=rl_cluster_lib.RLTrainingConfig(
-            actor_optimizer=optimizer,
+            actor_optimizer=optimizer(),
+            critic_optimizer=optimizer() if critic is not None else None,
             eval_every_n_steps=10**9,
             max_steps=args.reps + 10,  # the loop ends when the batches do
-            metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=log_dir, flush_every_n_steps=10**9),
+            metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+                log_dir=tempfile.mkdtemp(prefix="tunix_metrics_"), flush_every_n_steps=10**9
+            ),
             pbar_description=None,
         ),
         rollout_config=base_rollout.RolloutConfig(
@@ -459,30 +525,47 @@ def grpo_side_by_side(args: Args, jax_side, directory: str, config, loads: list)
         ),
     )
     cluster = rl_cluster_lib.RLCluster(
-        actor=actor, reference=reference, tokenizer=IdTokenizer(), cluster_config=cluster_config
+        actor=actor, critic=critic, reference=reference, tokenizer=IdTokenizer(), cluster_config=cluster_config
     )
-    learner = grpo_learner.GRPOLearner(
-        rl_cluster=cluster,
-        algo_config=grpo_learner.GRPOConfig(
-            num_generations=G,
-            num_iterations=1,
-            beta=0.04,
-            epsilon=0.2,
-            kl_loss_mode="low_var_kl",
-            loss_agg_mode="sequence-mean-token-mean",
-        ),
-        reward_fns=even_fraction_text,
-    )
+    if algorithm == "grpo":
+        learner = grpo_learner.GRPOLearner(
+            rl_cluster=cluster,
+            algo_config=grpo_learner.GRPOConfig(
+                num_generations=G,
+                num_iterations=1,
+                beta=0.04,
+                epsilon=0.2,
+                kl_loss_mode="low_var_kl",
+                loss_agg_mode="sequence-mean-token-mean",
+            ),
+            reward_fns=even_fraction_text,
+        )
+    else:
+        learner = ppo_learner.PPOLearner(
+            rl_cluster=cluster,
+            ppo_config=ppo_learner.PPOConfig(
+                num_iterations=1,
+                gamma=1.0,
+                gae_lambda=0.95,
+                beta=0.05,
+                kl_method="kl",
+                epsilon=0.2,
+                clip_range_value=0.2,
+            ),
+            reward_fns=even_fraction_text,
+        )
 
     def tunix_params_ready():
-        jax.block_until_ready(jax.tree.leaves(nnx.state(cluster.actor_trainer.model)))
+        trainers = [cluster.actor_trainer] + ([cluster.critic_trainer] if critic is not None else [])
+        jax.block_until_ready([jax.tree.leaves(nnx.state(t.model)) for t in trainers])
 
     jax_times, tunix_marks = [], []
     holder = {"state": state}
 
     def batches():
-        """reps + 1 identical batches; between two, one timed jaxrlhf step (Tunix waits for data)."""
-        for i in range(args.reps + 1):
+        """Identical batches, TUNIX_WARMUP_STEPS + reps of them; between two, one timed jaxrlhf step
+        (while Tunix waits for data)."""
+        for i in range(TUNIX_WARMUP_STEPS + args.reps):
             if i:
                 tunix_params_ready()
                 tunix_marks.append(("end", time.perf_counter()))
@@ -498,9 +581,11 @@ def grpo_side_by_side(args: Args, jax_side, directory: str, config, loads: list)
     starts = [t for kind, t in tunix_marks if kind == "start"]
     ends = [t for kind, t in tunix_marks if kind == "end"]
     tunix_steps = [end - start for start, end in zip(starts, ends)]
-    if len(tunix_steps) != args.reps + 1:
-        raise RuntimeError(f"Tunix ran {len(tunix_steps)} steps, expected {args.reps + 1}")
-    tunix_times = tunix_steps[1:]
+    if len(tunix_steps) != TUNIX_WARMUP_STEPS + args.reps:
+        raise RuntimeError(f"Tunix ran {len(tunix_steps)} {algorithm} steps, expected {TUNIX_WARMUP_STEPS + args.reps}")
+    # jaxrlhf was compiled before; its steps beside Tunix's warm-up are dropped too.
+    jax_times = jax_times[TUNIX_WARMUP_STEPS - 1 :]
+    tunix_times = tunix_steps[TUNIX_WARMUP_STEPS:]
     jax_median, tunix_median = statistics.median(jax_times), statistics.median(tunix_times)
     rollout_tokens = Q * G * N
     return dict(
@@ -518,7 +603,7 @@ def grpo_side_by_side(args: Args, jax_side, directory: str, config, loads: list)
             "tunix": dict(
                 seconds=tunix_median,
                 tokens_per_s=rollout_tokens / tunix_median,
-                compile_s=tunix_steps[0] - tunix_median,
+                compile_s=sum(tunix_steps[:TUNIX_WARMUP_STEPS]) - TUNIX_WARMUP_STEPS * tunix_median,
                 all_seconds=tunix_times,
             ),
         },
@@ -558,11 +643,14 @@ def markdown(args: Args, results: dict) -> str:
                 f"{greedy['tunix_generated_pad_fraction']:.1%} pad (0) tokens.",
             ]
         lines.append("")
-    if "grpo" in results:
-        g = results["grpo"]
+    for algorithm in ("grpo", "ppo"):
+        if algorithm not in results:
+            continue
+        g = results[algorithm]
         ours = g["programs"]["jaxrlhf"]["seconds"]
+        what = f"x G = {g['group']}" if algorithm == "grpo" else "x 1, a critic (trunk + value head)"
         lines += [
-            f"GRPO iteration: {g['prompts']} prompts x G = {g['group']}, {args.prompt_len} + {args.new_tokens} "
+            f"{algorithm.upper()} iteration: {g['prompts']} prompts {what}, {args.prompt_len} + {args.new_tokens} "
             f"tokens, 1 update, lr {args.learning_rate:g}",
             "",
             "| program | s/iteration | rollout tokens/s | compile s | tunix / jaxrlhf time |",
@@ -614,7 +702,9 @@ def main(args: Args) -> dict:
                         args, jax_side, tunix_model(directory, config, mesh), config, loads
                     )
         if args.grpo:
-            results["grpo"] = grpo_side_by_side(args, jax_side, directory, config, loads)
+            results["grpo"] = learner_side_by_side(args, "grpo", jax_side, directory, config, loads)
+        if args.ppo:
+            results["ppo"] = learner_side_by_side(args, "ppo", jax_side, directory, config, loads)
     results["load_average"] = [min(loads), max(loads)] if loads else [float("nan")] * 2
     table = markdown(args, results)
     print("\n" + table)
