@@ -24,7 +24,7 @@ PIP=("$VENV/bin/python" -m pip)
 # the versions already installed where they satisfy these ranges.
 "${PIP[@]}" install -e "$REPO" --no-deps
 "${PIP[@]}" install "optax>=0.2.4" "orbax-checkpoint>=0.11" "chex>=0.1.88" "tyro>=0.9" \
-  "tensorboardX>=2.6" "matplotlib>=3.8" "tqdm>=4.66" "numpy>=1.26" "ruff>=0.6"
+  "tensorboardX>=2.6" "matplotlib>=3.8" "tqdm>=4.66" "numpy>=1.26"
 "${PIP[@]}" check || echo "pip check reported conflicts (above); the import check below decides"
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md

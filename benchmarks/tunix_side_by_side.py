@@ -75,6 +75,10 @@ Every difference between the two setups that we know of:
   sampled 0 is treated as padding afterwards (masked from attention and from the GRPO loss).
   jaxrlhf masks by the prompt mask and the EOS only. With random weights about 1/V of the sampled
   tokens are 0; the script reports how many Tunix's greedy output holds.
+- Sampling work per step: jaxrlhf's sampler always returns each token's log-prob (a log-softmax
+  over the vocabulary per step); Tunix's only with `return_logprobs` (off: its default, also in
+  its GRPO rollout). At temperature 1 with top-p 1 both draw from the full distribution without
+  sorting it.
 - EOS: none on either side (jaxrlhf `eos_token_id=None` / -1; Tunix `eos_tokens=[-1]`, an id that
   never occurs), so every response has N tokens.
 - Tokenizer: Tunix's sampler and learner take text. The prompts are passed as space-separated
