@@ -40,7 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling sc
 import countdown_rl as crl  # noqa: E402
 import randomwalks_ppo as rwp  # noqa: E402
 
-from jaxrlhf.config import parse_config, save_config  # noqa: E402
+from jaxrlhf.config import config_to_dict, parse_config, save_config  # noqa: E402
 from jaxrlhf.metrics_log import sampled_token_curve  # noqa: E402
 from jaxrlhf.plotting import plot_curves  # noqa: E402
 from jaxrlhf.training import PPOConfig  # noqa: E402
@@ -387,8 +387,7 @@ def countdown_setup(config: Config) -> TaskSetup:
     print(f"countdown: {len(task.train)} training problems, {len(task.held_out)} held out", flush=True)
 
     def run_seeds(out_dir: str, ppo_config: PPOConfig):
-        # countdown_rl applies the preset again (a no-op: presets are idempotent) over these settings.
-        run_config = dataclasses.replace(rl_config, out_dir=out_dir, preset="ppo", ppo=ppo_config)
+        run_config = dataclasses.replace(rl_config, out_dir=out_dir, ppo=ppo_config)  # trained as given
         return crl.run_seeds(run_config, sft, task)
 
     problems = {"train": len(task.train), "held_out": len(task.held_out), "ops": task.ops, "ordered": task.ordered}
@@ -402,6 +401,26 @@ def countdown_setup(config: Config) -> TaskSetup:
     )
 
 
+def finished_presets(config: Config) -> dict[str, dict]:
+    """The results an earlier run of this same comparison (the same config.json, the list of presets
+    aside) left in ``out_dir/summary.json``, by preset. A comparison cut short is rerun with the same
+    command: the presets it finished are taken as they are (their steps to target and wall-clock
+    are those of the run that trained them); an unfinished preset's sweep resumes from its checkpoint."""
+    assert config.out_dir is not None
+    config_path, summary_path = (os.path.join(config.out_dir, name) for name in ("config.json", "summary.json"))
+    if not (os.path.isfile(config_path) and os.path.isfile(summary_path)):
+        return {}
+    with open(config_path) as f:
+        before = json.load(f)
+    now = json.loads(json.dumps(config_to_dict(config)))
+    before.pop("presets", None)
+    now.pop("presets", None)
+    if before != now:
+        return {}
+    with open(summary_path) as f:
+        return {result["preset"]: result for result in json.load(f)["results"]}
+
+
 def main(config: Config) -> dict:
     unknown = [p for p in config.presets if p not in PRESETS]
     if unknown or not config.presets:
@@ -411,12 +430,15 @@ def main(config: Config) -> dict:
     if config.batch_size % config.group_size:
         raise SystemExit(f"group_size {config.group_size} must divide batch_size {config.batch_size}")
     setup = countdown_setup(config) if config.task == "countdown" else randomwalks_setup(config)
+    finished = finished_presets(config)
     os.makedirs(config.out_dir, exist_ok=True)
     save_config(config, os.path.join(config.out_dir, "config.json"))
     metric = MAIN_METRIC[config.task]
     results = []
     for name in config.presets:
-        result = run_preset(config, name, setup.base, setup.run_seeds)
+        if name in finished:
+            print(f"{name}: finished by an earlier run of this comparison (its summary.json), not trained again")
+        result = finished.get(name) or run_preset(config, name, setup.base, setup.run_seeds)
         results.append(result)
         a = result["after"]
         print(

@@ -127,13 +127,9 @@ def load_sft_policy(config: Config):
 
 
 def run_seeds(config: Config, sft, task: cd.CountdownTask) -> tuple[list[dict], dict]:
-    """All seeds as one sweep; returns each run's SFT/final evaluation and the sweep's timings."""
-    if config.preset not in PRESETS:
-        raise SystemExit(f"unknown preset {config.preset!r}; known: {', '.join(PRESETS)}")
-    ppo_config = preset(
-        config.preset,
-        config.ppo.replace(eos_token_id=sft.tokenizer.eos_token_id, pad_token_id=sft.tokenizer.pad_token_id),
-    )
+    """All seeds as one sweep with the trainer settings ``config.ppo`` as they are (`main` puts the
+    preset on them first); returns each run's SFT/final evaluation and the sweep's timings."""
+    ppo_config = config.ppo.replace(eos_token_id=sft.tokenizer.eos_token_id, pad_token_id=sft.tokenizer.pad_token_id)
     evaluator = cd.make_evaluator(sft.model, sft.tokenizer, task.held_out, samples_per_problem=config.eval_samples)
     runs, timings, _ = train_seeds(
         sft,
@@ -164,6 +160,9 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def main(config: Config) -> dict:
+    if config.preset not in PRESETS:
+        raise SystemExit(f"unknown preset {config.preset!r}; known: {', '.join(PRESETS)}")
+    config = dataclasses.replace(config, ppo=preset(config.preset, config.ppo))
     os.makedirs(config.out_dir, exist_ok=True)
     save_config(config, os.path.join(config.out_dir, "config.json"))
     sft = load_sft_policy(config)

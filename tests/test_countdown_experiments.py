@@ -60,18 +60,23 @@ def test_sft_then_rl_end_to_end(tmp_path):
     compare = load_script("compare_algorithms")
     out_dir = str(tmp_path / "compare")
     settings = dict(steps=2, batch_size=16, minibatch_size=16, group_size=4, eval_every=1, eval_samples=1)
-    summary = compare.main(
-        compare.Config(
-            task="countdown", out_dir=out_dir, sft_dir=sft_dir, presets=("grpo", "rloo"), seeds=(0, 1), **settings
-        )
+    compare_config = compare.Config(
+        task="countdown", out_dir=out_dir, sft_dir=sft_dir, presets=("grpo", "rloo"), seeds=(0, 1), **settings
     )
+    summary = compare.main(compare_config)
     assert summary["task"] == "countdown" and summary["problems"]["ordered"] is True
     assert [r["preset"] for r in summary["results"]] == ["grpo", "rloo"]
     for result in summary["results"]:
         assert result["settings"]["num_generations"] == 4
+        # What was trained is the preset: critic-free, group metrics (read from the run's own log).
+        logged = read_metrics(os.path.join(out_dir, result["preset"], "run_0"))[0]
+        assert "group_signal_fraction" in logged and "vf_loss" not in logged, sorted(logged)
         assert len(result["tokens_sampled"]) == 2 and all(t > 0 for t in result["tokens_sampled"])
         assert all(math.isfinite(v) for v in result["after"]["greedy/accuracy"]["values"])
         assert len(result["curves"][0][1]) == 3  # the SFT's, then after steps 1 and 2
     table = open(os.path.join(out_dir, "results.md")).read()
     assert "held-out greedy accuracy" in table and table.count("\n| ") >= 3
     assert os.path.isfile(os.path.join(out_dir, "compare_algorithms.png"))
+    # Rerun with the same settings (a comparison cut short): finished presets are taken from summary.json.
+    again = compare.main(compare_config)
+    assert again["results"] == json.loads(json.dumps(summary["results"]))
