@@ -1,4 +1,8 @@
-"""Every RL preset on the randomwalks task, seeds as one sweep each: which learns, how fast, at what KL.
+"""Every RL preset on randomwalks or countdown, seeds as one sweep each: which learns, how fast, at what KL.
+
+``--task countdown`` runs them on the verifiable-reward arithmetic task instead (the SFT policy of
+experiments/countdown_sft.py, held-out accuracy, experiments/countdown_rl.py's evaluation; its
+defaults in `TASK_DEFAULTS`); what follows describes randomwalks, the default.
 
 The presets of `jaxrlhf.training.presets` (PPO with a critic, GRPO, Dr. GRPO, DAPO, GSPO, RLOO,
 REINFORCE++ and its group-baseline variant, ReMax), each on the same SFT policy, graph, learning
