@@ -46,7 +46,8 @@ import jax
 import numpy as np
 
 from jaxrlhf.config import parse_config, save_config
-from jaxrlhf.models import load_pretrained
+from jaxrlhf.models import LoraConfig, Pretrained, load_pretrained, with_lora
+from jaxrlhf.models.lora import ALL_TARGETS
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.training import PPO, PPOConfig, TextReward, train_sweep
 from jaxrlhf.training.experience import Models, reference_logprobs
@@ -96,7 +97,7 @@ class Config:
     # --- PPO ---
     kl_coefs: tuple[float, ...] = (0.0, 0.02, 0.1)
     """Per-token KL coefficients beta, one PPO run each (0 = no penalty)."""
-    steps: int = 12
+    steps: int = 60
     """PPO iterations per kl_coef."""
     batch_size: int = 8
     """Prompts (rollouts) per PPO iteration."""
@@ -104,8 +105,9 @@ class Config:
     """Rollouts per optimizer update."""
     ppo_epochs: int = 1
     """Passes over each batch of rollouts."""
-    learning_rate: float = 4e-5
-    """AdamW learning rate of the policy (and of the value head)."""
+    learning_rate: float = 4e-4
+    """AdamW learning rate of the policy's trainable parameters (the adapters with LoRA) and of the
+    value head."""
     max_new_tokens: int = 24
     """Response budget in policy tokens (responses stop earlier at <|im_end|>)."""
     temperature: float = 1.0
@@ -116,6 +118,22 @@ class Config:
     """Per-token KL estimator of the penalty (k1, k2, k3, abs)."""
     score_norm: str | None = None
     """Score normalisation before the step rewards: None (off), "batch", "running"."""
+    old_logprobs_from_sampler: bool = True
+    """The ratio's old log-probs are the sampler's (exact at temperature 1), not a second policy
+    forward in the experience pass."""
+
+    # --- how the policy trains (the CPU default is the fast path: LoRA on a scanned model) ---
+    lora_rank: int | None = 16
+    """LoRA adapters of this rank on every projection (the base frozen, and also the reference: no
+    second copy of the weights); None trains every weight."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: the update is (lora_alpha / lora_rank) B A x."""
+    lora_targets: tuple[str, ...] = ALL_TARGETS
+    """Projections that get adapters (q, k, v, o, gate, up, down)."""
+    scan_layers: bool = True
+    """Scan over the 30 decoder blocks (one compiled block) instead of compiling each."""
+    remat: str | None = None
+    """Rematerialise each block in the backward pass: None, "full" or a jax.checkpoint_policies name."""
 
     # --- evaluation / output ---
     num_samples_shown: int = 6
@@ -132,6 +150,7 @@ FULL = dict(
     minibatch_size=16,
     ppo_epochs=4,
     learning_rate=1e-5,
+    lora_rank=None,  # every weight trains on a GPU
     max_new_tokens=48,
     num_eval_prompts=64,
     shared_trunk=False,
@@ -206,6 +225,39 @@ def words(text: str) -> list[str]:
     return text.lower().split()
 
 
+def policy_as_trained(pretrained: Pretrained, config: Config) -> Pretrained:
+    """The loaded policy with the layer execution and adapters ``config`` asks for."""
+    if config.scan_layers or config.remat is not None:
+        pretrained = pretrained.with_layers(scan_layers=config.scan_layers, remat=config.remat)
+    if config.lora_rank is not None:
+        lora = LoraConfig(rank=config.lora_rank, alpha=config.lora_alpha, target_modules=tuple(config.lora_targets))
+        pretrained = with_lora(pretrained, lora)
+    return pretrained
+
+
+def make_ppo_config(config: Config, prompt_width: int, eos_token_id: int | None, pad_token_id: int) -> PPOConfig:
+    """The trainer settings of one kl_coef run (kl_coef itself is per run: 0 here)."""
+    return PPOConfig(
+        total_steps=config.steps,
+        batch_size=config.batch_size,
+        minibatch_size=config.minibatch_size,
+        ppo_epochs=config.ppo_epochs,
+        max_prompt_len=prompt_width,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        eos_token_id=-1 if eos_token_id is None else int(eos_token_id),
+        pad_token_id=int(pad_token_id),
+        kl_coef=0.0,
+        kl_estimator=config.kl_estimator,
+        score_norm=config.score_norm,
+        learning_rate=config.learning_rate,
+        critic_learning_rate=config.learning_rate,
+        shared_trunk=config.shared_trunk,
+        old_logprobs_from_sampler=config.old_logprobs_from_sampler,
+        seed=config.seed,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
@@ -234,7 +286,8 @@ class Evaluator:
             texts += decode_responses(self.tokenizer, ids, mask)
             tokens += [row[m != 0].tolist() for row, m in zip(ids, mask)]
             ref_lp = np.asarray(self._ref_logprobs(self.frozen.ref_params, batch.ids, batch.mask, out.tokens, out.mask))
-            pol_lp = np.asarray(self._ref_logprobs(state.policy_params, batch.ids, batch.mask, out.tokens, out.mask))
+            policy_params = self.ppo.policy_params(state, self.frozen)  # with LoRA: base + the state's adapters
+            pol_lp = np.asarray(self._ref_logprobs(policy_params, batch.ids, batch.mask, out.tokens, out.mask))
             ref_lp_sum += float((ref_lp * mask).sum())
             num_tokens += int(mask.sum())
             kl_sum += list(((pol_lp - ref_lp) * mask).sum(axis=1))  # k1 per sequence, temperature 1
@@ -287,24 +340,8 @@ def main(config: Config) -> dict:
     eos = eos[0] if isinstance(eos, tuple) else eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
 
-    ppo_config = PPOConfig(
-        total_steps=config.steps,
-        batch_size=config.batch_size,
-        minibatch_size=config.minibatch_size,
-        ppo_epochs=config.ppo_epochs,
-        max_prompt_len=width,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        eos_token_id=-1 if eos is None else int(eos),
-        pad_token_id=int(pad),
-        kl_coef=0.0,
-        kl_estimator=config.kl_estimator,
-        score_norm=config.score_norm,
-        learning_rate=config.learning_rate,
-        critic_learning_rate=config.learning_rate,
-        shared_trunk=config.shared_trunk,
-        seed=config.seed,
-    )
+    ppo_config = make_ppo_config(config, width, eos, int(pad))
+    pretrained = policy_as_trained(pretrained, config)
     reward = TextReward(style, tokenizer)
     ppo = PPO(ppo_config, pretrained.model, reward)
     frozen = ppo.frozen_params(pretrained.params)

@@ -106,8 +106,14 @@ def test_distinct_n():
     assert distinct_n([["x", "y"], ["x", "z"]], 1) == 0.75
 
 
+# The default (LoRA adapters on a scanned model, the sampler's log-probs) and every weight trained on
+# the per-layer model with recomputed log-probs (the first CPU run's settings).
+FULL_WEIGHTS = dict(lora_rank=None, scan_layers=False, old_logprobs_from_sampler=False)
+
+
 @pytest.mark.slow
-def test_tiny_end_to_end_run(tiny_models, tmp_path):
+@pytest.mark.parametrize("training", [{}, FULL_WEIGHTS], ids=["lora", "full"])
+def test_tiny_end_to_end_run(tiny_models, tmp_path, training):
     root, policy_path, encoder_path = tiny_models
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"request number {i}" for i in range(12)) + "\n")
@@ -128,6 +134,7 @@ def test_tiny_end_to_end_run(tiny_models, tmp_path):
         encoder_max_length=16,
         num_samples_shown=1,
         progress=False,
+        **training,
     )
     summary = steer_smollm.main(config)
 
@@ -168,3 +175,36 @@ def test_full_preset_and_eval_batch_check():
     assert full.batch_size == 64 and full.steps == 7 and not full.shared_trunk
     with pytest.raises(ValueError, match="multiple of batch_size"):
         steer_smollm.resolve(steer_smollm.Config(num_eval_prompts=5))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [False, True], ids=["one_run", "sweep"])
+def test_steer_step_benchmark_runs(tiny_models, sweep):
+    """benchmarks/steer_step.py --quick on the tiny models: every variant builds, compiles and steps,
+    as one run and as the experiment's sweep of kl_coefs."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "steer_step.py")
+    spec = importlib.util.spec_from_file_location("steer_step", path)
+    steer_step = importlib.util.module_from_spec(spec)
+    sys.modules["steer_step"] = steer_step
+    spec.loader.exec_module(steer_step)
+    _, policy_path, encoder_path = tiny_models
+    args = steer_step.Args(quick=True, policy_path=policy_path, encoder_path=encoder_path, sweep=sweep)
+    result = steer_step.main(args)
+    assert set(result["speedup"]) == set(steer_step.VARIANTS)
+    assert result["speedup"]["full_unrolled"] == pytest.approx(1.0)
+    assert result["sweep_runs"] == (3 if sweep else 1)
+    for medians in result["median_s"].values():
+        assert all(np.isfinite(v) and v > 0 for v in medians.values())
+
+
+def test_policy_as_trained_applies_lora_and_layer_scan(tiny_models):
+    from jaxrlhf.models import load_pretrained
+
+    pretrained = load_pretrained(tiny_models[1])
+    fast = steer_smollm.policy_as_trained(pretrained, steer_smollm.Config())
+    assert fast.config.lora is not None and fast.config.lora.rank == 16 and fast.config.scan_layers
+    assert "layers" in fast.params and "layer_0" not in fast.params  # stacked base, the same weights
+    full = steer_smollm.policy_as_trained(pretrained, steer_smollm.Config(**FULL_WEIGHTS))
+    assert full.config.lora is None and not full.config.scan_layers and full.params is pretrained.params
