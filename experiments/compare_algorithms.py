@@ -44,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # its sibling sc
 import countdown_rl as crl  # noqa: E402
 import randomwalks_ppo as rwp  # noqa: E402
 
+import sft_policy  # noqa: E402
 from jaxrlhf.config import config_to_dict, parse_config, save_config  # noqa: E402
 from jaxrlhf.metrics_log import sampled_token_curve  # noqa: E402
 from jaxrlhf.plotting import plot_curves  # noqa: E402
@@ -372,10 +373,8 @@ def randomwalks_setup(config: Config) -> TaskSetup:
 def countdown_setup(config: Config) -> TaskSetup:
     assert config.task_seed is not None and config.sft_dir is not None and config.target is not None
     # The problem set is the SFT run's (its config.json), else countdown_rl's defaults (SFT runs with them).
-    sft_task = {}
-    if os.path.isfile(os.path.join(config.sft_dir, "config.json")):
-        with open(os.path.join(config.sft_dir, "config.json")) as f:
-            sft_task = {k: v for k, v in json.load(f).items() if k in crl.TASK_FIELDS and k != "task_seed"}
+    saved = sft_policy.sft_run_config(config.sft_dir)
+    sft_task = {k: v for k, v in saved.items() if k in crl.TASK_FIELDS and k != "task_seed"}
     rl_config = crl.Config(
         sft_dir=config.sft_dir,
         task_seed=config.task_seed,

@@ -23,16 +23,14 @@ Writes to ``out_dir``: ``config.json``; ``checkpoints/`` (the sweep); per seed `
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 
+import sft_policy
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import sampled_token_curve
-from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.training import PPOConfig
 from jaxrlhf.training.evaluation import train_seeds
@@ -96,34 +94,12 @@ class Config:
 
 
 def load_sft_policy(config: Config):
-    """The SFT policy from ``<sft_dir>/model`` (running the SFT script first if allowed), after
+    """The SFT policy from ``<sft_dir>/model`` (running countdown_sft.py first if allowed), after
     checking that it was trained on the same problem set."""
-    model_dir = os.path.join(config.sft_dir, "model")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "countdown_sft.py")
-        if not config.run_sft_if_missing:
-            raise SystemExit(f"no SFT policy in {model_dir}: run `python {script} --out_dir {config.sft_dir}` first")
-        print(f"no SFT policy in {model_dir}: running {script} --out_dir {config.sft_dir}")
-        spec = importlib.util.spec_from_file_location("countdown_sft", script)
-        sft = importlib.util.module_from_spec(spec)
-        sys.modules["countdown_sft"] = sft  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(sft)
-        sft.main(sft.Config(out_dir=config.sft_dir, **{k: getattr(config, k) for k in TASK_FIELDS}))
-    path = os.path.join(config.sft_dir, "config.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            sft_config = json.load(f)
-        differ = [
-            f"{k} {sft_config[k]!r} there, {getattr(config, k)!r} here"
-            for k in TASK_FIELDS
-            if sft_config.get(k, getattr(config, k)) != getattr(config, k)
-        ]
-        if differ:
-            raise SystemExit(
-                f"the SFT policy in {config.sft_dir} was trained on another problem set ({'; '.join(differ)}): "
-                "pass the matching --sft_dir or task settings"
-            )
-    return load_pretrained(model_dir)
+    problems = {k: getattr(config, k) for k in TASK_FIELDS}
+    return sft_policy.load_sft_policy(
+        config.sft_dir, "countdown_sft", problems, config.run_sft_if_missing, "problem set"
+    )
 
 
 def run_seeds(config: Config, sft, task: cd.CountdownTask) -> tuple[list[dict], dict]:

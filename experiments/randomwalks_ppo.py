@@ -30,16 +30,14 @@ of docs/randomwalks.md).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 
+import sft_policy
 from jaxrlhf.config import parse_config, save_config
 from jaxrlhf.metrics_log import read_metrics
-from jaxrlhf.models import load_pretrained
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.training import PPOConfig
 from jaxrlhf.training.evaluation import train_seeds
@@ -111,50 +109,20 @@ class Config:
     """Show the trainer's progress bar."""
 
 
+GRAPH_FIELDS = ("task_seed", "n_nodes", "p_edge", "max_length")
+
+
 def load_sft_policy(config: Config):
-    """The SFT policy from ``<sft_dir>/model``, running the SFT script first if allowed."""
-    model_dir = os.path.join(config.sft_dir, "model")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "randomwalks_sft.py")
-        if not config.run_sft_if_missing:
-            raise SystemExit(f"no SFT policy in {model_dir}: run `python {script} --out_dir {config.sft_dir}` first")
-        print(f"no SFT policy in {model_dir}: running {script} --out_dir {config.sft_dir}")
-        spec = importlib.util.spec_from_file_location("randomwalks_sft", script)
-        sft = importlib.util.module_from_spec(spec)
-        sys.modules["randomwalks_sft"] = sft  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(sft)
-        sft.main(
-            sft.Config(
-                out_dir=config.sft_dir,
-                task_seed=config.task_seed,
-                n_nodes=config.n_nodes,
-                p_edge=config.p_edge,
-                max_length=config.max_length,
-            )
-        )
-    check_sft_graph(config)
-    return load_pretrained(model_dir)
+    """The SFT policy from ``<sft_dir>/model`` (running randomwalks_sft.py first if allowed), after
+    checking that it was trained on the same graph."""
+    graph = {k: getattr(config, k) for k in GRAPH_FIELDS}
+    return sft_policy.load_sft_policy(config.sft_dir, "randomwalks_sft", graph, config.run_sft_if_missing, "graph")
 
 
 def check_sft_graph(config: Config) -> None:
     """Stop when ``<sft_dir>/config.json`` names another graph than ``config``: a policy trained on
     one graph's walks scored on another's edges would learn from a meaningless reward."""
-    path = os.path.join(config.sft_dir, "config.json")
-    if not os.path.isfile(path):
-        return  # a model saved without its run's config: nothing to compare
-    with open(path) as f:
-        sft_config = json.load(f)
-    keys = ("task_seed", "n_nodes", "p_edge", "max_length")
-    differ = [
-        f"{k} {sft_config[k]} there, {getattr(config, k)} here"
-        for k in keys
-        if sft_config.get(k, getattr(config, k)) != getattr(config, k)
-    ]
-    if differ:
-        raise SystemExit(
-            f"the SFT policy in {config.sft_dir} was trained on another graph ({'; '.join(differ)}): "
-            "pass the matching --sft_dir, or the graph's settings"
-        )
+    sft_policy.check_task_settings(config.sft_dir, {k: getattr(config, k) for k in GRAPH_FIELDS}, "graph")
 
 
 def run_seeds(config: Config, sft, task, reward_fn, evaluator) -> tuple[list[dict], dict]:

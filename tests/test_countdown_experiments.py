@@ -80,3 +80,20 @@ def test_sft_then_rl_end_to_end(tmp_path):
     # Rerun with the same settings (a comparison cut short): finished presets are taken from summary.json.
     again = compare.main(compare_config)
     assert again["results"] == json.loads(json.dumps(summary["results"]))
+
+
+def test_an_sft_policy_of_another_problem_set_is_refused(tmp_path):
+    """countdown_rl stops before loading an SFT policy trained on other problems, or a missing one."""
+    rl = load_script("countdown_rl")
+    sft_dir = tmp_path / "sft"
+    sft_dir.mkdir()
+    defaults = rl.Config()
+    saved = {k: getattr(defaults, k) for k in rl.TASK_FIELDS}
+    (sft_dir / "config.json").write_text(json.dumps({**saved, "num_problems": 500}))
+    config = rl.Config(sft_dir=str(sft_dir), run_sft_if_missing=False)
+    with pytest.raises(SystemExit, match="no SFT policy"):  # no model/ yet, and not allowed to train one
+        rl.load_sft_policy(config)
+    (sft_dir / "model").mkdir()
+    (sft_dir / "model" / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="another problem set .*num_problems 500 there, 20000 here"):
+        rl.load_sft_policy(config)

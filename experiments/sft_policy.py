@@ -1,0 +1,60 @@
+"""The SFT policy an RL experiment starts from: `<sft_dir>/model`, written by a sibling SFT script.
+
+Shared by randomwalks_ppo.py and countdown_rl.py (and compare_algorithms.py through them). The SFT
+run's task settings (its `config.json`) must be the RL run's: a policy trained on one graph or
+problem set and rewarded on another would learn from a meaningless reward.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sft_run_config(sft_dir: str) -> dict[str, Any]:
+    """The SFT run's saved settings (`<sft_dir>/config.json`), or {} for a model saved without them."""
+    path = os.path.join(sft_dir, "config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_task_settings(sft_dir: str, task_settings: dict[str, Any], what: str) -> None:
+    """Stop when the SFT run's `config.json` names other task settings than ``task_settings``
+    (``what``: the task's data, e.g. "graph", for the message). Settings it lacks are accepted."""
+    saved = sft_run_config(sft_dir)
+    differ = [f"{k} {saved[k]!r} there, {v!r} here" for k, v in task_settings.items() if saved.get(k, v) != v]
+    if differ:
+        raise SystemExit(
+            f"the SFT policy in {sft_dir} was trained on another {what} ({'; '.join(differ)}): "
+            f"pass the matching --sft_dir or the {what}'s settings"
+        )
+
+
+def load_sft_policy(sft_dir: str, script: str, task_settings: dict[str, Any], run_if_missing: bool, what: str):
+    """The SFT policy of ``<sft_dir>/model`` (a `Pretrained`), checked against ``task_settings``.
+
+    Without one, ``experiments/<script>.py`` is run first (its `main` with ``out_dir=sft_dir`` and
+    the task settings) when ``run_if_missing``, else the run stops with the command to type."""
+    from jaxrlhf.models import load_pretrained
+
+    model_dir = os.path.join(sft_dir, "model")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        path = os.path.join(HERE, f"{script}.py")
+        if not run_if_missing:
+            raise SystemExit(f"no SFT policy in {model_dir}: run `python {path} --out_dir {sft_dir}` first")
+        print(f"no SFT policy in {model_dir}: running {path} --out_dir {sft_dir}")
+        spec = importlib.util.spec_from_file_location(script, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[script] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+        module.main(module.Config(out_dir=sft_dir, **task_settings))
+    check_task_settings(sft_dir, task_settings, what)
+    return load_pretrained(model_dir)
