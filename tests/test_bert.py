@@ -88,6 +88,7 @@ def test_all_padding_row_is_finite(tiny_encoder):
     assert np.all(np.isfinite(emb)) and np.allclose(emb[1], 0.0)
 
 
+@pytest.mark.slow
 def test_keys_with_bert_prefix_and_bfloat16(tiny_bert_dir, tiny_encoder, tmp_path):
     """A BertForMaskedLM-style file ('bert.' prefix, extra head weights) loads the same encoder."""
     from safetensors.numpy import load_file, save_file
@@ -127,6 +128,7 @@ def test_clear_errors(tiny_bert_dir, tmp_path):
         load_bert_encoder(tmp_path)
 
 
+@pytest.mark.slow
 def test_cosine_style_reward(tiny_encoder):
     encoder = tiny_encoder
     ids, mask = _batch(encoder.tokenizer, ["the cat sat on the mat", "a big red dog ran", "cats"])

@@ -476,6 +476,7 @@ def np_gspo_token_grad(logprobs, old_logprobs, advantages, mask, eps_low, eps_hi
     return grad
 
 
+@pytest.mark.slow
 def test_gspo_gradient_equals_float64_reference(rng):
     eps_low, eps_high = 0.01, 0.02
     logprobs, old = (a.astype(np.float64) for a in random_logprobs(rng, noise=0.05))
@@ -668,6 +669,7 @@ def _batch_wide(b, axis_name=None, with_scan=True):
     return per_row, scalars
 
 
+@pytest.mark.slow
 def test_pmap_with_axis_name_equals_one_device(device_batch):
     assert jax.device_count() >= N_DEV
     whole_rows, whole_scalars = _batch_wide(device_batch)

@@ -380,6 +380,7 @@ def test_dpo_hand_worked_example():
     np.testing.assert_allclose(grad_rejected, -expected, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_dpo_gradient_has_the_papers_form():
     """grad_theta L = (1 / B) sum_b -beta sigmoid(-beta d_b) (grad h_w^b - grad h_l^b), with a real
     (tiny, linear) model scoring chosen and rejected in one concatenated forward pass."""
@@ -498,6 +499,7 @@ def test_concat_pairs_and_split_pairs_round_trip():
 # ----------------------------------------------------------------------------- empty responses
 
 
+@pytest.mark.slow
 def test_empty_responses_give_finite_losses_and_gradients():
     # Pair 0: both responses empty (summed log-probs 0, length 0); pair 1: an empty rejected one.
     token_logprobs = jnp.asarray([[jnp.nan, jnp.nan], [-1.0, -0.5], [jnp.nan, -jnp.inf], [jnp.nan, jnp.nan]])

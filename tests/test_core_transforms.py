@@ -87,6 +87,7 @@ def _everything(b):
     return {"reductions": _reductions(b), "per_row": _per_row(b)}
 
 
+@pytest.mark.slow
 def test_jit_matches_eager(batch, eager):
     _assert_trees_close(jax.jit(_everything)(batch), eager)
 

@@ -64,6 +64,7 @@ def _max_diff(a, b):
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_fresh_adapters_give_exactly_the_base_logits(family):
     model, base, _ = _setup(family)
@@ -80,6 +81,7 @@ def test_fresh_adapters_give_exactly_the_base_logits(family):
     assert np.abs(a).max() <= 1 / np.sqrt(a.shape[0]) and np.abs(a).max() > 0.5 / np.sqrt(a.shape[0])
 
 
+@pytest.mark.slow
 def test_adapters_merge_scan_and_dropout():
     model, base, adapters = _setup("qwen2")
     ids, mask = _batch()
@@ -369,6 +371,7 @@ def test_sweep_with_lora_shares_the_base():
     np.testing.assert_array_equal(b_after[1], b_before[1])  # learning rate 0: unchanged
 
 
+@pytest.mark.slow
 def test_train_driver_checkpoints_and_exports_the_adapters(tmp_path):
     """`train` with a LoRA policy: the checkpoint holds the adapters, resuming restores them, and
     ``out_dir/policy`` is a PEFT adapter directory of the final adapters."""

@@ -491,6 +491,7 @@ def test_bf16_checkpoint_files(tmp_path):
 # KV cache
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt2", "llama_gqa", "qwen3", "mistral"])
 def test_kv_cache_decode_matches_full_forward(family, checkpoints):
     pre = jaxrlhf.load_pretrained(checkpoints(family)[0])

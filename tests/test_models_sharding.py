@@ -149,6 +149,7 @@ def test_custom_axis_name():
         param_partition_specs(params, mesh=mesh)
 
 
+@pytest.mark.slow
 def test_sharded_logits_match_unsharded(setup):
     model, params, mesh = setup
     specs = param_partition_specs(params, mesh=mesh)

@@ -139,6 +139,7 @@ def test_dpo_raises_held_out_accuracy(tiny, pairs):
         assert all(math.isfinite(v) for v in row.values())
 
 
+@pytest.mark.slow
 def test_one_device_equals_eight(tiny, pairs, reference_run):
     train, _, _ = pairs
     reference, params_at = reference_run
@@ -156,6 +157,7 @@ def test_one_device_equals_eight(tiny, pairs, reference_run):
     assert_trees_close(one.params, params_at[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_exact(tiny, pairs, reference_run):
     """One batch of 16 pairs in one micro-batch or in two gives the same loss, gradient and update."""
     train, _, _ = pairs
@@ -166,6 +168,7 @@ def test_gradient_accumulation_is_exact(tiny, pairs, reference_run):
     assert_trees_close(whole.params, params_at[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_reference_precomputed_equals_on_the_fly(tiny, pairs, reference_run):
     train, _, _ = pairs
     reference, params_at = reference_run
@@ -184,6 +187,7 @@ class Interrupt(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_exact_resume_after_interruption(tiny, pairs, reference_run, tmp_path):
     """Killed after update 3 (last checkpoint after update 2), rerun: the same 4 updates, bit for
     bit, and each step's metrics row exactly once."""
@@ -220,6 +224,7 @@ def test_exact_resume_after_interruption(tiny, pairs, reference_run, tmp_path):
         train_preference(tiny, train, dataclasses.replace(CONFIG, beta=0.2), out, **QUIET)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["cdpo", "ipo", "simpo", "kto", "dpo+rpo"])
 def test_every_loss_at_the_reference_point(tiny, pairs, loss):
     """Step 0 (policy = reference): cDPO log 2, IPO (1 / (2 beta))^2, KTO 1/2 (z0 = 0), SimPO its
@@ -282,6 +287,7 @@ def test_bad_pairs_are_dropped_not_nan(tiny, pairs):
         train_preference(tiny, wide, CONFIG, **QUIET)
 
 
+@pytest.mark.slow
 def test_text_pairs_from_jsonl_end_to_end(tmp_path):
     """JSONL text pairs -> tokenizer (with a chat template) -> one update -> the exported policy
     carries the tokenizer; a user evaluate_fn is logged under eval/."""

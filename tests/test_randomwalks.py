@@ -122,6 +122,7 @@ def test_jax_score_on_hand_made_walks(task, tokenizer, left_pad_prompt):
     np.testing.assert_allclose(out["invalid"], [c[3] for c in CASES])
 
 
+@pytest.mark.slow
 def test_reward_fn_matches_reference_on_data_and_under_vmap(task, tokenizer):
     reward_fn = rw.make_reward_fn(task, tokenizer)
     data = rw.encode_walks(task, tokenizer)

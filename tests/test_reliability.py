@@ -80,6 +80,7 @@ def _host_reward(fail_at_call: int, error: BaseException):
     return TextReward(fraction, DigitTokenizer())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "error", [KeyboardInterrupt(), RuntimeError("scoring server went away")], ids=["ctrl-c", "host-reward-exception"]
 )
@@ -97,6 +98,7 @@ def test_interrupt_or_host_error_checkpoints_the_last_committed_step(tiny, tmp_p
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_then_raises(tiny, tmp_path):
     def terminate_after_step_1(step, metrics, state):
         if step == 1:
@@ -111,6 +113,7 @@ def test_sigterm_checkpoints_then_raises(tiny, tmp_path):
     checkpointer.close()
 
 
+@pytest.mark.slow
 def test_rerun_after_a_kill_before_the_first_checkpoint_does_not_duplicate_rows(tiny, tmp_path):
     # What a run killed (-9) after logging two steps, before any checkpoint, leaves behind.
     with open(tmp_path / "metrics.jsonl", "w") as f:
@@ -120,6 +123,7 @@ def test_rerun_after_a_kill_before_the_first_checkpoint_does_not_duplicate_rows(
     assert [r["step"] for r in rows] == [0, 1] and rows[0]["score"] != 0.1  # rewritten, not appended
 
 
+@pytest.mark.slow
 def test_checkpoint_past_total_steps_warns(tiny, tmp_path):
     _train(tiny, tmp_path, num_steps=2)
     with pytest.warns(UserWarning, match="checkpoint is at step 2, past total_steps=1"):
@@ -127,6 +131,7 @@ def test_checkpoint_past_total_steps_warns(tiny, tmp_path):
     assert int(result.state.step) == 2 and result.history == []
 
 
+@pytest.mark.slow
 def test_resuming_with_a_different_prompt_set_is_refused_unless_allowed(tiny, tmp_path):
     _train(tiny, tmp_path, num_steps=2)
     other = tt.make_prompts(tt.BATCH, seed=9)

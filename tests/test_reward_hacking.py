@@ -60,6 +60,7 @@ def test_true_reward_fn_on_prompt_and_response():
     np.testing.assert_array_equal(empty, [-4.0, -4.0])
 
 
+@pytest.mark.slow
 def test_reference_distribution_and_pairs():
     num = 2 * 300 + 16  # the round size of preference_pairs(..., 300) below: one compiled sampler
     ids, mask = lang.sample_sentences(jax.random.key(0), num, length=lang.MAX_SENTENCE_LEN)

@@ -147,6 +147,7 @@ def _full_forward_logprobs(model, params, ids, mask, out: SampleOutput, temperat
 # Exactness
 
 
+@pytest.mark.slow
 def test_greedy_matches_transformers_left_padded(tiny):
     hf_model, model, params = tiny
     ids, mask = _left_padded_prompts()
@@ -325,6 +326,7 @@ def test_inverse_cdf_sample_frequencies_and_zero_weights(size):
     assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3
 
 
+@pytest.mark.slow
 def test_first_token_frequencies_of_generate(tiny_gpt2):
     """End to end: the first sampled token follows softmax(logits / T) of the model."""
     hf_model, model, params = tiny_gpt2
@@ -461,6 +463,7 @@ def _assert_same_samples(actual: SampleOutput, expected: SampleOutput):
     np.testing.assert_allclose(np.asarray(actual.logprobs), np.asarray(expected.logprobs), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sampler_compiles_once_per_bucket(tiny_gpt2):
     hf_model, model, params = tiny_gpt2
     sampler = make_sampler(model, max_new_tokens=N, prompt_buckets=(8, 16), **SAMPLED)

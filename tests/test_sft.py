@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from jaxrlhf.models import LanguageModel, ModelConfig
 from jaxrlhf.training import sft
@@ -23,6 +24,7 @@ def tiny_data():
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
 
 
+@pytest.mark.slow
 def test_sft_loss_matches_manual_masked_cross_entropy():
     model = tiny_model()
     params = model.init_params(jax.random.key(0))
@@ -40,6 +42,7 @@ def test_sft_loss_matches_manual_masked_cross_entropy():
     assert float(empty) == 0.0
 
 
+@pytest.mark.slow
 def test_sft_loss_decreases_on_tiny_set():
     model = tiny_model()
     params = model.init_params(jax.random.key(0))

@@ -121,6 +121,7 @@ def test_each_run_of_the_sweep_equals_its_single_run(sweep_run, single_runs):
     assert _relative_error(sweep_state.run(2).policy_params, sweep_state.run(3).policy_params) > 1e-4
 
 
+@pytest.mark.slow
 def test_numbers_never_recompile(sweep_run, single_runs):
     # Seven configs differing in kl_coef, learning rates, clip ranges, temperature and seed ran on one
     # trainer: one trace of the step (the reward function counts its traces), one compiled program.
@@ -129,6 +130,7 @@ def test_numbers_never_recompile(sweep_run, single_runs):
     assert sweep_run["sweep"].compiled_step_count() == 1
 
 
+@pytest.mark.slow
 def test_a_non_finite_run_is_frozen_and_the_others_train(sweep_run, tt_tiny):
     state = sweep_run["state"]
     assert list(state.active) == [r != NAN_RUN for r in range(len(RUNS))]

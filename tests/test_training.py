@@ -289,6 +289,7 @@ def test_resume_in_fresh_process_is_exact(tiny, tmp_path, compilation_cache):
     assert os.path.exists(tmp_path / "resumed" / "policy" / "config.json")  # exported by the worker
 
 
+@pytest.mark.slow
 def test_nan_reward_raises_and_keeps_last_good_state(tiny, tmp_path):
     model, params = tiny
     ids, mask = make_prompts(2 * BATCH, seed=1)
@@ -345,17 +346,17 @@ def test_too_long_prompt_is_an_error_before_training(tiny, tmp_path):
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_reward_of_wrong_shape_is_an_error_at_trace_time(tiny, learning_run):
+def test_reward_of_wrong_shape_is_an_error_at_trace_time(tiny):
     model, params = tiny
 
     def column_reward(prompt_ids, prompt_mask, response_ids, response_mask):
         return jnp.mean(response_ids == TARGET_TOKEN, axis=1, keepdims=True)  # [B, 1]: wrong
 
     ppo = PPO(BASE_CONFIG, model, column_reward)
-    state = learning_run["final_state"]
+    state = ppo.init_state(params)
     before = jax.device_get(state.policy_params)
     with pytest.raises(RewardShapeError, match=r"shape \(32,\).*shape \(32, 1\)"):
-        ppo.train_step(state, ppo.frozen_params(params), ppo.prompt_batch(*learning_run["batch_np"]))
+        ppo.train_step(state, ppo.frozen_params(params), ppo.prompt_batch(*make_prompts(BATCH)))
     chex.assert_trees_all_equal(jax.device_get(state.policy_params), before)  # state untouched
 
 
@@ -404,6 +405,7 @@ def _experiences(config, model, params, kl_coef, scores):
     return dict(zip(KL_KINDS, jax.device_get(experiences)))
 
 
+@pytest.mark.slow
 def test_zero_kl_coef_gives_the_plain_score_on_the_last_token(tiny):
     model, params = tiny
     scores = np.array([1.5, -2.0, 0.25, 3.0], np.float32)

@@ -146,6 +146,7 @@ def test_each_estimator_learns_the_toy_task(learn, name):
         assert min(m["kept_group_fraction"] for m in history) < 1  # late on, most groups are all-right
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["grpo", "remax"])
 def test_critic_free_state_has_no_value_leaves(learn, tiny, name):
     run = learn(name)
@@ -174,17 +175,19 @@ def test_critic_free_state_has_no_value_leaves(learn, tiny, name):
     assert len(jax.tree.leaves(gae.abstract_state().value_params)) > len(jax.tree.leaves(params))
 
 
-def test_groups_are_contiguous_prompt_copies_with_different_samples(learn):
-    run = learn("grpo")
-    ppo, config = run["ppo"], run["config"]
+def test_groups_are_contiguous_prompt_copies_with_different_samples(tiny):
+    model, params = tiny
+    config = case_config("grpo")
+    ppo = PPO(config, model, target_fraction_reward)
     G, P = config.num_generations, config.prompts_per_step
     assert (G, P) == (DEFAULT_GROUP_SIZE, BASE.batch_size // DEFAULT_GROUP_SIZE)
-    ids, mask = run["batch_np"]
-    repeated = jax.device_get(jax.jit(ppo.repeat_prompts)(run["batch"]))
+    ids, mask = make_prompts(P)
+    batch = ppo.prompt_batch(ids, mask)
+    repeated = jax.device_get(jax.jit(ppo.repeat_prompts)(batch))
     np.testing.assert_array_equal(repeated.ids, np.repeat(ids, G, axis=0))  # row b is prompt b // G
     np.testing.assert_array_equal(repeated.mask, np.repeat(mask, G, axis=0))
-    state = jax.device_put(run["initial_state"], ppo.state_shardings())
-    tokens = np.asarray(jax.device_get(ppo.rollout_step(state, run["frozen"], run["batch"]).tokens))
+    state = ppo.init_state(params)
+    tokens = np.asarray(jax.device_get(ppo.rollout_step(state, ppo.frozen_params(params), batch).tokens))
     assert tokens.shape == (config.batch_size, config.max_new_tokens)
     for g in range(P):
         group = tokens[g * G : (g + 1) * G]

@@ -131,7 +131,7 @@ def _assert_same_metrics(history_a, history_b, atol=1e-5):
 # Response-only heads
 
 
-@pytest.mark.parametrize("critic", ["separate", "shared"])
+@pytest.mark.parametrize("critic", [pytest.param("separate", marks=pytest.mark.slow), "shared"])
 def test_response_only_heads_equal_full_logits(params, critic):
     model = LanguageModel(llama_config())
     rng = np.random.default_rng(1)
@@ -252,6 +252,7 @@ def test_sampler_logprobs_as_old_logprobs(params, unrolled_run):
         np.testing.assert_allclose(history[step]["entropy"], base_history[step]["entropy"], rtol=0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", ["shared_trunk", "grpo"])
 def test_sampler_logprobs_without_a_separate_critic(params, setup):
     """Shared trunk: values from the trunk without its vocabulary head, equal to the recomputing

@@ -68,6 +68,7 @@ def test_model_default_is_chosen_at_construction():
     assert model.with_layers(scan_layers=True).tuning == model.tuning
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [LLAMA_GQA, GPT2], ids=["llama-gqa", "gpt2-tied"])
 def test_tunings_sample_the_same_tokens(config):
     """Per-head vs grouped decode attention, transposed vs tied head, XLA options: same samples."""
@@ -116,6 +117,7 @@ def test_ppo_applies_its_tuning():
     assert PPO(config, model, reward, tuning=CPU).policy.tuning == CPU
 
 
+@pytest.mark.slow
 def test_sampling_programs_compile_with_the_tuning_options():
     """The options reach the sampler's and the trainer's jitted programs: an option XLA does not
     know fails their compilation (and only theirs: the state's init compiles without it)."""
