@@ -96,10 +96,11 @@ Every difference between the two setups that we know of:
   host, the trainer's jitted update (its policy forward also computes the token entropy from the
   logits for logging), its metrics buffering and progress bar, and the data thread's queue
   hand-off. The rollout shares the actor's weights (same mesh), so there is no weight sync.
-- Old log-probs: jaxrlhf's experience pass recomputes the policy's log-probs over prompt +
-  response (the ratio's old log-probs; `old_logprobs_from_sampler=False`, its default) for GRPO
-  too; Tunix's GRPO with one iteration skips that forward (its ratio's old log-probs are the
-  policy's own, stop-gradient). So jaxrlhf's GRPO step holds one policy forward more.
+- Old log-probs (GRPO): Tunix's GRPO with one iteration has no old-policy forward (its ratio's
+  old log-probs are the policy's own, stop-gradient). jaxrlhf's takes them from its sampler
+  (`old_logprobs_from_sampler=True`, `--sampler_logprobs`, the default here), which it computes
+  anyway, so neither side runs that forward; with `--no-sampler_logprobs` jaxrlhf recomputes
+  them with a policy forward over prompt + response (its trainer's default), one forward more.
 - Critic (PPO): both a copy of the trunk, initialised from the checkpoint, with the same head;
   Tunix loads a third `Qwen2` for it (actor, reference, critic trunk), jaxrlhf copies the arrays.
 - Logging: jaxrlhf's step returns its metrics as arrays (not fetched here); Tunix logs through its
@@ -197,6 +198,10 @@ class Args:
     """Time the GRPO iterations."""
     ppo: bool = True
     """Time PPO iterations (--grpo_prompts prompts, one response each, a critic) the same way."""
+    sampler_logprobs: bool = True
+    """jaxrlhf's GRPO takes the ratio's old log-probs from its sampler (`old_logprobs_from_sampler`),
+    as Tunix's GRPO with one iteration skips that forward; --no-sampler_logprobs recomputes them with
+    a policy forward (jaxrlhf's default)."""
     seed: int = 0
     """Weights, prompts and sampling keys."""
     out: str | None = None
@@ -478,7 +483,8 @@ def learner_side_by_side(args: Args, algorithm: str, jax_side, directory: str, c
     )
     head = init_value_head(jax.random.PRNGKey(args.seed + 3), config.hidden_size, scale=1.0)
     if algorithm == "grpo":
-        ppo = PPO(preset("grpo", base.replace(num_generations=G)), jax_side.model, even_fraction_jax)
+        grpo_config = base.replace(num_generations=G, old_logprobs_from_sampler=args.sampler_logprobs)
+        ppo = PPO(preset("grpo", grpo_config), jax_side.model, even_fraction_jax)
         value_params = None
     else:  # PPO with a separate critic (a trunk + head), k1 KL penalty in the reward, GAE
         ppo_config = preset("ppo", base.replace(kl_coef=0.05, kl_estimator="k1", kl_placement="reward"))
