@@ -140,9 +140,8 @@ def iteration_gflop(pretrained, config, prompt_len: int, num_runs: int) -> float
 
     from jaxrlhf.models import init_lora
 
-    adapters = None
-    if config.lora_rank is not None:
-        lora = steer_smollm.policy_as_trained(pretrained, dataclasses.replace(config, scan_layers=False)).config.lora
+    lora, adapters = steer_smollm.lora_config(config), None
+    if lora is not None:  # shapes only, on the per-layer parameters `model_shape` reads
         adapters = jax.eval_shape(lambda p: init_lora(lora, p, jax.random.key(0)), pretrained.params)
     shape = ppo_step.model_shape(pretrained.model, pretrained.params, adapters)
     B, P, N, T = config.batch_size, prompt_len, config.max_new_tokens, prompt_len + config.max_new_tokens
@@ -160,30 +159,17 @@ def iteration_gflop(pretrained, config, prompt_len: int, num_runs: int) -> float
 def main(args: Args) -> dict:
     import steer_smollm
 
-    from jaxrlhf.models import load_pretrained
-    from tasks.style_reward import StyleReward
+    from jaxrlhf.training.trainer import prepare_prompts
 
     base = steer_smollm.Config(policy_path=args.policy_path, encoder_path=args.encoder_path)
     if args.quick:
         base = dataclasses.replace(base, max_new_tokens=2, batch_size=4, minibatch_size=2)
-    pretrained = load_pretrained(base.policy_path or steer_smollm.default_policy_path())
+    pretrained, style = steer_smollm.load_models(base)
     tokenizer = pretrained.tokenizer
-    style = StyleReward.from_pretrained(
-        base.encoder_path or steer_smollm.default_encoder_path(),
-        target=base.target,
-        contrast=base.contrast,
-        max_length=base.encoder_max_length,
-    )
-    requests = steer_smollm.read_prompts(base.prompts_file)
-    prompt_ids = steer_smollm.encode_prompts(tokenizer, requests, base.system_prompt)
-    width = -(-max(len(p) for p in prompt_ids) // 8) * 8
-    eos = pretrained.config.eos_token_id
-    eos = eos[0] if isinstance(eos, tuple) else eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-    from jaxrlhf.training.trainer import prepare_prompts
-
-    data = prepare_prompts(prompt_ids, width, int(pad))
-    prompts = (data.ids, data.mask, width, eos, int(pad))
+    chat = steer_smollm.load_prompts(base, pretrained)
+    width = chat.width
+    data = prepare_prompts(chat.ids, width, chat.pad_token_id)
+    prompts = (data.ids, data.mask, width, chat.eos_token_id, chat.pad_token_id)
 
     load_start = os.getloadavg()
     what = f"a sweep of {len(base.kl_coefs)} runs (kl_coef {base.kl_coefs})" if args.sweep else "one run"

@@ -225,14 +225,57 @@ def words(text: str) -> list[str]:
     return text.lower().split()
 
 
+def load_models(config: Config) -> tuple[Pretrained, StyleReward]:
+    """The policy as loaded (`policy_as_trained` gives it its adapters and layer execution) and the
+    style reward."""
+    pretrained = load_pretrained(config.policy_path or default_policy_path())
+    style = StyleReward.from_pretrained(
+        config.encoder_path or default_encoder_path(),
+        target=config.target,
+        contrast=config.contrast,
+        max_length=config.encoder_max_length,
+    )
+    return pretrained, style
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatPrompts:
+    """The requests of ``config.prompts_file`` in the chat template, and the token ids around them."""
+
+    requests: list[str]
+    ids: list[list[int]]
+    width: int  # every prompt is left-padded to this many tokens
+    eos_token_id: int | None
+    pad_token_id: int
+
+
+def load_prompts(config: Config, pretrained: Pretrained) -> ChatPrompts:
+    """``config.prompts_file`` encoded with the policy's tokenizer and chat template."""
+    requests = read_prompts(config.prompts_file)
+    if len(requests) <= config.num_eval_prompts:
+        raise ValueError(f"{config.prompts_file}: {len(requests)} prompts, need more than num_eval_prompts")
+    tokenizer = pretrained.tokenizer
+    ids = encode_prompts(tokenizer, requests, config.system_prompt)
+    width = config.max_prompt_len or -(-max(len(p) for p in ids) // 8) * 8
+    eos = pretrained.config.eos_token_id
+    eos = eos[0] if isinstance(eos, tuple) else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
+    return ChatPrompts(requests, ids, width, eos, int(pad))
+
+
+def lora_config(config: Config) -> LoraConfig | None:
+    """The adapters ``config`` asks for (None: every weight trains)."""
+    if config.lora_rank is None:
+        return None
+    return LoraConfig(rank=config.lora_rank, alpha=config.lora_alpha, target_modules=tuple(config.lora_targets))
+
+
 def policy_as_trained(pretrained: Pretrained, config: Config) -> Pretrained:
     """The loaded policy with the layer execution and adapters ``config`` asks for."""
     if config.scan_layers or config.remat is not None:
         pretrained = pretrained.with_layers(scan_layers=config.scan_layers, remat=config.remat)
-    if config.lora_rank is not None:
-        lora = LoraConfig(rank=config.lora_rank, alpha=config.lora_alpha, target_modules=tuple(config.lora_targets))
-        pretrained = with_lora(pretrained, lora)
-    return pretrained
+    lora = lora_config(config)
+    return pretrained if lora is None else with_lora(pretrained, lora)
 
 
 def make_ppo_config(config: Config, prompt_width: int, eos_token_id: int | None, pad_token_id: int) -> PPOConfig:
@@ -321,33 +364,20 @@ def main(config: Config) -> dict:
 
     t0 = time.perf_counter()
     policy_path = config.policy_path or default_policy_path()
-    pretrained = load_pretrained(policy_path)
+    pretrained, style = load_models(config)
     tokenizer = pretrained.tokenizer
-    style = StyleReward.from_pretrained(
-        config.encoder_path or default_encoder_path(),
-        target=config.target,
-        contrast=config.contrast,
-        max_length=config.encoder_max_length,
-    )
     timings["load_s"] = time.perf_counter() - t0
 
-    requests = read_prompts(config.prompts_file)
-    if len(requests) <= config.num_eval_prompts:
-        raise ValueError(f"{config.prompts_file}: {len(requests)} prompts, need more than num_eval_prompts")
-    prompt_ids = encode_prompts(tokenizer, requests, config.system_prompt)
-    width = config.max_prompt_len or -(-max(len(p) for p in prompt_ids) // 8) * 8
-    eos = pretrained.config.eos_token_id
-    eos = eos[0] if isinstance(eos, tuple) else eos
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-
-    ppo_config = make_ppo_config(config, width, eos, int(pad))
+    prompts = load_prompts(config, pretrained)
+    requests, width, pad = prompts.requests, prompts.width, prompts.pad_token_id
+    ppo_config = make_ppo_config(config, width, prompts.eos_token_id, pad)
     pretrained = policy_as_trained(pretrained, config)
     reward = TextReward(style, tokenizer)
     ppo = PPO(ppo_config, pretrained.model, reward)
     frozen = ppo.frozen_params(pretrained.params)
     n_train = len(requests) - config.num_eval_prompts
-    train_data = prepare_prompts(prompt_ids[:n_train], width, int(pad), seed=config.seed)
-    eval_data = prepare_prompts(prompt_ids[n_train:], width, int(pad), seed=config.seed)
+    train_data = prepare_prompts(prompts.ids[:n_train], width, pad, seed=config.seed)
+    eval_data = prepare_prompts(prompts.ids[n_train:], width, pad, seed=config.seed)
     eval_requests = requests[n_train:]
     evaluate = Evaluator(ppo, frozen, tokenizer, style, eval_data, config)
 
