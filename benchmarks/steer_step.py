@@ -83,7 +83,7 @@ def build_variant(name: str, pretrained, style, tokenizer, prompts, base, sweep:
     import steer_smollm
 
     from jaxrlhf.training import PPO, Sweep, TextReward
-    from jaxrlhf.training.trainer import host_scores_and_metrics
+    from jaxrlhf.training.trainer import host_scores_and_metrics, sweep_host_scores
 
     config = dataclasses.replace(base, **VARIANTS[name])
     ids, mask, width, eos, pad = prompts
@@ -94,20 +94,14 @@ def build_variant(name: str, pretrained, style, tokenizer, prompts, base, sweep:
     batch_ids, batch_mask = ids[rows], mask[rows]
     if sweep:  # the experiment's step: every kl_coef as a run of one sweep, texts scored per run
         trainer = Sweep(ppo_config, policy.model, reward, runs=[{"kl_coef": float(c)} for c in config.kl_coefs])
-        num_runs = trainer.num_runs
-        batch = trainer.prompt_batch(np.stack([batch_ids] * num_runs), np.stack([batch_mask] * num_runs))
+        batch_ids, batch_mask = (np.stack([x] * trainer.num_runs) for x in (batch_ids, batch_mask))
+        scores_of = lambda rollout: sweep_host_scores(reward, tokenizer, batch_ids, batch_mask, rollout)[0]
     else:
-        trainer, num_runs = PPO(ppo_config, policy.model, reward), 1
-        batch = trainer.prompt_batch(batch_ids, batch_mask)
+        trainer = PPO(ppo_config, policy.model, reward)
+        scores_of = lambda rollout: host_scores_and_metrics(reward, tokenizer, batch_ids, batch_mask, rollout)[0]
+    batch = trainer.prompt_batch(batch_ids, batch_mask)
     frozen = trainer.frozen_params(policy.params)
     state = trainer.init_state(policy.params)
-
-    def scores_of(rollout):
-        if not sweep:
-            return host_scores_and_metrics(reward, tokenizer, batch_ids, batch_mask, rollout)[0]
-        rollout = jax.device_get(rollout)
-        run_rollouts = [jax.tree.map(lambda x: x[r], rollout) for r in range(num_runs)]
-        return np.stack([host_scores_and_metrics(reward, tokenizer, batch_ids, batch_mask, o)[0] for o in run_rollouts])
 
     def iteration(state):
         """One iteration, timed by phase (each phase blocks on its result)."""

@@ -183,6 +183,17 @@ def host_scores_and_metrics(reward: TextReward, tokenizer, batch_ids, batch_mask
     return scores, extra
 
 
+def sweep_host_scores(reward: TextReward, tokenizer, ids_RxBxP, mask_RxBxP, rollout):
+    """`host_scores_and_metrics` for each run of a sweep's rollout (every leaf ``[R, ...]``):
+    ``(scores [R, B] float32, one extra-metrics dict per run)``."""
+    rollout = jax.device_get(rollout)
+    per_run = [
+        host_scores_and_metrics(reward, tokenizer, ids_RxBxP[r], mask_RxBxP[r], jax.tree.map(lambda x: x[r], rollout))
+        for r in range(len(ids_RxBxP))
+    ]
+    return np.stack([scores for scores, _ in per_run]), [extra for _, extra in per_run]
+
+
 # ----------------------------------------------------------------------------------------------
 # The driver: one loop for single runs and sweeps
 
@@ -304,17 +315,11 @@ class _SweepRuns:
         host = [d.batch(step, prompts_per_step) for d in self.data]
         ids_RxBxP, mask_RxBxP = np.stack([b[0] for b in host]), np.stack([b[1] for b in host])
         batch = self.trainer.prompt_batch(ids_RxBxP, mask_RxBxP)
-        extras = [{} for _ in self.data]
+        extras: list[dict] = [{} for _ in self.data]
         if self.trainer.uses_host_reward:
             rollout_out = jax.device_get(self.trainer.rollout_step(state, self.frozen, batch))
-            scores = []
-            for r in range(self.num_runs):
-                run_rollout = jax.tree.map(lambda x: x[r], rollout_out)
-                run_scores, extras[r] = host_scores_and_metrics(
-                    self.reward, self.tokenizer, ids_RxBxP[r], mask_RxBxP[r], run_rollout
-                )
-                scores.append(run_scores)
-            new_state, metrics = self.trainer.update_step(state, self.frozen, batch, rollout_out, np.stack(scores))
+            scores_RxB, extras = sweep_host_scores(self.reward, self.tokenizer, ids_RxBxP, mask_RxBxP, rollout_out)
+            new_state, metrics = self.trainer.update_step(state, self.frozen, batch, rollout_out, scores_RxB)
         else:
             new_state, metrics = self.trainer.train_step(state, self.frozen, batch)
         per_run = split_metrics(metrics, self.num_runs)
