@@ -12,13 +12,14 @@ import subprocess
 import sys
 
 import pytest
+from conftest import SUBPROCESS_XLA_FLAGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script: str, *args: str, timeout: int = 900) -> str:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # one CPU device, as the benchmarks are meant to run
+    env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS  # one CPU device, as the benchmarks are meant to run
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     proc = subprocess.run(
@@ -91,7 +92,7 @@ def test_gpu_suite_smoke(tmp_path):
     # The suite runs every benchmark in its quick mode: this one run also checks each benchmark's
     # result lines (ppo_step with and without LoRA, its FLOP table and files, sampling, sweeps).
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS
     proc = subprocess.run(
         ["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--smoke", "--out", str(tmp_path)],
         cwd=ROOT,

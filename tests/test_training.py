@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import persistent_compilation_cache, tiny_config
+from conftest import SUBPROCESS_XLA_FLAGS, persistent_compilation_cache, tiny_config
 
 from jaxrlhf.core.stats import masked_mean
 from jaxrlhf.metrics_log import read_metrics
@@ -193,7 +193,7 @@ def _free_port() -> int:
 def _worker_env(cache_dir):
     """The workers' environment: their own device count; this module's compilation cache."""
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the worker sets its own device count
+    env["XLA_FLAGS"] = SUBPROCESS_XLA_FLAGS  # the worker adds its own device count
     if cache_dir:
         env["JAXRLHF_TEST_COMPILATION_CACHE"] = cache_dir
     return env
@@ -230,7 +230,10 @@ def test_two_processes_match_single_process(learning_run, tmp_path):
     reference = flat_params(learning_run["state_after_1"].policy_params)
     assert float(result["score"]) == pytest.approx(float(learning_run["history"][0]["score"]))
     for name, value in reference.items():
-        np.testing.assert_allclose(result[name], value, atol=1e-5, err_msg=name)
+        # A key bias shifts every score of a query by the same amount, which the softmax ignores:
+        # its gradient is zero up to round-off, so its step is round-off too, of either program.
+        atol = 1e-4 if "['k']['bias']" in name else 1e-5
+        np.testing.assert_allclose(result[name], value, atol=atol, err_msg=name)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -273,7 +273,10 @@ def test_sampler_logprobs_without_a_separate_critic(params, setup):
         temperature=0.9,
     )
     rollout_out = Rollout(sample.tokens, sample.mask, sample.logprobs)
+    # Distinct scores in every group: a group of equal scores has a zero standard deviation, and
+    # its normalised advantages would compare the round-off of two ways to compute the same KL.
     raw_scores = target_reward(prompt_ids, prompt_mask, sample.tokens, sample.mask)
+    raw_scores = raw_scores + 0.1 * jnp.arange(raw_scores.shape[0])
     hp = HyperParams.from_config(config.replace(temperature=0.9))
 
     @jax.jit

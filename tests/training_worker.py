@@ -18,7 +18,8 @@ import sys
 if __name__ == "__main__":
     _mode = sys.argv[1]
     _devices = sys.argv[5] if _mode == "multihost" else "8"
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_devices}"
+    _flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*_flags, f"--xla_force_host_platform_device_count={_devices}"])
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
