@@ -11,7 +11,8 @@
 #   3. sampling: jaxrlhf tok/s and roofline fraction at GPT-2 124M and Llama-shaped 150M, float32 and bf16
 #   4. sweeps: 1, 8 and 64 randomwalks PPO runs as one program
 #   5. one PPO iteration at GPT-2 124M (jaxrlhf's fused step; the PyTorch loop beside it), with
-#      the per-phase FLOP table; then the same with a rank-8 LoRA policy on both sides
+#      the per-phase FLOP table; one GRPO iteration (4 prompts x 4); then PPO with a rank-8 LoRA
+#      policy on both sides
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,6 +37,7 @@ if [ "$smoke" = 1 ]; then
   sampling_bf16=(--cases tiny-b128-n10 --reps 1 --no-torch --dtype bfloat16)
   sweep_args=(--quick)
   ppo_args=(--quick)
+  grpo_args=(--quick --algorithm grpo --split True --minibatches 1)  # one minibatch: XLA counts the whole update
   ppo_lora_args=(--quick --lora_rank 4 --iters 1 --split True --out "$out/ppo_lora")
   limit=600
   test_limit=600
@@ -46,8 +48,9 @@ else
   sampling_bf16=(--cases gpt2-124m-b64-n64 llama-150m-b64-n64 --reps 3 --no-torch --dtype bfloat16)
   sweep_args=(--runs 1 8 64 --reps 3)
   ppo_args=(--iters 3)
+  grpo_args=(--iters 3 --algorithm grpo)
   ppo_lora_args=(--iters 1 --lora_rank 8)
-  limit=75       # per benchmark section: 60 + 120 + 5 x 75 s = 9.25 minutes at most
+  limit=65       # per benchmark section: 60 + 120 + 6 x 65 s = 9.5 minutes at most
   test_limit=120
 fi
 
@@ -81,6 +84,7 @@ section "Sampling, float32" "$limit" python3 benchmarks/sampling.py "${sampling_
 section "Sampling, bfloat16" "$limit" python3 benchmarks/sampling.py "${sampling_bf16[@]}"
 section "Sweeps" "$limit" python3 benchmarks/sweep.py "${sweep_args[@]}"
 section "PPO iteration" "$limit" python3 benchmarks/ppo_step.py "${ppo_args[@]}"
+section "GRPO iteration" "$limit" python3 benchmarks/ppo_step.py "${grpo_args[@]}"
 section "PPO iteration, LoRA" "$limit" python3 benchmarks/ppo_step.py "${ppo_lora_args[@]}"
 
 echo "report: $report" >&2

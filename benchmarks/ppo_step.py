@@ -22,6 +22,13 @@ its training state and the one coming in rebuilds it (untimed), so the two never
 separately) the table shows medians of --iters iterations. torch runs with
 `torch.set_num_threads(os.cpu_count())`; XLA uses all cores by default.
 
+GRPO (``--algorithm grpo``): the same phases for `preset("grpo")`, critic-free. ``--batch`` counts
+responses, ``--group`` G per prompt (``batch / G`` prompts, each sampled G times); the experience
+runs the policy (old log-probs) and reference forwards and the group advantages, the update the
+clipped ratio loss plus the k3 KL term (beta 0.04), each response's token mean averaged over
+responses; AdamW on the policy only. The torch side is `torch_ppo_baseline.TorchGRPO` (the same
+formulas). Neither side takes the old log-probs from its sampler (jaxrlhf's default).
+
 LoRA (``--lora_rank R``): the policy gets rank-R adapters (``--lora_alpha``, ``--lora_targets``) on
 both sides and trains them only; the reference is the base with the adapters off, not a second
 copy. jaxrlhf: `with_lora(model, LoraConfig(...))`, whose `PPO` keeps the adapters in the state and
@@ -53,6 +60,7 @@ writes every figure to ``DIR/ppo_step.json`` and the tables to ``DIR/ppo_step.md
     python benchmarks/ppo_step.py                       # GPT-2 124M, batch 16, 32 + 32 tokens
     python benchmarks/ppo_step.py --batch 32 --new_tokens 64 --minibatches 4
     python benchmarks/ppo_step.py --lora_rank 8         # LoRA policy (o, up, down), both sides
+    python benchmarks/ppo_step.py --algorithm grpo      # GRPO: 4 prompts x G = 4, no critic
     python benchmarks/ppo_step.py --quick               # tiny model, checks that it runs (< 1 min)
     python benchmarks/ppo_step.py --quick --lora_rank 4 --split True --out /tmp/ppo
 """
@@ -94,6 +102,10 @@ class Config:
 
     quick: bool = False
     """Tiny model, 16 new tokens, 2 iterations, no phase split: checks that it runs."""
+    algorithm: Literal["ppo", "grpo"] = "ppo"
+    """ppo: a critic and GAE; grpo: `preset("grpo")`, critic-free, --group responses per prompt."""
+    group: int = 4
+    """GRPO: responses per prompt (--batch counts responses; must divide it)."""
     model: Literal[tuple(MODELS)] | None = None
     """Model shape (None: gpt2-124m, tiny with --quick)."""
     batch: int = 16
@@ -137,6 +149,8 @@ def resolve(config: Config) -> Config:
     )
     if config.batch % config.minibatches:
         sys.exit(f"--minibatches ({config.minibatches}) must divide --batch ({config.batch})")
+    if config.algorithm == "grpo" and (config.group < 2 or config.batch % config.group):
+        sys.exit(f"--group ({config.group}) must be >= 2 and divide --batch ({config.batch}) for GRPO")
     if config.lora_rank is not None:
         if config.lora_rank < 1:
             sys.exit(f"--lora_rank must be >= 1, got {config.lora_rank}")
@@ -152,6 +166,11 @@ def resolve(config: Config) -> Config:
     if config.out is not None and os.path.exists(config.out) and not os.path.isdir(config.out):
         sys.exit(f"--out {config.out} exists and is not a directory")
     return config
+
+
+def num_prompts(args) -> int:
+    """Distinct prompts per iteration: --batch, or --batch / --group for GRPO."""
+    return args.batch // args.group if args.algorithm == "grpo" else args.batch
 
 
 def build_checkpoint(model_name: str, directory: str, seed: int = 0):
@@ -322,36 +341,41 @@ def rollout_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: in
     )
 
 
-def experience_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int) -> float:
+def experience_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, critic: bool = True) -> float:
     """Forwards over prompt + response (T = P + N): the policy (adapters on) and the reference
     (adapters off; without LoRA the same weights) with the output layer at the N response
-    positions, and the critic's trunk (no vocabulary head; its value head, 2 D per token, left out)."""
+    positions, and (PPO) the critic's trunk (no vocabulary head; its value head, 2 D per token, left out)."""
     length = prompt_len + new_tokens
     base = shape.without_adapters()
     return (
         forward_flops(shape, batch, length, new_tokens)
         + forward_flops(base, batch, length, new_tokens)
-        + forward_flops(base, batch, length, 0)
+        + (forward_flops(base, batch, length, 0) if critic else 0.0)
     )
 
 
-def update_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> float:
-    """Each epoch: forward + backward of the policy (frozen base with LoRA) and of the critic (a
-    full trunk) over the whole batch, in minibatches."""
+def update_flops(
+    shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, epochs: int, critic: bool = True
+) -> float:
+    """Each epoch: forward + backward of the policy (frozen base with LoRA) and (PPO) of the critic
+    (a full trunk) over the whole batch, in minibatches."""
     length = prompt_len + new_tokens
     lora = shape.adapter_weights > 0
-    critic = shape.without_adapters()
+    trunk = shape.without_adapters()
     policy = forward_flops(shape, batch, length, new_tokens) + backward_flops(shape, batch, length, new_tokens, lora)
-    value = forward_flops(critic, batch, length, 0) + backward_flops(critic, batch, length, 0, False)
+    value = forward_flops(trunk, batch, length, 0) + backward_flops(trunk, batch, length, 0, False) if critic else 0.0
     return float(epochs * (policy + value))
 
 
-def phase_flops(shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, epochs: int) -> dict:
-    """Shape-counted FLOPs of each phase and of the fused step (their sum)."""
+def phase_flops(
+    shape: ModelShape, batch: int, prompt_len: int, new_tokens: int, epochs: int, critic: bool = True
+) -> dict:
+    """Shape-counted FLOPs of each phase and of the fused step (their sum); `batch` counts responses
+    (the rollout's prefill runs on every row, GRPO's repeated prompts included)."""
     flops = {
         "rollout": rollout_flops(shape, batch, prompt_len, new_tokens),
-        "experience": experience_flops(shape, batch, prompt_len, new_tokens),
-        "update": update_flops(shape, batch, prompt_len, new_tokens, epochs),
+        "experience": experience_flops(shape, batch, prompt_len, new_tokens, critic),
+        "update": update_flops(shape, batch, prompt_len, new_tokens, epochs, critic),
     }
     return flops | {"fused": sum(flops.values())}
 
@@ -420,6 +444,7 @@ class JaxSide:
 
         from jaxrlhf.models import LoraConfig, ValueModel, init_lora, with_lora
         from jaxrlhf.training import PPO, PPOConfig, make_experience, make_ppo_update
+        from jaxrlhf.training.presets import preset
 
         self.jax = jax
         base_model, self.params = pretrained.model, pretrained.params
@@ -455,12 +480,17 @@ class JaxSide:
             critic_learning_rate=1e-5,
             max_grad_norm=1.0,
         )
-        # The critic: a full trunk + head of the base architecture (no adapters), as torch's.
-        self.ppo = ppo = PPO(config, model, jax_reward, critic=ValueModel(base_model.config))
+        critic = None
+        if args.algorithm == "grpo":  # critic-free; the preset sets its KL, clip and aggregation
+            config = preset("grpo", config.replace(num_generations=args.group))
+        else:  # the critic: a full trunk + head of the base architecture (no adapters), as torch's
+            critic = ValueModel(base_model.config)
+        self.has_critic = critic is not None
+        self.ppo = ppo = PPO(config, model, jax_reward, critic=critic)
         # Only its rollout is ever compiled: a 1-token rollout, the prefill half of the decode timing.
         self.ppo_one_token = PPO(config.replace(max_new_tokens=1), model, jax_reward, critic=ppo.critic)
         self.frozen = ppo.frozen_params(ref_params=self.params)  # LoRA: the base, also the reference
-        ids, mask = make_prompts(args.batch, args.prompt_len, model.config.vocab_size)
+        ids, mask = make_prompts(num_prompts(args), args.prompt_len, model.config.vocab_size)
         self.batch = ppo.prompt_batch(ids, mask)
         # The state is donated to the step (XLA reuses its buffers for the new state).
         self.train_step = ppo.bind(self.frozen, donate=True)
@@ -476,6 +506,7 @@ class JaxSide:
         self.decode_params = adapters  # with the base: what a decode step reads (see `decode_step_bytes`)
 
         def experience(state, frozen, batch, rollout_out):
+            batch = ppo.repeat_prompts(batch)  # GRPO: each prompt's row G times, as the rollout's
             raw = jax_reward(batch.ids, batch.mask, rollout_out.tokens, rollout_out.mask)
             exp, score_stats, _ = make_experience(
                 config,
@@ -521,7 +552,9 @@ class JaxSide:
         self.update = jax.jit(update, donate_argnums=0)
 
     def reset(self):
-        value_params = {"trunk": self.jax.tree.map(lambda x: x.copy(), self.params), "head": self.head}
+        value_params = None  # GRPO: no critic
+        if self.has_critic:
+            value_params = {"trunk": self.jax.tree.map(lambda x: x.copy(), self.params), "head": self.head}
         self.state = self.jax.block_until_ready(self.ppo.init_state(self.params, value_params))
         if self.lora is not None:
             count = sum(x.size for x in self.jax.tree.leaves(self.state.policy_params))
@@ -583,7 +616,7 @@ class TorchSide:
         from torch_ppo_baseline import trainable_parameters
 
         self.torch, self.directory, self.head, self.args = torch, directory, head, args
-        ids, mask = make_prompts(args.batch, args.prompt_len, MODELS[args.model]["vocab_size"])
+        ids, mask = make_prompts(num_prompts(args), args.prompt_len, MODELS[args.model]["vocab_size"])
         self.ids, self.mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
         self.ppo = None
         self.trainable_policy_params = sum(p.numel() for p in trainable_parameters(self.adapted(self.load())))
@@ -604,9 +637,16 @@ class TorchSide:
 
     def reset(self):
         import transformers
-        from torch_ppo_baseline import Critic, TorchPPO, TorchPPOSettings
+        from torch_ppo_baseline import Critic, TorchGRPO, TorchGRPOSettings, TorchPPO, TorchPPOSettings
 
         policy = self.load()
+        minibatch = self.args.batch // self.args.minibatches
+        if self.args.algorithm == "grpo":
+            settings = TorchGRPOSettings(
+                max_new_tokens=self.args.new_tokens, minibatch_size=minibatch, group=self.args.group
+            )
+            self.ppo = TorchGRPO(self.adapted(policy), torch_reward, settings)
+            return
         config = policy.config
         critic = Critic(transformers.GPT2Model(config), self.torch.nn.Linear(config.n_embd, 1))
         critic.trunk.load_state_dict(policy.transformer.state_dict())  # before adapters wrap its modules
@@ -712,7 +752,7 @@ def flop_accounting(r: dict, args, peak_gflops: float, bandwidth_gbps: float) ->
     loop over matrix products), seconds, GFLOP/s and the fraction of the matrix-product peak;
     and the decode step against its floor `max(FLOPs / peak, bytes / bandwidth)`."""
     shape = ModelShape(**r["shape"])
-    counted = phase_flops(shape, args.batch, args.prompt_len, args.new_tokens, epochs=1)
+    counted = phase_flops(shape, args.batch, args.prompt_len, args.new_tokens, epochs=1, critic=args.algorithm == "ppo")
     seconds = {p: r["jax"][p] for p in PHASES} | {"fused": r["jax"]["fused"]}
     rows = []
     for program in (*PHASES, "fused"):
@@ -819,9 +859,12 @@ def main(argv=None):
     lora = "full fine-tuning"
     if args.lora_rank is not None:
         lora = f"LoRA rank {args.lora_rank}, alpha {args.lora_alpha:g} on {' '.join(args.lora_targets)}"
+    algorithm = "PPO with a critic"
+    if args.algorithm == "grpo":
+        algorithm = f"GRPO, {num_prompts(args)} prompts x G = {args.group}"
     print(
-        f"model {args.model} ({lora}), batch {args.batch}, prompt {args.prompt_len} (left-padded, half to all "
-        f"real), {args.new_tokens} new tokens, 1 epoch x {args.minibatches} minibatches of "
+        f"{algorithm}; model {args.model} ({lora}), batch {args.batch}, prompt {args.prompt_len} "
+        f"(left-padded, half to all real), {args.new_tokens} new tokens, 1 epoch x {args.minibatches} minibatches of "
         f"{args.batch // args.minibatches}, float32, median of {args.iters} interleaved iterations",
         flush=True,
     )
@@ -889,7 +932,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "ppo_step.md"), "w") as f:
             f.write(markdown_tables(r, flops))
         print(f"wrote {os.path.join(args.out, 'ppo_step.json')} and ppo_step.md")
-    print(f"ratio (torch / jaxrlhf) per PPO iteration: {torch_total / fused:.2f}x")
+    print(f"ratio (torch / jaxrlhf) per {args.algorithm.upper()} iteration: {torch_total / fused:.2f}x")
 
 
 if __name__ == "__main__":

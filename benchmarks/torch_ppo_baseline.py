@@ -15,6 +15,13 @@ A plain PyTorch loop over `transformers` models, no compilation:
 The critic is a `GPT2Model` trunk with a `Linear(D, 1)` value head on its last hidden state, as
 TRL's separate value model. The formulas are those of docs/design.md (what jaxrlhf computes).
 
+GRPO (`TorchGRPO`, `benchmarks/ppo_step.py --algorithm grpo`): no critic. The rollout samples G
+responses per prompt (`repeat_interleave`); the experience runs the policy (old log-probs) and the
+reference forwards, scores, and `A = (r - mean_g r) / (std_g r + 1e-6)` per group (Bessel's std);
+the update's loss per minibatch is the clipped ratio loss plus `beta * k3(ref, policy)`
+(`exp(ref - lp) - (ref - lp) - 1`, beta 0.04), each response's token mean averaged over responses
+("seq-mean-token-mean"), then the grad-norm clip and AdamW: `preset("grpo")`'s formulas.
+
 LoRA (`lora_policy`): the policy is a `peft` model whose base is frozen; the optimizer and the
 grad-norm clip see the adapters only, and the reference is the same model with its adapters
 switched off (`with policy.disable_adapter():`), so no second copy of the weights exists. The
@@ -112,6 +119,28 @@ def logprobs_of(logits, tokens, temperature):
     return logp.gather(-1, tokens[..., None]).squeeze(-1), logp
 
 
+@torch.no_grad()
+def sample_responses(policy, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float):
+    """`max_new_tokens` sampled tokens per prompt (KV cache, no top-k / top-p) and their mask."""
+    policy.eval()
+    out = policy.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        use_cache=True,
+        pad_token_id=0,
+    )
+    policy.train()
+    response = out[:, prompt_ids.shape[1] :]
+    # No EOS in these runs (the generation config has none): every response token is valid.
+    return response, torch.ones_like(response)
+
+
 class TorchPPO:
     """Policy, frozen reference, critic and two AdamW optimizers; `step` runs one timed iteration.
 
@@ -135,26 +164,8 @@ class TorchPPO:
 
     # ---------------------------------------------------------------- phases
 
-    @torch.no_grad()
     def rollout(self, prompt_ids, prompt_mask):
-        s = self.s
-        self.policy.eval()
-        out = self.policy.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            do_sample=True,
-            temperature=s.temperature,
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=s.max_new_tokens,
-            min_new_tokens=s.max_new_tokens,
-            use_cache=True,
-            pad_token_id=0,
-        )
-        self.policy.train()
-        response = out[:, prompt_ids.shape[1] :]
-        # No EOS in these runs (the generation config has none): every response token is valid.
-        return response, torch.ones_like(response)
+        return sample_responses(self.policy, prompt_ids, prompt_mask, self.s.max_new_tokens, self.s.temperature)
 
     @torch.no_grad()
     def experience(self, prompt_ids, prompt_mask, response, response_mask):
@@ -242,6 +253,103 @@ class TorchPPO:
         response, response_mask = self.rollout(prompt_ids, prompt_mask)
         t1 = time.perf_counter()
         exp, _ = self.experience(prompt_ids, prompt_mask, response, response_mask)
+        t2 = time.perf_counter()
+        self.update(exp, prompt_ids.shape[1])
+        t3 = time.perf_counter()
+        return {"rollout": t1 - t0, "experience": t2 - t1, "update": t3 - t2}
+
+
+@dataclasses.dataclass
+class TorchGRPOSettings:
+    max_new_tokens: int
+    minibatch_size: int  # responses
+    group: int
+    temperature: float = 1.0
+    kl_coef: float = 0.04
+    clip_eps: float = 0.2
+    learning_rate: float = 1e-5
+    max_grad_norm: float = 1.0
+    std_eps: float = 1e-6
+
+
+class TorchGRPO:
+    """GRPO's policy and frozen reference with one AdamW optimizer; `step` runs one timed
+    iteration on the prompts, each sampled `settings.group` times (see the module docstring)."""
+
+    def __init__(self, policy, reward_fn: Callable, settings: TorchGRPOSettings):
+        self.policy = policy.train()
+        self.uses_adapters = hasattr(policy, "disable_adapter")
+        self.ref = None if self.uses_adapters else copy.deepcopy(policy).eval().requires_grad_(False)
+        self.reward_fn = reward_fn
+        self.s = settings
+        self.policy_trainable = trainable_parameters(self.policy)
+        self.policy_opt = torch.optim.AdamW(
+            self.policy_trainable, lr=settings.learning_rate, weight_decay=0.0, eps=1e-8
+        )
+
+    def rollout(self, prompt_ids, prompt_mask):
+        """The prompts, each repeated G times, and a response to each."""
+        prompt_ids = prompt_ids.repeat_interleave(self.s.group, 0)
+        prompt_mask = prompt_mask.repeat_interleave(self.s.group, 0)
+        response, response_mask = sample_responses(
+            self.policy, prompt_ids, prompt_mask, self.s.max_new_tokens, self.s.temperature
+        )
+        return prompt_ids, prompt_mask, response, response_mask
+
+    @torch.no_grad()
+    def experience(self, prompt_ids, prompt_mask, response, response_mask):
+        s = self.s
+        P, N = prompt_ids.shape[1], response.shape[1]
+        ids = torch.cat([prompt_ids, response], 1)
+        mask = torch.cat([prompt_mask, response_mask], 1)
+        logprobs, _ = logprobs_of(response_logits(self.policy, ids, mask, P, N), response, s.temperature)
+        if self.ref is None:
+            with self.policy.disable_adapter():
+                ref_logits = response_logits(self.policy, ids, mask, P, N)
+        else:
+            ref_logits = response_logits(self.ref, ids, mask, P, N)
+        ref_logprobs, _ = logprobs_of(ref_logits, response, s.temperature)
+        del ref_logits
+        scores = self.reward_fn(prompt_ids, prompt_mask, response, response_mask).view(-1, s.group)
+        advantages = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + s.std_eps)
+        return dict(
+            ids=ids,
+            mask=mask,
+            response=response,
+            response_mask=response_mask.float(),
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            advantages=advantages.reshape(-1, 1),
+        )
+
+    def update(self, exp, prompt_len):
+        s = self.s
+        B, N = exp["response"].shape
+        perm = torch.randperm(B)
+        for start in range(0, B, s.minibatch_size):
+            mb = {k: v[perm[start : start + s.minibatch_size]] for k, v in exp.items()}
+            m = mb["response_mask"]
+            logits = response_logits(self.policy, mb["ids"], mb["mask"], prompt_len, N)
+            logprobs, _ = logprobs_of(logits, mb["response"], s.temperature)
+            ratio = torch.exp(logprobs - mb["logprobs"])
+            adv = mb["advantages"]
+            pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - s.clip_eps, 1 + s.clip_eps))
+            log_ratio = mb["ref_logprobs"] - logprobs
+            k3 = torch.exp(log_ratio) - log_ratio - 1
+            per_response = ((pg + s.kl_coef * k3) * m).sum(1) / m.sum(1).clamp(min=1)
+            loss = per_response.mean()
+            self.policy_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy_trainable, s.max_grad_norm)
+            self.policy_opt.step()
+        return {"loss": loss.item()}
+
+    def step(self, prompt_ids, prompt_mask):
+        """One iteration; returns the seconds of each phase."""
+        t0 = time.perf_counter()
+        prompt_ids, prompt_mask, response, response_mask = self.rollout(prompt_ids, prompt_mask)
+        t1 = time.perf_counter()
+        exp = self.experience(prompt_ids, prompt_mask, response, response_mask)
         t2 = time.perf_counter()
         self.update(exp, prompt_ids.shape[1])
         t3 = time.perf_counter()

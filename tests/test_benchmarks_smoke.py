@@ -111,11 +111,12 @@ def test_gpu_suite_smoke(tmp_path):
         "Sampling, bfloat16",
         "Sweeps",
         "PPO iteration",
+        "GRPO iteration",
         "PPO iteration, LoRA",
     )
     for title in titles:
         assert f"## {title}" in report, title
-    assert report.count("(exit 0,") == 7, report[-4000:]
+    assert report.count("(exit 0,") == 8, report[-4000:]
     m = re.MULTILINE
 
     # Sampling: one row per case, "<case> <params>M <jaxrlhf tok/s> <torch tok/s> <ratio>x <compile s>"
@@ -129,12 +130,24 @@ def test_gpu_suite_smoke(tmp_path):
     assert re.search(r"^2 runs as one sweep: \d+\.\d+x the time of one run, \d+\.\d+x the throughput", sweeps, m)
     assert "load average" in sweeps and "matrix-product peak" in sweeps
 
-    for title in ("PPO iteration", "PPO iteration, LoRA"):
+    for title, algorithm in (("PPO iteration", "PPO"), ("GRPO iteration", "GRPO"), ("PPO iteration, LoRA", "PPO")):
         ppo = _section(report, title)
-        ratio = re.search(r"^ratio \(torch / jaxrlhf\) per PPO iteration: (\d+\.\d+)x$", ppo, m)
+        ratio = re.search(rf"^ratio \(torch / jaxrlhf\) per {algorithm} iteration: (\d+\.\d+)x$", ppo, m)
         assert ratio and float(ratio.group(1)) > 0, ppo
         assert re.search(r"^iteration \(fused jit\)\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+x$", ppo, m), ppo
         assert "load average" in ppo and "compile" in ppo
+
+    # GRPO's FLOP table: with one minibatch XLA's count covers the experience and the update whole,
+    # and agrees with the shape count (no critic in either).
+    grpo = _section(report, "GRPO iteration")
+    assert "GRPO, 4 prompts x G = 4" in grpo, grpo
+    rows = dict(
+        (r[0], (float(r[1]), float(r[2])))
+        for r in re.findall(r"^(experience|update) +(\d+\.\d+) +(\d+\.\d+) +(?:xla|shapes) ", grpo, m)
+    )
+    assert set(rows) == {"experience", "update"}, grpo
+    for xla, shapes in rows.values():
+        assert abs(xla - shapes) <= 0.1 * shapes, rows
 
     # LoRA on both sides (the script exits if their trainable counts differ), and the split phases'
     # FLOP table, also written as JSON and markdown.
