@@ -141,6 +141,24 @@ def sample_responses(policy, prompt_ids, prompt_mask, max_new_tokens: int, tempe
     return response, torch.ones_like(response)
 
 
+@torch.no_grad()
+def sequence_logprobs(policy, ref, prompt_ids, prompt_mask, response, response_mask, temperature: float):
+    """Prompt + response as one sequence (ids, mask), and the response tokens' log-probs under the
+    policy and the reference (`ref` None: the policy with its LoRA adapters off). Also the
+    policy's full log-softmax, for the entropy."""
+    P, N = prompt_ids.shape[1], response.shape[1]
+    ids = torch.cat([prompt_ids, response], 1)
+    mask = torch.cat([prompt_mask, response_mask], 1)
+    logprobs, logp = logprobs_of(response_logits(policy, ids, mask, P, N), response, temperature)
+    if ref is None:
+        with policy.disable_adapter():
+            ref_logits = response_logits(policy, ids, mask, P, N)
+    else:
+        ref_logits = response_logits(ref, ids, mask, P, N)
+    ref_logprobs, _ = logprobs_of(ref_logits, response, temperature)
+    return ids, mask, logprobs, ref_logprobs, logp
+
+
 class TorchPPO:
     """Policy, frozen reference, critic and two AdamW optimizers; `step` runs one timed iteration.
 
@@ -171,19 +189,12 @@ class TorchPPO:
     def experience(self, prompt_ids, prompt_mask, response, response_mask):
         s = self.s
         P, N = prompt_ids.shape[1], response.shape[1]
-        ids = torch.cat([prompt_ids, response], 1)
-        mask = torch.cat([prompt_mask, response_mask], 1)
-        logits = response_logits(self.policy, ids, mask, P, N)
-        logprobs, logp = logprobs_of(logits, response, s.temperature)
+        # LoRA: the reference is the base, i.e. the policy with adapters off.
+        ids, mask, logprobs, ref_logprobs, logp = sequence_logprobs(
+            self.policy, self.ref, prompt_ids, prompt_mask, response, response_mask, s.temperature
+        )
         entropy = -(logp.exp() * logp).sum(-1)
-        del logits, logp
-        if self.ref is None:  # LoRA: the reference is the base, i.e. the policy with adapters off
-            with self.policy.disable_adapter():
-                ref_logits = response_logits(self.policy, ids, mask, P, N)
-        else:
-            ref_logits = response_logits(self.ref, ids, mask, P, N)
-        ref_logprobs, _ = logprobs_of(ref_logits, response, s.temperature)
-        del ref_logits
+        del logp
         values = self.critic(ids, mask, positions(mask))[:, P - 1 : P - 1 + N].float()
         scores = self.reward_fn(prompt_ids, prompt_mask, response, response_mask)
 
@@ -299,17 +310,9 @@ class TorchGRPO:
     @torch.no_grad()
     def experience(self, prompt_ids, prompt_mask, response, response_mask):
         s = self.s
-        P, N = prompt_ids.shape[1], response.shape[1]
-        ids = torch.cat([prompt_ids, response], 1)
-        mask = torch.cat([prompt_mask, response_mask], 1)
-        logprobs, _ = logprobs_of(response_logits(self.policy, ids, mask, P, N), response, s.temperature)
-        if self.ref is None:
-            with self.policy.disable_adapter():
-                ref_logits = response_logits(self.policy, ids, mask, P, N)
-        else:
-            ref_logits = response_logits(self.ref, ids, mask, P, N)
-        ref_logprobs, _ = logprobs_of(ref_logits, response, s.temperature)
-        del ref_logits
+        ids, mask, logprobs, ref_logprobs, _ = sequence_logprobs(
+            self.policy, self.ref, prompt_ids, prompt_mask, response, response_mask, s.temperature
+        )
         scores = self.reward_fn(prompt_ids, prompt_mask, response, response_mask).view(-1, s.group)
         advantages = (scores - scores.mean(1, keepdim=True)) / (scores.std(1, keepdim=True) + s.std_eps)
         return dict(
