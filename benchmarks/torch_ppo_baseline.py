@@ -119,6 +119,19 @@ def logprobs_of(logits, tokens, temperature):
     return logp.gather(-1, tokens[..., None]).squeeze(-1), logp
 
 
+def frozen_reference(policy):
+    """The reference model: a frozen deep copy of the policy, or None for a `peft` policy, whose
+    reference is itself with the adapters off (`sequence_logprobs`)."""
+    if hasattr(policy, "disable_adapter"):
+        return None
+    return copy.deepcopy(policy).eval().requires_grad_(False)
+
+
+def clipped_policy_loss(ratio, advantages, clip_eps: float):
+    """Per token: max(-A r, -A clip(r, 1 - eps, 1 + eps))."""
+    return torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps))
+
+
 @torch.no_grad()
 def sample_responses(policy, prompt_ids, prompt_mask, max_new_tokens: int, temperature: float):
     """`max_new_tokens` sampled tokens per prompt (KV cache, no top-k / top-p) and their mask."""
@@ -167,8 +180,7 @@ class TorchPPO:
 
     def __init__(self, policy, critic: Critic, reward_fn: Callable, settings: TorchPPOSettings):
         self.policy = policy.train()
-        self.uses_adapters = hasattr(policy, "disable_adapter")  # a peft model
-        self.ref = None if self.uses_adapters else copy.deepcopy(policy).eval().requires_grad_(False)
+        self.ref = frozen_reference(policy)
         self.critic = critic.train()
         self.reward_fn = reward_fn
         self.s = settings
@@ -243,7 +255,7 @@ class TorchPPO:
                 ]
                 ratio = torch.exp(logprobs - mb["logprobs"])
                 adv = mb["advantages"]
-                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - s.clip_eps, 1 + s.clip_eps))
+                pg = clipped_policy_loss(ratio, adv, s.clip_eps)
                 pg_loss = masked_mean(pg, m)
                 v_clipped = mb["values"] + (vpred - mb["values"]).clamp(-s.value_clip_eps, s.value_clip_eps)
                 vf = torch.max((vpred - mb["returns"]) ** 2, (v_clipped - mb["returns"]) ** 2)
@@ -289,8 +301,7 @@ class TorchGRPO:
 
     def __init__(self, policy, reward_fn: Callable, settings: TorchGRPOSettings):
         self.policy = policy.train()
-        self.uses_adapters = hasattr(policy, "disable_adapter")
-        self.ref = None if self.uses_adapters else copy.deepcopy(policy).eval().requires_grad_(False)
+        self.ref = frozen_reference(policy)
         self.reward_fn = reward_fn
         self.s = settings
         self.policy_trainable = trainable_parameters(self.policy)
@@ -336,7 +347,7 @@ class TorchGRPO:
             logprobs, _ = logprobs_of(logits, mb["response"], s.temperature)
             ratio = torch.exp(logprobs - mb["logprobs"])
             adv = mb["advantages"]
-            pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - s.clip_eps, 1 + s.clip_eps))
+            pg = clipped_policy_loss(ratio, adv, s.clip_eps)
             log_ratio = mb["ref_logprobs"] - logprobs
             k3 = torch.exp(log_ratio) - log_ratio - 1
             per_response = ((pg + s.kl_coef * k3) * m).sum(1) / m.sum(1).clamp(min=1)
