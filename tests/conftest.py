@@ -65,6 +65,35 @@ def load_script(name):
     return module
 
 
+# The files whose tests run for minutes (end-to-end runs, subprocesses, real checkpoints), longest
+# first. pytest-xdist's `--dist loadfile` would hand out files by their number of tests, so a
+# file of a few long tests (the GPU-suite smoke: about 4 minutes) started last and ran alone at
+# the end; starting the longest files first lets the short ones fill in around them.
+LONG_FILES_FIRST = (
+    "test_benchmarks_smoke.py",
+    "test_sweep.py",
+    "test_training.py",
+    "test_gguf_generation.py",
+    "test_training_groups.py",
+    "test_reliability.py",
+    "test_training_recompute.py",
+    "test_steer_smollm.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order given below
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return LONG_FILES_FIRST.index(name) if name in LONG_FILES_FIRST else len(LONG_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: a file's tests keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
     """One persistent compilation cache for the whole test run, shared by the xdist workers and the
