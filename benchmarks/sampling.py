@@ -1,7 +1,8 @@
 """Sampling throughput: jaxrlhf `make_sampler` vs transformers `generate` (PyTorch), same weights.
 
 For each case a random-weight model is built with transformers, saved as an HF checkpoint and
-loaded with `jaxrlhf.load_pretrained`, so both sides run the same weights and shapes. Both sample
+loaded with `jaxrlhf.load_pretrained`, so both sides run the same weights and shapes (with
+`--no-torch`, jaxrlhf writes the random checkpoint itself and torch is never imported). Both sample
 (temperature 1, no top-k/top-p filtering) with a KV cache, produce exactly `new` tokens per row (no
 EOS), and are timed back to back in the same process, interleaved, `--reps` times; the table shows
 medians. PyTorch runs with `torch.set_num_threads(--threads)` (default 2).
@@ -98,6 +99,7 @@ class Config:
 
 
 def build_checkpoint(case: Case, directory: str):
+    """A random-weight transformers model of `case`, saved as an HF checkpoint in `directory`."""
     import torch
     import transformers
 
@@ -111,6 +113,18 @@ def build_checkpoint(case: Case, directory: str):
     model.generation_config.pad_token_id = 0
     model.save_pretrained(directory)
     return model.eval()
+
+
+def build_jax_checkpoint(case: Case, directory: str, seed: int = 0) -> None:
+    """The same shapes written by jaxrlhf alone (`save_pretrained` of random weights), so that a
+    --no-torch run imports neither torch nor transformers' model classes."""
+    import jax
+
+    from jaxrlhf.models import LanguageModel, ModelConfig, save_pretrained
+
+    hf_config = dict(model_type=case.family, **case.hf_config, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    model = LanguageModel(ModelConfig.from_hf(hf_config))
+    save_pretrained(directory, model, model.init_params(jax.random.PRNGKey(seed)))
 
 
 def prompts(case: Case, vocab: int, seed: int = 0):
@@ -221,20 +235,21 @@ def run_case(
     peak_gbps: float | None = None,
 ) -> dict:
     import jax
-    import torch
 
     import jaxrlhf
 
-    torch.set_num_threads(threads)
+    hf_model = None
     with tempfile.TemporaryDirectory() as directory:
-        hf_model = build_checkpoint(case, directory)
+        if with_torch:
+            hf_model = build_checkpoint(case, directory)
+        else:
+            build_jax_checkpoint(case, directory)
         pretrained = jaxrlhf.load_pretrained(directory, dtype=dtype)
     model, params = pretrained.model, pretrained.params
     ids, mask = prompts(case, model.config.vocab_size)
     sampler = jaxrlhf.make_sampler(
         model, max_new_tokens=case.new_tokens, temperature=1.0, prompt_buckets=(case.prompt_len,)
     )
-    torch_ids, torch_mask = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def run_jax(seed):
         out = sampler(params, ids, mask, jax.random.key(seed))
@@ -242,11 +257,13 @@ def run_case(
         return out
 
     def run_torch(num_threads=threads):
+        import torch
+
         torch.set_num_threads(num_threads)
         with torch.inference_mode():
             out = hf_model.generate(
-                input_ids=torch_ids,
-                attention_mask=torch_mask,
+                input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
                 do_sample=True,
                 temperature=1.0,
                 top_k=None,
@@ -314,9 +331,14 @@ def main(argv=None):
     cases = [c for c in CASES if c.name in args.cases]
 
     import jax
-    import torch
-    import transformers
 
+    if args.torch:
+        import torch
+        import transformers
+
+        versions = f"torch {torch.__version__} ({args.threads} threads), transformers {transformers.__version__}"
+    else:
+        versions = "torch not used (--no-torch)"
     peak_gbps = None
     if args.roofline:
         peak_gbps = args.peak_gbps or measured_bandwidth_gbps()
@@ -325,8 +347,7 @@ def main(argv=None):
             f"on {jax.devices()[0].device_kind}"
         )
     print(
-        f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({args.threads} threads), transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
+        f"jax {jax.__version__} ({jax.devices()[0].platform}), {versions}, {os.cpu_count()} CPUs, "
         f"jaxrlhf dtype {args.dtype}, median of {args.reps}, {time.strftime('%Y-%m-%d %H:%M')}"
     )
     print(

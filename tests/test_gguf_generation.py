@@ -30,6 +30,7 @@ pytest.importorskip("gguf")
 from test_gguf import Q, _hf_model, _write_gguf  # noqa: E402  (tiny-GGUF writer helpers)
 
 from jaxrlhf import load_pretrained  # noqa: E402
+from jaxrlhf.models import pretrained_from_hf  # noqa: E402
 from jaxrlhf.models.gguf import read_gguf  # noqa: E402
 from jaxrlhf.sampling import generate  # noqa: E402
 
@@ -100,18 +101,20 @@ def test_tiny_llama_f32_gguf_logits_match_transformers(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    pretrained = load_pretrained(SMOLLM2)
+    # The file is parsed once (about 10 s): `load_pretrained` is `read_gguf` then
+    # `pretrained_from_hf`, and the tiny Llama above runs `load_pretrained` on a GGUF file whole.
+    checkpoint = read_gguf(SMOLLM2)
+    pretrained = pretrained_from_hf(checkpoint.config, checkpoint.state_dict, checkpoint.tokenizer)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = pretrained.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = pretrained.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    return pretrained, _torch_gguf_model(SMOLLM2), ids
+    return pretrained, _torch_gguf_model(SMOLLM2), ids, checkpoint
 
 
 @needs_smollm2
 @pytest.mark.slow
 def test_smollm2_q4_1_reads_as_transformers_reads_it(smollm2):
-    pretrained, reference, _ = smollm2
-    checkpoint = read_gguf(SMOLLM2, load_tokenizer=False)
+    pretrained, reference, _, checkpoint = smollm2
     config = checkpoint.config
     assert config["model_type"] == "llama"
     assert (
@@ -148,7 +151,7 @@ def test_smollm2_q4_1_reads_as_transformers_reads_it(smollm2):
 @needs_smollm2
 @pytest.mark.slow
 def test_smollm2_logits_match_transformers(smollm2):
-    pretrained, reference, ids = smollm2
+    pretrained, reference, ids, _ = smollm2
     assert (
         ids[0] == 1
         and ids[-4:] == pretrained.tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
@@ -166,7 +169,7 @@ def test_smollm2_logits_match_transformers(smollm2):
 @needs_smollm2
 @pytest.mark.slow
 def test_smollm2_greedy_continuation_matches_transformers(smollm2):
-    pretrained, reference, ids = smollm2
+    pretrained, reference, ids, _ = smollm2
     out = generate(
         pretrained.model,
         pretrained.params,

@@ -1,7 +1,7 @@
 """Flax decoder LMs (GPT-2, Llama family) with Hugging Face checkpoint I/O."""
 
 from jaxrlhf.models.config import REMAT_POLICIES, ModelConfig, UnsupportedModelError, gpt2_config
-from jaxrlhf.models.hf_io import CheckpointError, load_pretrained, resolve_hub_id, save_pretrained
+from jaxrlhf.models.hf_io import CheckpointError, load_pretrained, pretrained_from_hf, resolve_hub_id, save_pretrained
 from jaxrlhf.models.lm import LanguageModel, Pretrained
 from jaxrlhf.models.lora import (
     LoraConfig,

@@ -491,8 +491,6 @@ def load_pretrained(
       scan_layers, remat: layer execution of the returned model (`ModelConfig.scan_layers`,
         `ModelConfig.remat`); with `scan_layers` the parameters come stacked (`params["layers"]`).
     """
-    param_dtype = jnp.dtype(dtype or jnp.float32)
-    compute = jnp.dtype(compute_dtype or param_dtype)
     path = os.fspath(path)
     if not os.path.exists(path) and _looks_like_hub_id(path):
         path = resolve_hub_id(path, revision, cache_dir, allow_patterns=[gguf_file] if gguf_file else None)
@@ -534,13 +532,43 @@ def load_pretrained(
                 f"loaded with tokenizer=None; pass token ids directly or load a tokenizer yourself",
                 stacklevel=2,
             )
+    try:
+        return pretrained_from_hf(
+            hf_config,
+            state_dict,
+            tokenizer,
+            dtype=dtype,
+            compute_dtype=compute_dtype,
+            scan_layers=scan_layers,
+            remat=remat,
+        )
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+
+
+def pretrained_from_hf(
+    hf_config: dict,
+    state_dict: dict,
+    tokenizer=None,
+    *,
+    dtype=None,
+    compute_dtype=None,
+    scan_layers: bool = False,
+    remat: str | None = None,
+) -> Pretrained:
+    """A `Pretrained` model from an HF config dict and state dict already in memory.
+
+    What `load_pretrained` does once it has read a checkpoint: e.g. for the `GGUFCheckpoint` of
+    `jaxrlhf.models.gguf.read_gguf`, or a state dict converted from a PyTorch model, without
+    reading the files again. Arguments as in `load_pretrained`; `state_dict` maps HF tensor
+    names to arrays in HF layout.
+    """
+    param_dtype = jnp.dtype(dtype or jnp.float32)
+    compute = jnp.dtype(compute_dtype or param_dtype)
     config = ModelConfig.from_hf(
         hf_config, param_dtype=param_dtype.name, dtype=compute.name, scan_layers=bool(scan_layers), remat=remat
     )
-    try:
-        params = params_from_hf(config, state_dict, dtype=param_dtype)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from e
+    params = params_from_hf(config, state_dict, dtype=param_dtype)
     return Pretrained(LanguageModel(config), params, tokenizer)
 
 
