@@ -98,17 +98,20 @@ class Config:
     """Memory bandwidth for --roofline in GB/s (None: measured by a jitted sum)."""
 
 
+# Token ids of every random checkpoint: no BOS/EOS (every row samples exactly `new` tokens), pad 0.
+TOKEN_IDS = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+
+
 def build_checkpoint(case: Case, directory: str):
     """A random-weight transformers model of `case`, saved as an HF checkpoint in `directory`."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    common = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
     if case.family == "gpt2":
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**case.hf_config, **common))
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**case.hf_config, **TOKEN_IDS))
     else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**case.hf_config, **common))
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**case.hf_config, **TOKEN_IDS))
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     model.save_pretrained(directory)
@@ -122,8 +125,7 @@ def build_jax_checkpoint(case: Case, directory: str, seed: int = 0) -> None:
 
     from jaxrlhf.models import LanguageModel, ModelConfig, save_pretrained
 
-    hf_config = dict(model_type=case.family, **case.hf_config, pad_token_id=0, bos_token_id=None, eos_token_id=None)
-    model = LanguageModel(ModelConfig.from_hf(hf_config))
+    model = LanguageModel(ModelConfig.from_hf(dict(model_type=case.family, **case.hf_config, **TOKEN_IDS)))
     save_pretrained(directory, model, model.init_params(jax.random.PRNGKey(seed)))
 
 
