@@ -5,10 +5,13 @@ from jaxrlhf.core.groups import (
     GroupSelection,
     broadcast_over_tokens,
     drgrpo_advantages,
+    gpg_advantages,
     group_has_signal,
     group_signal_fraction,
     grpo_advantages,
+    grpo_passk_advantages,
     num_groups,
+    opo_advantages,
     overlong_reward_shaping,
     reinforce_pp_advantages,
     remax_advantages,
@@ -45,9 +48,16 @@ from jaxrlhf.core.preference import (
     simpo_loss,
     split_pairs,
 )
-from jaxrlhf.core.rewards import discounted_returns, kl_penalized_rewards, last_valid_index
+from jaxrlhf.core.rewards import discounted_returns, kl_penalized_rewards, last_valid_index, step_rewards
 from jaxrlhf.core.sequences import concat_prompt_response
 from jaxrlhf.core.stats import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
+from jaxrlhf.core.surrogates import (
+    cispo_policy_loss,
+    clip_cov_policy_loss,
+    gmpo_policy_loss,
+    kl_cov_policy_loss,
+    sapo_policy_loss,
+)
 
 __all__ = [
     "GSPO_VARIANTS",
@@ -60,6 +70,8 @@ __all__ = [
     "aggregate_loss",
     "broadcast_over_tokens",
     "chosen_nll_loss",
+    "cispo_policy_loss",
+    "clip_cov_policy_loss",
     "concat_pairs",
     "concat_prompt_response",
     "discounted_returns",
@@ -69,11 +81,15 @@ __all__ = [
     "entropy_loss",
     "fixed_kl_controller",
     "gae_advantages",
+    "gmpo_policy_loss",
+    "gpg_advantages",
     "group_has_signal",
     "group_signal_fraction",
     "grpo_advantages",
+    "grpo_passk_advantages",
     "gspo_policy_loss",
     "ipo_loss",
+    "kl_cov_policy_loss",
     "kl_estimate",
     "kl_loss",
     "kl_penalized_rewards",
@@ -85,6 +101,7 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "num_groups",
+    "opo_advantages",
     "overlong_reward_shaping",
     "ppo_policy_loss",
     "ppo_value_loss",
@@ -92,10 +109,12 @@ __all__ = [
     "remax_advantages",
     "reward_model_loss",
     "rloo_advantages",
+    "sapo_policy_loss",
     "select_groups_with_signal",
     "sequence_logprobs",
     "sequence_logprobs_from_logits",
     "simpo_loss",
     "split_pairs",
+    "step_rewards",
     "token_logprobs",
 ]

@@ -150,6 +150,84 @@ def remax_advantages(scores_B: chex.Array, greedy_scores_P: chex.Array, group_si
     return (scores_PxG - baseline_Px1).reshape(-1)
 
 
+def opo_advantages(scores_B: chex.Array, lengths_B: chex.Array, group_size: int) -> jax.Array:
+    """OPO (Hao et al. 2025, "On-Policy RL with Optimal Reward Baseline"): the optimal baseline of
+    a sequence-level policy gradient under its assumptions is the length-weighted group mean,
+    ``A_i = s_i - sum_g(L_g s_g) / sum_g(L_g)`` (``L`` the responses' token counts; the baseline is
+    0 for a group of one response, or when the group has no tokens).
+
+    Args:
+      scores_B: ``[B]`` sequence scores, groups of ``group_size`` consecutive rows.
+      lengths_B: ``[B]`` response lengths (action tokens).
+      group_size: G (static).
+
+    Returns:
+      ``[B]`` advantages; exactly 0 for a group (of two or more) whose scores are all equal.
+    """
+    scores_PxG = _grouped(scores_B, group_size)
+    chex.assert_shape(lengths_B, scores_B.shape)
+    lengths_PxG = jnp.asarray(lengths_B, scores_PxG.dtype).reshape(scores_PxG.shape)
+    total_length_Px1 = jnp.sum(lengths_PxG, axis=-1, keepdims=True)
+    baseline_Px1 = jnp.sum(lengths_PxG * scores_PxG, axis=-1, keepdims=True) / jnp.maximum(total_length_Px1, 1)
+    if group_size == 1:
+        return scores_PxG.reshape(-1)
+    return _zero_where_no_signal(scores_PxG - baseline_Px1, scores_PxG).reshape(-1)
+
+
+def gpg_advantages(scores_B: chex.Array, group_size: int, f_norm: Scalar = 1.0, axis_name=None) -> jax.Array:
+    """GPG (Chu et al. 2025, "GPG: A Simple and Strong Reinforcement Learning Baseline for Model
+    Reasoning"): ``A_i = alpha * (s_i - mean_g s) / F_norm`` with ``alpha = B / M``, ``M`` the
+    number of non-zero scores of the whole batch (at least 1; across devices with ``axis_name``), as
+    verl computes it: it rescales the gradient when many responses score 0. ``mean_g`` is 0 for a
+    group of one response.
+
+    Args:
+      scores_B: ``[B]`` sequence scores, groups of ``group_size`` consecutive rows.
+      group_size: G (static).
+      f_norm: ``F_norm`` (scalar, may be traced).
+      axis_name: device axis of the batch count.
+
+    Returns:
+      ``[B]`` advantages; exactly 0 for a group (of two or more) whose scores are all equal.
+    """
+    scores_PxG = _grouped(scores_B, group_size)
+    nonzero = jnp.sum((scores_PxG != 0).astype(scores_PxG.dtype))
+    total = jnp.asarray(scores_PxG.size, scores_PxG.dtype)
+    if axis_name is not None:
+        nonzero, total = jax.lax.psum(nonzero, axis_name), jax.lax.psum(total, axis_name)
+    alpha = total / jnp.maximum(nonzero, 1)
+    if group_size == 1:
+        centered_PxG = scores_PxG
+    else:
+        centered_PxG = _zero_where_no_signal(scores_PxG - jnp.mean(scores_PxG, axis=-1, keepdims=True), scores_PxG)
+    return (alpha * centered_PxG / jnp.asarray(f_norm, scores_PxG.dtype)).reshape(-1)
+
+
+def grpo_passk_advantages(scores_B: chex.Array, group_size: int, eps: float = GRPO_STD_EPS) -> jax.Array:
+    """GRPO for pass@k (Chen et al. 2025, "Pass@k Training for Adaptively Balancing Exploration and
+    Exploitation", arXiv 2503.19595, as verl's ``grpo_passk``): in each group only the best response
+    (the first of equal maxima) gets an advantage, ``(s_max - s_second) / (std_g s + 1e-6)``, with
+    ``s_second`` the second largest score and ``std_g`` Bessel-corrected; the others get 0. It
+    rewards the one response that pass@k would take.
+
+    Args:
+      scores_B: ``[B]`` sequence scores, groups of ``group_size`` consecutive rows.
+      group_size: G (static), ``>= 2``.
+      eps: added to the std.
+
+    Returns:
+      ``[B]`` advantages (0 everywhere in a group whose two best scores tie).
+    """
+    scores_PxG = _grouped(scores_B, group_size, min_group_size=2)
+    top2_Px2 = jax.lax.top_k(scores_PxG, 2)[0]
+    best_P = jnp.argmax(scores_PxG, axis=-1)
+    centered_PxG = scores_PxG - jnp.mean(scores_PxG, axis=-1, keepdims=True)
+    std_P = jnp.sqrt(jnp.sum(jnp.square(centered_PxG), axis=-1) / (group_size - 1))
+    gap_P = (top2_Px2[:, 0] - top2_Px2[:, 1]) / (std_P + eps)
+    is_best_PxG = jnp.arange(group_size)[None, :] == best_P[:, None]
+    return jnp.where(is_best_PxG, gap_P[:, None], 0).reshape(-1)
+
+
 def broadcast_over_tokens(advantages_B: chex.Array, mask_BxT: chex.Array) -> jax.Array:
     """Spread a per-sequence advantage over its valid tokens: ``A[b, t] = A[b] * (mask[b, t] != 0)``.
 

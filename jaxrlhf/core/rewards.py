@@ -61,12 +61,35 @@ def kl_penalized_rewards(
     """
     chex.assert_rank([scores, logprobs, ref_logprobs, mask], [1, 2, 2, 2])
     chex.assert_equal_shape([logprobs, ref_logprobs, mask])
+    dtype = compute_dtype(logprobs)
+    kl_BxT = kl_estimate(logprobs.astype(dtype), ref_logprobs.astype(dtype), kind)
+    return step_rewards(scores, kl_BxT, mask, kl_coef)
+
+
+def step_rewards(scores: chex.Array, kl: chex.Array, mask: chex.Array, kl_coef: Scalar) -> jax.Array:
+    """`kl_penalized_rewards` from a per-token KL estimate ``kl`` (of any estimator).
+
+    ``r = -kl_coef * kl * mask``, then ``r[b, last_valid_index(mask)[b]] += scores[b]``. With an
+    action mask (multi-turn episodes) the score lands on the last action token; tokens off the mask
+    get 0.
+
+    Args:
+      scores: ``[B]`` sequence-level scores.
+      kl: ``[B, T]`` per-token KL estimates.
+      mask: ``[B, T]``.
+      kl_coef: scalar beta.
+
+    Returns:
+      ``[B, T]`` float rewards.
+    """
+    chex.assert_rank([scores, kl, mask], [1, 2, 2])
+    chex.assert_equal_shape([kl, mask])
     chex.assert_equal_shape_prefix([scores, mask], 1)
     kl_coef = jnp.asarray(kl_coef)
     chex.assert_rank(kl_coef, 0)
-    dtype = compute_dtype(logprobs)
+    dtype = compute_dtype(kl)
     mask_BxT = mask.astype(dtype)
-    kl_BxT = kl_estimate(logprobs.astype(dtype), ref_logprobs.astype(dtype), kind)
+    kl_BxT = kl.astype(dtype)
     kl_penalty_BxT = jnp.where(mask_BxT != 0, -kl_coef.astype(dtype) * kl_BxT * mask_BxT, 0)
     positions_T = jnp.arange(mask_BxT.shape[-1], dtype=jnp.int32)
     is_last_BxT = positions_T[None, :] == last_valid_index(mask_BxT)[:, None]  # no match if row empty

@@ -60,6 +60,7 @@ class LanguageModel:
         cache_index=None,
         cache_size=None,
         logits_positions: slice | None = None,
+        segment_ids=None,
     ) -> ModelOutput:
         """Full output: logits, final hidden states and, in cache mode, the updated KV cache.
 
@@ -67,11 +68,21 @@ class LanguageModel:
         without a cache, and the returned cache has `cache_size` slots, the first L holding them.
         `logits_positions` (a static `slice` of the L positions) computes the output layer there
         only: `logits` is then `[B, n, V]` for the slice's n positions (`slice(0, 0)`: none, for a
-        caller that needs `hidden` alone), while `hidden` keeps all L.
+        caller that needs `hidden` alone), while `hidden` keeps all L. `segment_ids` (`[B, L]`,
+        with `positions`): packed rows that do not attend to each other (`jaxrlhf.packing`).
         """
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
         output = self.module.apply(
-            variables, input_ids, attention_mask, positions, cache, cache_index, cache_size, logits_positions, rngs=rngs
+            variables,
+            input_ids,
+            attention_mask,
+            positions,
+            cache,
+            cache_index,
+            cache_size,
+            logits_positions,
+            segment_ids,
+            rngs=rngs,
         )
         return cast(ModelOutput, output)  # without `mutable`, Linen's apply returns the module's output alone
 

@@ -277,11 +277,16 @@ class Transformer(nn.Module):
         cache_index=None,
         cache_size=None,
         logits_positions=None,
+        segment_ids=None,
     ):
         """`logits_positions`: a static `slice` of the L positions at which to apply the output
         layer (None: all). The `[B, L, V]` head matmul is often most of a short model's forward;
         a trainer that scores only the response needs it at those positions alone. `hidden` is
-        returned at all L positions either way."""
+        returned at all L positions either way.
+
+        `segment_ids` (`[B, L]` int, no cache): packed rows (`jaxrlhf.packing`): a token attends
+        only to earlier tokens of its own segment (id > 0); pass each token's `positions` within
+        its segment too."""
         cfg = self.config
         B, L = input_ids_BxL.shape
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -302,6 +307,10 @@ class Transformer(nn.Module):
         if cfg.sliding_window is not None:
             allowed_LxS &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
         allowed_BxLxS = allowed_LxS[None] & key_mask[:, None, :]
+        if segment_ids is not None:  # packed rows: no attention across segments
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for a forward without a cache")
+            allowed_BxLxS &= (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
 
         embed = nn.Embed(
             cfg.vocab_size,

@@ -7,21 +7,45 @@ experiment's own config (``--ppo.clip_eps 0.1`` on the command line, see `jaxrlh
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Annotated
 
-from jaxrlhf.core.kl import KL_KINDS
+import numpy as np
+import tyro
+
 from jaxrlhf.core.losses import LOSS_AGGREGATIONS
 from jaxrlhf.metrics_log import LOGGERS
+from jaxrlhf.training import plugins
 
 KL_PLACEMENTS = ("reward", "loss")
 SCORE_NORMS = ("batch", "running")  # or None: scores used as they are
 LR_SCHEDULES = ("constant", "linear", "cosine")
-# Advantage estimators: "gae" trains a critic; every other one is critic-free (DESIGN.md, "Groups").
-ADVANTAGE_ESTIMATORS = ("gae", "grpo", "drgrpo", "rloo", "reinforce++", "reinforce++-baseline", "remax")
-# Critic-free estimators whose baseline is the group of G responses to one prompt (G >= 2 needed).
-GROUP_ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce++-baseline")
-# Estimators with one advantage per response (broadcast over its tokens), not per token.
-OUTCOME_ESTIMATORS = ("grpo", "drgrpo", "rloo", "remax")
-POLICY_LOSSES = ("ppo", "gspo", "gspo-token")
+
+# On the command line (tyro) and in JSON files the plug-in fields are names; in Python they also take
+# the plug-in itself (or a plain function), which the config registers and stores by name.
+EstimatorField = Annotated[str | plugins.AdvantageEstimator, tyro.conf.arg(constructor=str)]
+PolicyLossField = Annotated[str | plugins.PolicyLoss, tyro.conf.arg(constructor=str)]
+KLEstimatorField = Annotated[str | plugins.KLEstimator, tyro.conf.arg(constructor=str)]
+NumbersField = Annotated[
+    tuple[tuple[str, float], ...] | Mapping[str, float],
+    tyro.conf.arg(constructor=tuple[tuple[str, float], ...]),
+]
+
+
+def registered_advantage_estimators() -> tuple[str, ...]:
+    """The names ``advantage_estimator`` accepts (built-ins and registered plug-ins)."""
+    return plugins.registered(plugins.AdvantageEstimator)
+
+
+def registered_policy_losses() -> tuple[str, ...]:
+    """The names ``policy_loss`` accepts."""
+    return plugins.registered(plugins.PolicyLoss)
+
+
+def registered_kl_estimators() -> tuple[str, ...]:
+    """The names ``kl_estimator`` accepts."""
+    return plugins.registered(plugins.KLEstimator)
+
 
 # Fields that may differ between a checkpoint and the run that resumes from it: they change how
 # often things are written, not what a step computes. (`total_steps` joins them when the learning
@@ -48,6 +72,13 @@ class PPOConfig:
     """Rollouts per optimizer update; must divide batch_size."""
     ppo_epochs: int = 4
     """Passes over the batch of rollouts per iteration (each with a fresh minibatch permutation)."""
+    max_tokens_per_microbatch: int | None = None
+    """Pack the real tokens of whole rows (prompt + response, no padding) into micro-batches of at
+    most this many tokens for the experience forwards and the update's gradients
+    (`jaxrlhf.training.packed`): the cost follows the real tokens, not ``B * (P + N)``. The
+    optimizer step stays one per minibatch (the micro-batch gradients, weighted by their share of
+    the loss normalisers, sum to the minibatch's). Must hold one row: >= max_prompt_len +
+    max_new_tokens. None = off (every forward over [rows, P + N]); replaces grad_accum_steps."""
     grad_accum_steps: int = 1
     """Micro-batches per minibatch whose gradients are summed before one optimizer update (same
     update as one big minibatch, less activation memory); must divide minibatch_size."""
@@ -90,9 +121,10 @@ class PPOConfig:
     """When set, the score of a response that never emitted EOS is replaced by this value."""
 
     # --- KL penalty ---
-    kl_estimator: str = "k1"
+    kl_estimator: KLEstimatorField = "k1"
     """Per-token KL estimator: "k1" (-d), "k2" (d^2/2), "k3" (e^d - d - 1), "abs" (|d|), with
-    d = ref_logprobs - logprobs."""
+    d = ref_logprobs - logprobs; or a registered plug-in's name, or the plug-in itself
+    (`jaxrlhf.training.plugins`; stored by name)."""
     kl_placement: str = "reward"
     """"reward": -kl_coef * KL is added to each step reward (Ziegler et al., InstructGPT);
     "loss": kl_coef * mean KL(policy || ref) is added to the policy loss (GRPO style)."""
@@ -106,12 +138,15 @@ class PPOConfig:
     """Adaptive controller horizon, in samples (beta changes by e * batch_size / horizon per step)."""
 
     # --- advantages ---
-    advantage_estimator: str = "gae"
+    advantage_estimator: EstimatorField = "gae"
     """"gae" (PPO with a critic, the default), or a critic-free estimator (no value model, no
     value loss): "grpo" (group mean and std), "drgrpo" (group mean), "rloo" (leave-one-out
     mean), "reinforce++" (batch-whitened returns of the KL-penalised rewards),
     "reinforce++-baseline" (the same after subtracting the group mean), "remax" (the greedy
-    response's score as baseline; needs greedy_rollout). Formulas: `jaxrlhf.core.groups`."""
+    response's score as baseline; needs greedy_rollout), "opo" (length-weighted group mean),
+    "gpg" (GPG's rescaled group mean), "grpo-passk" (the group's best response only); or a
+    registered plug-in's name, or the plug-in itself (`jaxrlhf.training.plugins`; stored by
+    name). Formulas: `jaxrlhf.training.estimators`, `jaxrlhf.core.groups`."""
     greedy_rollout: bool = False
     """Also decode each prompt greedily (temperature 0) every step and score it with the reward:
     ReMax's baseline (required by advantage_estimator="remax"); its mean is logged as
@@ -137,10 +172,14 @@ class PPOConfig:
     critic-free estimators normalise as their papers do (and Dr. GRPO deliberately does not)."""
 
     # --- losses ---
-    policy_loss: str = "ppo"
+    policy_loss: PolicyLossField = "ppo"
     """"ppo" (token-level ratio clip), "gspo" (GSPO's sequence-level ratio, Zheng et al. 2025)
-    or "gspo-token" (GSPO-token: the sequence ratio's value, each token's own gradient). GSPO
-    clips the sequence ratio with clip_eps / clip_eps_high (the paper uses 3e-4 / 4e-4)."""
+    or "gspo-token" (GSPO-token: the sequence ratio's value, each token's own gradient), "cispo"
+    (clipped IS weight, MiniMax-M1), "clip-cov" / "kl-cov" (entropy-preserving, Cui et al. 2025),
+    "gmpo" (geometric-mean ratio), "sapo" (smooth gate); or a registered plug-in's name, or the
+    plug-in itself (`jaxrlhf.training.plugins`; stored by name). GSPO clips the sequence ratio
+    with clip_eps / clip_eps_high (the paper uses 3e-4 / 4e-4). Formulas:
+    `jaxrlhf.training.policy_losses`."""
     dual_clip: float | None = None
     """Dual-clip PPO constant c > 1 (Ye et al. 2020): for negative advantages the token loss is
     also capped at -A * c. None = off. "ppo" policy loss only."""
@@ -158,6 +197,12 @@ class PPOConfig:
     """Aggregation of per-token policy losses: "token-mean", "seq-mean-token-mean",
     "seq-mean-token-sum", "seq-mean-token-sum-norm" (token sum / max_new_tokens, Dr. GRPO); the
     value loss is always token-mean."""
+
+    plugin_numbers: NumbersField = ()
+    """Values of the numbers the plug-ins above declare (e.g. ``{"clip_cov_ratio": 1e-3}``; on the
+    command line ``--plugin_numbers clip_cov_ratio 1e-3``), over their declared defaults. Data in
+    the train state like every number: sweepable by name (``grid(clip_cov_ratio=[...])``), no
+    recompile. Stored as sorted (name, value) pairs."""
 
     # --- optimisation ---
     learning_rate: float = 1e-5
@@ -210,9 +255,43 @@ class PPOConfig:
             f"grad_accum_steps ({self.grad_accum_steps}) must divide minibatch_size ({self.minibatch_size})",
         )
         need(self.ppo_epochs > 0, "ppo_epochs must be positive")
+        M = self.max_tokens_per_microbatch
+        need(
+            M is None or (isinstance(M, int) and M >= self.max_prompt_len + self.max_new_tokens),
+            f"max_tokens_per_microbatch must hold one whole row, >= max_prompt_len + max_new_tokens = "
+            f"{self.max_prompt_len + self.max_new_tokens}, or be None; got {M!r}",
+        )
+        need(
+            M is None or self.grad_accum_steps == 1,
+            "max_tokens_per_microbatch splits each minibatch into packed micro-batches itself: leave "
+            f"grad_accum_steps at 1 (got {self.grad_accum_steps})",
+        )
         need(self.max_new_tokens > 0 and self.max_prompt_len > 0, "max_new_tokens and max_prompt_len must be positive")
         need(self.temperature > 0, "temperature must be positive")
-        need(self.kl_estimator in KL_KINDS, f"kl_estimator must be one of {KL_KINDS}, got {self.kl_estimator!r}")
+        # Plug-ins: given as names, plug-ins or functions; stored as registered names.
+        for field, kind in (
+            ("advantage_estimator", plugins.AdvantageEstimator),
+            ("kl_estimator", plugins.KLEstimator),
+            ("policy_loss", plugins.PolicyLoss),
+        ):
+            value = getattr(self, field)
+            if isinstance(value, str) and value not in plugins.registered(kind):
+                raise plugins.PluginError(
+                    f"PPOConfig: {field} must be one of the registered names {plugins.registered(kind)}, got "
+                    f"{value!r}. A plug-in of your own registers when the module defining it is imported; see "
+                    f"{plugins.PROTOCOL_DOC}"
+                )
+            object.__setattr__(self, field, plugins.as_name(kind, value))
+        estimator, loss_fn, _ = plugins.plugins_of(self)
+        object.__setattr__(self, "plugin_numbers", _normalise_numbers(self.plugin_numbers))
+        declared = plugins.declared_numbers(self)
+        for name, _ in self.plugin_numbers:
+            need(
+                name in declared,
+                f"plugin_numbers sets {name!r}, which none of advantage_estimator={self.advantage_estimator!r}, "
+                f"policy_loss={self.policy_loss!r}, kl_estimator={self.kl_estimator!r} declares (they declare "
+                f"{sorted(declared) or 'no numbers'})",
+            )
         need(
             self.kl_placement in KL_PLACEMENTS,
             f"kl_placement must be one of {KL_PLACEMENTS}, got {self.kl_placement!r}",
@@ -248,17 +327,14 @@ class PPOConfig:
             f"({G}): each of the batch_size / num_generations prompts is sampled num_generations times",
         )
         need(
-            self.advantage_estimator in ADVANTAGE_ESTIMATORS,
-            f"advantage_estimator must be one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}",
-        )
-        need(
-            self.advantage_estimator not in GROUP_ESTIMATORS or G >= 2,
+            G >= estimator.min_group_size,
             f"advantage_estimator={self.advantage_estimator!r} compares the responses to one prompt, so it needs "
-            f"num_generations >= 2 (got {G}): a group of one response has no baseline",
+            f"num_generations >= {estimator.min_group_size} (got {G}): a group of one response has no baseline",
         )
         need(
-            self.advantage_estimator != "remax" or self.greedy_rollout,
-            'advantage_estimator="remax" uses the greedy response\'s score as baseline: set greedy_rollout=True',
+            not estimator.needs_greedy or self.greedy_rollout,
+            f"advantage_estimator={self.advantage_estimator!r} uses the greedy response's score as baseline: set "
+            "greedy_rollout=True",
         )
         need(
             not self.shared_trunk or self.uses_critic,
@@ -266,24 +342,34 @@ class PPOConfig:
             "trains no critic",
         )
         need(
-            self.advantage_estimator != "remax" or self.score_norm is None,
-            'advantage_estimator="remax" compares each score with the greedy response\'s: score_norm must be None',
+            not estimator.needs_greedy or self.score_norm is None,
+            f"advantage_estimator={self.advantage_estimator!r} compares each score with the greedy response's: "
+            "score_norm must be None",
         )
         f = self.dynamic_sampling_oversample
         need(
             isinstance(f, int) and not isinstance(f, bool) and f >= 1,
             f"dynamic_sampling_oversample must be an int >= 1, got {f!r}",
         )
-        need(
-            f == 1 or self.advantage_estimator in GROUP_ESTIMATORS,
-            f"dynamic_sampling_oversample > 1 keeps groups with signal: it needs a group estimator "
-            f"{GROUP_ESTIMATORS}, got {self.advantage_estimator!r}",
+        group_estimators = tuple(
+            name
+            for name in plugins.registered(plugins.AdvantageEstimator)
+            if plugins.lookup(plugins.AdvantageEstimator, name).min_group_size >= 2
         )
-        need(self.policy_loss in POLICY_LOSSES, f"policy_loss must be one of {POLICY_LOSSES}, got {self.policy_loss!r}")
-        need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 or None, got {self.dual_clip!r}")
         need(
-            self.dual_clip is None or self.policy_loss == "ppo",
-            f'dual_clip applies to policy_loss="ppo" only, got policy_loss={self.policy_loss!r}',
+            f == 1 or estimator.min_group_size >= 2,
+            f"dynamic_sampling_oversample > 1 keeps groups with signal: it needs a group estimator "
+            f"{group_estimators}, got {self.advantage_estimator!r}",
+        )
+        need(self.dual_clip is None or self.dual_clip > 1, f"dual_clip must be > 1 or None, got {self.dual_clip!r}")
+        dual_clip_losses = " or ".join(
+            f'"{name}"'
+            for name in plugins.registered(plugins.PolicyLoss)
+            if plugins.lookup(plugins.PolicyLoss, name).supports_dual_clip
+        )
+        need(
+            self.dual_clip is None or loss_fn.supports_dual_clip,
+            f"dual_clip applies to policy_loss={dual_clip_losses} only, got policy_loss={self.policy_loss!r}",
         )
         need(
             self.overlong_buffer is None or 0 < self.overlong_buffer <= self.max_new_tokens,
@@ -304,8 +390,8 @@ class PPOConfig:
 
     @property
     def uses_critic(self) -> bool:
-        """Whether the trainer has a value model (only the "gae" estimator needs one)."""
-        return self.advantage_estimator == "gae"
+        """Whether the trainer has a value model (the estimator declares ``uses_critic``: "gae")."""
+        return plugins.lookup(plugins.AdvantageEstimator, self.advantage_estimator).uses_critic
 
     @property
     def num_minibatches(self) -> int:
@@ -318,3 +404,20 @@ class PPOConfig:
 
     def replace(self, **changes) -> PPOConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _normalise_numbers(values) -> tuple[tuple[str, float], ...]:
+    """``plugin_numbers`` as sorted ``(name, float)`` pairs (hashable), from a mapping or pairs."""
+    if isinstance(values, Mapping):
+        items = list(values.items())
+    else:
+        items = [tuple(item) for item in values]
+        if any(len(item) != 2 for item in items):
+            raise ValueError(f"PPOConfig: plugin_numbers takes a dict of name -> number, got {values!r}")
+    for name, value in items:
+        if not isinstance(name, str) or isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+            raise ValueError(f"PPOConfig: plugin_numbers takes a dict of name -> number, got {name!r}: {value!r}")
+    names = [name for name, _ in items]
+    if len(set(names)) != len(names):
+        raise ValueError(f"PPOConfig: plugin_numbers names a number twice: {names}")
+    return tuple(sorted((name, float(value)) for name, value in items))

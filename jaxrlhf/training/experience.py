@@ -9,17 +9,21 @@
                      GAE: A, returns = gae(r, V, mask, gamma, gae_lambda);  A <- whiten(A)
                      or a critic-free estimator (no critic forward, see below)
 
-Critic-free estimators (``advantage_estimator != "gae"``, `jaxrlhf.core.groups`) replace the
-critic and GAE. The G responses to one prompt are consecutive rows (row b in group b // G):
+The advantage estimator, the KL estimator (and, in the update, the policy loss) are plug-ins
+(`jaxrlhf.training.plugins`): `make_experience` computes the log-probs, values, processed scores
+and the per-token KL, and hands them to the configured estimator, which returns the advantages
+(and, with a critic, the returns). The built-ins are in `jaxrlhf.training.estimators`:
 
+    gae                    GAE on r = -beta * KL * mask, r[last] += s (a critic); A whitened
     grpo / drgrpo / rloo   A_i from the group's scores, broadcast over response i's tokens
     remax                  A_i = s_i - s(greedy response to the same prompt)
     reinforce++            whitened discounted returns of r (per token)
     reinforce++-baseline   the same with s_i - mean_g s in place of s_i
+    opo / gpg / grpo-passk other group baselines (see the module)
 
-With ``kl_placement="reward"`` an outcome estimator (grpo, drgrpo, rloo, remax) scores
-``s_i - beta * sum_t KL_it`` (the sequence-level form of the per-token penalty, as RLOO and ReMax
-do); REINFORCE++ keeps the per-token penalty in r. With ``"loss"`` the scores are left alone.
+With ``kl_placement="reward"`` an outcome estimator scores ``s_i - beta * sum_t KL_it`` (the
+sequence-level form of the per-token penalty, as RLOO and ReMax do); REINFORCE++ keeps the
+per-token penalty in r. With ``"loss"`` the scores are left alone.
 
 Token t of a response of a batch with prompt width P sits at position P + t of the concatenated
 sequence; it is predicted by the logits at P + t - 1, and the state it is chosen in, s_t, is the
@@ -35,15 +39,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.core import groups
-from jaxrlhf.core.advantages import gae_advantages
-from jaxrlhf.core.kl import kl_estimate
 from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
-from jaxrlhf.core.rewards import kl_penalized_rewards
+from jaxrlhf.core.rewards import step_rewards
 from jaxrlhf.core.sequences import concat_prompt_response
-from jaxrlhf.core.stats import masked_mean, masked_sum, masked_var, masked_whiten
+from jaxrlhf.core.stats import masked_mean, masked_sum, masked_var
 from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import value_head_apply
 from jaxrlhf.sampling import generate
+from jaxrlhf.training import packed, plugins
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.hparams import HyperParams
 from jaxrlhf.training.rewards import has_eos, postprocess_scores
@@ -273,7 +276,7 @@ def make_experience(
       ``(experience, new_score_stats, stats)`` with scalar diagnostics in ``stats``.
     """
     response_ids_BxN, response_mask_BxN = rollout_out.tokens, rollout_out.mask
-    estimator, G = config.advantage_estimator, config.num_generations
+    G = config.num_generations
     sg = jax.lax.stop_gradient
     from_sampler = config.old_logprobs_from_sampler
     if from_sampler and rollout_out.logprobs is None:
@@ -281,26 +284,41 @@ def make_experience(
             "config.old_logprobs_from_sampler takes old_logprobs from the rollout: pass a Rollout "
             "with the sampler's logprobs (what `rollout` returns)"
         )
-    logprobs_BxN, values_BxN, entropy_BxN = policy_and_values(
-        models,
-        policy_params,
-        value_params,
-        prompts.ids,
-        prompts.mask,
-        response_ids_BxN,
-        response_mask_BxN,
-        hparams.temperature,
-        with_entropy=not from_sampler,
-        with_logprobs=not from_sampler,
-    )
+    if config.max_tokens_per_microbatch is None:
+        logprobs_BxN, values_BxN, entropy_BxN = policy_and_values(
+            models,
+            policy_params,
+            value_params,
+            prompts.ids,
+            prompts.mask,
+            response_ids_BxN,
+            response_mask_BxN,
+            hparams.temperature,
+            with_entropy=not from_sampler,
+            with_logprobs=not from_sampler,
+        )
+        ref_logprobs_BxN = reference_logprobs(
+            models, ref_params, prompts.ids, prompts.mask, response_ids_BxN, response_mask_BxN, hparams.temperature
+        )
+    else:  # the same forwards over the real tokens only (`jaxrlhf.training.packed`)
+        packed_batch = packed.pack_batch(
+            prompts.ids, prompts.mask, response_ids_BxN, response_mask_BxN, config.max_tokens_per_microbatch
+        )
+        logprobs_BxN, values_BxN, entropy_BxN = packed.packed_policy_and_values(
+            models,
+            policy_params,
+            value_params,
+            packed_batch,
+            hparams.temperature,
+            with_entropy=not from_sampler,
+            with_logprobs=not from_sampler,
+        )
+        ref_logprobs_BxN = packed.packed_reference_logprobs(models, ref_params, packed_batch, hparams.temperature)
     if from_sampler:
         assert rollout_out.logprobs is not None  # checked on entry
         logprobs_BxN = jnp.where(response_mask_BxN > 0, rollout_out.logprobs.astype(jnp.float32), 0.0)
         entropy_BxN = -logprobs_BxN  # per-token sample estimate; only its masked mean is reported
     assert logprobs_BxN is not None  # the policy forward's (with_logprobs) or the sampler's
-    ref_logprobs_BxN = reference_logprobs(
-        models, ref_params, prompts.ids, prompts.mask, response_ids_BxN, response_mask_BxN, hparams.temperature
-    )
     logprobs_BxN, ref_logprobs_BxN = sg(logprobs_BxN), sg(ref_logprobs_BxN)
     values_BxN = None if values_BxN is None else sg(values_BxN)
     response_length_B = jnp.sum(response_mask_BxN, axis=1).astype(jnp.float32)
@@ -315,60 +333,45 @@ def make_experience(
     scores_B, new_score_stats = postprocess_scores(config, shaped_scores_B, eos_found_B, score_stats, hparams)
 
     reward_kl_coef = kl_coef if config.kl_placement == "reward" else jnp.zeros_like(kl_coef)
-    kl_BxN = kl_estimate(logprobs_BxN, ref_logprobs_BxN, config.kl_estimator)
+    estimator, _, kl_fn = plugins.plugins_of(config)
+    numbers = plugins.numbers_view(hparams)
+    kl_BxN = plugins.call_kl_estimator(kl_fn, plugins.KLInputs(logprobs_BxN, ref_logprobs_BxN, numbers))
     kl_per_sequence_B = masked_sum(kl_BxN, response_mask_BxN, axis=1)
-    returns_BxN = None
-    if estimator == "gae":
-        rewards_BxN = kl_penalized_rewards(
-            scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN, reward_kl_coef, config.kl_estimator
-        )
-        advantages_BxN, returns_BxN = gae_advantages(
-            rewards_BxN, values_BxN, response_mask_BxN, hparams.gamma, hparams.gae_lambda
-        )
-        if config.whiten_advantages:
-            advantages_BxN = masked_whiten(advantages_BxN, response_mask_BxN)
-    elif estimator in ("reinforce++", "reinforce++-baseline"):
-        baseline = G if estimator == "reinforce++-baseline" else None
-        advantages_BxN = groups.reinforce_pp_advantages(
-            scores_B,
-            logprobs_BxN,
-            ref_logprobs_BxN,
-            response_mask_BxN,
-            reward_kl_coef,
-            config.kl_estimator,
-            hparams.gamma,
-            baseline_group_size=baseline,
-        )
-        rewards_BxN = kl_penalized_rewards(
-            scores_B, logprobs_BxN, ref_logprobs_BxN, response_mask_BxN, reward_kl_coef, config.kl_estimator
-        )
-    else:  # outcome estimators: one advantage per response
-        sequence_scores_B = scores_B - reward_kl_coef * kl_per_sequence_B
-        if estimator == "grpo":
-            advantages_B = groups.grpo_advantages(sequence_scores_B, G)
-        elif estimator == "drgrpo":
-            advantages_B = groups.drgrpo_advantages(sequence_scores_B, G)
-        elif estimator == "rloo":
-            advantages_B = groups.rloo_advantages(sequence_scores_B, G)
-        else:  # remax: the greedy response's (processed) score is the baseline
-            if greedy is None:
-                raise ValueError('advantage_estimator="remax" needs the greedy responses and their scores (greedy=)')
-            greedy_rollout, greedy_raw_P = greedy
-            greedy_shaped_P = greedy_raw_P
-            if config.overlong_buffer is not None:
-                greedy_shaped_P = greedy_raw_P + overlong_penalty(config, greedy_rollout.mask, hparams)
-            greedy_eos_P = has_eos(greedy_rollout.tokens, greedy_rollout.mask, resolve_eos(config, models.policy))
-            greedy_used_P, _ = postprocess_scores(config, greedy_shaped_P, greedy_eos_P, score_stats, hparams)
-            advantages_B = groups.remax_advantages(sequence_scores_B, greedy_used_P, G)
-        advantages_BxN = groups.broadcast_over_tokens(advantages_B, response_mask_BxN)
-        rewards_BxN = kl_penalized_rewards(
-            sequence_scores_B,
-            logprobs_BxN,
-            ref_logprobs_BxN,
-            response_mask_BxN,
-            jnp.zeros_like(kl_coef),
-            config.kl_estimator,
-        )
+    greedy_scores_P = None
+    if estimator.needs_greedy:
+        if greedy is None:
+            raise ValueError(
+                f"advantage_estimator={config.advantage_estimator!r} needs the greedy responses and their scores "
+                "(greedy=)"
+            )
+        # The greedy responses' scores go through the same shaping, EOS penalty and clipping.
+        greedy_rollout_out, greedy_raw_P = greedy
+        greedy_shaped_P = greedy_raw_P
+        if config.overlong_buffer is not None:
+            greedy_shaped_P = greedy_raw_P + overlong_penalty(config, greedy_rollout_out.mask, hparams)
+        greedy_eos_P = has_eos(greedy_rollout_out.tokens, greedy_rollout_out.mask, resolve_eos(config, models.policy))
+        greedy_scores_P, _ = postprocess_scores(config, greedy_shaped_P, greedy_eos_P, score_stats, hparams)
+    estimated = plugins.call_advantage_estimator(
+        estimator,
+        plugins.AdvantageInputs(
+            scores=scores_B,
+            logprobs=logprobs_BxN,
+            ref_logprobs=ref_logprobs_BxN,
+            values=values_BxN,
+            mask=response_mask_BxN,
+            kl=kl_BxN,
+            reward_kl_coef=reward_kl_coef,
+            numbers=numbers,
+            group_size=G,
+            greedy_scores=greedy_scores_P,
+            config=config,
+        ),
+    )
+    advantages_BxN, returns_BxN = estimated.advantages, estimated.returns if values_BxN is not None else None
+    rewards_BxN = estimated.rewards
+    if rewards_BxN is None:
+        rewards_BxN = step_rewards(scores_B, kl_BxN, response_mask_BxN, reward_kl_coef)
+    extra.update(estimated.stats or {})
     if G > 1:
         extra["group_signal_fraction"] = groups.group_signal_fraction(scores_B, G)
     if greedy is not None:

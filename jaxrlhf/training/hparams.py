@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.config import renamed_field_message
+from jaxrlhf.training import plugins
 from jaxrlhf.training.config import PPOConfig
 
 
@@ -65,16 +66,20 @@ class HyperParams:
     missing_eos_penalty: jax.Array
     dual_clip: jax.Array
     overlong_buffer: jax.Array
+    # The numbers the config's plug-ins declare (`jaxrlhf.training.plugins`), by name; {} if none.
+    plugin: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
 
     @classmethod
     def from_config(cls, config: PPOConfig) -> HyperParams:
         values = {name: getattr(config, name) for name in HPARAM_FIELDS}
         if values["clip_eps_high"] is None:
             values["clip_eps_high"] = config.clip_eps
-        return cls(**{name: jnp.asarray(0.0 if v is None else v, jnp.float32) for name, v in values.items()})
+        builtin = {name: jnp.asarray(0.0 if v is None else v, jnp.float32) for name, v in values.items()}
+        plugin = {name: jnp.asarray(v, jnp.float32) for name, v in plugins.plugin_number_values(config).items()}
+        return cls(**builtin, plugin=plugin)
 
 
-HPARAM_FIELDS = tuple(f.name for f in dataclasses.fields(HyperParams))
+HPARAM_FIELDS = tuple(f.name for f in dataclasses.fields(HyperParams) if f.name != "plugin")
 
 # PPOConfig field -> the name of the optimizer hyper-parameter (in both optimizers' states,
 # except the two learning rates, each in its own).
@@ -132,7 +137,8 @@ def uses_entropy(config: PPOConfig) -> bool:
 def structure(config: PPOConfig) -> dict[str, Any]:
     """What of ``config`` the compiled program depends on: every non-numeric field, and for each
     optional number whether it is set (plus whether top-p filtering is on at all)."""
-    static = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in SWEEPABLE_FIELDS}
+    numeric = SWEEPABLE_FIELDS + ("plugin_numbers",)
+    static = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in numeric}
     for name in OPTIONAL_NUMERIC_FIELDS:
         if name != "clip_eps_high":  # None means "= clip_eps": a value, not a switch
             static[f"{name} is None"] = getattr(config, name) is None
@@ -188,24 +194,37 @@ def run_configs(base: PPOConfig, runs: Sequence[Mapping[str, Any]]) -> list[PPOC
     if isinstance(runs, Mapping) or not isinstance(runs, Sequence) or not runs:
         raise SweepSpecError("runs must be a non-empty list of per-run overrides (dicts); see grid()")
     known = {f.name for f in dataclasses.fields(PPOConfig)}
+    declared = plugins.declared_numbers(base)
     configs = []
     for index, overrides in enumerate(runs):
         if not isinstance(overrides, Mapping):
             raise SweepSpecError(f"run {index}: overrides must be a dict of PPOConfig fields, got {overrides!r}")
+        fields, numbers_ = {}, dict(base.plugin_numbers)
         for name, value in overrides.items():
+            if name in declared and name not in known:  # a plug-in's number: data like the built-in ones
+                _check_value(name, value)
+                numbers_[name] = value
+                continue
             if name not in known:
                 renamed = renamed_field_message(name, known)
                 raise SweepSpecError(
-                    f"run {index}: {renamed}" if renamed else f"run {index}: unknown PPOConfig field {name!r}"
+                    f"run {index}: {renamed}"
+                    if renamed
+                    else f"run {index}: unknown PPOConfig field {name!r} (nor a number that the config's plug-ins "
+                    f"declare: {sorted(declared) or 'none'})"
                 )
             if name not in SWEEPABLE_FIELDS:
                 raise SweepSpecError(
                     f"run {index}: {name!r} is a static field (it changes shapes or the program), so it "
-                    f"cannot differ between the runs of one sweep; sweepable fields: {', '.join(SWEEPABLE_FIELDS)}"
+                    f"cannot differ between the runs of one sweep; sweepable fields: "
+                    f"{', '.join(SWEEPABLE_FIELDS + tuple(sorted(declared)))}"
                 )
             _check_value(name, value)
+            fields[name] = value
+        if numbers_ != dict(base.plugin_numbers):
+            fields["plugin_numbers"] = numbers_
         try:
-            config = base.replace(**overrides)
+            config = base.replace(**fields)
         except ValueError as error:
             raise SweepSpecError(f"run {index} ({dict(overrides)}): {error}") from None
         problems = structure_differences(base, config)

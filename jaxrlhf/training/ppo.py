@@ -51,6 +51,7 @@ from jaxrlhf.sharding import (
     param_shardings,
     replicated,
 )
+from jaxrlhf.training import plugins
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.experience import (
     Models,
@@ -124,6 +125,8 @@ class PPO:
                 "a JAX reward function or a RewardModel, not a TextReward"
             )
         self.config = config
+        # The config's plug-ins, traced once on abstract inputs: a broken one is refused here.
+        plugins.check_plugins(config, HyperParams.from_config(config), value_shapes=config.uses_critic)
         self.policy = policy
         # LoRA (`policy.config.lora`): the state trains the adapters only; the frozen base is the
         # reference (`frozen.ref_params`) and the policy is `LoraParams(base, adapters)`.

@@ -11,9 +11,11 @@ Loss of one minibatch (DESIGN.md formulas, `jaxrlhf.core.losses`):
     L = pg_loss(ratio-clipped, loss_agg) + vf_coef * vf_loss(clipped, token-mean)
         - entropy_coef * entropy + [kl_placement="loss"] kl_coef * KL(policy || ref)
 
-``pg_loss`` is ``policy_loss``'s: "ppo" (token ratio, optional dual clip), "gspo" or
-"gspo-token" (sequence ratio). A critic-free estimator has no value term, no value parameters
-and no value optimizer: only the policy is differentiated and updated.
+``pg_loss`` is the configured policy loss's, a plug-in (`jaxrlhf.training.plugins`; the built-ins
+in `jaxrlhf.training.policy_losses`: "ppo" with optional dual clip, "gspo", "gspo-token", "cispo",
+"clip-cov", "kl-cov", "gmpo", "sapo"), called with a PRNG key per (micro-)batch for stochastic
+losses; the KL term uses the configured KL estimator plug-in. A critic-free estimator has no value
+term, no value parameters and no value optimizer: only the policy is differentiated and updated.
 
 Gradient accumulation is exact: micro-batch i's loss terms are weighted by its share ``w_i`` of
 the minibatch's normaliser (valid tokens for token-mean terms, non-empty rows for seq-mean
@@ -29,10 +31,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxrlhf.core.kl import kl_estimate
-from jaxrlhf.core.losses import aggregate_loss, entropy_loss, gspo_policy_loss, ppo_policy_loss, ppo_value_loss
+from jaxrlhf.core.losses import aggregate_loss, entropy_loss, ppo_value_loss
 from jaxrlhf.core.stats import masked_count
+from jaxrlhf.core.surrogates import ratio_diagnostics
 from jaxrlhf.models.lora import LoraParams
+from jaxrlhf.training import packed, plugins
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.experience import Experience, Models, policy_and_values
 from jaxrlhf.training.hparams import HyperParams, uses_entropy
@@ -74,6 +77,7 @@ def minibatch_loss(
     policy_weight,
     value_weight,
     policy_base=None,
+    key=None,
 ):
     """Weighted PPO loss of a (micro-)batch; ``params = {"policy": ..., "value": ...}``.
 
@@ -83,7 +87,6 @@ def minibatch_loss(
     ``policy_weight``/``value_weight`` scale the policy-side and value terms (1 for a whole
     minibatch; the micro-batch's share with gradient accumulation). Returns ``(loss, stats)``.
     """
-    exp, hp = experience, hparams
     with_entropy = uses_entropy(config)
     # LoRA: ``params["policy"]`` are the adapters (differentiated), ``policy_base`` the frozen base.
     policy_params = params["policy"] if policy_base is None else LoraParams(policy_base, params["policy"])
@@ -91,40 +94,66 @@ def minibatch_loss(
         models,
         policy_params,
         params["value"],
-        exp.prompt_ids,
-        exp.prompt_mask,
-        exp.response_ids,
-        exp.response_mask,
-        hp.temperature,
+        experience.prompt_ids,
+        experience.prompt_mask,
+        experience.response_ids,
+        experience.response_mask,
+        hparams.temperature,
         with_entropy=with_entropy,
     )
+    return loss_from_outputs(
+        logprobs_BxN,
+        values_BxN,
+        entropy_BxN,
+        experience,
+        kl_coef,
+        hparams,
+        config,
+        models,
+        policy_weight,
+        value_weight,
+        key,
+    )
+
+
+def loss_from_outputs(
+    logprobs_BxN,
+    values_BxN,
+    entropy_BxN,
+    experience: Experience,
+    kl_coef,
+    hparams: HyperParams,
+    config: PPOConfig,
+    models: Models,
+    policy_weight,
+    value_weight,
+    key=None,
+):
+    """`minibatch_loss` from the policy's (differentiable) outputs on the experience's rows:
+    ``logprobs``, ``values`` (None without a critic) and ``entropy`` (None without the entropy
+    term), all ``[B, N]``; the masks of ``experience`` say which tokens count."""
+    exp, hp = experience, hparams
+    key = jax.random.PRNGKey(0) if key is None else key  # for stochastic policy losses
+    with_entropy = uses_entropy(config)
+    assert logprobs_BxN is not None  # with_logprobs (the default): the policy's forward
     mask_BxN = exp.response_mask
-    if config.policy_loss == "ppo":
-        dual_clip = None if config.dual_clip is None else hp.dual_clip
-        pg_loss, pg_stats = ppo_policy_loss(
-            logprobs_BxN,
-            exp.old_logprobs,
-            exp.advantages,
-            mask_BxN,
-            hp.clip_eps,
-            hp.clip_eps_high,
-            config.loss_agg,
-            dual_clip=dual_clip,
-        )
-    else:
-        variant = "seq" if config.policy_loss == "gspo" else "token"
-        pg_loss, pg_stats = gspo_policy_loss(
-            logprobs_BxN,
-            exp.old_logprobs,
-            exp.advantages,
-            mask_BxN,
-            hp.clip_eps,
-            hp.clip_eps_high,
-            variant,
-            config.loss_agg,
-        )
-        pg_stats = {**pg_stats, "ratio_mean": pg_stats["seq_ratio_mean"]}
+    _, loss_fn, kl_fn = plugins.plugins_of(config)
+    numbers = plugins.numbers_view(hp)
+    pg_loss, pg_stats = plugins.call_policy_loss(
+        loss_fn,
+        plugins.PolicyLossInputs(
+            logprobs=logprobs_BxN,
+            old_logprobs=exp.old_logprobs,
+            advantages=exp.advantages,
+            mask=mask_BxN,
+            numbers=numbers,
+            key=key,
+            config=config,
+        ),
+    )
     sg = jax.lax.stop_gradient
+    # Every policy loss logs the token ratio's mean and k3 drift; a plug-in may give its own.
+    pg_stats = {**ratio_diagnostics(logprobs_BxN, exp.old_logprobs, mask_BxN), **pg_stats}
     policy_loss = pg_loss
     extra_stats = {}
     if with_entropy:
@@ -132,21 +161,17 @@ def minibatch_loss(
         policy_loss = policy_loss + hp.entropy_coef * ent_loss
         extra_stats["policy_entropy"] = policy_weight * ent_stats["entropy"]
     if config.kl_placement == "loss":
-        kl_BxN = kl_estimate(logprobs_BxN, exp.ref_logprobs, config.kl_estimator)
+        kl_BxN = plugins.call_kl_estimator(kl_fn, plugins.KLInputs(logprobs_BxN, exp.ref_logprobs, numbers))
         kl_term = aggregate_loss(kl_BxN, mask_BxN, config.loss_agg)
         policy_loss = policy_loss + kl_coef * kl_term
         extra_stats["policy_kl"] = policy_weight * sg(kl_term)
     loss = policy_weight * policy_loss
     token_weight = value_weight  # vf terms and token-mean diagnostics share the token weight
     stats = {
-        "pg_loss": policy_weight * pg_stats["pg_loss"],
-        "clipfrac": token_weight * pg_stats["clipfrac"],
-        "approx_kl": token_weight * pg_stats["approx_kl"],
-        "ratio_mean": token_weight * pg_stats["ratio_mean"],
+        "pg_loss": policy_weight * sg(pg_loss),
+        **{name: token_weight * value for name, value in pg_stats.items()},
         **extra_stats,
     }
-    if "dual_clipfrac" in pg_stats:
-        stats["dual_clipfrac"] = token_weight * pg_stats["dual_clipfrac"]
     if models.has_value:
         value_clip = None if config.value_clip_eps is None else hp.value_clip_eps
         vf_loss, vf_stats = ppo_value_loss(values_BxN, exp.old_values, exp.returns, mask_BxN, value_clip)
@@ -160,6 +185,85 @@ def minibatch_loss(
 def _no_constraint(x, batch_dim: int = 0):
     del batch_dim
     return x
+
+
+def _packed_minibatch_gradients(config, models, params, minibatch: Experience, kl_coef, hparams, key, policy_base):
+    """The minibatch's gradient as a sum over packed micro-batches of its real tokens
+    (`jaxrlhf.training.packed`), each weighted by its share of the normalisers."""
+    assert config.max_tokens_per_microbatch is not None
+    mask = minibatch.response_mask
+    packed_batch = packed.pack_batch(
+        minibatch.prompt_ids, minibatch.prompt_mask, minibatch.response_ids, mask, config.max_tokens_per_microbatch
+    )
+    token_total = jnp.maximum(_normaliser(mask, "token-mean"), 1.0)
+    policy_total = jnp.maximum(_normaliser(mask, config.loss_agg), 1.0)
+    with_entropy = uses_entropy(config)
+
+    def micro_loss(params, index):
+        policy_params = params["policy"] if policy_base is None else LoraParams(policy_base, params["policy"])
+        logprobs, values, entropy = packed.micro_forward(
+            models, policy_params, params["value"], packed_batch, index, hparams.temperature, with_entropy=with_entropy
+        )
+        micro_mask = mask * packed_batch.rows_in_micro(index)[:, None].astype(mask.dtype)
+        token_w = _normaliser(micro_mask, "token-mean") / token_total
+        policy_w = _normaliser(micro_mask, config.loss_agg) / policy_total
+        micro = minibatch._replace(response_mask=micro_mask)
+        micro_key = jax.random.fold_in(key, index)
+        return loss_from_outputs(
+            logprobs, values, entropy, micro, kl_coef, hparams, config, models, policy_w, token_w, micro_key
+        )
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def step(carry, index):
+        grads, stats = grad_fn(params, index)
+        return jax.tree.map(jnp.add, carry, (grads, stats))
+
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(lambda: grad_fn(params, jnp.int32(0))))
+    return packed.accumulate_over_micro(packed_batch, step, zeros)
+
+
+def minibatch_gradients(
+    config: PPOConfig,
+    models: Models,
+    params,
+    minibatch: Experience,
+    kl_coef,
+    hparams: HyperParams,
+    key,
+    policy_base=None,
+    constrain: Callable | None = None,
+):
+    """``(grads, stats)`` of one minibatch's loss (`minibatch_loss`), as the update takes them:
+    in one pass, in ``grad_accum_steps`` micro-batches whose weighted gradients sum to it, or in
+    packed micro-batches of real tokens (``max_tokens_per_microbatch``, `jaxrlhf.training.packed`).
+    ``key`` seeds stochastic policy losses; ``constrain`` as in `make_ppo_update`."""
+    constrain = _no_constraint if constrain is None else constrain
+    if config.max_tokens_per_microbatch is not None:
+        return _packed_minibatch_gradients(config, models, params, minibatch, kl_coef, hparams, key, policy_base)
+    grad_fn = jax.grad(minibatch_loss, has_aux=True)
+    accum = config.grad_accum_steps
+    if accum == 1:
+        one = jnp.ones((), jnp.float32)
+        return grad_fn(params, minibatch, kl_coef, hparams, config, models, one, one, policy_base, key)
+    # [mb, ...] -> [accum, micro, ...]; micro-batch i weighted by its share of the normaliser.
+    micro_size = minibatch.response_ids.shape[0] // accum
+    micro = jax.tree.map(lambda x: constrain(x.reshape(accum, micro_size, *x.shape[1:]), 1), minibatch)
+    token_total = jnp.maximum(_normaliser(minibatch.response_mask, "token-mean"), 1.0)
+    policy_total = jnp.maximum(_normaliser(minibatch.response_mask, config.loss_agg), 1.0)
+
+    def accumulate(grads_sum, micro_and_key):
+        micro_batch, micro_key = micro_and_key
+        token_w = _normaliser(micro_batch.response_mask, "token-mean") / token_total
+        policy_w = _normaliser(micro_batch.response_mask, config.loss_agg) / policy_total
+        grads, stats = grad_fn(
+            params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w, policy_base, micro_key
+        )
+        return jax.tree.map(jnp.add, grads_sum, grads), stats
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, stats = lax.scan(accumulate, zeros, (micro, jax.random.split(key, accum)))
+    return grads, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
 
 
 def make_ppo_update(
@@ -178,34 +282,15 @@ def make_ppo_update(
     """
     if constrain is None:
         constrain = _no_constraint
-    num_mb, mb_size, accum = config.num_minibatches, config.minibatch_size, config.grad_accum_steps
-    micro_size = mb_size // accum
-    grad_fn = jax.grad(minibatch_loss, has_aux=True)
+    num_mb, mb_size = config.num_minibatches, config.minibatch_size
 
-    def minibatch_grads(params, minibatch: Experience, kl_coef, hparams, policy_base):
-        if accum == 1:
-            one = jnp.ones((), jnp.float32)
-            return grad_fn(params, minibatch, kl_coef, hparams, config, models, one, one, policy_base)
-        # [mb, ...] -> [accum, micro, ...]; micro-batch i weighted by its share of the normaliser.
-        micro = jax.tree.map(lambda x: constrain(x.reshape(accum, micro_size, *x.shape[1:]), 1), minibatch)
-        token_total = jnp.maximum(_normaliser(minibatch.response_mask, "token-mean"), 1.0)
-        policy_total = jnp.maximum(_normaliser(minibatch.response_mask, config.loss_agg), 1.0)
+    def minibatch_grads(params, minibatch: Experience, kl_coef, hparams, policy_base, key):
+        return minibatch_gradients(config, models, params, minibatch, kl_coef, hparams, key, policy_base, constrain)
 
-        def accumulate(grads_sum, micro_batch):
-            token_w = _normaliser(micro_batch.response_mask, "token-mean") / token_total
-            policy_w = _normaliser(micro_batch.response_mask, config.loss_agg) / policy_total
-            grads, stats = grad_fn(
-                params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w, policy_base
-            )
-            return jax.tree.map(jnp.add, grads_sum, grads), stats
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, stats = lax.scan(accumulate, zeros, micro)
-        return grads, jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
-
-    def minibatch_step(carry, minibatch: Experience, kl_coef, hparams, policy_base):
+    def minibatch_step(carry, minibatch_and_key, kl_coef, hparams, policy_base):
         params, opt_states = carry
-        grads, stats = minibatch_grads(params, minibatch, kl_coef, hparams, policy_base)
+        minibatch, key = minibatch_and_key
+        grads, stats = minibatch_grads(params, minibatch, kl_coef, hparams, policy_base, key)
         stats["policy_grad_norm"] = optax.tree.norm(grads["policy"])
         new_params, new_opt_states = dict(params), dict(opt_states)
         trained = [("policy", policy_opt)]
@@ -223,7 +308,11 @@ def make_ppo_update(
         def epoch(carry, epoch_key):
             perm = jax.random.permutation(epoch_key, batch)
             shuffled = jax.tree.map(lambda x: constrain(x[perm].reshape(num_mb, mb_size, *x.shape[1:]), 1), experience)
-            return lax.scan(lambda c, mb: minibatch_step(c, mb, kl_coef, hparams, policy_base), carry, shuffled)
+            # Keys for stochastic losses (e.g. Clip-Cov), one per minibatch; unused ones cost nothing.
+            loss_keys = jax.random.split(jax.random.fold_in(epoch_key, 1), num_mb)
+            return lax.scan(
+                lambda c, mb: minibatch_step(c, mb, kl_coef, hparams, policy_base), carry, (shuffled, loss_keys)
+            )
 
         (params, opt_states), stats = lax.scan(epoch, (params, opt_states), jax.random.split(key, config.ppo_epochs))
         # stats: [epochs, minibatches] each; report the mean over all updates of this step.

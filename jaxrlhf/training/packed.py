@@ -1,0 +1,240 @@
+"""Packed experience and update passes: the forwards skip the padding (``max_tokens_per_microbatch``).
+
+Without packing, every forward of the experience pass (policy, reference, critic) and of the
+update runs over ``[B, P + N]``: left padding of short prompts and everything after each
+response's end included. With long-tailed response lengths that is most of the compute. With
+``PPOConfig.max_tokens_per_microbatch = M`` each row's real tokens (its prompt's, then its
+response's: one contiguous span) are packed by `jaxrlhf.packing` into packs of ``T = P + N``
+tokens (any row fits one), ``R = M // T`` packs per micro-batch:
+
+    experience   for each micro-batch in use: a forward over [R, T] -> per-position next-token
+                 log-probs, entropies, values -> unpacked to [B, N]     (lax.while_loop)
+    update       per minibatch (the optimizer step is unchanged): for each micro-batch in use,
+                 the gradient of the minibatch loss restricted to its rows, weighted by their
+                 share of the loss's normaliser (as `grad_accum_steps` weights its micro-batches),
+                 summed                                                  (lax.while_loop)
+
+Shapes are static (one compile whatever the lengths); the number of micro-batches a batch needs
+is data, so the passes cost what the real tokens cost (rounded up to whole micro-batches). The
+results equal the unpacked passes' up to float rounding: the forward per row is the same
+function (attention blocked across rows, positions restarting per row), and the summed weighted
+gradients equal the minibatch's gradient. Batch statistics inside a policy loss (Clip-Cov's and
+KL-Cov's covariance, their token budget) are per micro-batch, as with gradient accumulation.
+
+Where the vocabulary head runs: at every packed position (the prompt's too), so the head costs
+the batch's real tokens instead of ``B * N`` response slots.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxrlhf import packing
+from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
+from jaxrlhf.core.sequences import concat_prompt_response
+from jaxrlhf.models.value import value_head_apply
+
+
+class Geometry(NamedTuple):
+    """Static shape of the packed passes: packs of ``pack_len`` tokens, ``packs_per_micro`` of them
+    per micro-batch, ``num_packs`` packs in all (room for every row in its own pack)."""
+
+    pack_len: int
+    packs_per_micro: int
+    num_packs: int
+
+
+def geometry(max_tokens: int, prompt_len: int, num_new: int, batch: int, divisor: int = 1) -> Geometry:
+    """``T = P + N``; ``R = max_tokens // T`` rounded down to a multiple of ``divisor`` (the
+    data-parallel shards, so a micro-batch splits into whole packs per device), at least
+    ``divisor``; room for ``batch`` packs rounded up to whole micro-batches."""
+    pack_len = prompt_len + num_new
+    per_micro = max(divisor, (max_tokens // pack_len) // divisor * divisor)
+    per_micro = min(per_micro, -(-batch // divisor) * divisor)
+    return Geometry(pack_len, per_micro, -(-batch // per_micro) * per_micro)
+
+
+def row_spans(prompt_mask_BxP, response_mask_BxN):
+    """Each row's real tokens in the ``[B, P + N]`` concatenation: from ``P - prompt length`` for
+    ``prompt length + response length`` tokens (a left-padded prompt; the response's mask is a
+    prefix: everything the model attends to). A row without response tokens needs no forward
+    (nothing of it is read): length 0."""
+    prompt_len_B = jnp.sum(prompt_mask_BxP, axis=1).astype(jnp.int32)
+    response_len_B = jnp.sum(response_mask_BxN, axis=1).astype(jnp.int32)
+    start_B = prompt_mask_BxP.shape[1] - prompt_len_B
+    return start_B, jnp.where(response_len_B > 0, prompt_len_B + response_len_B, 0)
+
+
+class Packed(NamedTuple):
+    """A batch's packing: its layout and its token ids in packs (``[num_packs, T]``)."""
+
+    layout: packing.PackLayout
+    ids_KxT: jax.Array
+    prompt_len: int
+    num_new: int
+    geometry: Geometry
+
+    @property
+    def num_micro(self) -> jax.Array:
+        """Micro-batches in use (data): ``ceil(packs needed / R)``."""
+        R = self.geometry.packs_per_micro
+        return (self.layout.num_packs + R - 1) // R
+
+    def micro(self, index):
+        """``(ids, positions, segment_ids)`` ``[R, T]`` of micro-batch ``index`` (traced)."""
+        R = self.geometry.packs_per_micro
+        take = lambda x: lax.dynamic_slice_in_dim(x, index * R, R, axis=0)  # noqa: E731
+        return take(self.ids_KxT), take(self.layout.position_KxT), take(self.layout.segment_KxT)
+
+    def response_window(self, y_RxT, index, fill=0.0):
+        """Per-position outputs of micro-batch ``index`` -> ``[B, N]`` at each row's response
+        window (the positions ``P - 1 .. P + N - 2`` that predict and value response tokens), for
+        the rows of this micro-batch; ``fill`` for the others."""
+        layout, R = self.layout, self.geometry.packs_per_micro
+        P, N = self.prompt_len, self.num_new
+        column_N = P - 1 + jnp.arange(N, dtype=jnp.int32)
+        within_BxN = column_N[None, :] - layout.start_B[:, None]
+        local_pack_B = layout.pack_B - index * R
+        in_micro_B = (local_pack_B >= 0) & (local_pack_B < R) & (layout.length_B > 0)
+        valid_BxN = in_micro_B[:, None] & (within_BxN >= 0) & (within_BxN < layout.length_B[:, None])
+        pack_BxN = jnp.broadcast_to(jnp.clip(local_pack_B, 0, R - 1)[:, None], within_BxN.shape)
+        position_BxN = jnp.clip(layout.offset_B[:, None] + within_BxN, 0, y_RxT.shape[1] - 1)
+        return jnp.where(valid_BxN, y_RxT[pack_BxN, position_BxN], fill)
+
+    def rows_in_micro(self, index) -> jax.Array:
+        """``[B]`` bool: the rows packed into micro-batch ``index``."""
+        local_pack_B = self.layout.pack_B - index * self.geometry.packs_per_micro
+        return (local_pack_B >= 0) & (local_pack_B < self.geometry.packs_per_micro) & (self.layout.length_B > 0)
+
+
+def pack_batch(prompt_ids, prompt_mask, response_ids, response_mask, max_tokens: int, divisor: int = 1) -> Packed:
+    """`Packed` of a batch of prompts (left-padded) and responses (``response_mask``: what the
+    model attends to, a prefix per row)."""
+    P, N = prompt_ids.shape[1], response_ids.shape[1]
+    geo = geometry(max_tokens, P, N, prompt_ids.shape[0], divisor)
+    ids_BxL, _ = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+    start_B, length_B = row_spans(prompt_mask, response_mask)
+    layout = packing.pack_layout(start_B, length_B, geo.num_packs, geo.pack_len)
+    return Packed(layout, packing.pack(ids_BxL, layout), P, N, geo)
+
+
+def next_token_outputs(logits_RxTxV, ids_RxT, temperature, with_entropy: bool):
+    """Per packed position t: the log-prob of the token at t + 1 (``0`` at a pack's last
+    position; positions whose next token is another row's are never read) and, optionally, the
+    entropy of position t's distribution."""
+    next_ids = jnp.concatenate([ids_RxT[:, 1:], jnp.zeros_like(ids_RxT[:, :1])], axis=1)
+    logprobs = token_logprobs(logits_RxTxV, next_ids, temperature)
+    entropy = entropy_from_logits(logits_RxTxV, temperature) if with_entropy else None
+    return logprobs, entropy
+
+
+def micro_forward(
+    models,
+    policy_params,
+    value_params,
+    packed: Packed,
+    index,
+    temperature,
+    *,
+    with_logprobs=True,
+    with_entropy=False,
+    constrain: Callable = lambda x: x,
+):
+    """The policy's (and critic's) outputs on micro-batch ``index``, at the response windows:
+    ``(logprobs [B, N] or None, values [B, N] or None, entropy [B, N] or None)``, 0 outside the
+    micro-batch's rows. What `jaxrlhf.training.experience.policy_and_values` computes, for these rows."""
+    ids, positions, segments = (constrain(x) for x in packed.micro(index))
+    attention = segments > 0
+    logprobs = entropy = values = None
+    out = None
+    if with_logprobs:
+        out = models.policy.forward(policy_params, ids, attention, positions=positions, segment_ids=segments)
+        lp_RxT, ent_RxT = next_token_outputs(out.logits, ids, temperature, with_entropy)
+        logprobs = packed.response_window(lp_RxT, index)
+        entropy = None if ent_RxT is None else packed.response_window(ent_RxT, index)
+    if models.has_value:
+        if models.critic is None:  # shared trunk
+            if out is None:
+                out = models.policy.forward(
+                    policy_params,
+                    ids,
+                    attention,
+                    positions=positions,
+                    segment_ids=segments,
+                    logits_positions=slice(0, 0),
+                )
+            values_RxT = value_head_apply(value_params, out.hidden)
+        else:
+            hidden = models.critic.trunk.forward(
+                value_params["trunk"],
+                ids,
+                attention,
+                positions=positions,
+                segment_ids=segments,
+                logits_positions=slice(0, 0),
+            ).hidden
+            values_RxT = value_head_apply(value_params["head"], hidden)
+        values = packed.response_window(values_RxT.astype(jnp.float32), index)
+    return logprobs, values, entropy
+
+
+def accumulate_over_micro(packed: Packed, step: Callable[[Any, jax.Array], Any], init):
+    """``carry = step(carry, i)`` for each micro-batch ``i`` in use (a `lax.while_loop`: the count
+    is data, the shapes static)."""
+
+    def body(state):
+        i, carry = state
+        return i + 1, step(carry, i)
+
+    _, carry = lax.while_loop(lambda s: s[0] < packed.num_micro, body, (jnp.int32(0), init))
+    return carry
+
+
+def packed_policy_and_values(
+    models,
+    policy_params,
+    value_params,
+    packed: Packed,
+    temperature,
+    *,
+    with_entropy=False,
+    with_logprobs=True,
+    constrain: Callable = lambda x: x,
+):
+    """`jaxrlhf.training.experience.policy_and_values` over a packed batch (no gradient through
+    the loop: the experience pass)."""
+    batch, N = packed.layout.length_B.shape[0], packed.num_new
+    zeros = jnp.zeros((batch, N), jnp.float32)
+    init = (
+        zeros if with_logprobs else None,
+        zeros if models.has_value else None,
+        zeros if (with_logprobs and with_entropy) else None,
+    )
+
+    def step(carry, i):
+        outputs = micro_forward(
+            models,
+            policy_params,
+            value_params,
+            packed,
+            i,
+            temperature,
+            with_logprobs=with_logprobs,
+            with_entropy=with_entropy,
+            constrain=constrain,
+        )
+        return tuple(None if c is None else c + o for c, o in zip(carry, outputs))  # rows are disjoint
+
+    return accumulate_over_micro(packed, step, init)
+
+
+def packed_reference_logprobs(models, ref_params, packed: Packed, temperature, constrain: Callable = lambda x: x):
+    """The reference policy's response log-probs over a packed batch."""
+    ref_models = models.__class__(models.policy, None, has_value=False)
+    logprobs, _, _ = packed_policy_and_values(ref_models, ref_params, None, packed, temperature, constrain=constrain)
+    return logprobs
