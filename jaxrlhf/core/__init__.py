@@ -1,4 +1,5 @@
-"""Core RLHF math: pure JAX functions on ``[batch, time]`` arrays (see docs/design.md)."""
+"""Core RLHF math: pure JAX functions on ``[batch, time]`` arrays (see docs/design.md; off-policy
+corrections: docs/offpolicy.md)."""
 
 from jaxrlhf.core.advantages import gae_advantages
 from jaxrlhf.core.groups import (
@@ -34,6 +35,23 @@ from jaxrlhf.core.losses import (
     ppo_value_loss,
     reward_model_loss,
 )
+from jaxrlhf.core.offpolicy import (
+    CORRECTION_LEVELS,
+    MISMATCH_KINDS,
+    REJECTION_AGGS,
+    ROLLOUT_CORRECTIONS,
+    RolloutCorrection,
+    apply_rollout_correction,
+    correction_band_mask,
+    correction_weights,
+    decoupled_ppo_policy_loss,
+    log_correction_weights,
+    mismatch_metrics,
+    mismatch_rejection_mask,
+    off_policy_sequence_mask,
+    rollout_correction,
+    truncated_correction_weights,
+)
 from jaxrlhf.core.preference import (
     chosen_nll_loss,
     concat_pairs,
@@ -50,18 +68,27 @@ from jaxrlhf.core.sequences import concat_prompt_response
 from jaxrlhf.core.stats import masked_count, masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
+    "CORRECTION_LEVELS",
     "GSPO_VARIANTS",
     "GroupSelection",
-    "KL_KINDS",
     "KLController",
     "KLControllerState",
+    "KL_KINDS",
     "LOSS_AGGREGATIONS",
+    "MISMATCH_KINDS",
+    "REJECTION_AGGS",
+    "ROLLOUT_CORRECTIONS",
+    "RolloutCorrection",
     "adaptive_kl_controller",
     "aggregate_loss",
+    "apply_rollout_correction",
     "broadcast_over_tokens",
     "chosen_nll_loss",
     "concat_pairs",
     "concat_prompt_response",
+    "correction_band_mask",
+    "correction_weights",
+    "decoupled_ppo_policy_loss",
     "discounted_returns",
     "dpo_loss",
     "drgrpo_advantages",
@@ -79,12 +106,16 @@ __all__ = [
     "kl_penalized_rewards",
     "kto_loss",
     "last_valid_index",
+    "log_correction_weights",
     "masked_count",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "mismatch_metrics",
+    "mismatch_rejection_mask",
     "num_groups",
+    "off_policy_sequence_mask",
     "overlong_reward_shaping",
     "ppo_policy_loss",
     "ppo_value_loss",
@@ -92,10 +123,12 @@ __all__ = [
     "remax_advantages",
     "reward_model_loss",
     "rloo_advantages",
+    "rollout_correction",
     "select_groups_with_signal",
     "sequence_logprobs",
     "sequence_logprobs_from_logits",
     "simpo_loss",
     "split_pairs",
     "token_logprobs",
+    "truncated_correction_weights",
 ]

@@ -75,6 +75,11 @@ def _clipped_surrogate(ratio_BxT, advantages_BxT, eps_low, eps_high, dual_clip):
     return jnp.minimum(pg_loss_BxT, bound_BxT), is_clipped_BxT, is_dual_clipped_BxT
 
 
+def _weighted(loss_BxT, weights):
+    """Per-token losses times optional weights (constants: no gradient flows through them)."""
+    return loss_BxT if weights is None else loss_BxT * jax.lax.stop_gradient(weights)
+
+
 def _check_dual_clip(dual_clip):
     if isinstance(dual_clip, (int, float)) and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (Ye et al. 2020 use 3), got {dual_clip}.")
@@ -106,6 +111,7 @@ def ppo_policy_loss(
     agg: str = "token-mean",
     axis_name=None,
     dual_clip=None,
+    weights: chex.Array | None = None,
 ) -> tuple[jax.Array, Stats]:
     """Clipped PPO surrogate (Schulman et al., 2017), per token, with optional dual clip.
 
@@ -118,6 +124,9 @@ def ppo_policy_loss(
     ``dual_clip = c > 1``, for ``A < 0`` also ``pg = min(pg, -A * c)``, which bounds the loss (and
     zeroes the gradient) of a negative-advantage token whose ratio has grown beyond ``c``.
     ``dual_clip=None`` (default) is plain PPO; ``c`` may be a traced scalar.
+
+    ``weights`` (optional ``[B, T]``, no gradient) multiply the per-token losses before aggregation
+    (e.g. off-policy correction weights, `jaxrlhf.core.offpolicy`); None is 1 everywhere.
 
     Args:
       logprobs: ``[B, T]`` log-probs under the policy being optimised (differentiated).
@@ -145,7 +154,7 @@ def ppo_policy_loss(
     pg_loss_BxT, is_clipped_BxT, is_dual_clipped_BxT = _clipped_surrogate(
         ratio_BxT, advantages_BxT, eps_low, eps_high, dual_clip
     )
-    loss = aggregate_loss(pg_loss_BxT, mask, agg, axis_name)
+    loss = aggregate_loss(_weighted(pg_loss_BxT, weights), mask, agg, axis_name)
 
     sg = jax.lax.stop_gradient
     stats = {
@@ -169,6 +178,7 @@ def gspo_policy_loss(
     variant: str = "seq",
     agg: str = "seq-mean-token-mean",
     axis_name=None,
+    weights: chex.Array | None = None,
 ) -> tuple[jax.Array, Stats]:
     """GSPO, Group Sequence Policy Optimization (Zheng et al. 2025): a sequence-level ratio.
 
@@ -197,6 +207,7 @@ def gspo_policy_loss(
       variant: ``"seq"`` or ``"token"``.
       agg: see :func:`aggregate_loss`.
       axis_name: device axis for the batch reductions.
+      weights: optional ``[B, T]`` per-token loss weights (no gradient), as in :func:`ppo_policy_loss`.
 
     Returns:
       ``(loss, stats)``; stats: ``pg_loss``, ``clipfrac`` (fraction of valid tokens whose
@@ -221,7 +232,7 @@ def gspo_policy_loss(
         log_ratio_BxT = sg(log_seq_ratio_B)[:, None] + logprobs_BxT - sg(logprobs_BxT)
     ratio_BxT = jnp.exp(log_ratio_BxT)
     pg_loss_BxT, is_clipped_BxT, _ = _clipped_surrogate(ratio_BxT, advantages_BxT, eps_low, eps_high, None)
-    loss = aggregate_loss(pg_loss_BxT, mask_BxT, agg, axis_name)
+    loss = aggregate_loss(_weighted(pg_loss_BxT, weights), mask_BxT, agg, axis_name)
 
     row_has_tokens_B = masked_count(mask_BxT, axis=-1) > 0
     stats = {
