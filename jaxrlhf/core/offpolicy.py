@@ -80,12 +80,12 @@ def _reduced(mask, keep_BxT):
     return jnp.where(keep_BxT, mask, jnp.zeros_like(mask))
 
 
-def _pmax(x, axis_name):
-    return x if axis_name is None else jax.lax.pmax(x, axis_name)
-
-
-def _pmin(x, axis_name):
-    return x if axis_name is None else jax.lax.pmin(x, axis_name)
+def _token_max(x_BxT, mask, axis_name):
+    """The largest ``x`` over the action tokens of the (global) batch; 0 when there are none."""
+    largest = jnp.max(jnp.where(jnp.asarray(mask) != 0, x_BxT, -jnp.inf))
+    if axis_name is not None:
+        largest = jax.lax.pmax(largest, axis_name)
+    return jnp.where(masked_count(mask, axis_name=axis_name) > 0, largest, 0.0)
 
 
 def log_correction_weights(
@@ -273,16 +273,14 @@ def mismatch_metrics(
     log_w_BxT = log_correction_weights(old_BxT, behaviour_BxT, mask)
     zeros_BxT = jnp.zeros_like(log_w_BxT)
     token_mean = lambda x: masked_mean(x, mask, axis_name=axis_name)  # noqa: E731
-    valid_BxT = jnp.asarray(mask) != 0
     any_valid = masked_count(mask, axis_name=axis_name) > 0
-    abs_max = _pmax(jnp.max(jnp.where(valid_BxT, jnp.abs(log_w_BxT), 0.0)), axis_name)
     row_log_ppl_diff_B = masked_mean(behaviour_BxT, mask, axis=-1) - masked_mean(old_BxT, mask, axis=-1)
     row_has_tokens_B = masked_count(mask, axis=-1) > 0
     return {
         "mismatch_k1": token_mean(kl_estimate(zeros_BxT, log_w_BxT, "k1")),
         "mismatch_k3": token_mean(kl_estimate(zeros_BxT, log_w_BxT, "k3")),
         "mismatch_abs_mean": token_mean(jnp.abs(log_w_BxT)),
-        "mismatch_abs_max": jnp.where(any_valid, abs_max, 0.0),
+        "mismatch_abs_max": _token_max(jnp.abs(log_w_BxT), mask, axis_name),
         "mismatch_log_ppl_diff": masked_mean(row_log_ppl_diff_B, row_has_tokens_B, axis_name=axis_name),
         "mismatch_chi2": jnp.where(any_valid, token_mean(jnp.exp(2.0 * log_w_BxT)) - 1.0, 0.0),
     }
@@ -439,17 +437,14 @@ def apply_rollout_correction(
     token_frac = lambda x: masked_mean(x.astype(jnp.float32), mask, axis_name=axis_name)  # noqa: E731
     row_has_tokens_B = masked_count(mask, axis=-1) > 0
     row_frac = lambda x: masked_mean(jnp.any(x, axis=-1).astype(jnp.float32), row_has_tokens_B, axis_name=axis_name)  # noqa: E731
-    any_valid = masked_count(mask, axis_name=axis_name) > 0
     weight_sum = masked_sum(weights_BxT, mask, axis_name=axis_name)
     weight_sq_sum = masked_sum(jnp.square(weights_BxT), mask, axis_name=axis_name)
     count = masked_count(mask, axis_name=axis_name)
-    weight_max = _pmax(jnp.max(jnp.where(valid_BxT, weights_BxT, -jnp.inf)), axis_name)
-    weight_min = _pmin(jnp.min(jnp.where(valid_BxT, weights_BxT, jnp.inf)), axis_name)
     stats = {
         **mismatch_metrics(old_logprobs, behaviour_logprobs, mask, axis_name),
         "is_weight_mean": token_frac(weights_BxT),
-        "is_weight_min": jnp.where(any_valid, weight_min, 0.0),
-        "is_weight_max": jnp.where(any_valid, weight_max, 0.0),
+        "is_weight_min": -_token_max(-weights_BxT, mask, axis_name),
+        "is_weight_max": _token_max(weights_BxT, mask, axis_name),
         "is_ess": jnp.where(weight_sq_sum > 0, jnp.square(weight_sum) / (jnp.maximum(count, 1) * weight_sq_sum), 0.0),
         "is_clipfrac": token_frac(clipped_BxT),
         "is_maskfrac": token_frac(band_out_BxT),
@@ -475,7 +470,7 @@ def decoupled_ppo_policy_loss(
     dual_clip=None,
 ) -> tuple[jax.Array, Stats]:
     """Decoupled PPO (Hilton et al. 2022; AReaL, Fu et al. 2025, "AReaL: A Large-Scale Asynchronous
-    Reinforcement Learning System for Language Reasoning", eq. 5): the clip is taken against the
+    Reinforcement Learning System for Language Reasoning"): the clip is taken against the
     proximal policy, the off-policyness of the sampler is corrected by an importance weight.
 
     ``u_t = exp(logprobs_t - old_logprobs_t)`` (current / proximal),
@@ -517,10 +512,7 @@ def decoupled_ppo_policy_loss(
         dual_clip,
         weights=weights_BxT,
     )
-    valid_BxT = jnp.asarray(mask) != 0
-    any_valid = masked_count(mask, axis_name=axis_name) > 0
-    weight_max = _pmax(jnp.max(jnp.where(valid_BxT, weights_BxT, -jnp.inf)), axis_name)
     stats["behaviour_weight_mean"] = masked_mean(weights_BxT, mask, axis_name=axis_name)
-    stats["behaviour_weight_max"] = jnp.where(any_valid, weight_max, 0.0)
+    stats["behaviour_weight_max"] = _token_max(weights_BxT, mask, axis_name)
     stats["behaviour_capfrac"] = masked_mean(above_cap_BxT.astype(jnp.float32), mask, axis_name=axis_name)
     return loss, stats
