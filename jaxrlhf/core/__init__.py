@@ -1,4 +1,5 @@
-"""Core RLHF math: pure JAX functions on ``[batch, time]`` arrays (see docs/design.md)."""
+"""Core RLHF math: pure JAX functions on ``[batch, time]`` arrays (see docs/design.md; off-policy
+corrections: docs/offpolicy.md)."""
 
 from jaxrlhf.core.advantages import gae_advantages
 from jaxrlhf.core.groups import (
@@ -37,6 +38,23 @@ from jaxrlhf.core.losses import (
     ppo_value_loss,
     reward_model_loss,
 )
+from jaxrlhf.core.offpolicy import (
+    CORRECTION_LEVELS,
+    MISMATCH_KINDS,
+    REJECTION_AGGS,
+    ROLLOUT_CORRECTIONS,
+    RolloutCorrection,
+    apply_rollout_correction,
+    correction_band_mask,
+    correction_weights,
+    decoupled_ppo_policy_loss,
+    log_correction_weights,
+    mismatch_metrics,
+    mismatch_rejection_mask,
+    off_policy_sequence_mask,
+    rollout_correction,
+    truncated_correction_weights,
+)
 from jaxrlhf.core.preference import (
     chosen_nll_loss,
     concat_pairs,
@@ -60,20 +78,29 @@ from jaxrlhf.core.surrogates import (
 )
 
 __all__ = [
+    "CORRECTION_LEVELS",
     "GSPO_VARIANTS",
     "GroupSelection",
     "KL_KINDS",
     "KLController",
     "KLControllerState",
     "LOSS_AGGREGATIONS",
+    "MISMATCH_KINDS",
+    "REJECTION_AGGS",
+    "ROLLOUT_CORRECTIONS",
+    "RolloutCorrection",
     "adaptive_kl_controller",
     "aggregate_loss",
+    "apply_rollout_correction",
     "broadcast_over_tokens",
     "chosen_nll_loss",
     "cispo_policy_loss",
     "clip_cov_policy_loss",
     "concat_pairs",
     "concat_prompt_response",
+    "correction_band_mask",
+    "correction_weights",
+    "decoupled_ppo_policy_loss",
     "discounted_returns",
     "dpo_loss",
     "drgrpo_advantages",
@@ -95,12 +122,16 @@ __all__ = [
     "kl_penalized_rewards",
     "kto_loss",
     "last_valid_index",
+    "log_correction_weights",
     "masked_count",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "mismatch_metrics",
+    "mismatch_rejection_mask",
     "num_groups",
+    "off_policy_sequence_mask",
     "opo_advantages",
     "overlong_reward_shaping",
     "ppo_policy_loss",
@@ -109,6 +140,7 @@ __all__ = [
     "remax_advantages",
     "reward_model_loss",
     "rloo_advantages",
+    "rollout_correction",
     "sapo_policy_loss",
     "select_groups_with_signal",
     "sequence_logprobs",
@@ -117,4 +149,5 @@ __all__ = [
     "split_pairs",
     "step_rewards",
     "token_logprobs",
+    "truncated_correction_weights",
 ]
