@@ -233,8 +233,11 @@ def packed_policy_and_values(
     return accumulate_over_micro(packed, step, init)
 
 
-def packed_reference_logprobs(models, ref_params, packed: Packed, temperature, constrain: Callable = lambda x: x):
+def packed_reference_logprobs(
+    models, ref_params, packed: Packed, temperature, constrain: Callable = lambda x: x
+) -> jax.Array:
     """The reference policy's response log-probs over a packed batch."""
     ref_models = models.__class__(models.policy, None, has_value=False)
     logprobs, _, _ = packed_policy_and_values(ref_models, ref_params, None, packed, temperature, constrain=constrain)
+    assert logprobs is not None  # with_logprobs: the default
     return logprobs
