@@ -36,7 +36,7 @@ import os
 import numpy as np
 
 import sft_policy
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.training import PPOConfig
@@ -44,6 +44,7 @@ from jaxrlhf.training.evaluation import train_seeds
 from tasks import randomwalks as rw
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Random walks: PPO from the SFT policy with the optimality reward (trlx's benchmark)."""

@@ -27,7 +27,7 @@ import time
 import jax
 import numpy as np
 
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.metrics_log import MetricsLogger, read_metrics
 from jaxrlhf.models import LanguageModel, gpt2_config, save_pretrained
 from jaxrlhf.plotting import plot_curves
@@ -36,6 +36,7 @@ from jaxrlhf.training.sft import SFTConfig, train_sft
 from tasks import randomwalks as rw
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Random walks: train the SFT / reference policy on random walks."""

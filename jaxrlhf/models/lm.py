@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lora import LoraParams, model_variables
+from jaxrlhf.models.positions import check_positions
 from jaxrlhf.models.transformer import (
     ModelOutput,
     Transformer,
@@ -68,7 +69,14 @@ class LanguageModel:
         `logits_positions` (a static `slice` of the L positions) computes the output layer there
         only: `logits` is then `[B, n, V]` for the slice's n positions (`slice(0, 0)`: none, for a
         caller that needs `hidden` alone), while `hidden` keeps all L.
+
+        Outside a trace, a concrete `attention_mask` (or `positions`) whose rows need positions
+        past a learned position table is a ValueError (`jaxrlhf.models.positions.check_positions`);
+        a traced one is not read (free inside `jit`, where the lookup would clamp: check the data
+        first, as the trainers do).
         """
+        if self.config.positions == "learned":
+            check_positions(self, attention_mask, positions=positions, where="LanguageModel.forward")
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
         output = self.module.apply(
             variables, input_ids, attention_mask, positions, cache, cache_index, cache_size, logits_positions, rngs=rngs

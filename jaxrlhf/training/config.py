@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxrlhf.config import refuse_unknown_fields
 from jaxrlhf.core.kl import KL_KINDS
 from jaxrlhf.core.losses import LOSS_AGGREGATIONS
 from jaxrlhf.metrics_log import LOGGERS
@@ -29,6 +30,7 @@ POLICY_LOSSES = ("ppo", "gspo", "gspo-token")
 RESUME_MUTABLE_FIELDS: tuple[str, ...] = ("save_every", "keep_checkpoints", "loggers", "wandb_project")
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """Hyper-parameters of PPO for language models (defaults follow DESIGN.md and TRL)."""

@@ -53,8 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrlhf.config import refuse_unknown_fields
 from jaxrlhf.core import preference as P
 from jaxrlhf.core.sequences import concat_prompt_response
+from jaxrlhf.models.positions import check_positions
 from jaxrlhf.sharding import (
     batch_sharding,
     batch_size_divisor,
@@ -109,6 +111,7 @@ OPTIMIZER_NUMBERS = {
 RESUME_MUTABLE_FIELDS = ("save_every", "keep_checkpoints")
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
     """Settings of an offline preference run (see docs/preference.md for each loss's formula)."""
@@ -560,6 +563,12 @@ def _pad_data(data: PreferenceData, max_prompt_len: int, max_response_len: int) 
     )
 
 
+def sequence_lengths(data: PreferenceData) -> np.ndarray:
+    """``[N]`` tokens of each row's longest sequence: prompt + the longer of its two responses."""
+    responses = np.maximum(data.chosen_mask.sum(axis=1), data.rejected_mask.sum(axis=1))
+    return data.prompt_mask.sum(axis=1) + responses
+
+
 def _batches_of(n: int, batch_size: int):
     """Row indices of consecutive fixed-size batches covering ``n`` rows, and their validity (the
     last batch is filled with row 0, marked invalid)."""
@@ -815,6 +824,9 @@ def train_preference(
         eval_data = _prepare(eval_data, config, tokenizer, "pairs")
     if len(data) < config.batch_size:
         raise PreferenceDataError(f"{len(data)} rows are fewer than one batch (batch_size={config.batch_size})")
+    for what, rows in (("pair", data), ("held-out pair", eval_data)):
+        if rows is not None:  # prompt + the longer response of each row, within a learned position table
+            check_positions(model, lengths=sequence_lengths(rows), where="train_preference", what=what)
     trainer = PreferenceTrainer(model, config, mesh)
     ref_params = params if ref_params is None else ref_params
 
