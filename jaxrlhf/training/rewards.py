@@ -67,7 +67,7 @@ def explain_trace_errors(what: str):
             f"({type(error).__name__}; e.g. `int(ids[b, 0]) == 3`, `if x > 0:`, `np.asarray(ids)`). Inside "
             "jax.jit the arrays have no values yet: write it with jnp operations (`jnp.where` for `if`), or "
             "score on the host with `jaxrlhf.training.TextReward(fn)`, fn(prompts, responses) -> floats on "
-            "decoded text (docs/training.md, "Reward protocol"). The JAX error is chained above."
+            "decoded text (docs/training.md, 'Reward protocol'). The JAX error is chained above."
         ) from error
 
 
