@@ -6,6 +6,7 @@
   rotary models (no table) are not refused.
 - A JAX reward with Python control flow on token values: `RewardTraceError`, pointing to `TextReward`,
   JAX's error chained.
+- transformers' "PyTorch was not found" notice at import (it printed in every script) is filtered.
 
 The models are one layer of width 16; the checks run before anything compiles, so these tests take
 well under a second each except the PPO trace test (it traces, never compiles, the step).
@@ -155,3 +156,21 @@ def test_a_reward_with_python_control_flow_points_to_text_reward(gpt2, tmp_path)
     assert isinstance(info.value.__cause__, jax.errors.ConcretizationTypeError)
     assert isinstance(info.value, TypeError)  # what the JAX error was
     assert TextReward  # the pointer names a real class
+
+
+def test_transformers_no_torch_notice_is_dropped_and_other_warnings_kept():
+    """transformers logs "PyTorch was not found..." at import when torch is absent: every script
+    printed it, though jaxrlhf uses transformers for tokenizers only. `import jaxrlhf` filters
+    that one record on the "transformers" logger."""
+    import logging
+
+    import jaxrlhf  # noqa: F401
+
+    logger = logging.getLogger("transformers")
+
+    def record(message):
+        return logging.LogRecord("transformers", logging.WARNING, __file__, 1, message, None, None)
+
+    notice = "PyTorch was not found. Models won't be available and only tokenizers, configuration and ..."
+    assert not logger.filter(record(notice))
+    assert logger.filter(record("Some weights of the model checkpoint were not used"))
