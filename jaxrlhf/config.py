@@ -310,11 +310,12 @@ def refuse_unknown_fields(config_cls: type[T]) -> type[T]:
     too. Positional arguments and the fields' own checks (``__post_init__``) are left as they are.
     """
     _check_dataclass(config_cls)
+    fields_of: Any = config_cls  # a dataclass (checked above), which type[T] does not say
     init = config_cls.__init__
 
     @functools.wraps(init)
     def __init__(self, *args, **kwargs):
-        names = [f.name for f in dataclasses.fields(config_cls) if f.init]
+        names = [f.name for f in dataclasses.fields(fields_of) if f.init]
         for key in kwargs:
             if key not in names:
                 raise UnknownFieldError(f"{config_cls.__name__}: {unknown_field_message(key, names)}")

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
+import jax.core  # `jax.core.Tracer`, named explicitly for the type checker
 import numpy as np
 
 __all__ = ["check_positions", "learned_position_limit"]
