@@ -38,6 +38,11 @@ class LanguageModel:
     `tuning` (`jaxrlhf.tuning.Tuning`) holds speed-only choices of decoding that do not change the
     numbers: by default the current backend's (`Tuning.for_backend()`, chosen once, when the model
     is built). `make_sampler` and the PPO trainer pick the tuning for their own batch shape.
+
+    `apply` / `forward` outside a trace, with a concrete `attention_mask` (or `positions`) whose
+    rows need positions past a learned position table, raise ValueError
+    (`jaxrlhf.models.positions.check_positions`); a traced mask is not read (free inside `jit`,
+    where the lookup would clamp: check the data first, as the trainers do).
     """
 
     config: ModelConfig
@@ -69,13 +74,8 @@ class LanguageModel:
         `logits_positions` (a static `slice` of the L positions) computes the output layer there
         only: `logits` is then `[B, n, V]` for the slice's n positions (`slice(0, 0)`: none, for a
         caller that needs `hidden` alone), while `hidden` keeps all L.
-
-        Outside a trace, a concrete `attention_mask` (or `positions`) whose rows need positions
-        past a learned position table is a ValueError (`jaxrlhf.models.positions.check_positions`);
-        a traced one is not read (free inside `jit`, where the lookup would clamp: check the data
-        first, as the trainers do).
         """
-        if self.config.positions == "learned":
+        if self.config.positions == "learned":  # rows past the table: see the class docstring
             check_positions(self, attention_mask, positions=positions, where="LanguageModel.forward")
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
         output = self.module.apply(
