@@ -13,9 +13,9 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models import positions as position_table
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lora import LoraParams, model_variables
-from jaxrlhf.models.positions import check_positions
 from jaxrlhf.models.transformer import (
     ModelOutput,
     Transformer,
@@ -76,7 +76,7 @@ class LanguageModel:
         caller that needs `hidden` alone), while `hidden` keeps all L.
         """
         if self.config.positions == "learned":  # rows past the table: see the class docstring
-            check_positions(self, attention_mask, positions=positions, where="LanguageModel.forward")
+            position_table.check_positions(self, attention_mask, positions=positions, where="LanguageModel.forward")
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
         output = self.module.apply(
             variables, input_ids, attention_mask, positions, cache, cache_index, cache_size, logits_positions, rngs=rngs
