@@ -259,7 +259,6 @@ RENAMED_FIELDS: dict[str, str | tuple[str, ...]] = {
     "clip_ratio_high": "clip_eps_high",
     "clip_ratio_c": "dual_clip",
     "entropy_coeff": "entropy_coef",
-    "ppo_mini_batch_size": "minibatch_size",
     "loss_agg_mode": "loss_agg",
 }
 
