@@ -45,7 +45,7 @@ import countdown_rl as crl  # noqa: E402
 import randomwalks_ppo as rwp  # noqa: E402
 
 import sft_policy  # noqa: E402
-from jaxrlhf.config import config_to_dict, parse_config, save_config  # noqa: E402
+from jaxrlhf.config import config_to_dict, parse_config, refuse_unknown_fields, save_config  # noqa: E402
 from jaxrlhf.metrics_log import sampled_token_curve  # noqa: E402
 from jaxrlhf.plotting import plot_curves  # noqa: E402
 from jaxrlhf.training import PPOConfig  # noqa: E402
@@ -54,6 +54,7 @@ from tasks import countdown as cd  # noqa: E402
 from tasks import randomwalks as rw  # noqa: E402
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Every preset on one task (randomwalks or countdown), the same budget of sampled responses each."""

@@ -29,7 +29,7 @@ import os
 import numpy as np
 
 import sft_policy
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.metrics_log import sampled_token_curve
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.training import PPOConfig
@@ -41,6 +41,7 @@ from tasks import countdown as cd
 TASK_FIELDS = ("task_seed", "num_problems", "ops", "ordered")
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Countdown: critic-free RL (a preset) from the SFT policy with the checker's reward."""

@@ -27,13 +27,14 @@ import time
 
 import jax
 
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import LanguageModel, gpt2_config, save_pretrained
 from jaxrlhf.training.sft import SFTConfig, train_sft
 from tasks import countdown as cd
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Countdown: SFT of the reference policy on noisy demonstrations."""

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import reward_hacking as rh  # experiments/ is the script's directory, so it is on sys.path
 
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.models import LanguageModel, ValueModel, gpt2_config
 from jaxrlhf.plotting import plot_curves
@@ -43,6 +43,7 @@ from jaxrlhf.training.preference_data import pairs_from_arrays
 from tasks import synthetic_language as lang
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """DPO / IPO / SimPO / KTO vs PPO on the same preference pairs: true score against KL from SFT."""

@@ -40,13 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.core.rewards import discounted_returns
 from jaxrlhf.core.stats import masked_mean
 from jaxrlhf.metrics_log import MetricsLogger
 from jaxrlhf.plotting import plot_curves
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Grid world: REINFORCE vs Q-learning, and the effect of the discount factor gamma."""

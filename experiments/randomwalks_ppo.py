@@ -13,8 +13,11 @@ keeps the policy close to it.
     python experiments/randomwalks_ppo.py --seeds 0 1 2        # three seeds as one sweep: mean and spread
     python experiments/randomwalks_ppo.py --help
 
-Without an SFT model in ``sft_dir`` the script runs the SFT script first (``--no-run_sft_if_missing``
-makes it stop and say what to run instead).
+Without a finished SFT run in ``sft_dir`` the script runs the SFT script first (``--no-run_sft_if_missing``
+makes it stop and say what to run instead; ``--sft_num_steps`` shortens it); with one, it says it uses it.
+
+    python experiments/randomwalks_ppo.py --sft_num_steps 20 --ppo.total_steps 2 --out_dir /tmp/rw_ppo \\
+        --sft_dir /tmp/rw_sft                                  # a one-minute check of an install
 
 The seeds train together as one sweep (`jaxrlhf.training.train_sweep`): one compiled step trains
 every seed's policy, each with its own sampling key and prompt order.
@@ -36,7 +39,7 @@ import os
 import numpy as np
 
 import sft_policy
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.training import PPOConfig
@@ -44,6 +47,7 @@ from jaxrlhf.training.evaluation import train_seeds
 from tasks import randomwalks as rw
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Random walks: PPO from the SFT policy with the optimality reward (trlx's benchmark)."""
@@ -55,6 +59,9 @@ class Config:
     run_sft_if_missing: bool = True
     """When <sft_dir>/model does not exist, run the SFT script (defaults, out_dir=sft_dir) first;
     otherwise stop with a message saying what to run."""
+    sft_num_steps: int | None = None
+    """When the SFT script runs first: its ``num_steps`` (None: its default, 1000). A few steps make a
+    quick end-to-end check of an install (``--sft_num_steps 20 --ppo.total_steps 2``)."""
     seeds: tuple[int, ...] = (0,)
     """PPO runs, one per seed, trained together as one sweep; the summary gives mean and std."""
     task_seed: int = 1002
@@ -116,7 +123,10 @@ def load_sft_policy(config: Config):
     """The SFT policy from ``<sft_dir>/model`` (running randomwalks_sft.py first if allowed), after
     checking that it was trained on the same graph."""
     graph = {k: getattr(config, k) for k in GRAPH_FIELDS}
-    return sft_policy.load_sft_policy(config.sft_dir, "randomwalks_sft", graph, config.run_sft_if_missing, "graph")
+    overrides = {} if config.sft_num_steps is None else {"num_steps": config.sft_num_steps}
+    return sft_policy.load_sft_policy(
+        config.sft_dir, "randomwalks_sft", graph, config.run_sft_if_missing, "graph", overrides
+    )
 
 
 def check_sft_graph(config: Config) -> None:

@@ -20,6 +20,7 @@ Writes to ``out_dir``: ``config.json`` (this run's settings), ``metrics.jsonl``,
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import time
@@ -27,15 +28,16 @@ import time
 import jax
 import numpy as np
 
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.metrics_log import MetricsLogger, read_metrics
-from jaxrlhf.models import LanguageModel, gpt2_config, save_pretrained
+from jaxrlhf.models import LanguageModel, gpt2_config, load_pretrained, save_pretrained
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.tokenizers import char_tokenizer
 from jaxrlhf.training.sft import SFTConfig, train_sft
 from tasks import randomwalks as rw
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Random walks: train the SFT / reference policy on random walks."""
@@ -77,7 +79,8 @@ class Config:
     """Log the training loss every this many updates."""
     verify_hf_load: bool = True
     """At the end, load model/ with transformers.AutoModelForCausalLM (PyTorch) and check that its
-    logits match ours."""
+    logits match ours; without torch installed, read model/'s files back without it (transformers
+    reads config.json and the tokenizer, jaxrlhf the safetensors weights) and say so."""
 
 
 def make_model(config: Config, tokenizer) -> LanguageModel:
@@ -95,20 +98,39 @@ def make_model(config: Config, tokenizer) -> LanguageModel:
     )
 
 
-def check_hf_load(model_dir: str, model: LanguageModel, params, data) -> float:
-    """Max |logit difference| between ``transformers`` (PyTorch) and our model on a few walks."""
-    import torch
-    from transformers import AutoModelForCausalLM
+def check_hf_load(model_dir: str, model: LanguageModel, params, data) -> dict:
+    """Reads ``model_dir`` back and compares its logits with ours on a few walks.
 
-    hf_model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    With PyTorch installed: ``transformers.AutoModelForCausalLM`` loads it (the reference
+    implementation). Without (``pip install -e .`` brings no torch): ``transformers`` reads its
+    ``config.json`` and tokenizer, and `jaxrlhf.models.load_pretrained` its safetensors weights.
+    Returns ``hf_load_check`` (what was checked) and ``hf_max_abs_logit_diff``."""
     ids, mask = data["input_ids"][:8], data["attention_mask"][:8]
-    with torch.no_grad():
-        theirs = hf_model(
-            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
-        ).logits.numpy()
     ours = np.asarray(model.apply(params, ids, mask))
     valid = mask.astype(bool)
-    return float(np.abs(theirs - ours)[valid].max())
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+        with torch.no_grad():
+            theirs = hf_model(
+                input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask, dtype=torch.long)
+            ).logits.numpy()
+        checked = "transformers.AutoModelForCausalLM (PyTorch) loads model/"
+    else:
+        from transformers import AutoConfig, AutoTokenizer
+
+        AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        reloaded = load_pretrained(model_dir)
+        theirs = np.asarray(reloaded.apply(reloaded.params, ids, mask))
+        checked = (
+            "torch not installed: the transformers (PyTorch) load was skipped; transformers reads "
+            "model/'s config.json and tokenizer, jaxrlhf.load_pretrained its safetensors"
+        )
+        print(f"HF load check: {checked}")
+    return {"hf_load_check": checked, "hf_max_abs_logit_diff": float(np.abs(theirs - ours)[valid].max())}
 
 
 def main(config: Config) -> dict:
@@ -166,7 +188,7 @@ def main(config: Config) -> dict:
         "model_dir": model_dir,
     }
     if config.verify_hf_load:
-        summary["hf_max_abs_logit_diff"] = check_hf_load(model_dir, model, params, data)
+        summary.update(check_hf_load(model_dir, model, params, data))
         if summary["hf_max_abs_logit_diff"] > 1e-3:
             raise RuntimeError(f"transformers logits differ from ours by {summary['hf_max_abs_logit_diff']}")
 

@@ -44,16 +44,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.core import concat_prompt_response, last_valid_index, reward_model_loss, token_logprobs
 from jaxrlhf.metrics_log import MetricsLogger
-from jaxrlhf.models import LanguageModel, ValueModel, gpt2_config
+from jaxrlhf.models import LanguageModel, ValueModel, check_positions, gpt2_config
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.sampling import generate
 from jaxrlhf.training import PPOConfig, RewardModel, sft, train_sweep
 from tasks import synthetic_language as lang
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Reward hacking: PPO against an imperfect learned reward model, with and without a KL penalty."""
@@ -146,6 +147,8 @@ def normalize_reward_model(rm: ValueModel, rm_params, ids, mask):
 
 def train_reward_model(rm: ValueModel, rm_params, pairs: lang.PreferencePairs, key, config: Config, logger):
     """Bradley-Terry training on ``pairs``; returns the trained parameters."""
+    for mask in (pairs.chosen_mask, pairs.rejected_mask):  # within the reward model's position table
+        check_positions(rm, mask, where="train_reward_model")
     optimizer = optax.adamw(config.rm_lr, weight_decay=0.01)
     opt_state = optimizer.init(rm_params)
 

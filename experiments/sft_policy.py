@@ -37,24 +37,49 @@ def check_task_settings(sft_dir: str, task_settings: dict[str, Any], what: str) 
         )
 
 
-def load_sft_policy(sft_dir: str, script: str, task_settings: dict[str, Any], run_if_missing: bool, what: str):
+def load_sft_policy(
+    sft_dir: str,
+    script: str,
+    task_settings: dict[str, Any],
+    run_if_missing: bool,
+    what: str,
+    sft_overrides: dict[str, Any] | None = None,
+):
     """The SFT policy of ``<sft_dir>/model`` (a `Pretrained`), checked against ``task_settings``.
 
-    Without one, ``experiments/<script>.py`` is run first (its `main` with ``out_dir=sft_dir`` and
-    the task settings) when ``run_if_missing``, else the run stops with the command to type."""
+    A finished SFT run (its ``summary.json``, written last) is used as it is, and the run says so. A
+    run directory without one (an SFT run that stopped early: its ``model/`` may be there, its
+    plot and summary are not), or no model at all, is trained (again) first: `experiments/<script>.py`'s
+    `main` with ``out_dir=sft_dir``, the task settings and ``sft_overrides`` (other fields of its
+    config, e.g. ``num_steps``), when ``run_if_missing``; else the run stops with the command to
+    type. A model directory saved by other means (no SFT ``config.json`` beside it) is used as it is.
+    """
     from jaxrlhf.models import load_pretrained
 
     model_dir = os.path.join(sft_dir, "model")
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        path = os.path.join(HERE, f"{script}.py")
+    path = os.path.join(HERE, f"{script}.py")
+    has_model = os.path.isfile(os.path.join(model_dir, "config.json"))
+    is_run = os.path.isfile(os.path.join(sft_dir, "config.json"))
+    finished = os.path.isfile(os.path.join(sft_dir, "summary.json"))
+    if has_model:  # another task's run is refused before it is used or trained again
+        check_task_settings(sft_dir, task_settings, what)
+    if has_model and (finished or not is_run):
+        state = "the finished SFT run" if finished else "the model"
+        print(f"SFT: using {state} in {sft_dir} (not trained again; delete it, or pass another --sft_dir, to retrain)")
+    else:
+        reason = (
+            f"the SFT run in {sft_dir} did not finish (no summary.json)"
+            if has_model
+            else f"no SFT policy in {model_dir}"
+        )
         if not run_if_missing:
-            raise SystemExit(f"no SFT policy in {model_dir}: run `python {path} --out_dir {sft_dir}` first")
-        print(f"no SFT policy in {model_dir}: running {path} --out_dir {sft_dir}")
+            raise SystemExit(f"{reason}: run `python {path} --out_dir {sft_dir}` first")
+        print(f"{reason}: running {path} --out_dir {sft_dir}")
         spec = importlib.util.spec_from_file_location(script, path)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[script] = module  # dataclasses look their module up while the class is built
         spec.loader.exec_module(module)
-        module.main(module.Config(out_dir=sft_dir, **task_settings))
+        module.main(module.Config(out_dir=sft_dir, **task_settings, **(sft_overrides or {})))
     check_task_settings(sft_dir, task_settings, what)
     return load_pretrained(model_dir)

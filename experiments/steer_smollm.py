@@ -45,7 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxrlhf.config import parse_config, save_config
+from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
 from jaxrlhf.models import LoraConfig, Pretrained, load_pretrained, with_lora
 from jaxrlhf.models.lora import ALL_TARGETS
 from jaxrlhf.plotting import plot_curves
@@ -58,6 +58,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class Config:
     """PPO of SmolLM2-135M-Instruct toward a style judged by a MiniLM sentence-embedding reward."""

@@ -2,6 +2,9 @@
 
 __version__ = "0.1.0"
 
+# First: quiets transformers' no-PyTorch notice before any module imports transformers.
+import jaxrlhf._transformers_notice  # noqa: F401, I001
+
 # Public API. Each block is added when its module lands; keep the blocks in this order.
 # --- core math ---
 from jaxrlhf.core import (

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import inspect
 import json
 import os
@@ -40,12 +41,15 @@ import sys
 import types
 import typing
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-import tyro
+T = TypeVar("T")
 
 __all__ = [
     "ConfigError",
+    "UnknownFieldError",
+    "refuse_unknown_fields",
+    "unknown_field_message",
     "parse_config",
     "config_from_dict",
     "config_to_dict",
@@ -205,10 +209,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value  # an annotation this module does not know: passed through unchecked
 
 
-# Old field name -> its name now (PPOConfig's clip ranges, GAE lambda and KL coefficient, the
-# SFT optimizer's AdamW constants), so that a config saved by an older version is refused with the
-# new name rather than as an unknown key.
-RENAMED_FIELDS = {
+# A field's old or foreign name -> its name here: names of an older jaxrlhf version (PPOConfig's
+# clip ranges, GAE lambda and KL coefficient, the SFT optimizer's AdamW constants) and the names TRL,
+# OpenRLHF and verl give the same settings, so that a config saved by an older version, or a setting
+# carried over from another library, is refused with the name to use rather than as an unknown key.
+# A tuple lists the candidates of configs that name the setting differently (the first field the
+# config has is the hint); a name is only mapped where the meaning is the same.
+RENAMED_FIELDS: dict[str, str | tuple[str, ...]] = {
+    # older jaxrlhf (and TRL's PPOConfig)
     "cliprange": "clip_eps",
     "cliprange_high": "clip_eps_high",
     "cliprange_value": "value_clip_eps",
@@ -217,29 +225,103 @@ RENAMED_FIELDS = {
     "b1": "adam_b1",
     "b2": "adam_b2",
     "eps": "adam_eps",
+    # TRL
+    "num_ppo_epochs": "ppo_epochs",
+    "mini_batch_size": "minibatch_size",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "response_length": "max_new_tokens",
+    "max_completion_length": ("max_new_tokens", "max_response_len"),
+    "max_prompt_length": "max_prompt_len",
+    "adap_kl_ctrl": "adaptive_kl",
+    "horizon": "kl_horizon",
+    "epsilon": "clip_eps",
+    "epsilon_high": "clip_eps_high",
+    "beta": "kl_coef",
+    "loss_type": "loss",
+    # Hugging Face TrainingArguments (TRL's trainers inherit them)
+    "adam_beta1": "adam_b1",
+    "adam_beta2": "adam_b2",
+    "adam_epsilon": "adam_eps",
+    "lr": "learning_rate",
+    # OpenRLHF
+    "eps_clip": "clip_eps",
+    "value_clip": "value_clip_eps",
+    "actor_learning_rate": "learning_rate",
+    "kl_target": "target_kl",
+    "n_samples_per_prompt": "num_generations",
+    "generate_max_len": "max_new_tokens",
+    "prompt_max_len": "max_prompt_len",
+    "max_epochs": "ppo_epochs",
+    "lambd": "gae_lambda",
+    "entropy_loss_coef": "entropy_coef",
+    # verl
+    "clip_ratio": "clip_eps",
+    "clip_ratio_high": "clip_eps_high",
+    "clip_ratio_c": "dual_clip",
+    "entropy_coeff": "entropy_coef",
+    "loss_agg_mode": "loss_agg",
 }
 
 
 def renamed_field_message(key: str, known: Collection[str], prefix: str = "") -> str | None:
-    """``"... was renamed to ..."`` when ``key`` is the old name of one of the ``known`` fields."""
-    new = RENAMED_FIELDS.get(key)
-    if new is None or new not in known:
+    """``"... was renamed to ..."`` when ``key`` is the old (or another library's) name of one of
+    the ``known`` fields; None otherwise (also when ``key`` is itself a known field)."""
+    if key in known:
+        return None
+    candidates = RENAMED_FIELDS.get(key, ())
+    new = next((c for c in ((candidates,) if isinstance(candidates, str) else candidates) if c in known), None)
+    if new is None:
         return None
     return (
-        f"config key {prefix + key!r} was renamed to {prefix + new!r} (a config saved by an older "
-        "version: rename the key)"
+        f"config key {prefix + key!r} was renamed to {prefix + new!r} (the name in an older jaxrlhf, "
+        f"TRL, OpenRLHF or verl; use {new!r})"
     )
+
+
+def unknown_field_message(key: str, known: Sequence[str], prefix: str = "") -> str:
+    """The one message for a key that is not a field of a config: the rename hint when ``key`` is a
+    field's old or foreign name (`RENAMED_FIELDS`), else the closest field names and every field.
+    Used by `load_config` / `config_from_dict` and by the constructors of `refuse_unknown_fields`."""
+    renamed = renamed_field_message(key, known, prefix)
+    if renamed:
+        return renamed
+    close = difflib.get_close_matches(key, list(known), n=3)
+    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return f"unknown config key {prefix + key!r}{hint} (known keys: {', '.join(prefix + k for k in known)})"
 
 
 def _unknown_key_error(key: str, known: Sequence[str], prefix: str) -> ConfigError:
-    renamed = renamed_field_message(key, known, prefix)
-    if renamed:
-        return ConfigError(renamed)
-    close = difflib.get_close_matches(key, list(known), n=3)
-    hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
-    return ConfigError(
-        f"unknown config key {prefix + key!r}{hint} (known keys: {', '.join(prefix + k for k in known)})"
-    )
+    return ConfigError(unknown_field_message(key, known, prefix))
+
+
+class UnknownFieldError(ConfigError, TypeError):
+    """A config constructor got a keyword that is not one of its fields (a `ConfigError`, and a
+    `TypeError` as Python's own unexpected-keyword error is)."""
+
+
+def refuse_unknown_fields(config_cls: type[T]) -> type[T]:
+    """Class decorator for a config dataclass: its constructor refuses an unknown keyword with
+    `unknown_field_message` (the rename hint, or the closest field names), as `load_config` does,
+    instead of Python's bare ``TypeError: unexpected keyword argument``.
+
+    Put it above ``@dataclasses.dataclass``; the fields are read from `dataclasses.fields` at call
+    time, so a config that gains fields needs nothing else. ``dataclasses.replace`` goes through it
+    too. Positional arguments and the fields' own checks (``__post_init__``) are left as they are.
+    """
+    _check_dataclass(config_cls)
+    fields_of: Any = config_cls  # a dataclass (checked above), which type[T] does not say
+    init = config_cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        names = [f.name for f in dataclasses.fields(fields_of) if f.init]
+        for key in kwargs:
+            if key not in names:
+                raise UnknownFieldError(f"{config_cls.__name__}: {unknown_field_message(key, names)}")
+        init(self, *args, **kwargs)
+
+    setattr(config_cls, "__init__", __init__)  # noqa: B010 - pyright keeps the dataclass signature
+    return config_cls
 
 
 def config_from_dict(config_cls: type, values: Mapping[str, Any], *, _prefix: str = "") -> Any:
@@ -378,4 +460,6 @@ def parse_config(config_cls: type, argv: Sequence[str] | None = None, *, prog: s
         class_doc = ""
     description = f"{class_doc.strip()}\n\n{_CONFIG_FLAG_HELP}".strip()
     file_defaults = {} if file_config is None else {"default": file_config}
+    import tyro  # only the command line needs it
+
     return tyro.cli(config_cls, args=argv, prog=prog, description=description, use_underscores=True, **file_defaults)

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import sys
 from typing import Literal
 
@@ -11,6 +12,7 @@ import pytest
 
 from jaxrlhf.config import (
     ConfigError,
+    config_from_dict,
     config_to_dict,
     load_config,
     parse_config,
@@ -351,6 +353,11 @@ DOCUMENTED_COMMAND_LINES = [
     ("randomwalks_ppo", "--seeds 0 1 2", {"seeds": (0, 1, 2)}),
     (
         "randomwalks_ppo",
+        "--sft_num_steps 20 --ppo.total_steps 2 --out_dir /tmp/rw_ppo --sft_dir /tmp/rw_sft",
+        {"sft_num_steps": 20, "ppo.total_steps": 2, "out_dir": "/tmp/rw_ppo", "sft_dir": "/tmp/rw_sft"},
+    ),
+    (
+        "randomwalks_ppo",
         "--no-run_sft_if_missing --ppo.no_shared_trunk --ppo.lr_schedule cosine",
         {"run_sft_if_missing": False, "ppo.shared_trunk": False, "ppo.lr_schedule": "cosine"},
     ),
@@ -402,3 +409,66 @@ def test_experiment_help_shows_every_field_with_its_doc(name, capsys):
         else:
             assert f"--{f.name} " in text or f"--{f.name}," in text, f.name
     assert text.count("(default:") >= len(dataclasses.fields(config_cls))
+
+
+# ----------------------------------------------------------------------------------------------
+# Config constructors refuse unknown fields with load_config's message.
+# ----------------------------------------------------------------------------------------------
+
+EXPERIMENTS = sorted(
+    name[: -len(".py")] for name in os.listdir(EXPERIMENTS_DIR) if name.endswith(".py") and name != "sft_policy.py"
+)
+
+
+def _library_configs():
+    from jaxrlhf.models import LoraConfig, ModelConfig
+    from jaxrlhf.training import PPOConfig
+    from jaxrlhf.training.preference import PreferenceConfig
+    from jaxrlhf.training.sft import SFTConfig
+
+    return [PPOConfig, PreferenceConfig, SFTConfig, LoraConfig, ModelConfig]
+
+
+def test_config_constructors_give_the_rename_hint_or_the_closest_field():
+    """`PPOConfig(cliprange=0.2)` (TRL's name) and `PPOConfig(learning_rat=1e-4)` used to be
+    Python's bare "unexpected keyword argument"; now the message of `load_config`."""
+    from jaxrlhf.config import UnknownFieldError
+    from jaxrlhf.training import PPOConfig
+    from jaxrlhf.training.preference import PreferenceConfig
+
+    cases = [
+        (PPOConfig, {"cliprange": 0.2}, "PPOConfig: config key 'cliprange' was renamed to 'clip_eps'"),
+        (PPOConfig, {"eps_clip": 0.2}, "'eps_clip' was renamed to 'clip_eps'"),  # OpenRLHF
+        (PPOConfig, {"num_ppo_epochs": 2}, "'num_ppo_epochs' was renamed to 'ppo_epochs'"),  # TRL
+        (PPOConfig, {"beta": 0.1}, "'beta' was renamed to 'kl_coef'"),  # TRL's GRPO
+        (PPOConfig, {"learning_rat": 1e-4}, "PPOConfig: unknown config key 'learning_rat'; did you mean learning_rate"),
+        (PreferenceConfig, {"max_completion_length": 9}, "'max_completion_length' was renamed to 'max_response_len'"),
+        (PreferenceConfig, {"loss_type": "ipo"}, "'loss_type' was renamed to 'loss'"),
+    ]
+    for config_cls, kwargs, message in cases:
+        with pytest.raises(UnknownFieldError, match=re.escape(message)) as info:
+            config_cls(**kwargs)
+        assert isinstance(info.value, TypeError) and isinstance(info.value, ConfigError)
+        # One message: a config file with the same key says the same after the class name.
+        path_message = str(info.value).split(": ", 1)[1]
+        with pytest.raises(ConfigError) as from_file:
+            config_from_dict(config_cls, kwargs)
+        assert str(from_file.value) == path_message
+    assert PreferenceConfig(beta=0.3).beta == 0.3  # a field of this config is never "renamed"
+    assert PPOConfig().replace(clip_eps=0.1).clip_eps == 0.1  # replace() goes through the check
+    with pytest.raises(UnknownFieldError, match="'lam' was renamed to 'gae_lambda'"):
+        PPOConfig().replace(lam=0.9)
+
+
+@pytest.mark.parametrize("config_cls", _library_configs(), ids=lambda c: c.__name__)
+def test_every_library_config_refuses_unknown_fields(config_cls):
+    with pytest.raises(ConfigError, match=f"{config_cls.__name__}: unknown config key 'no_such_field'"):
+        config_cls(no_such_field=1)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_config_refuses_unknown_fields(name):
+    config_cls = _experiment(name).Config
+    field = dataclasses.fields(config_cls)[0].name
+    with pytest.raises(ConfigError, match=f"Config: unknown config key '{field}x'; did you mean {field}"):
+        config_cls(**{field + "x": 1})

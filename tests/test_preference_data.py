@@ -1,5 +1,6 @@
-"""Preference data: JSONL / Parquet through `datasets`, tokenisation (chat template or not), the
-fixed-shape padded layout, and every drop rule counted and reported (never silently kept)."""
+"""Preference data: JSONL with the standard library, Parquet through `datasets`, tokenisation (chat
+template or not), the fixed-shape padded layout, and every drop rule counted and reported (never
+silently kept)."""
 
 import json
 
@@ -120,6 +121,48 @@ def test_truncation_options(tokenizer):
         tokenize_pairs(rows, tokenizer, 8, 4, response_truncation="drop")
     with pytest.raises(ValueError, match="prompt_truncation"):
         tokenize_pairs(rows, tokenizer, 4, 4, prompt_truncation="right")
+
+
+def test_jsonl_needs_no_datasets(tmp_path, tokenizer, monkeypatch):
+    """A JSONL file is one `json.loads` per line: reading one never imports `datasets` (pyarrow,
+    pandas); a JSON array, a gzipped file and blank lines read the same; bad lines name the line."""
+    import builtins
+    import gzip
+    import sys
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets" or name.startswith(("datasets.", "pyarrow", "pandas")):
+            raise ImportError(f"{name} is not installed (test)")
+        return real_import(name, *args, **kwargs)
+
+    for name in [m for m in sys.modules if m == "datasets" or m.startswith("datasets.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in ROWS[:2]) + "\n\n" + json.dumps(ROWS[2]) + "\n")
+    lines = load_preference_data(str(path), tokenizer, 4, 8)
+    (tmp_path / "array.json").write_text(json.dumps(ROWS))
+    with gzip.open(tmp_path / "p.jsonl.gz", "wt") as f:
+        f.write(path.read_text())
+    for other in ("array.json", "p.jsonl.gz"):
+        data = load_preference_data(str(tmp_path / other), tokenizer, 4, 8)
+        for name, value in lines.arrays().items():
+            np.testing.assert_array_equal(value, getattr(data, name), err_msg=f"{other}: {name}")
+    assert len(lines) == 3 and lines.stats["rows"] == 3
+    (tmp_path / "bad.jsonl").write_text(json.dumps(ROWS[0]) + "\n{oops\n")
+    with pytest.raises(PreferenceDataError, match=r"bad.jsonl, line 2: not valid JSON"):
+        load_rows(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "list.jsonl").write_text('["prompt", "chosen"]\n')
+    with pytest.raises(PreferenceDataError, match=r"list.jsonl, item 0: expected a JSON object"):
+        load_rows(str(tmp_path / "list.jsonl"))
+    (tmp_path / "ragged.jsonl").write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"prompt": "a", "chosen": "b"}))
+    with pytest.raises(PreferenceDataError, match=r"row 1 lacks column\(s\) \['rejected'\]"):
+        load_preference_data(str(tmp_path / "ragged.jsonl"), tokenizer, 4, 4)
+    with pytest.raises(ImportError, match=r"Parquet preference files needs Hugging Face `datasets`.*jaxrlhf\[data\]"):
+        (tmp_path / "p.parquet").write_bytes(b"PAR1")
+        load_rows(str(tmp_path / "p.parquet"))
 
 
 def test_mismatched_columns_raise_clear_errors(tmp_path, tokenizer):

@@ -139,6 +139,33 @@ def test_dpo_raises_held_out_accuracy(tiny, pairs):
         assert all(math.isfinite(v) for v in row.values())
 
 
+def test_policy_equal_to_reference_logs_exact_ties_at_step_0():
+    """Step 0, policy == reference: every implicit reward is exactly 0, so accuracy is exactly 1/2
+    (ties), the margin exactly 0 and the loss log 2, also when the held-out batch size differs from
+    the micro-batch (on 8 devices: 2 rows per device against 1). The reference used to be scored in
+    batches of ``eval_batch_size``, whose rounding differed from the train step's by ~1e-8 of either
+    sign: accuracy 0.53125 here (0.25 in a 4-pair run), not the documented 1/2."""
+    rng = np.random.default_rng(0)
+    n, prompt, response, vocab = 16, 12, 24, 40
+    lengths = lambda low, high: rng.integers(low, high, n)[:, None]  # noqa: E731
+    prompt_mask = (np.arange(prompt) >= lengths(0, prompt - 1)).astype(np.int32)  # left-padded
+    chosen_mask, rejected_mask = ((np.arange(response) < lengths(1, response)).astype(np.int32) for _ in range(2))
+    ids = lambda width: rng.integers(3, vocab, (n, width))  # noqa: E731
+    data = pairs_from_arrays(
+        ids(prompt), prompt_mask, ids(response), chosen_mask, ids(response), rejected_mask,
+        max_prompt_len=prompt, max_response_len=response,
+    )  # fmt: skip
+    model = LanguageModel(gpt2_config(vocab, hidden_size=16, num_layers=1, num_heads=2, max_len=64))
+    config = PreferenceConfig.preset(
+        "dpo", total_steps=1, batch_size=16, grad_accum_steps=2, eval_batch_size=16,
+        max_prompt_len=prompt, max_response_len=response,
+    )  # fmt: skip
+    first = train_preference((model, model.init_params(jax.random.PRNGKey(1))), data, config, **QUIET).history[0]
+    assert first["accuracy"] == 0.5 and first["reward_margin"] == 0.0
+    assert first["chosen_reward"] == 0.0 and first["rejected_reward"] == 0.0
+    assert first["pref_loss"] == pytest.approx(math.log(2), rel=1e-7)
+
+
 @pytest.mark.slow
 def test_one_device_equals_eight(tiny, pairs, reference_run):
     train, _, _ = pairs

@@ -151,3 +151,64 @@ def test_compare_algorithms_end_to_end(sft_run, tmp_path):
         assert all(math.isfinite(v) for v in result["after"]["sampled/optimality"]["values"])
         assert len(result["curves"][0][1]) == 3  # before + after steps 1 and 2
     assert open(os.path.join(out_dir, "results.md")).read().count("\n| ") >= 3
+
+
+@pytest.fixture(scope="module")
+def tiny_sft_model():
+    """A random 1-layer model of the SFT script's shape family, its tokenizer and a few walks."""
+    import jax
+
+    from tasks import randomwalks as rw
+
+    sft = load_script("randomwalks_sft")
+    config = sft.Config(n_layer=1, n_embd=16, n_head=2)
+    task = rw.make_task(config.task_seed, config.n_nodes, config.p_edge, config.max_length, 16)
+    from jaxrlhf.tokenizers import char_tokenizer
+
+    tokenizer = char_tokenizer(task.letters, model_max_length=config.max_length + 6)
+    model = sft.make_model(config, tokenizer)
+    return sft, config, model, model.init_params(jax.random.key(0)), tokenizer, rw.encode_walks(task, tokenizer)
+
+
+@pytest.mark.slow
+def test_hf_load_check_without_torch_reads_the_files_back_and_says_so(tiny_sft_model, tmp_path, monkeypatch, capsys):
+    """`pip install -e .` brings no torch: the check then reads model/ without it (transformers'
+    config and tokenizer, jaxrlhf's safetensors) instead of dying on `import torch`."""
+    import importlib.util
+
+    from jaxrlhf.models import save_pretrained
+
+    sft, _, model, params, tokenizer, data = tiny_sft_model
+    save_pretrained(str(tmp_path / "model"), model, params, tokenizer)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else find_spec(name, *a))
+    result = sft.check_hf_load(str(tmp_path / "model"), model, params, data)
+    assert result["hf_max_abs_logit_diff"] == 0.0
+    assert "torch not installed: the transformers (PyTorch) load was skipped" in result["hf_load_check"]
+    assert "HF load check: torch not installed" in capsys.readouterr().out
+
+
+def test_a_finished_sft_stage_is_reused_with_a_message_and_an_unfinished_one_is_not(tiny_sft_model, tmp_path, capsys):
+    """The Quickstart's rerun after a crash in the SFT stage used to skip to PPO without a word,
+    on an SFT run with no summary or plot."""
+    import sft_policy
+    from jaxrlhf.config import save_config
+    from jaxrlhf.models import save_pretrained
+
+    _, config, model, params, tokenizer, _ = tiny_sft_model
+    run = tmp_path / "sft"
+    save_config(config, run / "config.json")
+    save_pretrained(str(run / "model"), model, params, tokenizer)
+    graph = {"task_seed": config.task_seed}
+    with pytest.raises(SystemExit, match=r"the SFT run in .*sft did not finish \(no summary.json\): run `python"):
+        sft_policy.load_sft_policy(str(run), "randomwalks_sft", graph, False, "graph")
+    with pytest.raises(SystemExit, match="another graph"):  # another task's run is refused first
+        sft_policy.load_sft_policy(str(run), "randomwalks_sft", {"task_seed": 9}, True, "graph")
+    (run / "summary.json").write_text("{}")
+    loaded = sft_policy.load_sft_policy(str(run), "randomwalks_sft", graph, False, "graph")
+    assert loaded.config == model.config
+    assert "SFT: using the finished SFT run in" in capsys.readouterr().out
+    (run / "config.json").unlink()  # a model directory made by other means is used as it is
+    (run / "summary.json").unlink()
+    sft_policy.load_sft_policy(str(run), "randomwalks_sft", graph, False, "graph")
+    assert "SFT: using the model in" in capsys.readouterr().out

@@ -13,6 +13,7 @@ from jaxrlhf.models.lora import (
     with_lora,
 )
 from jaxrlhf.models.peft_io import AdapterError, load_peft_adapter, save_merged, save_peft_adapter
+from jaxrlhf.models.positions import check_positions, learned_position_limit
 from jaxrlhf.models.transformer import (
     ModelOutput,
     Transformer,

@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxrlhf.config import refuse_unknown_fields
+
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_MODEL_TYPES = ("gpt2",) + LLAMA_FAMILY
 
@@ -48,6 +50,7 @@ class UnsupportedModelError(ValueError):
     """The checkpoint's architecture or one of its options is not implemented."""
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Hyper-parameters of a decoder-only transformer (hashable: usable as a static jit arg)."""

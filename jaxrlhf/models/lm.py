@@ -13,6 +13,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models import positions as position_table
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lora import LoraParams, model_variables
 from jaxrlhf.models.transformer import (
@@ -37,6 +38,11 @@ class LanguageModel:
     `tuning` (`jaxrlhf.tuning.Tuning`) holds speed-only choices of decoding that do not change the
     numbers: by default the current backend's (`Tuning.for_backend()`, chosen once, when the model
     is built). `make_sampler` and the PPO trainer pick the tuning for their own batch shape.
+
+    `apply` / `forward` outside a trace, with a concrete `attention_mask` (or `positions`) whose
+    rows need positions past a learned position table, raise ValueError
+    (`jaxrlhf.models.positions.check_positions`); a traced mask is not read (free inside `jit`,
+    where the lookup would clamp: check the data first, as the trainers do).
     """
 
     config: ModelConfig
@@ -71,6 +77,8 @@ class LanguageModel:
         caller that needs `hidden` alone), while `hidden` keeps all L. `segment_ids` (`[B, L]`,
         with `positions`): packed rows that do not attend to each other (`jaxrlhf.packing`).
         """
+        if self.config.positions == "learned":  # rows past the table: see the class docstring
+            position_table.check_positions(self, attention_mask, positions=positions, where="LanguageModel.forward")
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
         output = self.module.apply(
             variables,

@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from jaxrlhf.config import refuse_unknown_fields
+
 Array = jax.Array
 
 # Our projection names; an adapter's target is the last path element of a `LoraDense`.
@@ -70,6 +72,7 @@ _CODE_DTYPES = {"nf4": jnp.uint4, "int8": jnp.int8, "int4": jnp.int4}
 QUANTIZED_KERNEL, KERNEL_SCALE = "kernel_q", "kernel_scale"
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """Structure of the adapters (hashable: part of `ModelConfig`, hence of the compiled program).

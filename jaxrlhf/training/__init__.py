@@ -24,7 +24,14 @@ from jaxrlhf.training.preference import (
     train_preference,
 )
 from jaxrlhf.training.preference_data import PreferenceData, PreferenceDataError, load_preference_data
-from jaxrlhf.training.rewards import NonFiniteError, RewardModel, RewardShapeError, TextReward, postprocess_scores
+from jaxrlhf.training.rewards import (
+    NonFiniteError,
+    RewardModel,
+    RewardShapeError,
+    RewardTraceError,
+    TextReward,
+    postprocess_scores,
+)
 from jaxrlhf.training.state import FrozenParams, ScoreStats, TrainState, make_optimizer
 from jaxrlhf.training.sweep import Sweep, SweepState
 from jaxrlhf.training.trainer import PromptDataset, SweepResult, TrainResult, prepare_prompts, train, train_sweep
@@ -64,6 +71,7 @@ __all__ = [
     "PromptBatch",
     "PromptTooLongError",
     "RewardModel",
+    "RewardTraceError",
     "RewardShapeError",
     "Rollout",
     "ScoreStats",

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Annotated
 
 import numpy as np
-import tyro
 
+from jaxrlhf.config import refuse_unknown_fields
 from jaxrlhf.core.losses import LOSS_AGGREGATIONS
 from jaxrlhf.metrics_log import LOGGERS
 from jaxrlhf.training import plugins
@@ -21,17 +20,10 @@ KL_PLACEMENTS = ("reward", "loss")
 SCORE_NORMS = ("batch", "running")  # or None: scores used as they are
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
-# On the command line (tyro) and in JSON files the plug-in fields are names; in Python they also take
-# the plug-in itself (or a plain function), which the config registers and stores by name.
-EstimatorField = Annotated[str | plugins.AdvantageEstimator, tyro.conf.arg(constructor=str)]
-PolicyLossField = Annotated[str | plugins.PolicyLoss, tyro.conf.arg(constructor=str)]
-KLEstimatorField = Annotated[str | plugins.KLEstimator, tyro.conf.arg(constructor=str)]
-NumbersField = Annotated[
-    tuple[tuple[str, float], ...] | Mapping[str, float],
-    tyro.conf.arg(constructor=tuple[tuple[str, float], ...]),
-]
 
-
+# The plug-in fields hold registered names (what the command line and JSON files give). In Python
+# they also take the plug-in itself (or a plain function), which the config registers and stores by
+# name; `plugin_numbers` also takes a dict. The annotations say what is stored.
 def registered_advantage_estimators() -> tuple[str, ...]:
     """The names ``advantage_estimator`` accepts (built-ins and registered plug-ins)."""
     return plugins.registered(plugins.AdvantageEstimator)
@@ -53,6 +45,7 @@ def registered_kl_estimators() -> tuple[str, ...]:
 RESUME_MUTABLE_FIELDS: tuple[str, ...] = ("save_every", "keep_checkpoints", "loggers", "wandb_project")
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
     """Hyper-parameters of PPO for language models (defaults follow DESIGN.md and TRL)."""
@@ -121,7 +114,7 @@ class PPOConfig:
     """When set, the score of a response that never emitted EOS is replaced by this value."""
 
     # --- KL penalty ---
-    kl_estimator: KLEstimatorField = "k1"
+    kl_estimator: str = "k1"
     """Per-token KL estimator: "k1" (-d), "k2" (d^2/2), "k3" (e^d - d - 1), "abs" (|d|), with
     d = ref_logprobs - logprobs; or a registered plug-in's name, or the plug-in itself
     (`jaxrlhf.training.plugins`; stored by name)."""
@@ -138,7 +131,7 @@ class PPOConfig:
     """Adaptive controller horizon, in samples (beta changes by e * batch_size / horizon per step)."""
 
     # --- advantages ---
-    advantage_estimator: EstimatorField = "gae"
+    advantage_estimator: str = "gae"
     """"gae" (PPO with a critic, the default), or a critic-free estimator (no value model, no
     value loss): "grpo" (group mean and std), "drgrpo" (group mean), "rloo" (leave-one-out
     mean), "reinforce++" (batch-whitened returns of the KL-penalised rewards),
@@ -172,7 +165,7 @@ class PPOConfig:
     critic-free estimators normalise as their papers do (and Dr. GRPO deliberately does not)."""
 
     # --- losses ---
-    policy_loss: PolicyLossField = "ppo"
+    policy_loss: str = "ppo"
     """"ppo" (token-level ratio clip), "gspo" (GSPO's sequence-level ratio, Zheng et al. 2025)
     or "gspo-token" (GSPO-token: the sequence ratio's value, each token's own gradient), "cispo"
     (clipped IS weight, MiniMax-M1), "clip-cov" / "kl-cov" (entropy-preserving, Cui et al. 2025),
@@ -198,7 +191,7 @@ class PPOConfig:
     "seq-mean-token-sum", "seq-mean-token-sum-norm" (token sum / max_new_tokens, Dr. GRPO); the
     value loss is always token-mean."""
 
-    plugin_numbers: NumbersField = ()
+    plugin_numbers: tuple[tuple[str, float], ...] = ()
     """Values of the numbers the plug-ins above declare (e.g. ``{"clip_cov_ratio": 1e-3}``; on the
     command line ``--plugin_numbers clip_cov_ratio 1e-3``), over their declared defaults. Data in
     the train state like every number: sweepable by name (``grid(clip_cov_ratio=[...])``), no

@@ -33,8 +33,10 @@ those numbers reuse one compiled step.
 
 **Reference log-probs.** ``reference_logprobs="precomputed"`` (default) scores every row under the
 reference model once before training and stores ``ref_chosen_logps`` / ``ref_rejected_logps`` with
-the data, so the step never holds the reference model; ``"on_the_fly"`` runs the reference forward
-in every step instead (more compute, the same numbers). SimPO uses no reference.
+the data, so the step never holds the reference model (scored in the train step's own batch layout,
+so that a policy equal to the reference gives exact ties: `precompute_reference_logps`);
+``"on_the_fly"`` runs the reference forward in every step instead (more compute, the same numbers).
+SimPO uses no reference.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrlhf.config import refuse_unknown_fields
 from jaxrlhf.core import preference as P
 from jaxrlhf.core.sequences import concat_prompt_response
+from jaxrlhf.models.positions import check_positions
 from jaxrlhf.sharding import (
     batch_sharding,
     batch_size_divisor,
@@ -109,6 +113,7 @@ OPTIMIZER_NUMBERS = {
 RESUME_MUTABLE_FIELDS = ("save_every", "keep_checkpoints")
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class PreferenceConfig:
     """Settings of an offline preference run (see docs/preference.md for each loss's formula)."""
@@ -527,8 +532,18 @@ def _jitted(model, structure: PreferenceConfig):
         return out
 
     def reference_step(ref_params, batch):
-        chosen, _, rejected, _ = response_logps(apply_fn, ref_params, batch)
-        return chosen, rejected
+        """Reference log-probs of a batch in either layout: ``[E]`` rows (held-out data, as
+        `eval_step` scores the policy) or ``[A, M]`` (training data, scanned over the micro-batches
+        as `train_step` scores the policy)."""
+        if batch["pair_mask"].ndim == 1:
+            chosen, _, rejected, _ = response_logps(apply_fn, ref_params, batch)
+            return chosen, rejected
+
+        def body(carry, mb):
+            chosen, _, rejected, _ = response_logps(apply_fn, ref_params, mb)
+            return carry, (chosen, rejected)
+
+        return jax.lax.scan(body, None, batch)[1]
 
     return (jax.jit(train_step, donate_argnums=0), jax.jit(eval_step), jax.jit(reference_step))
 
@@ -560,6 +575,12 @@ def _pad_data(data: PreferenceData, max_prompt_len: int, max_response_len: int) 
     )
 
 
+def sequence_lengths(data: PreferenceData) -> np.ndarray:
+    """``[N]`` tokens of each row's longest sequence: prompt + the longer of its two responses."""
+    responses = np.maximum(data.chosen_mask.sum(axis=1), data.rejected_mask.sum(axis=1))
+    return data.prompt_mask.sum(axis=1) + responses
+
+
 def _batches_of(n: int, batch_size: int):
     """Row indices of consecutive fixed-size batches covering ``n`` rows, and their validity (the
     last batch is filled with row 0, marked invalid)."""
@@ -569,16 +590,35 @@ def _batches_of(n: int, batch_size: int):
         yield np.where(valid, rows, 0), valid
 
 
-def precompute_reference_logps(trainer: PreferenceTrainer, ref_params, data: PreferenceData) -> PreferenceData:
-    """``data`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` scored under ``ref_params``, in
-    fixed batches of the trainer's ``eval_batch_size`` (one compile)."""
+def precompute_reference_logps(
+    trainer: PreferenceTrainer, ref_params, data: PreferenceData, *, for_training: bool = True
+) -> PreferenceData:
+    """``data`` with ``ref_chosen_logps`` / ``ref_rejected_logps`` scored under ``ref_params``.
+
+    The reference is scored in the layout in which the policy will be scored against it, so that
+    both sides run the same computation on the same shapes and shardings: training data
+    (``for_training``) in the train step's ``[grad_accum_steps, micro_batch]`` batches, scanned over
+    the micro-batches; held-out data in `evaluate`'s batches of ``eval_batch_size``. With the policy
+    equal to the reference (step 0), the implicit rewards are then exactly 0 and every pair a tie
+    (accuracy 1/2, DPO loss log 2), not rounding noise of either sign, as a reference scored in
+    other batch shapes gives (XLA's products and reductions round differently per shape). One
+    compile per layout."""
     arrays = data.arrays()
     ref_params = trainer.place_params(ref_params)
+    config = trainer.config
+    rows_per_call = config.batch_size if for_training else trainer.eval_batch_size
     chosen, rejected = np.zeros(len(data), np.float32), np.zeros(len(data), np.float32)
-    for rows, valid in _batches_of(len(data), trainer.eval_batch_size):
-        batch = trainer.put_batch(_step_inputs(arrays, rows, "pairs", False, valid), 0)
+    for rows, valid in _batches_of(len(data), rows_per_call):
+        if for_training:  # [A, M], placed as the train step's batch (micro-batch axis 1 sharded)
+            shape = (config.grad_accum_steps, config.micro_batch_size)
+            batch = trainer.put_batch(
+                _step_inputs(arrays, rows.reshape(shape), "pairs", False, valid.reshape(shape)), 1
+            )
+        else:
+            batch = trainer.put_batch(_step_inputs(arrays, rows, "pairs", False, valid), 0)
         c, r = to_host(trainer.reference_step(ref_params, batch))
-        chosen[rows[valid]], rejected[rows[valid]] = np.asarray(c)[valid], np.asarray(r)[valid]
+        c, r = np.asarray(c).reshape(-1), np.asarray(r).reshape(-1)
+        chosen[rows[valid]], rejected[rows[valid]] = c[valid], r[valid]
     return data.with_reference(chosen, rejected)
 
 
@@ -815,6 +855,9 @@ def train_preference(
         eval_data = _prepare(eval_data, config, tokenizer, "pairs")
     if len(data) < config.batch_size:
         raise PreferenceDataError(f"{len(data)} rows are fewer than one batch (batch_size={config.batch_size})")
+    for what, rows in (("pair", data), ("held-out pair", eval_data)):
+        if rows is not None:  # prompt + the longer response of each row, within a learned position table
+            check_positions(model, lengths=sequence_lengths(rows), where="train_preference", what=what)
     trainer = PreferenceTrainer(model, config, mesh)
     ref_params = params if ref_params is None else ref_params
 
@@ -823,7 +866,7 @@ def train_preference(
         if not data.has_reference:
             data = precompute_reference_logps(trainer, ref_params, data)
         if eval_data is not None and not eval_data.has_reference:
-            eval_data = precompute_reference_logps(trainer, ref_params, eval_data)
+            eval_data = precompute_reference_logps(trainer, ref_params, eval_data, for_training=False)
     elif config.uses_reference:
         step_ref = trainer.place_params(ref_params)
     with_ref = config.uses_reference and config.reference_logprobs == "precomputed"

@@ -5,10 +5,11 @@ Two kinds of data set:
 * **pairs** (DPO, cDPO, IPO, SimPO): columns ``prompt``, ``chosen``, ``rejected``;
 * **unpaired** (KTO): columns ``prompt``, ``completion``, ``label`` (true: desirable).
 
-Sources: a JSONL (``.jsonl`` / ``.json``) or Parquet (``.parquet``) file, read with Hugging Face
-``datasets`` (``load_dataset("json" | "parquet", data_files=...)``); a ``datasets.Dataset``; a list
-of dicts; or already tokenised arrays (`pairs_from_arrays`, `kto_from_arrays`), e.g. the synthetic
-language of `tasks.synthetic_language`.
+Sources: a JSONL (``.jsonl`` / ``.json``, one object per line or one array; optionally ``.gz``)
+file, read with the standard library; a Parquet (``.parquet``) file, read with Hugging Face
+``datasets`` (``load_dataset("parquet", data_files=...)``, the ``data`` extra); a
+``datasets.Dataset``; a list of dicts; or already tokenised arrays (`pairs_from_arrays`,
+`kto_from_arrays`), e.g. the synthetic language of `tasks.synthetic_language`.
 
 Output (`PreferenceData`), every array of one fixed shape so the jitted step compiles once::
 
@@ -57,6 +58,8 @@ an error. Missing columns, or a mix of pair and KTO columns that fits neither, r
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -70,6 +73,7 @@ __all__ = [
     "PreferenceData",
     "PreferenceDataError",
     "load_rows",
+    "read_json_rows",
     "tokenize_pairs",
     "tokenize_kto",
     "load_preference_data",
@@ -186,10 +190,12 @@ class PreferenceData:
 
 
 def load_rows(source, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Rows (dicts) from a JSONL / Parquet path, a ``datasets.Dataset`` or a list of dicts.
+    """Rows (dicts) from a JSONL / JSON / Parquet path, a ``datasets.Dataset`` or a list of dicts.
 
-    Files go through Hugging Face ``datasets`` (``load_dataset("json"|"parquet", data_files=path,
-    split="train")``). With ``columns``, every row must have them all: otherwise a
+    JSON files are read with the standard library (`read_json_rows`): JSON Lines (one object per
+    line) or one JSON array of objects, optionally gzipped. Parquet goes through Hugging Face
+    ``datasets`` (``load_dataset("parquet", data_files=path, split="train")``; ``pip install
+    "jaxrlhf[data]"``). With ``columns``, every row must have them all: otherwise a
     `PreferenceDataError` lists the missing ones and the columns present.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -198,16 +204,22 @@ def load_rows(source, columns: Sequence[str] | None = None) -> list[dict[str, An
             raise FileNotFoundError(f"preference data file not found: {path}")
         lower = path.lower()
         if lower.endswith((".jsonl", ".json", ".jsonl.gz", ".json.gz")):
-            builder = "json"
-        elif lower.endswith(".parquet"):
-            builder = "parquet"
-        else:
+            rows = read_json_rows(path)
+            present = list(dict.fromkeys(key for row in rows for key in row))  # in order of first use
+            _check_columns(present, columns, path)
+            if columns is not None:
+                _check_row_columns(rows, columns)
+            return rows
+        if not lower.endswith(".parquet"):
             raise PreferenceDataError(f"{path}: unknown preference data format (want .jsonl, .json or .parquet)")
         try:
             import datasets
-        except ImportError as e:  # pragma: no cover - datasets is a dependency
-            raise ImportError("reading preference files needs Hugging Face `datasets` (pip install datasets)") from e
-        dataset = datasets.load_dataset(builder, data_files=path, split="train")
+        except ImportError as e:
+            raise ImportError(
+                'reading Parquet preference files needs Hugging Face `datasets`: pip install "jaxrlhf[data]" '
+                "(or pip install datasets); JSONL files need nothing"
+            ) from e
+        dataset = datasets.load_dataset("parquet", data_files=path, split="train")
         present = list(dataset.column_names)
         _check_columns(present, columns, path)
         rows = dataset.to_list()
@@ -220,6 +232,39 @@ def load_rows(source, columns: Sequence[str] | None = None) -> list[dict[str, An
         if columns is not None:
             _check_row_columns(rows, columns)
     return rows
+
+
+def read_json_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The objects of a JSON Lines file (one per line; blank lines skipped) or of a file holding one
+    JSON array of objects; ``.gz`` files are decompressed. Standard library only.
+
+    A line that is not JSON, or a value that is not an object, is a `PreferenceDataError` naming
+    the file and the line."""
+    path = os.fspath(path)
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    stripped = text.lstrip()
+    if stripped.startswith("["):  # one JSON array
+        try:
+            values = json.loads(stripped)
+        except json.JSONDecodeError as err:
+            raise PreferenceDataError(f"{path}: not valid JSON ({err})") from None
+        where = [f"item {i}" for i in range(len(values))]
+    else:
+        values, where = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                values.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise PreferenceDataError(f"{path}, line {number}: not valid JSON ({err})") from None
+            where.append(f"line {number}")
+    for value, place in zip(values, where):
+        if not isinstance(value, dict):
+            raise PreferenceDataError(f"{path}, {place}: expected a JSON object (one row), got {value!r:.80}")
+    return values
 
 
 def _check_row_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:

@@ -15,6 +15,7 @@ Scores then go through `postprocess_scores`: missing-EOS penalty, clipping, norm
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -39,6 +40,35 @@ JaxRewardFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 class RewardShapeError(ValueError):
     """A reward function returned something other than one float score per response."""
+
+
+class RewardTraceError(TypeError):
+    """A JAX reward function could not be traced: it used the values of traced arrays in Python
+    (``int(ids[b, 0])``, ``if score > 0:``, ``np.asarray(ids)``). The JAX error is its ``__cause__``."""
+
+
+# What tracing raises when Python needs a traced array's value (bool / int conversion, NumPy).
+TRACE_VALUE_ERRORS = (
+    jax.errors.ConcretizationTypeError,  # TracerBoolConversionError is one
+    jax.errors.TracerIntegerConversionError,
+    jax.errors.TracerArrayConversionError,
+)
+
+
+@contextlib.contextmanager
+def explain_trace_errors(what: str):
+    """Re-raise a tracing failure of user code (a JAX reward, an environment) inside the jitted step
+    as a `RewardTraceError`: a short message that points to `TextReward`, the original error chained."""
+    try:
+        yield
+    except TRACE_VALUE_ERRORS as error:
+        raise RewardTraceError(
+            f"the {what} cannot run inside the jitted step: it reads a traced array's value in Python "
+            f"({type(error).__name__}; e.g. `int(ids[b, 0]) == 3`, `if x > 0:`, `np.asarray(ids)`). Inside "
+            "jax.jit the arrays have no values yet: write it with jnp operations (`jnp.where` for `if`), or "
+            "score on the host with `jaxrlhf.training.TextReward(fn)`, fn(prompts, responses) -> floats on "
+            "decoded text (docs/training.md, 'Reward protocol'). The JAX error is chained above."
+        ) from error
 
 
 class NonFiniteError(FloatingPointError):
@@ -113,7 +143,8 @@ def score_in_jit(reward, reward_params, prompt_ids, prompt_mask, response_ids, r
         return check_scores(scores, batch_size, "reward model")
     if is_host_reward(reward):
         raise TypeError("a TextReward runs on the host; use the split step (rollout_fn + update_fn)")
-    scores = reward(prompt_ids, prompt_mask, response_ids, response_mask)
+    with explain_trace_errors(f"reward function {getattr(reward, '__name__', type(reward).__name__)!r}"):
+        scores = reward(prompt_ids, prompt_mask, response_ids, response_mask)
     return check_scores(scores, batch_size)
 
 

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxrlhf.config import refuse_unknown_fields
 from jaxrlhf.core.logprobs import token_logprobs
+from jaxrlhf.models.positions import check_positions
 from jaxrlhf.training.state import injected_adamw, schedule_multiplier
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
 
 
+@refuse_unknown_fields
 @dataclasses.dataclass(frozen=True)
 class SFTConfig:
     """Optimiser settings of an SFT run."""
@@ -180,7 +183,9 @@ def train_sft(
     """Trains ``params`` on ``data`` for ``num_steps`` updates; returns ``(params, last_metrics)``.
 
     Args:
-      apply_fn: the model's ``apply(params, ids, mask) -> logits``.
+      apply_fn: the model's ``apply(params, ids, mask) -> logits``. When it is a model's bound
+        ``apply`` (``model.apply``), rows longer than the model's learned position table are a
+        ValueError before any work (`jaxrlhf.models.positions.check_positions`).
       params: initial parameters.
       data: ``input_ids``, ``attention_mask`` (and optionally ``loss_mask``) as ``[N, L]`` arrays.
       key: shuffling key.
@@ -191,6 +196,9 @@ def train_sft(
       eval_fn: optional ``eval_fn(params, step) -> metrics``, called every ``eval_every`` steps and
         at the end, logged under ``eval/``.
     """
+    # `apply_fn` = `model.apply` names its model: rows past a learned position table are refused
+    # here, before any work (the jitted step could not see them).
+    check_positions(apply_fn, data["attention_mask"], where="train_sft")
     optimizer = make_optimizer(config, num_steps)
     state = init_state(params, optimizer)
     step_fn = make_train_step(apply_fn, optimizer)

@@ -44,13 +44,14 @@ import numpy as np
 from jaxrlhf.metrics_log import MetricsLogger, logger_options
 from jaxrlhf.models.lm import LanguageModel, Pretrained
 from jaxrlhf.models.peft_io import export_policy
+from jaxrlhf.models.positions import check_positions
 from jaxrlhf.models.value import ValueModel
 from jaxrlhf.sampling import check_prompts, model_limits
 from jaxrlhf.sharding import to_host
 from jaxrlhf.training.checkpoint import Checkpointer, prompts_fingerprint
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.ppo import PPO, PromptTooLongError
-from jaxrlhf.training.rewards import NonFiniteError, TextReward, decode_responses
+from jaxrlhf.training.rewards import NonFiniteError, RewardModel, TextReward, decode_responses
 from jaxrlhf.training.state import FrozenParams, TrainState
 from jaxrlhf.training.sweep import Sweep, SweepState, split_metrics
 
@@ -95,9 +96,11 @@ def _check_integer_ids(ids: np.ndarray, what: str) -> None:
         raise ValueError(f"{what}: token ids must be integers, got dtype {ids.dtype}")
 
 
-def check_prompt_set(data: PromptDataset, model: LanguageModel, config: PPOConfig) -> None:
+def check_prompt_set(data: PromptDataset, model: LanguageModel, config: PPOConfig, *scorers) -> None:
     """The prompts fit the model before any work: ids in its vocabulary (padding included, so
-    ``pad_token_id`` too) and prompt + ``max_new_tokens`` within its position table."""
+    ``pad_token_id`` too) and prompt + ``max_new_tokens`` within its position table; and within the
+    learned position table of each of ``scorers`` (a `RewardModel`'s model, a separate critic)
+    that reads prompt + response too."""
     vocab_size, max_positions = model_limits(model)
     check_prompts(
         data.ids,
@@ -107,6 +110,10 @@ def check_prompt_set(data: PromptDataset, model: LanguageModel, config: PPOConfi
         max_positions=max_positions,
         where="train",
     )
+    for scorer in scorers:
+        scorer = scorer.model if isinstance(scorer, RewardModel) else scorer
+        if scorer is not None:
+            check_positions(scorer, data.mask, extra_positions=config.max_new_tokens, where="train", what="prompt")
 
 
 def prepare_prompts(
@@ -523,7 +530,7 @@ def train(
     policy_model, policy_params, policy_tokenizer = _unpack_policy(policy)
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
     data = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
-    check_prompt_set(data, policy_model, config)
+    check_prompt_set(data, policy_model, config, reward, value_model)
     if trainer is None:
         ppo = PPO(config, policy_model, reward, critic=value_model, mesh=mesh)
     else:
@@ -628,7 +635,7 @@ def train_sweep(
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
     sweep = Sweep(config, policy_model, reward, runs, critic=value_model, mesh=mesh)
     base = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
-    check_prompt_set(base, policy_model, config)
+    check_prompt_set(base, policy_model, config, reward, value_model)
     data = [PromptDataset(base.ids, base.mask, c.seed) for c in sweep.run_configs]
     is_main = jax.process_index() == 0
 
