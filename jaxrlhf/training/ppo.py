@@ -355,7 +355,7 @@ class PPO:
             state.hparams,
             stop_axis_name=stop_axis_name,
         )
-        return Rollout(*(self._constrain_batch(x) for x in out))
+        return jax.tree.map(self._constrain_batch, out)
 
     def greedy_rollout(
         self,
@@ -470,12 +470,14 @@ class PPO:
             shaped_B = raw_scores_B + overlong_penalty(config, rollout_out.mask, hparams)
         sel = select_groups_with_signal(shaped_B, G, config.batch_size // G)
         kept_batch = PromptBatch(*(x[sel.group_indices_K] for x in batch))
-        mask = rollout_out.mask[sel.row_indices_R] * sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
-        kept_logprobs = None if rollout_out.logprobs is None else rollout_out.logprobs[sel.row_indices_R]
-        kept_rollout = Rollout(
-            self._constrain_batch(rollout_out.tokens[sel.row_indices_R]),
-            self._constrain_batch(mask),
-            None if kept_logprobs is None else self._constrain_batch(kept_logprobs),
+        row_valid_R = sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
+        kept = jax.tree.map(lambda x: x[sel.row_indices_R], rollout_out)  # every [B, ...] field, kept rows
+        kept_rollout = jax.tree.map(
+            self._constrain_batch,
+            kept._replace(
+                mask=kept.mask * row_valid_R,
+                action_mask=None if kept.action_mask is None else kept.action_mask * row_valid_R,
+            ),
         )
         stats = {
             "score": jnp.mean(raw_scores_B),
