@@ -23,6 +23,13 @@ the mask never changes inside the loop. Response token i - 1 sits at position
 `sum(prompt_mask) + i - 1`, the number `cumsum(mask) - 1` gives over the whole sequence (and
 Hugging Face derives from `attention_mask`).
 
+Groups and slots (the rollout engine, `jaxrlhf.engine`): with `num_generations=G` each prompt is
+prefilled once and its cache shared by its G consecutive output rows; with `slots=S` the rows
+decode through S refilled slots (per-row decode state: a slot whose row ends takes the next
+waiting row) instead of one static batch. Each row keeps its cache layout, positions, mask and
+random draws, so the samples are those of the static batch of repeated prompts
+(docs/sampling.md, "The rollout engine").
+
 Sampling one token from logits `l` (a `[V]` vector per row), with temperature `T`:
 
 - `T == 0`: greedy, `argmax_v l_v`.

@@ -5,7 +5,7 @@ in the trainer.
 Bit-identity. The engines run the same computation for every row (same cache layout, positions,
 masks and draws); whether XLA:CPU then gives the same bits depends on its kernels doing a row's
 arithmetic the same way at both batch sizes. For the tiny models here they do, except where
-noted (docs/sampling.md "The rollout engine", "Same samples, same bits?"): a one-row matrix
+noted (docs/sampling.md, "The rollout engine", "The same samples"): a one-row matrix
 product (one slot per device), and the static sampler's growing cache segments (`max_new_tokens >=
 32`), whose attention reads fewer cache slots than the engine's full-length one. Those cases are
 tested for identical tokens and log-probs within 3e-6.

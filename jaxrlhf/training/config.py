@@ -41,9 +41,10 @@ class PPOConfig:
     """Responses per PPO iteration (global, over all devices and hosts): ``batch_size /
     num_generations`` prompts, each sampled ``num_generations`` times."""
     num_generations: int = 1
-    """G, responses sampled per prompt. The step takes ``batch_size // G`` prompts and repeats each
+    """G, responses sampled per prompt. The step takes ``batch_size // G`` prompts and samples each
     G times inside the jit, as consecutive rows (row b belongs to group b // G), every row sampled
-    with its own randomness; must divide batch_size. Group estimators need G >= 2."""
+    with its own randomness and the prompt prefilled once for its G rows; must divide batch_size.
+    Group estimators need G >= 2."""
     minibatch_size: int = 16
     """Rollouts per optimizer update; must divide batch_size."""
     ppo_epochs: int = 4
