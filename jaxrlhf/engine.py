@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxrlhf.models.transformer import cache_batch_axis
+
 Array = jax.Array
 
 
@@ -87,26 +89,18 @@ def row_prompts(prompt_ids: Array, prompt_mask: Array, num_generations: int, num
     )
 
 
-def _grouped(fn: Callable, groups: int, *arrays, axes=None):
-    """`fn` applied to each of `groups` contiguous groups of `arrays` (split along `axes`, default 0
-    for each), the results concatenated back; `fn` sees group-local arrays and its group index.
+def _grouped(fn: Callable, groups: int, *arrays):
+    """`fn` applied to each of `groups` contiguous groups of `arrays` (split along axis 0), the
+    results concatenated back; `fn` sees its group index and the group's arrays.
 
     With one group `fn` runs on the whole arrays; otherwise it is `vmap`ped over the groups, so
     its gathers and scatters are batched over the group axis and stay on each device of a mesh.
     """
-    axes = (0,) * len(arrays) if axes is None else axes
     if groups == 1:
         return fn(jnp.int32(0), *arrays)
-
-    def split(x, axis):
-        return x.reshape(x.shape[:axis] + (groups, x.shape[axis] // groups) + x.shape[axis + 1 :])
-
-    def merge(x, axis):
-        return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2 :])
-
-    split_arrays = [split(x, axis) for x, axis in zip(arrays, axes)]
-    out = jax.vmap(fn, in_axes=(0, *axes))(jnp.arange(groups, dtype=jnp.int32), *split_arrays)
-    return jax.tree.map(lambda x: merge(x, 0), out)
+    split = [x.reshape((groups, x.shape[0] // groups) + x.shape[1:]) for x in arrays]
+    out = jax.vmap(fn)(jnp.arange(groups, dtype=jnp.int32), *split)
+    return jax.tree.map(lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), out)
 
 
 def _take_prompt_caches(model, prompt_cache, prompt_index: Array, groups: int):
@@ -115,25 +109,20 @@ def _take_prompt_caches(model, prompt_cache, prompt_index: Array, groups: int):
     When the prompts split evenly over the groups, slot group g only reads group g's prompts
     (rows of a group belong to the group's prompts), so the gather runs per group.
     """
-    num_prompts = jax.tree.leaves(prompt_cache)[0].shape[model_cache_axis(jax.tree.leaves(prompt_cache)[0])]
+    first = jax.tree.leaves(prompt_cache)[0]
+    num_prompts = first.shape[cache_batch_axis(first)]
     if groups == 1 or num_prompts % groups:
         return model.take_cache_rows(prompt_cache, prompt_index)
     per_group = num_prompts // groups
-    slots_per_group = prompt_index.shape[0] // groups
+    local = prompt_index.reshape(groups, -1) % per_group
 
     def take(buffer):
-        axis = model_cache_axis(buffer)
+        axis = cache_batch_axis(buffer)
         split = buffer.reshape(buffer.shape[:axis] + (groups, per_group) + buffer.shape[axis + 1 :])
-        local = prompt_index.reshape(groups, slots_per_group) % per_group
         taken = jax.vmap(lambda b, i: jnp.take(b, i, axis=axis), in_axes=(axis, 0), out_axes=axis)(split, local)
-        return taken.reshape(buffer.shape[:axis] + (groups * slots_per_group,) + buffer.shape[axis + 1 :])
+        return taken.reshape(buffer.shape[:axis] + (prompt_index.shape[0],) + buffer.shape[axis + 1 :])
 
     return jax.tree.map(take, prompt_cache)
-
-
-def model_cache_axis(buffer: Array) -> int:
-    """The row axis of a KV cache buffer (`[..., B, K, S, E]`: `jaxrlhf.models.transformer` layout)."""
-    return buffer.ndim - 4
 
 
 def _refill(model, state: SlotState, next_row: Array, rows: RowPrompts, prompt_cache, groups: int):
@@ -167,8 +156,8 @@ def _refill(model, state: SlotState, next_row: Array, rows: RowPrompts, prompt_c
 
     cache = state.cache
     if prompt_cache is not None:
-        prompt_index = jnp.take(rows.prompt_index, new_row)  # row // G: arithmetic, no data moves
-        cache = model.put_cache_prefix(cache, _take_prompt_caches(model, prompt_cache, prompt_index, groups), takes)
+        prompt_caches = _take_prompt_caches(model, prompt_cache, per_row(rows.prompt_index), groups)
+        cache = model.put_cache_prefix(cache, prompt_caches, takes)
     state = SlotState(
         row=jnp.where(takes, new_row, state.row),
         token_index=jnp.where(takes, 0, state.token_index),
@@ -227,7 +216,7 @@ def decode_in_slots(
     else:
 
         def keep_on_mesh(state: SlotState) -> SlotState:
-            cache = jax.tree.map(lambda b: constrain(b, model_cache_axis(b)), state.cache)
+            cache = jax.tree.map(lambda b: constrain(b, cache_batch_axis(b)), state.cache)
             return SlotState(*(constrain(x, 0) for x in state[:-1]), cache=cache)
 
     rows_per_group = num_rows // slot_groups

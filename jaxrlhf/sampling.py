@@ -73,6 +73,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf import engine
+from jaxrlhf.models.transformer import cache_batch_axis
 from jaxrlhf.sharding import batch_sharding, batch_size_divisor, replicated
 from jaxrlhf.tuning import Tuning, model_width, resolve_tuning
 from jaxrlhf.typing import Scalar
@@ -707,7 +708,7 @@ def generate(
     cache = prefill(slots_until(ends[0]))
     if group > 1:
         rows = jnp.arange(batch, dtype=jnp.int32) // group
-        cache = jax.tree.map(lambda b: constrain(b, engine.model_cache_axis(b)), model.take_cache_rows(cache, rows))
+        cache = jax.tree.map(lambda b: constrain(b, cache_batch_axis(b)), model.take_cache_rows(cache, rows))
         prompt_ids, prompt_mask = (constrain(jnp.take(x, rows, axis=0)) for x in (prompt_ids, prompt_mask))
     # Every response slot is marked visible up front; causality hides the unwritten ones.
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, num_new - 1), jnp.int32)], axis=1)
