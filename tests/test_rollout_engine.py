@@ -6,9 +6,10 @@ Bit-identity. The engines run the same computation for every row (same cache lay
 masks and draws); whether XLA:CPU then gives the same bits depends on its kernels doing a row's
 arithmetic the same way at both batch sizes. For the tiny models here they do, except where
 noted (docs/sampling.md, "The rollout engine", "The same samples"): a one-row matrix
-product (one slot per device), and the static sampler's growing cache segments (`max_new_tokens >=
-32`), whose attention reads fewer cache slots than the engine's full-length one. Those cases are
-tested for identical tokens and log-probs within 3e-6.
+product (one slot per device), LoRA's narrow rank-r products, and the static sampler's growing
+cache segments (`max_new_tokens >= 32`), whose attention reads fewer cache slots than the engine's
+full-length one. Those cases are tested for identical tokens and log-probs within 3e-6 (1e-5 with
+LoRA).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from jax.sharding import Mesh
 
 from jaxrlhf.models import ModelOutput
 from jaxrlhf.models.lm import LanguageModel
+from jaxrlhf.models.lora import LoraConfig, LoraParams, init_lora, with_lora
 from jaxrlhf.models.transformer import put_cache_prefix, take_cache_rows
 from jaxrlhf.sampling import SampleOutput, generate, make_sampler
 from jaxrlhf.training import PPO, PPOConfig
@@ -41,11 +43,17 @@ def compilation_cache(tmp_path_factory):
 
 
 @functools.cache
-def _model(kind: str = "gpt2", scan_layers: bool = False):
-    """A tiny random model whose logits are spread out enough for ragged EOS steps."""
+def _model(kind: str = "gpt2", scan_layers: bool = False, lora: bool = False):
+    """A tiny random model whose logits are spread out enough for ragged EOS steps; with `lora`,
+    `LoraParams` whose adapters are non-zero."""
     model = LanguageModel(tiny_config(kind, vocab_size=VOCAB, scan_layers=scan_layers), Tuning.for_backend())
     params = model.init_params(jax.random.key(0))
     params = jax.tree.map(lambda p: p * 5 if p.ndim >= 2 else p, params)
+    if lora:
+        config = LoraConfig(rank=4, alpha=8.0, target_modules=("q", "v", "up"))
+        model = with_lora(model, config)
+        adapters = jax.tree.map(lambda a: a + 0.3, init_lora(config, params, jax.random.key(1)))  # B != 0
+        params = LoraParams(params, adapters)
     return model, params
 
 
@@ -166,8 +174,8 @@ def test_shared_prefix_logits_equal_per_row_prefill():
 # Same samples: static batch, shared group prefill, refilled slots
 
 
-def _engines_case(kind, scan_layers, temperature, group, slots):
-    model, params = _model(kind, scan_layers)
+def _engines_case(kind, scan_layers, temperature, group, slots, lora=False):
+    model, params = _model(kind, scan_layers, lora)
     ids, mask = _prompts(16 // group)
     key = jax.random.key(3)
     static = _sample(model, params, np.repeat(ids, group, 0), np.repeat(mask, group, 0), key, temperature)
@@ -205,8 +213,15 @@ def test_engine_matrix_is_bit_identical(kind, scan_layers, temperature, group):
 
 @pytest.mark.slow
 def test_where_bits_may_differ_the_tokens_do_not():
-    """One slot (XLA:CPU multiplies a single row by a matrix-vector kernel) and a static sampler
-    decoding in growing cache segments (N = 40: 2 segments): same tokens, log-probs within 3e-6."""
+    """One slot (XLA:CPU multiplies a single row by a matrix-vector kernel), a static sampler
+    decoding in growing cache segments (N = 40: 2 segments), and LoRA adapters (XLA:CPU computes
+    the rank-4 product `[M, 32] x [32, 4]` by one of two kernels depending on M): same tokens,
+    log-probs within 3e-6 (1e-5 with LoRA)."""
+    for temperature in (1.0, 0.0):
+        static, outputs = _engines_case("llama", False, temperature, 4, (3, 16), lora=True)
+        _assert_same_tokens(outputs["shared"], static, atol=1e-5)
+        _assert_same_tokens(outputs["slots=3"], static, atol=1e-5)
+        _assert_identical(outputs["slots=16"], outputs["shared"])  # the same 16-row batches
     model, params = _model("llama", True)
     ids, mask = _prompts(4)
     key = jax.random.key(5)
