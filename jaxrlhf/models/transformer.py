@@ -246,13 +246,11 @@ def _write_rows(buffer, new_BxLxKxE: Array, slots_BxL: Array, layer_index=None):
 
     if layer_index is None:
         return jax.vmap(write_row)(buffer, new, slots_BxL)
-
-    def write_layer_row(layers_row_xKxSxE, new_LxKxE, slots_L):
-        layer = jax.lax.dynamic_index_in_dim(layers_row_xKxSxE, layer_index, 0, keepdims=False)
-        layer = write_row(layer, new_LxKxE, slots_L)
-        return jax.lax.dynamic_update_index_in_dim(layers_row_xKxSxE, layer, layer_index, 0)
-
-    return jax.vmap(write_layer_row, in_axes=(1, 0, 0), out_axes=1)(buffer, new, slots_BxL)
+    # A scanned model's stacked buffer: this layer's [B, K, S, E] out, written, and back in place
+    # (batching the scatter over the stacked buffer's row axis 1 made XLA transpose it whole).
+    layer = jax.lax.dynamic_index_in_dim(buffer, layer_index, 0, keepdims=False)
+    layer = jax.vmap(write_row)(layer, new, slots_BxL)
+    return jax.lax.dynamic_update_index_in_dim(buffer, layer, layer_index, 0)
 
 
 def _attend(q_BxLxKxGxE: Array, k_BxKxSxE: Array, v_BxKxSxE: Array, allowed_BxLxS: Array) -> Array:
