@@ -239,8 +239,8 @@ def _write_rows(buffer, new_BxLxKxE: Array, slots_BxL: Array, layer_index=None):
     shared index. Per layer it is batched over the rows (`vmap`: a mesh that splits the rows splits
     the scatter, no communication). The stacked buffer takes explicit (layer, row, slot) indices:
     batching over its row axis 1 made XLA transpose the whole buffer at every layer, and slicing
-    the layer out and back in cost 1.5-2x the decoding step (tiny scanned model, 32 rows); there a
-    mesh gathers each layer's new keys and values of all rows (small: L tokens per row).
+    the layer out and back in copied it (a clearly slower step); there a mesh gathers each
+    layer's new keys and values of all rows (small: L tokens per row).
     """
     new = new_BxLxKxE.astype(buffer.dtype)
     if layer_index is not None:
