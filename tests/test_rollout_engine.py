@@ -431,3 +431,43 @@ def test_trainer_with_rollout_slots_equals_static_rollout(estimator):
     for on, off in zip(history_on, history_off):
         for name in off:
             np.testing.assert_allclose(on[name], off[name], atol=1e-5, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_sweep_with_rollout_slots_equals_single_runs():
+    """A GRPO sweep of two seeds with `rollout_slots=8` (the runs vmapped, refills synchronised over
+    them): each run's first step equals the single run's (1e-5)."""
+    import test_training as tt
+
+    from jaxrlhf.training import Sweep
+    from jaxrlhf.training.sweep import split_metrics
+
+    model = LanguageModel(tt.tiny_gpt2_config())
+    params = model.init_params(jax.random.PRNGKey(0))
+    config = tt.BASE_CONFIG.replace(
+        total_steps=3,
+        eos_token_id=5,
+        advantage_estimator="grpo",
+        num_generations=8,
+        kl_placement="loss",
+        rollout_slots=8,
+    )
+    runs = [{"seed": 0}, {"seed": 1}]
+    sweep = Sweep(config, model, tt.target_fraction_reward, runs)
+    ids, mask = tt.make_prompts(config.prompts_per_step)
+    batch = sweep.prompt_batch(np.stack([ids] * 2), np.stack([mask] * 2))
+    state, metrics = sweep.train_step(sweep.init_state(params), sweep.frozen_params(params), batch)
+    swept = split_metrics(metrics, 2)
+    assert swept[0]["score"] != swept[1]["score"]
+    ppo = PPO(config, model, tt.target_fraction_reward)
+    for r, run in enumerate(runs):
+        single_state, single_metrics = ppo.train_step(
+            ppo.init_state(params, config=config.replace(**run)), ppo.frozen_params(params), ppo.prompt_batch(ids, mask)
+        )
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+            jax.device_get(jax.tree.map(lambda x: x[r], state.runs.policy_params)),
+            jax.device_get(single_state.policy_params),
+        )
+        for name, value in jax.device_get(single_metrics).items():
+            assert swept[r][name] == pytest.approx(float(value), rel=1e-5, abs=1e-6), (r, name)
