@@ -567,8 +567,10 @@ def generate(
       model: a `LanguageModel` (static: anything with `forward(params, ids, mask, positions,
         cache, cache_index, cache_size)`, `init_cache(batch, max_len)` and
         `grow_cache(cache, max_len)`; an optional `decoding_params(params)` is applied once
-        before the loop). Its `config.vocab_size` and `config.max_position_embeddings`, when it
-        has them, bound the ids and the lengths below.
+        before the loop; with `num_generations > 1` also `take_cache_rows(cache, rows)`, with
+        `slots` also `put_cache_prefix(cache, prefix, which)` and a `[B]` `cache_index`). Its
+        `config.vocab_size` and `config.max_position_embeddings`, when it has them, bound the ids
+        and the lengths below.
       params: its parameter pytree.
       prompt_ids: `[B, P]` integer token ids in [0, vocab_size), left-padded (padding included).
       prompt_mask: `[B, P]` 0/1 (int, bool or float), 1 for real prompt tokens, 0 for the left
@@ -707,9 +709,10 @@ def generate(
     # Prefill all prompt tokens but the last, once per distinct prompt (shared by its G rows).
     cache = prefill(slots_until(ends[0]))
     if group > 1:
-        rows = jnp.arange(batch, dtype=jnp.int32) // group
-        cache = jax.tree.map(lambda b: constrain(b, cache_batch_axis(b)), model.take_cache_rows(cache, rows))
-        prompt_ids, prompt_mask = (constrain(jnp.take(x, rows, axis=0)) for x in (prompt_ids, prompt_mask))
+        prompt_of_row = jnp.arange(batch, dtype=jnp.int32) // group
+        cache = model.take_cache_rows(cache, prompt_of_row)
+        cache = jax.tree.map(lambda b: constrain(b, cache_batch_axis(b)), cache)
+        prompt_ids, prompt_mask = (constrain(jnp.take(x, prompt_of_row, axis=0)) for x in (prompt_ids, prompt_mask))
     # Every response slot is marked visible up front; causality hides the unwritten ones.
     slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, num_new - 1), jnp.int32)], axis=1)
     last_prompt_position = jnp.maximum(jnp.sum(prompt_mask, axis=1) - 1, 0)
