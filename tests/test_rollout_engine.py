@@ -471,3 +471,28 @@ def test_sweep_with_rollout_slots_equals_single_runs():
         )
         for name, value in jax.device_get(single_metrics).items():
             assert swept[r][name] == pytest.approx(float(value), rel=1e-5, abs=1e-6), (r, name)
+
+
+@pytest.mark.slow
+def test_trainer_with_rollout_slots_on_eight_devices_equals_one_device():
+    """GRPO (4 prompts x G = 8, replicated prompts) with 16 slots, 2 per device: one step on an
+    8-device data-parallel mesh equals one device (1e-5)."""
+    import test_training as tt
+
+    from jaxrlhf.sharding import make_mesh
+
+    model = LanguageModel(tt.tiny_gpt2_config())
+    params = model.init_params(jax.random.PRNGKey(0))
+    config = tt.BASE_CONFIG.replace(
+        eos_token_id=5, advantage_estimator="grpo", num_generations=8, kl_placement="loss", rollout_slots=16
+    )
+    ids, mask = tt.make_prompts(config.prompts_per_step)
+    results = []
+    for mesh in (None, make_mesh(data=8, devices=jax.devices()[:8])):
+        ppo = PPO(config, model, tt.target_fraction_reward, mesh=mesh)
+        state, metrics = ppo.train_step(ppo.init_state(params), ppo.frozen_params(params), ppo.prompt_batch(ids, mask))
+        results.append((jax.device_get(state.policy_params), jax.device_get(metrics)))
+    (params_one, metrics_one), (params_eight, metrics_eight) = results
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), params_eight, params_one)
+    for name, value in metrics_one.items():
+        np.testing.assert_allclose(metrics_eight[name], value, atol=1e-5, rtol=1e-5, err_msg=name)
