@@ -39,6 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ppo_step import make_prompts  # noqa: E402
 from sampling import GPT2_124M, GPT2_TINY, TOKEN_IDS, mean_slots_read  # noqa: E402
 
 TINY = dict(GPT2_TINY, n_positions=512)  # room for the 256-token prompt of the GRPO case
@@ -174,15 +175,6 @@ def build(case: Case):
     return model, model.init_params(jax.random.PRNGKey(0))
 
 
-def prompts(rows: int, prompt_len: int, vocab: int, seed: int = 0):
-    """Left-padded prompts with lengths between P / 2 and P."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.integers(prompt_len // 2, prompt_len + 1, size=rows)
-    ids = rng.integers(3, vocab, size=(rows, prompt_len)).astype(np.int32)
-    mask = (np.arange(prompt_len)[None, :] >= prompt_len - lengths[:, None]).astype(np.int32)
-    return ids * mask, mask
-
-
 def timed_pair(first, second, reps: int):
     """Median seconds of `first()` and `second()`, run interleaved after one warm-up call each."""
     first()
@@ -206,7 +198,7 @@ def run_lengths(case: Case, reps: int, mean_fraction: float, eos: int) -> dict:
     # Both sides decode S rows per step: the same backend tuning (as `make_sampler` picks it).
     base = base.with_tuning(Tuning.for_backend(rows_per_device=case.slots, width=model_width(base)))
     tuning = base.tuning
-    ids, mask = prompts(case.rows, case.prompt_len, base.config.vocab_size)
+    ids, mask = make_prompts(case.rows, case.prompt_len, base.config.vocab_size)
     bias = eos_bias(base, params, ids, mask, eos, 1.0 / (mean_fraction * case.new_tokens))
     model = EosBiased(base, eos, bias)
     options: dict[str, Any] = dict(max_new_tokens=case.new_tokens, temperature=1.0, eos_token_id=eos)
@@ -248,7 +240,7 @@ def run_grpo(case: Case, reps: int) -> dict:
     model, params = build(case)
     model = model.with_tuning(Tuning.for_backend(rows_per_device=case.rows, width=model_width(model)))
     num_prompts = case.rows // case.group
-    ids, mask = prompts(num_prompts, case.prompt_len, model.config.vocab_size)
+    ids, mask = make_prompts(num_prompts, case.prompt_len, model.config.vocab_size)
     repeated_ids, repeated_mask = np.repeat(ids, case.group, 0), np.repeat(mask, case.group, 0)
 
     def pair(new_tokens):
@@ -280,6 +272,27 @@ def run_grpo(case: Case, reps: int) -> dict:
     )
 
 
+def grpo_row(case: Case, r: dict) -> str:
+    gflop = f"{r['prefill_gflop_rep']:.1f} / {r['prefill_gflop_shared']:.1f}"
+    seconds = f"{r['rollout_rep_s']:.2f} / {r['rollout_shared_s']:.2f}"
+    return (
+        f"{r['case']:<20} {case.rows:>4} {case.group:>3} {case.prompt_len:>4} {case.new_tokens:>4} "
+        f"{gflop:>25} {r['prefill_ratio']:>8.2f}x {r['prefill_ideal']:>5.1f}x {seconds:>21} "
+        f"{r['rollout_ratio']:>5.2f}x {r['rollout_ideal']:>5.2f}x"
+    )
+
+
+def table(title: str, header: str, cases, run, row) -> None:
+    """Prints `title`, `header` and one `row(case, run(case))` per case (none: nothing)."""
+    if not cases:
+        return
+    print(title)
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        print(row(case, run(case)), flush=True)
+
+
 def resolve(config: Config) -> Config:
     if config.cases:
         return config
@@ -303,45 +316,27 @@ def main(argv=None):
         f"interleaved repetitions, {time.strftime('%Y-%m-%d %H:%M')}"
     )
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    lengths = [c for c in cases if c.kind == "lengths"]
-    if lengths:
-        print(
-            f"\nlong-tailed lengths (mean ~ {args.mean_fraction:g} N): static waves of S rows vs S refilled slots, "
-            "useful tokens/s"
-        )
-        header = (
-            f"{'case':<20} {'B':>4} {'S':>4} {'N':>4} {'mean len':>8} {'at N':>5} {'static tok/s':>13} "
-            f"{'engine tok/s':>13} {'ratio':>6} {'ideal':>6}"
-        )
-        print(header)
-        print("-" * len(header))
-        for case in lengths:
-            r = run_lengths(case, args.reps, args.mean_fraction, args.eos_token_id)
-            print(
-                f"{r['case']:<20} {case.rows:>4} {case.slots:>4} {case.new_tokens:>4} {r['mean_length']:>8.1f} "
-                f"{r['at_budget']:>5.0%} {r['static_tok_s']:>13.0f} {r['engine_tok_s']:>13.0f} "
-                f"{r['ratio']:>5.2f}x {r['ideal']:>5.2f}x",
-                flush=True,
-            )
-    grpo = [c for c in cases if c.kind == "grpo"]
-    if grpo:
-        print("\nGRPO: G responses per prompt, prefill once per row (repeated) vs once per prompt (shared)")
-        header = (
-            f"{'case':<20} {'B':>4} {'G':>3} {'P':>4} {'N':>4} {'prefill GFLOP rep/shared':>25} "
-            f"{'N=1 ratio':>9} {'ideal':>6} {'rollout s rep/shared':>21} {'ratio':>6} {'ideal':>6}"
-        )
-        print(header)
-        print("-" * len(header))
-        for case in grpo:
-            r = run_grpo(case, args.reps)
-            gflop = f"{r['prefill_gflop_rep']:.1f} / {r['prefill_gflop_shared']:.1f}"
-            seconds = f"{r['rollout_rep_s']:.2f} / {r['rollout_shared_s']:.2f}"
-            print(
-                f"{r['case']:<20} {case.rows:>4} {case.group:>3} {case.prompt_len:>4} {case.new_tokens:>4} "
-                f"{gflop:>25} {r['prefill_ratio']:>8.2f}x {r['prefill_ideal']:>5.1f}x {seconds:>21} "
-                f"{r['rollout_ratio']:>5.2f}x {r['rollout_ideal']:>5.2f}x",
-                flush=True,
-            )
+    table(
+        f"\nlong-tailed lengths (mean ~ {args.mean_fraction:g} N): static waves of S rows vs S refilled slots, "
+        "useful tokens/s",
+        f"{'case':<20} {'B':>4} {'S':>4} {'N':>4} {'mean len':>8} {'at N':>5} {'static tok/s':>13} "
+        f"{'engine tok/s':>13} {'ratio':>6} {'ideal':>6}",
+        [c for c in cases if c.kind == "lengths"],
+        lambda case: run_lengths(case, args.reps, args.mean_fraction, args.eos_token_id),
+        lambda case, r: (
+            f"{r['case']:<20} {case.rows:>4} {case.slots:>4} {case.new_tokens:>4} {r['mean_length']:>8.1f} "
+            f"{r['at_budget']:>5.0%} {r['static_tok_s']:>13.0f} {r['engine_tok_s']:>13.0f} "
+            f"{r['ratio']:>5.2f}x {r['ideal']:>5.2f}x"
+        ),
+    )
+    table(
+        "\nGRPO: G responses per prompt, prefill once per row (repeated) vs once per prompt (shared)",
+        f"{'case':<20} {'B':>4} {'G':>3} {'P':>4} {'N':>4} {'prefill GFLOP rep/shared':>25} "
+        f"{'N=1 ratio':>9} {'ideal':>6} {'rollout s rep/shared':>21} {'ratio':>6} {'ideal':>6}",
+        [c for c in cases if c.kind == "grpo"],
+        lambda case: run_grpo(case, args.reps),
+        grpo_row,
+    )
     print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
