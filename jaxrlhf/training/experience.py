@@ -131,12 +131,17 @@ def rollout(
     key,
     hparams: HyperParams,
     stop_axis_name: str | None = None,
+    num_generations: int = 1,
+    mesh=None,
 ) -> Rollout:
-    """Sample one response per prompt with the current policy (`jaxrlhf.sampling.generate`).
+    """Sample ``num_generations`` responses per prompt with the current policy (`generate`).
 
-    Temperature and top-p come from ``hparams`` (data); whether top-p filters at all, top-k and
-    the lengths from ``config`` (structure). ``stop_axis_name``: the vmapped run axis of a sweep,
-    whose runs then stop decoding together (`generate`'s argument; same samples).
+    Temperature and top-p come from ``hparams`` (data); whether top-p filters at all, top-k, the
+    lengths and ``rollout_slots`` (the rollout engine) from ``config`` (structure).
+    ``stop_axis_name``: the vmapped run axis of a sweep, whose runs then stop decoding together
+    (`generate`'s argument; same samples). With ``num_generations = G`` the G responses to prompt
+    p are rows ``p * G .. p * G + G - 1`` and the prompt is prefilled once for them; ``mesh``:
+    where the rows live (`generate`'s argument).
     """
     sample = generate(
         policy,
@@ -151,6 +156,9 @@ def rollout(
         eos_token_id=resolve_eos(config, policy),
         pad_token_id=config.pad_token_id,
         stop_axis_name=stop_axis_name,
+        num_generations=num_generations,
+        slots=config.rollout_slots,
+        mesh=mesh,
     )
     return Rollout(sample.tokens, sample.mask.astype(jnp.int32), sample.logprobs)
 

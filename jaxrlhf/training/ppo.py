@@ -150,7 +150,13 @@ class PPO:
             )
         # Chosen once for the rollout's shape: the policy decodes with it, the sampling programs
         # compile with its options.
-        rows_per_device, width = max(1, config.rollout_size // divisor), model_width(policy)
+        if config.rollout_slots is not None and config.rollout_slots % divisor:
+            raise ValueError(
+                f"config.rollout_slots={config.rollout_slots} must be a multiple of the number of "
+                f"data-parallel devices ({divisor}): every device serves its own rows with its own slots"
+            )
+        decode_rows = config.rollout_size if config.rollout_slots is None else config.rollout_slots
+        rows_per_device, width = max(1, decode_rows // divisor), model_width(policy)
         self.tuning = resolve_tuning(tuning, rows_per_device=rows_per_device, width=width)
         self.fused_tuning = resolve_tuning(tuning, rows_per_device=rows_per_device, width=width, trains=True)
         if hasattr(policy, "with_tuning"):
@@ -350,10 +356,12 @@ class PPO:
             self.config,
             self.policy,
             self.policy_params(state, frozen),
-            self.repeat_prompts(batch),
+            batch,  # each prompt prefilled once for its G rows
             rollout_key,
             state.hparams,
             stop_axis_name=stop_axis_name,
+            num_generations=self.config.num_generations,
+            mesh=self.mesh,
         )
         return jax.tree.map(self._constrain_batch, out)
 
