@@ -522,7 +522,9 @@ class HostEpisodes:
         self._decode = jax.jit(decode)
         self._finish = jax.jit(finish)
 
-    def __call__(self, params, prompt_ids, prompt_mask, key, *, temperature=1.0, top_p=1.0, num_generations=1):
+    def __call__(
+        self, params, prompt_ids, prompt_mask, key, *, temperature: Scalar = 1.0, top_p: Scalar = 1.0, num_generations=1
+    ):
         state, rows_ids, rows_mask, key_mask, last_position, uniforms, env_key = self._start(
             params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32), key, num_generations
         )

@@ -109,6 +109,15 @@ class PPOConfig:
     rows, same random draws; docs/sampling.md). 1 <= S <= batch_size *
     dynamic_sampling_oversample; on a mesh a multiple of the data-parallel devices."""
 
+    # --- episodes (with an environment: `jaxrlhf.episodes`, PPO(environment=...)) ---
+    max_turns: int = 1
+    """With an environment: the most turns (environment steps) of an episode; the episode also
+    ends when the environment says done, at EOS, or when max_new_tokens (the whole episode's
+    budget: actions and observations) is spent."""
+    max_turn_tokens: int | None = None
+    """With an environment: one turn's action budget (a turn also ends at one of the
+    environment's stop tokens, or at EOS); None = max_new_tokens."""
+
     # --- reward ---
     score_clip: float | None = None
     """Clip scores to [-score_clip, score_clip] before use (None = no clipping)."""
@@ -269,6 +278,15 @@ class PPOConfig:
         )
         need(self.max_new_tokens > 0 and self.max_prompt_len > 0, "max_new_tokens and max_prompt_len must be positive")
         need(self.temperature > 0, "temperature must be positive")
+        need(
+            isinstance(self.max_turns, int) and not isinstance(self.max_turns, bool) and self.max_turns >= 1,
+            f"max_turns must be an int >= 1, got {self.max_turns!r}",
+        )
+        need(
+            self.max_turn_tokens is None or 1 <= self.max_turn_tokens <= self.max_new_tokens,
+            f"max_turn_tokens must be None or in [1, max_new_tokens={self.max_new_tokens}], "
+            f"got {self.max_turn_tokens!r}",
+        )
         # Plug-ins: given as names, plug-ins or functions; stored as registered names.
         for field, kind in (
             ("advantage_estimator", plugins.AdvantageEstimator),

@@ -375,6 +375,10 @@ def make_experience(
             greedy_shaped_P = greedy_raw_P + overlong_penalty(config, greedy_rollout_out.mask, hparams)
         greedy_eos_P = has_eos(greedy_rollout_out.tokens, greedy_rollout_out.mask, resolve_eos(config, models.policy))
         greedy_scores_P, _ = postprocess_scores(config, greedy_shaped_P, greedy_eos_P, score_stats, hparams)
+        if greedy_rollout_out.token_rewards is not None:  # a greedy episode: its return, as the samples'
+            greedy_scores_P = greedy_scores_P + masked_sum(
+                greedy_rollout_out.token_rewards, greedy_rollout_out.actions, axis=1
+            )
     estimated = plugins.call_advantage_estimator(
         estimator,
         plugins.AdvantageInputs(
