@@ -23,6 +23,13 @@ the mask never changes inside the loop. Response token i - 1 sits at position
 `sum(prompt_mask) + i - 1`, the number `cumsum(mask) - 1` gives over the whole sequence (and
 Hugging Face derives from `attention_mask`).
 
+Groups and slots (the rollout engine, `jaxrlhf.engine`): with `num_generations=G` each prompt is
+prefilled once and its cache shared by its G consecutive output rows; with `slots=S` the rows
+decode through S refilled slots (per-row decode state: a slot whose row ends takes the next
+waiting row) instead of one static batch. Each row keeps its cache layout, positions, mask and
+random draws, so the samples are those of the static batch of repeated prompts
+(docs/sampling.md, "The rollout engine").
+
 Sampling one token from logits `l` (a `[V]` vector per row), with temperature `T`:
 
 - `T == 0`: greedy, `argmax_v l_v`.
@@ -65,6 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxrlhf import engine
+from jaxrlhf.models.transformer import cache_batch_axis
 from jaxrlhf.sharding import batch_sharding, batch_size_divisor, replicated
 from jaxrlhf.tuning import Tuning, model_width, resolve_tuning
 from jaxrlhf.typing import Scalar
@@ -246,13 +255,12 @@ def is_eos(tokens: Array, eos_token_id) -> Array:
 # Argument checks: on shapes, dtypes and concrete values, at the Python boundary before tracing
 
 
-def _any_alive(done: Array, axis_name: str | None) -> Array:
-    """Whether some row is still decoding: ``any_b ~done[b]``, also over the members of the vmapped
+def _any_over_axis(flag: Array, axis_name: str | None) -> Array:
+    """A scalar bool flag (e.g. "some row is still decoding"), or-ed over the members of the vmapped
     axis ``axis_name`` when given (an unbatched scalar there: see `generate`'s stop_axis_name)."""
-    alive = ~jnp.all(done)
     if axis_name is None:
-        return alive
-    return jax.lax.psum(alive.astype(jnp.int32), axis_name) > 0
+        return flag
+    return jax.lax.psum(flag.astype(jnp.int32), axis_name) > 0
 
 
 def _concrete(value) -> np.ndarray | None:
@@ -350,6 +358,58 @@ def check_sampling_options(
     if pad < 0 or (vocab_size is not None and pad >= vocab_size):
         raise ValueError(f"{where}: pad_token_id {pad} is outside the vocabulary [0, {upper})")
     return num_new, eos_ids
+
+
+def check_engine_options(
+    num_prompts: int | None,
+    *,
+    num_generations=1,
+    slots=None,
+    mesh: Mesh | None = None,
+    cache_segments=None,
+    where: str = "generate",
+) -> tuple[int, int | None, int]:
+    """Validates `generate`'s engine arguments; returns `(G, S or None, batch shards)`.
+
+    - `num_generations`: an integer G >= 1;
+    - `slots`: None or an integer S with `1 <= S <= num_prompts * G` (the rows it serves; no
+      upper bound when `num_prompts` is None, i.e. not known yet); not with `cache_segments`;
+    - with a `mesh` and G > 1 or `slots`: `num_prompts * G` (and S) must be multiples of the
+      mesh's batch shards (`jaxrlhf.sharding.batch_size_divisor`), so every device holds whole
+      rows and slots.
+    """
+    group = _as_index(num_generations, f"{where}: num_generations")
+    if group < 1:
+        raise ValueError(f"{where}: num_generations must be >= 1, got {group}")
+    rows = None if num_prompts is None else num_prompts * group
+    num_slots = None
+    if slots is not None:
+        num_slots = _as_index(slots, f"{where}: slots")
+        if num_slots < 1:
+            raise ValueError(f"{where}: slots must be None (static batch) or >= 1, got {num_slots}")
+        if rows is not None and num_slots > rows:
+            raise ValueError(
+                f"{where}: slots must be at most the rows they serve, {rows} ({num_prompts} prompts x "
+                f"num_generations={group}), got {num_slots}"
+            )
+        if cache_segments is not None:
+            raise ValueError(
+                f"{where}: cache_segments applies to the static batch (slots=None); refilled slots decode "
+                f"rows at different steps with one full-length cache, got cache_segments={cache_segments!r}"
+            )
+    shards = 1 if mesh is None else batch_size_divisor(mesh)
+    if rows is not None and shards > 1 and (group > 1 or num_slots is not None):
+        if rows % shards:
+            raise ValueError(
+                f"{where}: the {rows} rows ({num_prompts} prompts x num_generations={group}) must be a "
+                f"multiple of the mesh's {shards} batch shards"
+            )
+        if num_slots is not None and num_slots % shards:
+            raise ValueError(
+                f"{where}: slots={num_slots} must be a multiple of the mesh's {shards} batch shards "
+                f"(every device serves its own rows with its own slots)"
+            )
+    return group, num_slots, shards
 
 
 def _dtype_of(array) -> np.dtype:
@@ -497,6 +557,9 @@ def generate(
     pad_token_id: int = 0,
     cache_segments: int | None = None,
     stop_axis_name: str | None = None,
+    num_generations: int = 1,
+    slots: int | None = None,
+    mesh: Mesh | None = None,
 ) -> SampleOutput:
     """Samples `max_new_tokens` tokens after each (left-padded) prompt; traceable and jit-safe.
 
@@ -504,8 +567,10 @@ def generate(
       model: a `LanguageModel` (static: anything with `forward(params, ids, mask, positions,
         cache, cache_index, cache_size)`, `init_cache(batch, max_len)` and
         `grow_cache(cache, max_len)`; an optional `decoding_params(params)` is applied once
-        before the loop). Its `config.vocab_size` and `config.max_position_embeddings`, when it
-        has them, bound the ids and the lengths below.
+        before the loop; with `num_generations > 1` also `take_cache_rows(cache, rows)`, with
+        `slots` also `put_cache_prefix(cache, prefix, which)` and a `[B]` `cache_index`). Its
+        `config.vocab_size` and `config.max_position_embeddings`, when it has them, bound the ids
+        and the lengths below.
       params: its parameter pytree.
       prompt_ids: `[B, P]` integer token ids in [0, vocab_size), left-padded (padding included).
       prompt_mask: `[B, P]` 0/1 (int, bool or float), 1 for real prompt tokens, 0 for the left
@@ -529,7 +594,24 @@ def generate(
         included) between its old and new value; naming the axis keeps that trip count with an
         unbatched predicate and no selects. Rows that are done only write `pad_token_id`, log-prob
         0 and mask 0, so tokens, log-probs and mask are identical either way. Outside a `vmap`
-        (or `shard_map`) binding that name, tracing fails with an unbound axis name.
+        (or `shard_map`) binding that name, tracing fails with an unbound axis name. With `slots`
+        the refills wait for the same reduction (every member refills when one needs it).
+      num_generations: G >= 1 (static): each prompt row is sampled G times, as G consecutive
+        output rows (row b is a response to prompt b // G, every row with its own draws), and
+        its prompt is prefilled once for its G rows. The output is `[B * G, N]` for `[B, P]`
+        prompts, the same as for the prompts repeated G times (`jnp.repeat(prompt_ids, G, 0)`)
+        with G = 1.
+      slots: None (static batch: every row decodes in one batch until the last one ends) or S
+        (static), the rollout engine (`jaxrlhf.engine`): S decode slots serve the `B * G` rows,
+        a slot whose row ends taking the next waiting row, until all are done. The rows and their
+        random draws are those of the static batch; the loop's steps are about the rows'
+        summed lengths divided by S instead of the longest row's length. `1 <= S <= B * G`;
+        not with `cache_segments` (the slots' rows are at different steps: one full-length cache).
+      mesh: the mesh the rows are split over (its batch axes, `jaxrlhf.sharding.batch_sharding`),
+        or None. The rows of a shared prefill and the engine's slots are kept on it (sharding
+        constraints), and with `slots` every device's slots serve its own rows (S and B * G must
+        be multiples of the number of batch shards). Changes where things are computed, not the
+        samples.
 
     Argument checks. Everything above is validated before tracing (`check_sampling_options`,
     `check_prompts`), so the decoding loop pays nothing; a violation raises ValueError naming the
@@ -566,28 +648,74 @@ def generate(
     )
     check_prompts(prompt_ids, prompt_mask, vocab_size=vocab_size, max_new_tokens=num_new, max_positions=max_positions)
     pad_token_id = _as_index(pad_token_id, "pad_token_id")
-    batch, prompt_len = np.shape(prompt_ids)
+    num_prompts, prompt_len = np.shape(prompt_ids)
+    group, num_slots, shards = check_engine_options(
+        num_prompts, num_generations=num_generations, slots=slots, mesh=mesh, cache_segments=cache_segments
+    )
+    batch = num_prompts * group
     prompt_ids = jnp.asarray(prompt_ids).astype(jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask).astype(jnp.int32)
-    # Every response slot is marked visible up front; causality hides the unwritten ones.
-    slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, num_new - 1), jnp.int32)], axis=1)
-    last_prompt_position = jnp.maximum(jnp.sum(prompt_mask, axis=1) - 1, 0)
-
-    ends = segment_ends(num_new, cache_segments)
     if hasattr(model, "decoding_params"):  # e.g. a transposed copy of a tied output layer, made once
         params = model.decoding_params(params)
+    # All randomness of the call in one draw; token i of row b uses uniforms[i, b].
+    uniforms = jax.random.uniform(key, (num_new, batch), jnp.float32)
+
+    def constrain(x, axis: int = 0):  # keep a [.., B, ..] array split over the mesh's batch shards
+        return x if mesh is None else jax.lax.with_sharding_constraint(x, batch_sharding(mesh, axis))
+
+    if group > 1 and shards > 1 and num_prompts % shards and group < shards:
+        # The prompts cannot be split over the shards: a shared prefill would run all of them on
+        # every device, more than the rows each device prefills after repeating them.
+        prompt_ids, prompt_mask = (constrain(jnp.repeat(x, group, axis=0)) for x in (prompt_ids, prompt_mask))
+        num_prompts, group = batch, 1
+
+    def prefill(cache_size):  # the distinct prompts' first P - 1 tokens, into a fresh cache
+        # The last prompt token is the first token the loop feeds, so the prefill's logits are
+        # unused (XLA drops their computation: no [B, P, V] head matmul).
+        if prompt_len > 1:
+            return model.forward(params, prompt_ids[:, :-1], prompt_mask[:, :-1], cache_size=cache_size).cache
+        return model.init_cache(num_prompts, cache_size)
+
+    def sample(logits, uniform):
+        return sample_from_uniform(logits, uniform, temperature, top_k, top_p)
+
+    if num_slots is not None:
+        prompt_cache = prefill(prompt_len - 1) if prompt_len > 1 else None
+        rows = engine.row_prompts(prompt_ids, prompt_mask, group, num_new)
+
+        tokens, logprobs, mask = engine.decode_in_slots(
+            model,
+            params,
+            prompt_cache,
+            rows,
+            uniforms,
+            num_slots=num_slots,
+            num_new=num_new,
+            prompt_len=prompt_len,
+            sample=sample,
+            is_stop=lambda tokens: is_eos(tokens, eos_ids),
+            pad_token_id=pad_token_id,
+            any_over_axis=lambda alive: _any_over_axis(alive, stop_axis_name),
+            slot_groups=shards,
+            constrain=None if mesh is None else constrain,
+        )
+        return SampleOutput(tokens, logprobs, mask)
+
+    ends = segment_ends(num_new, cache_segments)
 
     def slots_until(end):  # steps < end write slots < P - 1 + end
         return prompt_len - 1 + end
 
-    # Prefill all prompt tokens but the last; the last is the first token the loop feeds, so the
-    # prefill's logits are unused (XLA drops their computation: no [B, P, V] head matmul).
-    if prompt_len > 1:
-        cache = model.forward(params, prompt_ids[:, :-1], prompt_mask[:, :-1], cache_size=slots_until(ends[0])).cache
-    else:
-        cache = model.init_cache(batch, slots_until(ends[0]))
-    # All randomness of the call in one draw; token i of row b uses uniforms[i, b].
-    uniforms = jax.random.uniform(key, (num_new, batch), jnp.float32)
+    # Prefill all prompt tokens but the last, once per distinct prompt (shared by its G rows).
+    cache = prefill(slots_until(ends[0]))
+    if group > 1:
+        prompt_of_row = jnp.arange(batch, dtype=jnp.int32) // group
+        cache = model.take_cache_rows(cache, prompt_of_row)
+        cache = jax.tree.map(lambda b: constrain(b, cache_batch_axis(b)), cache)
+        prompt_ids, prompt_mask = (constrain(jnp.take(x, prompt_of_row, axis=0)) for x in (prompt_ids, prompt_mask))
+    # Every response slot is marked visible up front; causality hides the unwritten ones.
+    slot_mask = jnp.concatenate([prompt_mask, jnp.ones((batch, num_new - 1), jnp.int32)], axis=1)
+    last_prompt_position = jnp.maximum(jnp.sum(prompt_mask, axis=1) - 1, 0)
 
     state = _DecodeState(
         step=jnp.int32(0),
@@ -611,7 +739,7 @@ def generate(
             cache_index=prompt_len - 1 + step,
         )
         uniform = jax.lax.dynamic_index_in_dim(uniforms, step, axis=0, keepdims=False)
-        tokens, logprobs = sample_from_uniform(out.logits[:, 0, :], uniform, temperature, top_k, top_p)
+        tokens, logprobs = sample(out.logits[:, 0, :], uniform)
         valid = ~state.done
         tokens = jnp.where(valid, tokens, pad_token_id)
 
@@ -634,7 +762,7 @@ def generate(
             state = state._replace(cache=model.grow_cache(state.cache, num_segment_slots))
         segment_mask = slot_mask[:, :num_segment_slots]
         state = jax.lax.while_loop(
-            lambda s, end=end: (s.step < end) & _any_alive(s.done, stop_axis_name),
+            lambda s, end=end: (s.step < end) & _any_over_axis(~jnp.all(s.done), stop_axis_name),
             lambda s, segment_mask=segment_mask: decode_step(s, segment_mask),
             state,
         )
@@ -690,6 +818,11 @@ class Sampler:
     padding (as in `generate`: ids in [0, vocab_size), 0/1 masks without empty rows, left padding,
     the longest prompt plus `max_new_tokens` within the position table), so the checks cost no
     device time and the jitted program has none.
+
+    `num_generations` (G) and `slots` (S) are `generate`'s: each prompt is sampled G times (one
+    shared prefill; the output has G consecutive rows per prompt), and with S the rows decode
+    through S refilled slots (the rollout engine). With a `mesh` the rows and the slots are split
+    over its batch shards (prompts that do not split evenly are replicated).
     """
 
     def __init__(
@@ -706,6 +839,8 @@ class Sampler:
         mesh: Mesh | None = None,
         tuning: Tuning | str | None = "auto",
         cache_segments: int | None = None,
+        num_generations: int = 1,
+        slots: int | None = None,
     ):
         self.vocab_size, self.max_positions = model_limits(model)
         self.max_new_tokens, _ = check_sampling_options(
@@ -720,6 +855,10 @@ class Sampler:
         )
         if not (tuning is None or tuning == "auto" or isinstance(tuning, Tuning)):
             raise ValueError(f"Sampler: tuning must be a Tuning, 'auto' or None, got {tuning!r}")
+        # Checked here without the rows, and against each call's rows in `__call__`.
+        self.num_generations, self.slots, _ = check_engine_options(
+            None, num_generations=num_generations, slots=slots, cache_segments=cache_segments, where="Sampler"
+        )
         self.model = model
         self.prompt_buckets = tuple(sorted(prompt_buckets))
         self.pad_token_id = pad_token_id
@@ -734,6 +873,9 @@ class Sampler:
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
             cache_segments=cache_segments,
+            num_generations=self.num_generations,
+            slots=self.slots,
+            mesh=mesh,
         )
         # No donation: the only per-call inputs are the small prompt arrays, and no output has their
         # shape, so XLA could not reuse them (the cache is created inside and updated in place).
@@ -746,8 +888,10 @@ class Sampler:
         self._programs: dict[Tuning, Any] = {}  # one jitted `generate` per tuning (jit caches the shapes)
 
     def tuning_for(self, batch: int) -> Tuning:
-        """The `Tuning` a call with `batch` prompt rows compiles with."""
-        rows_per_device = batch // (1 if self.mesh is None else batch_size_divisor(self.mesh))
+        """The `Tuning` a call with `batch` prompt rows compiles with (for the rows a decoding step
+        feeds: `batch * num_generations`, or the slots)."""
+        decode_rows = batch * self.num_generations if self.slots is None else self.slots
+        rows_per_device = decode_rows // (1 if self.mesh is None else batch_size_divisor(self.mesh))
         return resolve_tuning(self.tuning, rows_per_device=rows_per_device, width=model_width(self.model))
 
     def _program(self, tuning: Tuning):
@@ -771,11 +915,20 @@ class Sampler:
             max_positions=self.max_positions,
             where="Sampler",
         )
+        check_engine_options(
+            np.shape(prompt_ids)[0],
+            num_generations=self.num_generations,
+            slots=self.slots,
+            mesh=self.mesh,
+            where="Sampler",
+        )
         width = bucket_length(np.shape(prompt_ids)[1], self.prompt_buckets)
         prompt_ids, prompt_mask = left_pad(prompt_ids, prompt_mask, width, self.pad_token_id)
         if self.mesh is not None:
-            prompt_ids = jax.device_put(prompt_ids, self._input_sharding)
-            prompt_mask = jax.device_put(prompt_mask, self._input_sharding)
+            split = prompt_ids.shape[0] % batch_size_divisor(self.mesh) == 0
+            sharding = self._input_sharding if split else self._replicated
+            prompt_ids = jax.device_put(prompt_ids, sharding)
+            prompt_mask = jax.device_put(prompt_mask, sharding)
             key = jax.device_put(key, self._replicated)
         else:
             prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)

@@ -61,6 +61,18 @@ def test_scan_layers_small():
     ], out[-4000:]
 
 
+@pytest.mark.slow
+def test_rollout_engine_quick():
+    # One row per comparison: refilled slots vs static waves, shared vs repeated GRPO prefill.
+    out = _run("rollout_engine.py", "--quick")
+    ratio = r"\d+\.\d+x"
+    lengths = rf"^lengths-tiny-quick\s+32\s+8\s+32\s+\d+\.\d\s+\d+%\s+\d+\s+\d+\s+{ratio}\s+{ratio}$"
+    assert re.search(lengths, out, re.MULTILINE), out[-4000:]
+    pair = r"[\d.]+ / [\d.]+"  # repeated / shared
+    grpo = rf"^grpo-tiny-quick\s+16\s+8\s+64\s+8\s+{pair}\s+{ratio}\s+8\.0x\s+{pair}\s+{ratio}\s+{ratio}$"
+    assert re.search(grpo, out, re.MULTILINE), out[-4000:]
+
+
 def test_benchmark_flags_are_checked_before_any_work():
     # tyro rejects an unknown case name or flag (exit 2, naming it) before a model is built.
     for script, args, word in (

@@ -23,7 +23,9 @@ from jaxrlhf.models.transformer import (
     grow_cache,
     init_cache,
     init_params,
+    put_cache_prefix,
     stack_layers,
+    take_cache_rows,
     unstack_layers,
 )
 from jaxrlhf.tuning import Tuning
@@ -66,6 +68,7 @@ class LanguageModel:
         cache_index=None,
         cache_size=None,
         logits_positions: slice | None = None,
+        valid_lengths=None,
         segment_ids=None,
     ) -> ModelOutput:
         """Full output: logits, final hidden states and, in cache mode, the updated KV cache.
@@ -76,6 +79,11 @@ class LanguageModel:
         only: `logits` is then `[B, n, V]` for the slice's n positions (`slice(0, 0)`: none, for a
         caller that needs `hidden` alone), while `hidden` keeps all L. `segment_ids` (`[B, L]`,
         with `positions`): packed rows that do not attend to each other (`jaxrlhf.packing`).
+
+        With a cache, `cache_index` is the first slot the L tokens are written to: a scalar for
+        every row, or a `[B]` vector for per-row decoding (row b at its own slot, the causal rule
+        per row); `valid_lengths [B]` then writes only row b's first `valid_lengths[b]` tokens
+        (the rest are padding). See `jaxrlhf.models.transformer`.
         """
         if self.config.positions == "learned":  # rows past the table: see the class docstring
             position_table.check_positions(self, attention_mask, positions=positions, where="LanguageModel.forward")
@@ -89,6 +97,7 @@ class LanguageModel:
             cache_index,
             cache_size,
             logits_positions,
+            valid_lengths,
             segment_ids,
             rngs=rngs,
         )
@@ -109,6 +118,15 @@ class LanguageModel:
 
     def grow_cache(self, cache, max_len: int):
         return grow_cache(cache, max_len)
+
+    def take_cache_rows(self, cache, rows):
+        """The cache of batch rows `rows` (`transformer.take_cache_rows`)."""
+        return take_cache_rows(cache, rows)
+
+    def put_cache_prefix(self, cache, prefix, which):
+        """`cache` with `prefix`'s slots written first in the rows where `which` is true
+        (`transformer.put_cache_prefix`)."""
+        return put_cache_prefix(cache, prefix, which)
 
     def init_params(self, key: jax.Array):
         return init_params(self.config, key)

@@ -11,6 +11,12 @@ One forward handles both training and decoding:
 - with a cache (`init_cache`), the L tokens are written into slots `[cache_index, cache_index + L)`
   of a preallocated per-layer key/value buffer (`[B, K, S, E]`) and attend to every earlier slot whose
   `attention_mask [B, S]` entry is 1. Prefill is L = prompt length, decoding is L = 1.
+- per-row cache writes (the rollout engine, `jaxrlhf.engine`): `cache_index` may be a `[B]` vector,
+  row b writing its tokens at slots `[cache_index[b], cache_index[b] + L)` and its token l seeing
+  the slots `<= cache_index[b] + l` (the causal rule per row). With `valid_lengths [B]` only the
+  first `valid_lengths[b]` tokens of row b are written (the rest are padding: not stored, their
+  outputs unspecified); writes past the cache's last slot are dropped. A scalar `cache_index`
+  keeps the one-slice write (`dynamic_update_slice`), a vector one scatters (`_write_rows`).
 Positions come from the mask (`cumsum(mask) - 1`), so left-padded rows get positions 0, 1, ...
 from their first real token, exactly as Hugging Face computes them from `attention_mask`.
 
@@ -76,6 +82,37 @@ def grow_cache(cache, max_len: int):
         return jnp.pad(buffer_xSxE, pad)
 
     return jax.tree.map(grow, cache)
+
+
+def cache_batch_axis(buffer_xBxKxSxE: Array) -> int:
+    """The row axis of a cache buffer: 0 per layer (`[B, K, S, E]`), 1 stacked (`[layers, B, K, S, E]`)."""
+    return buffer_xBxKxSxE.ndim - 4
+
+
+def take_cache_rows(cache, rows: Array):
+    """The cache of rows `rows` (`[R]` indices into the batch): row r is a copy of row `rows[r]`.
+
+    Works on either layout. `generate` shares one prompt's prefill with its G responses this way.
+    """
+    return jax.tree.map(lambda buffer: jnp.take(buffer, rows, axis=cache_batch_axis(buffer)), cache)
+
+
+def put_cache_prefix(cache, prefix, which: Array):
+    """`cache` whose rows with `which[b]` true hold `prefix` in their first slots.
+
+    `prefix` is a cache of the same rows and layout with `n <= S` slots; slots `[0, n)` of the
+    chosen rows are replaced, every other slot and row is kept. The rollout engine inserts a
+    waiting row's prompt into a freed decode slot this way.
+    """
+
+    def put(buffer, prefix_buffer):
+        axis = cache_batch_axis(buffer)
+        chosen = jnp.reshape(which, which.shape + (1,) * (buffer.ndim - axis - 1))
+        old = jax.lax.slice_in_dim(buffer, 0, prefix_buffer.shape[-2], axis=buffer.ndim - 2)
+        new = jnp.where(chosen, prefix_buffer.astype(buffer.dtype), old)
+        return jax.lax.dynamic_update_slice_in_dim(buffer, new, 0, axis=buffer.ndim - 2)
+
+    return jax.tree.map(put, cache, prefix)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:
@@ -151,11 +188,23 @@ class Attention(nn.Module):
             q = apply_rope(q, positions_BxL, inv_freq)
             k = apply_rope(k, positions_BxL, inv_freq)
 
+        new_keys_BxLxKxE, new_values_BxLxKxE = k, v
         # Keys and values as [B, K, S, E] (the cache layout, see `init_cache`).
         k = jnp.swapaxes(k, 1, 2)
         v = jnp.swapaxes(v, 1, 2)
         new_cache = None
-        if layer_cache is not None and layer_index is not None:
+        if layer_cache is not None and jnp.ndim(cache_index) == 2:
+            # Per-row slots `cache_index [B, L]` (see `Transformer`): scatter, then read as below.
+            new_cache = {
+                "k": _write_rows(layer_cache["k"], new_keys_BxLxKxE, cache_index, layer_index),
+                "v": _write_rows(layer_cache["v"], new_values_BxLxKxE, cache_index, layer_index),
+            }
+            if layer_index is not None:
+                k = jax.lax.dynamic_index_in_dim(new_cache["k"], layer_index, 0, keepdims=False).astype(q.dtype)
+                v = jax.lax.dynamic_index_in_dim(new_cache["v"], layer_index, 0, keepdims=False).astype(q.dtype)
+            else:
+                k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
+        elif layer_cache is not None and layer_index is not None:
             # A scanned model's whole stacked cache [layers, B, K, S, E], carried through the scan:
             # write this layer's new slots in place, then read this layer's buffer.
             start = (layer_index, 0, 0, cache_index, 0)
@@ -180,6 +229,29 @@ class Attention(nn.Module):
         else:
             out = _attend(q.reshape(B, L, K, G, E), k, v, allowed_BxLxS)
         return _dense(cfg.hidden_size, cfg.o_bias, cfg, "o")(out.reshape(B, L, H * E)), new_cache
+
+
+def _write_rows(buffer, new_BxLxKxE: Array, slots_BxL: Array, layer_index=None):
+    """`buffer` (`[B, K, S, E]`, or a scanned model's `[layers, B, K, S, E]` at `layer_index`) with
+    row b's token l written at slot `slots_BxL[b, l]`; slots outside `[0, S)` are not written.
+
+    One scatter, updating the decode loop's carry in place as `dynamic_update_slice` does for a
+    shared index. Per layer it is batched over the rows (`vmap`: a mesh that splits the rows splits
+    the scatter, no communication). The stacked buffer takes explicit (layer, row, slot) indices:
+    batching over its row axis 1 made XLA transpose the whole buffer at every layer, and slicing
+    the layer out and back in copied it (a clearly slower step); there a mesh gathers each
+    layer's new keys and values of all rows (small: L tokens per row).
+    """
+    new = new_BxLxKxE.astype(buffer.dtype)
+    if layer_index is not None:
+        rows = jnp.arange(slots_BxL.shape[0])[:, None]
+        # Advanced indices split by a slice: the update's leading dimensions are theirs, [B, L].
+        return buffer.at[layer_index, rows, :, slots_BxL, :].set(new, mode="drop")
+
+    def write_row(row_KxSxE, new_LxKxE, slots_L):
+        return row_KxSxE.at[:, slots_L, :].set(jnp.swapaxes(new_LxKxE, 0, 1), mode="drop")
+
+    return jax.vmap(write_row)(buffer, new, slots_BxL)
 
 
 def _attend(q_BxLxKxGxE: Array, k_BxKxSxE: Array, v_BxKxSxE: Array, allowed_BxLxS: Array) -> Array:
@@ -277,6 +349,7 @@ class Transformer(nn.Module):
         cache_index=None,
         cache_size=None,
         logits_positions=None,
+        valid_lengths=None,
         segment_ids=None,
     ):
         """`logits_positions`: a static `slice` of the L positions at which to apply the output
@@ -284,29 +357,54 @@ class Transformer(nn.Module):
         a trainer that scores only the response needs it at those positions alone. `hidden` is
         returned at all L positions either way.
 
+        `cache_index`: the first cache slot of the L tokens, a scalar (every row) or a `[B]` vector
+        (row b's own slot: per-row decoding); `valid_lengths [B]` (vector `cache_index` only): row
+        b writes only its first `valid_lengths[b]` tokens into the cache (module docstring).
+
         `segment_ids` (`[B, L]` int, no cache): packed rows (`jaxrlhf.packing`): a token attends
         only to earlier tokens of its own segment (id > 0); pass each token's `positions` within
         its segment too."""
         cfg = self.config
         B, L = input_ids_BxL.shape
         dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        per_row = cache is not None and cache_index is not None and jnp.ndim(cache_index) == 1
+        if valid_lengths is not None and not per_row:
+            raise ValueError("valid_lengths needs a cache and a per-row cache_index ([B] vector)")
         if cache is None:
             cache_index = 0
             q_slots = jnp.arange(L)
         elif cache_index is None:
             raise ValueError("a forward with a cache needs cache_index, the first cache slot of these tokens")
-        else:
+        elif not per_row:
             q_slots = cache_index + jnp.arange(L)
         S = attention_mask.shape[1]
         key_mask = attention_mask.astype(bool)
-        if positions_BxL is None:
-            positions_BxL = jax.lax.dynamic_slice_in_dim(positions_from_mask(attention_mask), cache_index, L, axis=1)
         # Slot order equals position order for left-padded rows, so slot distance is token distance.
         k_slots = jnp.arange(S)
-        allowed_LxS = k_slots[None, :] <= q_slots[:, None]
-        if cfg.sliding_window is not None:
-            allowed_LxS &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
-        allowed_BxLxS = allowed_LxS[None] & key_mask[:, None, :]
+        if per_row:
+            q_slots_BxL = jnp.asarray(cache_index, jnp.int32)[:, None] + jnp.arange(L, dtype=jnp.int32)
+            if positions_BxL is None:
+                slots = jnp.clip(q_slots_BxL, 0, S - 1)
+                positions_BxL = jnp.take_along_axis(positions_from_mask(attention_mask), slots, axis=1)
+            allowed_BxLxS = k_slots[None, None, :] <= q_slots_BxL[:, :, None]
+            if cfg.sliding_window is not None:
+                allowed_BxLxS &= q_slots_BxL[:, :, None] - k_slots[None, None, :] < cfg.sliding_window
+            allowed_BxLxS &= key_mask[:, None, :]
+            # The attention layers scatter token l of row b to slot q_slots_BxL[b, l]; padding
+            # tokens (l >= valid_lengths[b]) get distinct slots past the end, which are dropped.
+            if valid_lengths is not None:
+                padding = jnp.arange(L)[None, :] >= jnp.asarray(valid_lengths)[:, None]
+                q_slots_BxL = jnp.where(padding, S + jnp.arange(L, dtype=jnp.int32)[None, :], q_slots_BxL)
+            cache_index = q_slots_BxL
+        else:
+            if positions_BxL is None:
+                positions_BxL = jax.lax.dynamic_slice_in_dim(
+                    positions_from_mask(attention_mask), cache_index, L, axis=1
+                )
+            allowed_LxS = k_slots[None, :] <= q_slots[:, None]
+            if cfg.sliding_window is not None:
+                allowed_LxS &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
+            allowed_BxLxS = allowed_LxS[None] & key_mask[:, None, :]
         if segment_ids is not None:  # packed rows: no attention across segments
             if cache is not None:
                 raise ValueError("segment_ids (packed rows) are for a forward without a cache")

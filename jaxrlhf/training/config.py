@@ -58,9 +58,10 @@ class PPOConfig:
     """Responses per PPO iteration (global, over all devices and hosts): ``batch_size /
     num_generations`` prompts, each sampled ``num_generations`` times."""
     num_generations: int = 1
-    """G, responses sampled per prompt. The step takes ``batch_size // G`` prompts and repeats each
+    """G, responses sampled per prompt. The step takes ``batch_size // G`` prompts and samples each
     G times inside the jit, as consecutive rows (row b belongs to group b // G), every row sampled
-    with its own randomness; must divide batch_size. Group estimators need G >= 2."""
+    with its own randomness and the prompt prefilled once for its G rows; must divide batch_size.
+    Group estimators need G >= 2."""
     minibatch_size: int = 16
     """Rollouts per optimizer update; must divide batch_size."""
     ppo_epochs: int = 4
@@ -100,6 +101,22 @@ class PPOConfig:
     sampled token, before top-k/top-p: the temperature-scaled log-probs the loss uses) instead of
     recomputing them with a policy forward in the experience pass, which is then skipped. The first
     minibatch's ratio is then 1 only up to the cached decode's rounding (docs/training.md)."""
+    rollout_slots: int | None = None
+    """None: the rollout decodes its rows as one static batch (until the longest response ends).
+    An int S: the rollout engine (`jaxrlhf.engine`) serves the rollout's rows through S decode
+    slots, a slot whose response ends taking the next waiting row: with long-tailed response
+    lengths far fewer padded steps, at the decode-cache memory of S rows. The same samples (same
+    rows, same random draws; docs/sampling.md). 1 <= S <= batch_size *
+    dynamic_sampling_oversample; on a mesh a multiple of the data-parallel devices."""
+
+    # --- episodes (with an environment: `jaxrlhf.episodes`, PPO(environment=...)) ---
+    max_turns: int = 1
+    """With an environment: the most turns (environment steps) of an episode; the episode also
+    ends when the environment says done, at EOS, or when max_new_tokens (the whole episode's
+    budget: actions and observations) is spent."""
+    max_turn_tokens: int | None = None
+    """With an environment: one turn's action budget (a turn also ends at one of the
+    environment's stop tokens, or at EOS); None = max_new_tokens."""
 
     # --- reward ---
     score_clip: float | None = None
@@ -261,6 +278,15 @@ class PPOConfig:
         )
         need(self.max_new_tokens > 0 and self.max_prompt_len > 0, "max_new_tokens and max_prompt_len must be positive")
         need(self.temperature > 0, "temperature must be positive")
+        need(
+            isinstance(self.max_turns, int) and not isinstance(self.max_turns, bool) and self.max_turns >= 1,
+            f"max_turns must be an int >= 1, got {self.max_turns!r}",
+        )
+        need(
+            self.max_turn_tokens is None or 1 <= self.max_turn_tokens <= self.max_new_tokens,
+            f"max_turn_tokens must be None or in [1, max_new_tokens={self.max_new_tokens}], "
+            f"got {self.max_turn_tokens!r}",
+        )
         # Plug-ins: given as names, plug-ins or functions; stored as registered names.
         for field, kind in (
             ("advantage_estimator", plugins.AdvantageEstimator),
@@ -368,6 +394,12 @@ class PPOConfig:
             self.overlong_buffer is None or 0 < self.overlong_buffer <= self.max_new_tokens,
             f"overlong_buffer must be in [1, max_new_tokens={self.max_new_tokens}] or None, "
             f"got {self.overlong_buffer!r}",
+        )
+        S = self.rollout_slots
+        need(
+            S is None or (isinstance(S, int) and not isinstance(S, bool) and 1 <= S <= self.rollout_size),
+            f"rollout_slots must be None (static batch) or an int in [1, {self.rollout_size}] (the rollout's "
+            f"rows: batch_size * dynamic_sampling_oversample), got {S!r}",
         )
 
     @property

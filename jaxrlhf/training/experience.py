@@ -61,15 +61,29 @@ class PromptBatch(NamedTuple):
 
 
 class Rollout(NamedTuple):
-    """Sampled responses: ``tokens``, ``mask`` ``[B, N]`` (mask 1 up to and including EOS) and the
-    sampler's ``logprobs [B, N]``: ``log softmax(logits / T)`` of each sampled token under the
-    unfiltered tempered distribution (before top-k/top-p), 0 where the mask is 0 -- what
-    `token_logprobs` computes from a forward, up to the cached decode's rounding. None when a
-    rollout was made without them (a greedy one, or built by hand)."""
+    """Sampled responses (or episodes): ``tokens``, ``mask`` ``[B, N]`` (mask 1 up to and including
+    EOS; for an episode, every token the model attends to) and the sampler's ``logprobs [B, N]``:
+    ``log softmax(logits / T)`` of each sampled token under the unfiltered tempered distribution
+    (before top-k/top-p), 0 where the mask is 0 -- what `token_logprobs` computes from a forward,
+    up to the cached decode's rounding. None when a rollout was made without them (a greedy one,
+    or built by hand).
+
+    Multi-turn episodes (DESIGN.md, "Episodes") add ``action_mask [B, N]`` (1 on the tokens the
+    policy sampled; None: the same as ``mask``, a single turn), ``token_rewards [B, N]`` (the
+    environment's per-turn rewards, each on the last action token of its turn; None: none) and
+    ``episode_stats`` (``{name: [B]}`` per-episode numbers to log as ``episode/<name>`` means)."""
 
     tokens: jax.Array
     mask: jax.Array
     logprobs: jax.Array | None = None
+    action_mask: jax.Array | None = None
+    token_rewards: jax.Array | None = None
+    episode_stats: dict[str, jax.Array] | None = None
+
+    @property
+    def actions(self) -> jax.Array:
+        """The action mask: ``action_mask``, or ``mask`` for a single-turn rollout."""
+        return self.mask if self.action_mask is None else self.action_mask
 
 
 class Experience(NamedTuple):
@@ -78,7 +92,8 @@ class Experience(NamedTuple):
     prompt_ids: jax.Array  # [B, P]
     prompt_mask: jax.Array  # [B, P]
     response_ids: jax.Array  # [B, N]
-    response_mask: jax.Array  # [B, N]
+    response_mask: jax.Array  # [B, N] every token the model attends to (what forwards see)
+    action_mask: jax.Array  # [B, N] the tokens the policy sampled (what losses count); = response_mask for one turn
     old_logprobs: jax.Array  # [B, N] policy log-probs at rollout time (temperature-scaled)
     ref_logprobs: jax.Array  # [B, N] reference log-probs (temperature-scaled)
     old_values: jax.Array | None  # [B, N] V(s_t) at rollout time; None without a critic
@@ -116,12 +131,17 @@ def rollout(
     key,
     hparams: HyperParams,
     stop_axis_name: str | None = None,
+    num_generations: int = 1,
+    mesh=None,
 ) -> Rollout:
-    """Sample one response per prompt with the current policy (`jaxrlhf.sampling.generate`).
+    """Sample ``num_generations`` responses per prompt with the current policy (`generate`).
 
-    Temperature and top-p come from ``hparams`` (data); whether top-p filters at all, top-k and
-    the lengths from ``config`` (structure). ``stop_axis_name``: the vmapped run axis of a sweep,
-    whose runs then stop decoding together (`generate`'s argument; same samples).
+    Temperature and top-p come from ``hparams`` (data); whether top-p filters at all, top-k, the
+    lengths and ``rollout_slots`` (the rollout engine) from ``config`` (structure).
+    ``stop_axis_name``: the vmapped run axis of a sweep, whose runs then stop decoding together
+    (`generate`'s argument; same samples). With ``num_generations = G`` the G responses to prompt
+    p are rows ``p * G .. p * G + G - 1`` and the prompt is prefilled once for them; ``mesh``:
+    where the rows live (`generate`'s argument).
     """
     sample = generate(
         policy,
@@ -136,6 +156,9 @@ def rollout(
         eos_token_id=resolve_eos(config, policy),
         pad_token_id=config.pad_token_id,
         stop_axis_name=stop_axis_name,
+        num_generations=num_generations,
+        slots=config.rollout_slots,
+        mesh=mesh,
     )
     return Rollout(sample.tokens, sample.mask.astype(jnp.int32), sample.logprobs)
 
@@ -314,9 +337,10 @@ def make_experience(
             with_logprobs=not from_sampler,
         )
         ref_logprobs_BxN = packed.packed_reference_logprobs(models, ref_params, packed_batch, hparams.temperature)
+    action_mask_BxN = rollout_out.actions  # what every estimate, loss and statistic counts
     if from_sampler:
         assert rollout_out.logprobs is not None  # checked on entry
-        logprobs_BxN = jnp.where(response_mask_BxN > 0, rollout_out.logprobs.astype(jnp.float32), 0.0)
+        logprobs_BxN = jnp.where(action_mask_BxN > 0, rollout_out.logprobs.astype(jnp.float32), 0.0)
         entropy_BxN = -logprobs_BxN  # per-token sample estimate; only its masked mean is reported
     assert logprobs_BxN is not None  # the policy forward's (with_logprobs) or the sampler's
     logprobs_BxN, ref_logprobs_BxN = sg(logprobs_BxN), sg(ref_logprobs_BxN)
@@ -329,14 +353,14 @@ def make_experience(
         penalty_B = overlong_penalty(config, response_mask_BxN, hparams)
         shaped_scores_B = raw_scores_B + penalty_B
         extra["overlong_penalty"] = jnp.mean(penalty_B)
-    eos_found_B = has_eos(response_ids_BxN, response_mask_BxN, resolve_eos(config, models.policy))
+    eos_found_B = has_eos(response_ids_BxN, action_mask_BxN, resolve_eos(config, models.policy))
     scores_B, new_score_stats = postprocess_scores(config, shaped_scores_B, eos_found_B, score_stats, hparams)
 
     reward_kl_coef = kl_coef if config.kl_placement == "reward" else jnp.zeros_like(kl_coef)
     estimator, _, kl_fn = plugins.plugins_of(config)
     numbers = plugins.numbers_view(hparams)
     kl_BxN = plugins.call_kl_estimator(kl_fn, plugins.KLInputs(logprobs_BxN, ref_logprobs_BxN, numbers))
-    kl_per_sequence_B = masked_sum(kl_BxN, response_mask_BxN, axis=1)
+    kl_per_sequence_B = masked_sum(kl_BxN, action_mask_BxN, axis=1)
     greedy_scores_P = None
     if estimator.needs_greedy:
         if greedy is None:
@@ -351,6 +375,10 @@ def make_experience(
             greedy_shaped_P = greedy_raw_P + overlong_penalty(config, greedy_rollout_out.mask, hparams)
         greedy_eos_P = has_eos(greedy_rollout_out.tokens, greedy_rollout_out.mask, resolve_eos(config, models.policy))
         greedy_scores_P, _ = postprocess_scores(config, greedy_shaped_P, greedy_eos_P, score_stats, hparams)
+        if greedy_rollout_out.token_rewards is not None:  # a greedy episode: its return, as the samples'
+            greedy_scores_P = greedy_scores_P + masked_sum(
+                greedy_rollout_out.token_rewards, greedy_rollout_out.actions, axis=1
+            )
     estimated = plugins.call_advantage_estimator(
         estimator,
         plugins.AdvantageInputs(
@@ -358,19 +386,20 @@ def make_experience(
             logprobs=logprobs_BxN,
             ref_logprobs=ref_logprobs_BxN,
             values=values_BxN,
-            mask=response_mask_BxN,
+            mask=action_mask_BxN,
             kl=kl_BxN,
             reward_kl_coef=reward_kl_coef,
             numbers=numbers,
             group_size=G,
             greedy_scores=greedy_scores_P,
             config=config,
+            token_rewards=rollout_out.token_rewards,
         ),
     )
     advantages_BxN, returns_BxN = estimated.advantages, estimated.returns if values_BxN is not None else None
     rewards_BxN = estimated.rewards
     if rewards_BxN is None:
-        rewards_BxN = step_rewards(scores_B, kl_BxN, response_mask_BxN, reward_kl_coef)
+        rewards_BxN = step_rewards(scores_B, kl_BxN, action_mask_BxN, reward_kl_coef)
     extra.update(estimated.stats or {})
     if G > 1:
         extra["group_signal_fraction"] = groups.group_signal_fraction(scores_B, G)
@@ -382,25 +411,32 @@ def make_experience(
         "score_std": jnp.std(raw_scores_B),
         "score_used": jnp.mean(scores_B),
         "kl": jnp.mean(kl_per_sequence_B),  # per sequence (what the adaptive controller tracks)
-        "kl_per_token": masked_mean(kl_BxN, response_mask_BxN),
+        "kl_per_token": masked_mean(kl_BxN, action_mask_BxN),
         "kl_coef": kl_coef,
         "non_score_reward": -kl_coef * jnp.mean(kl_per_sequence_B),
-        "entropy": masked_mean(entropy_BxN, response_mask_BxN),
+        "entropy": masked_mean(entropy_BxN, action_mask_BxN),
         "response_length": jnp.mean(response_length_B),
         "eos_fraction": jnp.mean(eos_found_B.astype(jnp.float32)),
-        "advantages_mean": masked_mean(advantages_BxN, response_mask_BxN),
-        "num_response_tokens": jnp.sum(response_mask_BxN).astype(jnp.float32),
+        "advantages_mean": masked_mean(advantages_BxN, action_mask_BxN),
+        "num_response_tokens": jnp.sum(action_mask_BxN).astype(jnp.float32),
         **extra,
     }
+    if rollout_out.action_mask is not None:  # an episode: observation tokens and the environment's numbers
+        stats["num_observation_tokens"] = jnp.sum(response_mask_BxN - action_mask_BxN).astype(jnp.float32)
+        if rollout_out.token_rewards is not None:
+            stats["turn_reward"] = jnp.mean(jnp.sum(rollout_out.token_rewards, axis=1))
+        for name, value in (rollout_out.episode_stats or {}).items():
+            stats[f"episode/{name}"] = jnp.mean(value.astype(jnp.float32))
     if values_BxN is not None:
-        stats["value_mean"] = masked_mean(values_BxN, response_mask_BxN)
-        stats["returns_mean"] = masked_mean(returns_BxN, response_mask_BxN)
-        stats["explained_variance"] = explained_variance(values_BxN, returns_BxN, response_mask_BxN)
+        stats["value_mean"] = masked_mean(values_BxN, action_mask_BxN)
+        stats["returns_mean"] = masked_mean(returns_BxN, action_mask_BxN)
+        stats["explained_variance"] = explained_variance(values_BxN, returns_BxN, action_mask_BxN)
     experience = Experience(
         prompt_ids=prompts.ids,
         prompt_mask=prompts.mask,
         response_ids=response_ids_BxN,
         response_mask=response_mask_BxN,
+        action_mask=action_mask_BxN,
         old_logprobs=logprobs_BxN,
         ref_logprobs=ref_logprobs_BxN,
         old_values=values_BxN,

@@ -114,6 +114,18 @@ class Numbers(Mapping[str, jax.Array]):
         """The view of the same numbers that the plug-in ``owner`` (declaring ``declared``) gets."""
         return Numbers(self._builtin, self._plugin, owner, declared)
 
+    # A pytree (the numbers are leaves, the owner static), so inputs holding it cross jit and vmap.
+    def tree_flatten(self):
+        return (self._builtin, self._plugin), (self._owner, tuple(sorted(self._visible)))
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        owner, visible = aux
+        return cls(children[0], children[1], owner, visible)
+
+
+jax.tree_util.register_pytree_node_class(Numbers)
+
 
 # ----------------------------------------------------------------------------------------------
 # The three protocols
@@ -139,6 +151,8 @@ class AdvantageInputs:
         with ``needs_greedy=True``), else None.
       config: the `PPOConfig` (static: switches such as ``whiten_advantages``).
       axis_name: the device axis of batch reductions under ``shard_map`` / ``pmap``, or None.
+      token_rewards: ``[B, N]`` a multi-turn episode's per-turn rewards, each on the last action
+        token of its turn, or None (a single turn). `step_rewards` and `sequence_scores` add them.
     """
 
     scores: jax.Array
@@ -153,17 +167,26 @@ class AdvantageInputs:
     greedy_scores: jax.Array | None
     config: PPOConfig
     axis_name: str | None = None
+    token_rewards: jax.Array | None = None
 
     def step_rewards(self, scores: jax.Array | None = None) -> jax.Array:
         """DESIGN.md's step rewards ``r = -beta * kl * mask; r[last action token] += score`` with
-        ``beta = reward_kl_coef`` (``scores`` defaults to ``self.scores``)."""
+        ``beta = reward_kl_coef`` (``scores`` defaults to ``self.scores``), plus an episode's
+        per-turn rewards where they sit."""
         scores_B = self.scores if scores is None else scores
-        return step_rewards(scores_B, self.kl, self.mask, self.reward_kl_coef)
+        rewards_BxN = step_rewards(scores_B, self.kl, self.mask, self.reward_kl_coef)
+        if self.token_rewards is None:
+            return rewards_BxN
+        return rewards_BxN + jnp.where(self.mask != 0, self.token_rewards, 0.0)
 
     def sequence_scores(self) -> jax.Array:
-        """``[B]`` ``score - beta * sum_t kl_t`` over action tokens: the sequence-level form of the
-        KL penalty that outcome estimators (GRPO, RLOO, ReMax, ...) compare."""
-        return self.scores - self.reward_kl_coef * masked_sum(self.kl, self.mask, axis=1)
+        """``[B]`` ``score + sum of the turn rewards - beta * sum_t kl_t`` over action tokens: the
+        episode's return at gamma = 1, the sequence-level form of the KL penalty, which outcome
+        estimators (GRPO, RLOO, ReMax, ...) compare."""
+        scores_B = self.scores - self.reward_kl_coef * masked_sum(self.kl, self.mask, axis=1)
+        if self.token_rewards is None:
+            return scores_B
+        return scores_B + masked_sum(self.token_rewards, self.mask, axis=1)
 
 
 class Advantages(NamedTuple):
@@ -230,6 +253,22 @@ class KLInputs:
     logprobs: jax.Array
     ref_logprobs: jax.Array
     numbers: Numbers
+
+
+# The inputs are pytrees (arrays and numbers as leaves; config, group size and axis name static),
+# so a plug-in can be jitted, vmapped or differentiated on its own inputs, as the tests do.
+jax.tree_util.register_dataclass(
+    AdvantageInputs,
+    data_fields=["scores", "logprobs", "ref_logprobs", "values", "mask", "kl", "reward_kl_coef", "numbers",
+                 "greedy_scores", "token_rewards"],
+    meta_fields=["group_size", "config", "axis_name"],
+)  # fmt: skip
+jax.tree_util.register_dataclass(
+    PolicyLossInputs,
+    data_fields=["logprobs", "old_logprobs", "advantages", "mask", "numbers", "key", "token_weights"],
+    meta_fields=["config", "axis_name"],
+)
+jax.tree_util.register_dataclass(KLInputs, data_fields=["logprobs", "ref_logprobs", "numbers"], meta_fields=[])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 
 from jaxrlhf.core.groups import select_groups_with_signal
 from jaxrlhf.core.kl_control import KLControllerState, adaptive_kl_controller, fixed_kl_controller
+from jaxrlhf.episodes import Environment, HostEpisodes
 from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.lora import LoraParams, init_lora, is_quantized
 from jaxrlhf.models.lora import base_params as lora_base_params
@@ -53,6 +54,7 @@ from jaxrlhf.sharding import (
 )
 from jaxrlhf.training import plugins
 from jaxrlhf.training.config import PPOConfig
+from jaxrlhf.training.episodes import check_environment, episode_rollout, episode_settings, no_reward
 from jaxrlhf.training.experience import (
     Models,
     PromptBatch,
@@ -111,8 +113,15 @@ class PPO:
         critic: ValueModel | None = None,
         mesh: Mesh | None = None,
         tuning: Tuning | str | None = "auto",
+        environment: Environment | None = None,
     ):
         check_threefry_partitionable()
+        if environment is not None:
+            check_environment(config, environment, reward)
+            if reward is None:
+                reward = no_reward  # every reward comes from the environment
+        self.environment = environment
+        self.uses_host_env = environment is not None and environment.on_host
         if config.shared_trunk and critic is not None:
             raise ValueError("config.shared_trunk=True uses a value head on the policy; pass critic=None")
         if not config.uses_critic and critic is not None:
@@ -150,7 +159,13 @@ class PPO:
             )
         # Chosen once for the rollout's shape: the policy decodes with it, the sampling programs
         # compile with its options.
-        rows_per_device, width = max(1, config.rollout_size // divisor), model_width(policy)
+        if config.rollout_slots is not None and config.rollout_slots % divisor:
+            raise ValueError(
+                f"config.rollout_slots={config.rollout_slots} must be a multiple of the number of "
+                f"data-parallel devices ({divisor}): every device serves its own rows with its own slots"
+            )
+        decode_rows = config.rollout_size if config.rollout_slots is None else config.rollout_slots
+        rows_per_device, width = max(1, decode_rows // divisor), model_width(policy)
         self.tuning = resolve_tuning(tuning, rows_per_device=rows_per_device, width=width)
         self.fused_tuning = resolve_tuning(tuning, rows_per_device=rows_per_device, width=width, trains=True)
         if hasattr(policy, "with_tuning"):
@@ -159,6 +174,14 @@ class PPO:
         self.policy_optimizer = make_optimizer(config, "policy")
         self.value_optimizer = make_optimizer(config, "value") if self.has_critic else None
         self.uses_host_reward = is_host_reward(reward)
+        # Host rewards and host environments split the step around the host (rollout_step, update_step).
+        self.uses_host_rollout = self.uses_host_reward or self.uses_host_env
+        self._host_episodes = None
+        if self.uses_host_env:
+            assert environment is not None
+            self._host_episodes = HostEpisodes(
+                policy, environment, episode_settings(config, policy), vocab_size=policy.config.vocab_size
+            )
         self._abstract_state = self._build_abstract_state()
         self._state_shardings = jax.tree.map(lambda s: s.sharding, self._abstract_state)
 
@@ -172,6 +195,7 @@ class PPO:
         self._jit_rollout = self.tuning.jit(self.rollout, out_shardings=batch_sh)
         self._jit_update = jax.jit(self.update, out_shardings=step_shardings)
         self._jit_init = jax.jit(self._init_from_seed, out_shardings=self._state_shardings)
+        self._jit_score = None  # built on first use (`score_step`)
 
     # ------------------------------------------------------------------ state
 
@@ -346,16 +370,30 @@ class PPO:
         ``stop_axis_name``: a sweep's vmapped run axis (its runs stop decoding together; same samples)."""
         self._check_batch(batch)
         rollout_key, _, _ = self._keys(state)
+        if self.environment is not None:  # multi-turn episodes, the environment in the loop
+            out = episode_rollout(
+                self.config,
+                self.policy,
+                self.policy_params(state, frozen),
+                batch,
+                rollout_key,
+                state.hparams,
+                self.environment,
+                stop_axis_name=stop_axis_name,
+            )
+            return jax.tree.map(self._constrain_batch, out)
         out = rollout(
             self.config,
             self.policy,
             self.policy_params(state, frozen),
-            self.repeat_prompts(batch),
+            batch,  # each prompt prefilled once for its G rows
             rollout_key,
             state.hparams,
             stop_axis_name=stop_axis_name,
+            num_generations=self.config.num_generations,
+            mesh=self.mesh,
         )
-        return Rollout(*(self._constrain_batch(x) for x in out))
+        return jax.tree.map(self._constrain_batch, out)
 
     def greedy_rollout(
         self,
@@ -369,6 +407,18 @@ class PPO:
         self._check_batch(batch)
         if self.lora is not None and frozen is None:
             raise ValueError("with LoRA the policy needs its frozen base: pass frozen")
+        if self.environment is not None:  # the greedy episode (temperature 0) of each prompt
+            return episode_rollout(
+                self.config,
+                self.policy,
+                self.policy_params(state, frozen),
+                batch,
+                jax.random.PRNGKey(0),
+                state.hparams,
+                self.environment,
+                stop_axis_name=stop_axis_name,
+                greedy=True,
+            )
         return greedy_rollout(
             self.config, self.policy, self.policy_params(state, frozen), batch, stop_axis_name=stop_axis_name
         )
@@ -470,12 +520,14 @@ class PPO:
             shaped_B = raw_scores_B + overlong_penalty(config, rollout_out.mask, hparams)
         sel = select_groups_with_signal(shaped_B, G, config.batch_size // G)
         kept_batch = PromptBatch(*(x[sel.group_indices_K] for x in batch))
-        mask = rollout_out.mask[sel.row_indices_R] * sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
-        kept_logprobs = None if rollout_out.logprobs is None else rollout_out.logprobs[sel.row_indices_R]
-        kept_rollout = Rollout(
-            self._constrain_batch(rollout_out.tokens[sel.row_indices_R]),
-            self._constrain_batch(mask),
-            None if kept_logprobs is None else self._constrain_batch(kept_logprobs),
+        row_valid_R = sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
+        kept = jax.tree.map(lambda x: x[sel.row_indices_R], rollout_out)  # every [B, ...] field, kept rows
+        kept_rollout = jax.tree.map(
+            self._constrain_batch,
+            kept._replace(
+                mask=kept.mask * row_valid_R,
+                action_mask=None if kept.action_mask is None else kept.action_mask * row_valid_R,
+            ),
         )
         stats = {
             "score": jnp.mean(raw_scores_B),
@@ -491,8 +543,8 @@ class PPO:
     ) -> tuple[TrainState, Metrics]:
         """Rollout, scoring in the jit and update: one whole iteration (pure; see `train_step`).
         ``stop_axis_name``: see `rollout`."""
-        if self.uses_host_reward:
-            raise TypeError("a TextReward is scored on the host: use rollout_step, then update_step")
+        if self.uses_host_rollout:
+            raise TypeError("a TextReward or a host environment runs on the host: use rollout_step, then update_step")
         rollout_out = self.rollout(state, frozen, batch, stop_axis_name)
         prompts = self.repeat_prompts(batch)
         raw_scores_B = score_in_jit(
@@ -514,8 +566,44 @@ class PPO:
         return self._jit_fused(state, frozen, batch)
 
     def rollout_step(self, state: TrainState, frozen: FrozenParams, batch: PromptBatch) -> Rollout:
-        """First half of the split step: sample responses (jitted), ``[batch_size, N]``."""
-        return self._jit_rollout(state, frozen, batch)
+        """First half of the split step: sample responses (jitted), ``[batch_size, N]``; with a host
+        environment, its episodes (jitted turns, the environment called between them)."""
+        if self._host_episodes is None:
+            return self._jit_rollout(state, frozen, batch)
+        self._check_batch(batch)
+        rollout_key, _, _ = self._keys(state)
+        episodes = self._host_episodes(
+            self.policy_params(state, frozen),
+            batch.ids,
+            batch.mask,
+            rollout_key,
+            temperature=state.hparams.temperature,
+            top_p=state.hparams.top_p if self.config.top_p < 1.0 else 1.0,
+            num_generations=self.config.num_generations,
+        )
+        rollout_out = Rollout(
+            episodes.tokens,
+            episodes.mask,
+            episodes.logprobs,
+            episodes.action_mask,
+            episodes.token_rewards,
+            episodes.episode_stats,
+        )
+        return jax.device_put(rollout_out, batch_sharding(self.mesh))
+
+    def score_step(self, frozen: FrozenParams, batch: PromptBatch, rollout_out: Rollout) -> jax.Array:
+        """The JAX reward of rollouts made outside the fused step (a host environment's), jitted."""
+        if self._jit_score is None:
+            self._jit_score = jax.jit(
+                lambda frozen, batch, rollout_out: score_in_jit(
+                    self.reward,
+                    frozen.reward_params,
+                    *self.repeat_prompts(batch),
+                    rollout_out.tokens,
+                    rollout_out.mask,
+                )
+            )
+        return self._jit_score(frozen, batch, rollout_out)
 
     def update_step(self, state, frozen, batch, rollout_out: Rollout, raw_scores_B) -> tuple[TrainState, Metrics]:
         """Second half of the split step: experience + PPO update from host-computed scores (jitted)."""

@@ -102,11 +102,25 @@ class Sweep:
         mesh: Mesh | None = None,
         shared_decode_stop: bool = True,
         tuning: Tuning | str | None = "auto",
+        environment=None,
     ):
+        if environment is not None and environment.on_host:
+            raise ValueError(
+                f"a sweep vmaps its runs inside one program: environment {environment.name} runs on the host "
+                "(train its runs one by one with train, or write it in JAX)"
+            )
         self.run_configs = run_configs(config, runs)
         self.overrides = [dict(r) for r in runs]
         self.num_runs = len(self.run_configs)
-        self.ppo = PPO(build_config(self.run_configs), policy, reward, critic=critic, mesh=mesh, tuning=tuning)
+        self.ppo = PPO(
+            build_config(self.run_configs),
+            policy,
+            reward,
+            critic=critic,
+            mesh=mesh,
+            tuning=tuning,
+            environment=environment,
+        )
         self.mesh = self.ppo.mesh
         self.runs_axis = RUNS_AXIS if RUNS_AXIS in self.mesh.axis_names else None
         if self.runs_axis is not None and self.num_runs % self.mesh.shape[RUNS_AXIS]:

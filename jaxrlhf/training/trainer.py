@@ -251,9 +251,12 @@ class _SingleRun:
         batch_ids, batch_mask = self.data.batch(step, config.prompts_per_step)
         batch = self.trainer.prompt_batch(batch_ids, batch_mask)
         extra = {}
-        if self.trainer.uses_host_reward:
+        if self.trainer.uses_host_rollout:  # a text reward, or an environment on the host
             rollout_out = self.trainer.rollout_step(state, self.frozen, batch)
-            scores, extra = host_scores_and_metrics(self.reward, self.tokenizer, batch_ids, batch_mask, rollout_out)
+            if self.trainer.uses_host_reward:
+                scores, extra = host_scores_and_metrics(self.reward, self.tokenizer, batch_ids, batch_mask, rollout_out)
+            else:
+                scores = self.trainer.score_step(self.frozen, batch, rollout_out)
             new_state, metrics = self.trainer.update_step(state, self.frozen, batch, rollout_out, scores)
         else:
             new_state, metrics = self.trainer.train_step(state, self.frozen, batch)
@@ -476,6 +479,7 @@ def train(
     trainer: PPO | None = None,
     fallback_to_intact: bool = False,
     allow_different_prompts: bool = False,
+    environment=None,
 ) -> TrainResult:
     """Train ``policy`` with PPO against ``reward`` on ``prompts``; see the module docstring.
 
@@ -510,6 +514,10 @@ def train(
         raising `CheckpointCorruptError`.
       allow_different_prompts: resume although the prompt set differs from the one the checkpoint
         was trained on (its fingerprint is in the checkpoint), with a warning.
+      environment: a `jaxrlhf.episodes.Environment`: the rollout is multi-turn episodes
+        (``config.max_turns``, ``max_turn_tokens``); ``reward`` may then be None (every reward
+        from the environment). A JAX-native one runs inside the fused step; one on the host
+        between jitted turns (an exception from it checkpoints the last committed state first).
 
     Returns:
       A `TrainResult`. Raises `NonFiniteError` (after checkpointing the last good state) when a
@@ -532,7 +540,7 @@ def train(
     data = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
     check_prompt_set(data, policy_model, config, reward, value_model)
     if trainer is None:
-        ppo = PPO(config, policy_model, reward, critic=value_model, mesh=mesh)
+        ppo = PPO(config, policy_model, reward, critic=value_model, mesh=mesh, environment=environment)
     else:
         trainer.check_config(config)
         ppo = trainer
@@ -615,6 +623,7 @@ def train_sweep(
     eval_every: int = 0,
     fallback_to_intact: bool = False,
     allow_different_prompts: bool = False,
+    environment=None,
 ) -> SweepResult:
     """Train R runs (``runs``: per-run overrides, e.g. ``grid(seed=[0, 1, 2], kl_coef=[0, 0.1])``)
     as one program; arguments as in `train`, except:
@@ -627,13 +636,14 @@ def train_sweep(
       run's ``metrics.jsonl``, TensorBoard events and exported ``policy/``; ``sweep_summary.json``
       each run's overrides, final metrics and whether it failed (non-finite) and when;
     - ``evaluate(step, sweep_state)`` returns one metrics dict per run (a list), ``on_step``
-      receives the list of the runs' metrics.
+      receives the list of the runs' metrics;
+    - an ``environment`` must be JAX-native: it is vmapped over the runs inside the one step.
     """
     out_dir = os.path.abspath(os.fspath(out_dir))
     logger_options(config.loggers)  # before any compile: checks wandb is there
     policy_model, policy_params, policy_tokenizer = _unpack_policy(policy)
     tokenizer = tokenizer if tokenizer is not None else policy_tokenizer
-    sweep = Sweep(config, policy_model, reward, runs, critic=value_model, mesh=mesh)
+    sweep = Sweep(config, policy_model, reward, runs, critic=value_model, mesh=mesh, environment=environment)
     base = prepare_prompts(prompts, config.max_prompt_len, config.pad_token_id, tokenizer, config.seed)
     check_prompt_set(base, policy_model, config, reward, value_model)
     data = [PromptDataset(base.ids, base.mask, c.seed) for c in sweep.run_configs]

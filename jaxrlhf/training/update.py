@@ -136,7 +136,7 @@ def loss_from_outputs(
     key = jax.random.PRNGKey(0) if key is None else key  # for stochastic policy losses
     with_entropy = uses_entropy(config)
     assert logprobs_BxN is not None  # with_logprobs (the default): the policy's forward
-    mask_BxN = exp.response_mask
+    mask_BxN = exp.action_mask  # losses count the policy's own tokens (observations are context)
     _, loss_fn, kl_fn = plugins.plugins_of(config)
     numbers = plugins.numbers_view(hp)
     pg_loss, pg_stats = plugins.call_policy_loss(
@@ -191,9 +191,13 @@ def _packed_minibatch_gradients(config, models, params, minibatch: Experience, k
     """The minibatch's gradient as a sum over packed micro-batches of its real tokens
     (`jaxrlhf.training.packed`), each weighted by its share of the normalisers."""
     assert config.max_tokens_per_microbatch is not None
-    mask = minibatch.response_mask
+    mask = minibatch.action_mask
     packed_batch = packed.pack_batch(
-        minibatch.prompt_ids, minibatch.prompt_mask, minibatch.response_ids, mask, config.max_tokens_per_microbatch
+        minibatch.prompt_ids,
+        minibatch.prompt_mask,
+        minibatch.response_ids,
+        minibatch.response_mask,
+        config.max_tokens_per_microbatch,
     )
     token_total = jnp.maximum(_normaliser(mask, "token-mean"), 1.0)
     policy_total = jnp.maximum(_normaliser(mask, config.loss_agg), 1.0)
@@ -207,7 +211,7 @@ def _packed_minibatch_gradients(config, models, params, minibatch: Experience, k
         micro_mask = mask * packed_batch.rows_in_micro(index)[:, None].astype(mask.dtype)
         token_w = _normaliser(micro_mask, "token-mean") / token_total
         policy_w = _normaliser(micro_mask, config.loss_agg) / policy_total
-        micro = minibatch._replace(response_mask=micro_mask)
+        micro = minibatch._replace(action_mask=micro_mask)
         micro_key = jax.random.fold_in(key, index)
         return loss_from_outputs(
             logprobs, values, entropy, micro, kl_coef, hparams, config, models, policy_w, token_w, micro_key
@@ -249,13 +253,13 @@ def minibatch_gradients(
     # [mb, ...] -> [accum, micro, ...]; micro-batch i weighted by its share of the normaliser.
     micro_size = minibatch.response_ids.shape[0] // accum
     micro = jax.tree.map(lambda x: constrain(x.reshape(accum, micro_size, *x.shape[1:]), 1), minibatch)
-    token_total = jnp.maximum(_normaliser(minibatch.response_mask, "token-mean"), 1.0)
-    policy_total = jnp.maximum(_normaliser(minibatch.response_mask, config.loss_agg), 1.0)
+    token_total = jnp.maximum(_normaliser(minibatch.action_mask, "token-mean"), 1.0)
+    policy_total = jnp.maximum(_normaliser(minibatch.action_mask, config.loss_agg), 1.0)
 
     def accumulate(grads_sum, micro_and_key):
         micro_batch, micro_key = micro_and_key
-        token_w = _normaliser(micro_batch.response_mask, "token-mean") / token_total
-        policy_w = _normaliser(micro_batch.response_mask, config.loss_agg) / policy_total
+        token_w = _normaliser(micro_batch.action_mask, "token-mean") / token_total
+        policy_w = _normaliser(micro_batch.action_mask, config.loss_agg) / policy_total
         grads, stats = grad_fn(
             params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w, policy_base, micro_key
         )
