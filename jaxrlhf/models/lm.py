@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lora import LoraParams, model_variables
+from jaxrlhf.models.moe import collect_router_logits, router_losses
 from jaxrlhf.models.transformer import (
     ModelOutput,
     Transformer,
@@ -70,10 +71,21 @@ class LanguageModel:
         caller that needs `hidden` alone), while `hidden` keeps all L.
         """
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
-        output = self.module.apply(
-            variables, input_ids, attention_mask, positions, cache, cache_index, cache_size, logits_positions, rngs=rngs
-        )
-        return cast(ModelOutput, output)  # without `mutable`, Linen's apply returns the module's output alone
+        args = (input_ids, attention_mask, positions, cache, cache_index, cache_size, logits_positions)
+        if not self.config.is_moe:
+            output = self.module.apply(variables, *args, rngs=rngs)
+            return cast(ModelOutput, output)  # without `mutable`, Linen's apply returns the module's output alone
+        # A mixture of experts: each MoE layer sows its router logits; the router losses are
+        # taken over the real tokens of this call.
+        output, state = self.module.apply(variables, *args, rngs=rngs, mutable=["intermediates"])
+        output = cast(ModelOutput, output)
+        L = input_ids.shape[1]
+        start = 0 if cache is None or cache_index is None else cache_index
+        valid_BxL = jax.lax.dynamic_slice_in_dim(jnp.asarray(attention_mask), start, L, axis=1)
+        router_logits = collect_router_logits(state["intermediates"])
+        losses = router_losses(router_logits, valid_BxL, self.config.num_experts_per_tok)
+        aux = {"router_logits": router_logits, **losses}
+        return output._replace(aux=aux)
 
     def hidden_states(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
         """Final (normalised) hidden states `[B, L, D]` without the output layer (e.g. a critic's trunk)."""
