@@ -168,7 +168,10 @@ def _tensor_map(config: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
 
 
 def _normalise_keys(config: ModelConfig, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """GPT-2 checkpoints come with or without the `transformer.` prefix; drop it."""
+    """GPT-2 checkpoints come with or without the `transformer.` prefix; drop it. Mixtral's
+    `block_sparse_moe` is `mlp` in transformers 5's in-memory names; use the file's."""
+    if config.model_type == "mixtral":
+        return {re.sub(r"\.mlp\.(gate|experts)\.", r".block_sparse_moe.\1.", k): v for k, v in state_dict.items()}
     if config.model_type != "gpt2":
         return dict(state_dict)
     out = {}
