@@ -86,3 +86,44 @@ def jit_forward(model, params, ids, mask):
 def max_diff(a, b, mask) -> float:
     keep = np.asarray(mask).astype(bool)
     return float(np.max(np.abs(np.asarray(a, np.float64)[keep] - np.asarray(b, np.float64)[keep])))
+
+
+def peft_round_trips(pre, lora, checkpoint_dir: str, tmp_path, peft_config: dict) -> None:
+    """LoRA adapters against `peft` on the transformers model, both ways:
+
+    - ours (random, B != 0) -> `save_peft_adapter` -> `PeftModel.from_pretrained` on the
+      checkpoint: the same logits; read back with `load_peft_adapter`: the same logits; merged with
+      `save_merged`: a plain checkpoint transformers loads with the PEFT model's logits;
+    - an adapter made by `peft.get_peft_model(peft.LoraConfig(**peft_config))` with random A and B
+      and saved by peft -> `load_peft_adapter`: the PEFT model's logits.
+    """
+    import peft
+
+    from jaxrlhf.models.lora import LoraParams, init_lora, with_lora
+    from jaxrlhf.models.peft_io import load_peft_adapter, save_merged, save_peft_adapter
+
+    model = with_lora(pre.model, lora)
+    adapters = init_lora(lora, pre.params, jax.random.key(1))
+    noise = jax.random.key(2)
+    adapters = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(noise, x.shape), adapters)
+    ids, mask = batch()
+    ours = np.asarray(jit_forward(model, LoraParams(pre.params, adapters), ids, mask).logits)
+    assert max_diff(ours, jit_forward(pre.model, pre.params, ids, mask).logits, mask) > 1e-2  # adapters matter
+
+    save_peft_adapter(str(tmp_path / "ours"), model, adapters)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, attn_implementation="eager").eval()
+    theirs = torch_logits(peft.PeftModel.from_pretrained(hf, str(tmp_path / "ours")).eval(), ids, mask)
+    assert max_diff(theirs, ours, mask) < 1e-3
+    loaded_model, loaded = load_peft_adapter(str(tmp_path / "ours"), pre.model)
+    assert max_diff(jit_forward(loaded_model, LoraParams(pre.params, loaded), ids, mask).logits, ours, mask) < 1e-5
+    save_merged(str(tmp_path / "merged"), model, pre.params, adapters)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), attn_implementation="eager")
+    assert max_diff(torch_logits(merged.eval(), ids, mask), theirs, mask) < 1e-3
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint_dir, attn_implementation="eager").eval()
+    torch.manual_seed(3)
+    made_by_peft = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, **peft_config)).eval()
+    made_by_peft.save_pretrained(str(tmp_path / "peft"))
+    want = torch_logits(made_by_peft, ids, mask)
+    read_model, read = load_peft_adapter(str(tmp_path / "peft"), pre.model)
+    assert max_diff(jit_forward(read_model, LoraParams(pre.params, read), ids, mask).logits, want, mask) < 1e-3

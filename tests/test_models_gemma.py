@@ -244,3 +244,25 @@ def test_unsupported_variants_are_refused(checkpoints, tmp_path):
     (d / "config.json").write_text(json.dumps(multimodal))
     with pytest.raises(UnsupportedModelError, match=r"config\.json: model_type 'gemma3'"):
         jaxrlhf.load_pretrained(str(d))
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA / PEFT
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma3", "phi3"])
+def test_peft_round_trips(family, checkpoints, tmp_path):
+    """Adapters on every projection (Phi-3's fused qkv_proj / gate_up_proj get one exact adapter
+    each), against `peft` on the transformers model, both ways."""
+    from hf_models import peft_round_trips
+
+    from jaxrlhf.models.lora import LoraConfig
+
+    path = checkpoints(family)[0]
+    lora = LoraConfig(rank=4, alpha=8.0, target_modules=("q", "k", "v", "o", "gate", "up", "down"))
+    modules = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] if family == "phi3" else [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # fmt: skip
+    peft_round_trips(
+        jaxrlhf.load_pretrained(path), lora, path, tmp_path, dict(r=4, lora_alpha=8, target_modules=modules)
+    )

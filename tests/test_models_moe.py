@@ -326,3 +326,56 @@ def test_unsupported_variants_are_refused(checkpoints):
         ModelConfig.from_hf(hf, scan_layers=True)
     with pytest.raises(ValueError, match="moe_capacity_factor must be > 0"):
         ModelConfig.from_hf(hf, moe_capacity_factor=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA / PEFT / QLoRA
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts", [False, True])
+def test_peft_round_trips(experts, checkpoints, tmp_path):
+    """OLMoE with adapters on attention, and on every expert's gate / up / down when enabled
+    (PEFT's `target_parameters` on transformers' stacked experts). (PEFT rewrites `gate_proj` /
+    `up_proj` / `down_proj` targets of these model types to the experts, so dense MLP layers of an
+    MoE model, Qwen3-MoE's `mlp_only_layers`, cannot carry PEFT adapters; OLMoE has none.)"""
+    from hf_models import peft_round_trips
+
+    from jaxrlhf.models.lora import LoraConfig
+
+    path = checkpoints("olmoe")[0]
+    lora = LoraConfig(rank=3, alpha=6.0, target_modules=("q", "v", "o", "gate", "up", "down"), experts=experts)
+    peft_config: dict = dict(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj", "o_proj"])
+    if experts:
+        peft_config["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    peft_round_trips(jaxrlhf.load_pretrained(path), lora, path, tmp_path, peft_config)
+
+
+@pytest.mark.slow
+def test_lora_and_qlora_on_experts(checkpoints):
+    """Fresh adapters (B = 0) on the experts leave the logits exactly as they are; merged adapters
+    equal the adapter model; NF4 quantises the experts too and stays close to the float model."""
+    from jaxrlhf.models.lora import LoraConfig, LoraParams, init_lora, merge_lora, quantize_params, with_lora
+
+    pre = jaxrlhf.load_pretrained(checkpoints("olmoe")[0])
+    lora = LoraConfig(rank=2, alpha=4.0, target_modules=("q", "gate", "up", "down"), experts=True)
+    model = with_lora(pre.model, lora)
+    adapters = init_lora(lora, pre.params, jax.random.key(0))
+    assert adapters["layer_0"]["mlp"]["experts"]["gate"]["lora_A"].shape == (5, 32, 2)  # [E, D, r]
+    assert adapters["layer_0"]["mlp"]["experts"]["down"]["lora_B"].shape == (5, 2, 32)  # [E, r, D]
+    assert "router" not in adapters["layer_0"]["mlp"]
+    ids, mask = batch()
+    base = jit_forward(pre.model, pre.params, ids, mask).logits
+    np.testing.assert_array_equal(np.asarray(jit_forward(model, LoraParams(pre.params, adapters), ids, mask).logits),
+                                  np.asarray(base))  # fmt: skip
+    adapters = jax.tree.map(lambda x: x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), adapters)
+    adapted = jit_forward(model, LoraParams(pre.params, adapters), ids, mask).logits
+    merged = jit_forward(pre.model, merge_lora(lora, pre.params, adapters), ids, mask).logits
+    assert max_diff(adapted, base, mask) > 1e-2 and max_diff(merged, adapted, mask) < 1e-4
+    quantized = quantize_params(pre.params, "int8")
+    assert (
+        "kernel_q" in quantized["layer_0"]["mlp"]["experts"]["up"] and "kernel" in quantized["layer_0"]["mlp"]["router"]
+    )
+    assert max_diff(jit_forward(pre.model, quantized, ids, mask).logits, base, mask) < 0.05 * float(np.abs(base).max())
+    with pytest.raises(ValueError, match="experts=True needs dropout 0"):
+        LoraConfig(dropout=0.1, experts=True)

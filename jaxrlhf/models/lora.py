@@ -80,12 +80,18 @@ class LoraConfig:
       dropout: dropout rate on the adapter's input (training forwards that pass a key only).
       target_modules: which projections get adapters: our names ("q", "k", "v", "o", "gate",
         "up", "down") or the Llama family's HF names ("q_proj", ...).
+      experts: in a mixture-of-experts model, also adapt each expert's `gate` / `up` / `down`
+        (those of them in `target_modules`): one `lora_A [E, in, r]`, `lora_B [E, r, out]` per
+        projection, every expert its own rank-r update (PEFT's `target_parameters` on
+        transformers' expert tensors). False: attention (and dense MLPs) only; the router is never
+        adapted. Needs dropout 0, as in PEFT.
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple = ALL_TARGETS
+    experts: bool = False
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -106,6 +112,8 @@ class LoraConfig:
                 names.append(ours)
         if not names:
             raise ValueError("LoraConfig: target_modules is empty")
+        if self.experts and self.dropout > 0:
+            raise ValueError(f"LoraConfig: experts=True needs dropout 0 (as PEFT), got dropout={self.dropout!r}")
         object.__setattr__(self, "target_modules", tuple(names))
 
     @property
@@ -208,13 +216,16 @@ def _kernel_shape(node) -> tuple:
     return tuple((node["kernel"] if "kernel" in node else node[QUANTIZED_KERNEL]).shape)
 
 
-def _target_paths(params, targets) -> list[tuple[str, ...]]:
-    """Paths of the targeted projections (dicts holding a kernel) under layer entries."""
+def _target_paths(params, targets, experts: bool = False) -> list[tuple[str, ...]]:
+    """Paths of the targeted projections (dicts holding a kernel) under layer entries; with
+    `experts`, the stacked expert projections (`mlp/experts/<name>`) too."""
     out = []
 
     def walk(node, path):
         if _is_dense(node):
             if len(path) >= 2 and path[-2] in ("attn", "mlp") and path[-1] in targets:
+                out.append(path)
+            elif experts and len(path) >= 3 and path[-3:-1] == ("mlp", "experts") and path[-1] in targets:
                 out.append(path)
             return
         if isinstance(node, dict):
@@ -240,7 +251,7 @@ def _set(tree: dict, path, value) -> None:
 def init_lora(lora: LoraConfig, params, key: Array, dtype=jnp.float32) -> dict:
     """Fresh adapters for `params` (plain, quantised or abstract): `A ~ U(-1/sqrt(in), 1/sqrt(in))`
     (PEFT's kaiming-uniform, a = sqrt(5)), `B = 0`; stacked (scanned) kernels get stacked adapters."""
-    paths = _target_paths(params, lora.target_modules)
+    paths = _target_paths(params, lora.target_modules, lora.experts)
     if not paths:
         raise ValueError(f"no projection {lora.target_modules} found in the parameters to adapt")
     adapters: dict = {}
@@ -284,9 +295,12 @@ def merge_lora(lora: LoraConfig, params, adapters) -> dict:
 # QLoRA: quantised frozen base
 
 
-def quantize_params(params, qtype: str = "nf4", block_size: int = 64, targets=ALL_TARGETS) -> dict:
-    """The base with every targeted projection kernel quantised (embeddings, norms, biases and the
-    output layer stay float, as in QLoRA). A kernel `[..., in, out]` becomes `kernel_q` (codes,
+def quantize_params(
+    params, qtype: str = "nf4", block_size: int = 64, targets=ALL_TARGETS, experts: bool = True
+) -> dict:
+    """The base with every targeted projection kernel quantised (embeddings, norms, biases, the
+    output layer and MoE routers stay float, as in QLoRA; the experts' stacked projections are
+    quantised too unless `experts=False`). A kernel `[..., in, out]` becomes `kernel_q` (codes,
     same shape: uint4 for NF4, int8 / int4) and `kernel_scale [..., in / block, out]`: one absmax
     scale per block of `block_size` input rows and output column (`gcd(in, block_size)` rows when
     `block_size` does not divide `in`). Computed with qwix's `quantize`."""
@@ -296,7 +310,7 @@ def quantize_params(params, qtype: str = "nf4", block_size: int = 64, targets=AL
         raise ValueError(f"qtype must be one of {QUANT_TYPES}, got {qtype!r}")
     targets = tuple(HF_TARGET_NAMES.get(t, t) for t in targets)
     out = jax.tree.map(lambda x: x, params)
-    for path in _target_paths(params, targets):
+    for path in _target_paths(params, targets, experts):
         node = dict(_get(out, path))
         if "kernel" not in node:
             continue  # already quantised
