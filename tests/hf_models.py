@@ -17,6 +17,18 @@ import torch
 import transformers
 
 VOCAB = 96
+# The sizes every family test starts from (then overrides per family).
+SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.15,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def build(model_type: str, fields: dict, seed: int = 0) -> torch.nn.Module:
@@ -32,6 +44,23 @@ def build(model_type: str, fields: dict, seed: int = 0) -> torch.nn.Module:
             if name.endswith(".bias"):
                 p.copy_(0.2 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def checkpoint_cache(tmp_path_factory, families: dict, reference):
+    """`get(family) -> (directory, torch model, reference(torch model))`, each family built
+    (`families[family][:2]` = model_type, fields) and saved once per test module."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            model_type, fields = families[family][:2]
+            model = build(model_type, fields)
+            path = str(tmp_path_factory.mktemp(family))
+            model.save_pretrained(path)
+            cache[family] = (path, model, reference(model))
+        return cache[family]
+
+    return get
 
 
 def batch(seed: int = 0, batch: int = 3, length: int = 12) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +105,23 @@ def torch_greedy(model, ids, mask, max_new_tokens: int) -> np.ndarray:
             eos_token_id=None,
         )
     return out[:, ids.shape[1] :].numpy()
+
+
+def assert_greedy_generation_matches(torch_model, pre, new_tokens: int = 10) -> None:
+    """jaxrlhf's `generate` at temperature 0 equals transformers' greedy `generate` token for token,
+    on left-padded prompts of 6, 4 and 2 tokens (so a window of 4 is passed within 10 tokens)."""
+    import jax.numpy as jnp
+
+    from jaxrlhf.sampling import generate
+
+    ids = np.random.default_rng(1).integers(3, VOCAB, size=(3, 6)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :2], mask[2, :4] = 0, 0
+    ids = ids * mask
+    want = torch_greedy(torch_model, ids, mask, new_tokens)
+    got = generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
+                   max_new_tokens=new_tokens, temperature=0.0, eos_token_id=None)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(got.tokens), want)
 
 
 @functools.partial(jax.jit, static_argnums=0)

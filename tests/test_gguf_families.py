@@ -17,22 +17,12 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_models import batch, build, jit_forward, max_diff, torch_logits  # noqa: E402
+from hf_models import SMALL, batch, build, jit_forward, max_diff, torch_logits  # noqa: E402
 
 import jaxrlhf  # noqa: E402
 from jaxrlhf.models.gguf import read_gguf  # noqa: E402
 
-_SMALL = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.15,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_SMALL = SMALL
 _PHI3_ROPE = {
     "rope_type": "longrope",
     "rope_theta": 1e4,

@@ -18,25 +18,21 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_models import batch, build, jit_forward, max_diff, torch_greedy, torch_logits  # noqa: E402
+from hf_models import (  # noqa: E402
+    SMALL,
+    assert_greedy_generation_matches,
+    batch,
+    checkpoint_cache,
+    jit_forward,
+    max_diff,
+    torch_logits,
+)
 
 import jaxrlhf  # noqa: E402
 from jaxrlhf.models import LanguageModel, UnsupportedModelError  # noqa: E402
 from jaxrlhf.models.config import FULL, SLIDING, ModelConfig  # noqa: E402
-from jaxrlhf.sampling import generate  # noqa: E402
 
-_SMALL = dict(
-    hidden_size=32,
-    intermediate_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.15,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_SMALL = dict(SMALL, intermediate_size=48)
 FAMILIES = {
     # Soft-capping small enough to matter at these logit scales; window 4 < the 12-token batch.
     "gemma2": (
@@ -96,18 +92,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """family -> (directory, torch model, torch logits on `batch()`), built once per module."""
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            model_type, fields = FAMILIES[family]
-            model = build(model_type, fields)
-            path = str(tmp_path_factory.mktemp(family))
-            model.save_pretrained(path)
-            cache[family] = (path, model, torch_logits(model, *batch()))
-        return cache[family]
-
-    return get
+    return checkpoint_cache(tmp_path_factory, FAMILIES, lambda model: torch_logits(model, *batch()))
 
 
 def _logits(pre, ids, mask):
@@ -149,16 +134,8 @@ def test_config_fields(checkpoints):
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3"])
 def test_greedy_generation_matches_transformers(family, checkpoints):
     """Prompts of 2-6 tokens and 10 new ones: every row runs past the window of 4 (or 5)."""
-    _, torch_model, _ = checkpoints(family)
-    pre = jaxrlhf.load_pretrained(checkpoints(family)[0])
-    ids = np.random.default_rng(1).integers(3, 96, size=(3, 6)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :2], mask[2, :4] = 0, 0
-    ids = ids * mask
-    want = torch_greedy(torch_model, ids, mask, 10)
-    got = generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-                   max_new_tokens=10, temperature=0.0, eos_token_id=None)  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(got.tokens), want)
+    path, torch_model, _ = checkpoints(family)
+    assert_greedy_generation_matches(torch_model, jaxrlhf.load_pretrained(path))
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi4_mini"])

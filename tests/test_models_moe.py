@@ -22,27 +22,24 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_models import batch, build, jit_forward, max_diff, torch_forward, torch_greedy  # noqa: E402
+from hf_models import (  # noqa: E402
+    SMALL,
+    assert_greedy_generation_matches,
+    batch,
+    checkpoint_cache,
+    jit_forward,
+    max_diff,
+    torch_forward,
+)
 
 import jaxrlhf  # noqa: E402
 from jaxrlhf.models import LanguageModel, UnsupportedModelError, pretrained_from_hf  # noqa: E402
 from jaxrlhf.models.config import ModelConfig  # noqa: E402
 from jaxrlhf.models.moe import capacity, dense_reference, dispatch, kept_assignments, route  # noqa: E402
-from jaxrlhf.sampling import generate  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files")
 
-_SMALL = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-    initializer_range=0.15,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_SMALL = SMALL
 FAMILIES = {
     # Renormalised top-2 of 4; layer 1 is a dense MLP (mlp_only_layers), as Qwen3-MoE allows.
     "qwen3_moe": (
@@ -73,19 +70,10 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    cache = {}
-
-    def get(family):
-        if family not in cache:
-            model_type, fields = FAMILIES[family]
-            model = build(model_type, fields)
-            path = str(tmp_path_factory.mktemp(family))
-            model.save_pretrained(path)
-            ids, mask = batch()
-            cache[family] = (path, model, torch_forward(model, ids, mask, output_router_logits=True))
-        return cache[family]
-
-    return get
+    """family -> (directory, torch model, its forward on `batch()` with router logits)."""
+    return checkpoint_cache(
+        tmp_path_factory, FAMILIES, lambda model: torch_forward(model, *batch(), output_router_logits=True)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,15 +260,7 @@ def test_round_trip_through_transformers(family, checkpoints, tmp_path):
 def test_greedy_generation_matches_transformers(checkpoints):
     """Mixtral with a window of 4: 10 new tokens after prompts of 2-6 tokens."""
     path, torch_model, _ = checkpoints("mixtral")
-    pre = jaxrlhf.load_pretrained(path)
-    ids = np.random.default_rng(1).integers(3, 96, size=(3, 6)).astype(np.int32)
-    mask = np.ones_like(ids)
-    mask[1, :2], mask[2, :4] = 0, 0
-    ids = ids * mask
-    want = torch_greedy(torch_model, ids, mask, 10)
-    got = generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(0),
-                   max_new_tokens=10, temperature=0.0, eos_token_id=None)  # fmt: skip
-    np.testing.assert_array_equal(np.asarray(got.tokens), want)
+    assert_greedy_generation_matches(torch_model, jaxrlhf.load_pretrained(path))
 
 
 @pytest.mark.slow
@@ -379,3 +359,25 @@ def test_lora_and_qlora_on_experts(checkpoints):
     assert max_diff(jit_forward(pre.model, quantized, ids, mask).logits, base, mask) < 0.05 * float(np.abs(base).max())
     with pytest.raises(ValueError, match="experts=True needs dropout 0"):
         LoraConfig(dropout=0.1, experts=True)
+
+
+@pytest.mark.slow
+def test_vmapped_over_runs_equals_each_run():
+    """A sweep runs R models under `jax.vmap`: the ragged and the capacity dispatch batch, and each
+    run's logits and router loss (and a gradient through it) equal that run alone."""
+    cfg = ModelConfig.from_hf(dict(FAMILIES["qwen3_moe"][1], model_type="qwen3_moe", vocab_size=96))
+    model = LanguageModel(cfg.replace(dense_layers=()))
+    runs = [model.init_params(jax.random.key(i)) for i in range(3)]
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *runs)
+    ids, mask = batch()
+    for capacity_factor in (None, 1.0):
+        m = LanguageModel(model.config.replace(moe_capacity_factor=capacity_factor))
+        out = jax.jit(jax.vmap(lambda p, m=m: m.forward(p, ids, mask)))(stacked)
+        for r, params in enumerate(runs):
+            one = m.forward(params, ids, mask)
+            np.testing.assert_allclose(np.asarray(out.logits[r]), np.asarray(one.logits), atol=1e-5)
+            aux = float(out.aux["router_aux_loss"][r])
+            np.testing.assert_allclose(aux, float(one.aux["router_aux_loss"]), rtol=1e-5)
+    grads = jax.jit(jax.vmap(jax.grad(lambda p: model.forward(p, ids, mask).aux["router_aux_loss"])))(stacked)
+    router = grads["layer_0"]["mlp"]["router"]["kernel"]
+    assert router.shape == (3, 32, 4) and float(jnp.abs(router).max()) > 0  # the aux loss trains the router

@@ -163,6 +163,27 @@ def dequantize_kernel(codes, scale, dtype=jnp.float32) -> Array:
     return qwix.dequantize(qwix.QArray(codes, scale, None, qtype)).astype(dtype)
 
 
+def quantized_kernel(module: nn.Module, dtype) -> Array | None:
+    """The float kernel of a module whose parameters hold a quantised one (`kernel_q` +
+    `kernel_scale`, see `quantize_params`), or None when it holds a plain `kernel`."""
+    if not module.has_variable("params", QUANTIZED_KERNEL):
+        return None
+    codes, scale = module.get_variable("params", QUANTIZED_KERNEL), module.get_variable("params", KERNEL_SCALE)
+    return dequantize_kernel(codes, scale, dtype)
+
+
+def adapter_factors(module: nn.Module, lora: LoraConfig | None) -> tuple[Array, Array] | None:
+    """`(lora_A, lora_B)` of a module the `"lora"` collection holds adapters for, else None; an
+    error when adapters come for a model built without `ModelConfig.lora`."""
+    if not module.has_variable("lora", "lora_A"):
+        return None
+    if lora is None:
+        raise ValueError(
+            "adapters were passed for a model without ModelConfig.lora: build it with with_lora(model, LoraConfig(...))"
+        )
+    return module.get_variable("lora", "lora_A"), module.get_variable("lora", "lora_B")
+
+
 class LoraDense(nn.Dense):
     """`nn.Dense` (same parameters, same numbers) that also reads a quantised kernel
     (`kernel_q` + `kernel_scale`, see `quantize_params`) and adds `(alpha / r) B A dropout(x)`
@@ -172,12 +193,8 @@ class LoraDense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs):
-        if self.has_variable("params", QUANTIZED_KERNEL):
-            kernel = dequantize_kernel(
-                self.get_variable("params", QUANTIZED_KERNEL),
-                self.get_variable("params", KERNEL_SCALE),
-                self.param_dtype,
-            )
+        kernel = quantized_kernel(self, self.param_dtype)
+        if kernel is not None:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
             x, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
@@ -185,15 +202,11 @@ class LoraDense(nn.Dense):
                 y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         else:
             y = super().__call__(inputs)
-        if not self.has_variable("lora", "lora_A"):
+        factors = adapter_factors(self, self.lora)
+        if factors is None:
             return y
-        if self.lora is None:
-            raise ValueError(
-                "adapters were passed for a model without ModelConfig.lora: build it with "
-                "with_lora(model, LoraConfig(...))"
-            )
-        lora_a = self.get_variable("lora", "lora_A")
-        lora_b = self.get_variable("lora", "lora_B")
+        lora_a, lora_b = factors
+        assert self.lora is not None  # adapter_factors checked it
         h = inputs
         if self.lora.dropout > 0 and self.has_rng("lora_dropout"):
             keep = 1.0 - self.lora.dropout
@@ -389,6 +402,7 @@ __all__ = [
     "LoraParams",
     "MLP_TARGETS",
     "QUANT_TYPES",
+    "adapter_factors",
     "adapter_paths",
     "base_params",
     "count_params",
@@ -399,5 +413,6 @@ __all__ = [
     "merge_lora",
     "model_variables",
     "quantize_params",
+    "quantized_kernel",
     "with_lora",
 ]

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrlhf.models.config import ACTIVATIONS, ModelConfig
+from jaxrlhf.models.lora import adapter_factors, quantized_kernel
 
 Array = jax.Array
 ROUTER_LOGITS = "router_logits"  # the `intermediates` entry each MoE layer sows
@@ -86,26 +87,17 @@ class ExpertProjection(nn.Module):
     def __call__(self, rows, group_sizes_E: Array | None) -> Array:
         """`rows`: `[N, in]` sorted by expert with `group_sizes [E]` rows each (ragged), or
         `[E, C, in]` buffers (`group_sizes=None`)."""
-        from jaxrlhf.models.lora import KERNEL_SCALE, QUANTIZED_KERNEL, dequantize_kernel
-
         cfg = self.config
         pdt, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
-        if self.has_variable("params", QUANTIZED_KERNEL):
-            codes, scale = self.get_variable("params", QUANTIZED_KERNEL), self.get_variable("params", KERNEL_SCALE)
-            kernel = dequantize_kernel(codes, scale, pdt)
-        else:
+        kernel = quantized_kernel(self, pdt)
+        if kernel is None:
             kernel = self.param("kernel", nn.initializers.normal(0.02), self.shape, pdt)
         rows = rows.astype(dtype)
         out = _grouped_matmul(rows, kernel.astype(dtype), group_sizes_E)
-        if not self.has_variable("lora", "lora_A"):
+        factors = adapter_factors(self, cfg.lora)
+        if factors is None or cfg.lora is None:
             return out
-        if cfg.lora is None:
-            raise ValueError(
-                "adapters were passed for a model without ModelConfig.lora: build it with "
-                "with_lora(model, LoraConfig(...))"
-            )
-        lora_a = self.get_variable("lora", "lora_A").astype(dtype)
-        lora_b = self.get_variable("lora", "lora_B").astype(dtype)
+        lora_a, lora_b = (f.astype(dtype) for f in factors)
         delta = _grouped_matmul(_grouped_matmul(rows, lora_a, group_sizes_E), lora_b, group_sizes_E)
         return out + (cfg.lora.scale * delta).astype(out.dtype)
 
