@@ -2,8 +2,11 @@
 
 Both sides run the same weights: a random-weight GPT-2 is built with transformers from a
 `GPT2Config` (dropout off), saved with `save_pretrained` to a temporary directory and loaded with
-`jaxrlhf.load_pretrained`. Policy, reference (= initial policy) and a separate critic (a copy of
-the trunk + the same random value head) start equal in both frameworks. One iteration:
+`jaxrlhf.load_pretrained` (``--model gemma3-125m`` / ``moe-125m``: a Gemma-3- or Qwen3-MoE-shaped
+model of ~125M parameters, `Gemma3ForCausalLM` / `Qwen3MoeForCausalLM`, whose trunk is the critic's;
+the FLOP counts take a mixture of experts' k chosen experts only). Policy, reference (= initial
+policy) and a separate critic (a copy of the trunk + the same random value head) start equal in
+both frameworks. One iteration:
 
     rollout      sample --new_tokens tokens per prompt (temperature 1, no top-k/top-p, KV cache,
                  no EOS so every row has the full length)
@@ -83,12 +86,19 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from sampling import GEMMA3_125M, MOE_125M  # noqa: E402 (after the path insert)
+
 MODELS = {
     # GPT-2 small: 124M parameters, 50257-token vocabulary, 12 layers of width 768.
     "gpt2-124m": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
     # The small-model regime of RLHF research (e.g. randomwalks): 2 layers, width 64, 64 tokens.
     "tiny": dict(vocab_size=64, n_positions=128, n_embd=64, n_layer=2, n_head=4),
+    # The Gemma-3-shaped (~121M) and Qwen3-MoE-shaped (~124M, ~49M active) rows of sampling.py.
+    "gemma3-125m": GEMMA3_125M,
+    "moe-125m": MOE_125M,
 }
+# The transformers model_type of each shape (GPT-2 unless listed).
+MODEL_TYPES = {"gemma3-125m": "gemma3_text", "moe-125m": "qwen3_moe"}
 PHASES = ("rollout", "experience", "update")
 # LoRA targets: jaxrlhf's projection name -> the GPT-2 module (suffix) peft adapts.
 TORCH_LORA_TARGETS = {"o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"}
@@ -107,7 +117,8 @@ class Config:
     group: int = 4
     """GRPO: responses per prompt (--batch counts responses; must divide it)."""
     model: Literal[tuple(MODELS)] | None = None
-    """Model shape (None: gpt2-124m, tiny with --quick)."""
+    """Model shape (None: gpt2-124m, tiny with --quick): gpt2-124m, tiny, gemma3-125m (Gemma-3
+    layers, ~121M), moe-125m (Qwen3-MoE layers, 16 experts top-2, ~124M total)."""
     batch: int = 16
     """Prompts (= responses) per iteration."""
     prompt_len: int = 32
@@ -163,6 +174,8 @@ def resolve(config: Config) -> Config:
             )
         if not config.lora_targets:
             sys.exit("--lora_targets is empty")
+        if config.model in MODEL_TYPES:
+            sys.exit(f"--lora_rank: the LoRA comparison here is for the GPT-2 shapes, not --model {config.model}")
     if config.out is not None and os.path.exists(config.out) and not os.path.isdir(config.out):
         sys.exit(f"--out {config.out} exists and is not a directory")
     return config
@@ -174,26 +187,26 @@ def num_prompts(args) -> int:
 
 
 def build_checkpoint(model_name: str, directory: str, seed: int = 0):
-    """Random-weight GPT-2 (HF) saved to `directory`; returns the torch policy and a value head."""
+    """Random-weight HF model (GPT-2, or the Gemma-3 / Qwen3-MoE shapes) saved to `directory`;
+    returns the torch policy and a value head."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        **MODELS[model_name],
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        pad_token_id=0,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    policy = transformers.GPT2LMHeadModel(config)
+    token_ids = dict(pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    if model_name in MODEL_TYPES:  # dropout is off by default in these configs
+        config = transformers.AutoConfig.for_model(MODEL_TYPES[model_name], **MODELS[model_name], **token_ids)
+        policy = transformers.AutoModelForCausalLM.from_config(config)
+    else:
+        config = transformers.GPT2Config(
+            **MODELS[model_name], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **token_ids
+        )
+        policy = transformers.GPT2LMHeadModel(config)
     policy.generation_config.eos_token_id = None
     policy.generation_config.pad_token_id = 0
     policy.save_pretrained(directory)
-    head = torch.nn.Linear(config.n_embd, 1)
-    torch.nn.init.normal_(head.weight, std=0.1 / config.n_embd**0.5)
+    head = torch.nn.Linear(config.hidden_size, 1)
+    torch.nn.init.normal_(head.weight, std=0.1 / config.hidden_size**0.5)
     torch.nn.init.zeros_(head.bias)
     return policy, head
 
@@ -250,19 +263,23 @@ def model_shape(model, params, adapters=None) -> ModelShape:
     last_layer = f"layer_{cfg.num_layers - 1}"
 
     def weights(tree, leaf_names) -> tuple[int, int]:
-        """(all matrix weights under the layers, those of the last layer outside its k and v)."""
+        """(all matrix weights under the layers, those of the last layer outside its k and v);
+        of a mixture of experts only the share a token uses (k of E experts)."""
         total = unused = 0
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
             keys = [getattr(k, "key", None) for k in path]
             if keys[-1] in leaf_names and str(keys[0]).startswith("layer"):
-                total += math.prod(leaf.shape)
+                active = math.prod(leaf.shape)
+                if "experts" in keys:
+                    active = active * cfg.num_experts_per_tok // cfg.num_experts
+                total += active
                 if keys[0] == last_layer and keys[-2] not in ("k", "v"):
-                    unused += math.prod(leaf.shape)
+                    unused += active
         return total, unused
 
     trunk, unused = weights(params, ("kernel",))
     adapter_weights, unused_adapters = weights(adapters or {}, ("lora_A", "lora_B"))
-    head = params["lm_head"]["kernel"] if "lm_head" in params else params["embed"]["embedding"]
+    head = params["lm_head"] if "lm_head" in params else params["embed"]["embedding"]
     return ModelShape(
         trunk,
         math.prod(head.shape),
@@ -624,7 +641,7 @@ class TorchSide:
     def load(self):
         import transformers
 
-        return transformers.GPT2LMHeadModel.from_pretrained(self.directory)
+        return transformers.AutoModelForCausalLM.from_pretrained(self.directory)
 
     def adapted(self, policy):
         """The policy to train: `policy` itself, or with LoRA adapters on the same targets as jaxrlhf's."""
@@ -636,7 +653,6 @@ class TorchSide:
         return lora_policy(policy, self.args.lora_rank, self.args.lora_alpha, targets)
 
     def reset(self):
-        import transformers
         from torch_ppo_baseline import Critic, TorchGRPO, TorchGRPOSettings, TorchPPO, TorchPPOSettings
 
         policy = self.load()
@@ -648,8 +664,9 @@ class TorchSide:
             self.ppo = TorchGRPO(self.adapted(policy), torch_reward, settings)
             return
         config = policy.config
-        critic = Critic(transformers.GPT2Model(config), self.torch.nn.Linear(config.n_embd, 1))
-        critic.trunk.load_state_dict(policy.transformer.state_dict())  # before adapters wrap its modules
+        # The trunk (GPT2Model, Gemma3TextModel, Qwen3MoeModel): the policy's base model.
+        critic = Critic(type(policy.base_model)(config), self.torch.nn.Linear(config.hidden_size, 1))
+        critic.trunk.load_state_dict(policy.base_model.state_dict())  # before adapters wrap its modules
         critic.head.load_state_dict(self.head.state_dict())
         policy = self.adapted(policy)
         settings = TorchPPOSettings(

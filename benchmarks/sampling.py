@@ -34,7 +34,7 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Case:
     name: str
-    family: str  # "gpt2" | "llama"
+    family: str  # the HF model_type: "gpt2", "llama", "gemma3_text", "qwen3_moe"
     hf_config: dict
     batch: int
     prompt_len: int
@@ -56,6 +56,38 @@ LLAMA_150M = dict(
 )
 # The small-model regime of RLHF research: a 6-layer, width-144 GPT-2 with a tiny vocabulary.
 GPT2_TINY = dict(vocab_size=30, n_positions=128, n_embd=144, n_layer=6, n_head=4)
+# Gemma-3-shaped, ~121M parameters: Gemma 3 270M's layers (18 of width 640, 4 query heads / 1 KV
+# head of 256 dims, GELU-gated MLP 2048, five sliding-window layers of 512 per global one, q/k
+# norms, sandwich norms) with a 32k tied vocabulary instead of 262k.
+GEMMA3_125M = dict(
+    vocab_size=32000,
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    max_position_embeddings=2048,
+    sliding_window=512,
+    query_pre_attn_scalar=256,
+)
+# Qwen3-MoE-shaped, ~124M parameters of which ~49M active per token: 9 layers of width 512,
+# 8 query / 2 KV heads, 16 experts of width 384 with top-2 routing (renormalised), untied 32k head.
+MOE_125M = dict(
+    vocab_size=32000,
+    hidden_size=512,
+    intermediate_size=1536,
+    moe_intermediate_size=384,
+    num_hidden_layers=9,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=64,
+    num_experts=16,
+    num_experts_per_tok=2,
+    norm_topk_prob=True,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
 
 CASES = [
     Case("gpt2-124m-b16-n64", "gpt2", GPT2_124M, 16, 32, 64),
@@ -65,6 +97,8 @@ CASES = [
     Case("llama-150m-b64-n64", "llama", LLAMA_150M, 64, 32, 64),
     Case("tiny-b128-n10", "gpt2", GPT2_TINY, 128, 16, 10),
     Case("tiny-b128-n64", "gpt2", GPT2_TINY, 128, 16, 64),
+    Case("gemma3-125m-b16-n64", "gemma3_text", GEMMA3_125M, 16, 32, 64),
+    Case("moe-125m-b16-n64", "qwen3_moe", MOE_125M, 16, 32, 64),
 ]
 QUICK = ("gpt2-124m-b16-n64", "tiny-b128-n64")
 DEFAULT = tuple(c.name for c in CASES if c.name != "gpt2-124m-b16-n128")
@@ -110,8 +144,9 @@ def build_checkpoint(case: Case, directory: str):
     torch.manual_seed(0)
     if case.family == "gpt2":
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**case.hf_config, **TOKEN_IDS))
-    else:
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**case.hf_config, **TOKEN_IDS))
+    else:  # Llama, Gemma 3 (Gemma3ForCausalLM), Qwen3-MoE (Qwen3MoeForCausalLM)
+        config = transformers.AutoConfig.for_model(case.family, **case.hf_config, **TOKEN_IDS)
+        model = transformers.AutoModelForCausalLM.from_config(config)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     model.save_pretrained(directory)
@@ -182,18 +217,34 @@ def decode_step_bytes(model, params, batch: int, prompt_len: int, new_tokens: in
     return param_bytes + slot_bytes * mean_slots_read(prompt_len, new_tokens)
 
 
+def active_weights(cfg, params, leaf_names=None) -> float:
+    """Weights one token multiplies by: all of them, but of a mixture of experts' stacked expert
+    kernels (`mlp/experts/...`) only the k of E chosen (`num_experts_per_tok / num_experts`).
+    `leaf_names`: count only leaves of these names (e.g. `("kernel",)`)."""
+    import jax
+
+    total = 0.0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        keys = [str(getattr(k, "key", k)) for k in path]
+        if leaf_names is not None and keys[-1] not in leaf_names:
+            continue
+        share = cfg.num_experts_per_tok / cfg.num_experts if "experts" in keys else 1.0
+        total += leaf.size * share
+    return total
+
+
 def decode_step_flops(model, params, batch: int, prompt_len: int, new_tokens: int) -> float:
     """Floating-point operations of one decode step, averaged over the N steps of a call.
 
-    `2 B` per weight of every matrix product (the output layer included, the embedding lookups not)
-    plus `4 B H E` per layer and cache slot read (scores and the weighted sum of values).
+    `2 B` per weight of every matrix product (the output layer included, the embedding lookups not;
+    of a mixture of experts the k chosen experts, `active_weights`) plus `4 B H E` per layer and
+    cache slot read (scores and the weighted sum of values).
     """
-    import jax
 
     cfg = model.config
     lookups = 0 if cfg.tie_word_embeddings else params["embed"]["embedding"].size
     lookups += params["pos_embed"]["embedding"].size if "pos_embed" in params else 0
-    matmul_weights = sum(x.size for x in jax.tree.leaves(params)) - lookups
+    matmul_weights = active_weights(cfg, params) - lookups
     attention = 4 * batch * cfg.num_layers * cfg.num_heads * cfg.head_dim * mean_slots_read(prompt_len, new_tokens)
     return 2 * batch * matmul_weights + attention
 

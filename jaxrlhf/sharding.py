@@ -12,9 +12,23 @@ Mesh axes (`make_mesh`), in this order:
 - `"data"`: the batch is split over it, parameters are replicated along it;
 - `"fsdp"`: the batch is split over it too, and parameters (with the optimizer moments that mirror
   them) are split along one dimension over it (FSDP / ZeRO-3); with one device on it every
-  parameter is replicated.
+  parameter is replicated;
+- `"expert"` (only when asked for): mixture-of-experts weights are split over it by expert
+  (expert parallelism); the batch is split over it too, so outside the MoE layers it is one more
+  data axis;
+- `"model"` (only when asked for): tensor parallelism, Megatron-style (Shoeybi et al. 2019):
+  attention heads and the MLP's hidden units are split over it (q/k/v and gate/up by output
+  column, o and down by input row, embeddings and the output layer by vocabulary); the batch is
+  replicated along it. GSPMD inserts the all-reduces after the row-split projections.
 
-`batch_sharding(mesh)` splits an array's batch axis over `("data", "fsdp")` together.
+`batch_sharding(mesh)` splits an array's batch axis over `("data", "fsdp", "expert")` together
+(those the mesh has).
+
+Choosing sizes: `model` splits every layer's matmuls and adds two all-reduces of the activations
+per layer, so keep it within a fast interconnect (a host's GPUs, a TPU slice's nearest
+neighbours) and make it divide the number of KV heads (a head split across devices works but
+moves data); `expert` should divide the number of experts; `fsdp` trades memory for a parameter
+all-gather per layer; `data` is the rest. The product is the device count.
 
 Parameter rules. A rule is `(regex, action)`; the first regex that `re.search`es the parameter's
 path (`keystr(path, simple=True, separator="/")`, e.g. `"layer_0/attn/q/kernel"`) decides:
@@ -51,7 +65,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 RUNS = "runs"
 DATA = "data"
 FSDP = "fsdp"  # also the placeholder axis name in rule specs, replaced by `fsdp_axis`
-BATCH_AXES = (DATA, FSDP)  # the mesh axes a batch dimension is split over (those the mesh has)
+EXPERT = "expert"
+MODEL = "model"
+BATCH_AXES = (DATA, FSDP, EXPERT)  # the mesh axes a batch dimension is split over (those the mesh has)
 
 STACKED_LAYERS = r"(^|/)layers/"  # paths of a scanned model's stacked blocks (leading layer axis)
 LARGEST = "largest"
@@ -66,6 +82,23 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     (r".*", REPLICATE),
 )
 
+# Tensor and expert parallelism (applied first, on the `"model"` / `"expert"` axes when the mesh
+# has them): `(regex, spec)` with `MODEL` / `EXPERT` entries; the FSDP rules then split one of the
+# dimensions these leave free. Kernels are `[in, out]` (`x @ kernel`); experts `[E, in, out]`.
+_W = r"(kernel|kernel_q|kernel_scale)$"
+TENSOR_PARALLEL_RULES: tuple[tuple[str, PartitionSpec], ...] = (
+    (r"(^|/)attn/(q|k|v)/" + _W, PartitionSpec(None, MODEL)),  # column-parallel: heads split
+    (r"(^|/)attn/(q|k|v)/bias$", PartitionSpec(MODEL)),
+    (r"(^|/)attn/o/" + _W, PartitionSpec(MODEL, None)),  # row-parallel: partial sums all-reduced
+    (r"(^|/)mlp/experts/(gate|up)/" + _W, PartitionSpec(EXPERT, None, MODEL)),
+    (r"(^|/)mlp/experts/down/" + _W, PartitionSpec(EXPERT, MODEL, None)),
+    (r"(^|/)mlp/(gate|up)/" + _W, PartitionSpec(None, MODEL)),
+    (r"(^|/)mlp/(gate|up)/bias$", PartitionSpec(MODEL)),
+    (r"(^|/)mlp/down/" + _W, PartitionSpec(MODEL, None)),
+    (r"(^|/)embed/embedding$", PartitionSpec(MODEL, None)),  # vocabulary-parallel
+    (r"(^|/)(lm_head|decode_head)$", PartitionSpec(None, MODEL)),
+)
+
 
 # ----------------------------------------------------------------------------------------------
 # Meshes
@@ -76,14 +109,20 @@ def make_mesh(
     fsdp: int = 1,
     *,
     runs: int | None = None,
+    expert: int | None = None,
+    model: int | None = None,
     # jax exports `Device` as an assigned alias of jaxlib's class, which pyright rejects as a type.
     devices: Sequence[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
 ) -> Mesh:
-    """A `(data, fsdp)` mesh, or `(runs, data, fsdp)` with `runs`; `-1` on one axis takes the rest.
+    """A `(data, fsdp)` mesh, with `runs` in front and `expert`, `model` behind when given (axes
+    in the order `runs, data, fsdp, expert, model`: the model axis innermost, on neighbouring
+    devices); `-1` on one axis takes the rest.
 
     `make_mesh()` is plain data parallelism over all devices; `make_mesh(data=2, fsdp=4)` splits
     parameters 4 ways; `make_mesh(runs=4, data=2)` is a sweep's mesh (runs over 4 device groups,
-    each run's batch over 2 devices). The axis sizes must use the devices exactly: for fewer, pass
+    each run's batch over 2 devices); `make_mesh(data=2, fsdp=2, model=2)` adds 2-way tensor
+    parallelism, `make_mesh(data=2, expert=4)` 4-way expert parallelism (see the module
+    docstring for choosing sizes). The axis sizes must use the devices exactly: for fewer, pass
     them (`devices=jax.devices()[:n]`).
 
     The axes are `AxisType.Auto`, passed deliberately: a jitted function then only needs its inputs
@@ -96,6 +135,9 @@ def make_mesh(
     names, sizes = (DATA, FSDP), [data, fsdp]
     if runs is not None:
         names, sizes = (RUNS,) + names, [runs] + sizes
+    for name, size in ((EXPERT, expert), (MODEL, model)):
+        if size is not None:
+            names, sizes = names + (name,), sizes + [size]
     if sizes.count(-1) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {dict(zip(names, sizes))}")
     if -1 in sizes:
@@ -170,8 +212,10 @@ def spec_for(
     fsdp_size: int = 1,
     axis_sizes: dict[str, int] | None = None,
     min_size: int = 0,
+    taken: tuple[int, ...] = (),
 ) -> PartitionSpec:
-    """The `PartitionSpec` the first matching rule gives one parameter (see the module docstring)."""
+    """The `PartitionSpec` the first matching rule gives one parameter (see the module docstring).
+    `LARGEST` skips the dimensions in `taken` (already split over the model or expert axis)."""
     axis_sizes = dict(axis_sizes or {})
     axis_sizes.setdefault(fsdp_axis, fsdp_size)
     if int(np.prod(shape, dtype=np.int64)) < min_size or len(shape) == 0:
@@ -183,7 +227,7 @@ def spec_for(
             return PartitionSpec()
         if isinstance(action, str) and action == LARGEST:
             n = axis_sizes[fsdp_axis]
-            order = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
+            order = sorted((d for d in range(len(shape)) if d not in taken), key=lambda d: (-shape[d], d))
             for d in order:
                 if shape[d] % n == 0 and n > 1:
                     return PartitionSpec(*[fsdp_axis if i == d else None for i in range(len(shape))])
@@ -196,9 +240,15 @@ def spec_for(
 
 
 def param_partition_specs(
-    params, rules=DEFAULT_RULES, fsdp_axis: str = FSDP, mesh: Mesh | None = None, min_size: int = 0
+    params,
+    rules=DEFAULT_RULES,
+    fsdp_axis: str = FSDP,
+    mesh: Mesh | None = None,
+    min_size: int = 0,
+    tp_rules=TENSOR_PARALLEL_RULES,
 ):
-    """A pytree of `PartitionSpec`s, one per parameter, from `rules`.
+    """A pytree of `PartitionSpec`s, one per parameter: `tp_rules` on the mesh's `"model"` and
+    `"expert"` axes (when it has them), then `rules` over the fsdp axis on the dimensions left.
 
     Args:
       params: parameter pytree (arrays or `jax.ShapeDtypeStruct`s).
@@ -208,6 +258,7 @@ def param_partition_specs(
         the fsdp axis.
       min_size: tensors with fewer elements are replicated (sharding tiny tensors only adds
         communication); for stacked blocks the count is per layer.
+      tp_rules: tensor / expert parallel `(regex, spec)` rules (`TENSOR_PARALLEL_RULES`).
     """
     if mesh is not None:
         axis_sizes = dict(mesh.shape)
@@ -216,14 +267,47 @@ def param_partition_specs(
     else:
         axis_sizes = {fsdp_axis: jax.device_count()}
 
+    # An axis used for FSDP (a custom `fsdp_axis` may be called "model") is not also a TP axis.
+    tp_sizes = {name: size for name, size in axis_sizes.items() if name != fsdp_axis}
+
+    def per_layer(name, shape):
+        tp = tensor_parallel_spec(name, shape, tp_rules, tp_sizes, min_size)
+        taken = tuple(d for d, entry in enumerate(tp) if entry is not None)
+        fsdp = spec_for(name, shape, rules, fsdp_axis, axis_sizes=axis_sizes, min_size=min_size, taken=taken)
+        if not taken:
+            return fsdp
+        merged = [t if t is not None else f for t, f in zip(tp, tuple(fsdp) + (None,) * len(shape))]
+        return PartitionSpec(*merged)
+
     def one(path, p):
         name, shape = path_str(path), tuple(p.shape)
         if re.search(STACKED_LAYERS, name) and len(shape) >= 1:
-            inner = spec_for(name, shape[1:], rules, fsdp_axis, axis_sizes=axis_sizes, min_size=min_size)
+            inner = per_layer(name, shape[1:])
             return PartitionSpec(None, *inner) if len(inner) else PartitionSpec()
-        return spec_for(name, shape, rules, fsdp_axis, axis_sizes=axis_sizes, min_size=min_size)
+        return per_layer(name, shape)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def tensor_parallel_spec(
+    path: str, shape: tuple[int, ...], tp_rules=TENSOR_PARALLEL_RULES, axis_sizes=None, min_size: int = 0
+) -> tuple:
+    """Per dimension of one (per-layer) parameter: `MODEL`, `EXPERT` or None, from the first rule of
+    `tp_rules` that matches `path`. An axis the mesh lacks (or of size 1), or that does not divide
+    its dimension, is left out (None); so is everything for tensors under `min_size` elements."""
+    axis_sizes = dict(axis_sizes or {})
+    out: list = [None] * len(shape)
+    if not shape or int(np.prod(shape, dtype=np.int64)) < min_size:
+        return tuple(out)
+    for pattern, spec in tp_rules:
+        if not re.search(pattern, path):
+            continue
+        for d, (dim, entry) in enumerate(zip(shape, spec)):
+            size = axis_sizes.get(entry, 1) if entry is not None else 1
+            if size > 1 and dim % size == 0:
+                out[d] = entry
+        break
+    return tuple(out)
 
 
 def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES, min_size: int = 0):
@@ -303,11 +387,14 @@ __all__ = [
     "BATCH_AXES",
     "DATA",
     "DEFAULT_RULES",
+    "EXPERT",
     "FSDP",
     "LARGEST",
+    "MODEL",
     "REPLICATE",
     "RUNS",
     "STACKED_LAYERS",
+    "TENSOR_PARALLEL_RULES",
     "batch_axes",
     "batch_sharding",
     "batch_size_divisor",
@@ -322,5 +409,6 @@ __all__ = [
     "replicated",
     "shard_params",
     "spec_for",
+    "tensor_parallel_spec",
     "to_host",
 ]

@@ -1,4 +1,4 @@
-"""Flax decoder LMs (GPT-2, Llama family) with Hugging Face checkpoint I/O."""
+"""Flax decoder LMs (GPT-2, Llama family, Gemma 2/3, Phi-3/4, Qwen3-MoE, Mixtral, OLMoE) with HF checkpoint I/O."""
 
 from jaxrlhf.models.config import REMAT_POLICIES, ModelConfig, UnsupportedModelError, gpt2_config
 from jaxrlhf.models.hf_io import CheckpointError, load_pretrained, pretrained_from_hf, resolve_hub_id, save_pretrained

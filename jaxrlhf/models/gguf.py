@@ -11,8 +11,16 @@ A GGUF file holds three things that an HF model directory spreads over several f
 dict, an HF-named float32 state dict in HF layout, and a ``transformers`` tokenizer.
 
 Covered architectures (``general.architecture``): ``llama`` (and Mistral files, which llama.cpp
-writes as ``llama``), ``qwen2``, ``qwen3`` and ``gpt2``. Tensor types: whatever ``gguf.dequantize``
-supports (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K, IQ*, TQ*, MXFP4); anything else
+writes as ``llama``, and Mixtral: ``llama`` with experts), ``qwen2``, ``qwen3``, ``gpt2``,
+``gemma2``, ``gemma3`` (text), ``phi3`` (Phi-3/3.5/4, LongRoPE factors as the
+``rope_factors_{short,long}`` tensors), ``qwen3moe`` and ``olmoe``. llama.cpp's changes undone
+besides the rotary permutation: Gemma's norms are stored as ``1 + w`` (1 is subtracted), the
+experts of a MoE layer are stacked in ``ffn_{gate,up,down}_exps`` (split back into the Hub's
+per-expert tensors), and a few hyper-parameters llama.cpp derives rather than stores get its rule
+(Gemma's ``query_pre_attn_scalar``: the head dim, or hidden / heads for the 27B models; Gemma 3's
+local rope base 10000 and pattern 6 unless the file says; Qwen3-MoE's ``norm_topk_prob`` true).
+Tensor types: whatever ``gguf.dequantize`` supports (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+Q2_K..Q6_K, IQ*, TQ*, MXFP4); anything else
 (e.g. integer tensors, Q8_1, Q8_K) raises a ``ValueError`` naming the tensor and its type.
 """
 
@@ -86,11 +94,43 @@ _GPT2_BLOCK_NAMES = {
 # them to (out, in) like every other matrix, so they are transposed back here.
 _GPT2_CONV1D = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}
 
+# Gemma 2/3: four norms per block (llama.cpp's ffn_norm is HF's pre_feedforward_layernorm).
+_GEMMA_BLOCK_NAMES = {
+    **_LLAMA_BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# Phi-3 keeps its fused projections: attn_qkv = qkv_proj, ffn_up = gate_up_proj.
+_PHI3_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_up": "mlp.gate_up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# Mixture of experts: the router; the stacked experts (`_EXPERT_TENSORS`) are split per expert.
+_MOE_BLOCK_NAMES = {**_LLAMA_BLOCK_NAMES, "ffn_gate_inp": "mlp.gate"}
+_MIXTRAL_BLOCK_NAMES = {**_LLAMA_BLOCK_NAMES, "ffn_gate_inp": "block_sparse_moe.gate"}
+_EXPERT_TENSORS = {"ffn_gate_exps": "gate", "ffn_up_exps": "up", "ffn_down_exps": "down"}
+# HF's per-expert module names: `{prefix}.experts.{j}.{name}.weight`.
+_EXPERT_HF_NAMES = {
+    "mixtral": ("block_sparse_moe", {"gate": "w1", "up": "w3", "down": "w2"}),
+    "default": ("mlp", {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}),
+}
+_ROPE_FACTOR_TENSORS = ("rope_factors_short.weight", "rope_factors_long.weight")  # Phi-3 LongRoPE
+
 _NAME_TABLES = {
     "llama": (_LLAMA_GLOBAL_NAMES, _LLAMA_BLOCK_NAMES, "model.layers"),
     "qwen2": (_LLAMA_GLOBAL_NAMES, _LLAMA_BLOCK_NAMES, "model.layers"),
     "qwen3": (_LLAMA_GLOBAL_NAMES, _LLAMA_BLOCK_NAMES, "model.layers"),
     "gpt2": (_GPT2_GLOBAL_NAMES, _GPT2_BLOCK_NAMES, "transformer.h"),
+    "gemma2": (_LLAMA_GLOBAL_NAMES, _GEMMA_BLOCK_NAMES, "model.layers"),
+    "gemma3": (_LLAMA_GLOBAL_NAMES, _GEMMA_BLOCK_NAMES, "model.layers"),
+    "phi3": (_LLAMA_GLOBAL_NAMES, _PHI3_BLOCK_NAMES, "model.layers"),
+    "qwen3moe": (_LLAMA_GLOBAL_NAMES, _MOE_BLOCK_NAMES, "model.layers"),
+    "olmoe": (_LLAMA_GLOBAL_NAMES, _MOE_BLOCK_NAMES, "model.layers"),
 }
 SUPPORTED_ARCHITECTURES = tuple(_NAME_TABLES)
 
@@ -98,9 +138,11 @@ _BLOCK_TENSOR = re.compile(r"^blk\.(?P<layer>\d+)\.(?P<module>[a-z0-9_]+)\.(?P<k
 _GLOBAL_TENSOR = re.compile(r"^(?P<module>[a-z0-9_]+)\.(?P<kind>weight|bias)$")
 
 
-def _hf_name(arch: str, gguf_name: str) -> str | None:
+def _hf_name(arch: str, gguf_name: str, model_type: str | None = None) -> str | None:
     """HF parameter name for a llama.cpp tensor name, or None for tensors HF has no slot for."""
     global_names, block_names, layers_prefix = _NAME_TABLES[arch]
+    if model_type == "mixtral":
+        block_names = _MIXTRAL_BLOCK_NAMES
     if m := _BLOCK_TENSOR.match(gguf_name):
         module = block_names.get(m["module"])
         return None if module is None else f"{layers_prefix}.{m['layer']}.{module}.{m['kind']}"
@@ -188,17 +230,20 @@ def _llama_family_config(meta: dict, arch: str, tensor_shapes: dict, path: str) 
         head_dim = hidden // n_heads
 
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling not in ("none", None) or "rope_freqs.weight" in tensor_shapes:
+    linear_ok = arch == "gemma3" and scaling == "linear"  # Gemma 3 4B+: linear on the global layers
+    if (scaling not in ("none", None) and not linear_ok) or "rope_freqs.weight" in tensor_shapes:
         raise NotImplementedError(
             f"{path}: rope scaling ({scaling!r}"
             f"{', rope_freqs tensor' if 'rope_freqs.weight' in tensor_shapes else ''}) is not supported yet"
         )
 
-    model_type = arch
-    # llama.cpp writes Mistral checkpoints as "llama"; transformers tells them apart by name too.
-    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
+    model_type = _MODEL_TYPES.get(arch, arch)
+    # llama.cpp writes Mistral and Mixtral checkpoints as "llama"; transformers tells Mistral apart by name.
+    if arch == "llama" and f"{arch}.expert_count" in meta:
+        model_type = "mixtral"
+    elif arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
         model_type = "mistral"
-    class_prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
+    class_prefix = _CLASS_PREFIXES[model_type]
 
     config = {
         "model_type": model_type,
@@ -221,9 +266,101 @@ def _llama_family_config(meta: dict, arch: str, tensor_shapes: dict, path: str) 
     if model_type in ("llama", "mistral"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_shapes
         config["mlp_bias"] = "blk.0.ffn_up.bias" in tensor_shapes
-    if model_type == "qwen3":
+    if model_type in ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3_text"):
         config["attention_bias"] = "blk.0.attn_q.bias" in tensor_shapes
+    if model_type in ("gemma2", "gemma3_text"):
+        config.update(_gemma_config(meta, arch, config, path))
+    if model_type == "phi3":
+        config.update(_phi3_config(meta, arch, config, tensor_shapes))
+    if model_type in ("qwen3_moe", "olmoe", "mixtral"):
+        config.update(_moe_config(meta, arch, model_type, tensor_shapes))
     return config
+
+
+_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3moe": "qwen3_moe"}
+_CLASS_PREFIXES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "mixtral": "Mixtral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "gemma2": "Gemma2",
+    "gemma3_text": "Gemma3",
+    "phi3": "Phi3",
+    "qwen3_moe": "Qwen3Moe",
+    "olmoe": "Olmoe",
+}
+# The 27B Gemma models scale attention scores by (hidden / heads) ** -0.5, the others by the head
+# dim's: llama.cpp tells them by depth (Gemma 2 27B: 46 layers, Gemma 3 27B: 62).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_config(meta: dict, arch: str, config: dict, path: str) -> dict:
+    """Gemma 2 / 3 fields: soft-capping, the window and its layer pattern, Gemma 3's rope."""
+    layers, window = config["num_hidden_layers"], meta.get(f"{arch}.attention.sliding_window")
+    big = layers == _GEMMA_27B_LAYERS[arch]
+    out: dict[str, Any] = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "sliding_window": int(_require(meta, f"{arch}.attention.sliding_window", path))
+        if window is None
+        else int(window),
+        "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if big else config["head_dim"],
+        "attn_logit_softcapping": _optional_float32(meta.get(f"{arch}.attn_logit_softcapping")),
+        "final_logit_softcapping": _optional_float32(meta.get(f"{arch}.final_logit_softcapping")),
+    }
+    if arch == "gemma2":
+        out["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+        return out
+    period = int(meta.get(f"{arch}.attention.sliding_window_pattern", 6))
+    out["layer_types"] = ["sliding_attention" if (i + 1) % period else "full_attention" for i in range(layers)]
+    full: dict[str, Any] = {"rope_type": "default", "rope_theta": config["rope_theta"]}
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        full.update(rope_type="linear", factor=_as_float32_literal(meta[f"{arch}.rope.scaling.factor"]))
+    local = _as_float32_literal(meta.get(f"{arch}.rope.freq_base_swa", 10000.0))
+    out["rope_parameters"] = {
+        "full_attention": full,
+        "sliding_attention": {"rope_type": "default", "rope_theta": local},
+    }
+    return out
+
+
+def _phi3_config(meta: dict, arch: str, config: dict, tensor_shapes: dict) -> dict:
+    """Phi-3 fields: partial rotary dims, the window (0: none, Phi-4), LongRoPE's original
+    context; its factors are read from the rope_factors tensors by `read_gguf`."""
+    rotary = int(meta.get(f"{arch}.rope.dimension_count", config["head_dim"]))
+    window = int(meta.get(f"{arch}.attention.sliding_window", 0)) or None
+    original = int(meta.get(f"{arch}.rope.scaling.original_context_length", config["max_position_embeddings"]))
+    out: dict[str, Any] = {
+        "sliding_window": window,
+        "original_max_position_embeddings": original,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": config["rope_theta"],
+            "partial_rotary_factor": rotary / config["head_dim"],
+        },
+    }
+    if _ROPE_FACTOR_TENSORS[0] in tensor_shapes:
+        out["rope_parameters"].update(rope_type="longrope", original_max_position_embeddings=original)
+        if f"{arch}.rope.scaling.attn_factor" in meta:
+            out["rope_parameters"]["attention_factor"] = _as_float32_literal(meta[f"{arch}.rope.scaling.attn_factor"])
+    return out
+
+
+def _moe_config(meta: dict, arch: str, model_type: str, tensor_shapes: dict) -> dict:
+    """Experts, top-k and the expert width (the stacked `ffn_gate_exps` tells it)."""
+    experts = int(meta[f"{arch}.expert_count"])
+    width = int(meta.get(f"{arch}.expert_feed_forward_length", tensor_shapes["blk.0.ffn_gate_exps.weight"][1]))
+    out: dict[str, Any] = {"num_experts_per_tok": int(meta[f"{arch}.expert_used_count"])}
+    if model_type == "mixtral":
+        return {**out, "num_local_experts": experts, "intermediate_size": width}
+    out.update(num_experts=experts, norm_topk_prob=model_type == "qwen3_moe")
+    if model_type == "qwen3_moe":
+        return {**out, "moe_intermediate_size": width}
+    return {**out, "intermediate_size": width, "clip_qkv": _optional_float32(meta.get(f"{arch}.attention.clamp_kqv"))}
+
+
+def _optional_float32(value):
+    return None if value is None else _as_float32_literal(value)
 
 
 def _gpt2_config(meta: dict, tensor_shapes: dict, path: str) -> dict:
@@ -277,6 +414,8 @@ def _dequantize(tensor, path: str) -> np.ndarray:
 def _to_hf_tensor(arch: str, config: dict, gguf_name: str, values: np.ndarray) -> np.ndarray:
     """Undo the layout changes llama.cpp's converter made to this tensor."""
     module = gguf_name.split(".")[-2]
+    if arch in ("gemma2", "gemma3") and module.endswith("norm"):
+        return values - np.float32(1.0)  # llama.cpp stores Gemma's `1 + w`
     if arch == "llama" and module in ("attn_q", "attn_k"):
         # Only the llama arch uses llama.cpp's "normal" (adjacent-pair) rope; qwen2/qwen3 use the
         # NEOX (half-split) rope, like HF, and are stored unpermuted.
@@ -285,6 +424,14 @@ def _to_hf_tensor(arch: str, config: dict, gguf_name: str, values: np.ndarray) -
     if arch == "gpt2" and module in _GPT2_CONV1D and gguf_name.endswith(".weight"):
         return np.ascontiguousarray(values.T)
     return values
+
+
+def _expert_tensors(model_type: str, match, stacked_ExOxI: np.ndarray) -> dict[str, np.ndarray]:
+    """llama.cpp's stacked `ffn_{gate,up,down}_exps` (`[E, out, in]`) as HF's per-expert tensors."""
+    prefix, names = _EXPERT_HF_NAMES.get(model_type, _EXPERT_HF_NAMES["default"])
+    proj = names[_EXPERT_TENSORS[match["module"]]]
+    layer = f"model.layers.{match['layer']}.{prefix}.experts"
+    return {f"{layer}.{e}.{proj}.weight": np.ascontiguousarray(w) for e, w in enumerate(stacked_ExOxI)}
 
 
 def _load_tokenizer(path: str):
@@ -324,7 +471,15 @@ def read_gguf(path: str | os.PathLike, *, load_tokenizer: bool = True) -> GGUFCh
 
     state_dict: dict[str, np.ndarray] = {}
     for tensor in reader.tensors:
-        hf_name = _hf_name(arch, tensor.name)
+        if tensor.name in _ROPE_FACTOR_TENSORS:  # Phi-3's LongRoPE factors belong in the config
+            kind = "short_factor" if "short" in tensor.name else "long_factor"
+            config["rope_parameters"][kind] = [float(f) for f in _dequantize(tensor, path)]
+            continue
+        expert = _BLOCK_TENSOR.match(tensor.name)
+        if expert is not None and expert["module"] in _EXPERT_TENSORS:
+            state_dict.update(_expert_tensors(config["model_type"], expert, _dequantize(tensor, path)))
+            continue
+        hf_name = _hf_name(arch, tensor.name, config["model_type"])
         if hf_name is None:
             raise NotImplementedError(f"{path}: tensor {tensor.name!r} has no HF counterpart for arch {arch!r}")
         values = _dequantize(tensor, path)

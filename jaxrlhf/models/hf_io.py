@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrlhf.models.config import ModelConfig, UnsupportedModelError
+from jaxrlhf.models.config import FULL, GEMMA_FAMILY, SLIDING, ModelConfig, UnsupportedModelError
 from jaxrlhf.models.lm import LanguageModel, Pretrained
+from jaxrlhf.models.moe import EXPERT_PROJECTIONS
 from jaxrlhf.models.transformer import stack_layers, unstack_layers
 
 
@@ -72,11 +73,18 @@ def _hf_layer_map(config: ModelConfig, i: int) -> list[tuple[str, tuple[str, ...
         ]
         return rows
     p = f"model.layers.{i}."
-    rows: list[tuple[str, tuple[str, ...], bool]] = [
-        (p + "input_layernorm.weight", ("attn_norm", "scale"), False),
-        (p + "post_attention_layernorm.weight", ("mlp_norm", "scale"), False),
-    ]
-    for ours, theirs in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+    rows: list[tuple[str, tuple[str, ...], bool]] = [(p + "input_layernorm.weight", ("attn_norm", "scale"), False)]
+    if config.sandwich_norms:  # Gemma 2/3: HF's post_attention_layernorm is the norm *after* attention
+        rows += [
+            (p + "post_attention_layernorm.weight", ("post_attn_norm", "scale"), False),
+            (p + "pre_feedforward_layernorm.weight", ("mlp_norm", "scale"), False),
+            (p + "post_feedforward_layernorm.weight", ("post_mlp_norm", "scale"), False),
+        ]
+    else:
+        rows.append((p + "post_attention_layernorm.weight", ("mlp_norm", "scale"), False))
+    attention = ("o",) if config.model_type in FUSED_FAMILIES else ("q", "k", "v", "o")
+    for ours in attention:
+        theirs = f"{ours}_proj"
         rows.append((p + f"self_attn.{theirs}.weight", ("attn", ours, "kernel"), True))
         has_bias = config.qkv_bias if ours != "o" else config.o_bias
         if has_bias:
@@ -84,12 +92,53 @@ def _hf_layer_map(config: ModelConfig, i: int) -> list[tuple[str, tuple[str, ...
     if config.qk_norm:
         rows.append((p + "self_attn.q_norm.weight", ("attn", "q_norm", "scale"), False))
         rows.append((p + "self_attn.k_norm.weight", ("attn", "k_norm", "scale"), False))
+    if config.is_moe_layer(i):  # the router; the experts are stacked by `_expert_tensors`
+        rows.append((f"{p}{_moe_prefix(config)}.gate.weight", ("mlp", "router", "kernel"), True))
+        return rows
     names = ("gate", "up", "down") if config.mlp == "gated" else ("up", "down")
+    if config.model_type in FUSED_FAMILIES:
+        names = ("down",)  # gate and up: the fused gate_up_proj (`_fused_tensors`)
     for ours in names:
         rows.append((p + f"mlp.{ours}_proj.weight", ("mlp", ours, "kernel"), True))
         if config.mlp_bias:
             rows.append((p + f"mlp.{ours}_proj.bias", ("mlp", ours, "bias"), False))
     return rows
+
+
+# Families whose checkpoints fuse projections that we keep apart: Phi-3's `qkv_proj` ([q; k; v]
+# rows) and `gate_up_proj` ([gate; up] rows), split on load and concatenated on save.
+FUSED_FAMILIES = ("phi3",)
+
+
+def _fused_tensors(config: ModelConfig, i: int) -> list[tuple[str, list[tuple[tuple[str, ...], int]]]]:
+    """`(HF name, [(our kernel path, rows), ...])` of layer i's fused `(out, in)` weights, whose
+    row blocks are our projections in order."""
+    if config.model_type not in FUSED_FAMILIES:
+        return []
+    p = f"model.layers.{i}."
+    q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    return [
+        (p + "self_attn.qkv_proj.weight", [(("attn", n, "kernel"), w) for n, w in (("q", q), ("k", kv), ("v", kv))]),
+        (
+            p + "mlp.gate_up_proj.weight",
+            [(("mlp", n, "kernel"), config.intermediate_size) for n in ("gate", "up")],
+        ),
+    ]
+
+
+def _moe_prefix(config: ModelConfig) -> str:
+    """Mixtral keeps its MoE under `block_sparse_moe`, Qwen3-MoE and OLMoE under `mlp`."""
+    return "block_sparse_moe" if config.model_type == "mixtral" else "mlp"
+
+
+# Our expert projection -> the per-expert HF module name (Mixtral: w1 gate, w3 up, w2 down).
+_EXPERT_NAMES = {"mixtral": {"gate": "w1", "up": "w3", "down": "w2"}}
+_DEFAULT_EXPERT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def _expert_tensor_name(config: ModelConfig, layer: int, expert: int, proj: str) -> str:
+    names = _EXPERT_NAMES.get(config.model_type, _DEFAULT_EXPERT_NAMES)
+    return f"model.layers.{layer}.{_moe_prefix(config)}.experts.{expert}.{names[proj]}.weight"
 
 
 def _global_map(config: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
@@ -119,7 +168,10 @@ def _tensor_map(config: ModelConfig) -> list[tuple[str, tuple[str, ...], bool]]:
 
 
 def _normalise_keys(config: ModelConfig, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """GPT-2 checkpoints come with or without the `transformer.` prefix; drop it."""
+    """GPT-2 checkpoints come with or without the `transformer.` prefix; drop it. Mixtral's
+    `block_sparse_moe` is `mlp` in transformers 5's in-memory names; use the file's."""
+    if config.model_type == "mixtral":
+        return {re.sub(r"\.mlp\.(gate|experts)\.", r".block_sparse_moe.\1.", k): v for k, v in state_dict.items()}
     if config.model_type != "gpt2":
         return dict(state_dict)
     out = {}
@@ -175,6 +227,19 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
     rows = _tensor_map(config)
     for name, path, transpose in rows:
         put(name, path, take(name), transpose)
+    for i in range(config.num_layers):
+        for name, parts in _fused_tensors(config, i):
+            fused = take(name)
+            want = (sum(rows for _, rows in parts), config.hidden_size)
+            if fused.shape != want:
+                raise CheckpointError(f"tensor {name!r} has shape {fused.shape}, expected {want}")
+            start = 0
+            for path, rows in parts:
+                put(name, (f"layer_{i}",) + path, fused[start : start + rows], transpose=True)
+                start += rows
+        if config.is_moe_layer(i):
+            for proj, stacked_name, stacked in _read_experts(config, i, sd):
+                put(stacked_name, (f"layer_{i}", "mlp", "experts", proj, "kernel"), stacked)
     if config.model_type == "gpt2":
         D = config.hidden_size
         for i in range(config.num_layers):
@@ -188,6 +253,38 @@ def params_from_hf(config: ModelConfig, state_dict: Mapping[str, Any], dtype=Non
     return stack_layers(params) if config.scan_layers else params
 
 
+def _read_experts(config: ModelConfig, layer: int, sd: Mapping[str, Any]):
+    """`(projection, name for errors, stacked [E, in, out] kernel)` of layer `layer`'s experts, from
+    per-expert tensors (the Hub layout, which transformers also saves) or from transformers 5's
+    in-memory fused `experts.gate_up_proj [E, 2F, D]` / `experts.down_proj [E, D, F]`."""
+    prefix = f"model.layers.{layer}.{_moe_prefix(config)}.experts."
+    F = config.moe_intermediate_size
+    if prefix + "gate_up_proj" in sd or prefix + "down_proj" in sd:
+        for name in ("gate_up_proj", "down_proj"):
+            if prefix + name not in sd:
+                raise CheckpointError(f"tensor {prefix + name!r} is missing from the checkpoint")
+        gate_up = np.asarray(sd[prefix + "gate_up_proj"])
+        down = np.asarray(sd[prefix + "down_proj"])
+        if gate_up.ndim != 3 or gate_up.shape[1] != 2 * F:
+            name = prefix + "gate_up_proj"
+            raise CheckpointError(f"tensor {name!r} has shape {gate_up.shape}, expected (E, {2 * F}, D)")
+        yield "gate", prefix + "gate_up_proj", np.swapaxes(gate_up[:, :F], 1, 2)
+        yield "up", prefix + "gate_up_proj", np.swapaxes(gate_up[:, F:], 1, 2)
+        yield "down", prefix + "down_proj", np.swapaxes(down, 1, 2)
+        return
+    for proj in EXPERT_PROJECTIONS:
+        names = [_expert_tensor_name(config, layer, e, proj) for e in range(config.num_experts)]
+        tensors = []
+        for name in names:
+            if name not in sd:
+                raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
+            tensors.append(np.asarray(sd[name]).T)
+        shapes = {t.shape for t in tensors}
+        if len(shapes) != 1:
+            raise CheckpointError(f"the experts of {prefix}*.{proj} have different shapes {sorted(shapes)}")
+        yield proj, names[0], np.stack(tensors)
+
+
 def hf_from_params(config: ModelConfig, params) -> dict[str, np.ndarray]:
     """Inverse of `params_from_hf`: HF names and layouts (GPT-2 without the `transformer.` prefix).
 
@@ -199,6 +296,15 @@ def hf_from_params(config: ModelConfig, params) -> dict[str, np.ndarray]:
     for name, path, transpose in rows:
         value = np.asarray(_get(params, path))
         sd[name] = np.ascontiguousarray(value.T if transpose else value)
+    for i in range(config.num_layers):
+        layer = params[f"layer_{i}"]
+        for name, parts in _fused_tensors(config, i):
+            sd[name] = np.ascontiguousarray(np.concatenate([np.asarray(_get(layer, path)).T for path, _ in parts]))
+        if config.is_moe_layer(i):
+            for proj in EXPERT_PROJECTIONS:
+                stacked = np.asarray(layer["mlp"]["experts"][proj]["kernel"])
+                for e in range(config.num_experts):
+                    sd[_expert_tensor_name(config, i, e, proj)] = np.ascontiguousarray(stacked[e].T)
     if config.model_type == "gpt2":
         for i in range(config.num_layers):
             attn = params[f"layer_{i}"]["attn"]
@@ -233,18 +339,8 @@ def hf_config_from_config(config: ModelConfig) -> dict:
             activation_function=config.activation,
             **common,
         )
-    arch = {
-        "llama": "LlamaForCausalLM",
-        "mistral": "MistralForCausalLM",
-        "qwen2": "Qwen2ForCausalLM",
-        "qwen3": "Qwen3ForCausalLM",
-    }[config.model_type]
-    rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
-    if config.rope_scaling is not None:
-        kind, factor, low, high, original = config.rope_scaling
-        rope.update(rope_type=kind, factor=factor)
-        if kind == "llama3":
-            rope.update(low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=original)
+    arch = ARCHITECTURES[config.model_type]
+    rope = _hf_rope(config, sliding=False)
     out = dict(
         architectures=[arch],
         hidden_size=config.hidden_size,
@@ -261,14 +357,91 @@ def hf_config_from_config(config: ModelConfig) -> dict:
         **common,
     )
     if config.rope_scaling is not None:
-        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
     if config.model_type in ("llama", "mistral"):
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias)
-    if config.model_type == "qwen3":  # Qwen3's attention_bias switches q/k/v and o biases together
-        out.update(attention_bias=config.qkv_bias)
-    if config.model_type == "mistral":
+    if config.model_type in ("qwen3", "qwen3_moe", "olmoe") + GEMMA_FAMILY:
+        out.update(attention_bias=config.qkv_bias)  # q/k/v and o biases together
+    if config.model_type in ("mistral", "mixtral", "phi3"):
         out["sliding_window"] = config.sliding_window
+    if config.model_type in GEMMA_FAMILY:
+        out.update(
+            hidden_activation=config.activation,
+            query_pre_attn_scalar=_int_if_integral(config.query_pre_attn_scalar),
+            attn_logit_softcapping=config.attn_logit_softcap,
+            final_logit_softcapping=config.final_logit_softcap,
+            sliding_window=config.sliding_window,
+            layer_types=list(config.layer_types or ()),
+        )
+        if config.model_type == "gemma3_text":
+            out["rope_parameters"] = {FULL: rope, SLIDING: _hf_rope(config, sliding=True)}
+            out["rope_local_base_freq"] = _hf_rope(config, sliding=True)["rope_theta"]
+    if config.model_type == "phi3":
+        original = config.rope_scaling[4] if config.is_longrope else config.max_position_embeddings  # pyright: ignore[reportOptionalSubscript]
+        out.update(original_max_position_embeddings=original, partial_rotary_factor=config.partial_rotary_factor)
+    if config.is_moe:
+        out.update(num_experts_per_tok=config.num_experts_per_tok, router_aux_loss_coef=config.router_aux_loss_coef)
+        if config.model_type == "mixtral":
+            out.update(num_local_experts=config.num_experts, intermediate_size=config.moe_intermediate_size)
+        elif config.model_type == "olmoe":
+            out.update(
+                num_experts=config.num_experts,
+                intermediate_size=config.moe_intermediate_size,
+                norm_topk_prob=config.norm_topk_prob,
+                clip_qkv=config.clip_qkv,
+            )
+        else:  # qwen3_moe: dense layers keep intermediate_size
+            out.update(
+                num_experts=config.num_experts,
+                moe_intermediate_size=config.moe_intermediate_size,
+                norm_topk_prob=config.norm_topk_prob,
+                decoder_sparse_step=1,
+                mlp_only_layers=list(config.dense_layers),
+            )
     return out
+
+
+def _int_if_integral(value):
+    """transformers' strict configs type some fields as int (Gemma's query_pre_attn_scalar)."""
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+
+
+def _hf_rope(config: ModelConfig, sliding: bool) -> dict[str, Any]:
+    """HF's `rope_parameters` of the full (or sliding, Gemma 3) layers."""
+    if sliding:
+        return {"rope_theta": config.local_rope_theta, "rope_type": "default"}
+    rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    if config.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = config.partial_rotary_factor
+    if config.rope_scaling is not None:
+        kind, factor, low, high, original = config.rope_scaling
+        rope.update(rope_type=kind)
+        if kind == "longrope":
+            rope.update(
+                attention_factor=factor,
+                short_factor=list(low),
+                long_factor=list(high),
+                original_max_position_embeddings=original,
+            )
+        else:
+            rope.update(factor=factor)
+        if kind == "llama3":
+            rope.update(low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=original)
+    return rope
 
 
 # ----------------------------------------------------------------------------------------------

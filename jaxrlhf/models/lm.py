@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxrlhf.models import positions as position_table
 from jaxrlhf.models.config import ModelConfig
 from jaxrlhf.models.lora import LoraParams, model_variables
+from jaxrlhf.models.moe import collect_router_logits, router_losses
 from jaxrlhf.models.transformer import (
     ModelOutput,
     Transformer,
@@ -88,8 +89,7 @@ class LanguageModel:
         if self.config.positions == "learned":  # rows past the table: see the class docstring
             position_table.check_positions(self, attention_mask, positions=positions, where="LanguageModel.forward")
         variables, rngs = model_variables(params)  # plain parameters, or `LoraParams(base, adapters)`
-        output = self.module.apply(
-            variables,
+        args = (
             input_ids,
             attention_mask,
             positions,
@@ -99,9 +99,28 @@ class LanguageModel:
             logits_positions,
             valid_lengths,
             segment_ids,
-            rngs=rngs,
         )
-        return cast(ModelOutput, output)  # without `mutable`, Linen's apply returns the module's output alone
+        if not self.config.is_moe:
+            output = self.module.apply(variables, *args, rngs=rngs)
+            return cast(ModelOutput, output)  # without `mutable`, Linen's apply returns the module's output alone
+        # A mixture of experts: each MoE layer sows its router logits; the router losses are
+        # taken over the real tokens of this call.
+        output, state = self.module.apply(variables, *args, rngs=rngs, mutable=["intermediates"])
+        output = cast(ModelOutput, output)
+        L = input_ids.shape[1]
+        mask = jnp.asarray(attention_mask)
+        if cache is not None and cache_index is not None and jnp.ndim(cache_index) == 1:  # per-row slots
+            slots_BxL = jnp.asarray(cache_index)[:, None] + jnp.arange(L)[None, :]
+            valid_BxL = jnp.take_along_axis(mask, jnp.clip(slots_BxL, 0, mask.shape[1] - 1), axis=1)
+            if valid_lengths is not None:
+                valid_BxL = valid_BxL * (jnp.arange(L)[None, :] < jnp.asarray(valid_lengths)[:, None])
+        else:
+            start = 0 if cache is None or cache_index is None else cache_index
+            valid_BxL = jax.lax.dynamic_slice_in_dim(mask, start, L, axis=1)
+        router_logits = collect_router_logits(state["intermediates"])
+        losses = router_losses(router_logits, valid_BxL, self.config.num_experts_per_tok)
+        aux = {"router_logits": router_logits, **losses}
+        return output._replace(aux=aux)
 
     def hidden_states(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
         """Final (normalised) hidden states `[B, L, D]` without the output layer (e.g. a critic's trunk)."""

@@ -83,12 +83,18 @@ class LoraConfig:
       dropout: dropout rate on the adapter's input (training forwards that pass a key only).
       target_modules: which projections get adapters: our names ("q", "k", "v", "o", "gate",
         "up", "down") or the Llama family's HF names ("q_proj", ...).
+      experts: in a mixture-of-experts model, also adapt each expert's `gate` / `up` / `down`
+        (those of them in `target_modules`): one `lora_A [E, in, r]`, `lora_B [E, r, out]` per
+        projection, every expert its own rank-r update (PEFT's `target_parameters` on
+        transformers' expert tensors). False: attention (and dense MLPs) only; the router is never
+        adapted. Needs dropout 0, as in PEFT.
     """
 
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: tuple = ALL_TARGETS
+    experts: bool = False
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
@@ -109,6 +115,8 @@ class LoraConfig:
                 names.append(ours)
         if not names:
             raise ValueError("LoraConfig: target_modules is empty")
+        if self.experts and self.dropout > 0:
+            raise ValueError(f"LoraConfig: experts=True needs dropout 0 (as PEFT), got dropout={self.dropout!r}")
         object.__setattr__(self, "target_modules", tuple(names))
 
     @property
@@ -158,6 +166,27 @@ def dequantize_kernel(codes, scale, dtype=jnp.float32) -> Array:
     return qwix.dequantize(qwix.QArray(codes, scale, None, qtype)).astype(dtype)
 
 
+def quantized_kernel(module: nn.Module, dtype) -> Array | None:
+    """The float kernel of a module whose parameters hold a quantised one (`kernel_q` +
+    `kernel_scale`, see `quantize_params`), or None when it holds a plain `kernel`."""
+    if not module.has_variable("params", QUANTIZED_KERNEL):
+        return None
+    codes, scale = module.get_variable("params", QUANTIZED_KERNEL), module.get_variable("params", KERNEL_SCALE)
+    return dequantize_kernel(codes, scale, dtype)
+
+
+def adapter_factors(module: nn.Module, lora: LoraConfig | None) -> tuple[Array, Array] | None:
+    """`(lora_A, lora_B)` of a module the `"lora"` collection holds adapters for, else None; an
+    error when adapters come for a model built without `ModelConfig.lora`."""
+    if not module.has_variable("lora", "lora_A"):
+        return None
+    if lora is None:
+        raise ValueError(
+            "adapters were passed for a model without ModelConfig.lora: build it with with_lora(model, LoraConfig(...))"
+        )
+    return module.get_variable("lora", "lora_A"), module.get_variable("lora", "lora_B")
+
+
 class LoraDense(nn.Dense):
     """`nn.Dense` (same parameters, same numbers) that also reads a quantised kernel
     (`kernel_q` + `kernel_scale`, see `quantize_params`) and adds `(alpha / r) B A dropout(x)`
@@ -167,12 +196,8 @@ class LoraDense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs):
-        if self.has_variable("params", QUANTIZED_KERNEL):
-            kernel = dequantize_kernel(
-                self.get_variable("params", QUANTIZED_KERNEL),
-                self.get_variable("params", KERNEL_SCALE),
-                self.param_dtype,
-            )
+        kernel = quantized_kernel(self, self.param_dtype)
+        if kernel is not None:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
             x, kernel, bias = promote_dtype(inputs, kernel, bias, dtype=self.dtype)
             y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision)
@@ -180,15 +205,11 @@ class LoraDense(nn.Dense):
                 y = y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
         else:
             y = super().__call__(inputs)
-        if not self.has_variable("lora", "lora_A"):
+        factors = adapter_factors(self, self.lora)
+        if factors is None:
             return y
-        if self.lora is None:
-            raise ValueError(
-                "adapters were passed for a model without ModelConfig.lora: build it with "
-                "with_lora(model, LoraConfig(...))"
-            )
-        lora_a = self.get_variable("lora", "lora_A")
-        lora_b = self.get_variable("lora", "lora_B")
+        lora_a, lora_b = factors
+        assert self.lora is not None  # adapter_factors checked it
         h = inputs
         if self.lora.dropout > 0 and self.has_rng("lora_dropout"):
             keep = 1.0 - self.lora.dropout
@@ -211,13 +232,16 @@ def _kernel_shape(node) -> tuple:
     return tuple((node["kernel"] if "kernel" in node else node[QUANTIZED_KERNEL]).shape)
 
 
-def _target_paths(params, targets) -> list[tuple[str, ...]]:
-    """Paths of the targeted projections (dicts holding a kernel) under layer entries."""
+def _target_paths(params, targets, experts: bool = False) -> list[tuple[str, ...]]:
+    """Paths of the targeted projections (dicts holding a kernel) under layer entries; with
+    `experts`, the stacked expert projections (`mlp/experts/<name>`) too."""
     out = []
 
     def walk(node, path):
         if _is_dense(node):
             if len(path) >= 2 and path[-2] in ("attn", "mlp") and path[-1] in targets:
+                out.append(path)
+            elif experts and len(path) >= 3 and path[-3:-1] == ("mlp", "experts") and path[-1] in targets:
                 out.append(path)
             return
         if isinstance(node, dict):
@@ -243,7 +267,7 @@ def _set(tree: dict, path, value) -> None:
 def init_lora(lora: LoraConfig, params, key: Array, dtype=jnp.float32) -> dict:
     """Fresh adapters for `params` (plain, quantised or abstract): `A ~ U(-1/sqrt(in), 1/sqrt(in))`
     (PEFT's kaiming-uniform, a = sqrt(5)), `B = 0`; stacked (scanned) kernels get stacked adapters."""
-    paths = _target_paths(params, lora.target_modules)
+    paths = _target_paths(params, lora.target_modules, lora.experts)
     if not paths:
         raise ValueError(f"no projection {lora.target_modules} found in the parameters to adapt")
     adapters: dict = {}
@@ -287,9 +311,12 @@ def merge_lora(lora: LoraConfig, params, adapters) -> dict:
 # QLoRA: quantised frozen base
 
 
-def quantize_params(params, qtype: str = "nf4", block_size: int = 64, targets=ALL_TARGETS) -> dict:
-    """The base with every targeted projection kernel quantised (embeddings, norms, biases and the
-    output layer stay float, as in QLoRA). A kernel `[..., in, out]` becomes `kernel_q` (codes,
+def quantize_params(
+    params, qtype: str = "nf4", block_size: int = 64, targets=ALL_TARGETS, experts: bool = True
+) -> dict:
+    """The base with every targeted projection kernel quantised (embeddings, norms, biases, the
+    output layer and MoE routers stay float, as in QLoRA; the experts' stacked projections are
+    quantised too unless `experts=False`). A kernel `[..., in, out]` becomes `kernel_q` (codes,
     same shape: uint4 for NF4, int8 / int4) and `kernel_scale [..., in / block, out]`: one absmax
     scale per block of `block_size` input rows and output column (`gcd(in, block_size)` rows when
     `block_size` does not divide `in`). Computed with qwix's `quantize`."""
@@ -299,7 +326,7 @@ def quantize_params(params, qtype: str = "nf4", block_size: int = 64, targets=AL
         raise ValueError(f"qtype must be one of {QUANT_TYPES}, got {qtype!r}")
     targets = tuple(HF_TARGET_NAMES.get(t, t) for t in targets)
     out = jax.tree.map(lambda x: x, params)
-    for path in _target_paths(params, targets):
+    for path in _target_paths(params, targets, experts):
         node = dict(_get(out, path))
         if "kernel" not in node:
             continue  # already quantised
@@ -378,6 +405,7 @@ __all__ = [
     "LoraParams",
     "MLP_TARGETS",
     "QUANT_TYPES",
+    "adapter_factors",
     "adapter_paths",
     "base_params",
     "count_params",
@@ -388,5 +416,6 @@ __all__ = [
     "merge_lora",
     "model_variables",
     "quantize_params",
+    "quantized_kernel",
     "with_lora",
 ]

@@ -57,15 +57,25 @@ class AdapterError(ValueError):
     """A PEFT adapter directory is missing, of another kind, or does not fit the model."""
 
 
+def _fused_module(config: ModelConfig, layer: int, block: str, proj: str) -> tuple[str, dict[str, int]] | None:
+    """`(module, {projection: output width} in row order)` when our projection is a block of a
+    fused transformers module (GPT-2's `c_attn`, Phi-3's `qkv_proj` / `gate_up_proj`), else None."""
+    q, kv, f = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim, config.intermediate_size
+    if block == "attn" and proj in "qkv" and config.model_type in ("gpt2", "phi3"):
+        prefix = f"transformer.h.{layer}.attn.c_attn" if config.model_type == "gpt2" else None
+        return prefix or f"model.layers.{layer}.self_attn.qkv_proj", {"q": q, "k": kv, "v": kv}
+    if block == "mlp" and proj in ("gate", "up") and config.model_type == "phi3":
+        return f"model.layers.{layer}.mlp.gate_up_proj", {"gate": f, "up": f}
+    return None
+
+
 def _module_name(config: ModelConfig, layer: int, block: str, proj: str) -> str:
-    """The transformers module name of our projection (GPT-2's q/k/v: the fused c_attn)."""
+    """The transformers module name of our projection (fused ones: the fused module)."""
+    fused = _fused_module(config, layer, block, proj)
+    if fused is not None:
+        return fused[0]
     if config.model_type == "gpt2":
-        name = (
-            "attn.c_attn"
-            if (block, proj) in (("attn", "q"), ("attn", "k"), ("attn", "v"))
-            else _GPT2_NAMES[(block, proj)]
-        )
-        return f"transformer.h.{layer}.{name}"
+        return f"transformer.h.{layer}.{_GPT2_NAMES[(block, proj)]}"
     return f"model.layers.{layer}.{_LLAMA_NAMES[(block, proj)]}"
 
 
@@ -73,49 +83,108 @@ def _layer_index(name: str) -> int:
     return int(name[len("layer_") :])
 
 
+def _fuse(parts: dict, widths: dict[str, int], in_dim: int, lead: tuple[int, ...] = ()):
+    """One exact adapter for a fused module from our per-projection adapters: `A = [A_1 ... A_n]`
+    (`[..., in, R]`, R the sum of their ranks) and a block-diagonal `B` (`[..., R, sum of
+    widths]`): block i's rank rows feed block i's columns only. Projections without an adapter
+    are empty blocks (rank 0)."""
+    a_blocks, b_blocks = [], []
+    for proj, width in widths.items():
+        if proj in parts:
+            a_inxr, b_rxout = parts[proj]
+        else:
+            a_inxr, b_rxout = np.zeros((*lead, in_dim, 0), np.float32), np.zeros((*lead, 0, width), np.float32)
+        a_blocks.append(a_inxr)
+        b_blocks.append(b_rxout)
+    a_inxR = np.concatenate(a_blocks, axis=-1)
+    b_Rxout = np.zeros((*lead, a_inxR.shape[-1], sum(widths.values())), np.float32)
+    row = col = 0
+    for b_rxout in b_blocks:
+        b_Rxout[..., row : row + b_rxout.shape[-2], col : col + b_rxout.shape[-1]] = b_rxout
+        row, col = row + b_rxout.shape[-2], col + b_rxout.shape[-1]
+    return a_inxR, b_Rxout
+
+
+# transformers' stacked expert tensors (`mlp.experts.<param>`, `[E, out, in]`) in the order PEFT
+# wraps them (their definition order): with both targeted, `gate_up_proj`'s adapter is the inner
+# one, saved under `experts.base_layer.lora_*`, and `down_proj`'s under `experts.lora_*`.
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def _expert_module(layer: int) -> str:
+    return f"model.layers.{layer}.mlp.experts"
+
+
+def _peft_expert_weights(a_ExinxR, b_ExRxout) -> tuple[np.ndarray, np.ndarray]:
+    """Our `[E, in, R]` / `[E, R, out]` expert adapters -> PEFT's `lora_A [E*R, in]` (row e*R + j)
+    and `lora_B [out, R*E]` (column j*E + e)."""
+    E, _, R = a_ExinxR.shape
+    a = np.swapaxes(a_ExinxR, 1, 2).reshape(E * R, -1)
+    b = np.transpose(b_ExRxout, (2, 1, 0)).reshape(b_ExRxout.shape[2], R * E)
+    return a, b
+
+
+def _our_expert_weights(a_ERxin, b_outxRE, num_experts: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `_peft_expert_weights`."""
+    E = num_experts
+    R = a_ERxin.shape[0] // E
+    a = np.swapaxes(a_ERxin.reshape(E, R, -1), 1, 2)
+    b = np.transpose(b_outxRE.reshape(-1, R, E), (2, 1, 0))
+    return a, b
+
+
 def peft_state_dict(config: ModelConfig, lora: LoraConfig, adapters) -> tuple[dict[str, np.ndarray], dict]:
     """`(state_dict, adapter_config)` of our adapters in PEFT's names and layouts."""
     adapters = unstack_layers(jax.device_get(adapters))
     modules: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # HF module -> (A [r, in], B [out, r])
-    fused: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}  # GPT-2 c_attn -> {q|k|v: (A, B)}
+    fused: dict[str, dict] = {}  # fused HF module -> {projection: (A [in, r], B [r, out])}
+    experts: dict[int, dict] = {}  # layer -> {projection: (A [E, in, r], B [E, r, out])}
+    widths: dict[str, dict[str, int]] = {}
     for path in adapter_paths(adapters):
-        layer, block, proj = path
-        node = adapters[layer][block][proj]
+        node = adapters[path[0]]
+        for name in path[1:]:
+            node = node[name]
         a_inxr, b_rxout = np.asarray(node["lora_A"], np.float32), np.asarray(node["lora_B"], np.float32)
-        name = _module_name(config, _layer_index(layer), block, proj)
-        if name.endswith("attn.c_attn"):
-            fused.setdefault(name, {})[proj] = (a_inxr, b_rxout)
+        layer = _layer_index(path[0])
+        if path[1:3] == ("mlp", "experts"):
+            experts.setdefault(layer, {})[path[3]] = (a_inxr, b_rxout)
+            continue
+        block, proj = path[1], path[2]
+        fused_module = _fused_module(config, layer, block, proj)
+        if fused_module is not None:
+            fused.setdefault(fused_module[0], {})[proj] = (a_inxr, b_rxout)
+            widths[fused_module[0]] = fused_module[1]
         else:
-            modules[name] = (a_inxr.T, b_rxout.T)
+            modules[_module_name(config, layer, block, proj)] = (a_inxr.T, b_rxout.T)
     for name, parts in fused.items():
-        width = {
-            "q": config.num_heads * config.head_dim,
-            "k": config.num_kv_heads * config.head_dim,
-            "v": config.num_kv_heads * config.head_dim,
-        }
-        a_blocks, b_blocks = [], []
-        for proj in "qkv":
-            if proj in parts:
-                a_inxr, b_rxout = parts[proj]
-            else:  # not adapted: an empty block
-                a_inxr, b_rxout = np.zeros((config.hidden_size, 0), np.float32), np.zeros((0, width[proj]), np.float32)
-            a_blocks.append(a_inxr)
-            b_blocks.append(b_rxout)
-        a_inxR = np.concatenate(a_blocks, axis=1)
-        b_Rx3out = np.zeros((a_inxR.shape[1], sum(width.values())), np.float32)
-        row = col = 0
-        for b_rxout in b_blocks:  # block-diagonal: q's rank rows feed q's columns only
-            b_Rx3out[row : row + b_rxout.shape[0], col : col + b_rxout.shape[1]] = b_rxout
-            row, col = row + b_rxout.shape[0], col + b_rxout.shape[1]
-        modules[name] = (a_inxR.T, b_Rx3out.T)
+        a_inxR, b_Rxout = _fuse(parts, widths[name], config.hidden_size)
+        modules[name] = (a_inxR.T, b_Rxout.T)
     state_dict, rank_pattern, alpha_pattern = {}, {}, {}
-    for name, (a_rxin, b_outxr) in sorted(modules.items()):
-        state_dict[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a_rxin)
-        state_dict[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b_outxr)
-        rank = a_rxin.shape[0]
+
+    def add(key, name, a_rxin, b_outxr, rank):
+        state_dict[f"{_PREFIX}{key}.lora_A.weight"] = np.ascontiguousarray(a_rxin)
+        state_dict[f"{_PREFIX}{key}.lora_B.weight"] = np.ascontiguousarray(b_outxr)
         if rank != lora.rank:
             rank_pattern[name] = rank
             alpha_pattern[name] = lora.scale * rank
+
+    for name, (a_rxin, b_outxr) in sorted(modules.items()):
+        add(name, name, a_rxin, b_outxr, a_rxin.shape[0])
+    target_parameters = set()
+    F = config.moe_intermediate_size
+    for layer, parts in sorted(experts.items()):
+        params = {}
+        if "gate" in parts or "up" in parts:
+            lead = (config.num_experts,)
+            params["gate_up_proj"] = _fuse(parts, {"gate": F, "up": F}, config.hidden_size, lead)
+        if "down" in parts:
+            params["down_proj"] = parts["down"]
+        present = [p for p in EXPERT_PARAMS if p in params]
+        for k, param in enumerate(present):
+            a, b = _peft_expert_weights(*params[param])
+            key = _expert_module(layer) + ".base_layer" * (len(present) - 1 - k)
+            add(key, f"{_expert_module(layer)}.{param}", a, b, params[param][0].shape[-1])
+            target_parameters.add(f"mlp.experts.{param}")
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -123,6 +192,7 @@ def peft_state_dict(config: ModelConfig, lora: LoraConfig, adapters) -> tuple[di
         "lora_alpha": lora.alpha,
         "lora_dropout": lora.dropout,
         "target_modules": sorted(modules),
+        "target_parameters": sorted(target_parameters) or None,
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
@@ -154,6 +224,13 @@ def save_peft_adapter(directory: str, model, adapters, base_model_name_or_path: 
 
 
 _LLAMA_KEY = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj$")
+_EXPERTS_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts((?:\.base_layer)*)$")
+# (model type, fused HF projection) -> our projections in it (`_fused_module` gives the widths).
+_FUSED_PARTS = {
+    ("gpt2", "c_attn"): ("q", "k", "v"),
+    ("phi3", "qkv"): ("q", "k", "v"),
+    ("phi3", "gate_up"): ("gate", "up"),
+}
 _GPT2_KEY = re.compile(r"^(?:transformer\.)?h\.(\d+)\.(attn|mlp)\.(c_attn|c_proj|c_fc)$")
 
 
@@ -206,9 +283,38 @@ def peft_adapters_from_state_dict(config: ModelConfig, adapter_config: dict, sta
     adapters: dict = {}
     targets = set()
     gpt2 = config.model_type == "gpt2"
+    expert_params = [
+        p for p in EXPERT_PARAMS if any(t.endswith(p) for t in adapter_config.get("target_parameters") or ())
+    ]
+
+    def put(layer, path, a_inxr, b_rxout):
+        node = adapters.setdefault(f"layer_{layer}", {})
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = {"lora_A": np.ascontiguousarray(a_inxr), "lora_B": np.ascontiguousarray(b_rxout)}
+        targets.add(path[-1])
+
     for name, pair in sorted(weights.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterError(f"module {name!r} has {sorted(pair)} but needs lora_A and lora_B")
+        expert = _EXPERTS_KEY.match(name)
+        if expert is not None:  # PEFT's `target_parameters` on transformers' stacked experts
+            layer, nesting = int(expert.group(1)), expert.group(2).count(".base_layer")
+            index = len(expert_params) - 1 - nesting
+            if layer >= config.num_layers or not config.is_moe_layer(layer) or not 0 <= index < len(expert_params):
+                raise AdapterError(
+                    f"adapter module {name!r} ({expert_params}) does not fit this {config.model_type} model"
+                )
+            param = expert_params[index]
+            scale = scale_of(f"{_expert_module(layer)}.{param}") / global_scale
+            a, b = _our_expert_weights(pair["lora_A"], pair["lora_B"] * scale, config.num_experts)
+            if param == "down_proj":
+                put(layer, ("mlp", "experts", "down"), a, b)
+            else:  # gate_up: one A, B's columns split into gate and up
+                F = config.moe_intermediate_size
+                put(layer, ("mlp", "experts", "gate"), a, b[..., :F])
+                put(layer, ("mlp", "experts", "up"), a, b[..., F:])
+            continue
         a_rxin, b_outxr = pair["lora_A"], pair["lora_B"] * (scale_of(name) / global_scale)
         match = (_GPT2_KEY if gpt2 else _LLAMA_KEY).match(name)
         if match is None:
@@ -217,21 +323,20 @@ def peft_adapters_from_state_dict(config: ModelConfig, adapter_config: dict, sta
         if layer >= config.num_layers:
             raise AdapterError(f"adapter module {name!r} is past the model's {config.num_layers} layers")
         block = "attn" if block in ("attn", "self_attn") else "mlp"
-        if gpt2 and hf_proj == "c_attn":
-            q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-            splits = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
-            parts = {proj: (a_rxin, b_outxr[lo:hi]) for proj, (lo, hi) in splits.items()}
-        elif gpt2:
+        fused_parts = _FUSED_PARTS.get((config.model_type, hf_proj))
+        if fused_parts is not None:  # one A; B's rows split into the fused projections
+            fused = _fused_module(config, layer, block, fused_parts[0])
+            assert fused is not None
+            start = 0
+            for proj, width in fused[1].items():
+                put(layer, (block, proj), a_rxin.T, b_outxr[start : start + width].T)
+                start += width
+            continue
+        if gpt2:
             proj = {("attn", "c_proj"): "o", ("mlp", "c_fc"): "up", ("mlp", "c_proj"): "down"}[(block, hf_proj)]
-            parts = {proj: (a_rxin, b_outxr)}
         else:
-            parts = {hf_proj: (a_rxin, b_outxr)}
-        for proj, (a, b) in parts.items():
-            adapters.setdefault(f"layer_{layer}", {}).setdefault(block, {})[proj] = {
-                "lora_A": np.ascontiguousarray(a.T),
-                "lora_B": np.ascontiguousarray(b.T),
-            }
-            targets.add(proj)
+            proj = hf_proj
+        put(layer, (block, proj), a_rxin.T, b_outxr.T)
     if not adapters:
         raise AdapterError("the adapter holds no LoRA weights")
     order = [t for t in ("q", "k", "v", "o", "gate", "up", "down") if t in targets]
@@ -240,6 +345,7 @@ def peft_adapters_from_state_dict(config: ModelConfig, adapter_config: dict, sta
         alpha=alpha if not rslora else global_scale * rank,
         dropout=float(adapter_config.get("lora_dropout", 0.0)),
         target_modules=tuple(order),
+        experts=bool(expert_params),
     )
     adapters = jax.tree.map(lambda x: np.asarray(x, np.float32), adapters)
     if config.scan_layers:

@@ -42,6 +42,7 @@ from flax.typing import InOutScanAxis
 
 from jaxrlhf.models.config import ACTIVATIONS, ModelConfig
 from jaxrlhf.models.lora import LoraDense
+from jaxrlhf.models.moe import MoE
 from jaxrlhf.tuning import Tuning
 
 Array = jax.Array
@@ -52,6 +53,10 @@ class ModelOutput(NamedTuple):
     logits: Array  # [B, L, V] float32 ([B, n, V] at the n positions of a `logits_positions` slice)
     hidden: Array  # [B, L, D] final (normalised) hidden states, for value heads
     cache: Any  # tuple of per-layer {"k", "v"} buffers (scanned: one stacked dict), or None
+    # Mixture-of-experts models (`LanguageModel.forward`): `{"router_logits": [N, B, L, E],
+    # "router_aux_loss": (), "router_z_loss": ()}` over the N MoE layers and the real tokens of
+    # this call (`jaxrlhf.models.moe.router_losses`); None for dense models.
+    aux: Any = None
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None):
@@ -121,17 +126,20 @@ def positions_from_mask(attention_mask: Array) -> Array:
 
 
 class Norm(nn.Module):
-    """RMSNorm `x / sqrt(mean(x^2) + eps) * scale` or LayerNorm, computed in float32."""
+    """RMSNorm `x / sqrt(mean(x^2) + eps) * (offset + scale)` or LayerNorm, computed in float32
+    (Gemma stores its RMSNorm weight w as `1 + w`: `offset=1`)."""
 
     kind: str
     eps: float
     param_dtype: Any = jnp.float32
+    offset: float = 0.0
 
     @nn.compact
     def __call__(self, x):
         dim = x.shape[-1]
         x32 = x.astype(jnp.float32)
-        scale = self.param("scale", nn.initializers.ones, (dim,), self.param_dtype).astype(jnp.float32)
+        init = nn.initializers.zeros if self.offset else nn.initializers.ones
+        scale = self.param("scale", init, (dim,), self.param_dtype).astype(jnp.float32) + self.offset
         if self.kind == "rmsnorm":
             y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps) * scale
         else:
@@ -155,15 +163,44 @@ def _dense(features, use_bias, cfg: ModelConfig, name, std=0.02):
     )
 
 
-def apply_rope(x_BxLxHxE: Array, positions_BxL: Array, inv_freq: np.ndarray) -> Array:
-    """Rotary embedding, HF "rotate half" layout: `x * cos + rotate_half(x) * sin`."""
-    angles = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, E/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def apply_rope(x_BxLxHxE: Array, positions_BxL: Array, inv_freq, scale: float = 1.0) -> Array:
+    """Rotary embedding, HF "rotate half" layout: `x * cos + rotate_half(x) * sin` on the first
+    `2 * len(inv_freq)` dims of each head (all of them unless the rotary embedding is partial, as
+    in Phi-4-mini), the rest passed through; cos and sin are multiplied by `scale` (LongRoPE's
+    attention factor)."""
+    angles = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, R/2]
+    cos = jnp.cos(angles)[:, :, None, :] * scale
+    sin = jnp.sin(angles)[:, :, None, :] * scale
     x = x_BxLxHxE.astype(jnp.float32)
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    rotary = 2 * angles.shape[-1]
+    x1, x2 = jnp.split(x[..., :rotary], 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x[..., rotary:]], axis=-1)
     return rotated.astype(x_BxLxHxE.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig, positions_BxL: Array, sliding) -> Array:
+    """The inverse frequencies of one layer: the sliding layers' own (Gemma 3's local theta) where
+    `sliding` (a Python bool, or a traced one in a scanned model), and LongRoPE's long factors
+    when the longest sequence of this call, `max(positions) + 1`, exceeds the original context
+    (as transformers decides it, per forward call and for the whole batch)."""
+    inv_freq = jnp.asarray(cfg.rope_inv_freq())
+    if cfg.is_longrope and cfg.rope_scaling is not None:
+        original = cfg.rope_scaling[4]
+        inv_freq = jnp.where(jnp.max(positions_BxL) + 1 > original, cfg.rope_inv_freq(long=True), inv_freq)
+    if cfg.local_rope_theta is not None and sliding is not False:
+        inv_freq = jnp.where(sliding, cfg.rope_inv_freq(sliding=True), inv_freq)
+    return inv_freq
+
+
+def sliding_window_mask(cache_index, L: int, S: int, window: int) -> Array:
+    """`[L, S]`: query slot `cache_index + l` may see key slot s when `query - s < window`."""
+    q_slots = cache_index + jnp.arange(L)
+    return q_slots[:, None] - jnp.arange(S)[None, :] < window
+
+
+def softcap(x: Array, cap: float | None) -> Array:
+    """Gemma's soft-capping `cap * tanh(x / cap)` (identity when `cap` is None)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class Attention(nn.Module):
@@ -172,21 +209,41 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BxLxD, positions_BxL, allowed_BxLxS, layer_cache, cache_index, cache_size=None, layer_index=None
+        self,
+        x_BxLxD,
+        positions_BxL,
+        allowed_BxLxS,
+        layer_cache,
+        cache_index,
+        cache_size=None,
+        layer_index=None,
+        sliding: Any = False,
     ):
+        """`sliding`: whether this layer attends through `config.sliding_window` when the config
+        has per-layer `layer_types` (a Python bool, or traced in a scanned model)."""
         cfg = self.config
         B, L, _ = x_BxLxD.shape
         H, K, E = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(H * E, cfg.qkv_bias, cfg, "q")(x_BxLxD).reshape(B, L, H, E)
-        k = _dense(K * E, cfg.qkv_bias, cfg, "k")(x_BxLxD).reshape(B, L, K, E)
-        v = _dense(K * E, cfg.qkv_bias, cfg, "v")(x_BxLxD).reshape(B, L, K, E)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's vector before rotary.
-            q = Norm("rmsnorm", cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="q_norm")(q)
-            k = Norm("rmsnorm", cfg.norm_eps, jnp.dtype(cfg.param_dtype), name="k_norm")(k)
+        q = _dense(H * E, cfg.qkv_bias, cfg, "q")(x_BxLxD)
+        k = _dense(K * E, cfg.qkv_bias, cfg, "k")(x_BxLxD)
+        v = _dense(K * E, cfg.qkv_bias, cfg, "v")(x_BxLxD)
+        q, k, v = _olmo_qkv(cfg, q, k, v)
+        q, k, v = q.reshape(B, L, H, E), k.reshape(B, L, K, E), v.reshape(B, L, K, E)
+        if cfg.qk_norm and cfg.qk_norm_per_head:  # Qwen3, Gemma 3: RMSNorm over each head's vector before rotary.
+            q = Norm("rmsnorm", cfg.norm_eps, jnp.dtype(cfg.param_dtype), cfg.norm_weight_offset, name="q_norm")(q)
+            k = Norm("rmsnorm", cfg.norm_eps, jnp.dtype(cfg.param_dtype), cfg.norm_weight_offset, name="k_norm")(k)
         if cfg.positions == "rope":
-            inv_freq = cfg.rope_inv_freq()
-            q = apply_rope(q, positions_BxL, inv_freq)
-            k = apply_rope(k, positions_BxL, inv_freq)
+            inv_freq = rope_frequencies(cfg, positions_BxL, sliding)
+            scale = cfg.rope_scaling[1] if cfg.is_longrope else 1.0  # pyright: ignore[reportOptionalSubscript]
+            q = apply_rope(q, positions_BxL, inv_freq, scale)
+            k = apply_rope(k, positions_BxL, inv_freq, scale)
+        if cfg.layer_types is not None and sliding is not False:  # this layer's window (Gemma 2/3)
+            S, window_size = allowed_BxLxS.shape[-1], int(cfg.sliding_window or 0)
+            if jnp.ndim(cache_index) == 2:  # per-row slots [B, L] (see `Transformer`)
+                window = cache_index[:, :, None] - jnp.arange(S)[None, None, :] < window_size
+            else:
+                window = sliding_window_mask(cache_index, L, S, window_size)[None]
+            allowed_BxLxS = allowed_BxLxS & (window | jnp.logical_not(sliding))
 
         new_keys_BxLxKxE, new_values_BxLxKxE = k, v
         # Keys and values as [B, K, S, E] (the cache layout, see `init_cache`).
@@ -224,10 +281,11 @@ class Attention(nn.Module):
 
         # Grouped-query attention without repeating K/V: split H into K groups of G.
         G = H // K
+        scores = dict(scale=_score_scale(cfg), cap=cfg.attn_logit_softcap)
         if L == 1 and G > 1 and self.tuning.decode_attention == "per_head":  # see `jaxrlhf.tuning`
-            out = jnp.stack([_attend(q[:, :, g::G], k, v, allowed_BxLxS) for g in range(G)], axis=3)
+            out = jnp.stack([_attend(q[:, :, g::G], k, v, allowed_BxLxS, **scores) for g in range(G)], axis=3)
         else:
-            out = _attend(q.reshape(B, L, K, G, E), k, v, allowed_BxLxS)
+            out = _attend(q.reshape(B, L, K, G, E), k, v, allowed_BxLxS, **scores)
         return _dense(cfg.hidden_size, cfg.o_bias, cfg, "o")(out.reshape(B, L, H * E)), new_cache
 
 
@@ -254,15 +312,43 @@ def _write_rows(buffer, new_BxLxKxE: Array, slots_BxL: Array, layer_index=None):
     return jax.vmap(write_row)(buffer, new, slots_BxL)
 
 
-def _attend(q_BxLxKxGxE: Array, k_BxKxSxE: Array, v_BxKxSxE: Array, allowed_BxLxS: Array) -> Array:
-    """`softmax(q k^T / sqrt(E) + mask) v` per key/value head and group member: `[B, L, K, G, E]`.
+def _olmo_qkv(cfg: ModelConfig, q, k, v):
+    """OLMoE's RMSNorm over the whole q and k projections, and the q/k/v clipping to
+    `[-clip_qkv, clip_qkv]`; the projections unchanged for every other family."""
+    if cfg.qk_norm and not cfg.qk_norm_per_head:
+        q = Norm("rmsnorm", cfg.norm_eps, jnp.dtype(cfg.param_dtype), cfg.norm_weight_offset, name="q_norm")(q)
+        k = Norm("rmsnorm", cfg.norm_eps, jnp.dtype(cfg.param_dtype), cfg.norm_weight_offset, name="k_norm")(k)
+    if cfg.clip_qkv is not None:
+        q, k, v = (jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
+    return q, k, v
+
+
+def _score_scale(cfg: ModelConfig) -> float | None:
+    """The attention scores' scale: `query_pre_attn_scalar ** -0.5` (Gemma), else None (1/sqrt(E))."""
+    return None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
+
+
+def _attend(
+    q_BxLxKxGxE: Array,
+    k_BxKxSxE: Array,
+    v_BxKxSxE: Array,
+    allowed_BxLxS: Array,
+    scale: float | None = None,
+    cap: float | None = None,
+) -> Array:
+    """`softmax(softcap(q k^T * scale) + mask) v` per key/value head and group member:
+    `[B, L, K, G, E]`; `scale` defaults to 1/sqrt(E), `cap` (Gemma 2) to no soft-capping.
 
     A `[B, L, K, E]` query (one member per group) is accepted too and gives `[B, L, K, E]`.
     """
     grouped = q_BxLxKxGxE.ndim == 5
     q = q_BxLxKxGxE if grouped else q_BxLxKxGxE[..., None, :]
     scores = jnp.einsum("blkge,bkse->bkgls", q, k_BxKxSxE, preferred_element_type=jnp.float32)
-    scores = scores / np.sqrt(q.shape[-1]).astype(np.float32)
+    if scale is None:
+        scores = scores / np.sqrt(q.shape[-1]).astype(np.float32)
+    else:
+        scores = scores * np.float32(scale)
+    scores = softcap(scores, cap)
     scores = jnp.where(allowed_BxLxS[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxE.dtype)
     out = jnp.einsum("bkgls,bkse->blkge", probs, v_BxKxSxE)
@@ -291,31 +377,71 @@ class Block(nn.Module):
     config: ModelConfig
     cache_size: int | None = None
     tuning: Tuning = Tuning()
+    layer: int | None = None  # this block's layer number when unrolled (scanned: `layer_index`)
 
     @nn.compact
     def __call__(self, x, positions, allowed, layer_cache, cache_index, layer_index=None):
         """`layer_cache`: this layer's `{"k", "v"}` `[B, K, S, E]` buffers, or with `layer_index` the
-        stacked `[layers, B, K, S, E]` ones of a scanned model (updated at that layer)."""
+        stacked `[layers, B, K, S, E]` ones of a scanned model (updated at that layer). A scanned
+        block without a cache gets `layer_index` too (its layer type, see `_layer_is_sliding`)."""
         cfg = self.config
         pdt = jnp.dtype(cfg.param_dtype)
         attn_out, new_cache = Attention(cfg, self.tuning, name="attn")(
-            Norm(cfg.norm, cfg.norm_eps, pdt, name="attn_norm")(x),
+            Norm(cfg.norm, cfg.norm_eps, pdt, cfg.norm_weight_offset, name="attn_norm")(x),
             positions,
             allowed,
             layer_cache,
             cache_index,
             self.cache_size,
             layer_index,
+            _layer_is_sliding(cfg, self.layer, layer_index),
         )
+        if cfg.sandwich_norms:  # Gemma 2/3: the sublayer's output is normalised before the residual add
+            attn_out = Norm(cfg.norm, cfg.norm_eps, pdt, cfg.norm_weight_offset, name="post_attn_norm")(attn_out)
         x = x + attn_out
-        x = x + MLP(cfg, name="mlp")(Norm(cfg.norm, cfg.norm_eps, pdt, name="mlp_norm")(x))
-        return x, new_cache
+        h = Norm(cfg.norm, cfg.norm_eps, pdt, cfg.norm_weight_offset, name="mlp_norm")(x)
+        if cfg.is_moe and (self.layer is None or cfg.is_moe_layer(self.layer)):
+            h = MoE(cfg, name="mlp")(h, _query_token_mask(allowed, cache_index))
+        else:
+            h = MLP(cfg, name="mlp")(h)
+        if cfg.sandwich_norms:
+            h = Norm(cfg.norm, cfg.norm_eps, pdt, cfg.norm_weight_offset, name="post_mlp_norm")(h)
+        return x + h, new_cache
+
+
+def _layer_is_sliding(cfg: ModelConfig, layer: int | None, layer_index):
+    """Whether a layer attends through the sliding window, for configs with per-layer
+    `layer_types`: a Python bool when the layer is known statically (unrolled, or every layer of
+    one type), else traced from the scanned `layer_index`. False without `layer_types`."""
+    if cfg.layer_types is None:
+        return False
+    flags = cfg.sliding_layers
+    if len(set(flags)) == 1:
+        return flags[0]
+    if layer is not None:
+        return flags[layer]
+    if layer_index is None:
+        raise ValueError("a scanned block with alternating layer types needs its layer_index")
+    return jnp.asarray(flags)[layer_index]
+
+
+def _query_token_mask(allowed_BxLxS: Array, cache_index) -> Array:
+    """`[B, L]`: 1 for the real (not padding) tokens among the L queries, read off the attention
+    mask at each query's own slot (a query always sees itself unless its slot is padding). With
+    per-row slots (`cache_index [B, L]`, see `Transformer`) a padding token's slot is past the end."""
+    B, L, S = allowed_BxLxS.shape
+    if jnp.ndim(cache_index) == 2:
+        slots_BxL = cache_index
+    else:
+        slots_BxL = jnp.broadcast_to(cache_index + jnp.arange(L), (B, L))
+    seen = jnp.take_along_axis(allowed_BxLxS, jnp.clip(slots_BxL, 0, S - 1)[..., None], axis=2)[..., 0]
+    return seen & (slots_BxL < S)
 
 
 SCANNED_LAYERS = "layers"  # params key of the stacked blocks of a scanned model
 # Scanned over the layer axis: the parameters and the LoRA adapters (leaves [num_layers, ...]);
 # each layer draws its own adapter-dropout mask.
-_SCANNED_COLLECTIONS: Mapping[CollectionFilter, InOutScanAxis] = {"params": 0, "lora": 0}
+_SCANNED_COLLECTIONS: Mapping[CollectionFilter, InOutScanAxis] = {"params": 0, "lora": 0, "intermediates": 0}
 _SCANNED_RNGS: Mapping[PRNGSequenceFilter, bool] = {"params": True, "lora_dropout": True}
 
 
@@ -387,7 +513,7 @@ class Transformer(nn.Module):
                 slots = jnp.clip(q_slots_BxL, 0, S - 1)
                 positions_BxL = jnp.take_along_axis(positions_from_mask(attention_mask), slots, axis=1)
             allowed_BxLxS = k_slots[None, None, :] <= q_slots_BxL[:, :, None]
-            if cfg.sliding_window is not None:
+            if cfg.sliding_window is not None and cfg.layer_types is None:  # per-layer windows: see `Attention`
                 allowed_BxLxS &= q_slots_BxL[:, :, None] - k_slots[None, None, :] < cfg.sliding_window
             allowed_BxLxS &= key_mask[:, None, :]
             # The attention layers scatter token l of row b to slot q_slots_BxL[b, l]; padding
@@ -402,7 +528,7 @@ class Transformer(nn.Module):
                     positions_from_mask(attention_mask), cache_index, L, axis=1
                 )
             allowed_LxS = k_slots[None, :] <= q_slots[:, None]
-            if cfg.sliding_window is not None:
+            if cfg.sliding_window is not None and cfg.layer_types is None:  # per-layer windows: see `Attention`
                 allowed_LxS &= q_slots[:, None] - k_slots[None, :] < cfg.sliding_window
             allowed_BxLxS = allowed_LxS[None] & key_mask[:, None, :]
         if segment_ids is not None:  # packed rows: no attention across segments
@@ -419,6 +545,8 @@ class Transformer(nn.Module):
             name="embed",
         )
         x = embed(input_ids_BxL)
+        if cfg.embed_scale:  # Gemma: embeddings times sqrt(D), the factor rounded to the weights' dtype
+            x = x * jnp.asarray(np.sqrt(cfg.hidden_size), pdt).astype(dtype)
         if cfg.positions == "learned":
             pos_embed = nn.Embed(
                 cfg.max_position_embeddings,
@@ -438,11 +566,11 @@ class Transformer(nn.Module):
                 variable_axes=_SCANNED_COLLECTIONS,
                 split_rngs=_SCANNED_RNGS,
                 # flax leaves `in_axes` unannotated, so its default 0 types it as int; a tuple is valid.
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),  # pyright: ignore[reportArgumentType]
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0),  # pyright: ignore[reportArgumentType]
                 length=cfg.num_layers,
             )
             x, new_cache = scanned(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)(
-                x, positions_BxL, allowed_BxLxS, cache, cache_index
+                x, positions_BxL, allowed_BxLxS, cache, cache_index, jnp.arange(cfg.num_layers)
             )
         elif cfg.scan_layers:
             # Decoding: the whole stacked cache rides in the carry and each layer updates its new
@@ -468,12 +596,12 @@ class Transformer(nn.Module):
             new_cache = []
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else cache[i]
-                x, layer_new_cache = block(cfg, cache_size, self.tuning, name=f"layer_{i}")(
+                x, layer_new_cache = block(cfg, cache_size, self.tuning, layer=i, name=f"layer_{i}")(
                     x, positions_BxL, allowed_BxLxS, layer_cache, cache_index
                 )
                 new_cache.append(layer_new_cache)
             new_cache = tuple(new_cache)
-        hidden = Norm(cfg.norm, cfg.norm_eps, pdt, name="final_norm")(x)
+        hidden = Norm(cfg.norm, cfg.norm_eps, pdt, cfg.norm_weight_offset, name="final_norm")(x)
         head_input = hidden if logits_positions is None else hidden[:, logits_positions]
 
         # Logits in float32 whatever the compute dtype: log-probs and the PPO ratio need them exact.
@@ -486,6 +614,7 @@ class Transformer(nn.Module):
             else:
                 head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
             logits = jnp.einsum("bld,dv->blv", head_input, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
+        logits = softcap(logits, cfg.final_logit_softcap)  # Gemma 2: cap * tanh(logits / cap)
         return ModelOutput(logits, hidden, None if cache is None and cache_size is None else new_cache)
 
 
