@@ -291,3 +291,10 @@ __all__ = [
     "route",
     "router_losses",
 ]
+
+
+def router_loss_terms(aux) -> dict:
+    """The scalar router losses of a forward's `ModelOutput.aux` (``router_aux_loss``, the
+    load-balancing loss, and ``router_z_loss``), its per-layer router logits left out: what a
+    trainer adds to its loss (with its coefficients) and logs."""
+    return {name: aux[name] for name in ("router_aux_loss", "router_z_loss")}

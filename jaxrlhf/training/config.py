@@ -203,6 +203,13 @@ class PPOConfig:
     """Weight of the value loss in the total loss."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus (loss -= entropy_coef * entropy)."""
+    router_aux_loss_coef: float = 0.0
+    """A mixture-of-experts policy: weight of its routers' load-balancing loss in the policy loss
+    (the checkpoint's own suggestion is `ModelConfig.router_aux_loss_coef`, e.g. 0.001 for
+    Qwen3-MoE); 0 = off. The loss is logged as router_aux_loss either way."""
+    router_z_loss_coef: float = 0.0
+    """A mixture-of-experts policy: weight of the routers' z-loss (mean squared logsumexp of the
+    router logits); 0 = off. Logged as router_z_loss."""
     loss_agg: str = "token-mean"
     """Aggregation of per-token policy losses: "token-mean", "seq-mean-token-mean",
     "seq-mean-token-sum", "seq-mean-token-sum-norm" (token sum / max_new_tokens, Dr. GRPO); the

@@ -44,6 +44,7 @@ from jaxrlhf.core.rewards import step_rewards
 from jaxrlhf.core.sequences import concat_prompt_response
 from jaxrlhf.core.stats import masked_mean, masked_sum, masked_var
 from jaxrlhf.models.lm import LanguageModel
+from jaxrlhf.models.moe import router_loss_terms
 from jaxrlhf.models.value import value_head_apply
 from jaxrlhf.sampling import generate
 from jaxrlhf.training import packed, plugins
@@ -204,7 +205,8 @@ def policy_and_values(
     temperature,
     with_entropy: bool = False,
     with_logprobs: bool = True,
-):
+    with_router_losses: bool = False,
+) -> tuple:
     """Response log-probs, values and (optionally) entropies under the given parameters.
 
     Returns ``(logprobs [B, N] or None, values [B, N] or None, entropy [B, N] or None)``. The
@@ -215,6 +217,9 @@ def policy_and_values(
     (``models.has_value=False``) values are None. ``with_logprobs=False`` (old log-probs taken from
     the sampler) skips the policy's vocabulary head, and with a separate critic or none the policy
     forward altogether; logprobs and entropy are then None.
+
+    ``with_router_losses`` (a mixture-of-experts policy): a fourth output, the policy forward's
+    router losses (``{"router_aux_loss", "router_z_loss"}`` over the real tokens, `ModelOutput.aux`).
     """
     prompt_len, num_new = prompt_ids.shape[1], response_ids.shape[1]
     window = response_window(prompt_len, num_new)
@@ -232,6 +237,9 @@ def policy_and_values(
         values = value_head_apply(value_params, hidden[:, window]).astype(jnp.float32)
     else:
         values = models.critic.apply(value_params, ids, mask, value_positions=window).astype(jnp.float32)
+    if with_router_losses:
+        assert out is not None and out.aux is not None, "router losses come from a MoE policy's forward"
+        return logprobs, values, entropy, router_loss_terms(out.aux)
     return logprobs, values, entropy
 
 

@@ -66,6 +66,8 @@ class HyperParams:
     missing_eos_penalty: jax.Array
     dual_clip: jax.Array
     overlong_buffer: jax.Array
+    router_aux_loss_coef: jax.Array
+    router_z_loss_coef: jax.Array
     # The numbers the config's plug-ins declare (`jaxrlhf.training.plugins`), by name; {} if none.
     plugin: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
 

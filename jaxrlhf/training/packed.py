@@ -37,6 +37,7 @@ from jax import lax
 from jaxrlhf import packing
 from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
 from jaxrlhf.core.sequences import concat_prompt_response
+from jaxrlhf.models.moe import router_loss_terms
 from jaxrlhf.models.value import value_head_apply
 
 
@@ -143,11 +144,14 @@ def micro_forward(
     *,
     with_logprobs=True,
     with_entropy=False,
+    with_router_losses=False,
     constrain: Callable = lambda x: x,
 ):
     """The policy's (and critic's) outputs on micro-batch ``index``, at the response windows:
-    ``(logprobs [B, N] or None, values [B, N] or None, entropy [B, N] or None)``, 0 outside the
-    micro-batch's rows. What `jaxrlhf.training.experience.policy_and_values` computes, for these rows."""
+    ``(logprobs [B, N] or None, values [B, N] or None, entropy [B, N] or None, router losses or
+    None)``, 0 outside the micro-batch's rows. What `jaxrlhf.training.experience.policy_and_values`
+    computes, for these rows; the router losses (a MoE policy, ``with_router_losses``) are means
+    over the micro-batch's real tokens."""
     ids, positions, segments = (constrain(x) for x in packed.micro(index))
     attention = segments > 0
     logprobs = entropy = values = None
@@ -180,7 +184,11 @@ def micro_forward(
             ).hidden
             values_RxT = value_head_apply(value_params["head"], hidden)
         values = packed.response_window(values_RxT.astype(jnp.float32), index)
-    return logprobs, values, entropy
+    router = None
+    if with_router_losses:
+        assert out is not None and out.aux is not None, "router losses come from a MoE policy's forward"
+        router = router_loss_terms(out.aux)
+    return logprobs, values, entropy, router
 
 
 def accumulate_over_micro(packed: Packed, step: Callable[[Any, jax.Array], Any], init):
@@ -228,7 +236,7 @@ def packed_policy_and_values(
             with_entropy=with_entropy,
             constrain=constrain,
         )
-        return tuple(None if c is None else c + o for c, o in zip(carry, outputs))  # rows are disjoint
+        return tuple(None if c is None else c + o for c, o in zip(carry, outputs[:3]))  # rows are disjoint
 
     return accumulate_over_micro(packed, step, init)
 

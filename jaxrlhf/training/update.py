@@ -90,7 +90,7 @@ def minibatch_loss(
     with_entropy = uses_entropy(config)
     # LoRA: ``params["policy"]`` are the adapters (differentiated), ``policy_base`` the frozen base.
     policy_params = params["policy"] if policy_base is None else LoraParams(policy_base, params["policy"])
-    logprobs_BxN, values_BxN, entropy_BxN = policy_and_values(
+    outputs = policy_and_values(
         models,
         policy_params,
         params["value"],
@@ -100,7 +100,9 @@ def minibatch_loss(
         experience.response_mask,
         hparams.temperature,
         with_entropy=with_entropy,
+        with_router_losses=models.policy.config.is_moe,
     )
+    logprobs_BxN, values_BxN, entropy_BxN = outputs[:3]
     return loss_from_outputs(
         logprobs_BxN,
         values_BxN,
@@ -113,6 +115,7 @@ def minibatch_loss(
         policy_weight,
         value_weight,
         key,
+        router_losses=outputs[3] if len(outputs) > 3 else None,
     )
 
 
@@ -128,10 +131,13 @@ def loss_from_outputs(
     policy_weight,
     value_weight,
     key=None,
+    router_losses=None,
 ):
     """`minibatch_loss` from the policy's (differentiable) outputs on the experience's rows:
     ``logprobs``, ``values`` (None without a critic) and ``entropy`` (None without the entropy
-    term), all ``[B, N]``; the masks of ``experience`` say which tokens count."""
+    term), all ``[B, N]``; the masks of ``experience`` say which tokens count. ``router_losses``
+    (a mixture-of-experts policy's, means over its forward's tokens) add
+    ``router_aux_loss_coef * aux + router_z_loss_coef * z`` to the policy loss and are logged."""
     exp, hp = experience, hparams
     key = jax.random.PRNGKey(0) if key is None else key  # for stochastic policy losses
     with_entropy = uses_entropy(config)
@@ -165,8 +171,14 @@ def loss_from_outputs(
         kl_term = aggregate_loss(kl_BxN, mask_BxN, config.loss_agg)
         policy_loss = policy_loss + kl_coef * kl_term
         extra_stats["policy_kl"] = policy_weight * sg(kl_term)
-    loss = policy_weight * policy_loss
     token_weight = value_weight  # vf terms and token-mean diagnostics share the token weight
+    if router_losses is not None:  # the load-balancing and z losses of the MoE routers
+        policy_loss = (
+            policy_loss + hp.router_aux_loss_coef * router_losses["router_aux_loss"]
+            + hp.router_z_loss_coef * router_losses["router_z_loss"]
+        )  # fmt: skip
+        extra_stats.update({name: token_weight * sg(value) for name, value in router_losses.items()})
+    loss = policy_weight * policy_loss
     stats = {
         "pg_loss": policy_weight * sg(pg_loss),
         **{name: token_weight * value for name, value in pg_stats.items()},
@@ -205,16 +217,17 @@ def _packed_minibatch_gradients(config, models, params, minibatch: Experience, k
 
     def micro_loss(params, index):
         policy_params = params["policy"] if policy_base is None else LoraParams(policy_base, params["policy"])
-        logprobs, values, entropy = packed.micro_forward(
-            models, policy_params, params["value"], packed_batch, index, hparams.temperature, with_entropy=with_entropy
-        )
+        logprobs, values, entropy, router = packed.micro_forward(
+            models, policy_params, params["value"], packed_batch, index, hparams.temperature, with_entropy=with_entropy,
+            with_router_losses=models.policy.config.is_moe,
+        )  # fmt: skip
         micro_mask = mask * packed_batch.rows_in_micro(index)[:, None].astype(mask.dtype)
         token_w = _normaliser(micro_mask, "token-mean") / token_total
         policy_w = _normaliser(micro_mask, config.loss_agg) / policy_total
         micro = minibatch._replace(action_mask=micro_mask)
         micro_key = jax.random.fold_in(key, index)
         return loss_from_outputs(
-            logprobs, values, entropy, micro, kl_coef, hparams, config, models, policy_w, token_w, micro_key
+            logprobs, values, entropy, micro, kl_coef, hparams, config, models, policy_w, token_w, micro_key, router
         )
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
