@@ -73,6 +73,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrlhf import engine
+from jaxrlhf.models.positions import concrete_or_none as _concrete
 from jaxrlhf.models.transformer import cache_batch_axis
 from jaxrlhf.sharding import batch_sharding, batch_size_divisor, replicated
 from jaxrlhf.tuning import Tuning, model_width, resolve_tuning
@@ -261,16 +262,6 @@ def _any_over_axis(flag: Array, axis_name: str | None) -> Array:
     if axis_name is None:
         return flag
     return jax.lax.psum(flag.astype(jnp.int32), axis_name) > 0
-
-
-def _concrete(value) -> np.ndarray | None:
-    """A NumPy copy of a concrete value; None for a tracer (or an array not readable on this host)."""
-    if isinstance(value, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(value)
-    except Exception:  # e.g. a jax.Array that is not fully addressable from this process
-        return None
 
 
 def _as_index(value, name: str) -> int:

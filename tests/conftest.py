@@ -125,6 +125,15 @@ def shared_compilation_cache(tmp_path_factory):
             os.environ[name] = value
 
 
+@pytest.fixture(scope="module")
+def module_compilation_cache(tmp_path_factory):
+    """A module's own persistent compilation cache (`persistent_compilation_cache`): a test module
+    that compiles the same programs more than once uses it with
+    ``pytestmark = pytest.mark.usefixtures("module_compilation_cache")``."""
+    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
+        yield cache_dir
+
+
 @contextlib.contextmanager
 def persistent_compilation_cache(directory, min_compile_time_secs: float = 0.0):
     """JAX's persistent compilation cache in ``directory`` while the block runs (off again after).

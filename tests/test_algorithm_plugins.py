@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_training as tt
-from conftest import persistent_compilation_cache
 from test_training import BASE_CONFIG, make_prompts, target_fraction_reward, tiny_gpt2_config
 
 from jaxrlhf.core import broadcast_over_tokens, groups, surrogates
@@ -68,10 +67,7 @@ USER_CONFIG = BASE_CONFIG.replace(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
-        yield cache_dir
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import persistent_compilation_cache
 from episode_envs import EOS, VOCAB, EchoEnv, HostEchoEnv, OneTurn, tiny_policy
 
 from jaxrlhf.episodes import EnvError, StepOutput
@@ -44,10 +43,7 @@ def tiny():
     return tiny_policy()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
-        yield cache_dir
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 def prompt_set(n=16, seed=0):

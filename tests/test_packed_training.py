@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import persistent_compilation_cache, tiny_config
+from conftest import tiny_config
 
 from jaxrlhf.models import LanguageModel
 from jaxrlhf.sharding import make_mesh
@@ -36,10 +36,7 @@ BASE = PPOConfig(
 PACKED = BASE.replace(max_tokens_per_microbatch=2 * (P + N))  # 2 packs per micro-batch
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    with persistent_compilation_cache(tmp_path_factory.mktemp("jax_cache")) as cache_dir:
-        yield cache_dir
+pytestmark = pytest.mark.usefixtures("module_compilation_cache")
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def learned_position_limit(model: Any) -> int | None:
     return int(limit) if isinstance(limit, (int, np.integer)) and not isinstance(limit, bool) else None
 
 
-def _concrete(value) -> np.ndarray | None:
+def concrete_or_none(value) -> np.ndarray | None:
     """A NumPy copy of a concrete value; None for a tracer (or an array not readable on this host)."""
     if isinstance(value, jax.core.Tracer):
         return None
@@ -80,12 +80,12 @@ def check_positions(
     if limit is None:
         return
     if lengths is None and positions is not None:
-        explicit = _concrete(positions)
+        explicit = concrete_or_none(positions)
         if explicit is None or explicit.ndim != 2 or explicit.size == 0:
             return
         lengths = explicit.max(axis=1) + 1
     if lengths is None:
-        mask = _concrete(attention_mask)
+        mask = concrete_or_none(attention_mask)
         if mask is None or mask.ndim != 2:
             return
         lengths = (mask != 0).sum(axis=1)
