@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.core.groups import select_groups_with_signal
 from jaxrlhf.core.kl_control import KLControllerState, adaptive_kl_controller, fixed_kl_controller
@@ -319,10 +319,15 @@ class PPO:
         """Host prompt arrays ``[k, batch_size / num_generations, P]`` (the next k steps' batches, what
         `fill_pipeline` samples) -> a `PromptBatch` on the mesh, split over axis 1 like `prompt_batch`."""
         prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
-        sharding = self._prompts_sharding(prompt_ids.shape[1], batch_dim=1)
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, *self.prompt_batches_sharding_spec()))
         return PromptBatch(global_array(prompt_ids, sharding), global_array(prompt_mask, sharding))
 
-    def _prompts_sharding(self, rows: int, batch_dim: int = 0):
+    def prompt_batches_sharding_spec(self) -> tuple:
+        """The partition of a step's distinct prompts ``[B / G, P]``: split over the batch axes when
+        they divide ``B / G``, else replicated (as `prompt_batch` places them)."""
+        return tuple(self._prompts_sharding(self.config.prompts_per_step).spec)
+
+    def _prompts_sharding(self, rows: int, batch_dim: int = 0) -> NamedSharding:
         if rows % batch_size_divisor(self.mesh) == 0:
             return batch_sharding(self.mesh, batch_dim)
         return replicated(self.mesh)
@@ -626,14 +631,19 @@ class PPO:
             raise ValueError(
                 f"fill_pipeline takes the prompts of the next max_staleness={k} steps, got {batches.ids.shape[0]}"
             )
-        slots = jnp.arange(k, dtype=jnp.int32)
+        new_state = dataclasses.replace(state, pipeline=self.filled_queue(state, frozen, batches, stop_axis_name))
+        return jax.lax.with_sharding_constraint(new_state, self.state_shardings())
+
+    def filled_queue(
+        self, state: TrainState, frozen: FrozenParams, batches: PromptBatch, stop_axis_name: str | None = None
+    ) -> pipeline.InFlight:
+        """The queue `fill_pipeline` puts in ``state`` (pure): reads only what sampling reads."""
+        slots = jnp.arange(self.config.max_staleness, dtype=jnp.int32)
         queue = jax.lax.map(
             lambda slot_and_batch: self.sample(state, frozen, slot_and_batch[1], stop_axis_name, slot_and_batch[0]),
             (slots, batches),
         )
-        queue = jax.tree.map(lambda empty, x: x.astype(empty.dtype), state.pipeline, queue)  # the queue's dtypes
-        new_state = dataclasses.replace(state, pipeline=queue)
-        return jax.lax.with_sharding_constraint(new_state, self.state_shardings())
+        return jax.tree.map(lambda empty, x: x.astype(empty.dtype), self._empty_pipeline(), queue)  # its dtypes
 
     # ------------------------------------------------------------------ jitted entry points
 
