@@ -166,30 +166,15 @@ class SplitMeshPPO(PPO):
         """One step: sample ``batch`` (the prompts of step ``state.step + k``) on the sampler mesh with
         the state's parameters while the trainer mesh trains on the oldest batch in flight (k >= 1),
         or then trains on it (k = 0)."""
-        mode, step = self.timeline_mode, int(state.step) if self.timeline_mode else -1
+        watch = _Watch(self.timeline_mode, int(state.step) if self.timeline_mode else -1)
         view, sampler_frozen, sampler_batch = self._on_sampler(state, frozen, batch)
-        t_rollout = time.perf_counter()
-        flight = self._jit_sample(view, sampler_frozen, sampler_batch)
-        if mode == "sequential":
-            self._record("rollout", step, t_rollout, flight)
+        flight = watch("rollout", lambda: self._jit_sample(view, sampler_frozen, sampler_batch))
         if self.config.max_staleness == 0:
-            t_update = time.perf_counter()
-            new_state, metrics = self._jit_train_on(state, frozen, self._to_trainer(flight))
-            if mode == "overlap":
-                self._record_concurrently(step, (t_rollout, flight), (t_update, metrics))
-            elif mode == "sequential":
-                self._record("update", step, t_update, metrics)
-            return new_state, metrics
-        t_update = time.perf_counter()
-        trained, metrics = self._jit_train_oldest(state, frozen)  # runs while the sampler samples
-        if mode == "overlap":
-            self._record_concurrently(step, (t_rollout, flight), (t_update, metrics))
-        elif mode == "sequential":
-            self._record("update", step, t_update, metrics)
-        t_transfer = time.perf_counter()
-        new_state = self._jit_push(trained, self._to_trainer(flight))
-        if mode is not None:
-            self._record("transfer", step, t_transfer, new_state.pipeline)
+            new_state, metrics = watch("update", lambda: self._jit_train_on(state, frozen, self._to_trainer(flight)))
+        else:
+            trained, metrics = watch("update", lambda: self._jit_train_oldest(state, frozen))  # while it samples
+            new_state = watch("transfer", lambda: self._jit_push(trained, self._to_trainer(flight)))
+        self.timeline.extend(watch.spans())
         return new_state, metrics
 
     def fill_step(self, state: TrainState, frozen: FrozenParams, batches: PromptBatch) -> TrainState:
@@ -201,30 +186,39 @@ class SplitMeshPPO(PPO):
         queue = jax.device_put(queue, self.state_shardings().pipeline)
         return dataclasses.replace(state, pipeline=queue)
 
-    # ------------------------------------------------------------------ timeline
 
-    def _record(self, phase: str, step: int, start: float, result) -> None:
-        jax.block_until_ready(result)
-        self.timeline.append(Span(phase, step, start, time.perf_counter()))
+class _Watch:
+    """Times the phases of one step: ``watch(phase, dispatch)`` calls ``dispatch()`` (which returns
+    at once: JAX dispatches asynchronously) and notes when its result is ready: ``"sequential"``
+    by blocking right there, ``"overlap"`` from a thread started at once that blocks on it (so the
+    next phase is dispatched meanwhile, and each end time is its own); None: not at all."""
 
-    def _record_concurrently(self, step: int, rollout, update) -> None:
-        """Waits for both phases, each in its own thread, so each end time is its own."""
-        ends: dict[str, float] = {}
+    def __init__(self, mode: str | None, step: int):
+        self.mode, self.step = mode, step
+        self._spans: list[Span] = []
+        self._threads: list[threading.Thread] = []
 
-        def wait(phase, result):
+    def __call__(self, phase: str, dispatch):
+        start = time.perf_counter()
+        result = dispatch()
+        if self.mode == "sequential":
             jax.block_until_ready(result)
-            ends[phase] = time.perf_counter()
+            self._spans.append(Span(phase, self.step, start, time.perf_counter()))
+        elif self.mode == "overlap":
 
-        threads = [
-            threading.Thread(target=wait, args=("rollout", rollout[1])),
-            threading.Thread(target=wait, args=("update", update[1])),
-        ]
-        for thread in threads:
+            def wait():
+                jax.block_until_ready(result)
+                self._spans.append(Span(phase, self.step, start, time.perf_counter()))
+
+            thread = threading.Thread(target=wait, daemon=True)
             thread.start()
-        for thread in threads:
+            self._threads.append(thread)
+        return result
+
+    def spans(self) -> list[Span]:
+        for thread in self._threads:
             thread.join()
-        self.timeline.append(Span("rollout", step, rollout[0], ends["rollout"]))
-        self.timeline.append(Span("update", step, update[0], ends["update"]))
+        return sorted(self._spans, key=lambda span: span.start)
 
 
 def phase_means(spans: list[Span], skip_steps: int = 1) -> dict[str, float]:

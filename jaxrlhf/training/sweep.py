@@ -201,7 +201,7 @@ class Sweep:
 
     def prompt_batches(self, prompt_ids_RxKxBxP, prompt_mask_RxKxBxP) -> PromptBatch:
         """Each run's prompts of its next ``max_staleness`` steps, ``[R, k, B / G, P]`` (`fill_step`)."""
-        sharding = NamedSharding(self.mesh, P(self.runs_axis, *self.ppo.prompt_batches_sharding_spec()))
+        sharding = NamedSharding(self.mesh, P(self.runs_axis, None, *self.ppo.prompt_batches_sharding_spec()))
         return PromptBatch(
             global_array(np.asarray(prompt_ids_RxKxBxP, np.int32), sharding),
             global_array(np.asarray(prompt_mask_RxKxBxP, np.int32), sharding),
