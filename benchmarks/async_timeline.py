@@ -123,7 +123,8 @@ def main(args: Args) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxrlhf.models import LanguageModel, ModelConfig
+    from jaxrlhf.models import LanguageModel
+    from jaxrlhf.models.config import gpt2_config
     from jaxrlhf.sharding import make_mesh
     from jaxrlhf.training import PPO, PPOConfig
     from jaxrlhf.training.asynchronous import SplitMeshPPO, expected_speedup, phase_means
@@ -132,27 +133,9 @@ def main(args: Args) -> dict:
     if len(devices) < args.devices:
         raise SystemExit(f"{args.devices} devices asked, {len(devices)} available")
     half = args.devices // 2
+    heads = max(1, args.width // 64)
     model = LanguageModel(
-        ModelConfig(
-            model_type="gpt2",
-            vocab_size=args.vocab,
-            hidden_size=args.width,
-            num_layers=args.layers,
-            num_heads=max(1, args.width // 64),
-            num_kv_heads=max(1, args.width // 64),
-            head_dim=args.width // max(1, args.width // 64),
-            intermediate_size=4 * args.width,
-            max_position_embeddings=args.prompt_len + args.new_tokens,
-            norm_eps=1e-5,
-            positions="learned",
-            norm="layernorm",
-            mlp="plain",
-            activation="gelu_new",
-            qkv_bias=True,
-            o_bias=True,
-            mlp_bias=True,
-            tie_word_embeddings=True,
-        )
+        gpt2_config(args.vocab, args.width, args.layers, heads, max_len=args.prompt_len + args.new_tokens)
     )
     params = model.init_params(jax.random.PRNGKey(0))
 

@@ -9,12 +9,16 @@ trainer computes them from the right arrays and hands them to the loss.
 
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import persistent_compilation_cache, tiny_config
+from conftest import SUBPROCESS_XLA_FLAGS, persistent_compilation_cache, tiny_config
 
 from jaxrlhf.core.stats import masked_mean
 from jaxrlhf.metrics_log import read_metrics
@@ -516,3 +520,28 @@ def test_split_mesh_trainer_equals_the_synchronous_one_and_overlaps(tiny, tmp_pa
     means = phase_means(split.timeline)
     assert set(means) == {"rollout", "update", "transfer"}
     assert expected_speedup(1.0, 1.0) == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_timeline_benchmark_runs_in_its_quick_mode(tmp_path):
+    """benchmarks/async_timeline.py --quick (its own 8 simulated devices): the phase times, the
+    expected gain and both timelines, as JSON and PNG."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_FLAGS=SUBPROCESS_XLA_FLAGS)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "benchmarks", "async_timeline.py"), "--quick", "--out_dir", str(tmp_path)],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "expected speedup from the phase times" in proc.stdout
+    with open(tmp_path / "async_timeline.json") as f:
+        result = json.load(f)
+    assert set(result["sequential_phase_s"]) == {"rollout", "update", "transfer"}
+    assert result["expected_speedup_over_sequential"] > 0 and result["synchronous_step_s"] > 0
+    assert {span["phase"] for span in result["timelines"]["overlap"]} == {"rollout", "update", "transfer"}
+    assert (tmp_path / "async_timeline.png").stat().st_size > 0
