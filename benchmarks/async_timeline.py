@@ -17,9 +17,10 @@ give where the two halves are separate chips, from the sequential phase times:
 
 (against the synchronous step on all devices, divide the synchronous step time by
 ``max(rollout, update) + transfer``). The measured overlapped step time is only meaningful on
-accelerators: on a CPU host the simulated devices share its cores, so two programs running at once
-slow each other down. Writes ``out_dir/async_timeline.json`` and ``async_timeline.png`` (the
-sequential and the overlapped timelines, one row per phase).
+accelerators: XLA:CPU executes one program at a time, even on disjoint simulated devices, so on a
+CPU host the two phases are in flight together but run one after the other. Writes
+``out_dir/async_timeline.json`` and ``async_timeline.png`` (the sequential and the overlapped
+timelines, one row per phase).
 
     python benchmarks/async_timeline.py                    # GPT-2-small-like shapes, 8 devices
     python benchmarks/async_timeline.py --quick            # tiny shapes, 4 steps: checks that it runs

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -135,8 +136,8 @@ def test_off_policy_config_is_checked_and_its_numbers_are_data():
         run_configs(config, [{"rollout_is_cap": 0.5}])
 
 
-def test_staleness_needs_a_reward_scored_in_the_jit(tiny):
-    model, _ = tiny
+def test_staleness_needs_a_reward_scored_in_the_jit():
+    model = LanguageModel(tiny_config("gpt2", vocab_size=VOCAB, num_heads=2, max_position_embeddings=32))
     with pytest.raises(ValueError, match="TextReward"):
         PPO(BASE.replace(max_staleness=1), model, TextReward(lambda p, r: [0.0] * len(r)))
 
@@ -474,8 +475,8 @@ def test_stale_bf16_lora_run_trains_its_adapters(tiny, tmp_path):
 def test_split_mesh_trainer_equals_the_synchronous_one_and_overlaps(tiny, tmp_path):
     """On 8 CPU devices, rollout on 4, update on the other 4: with k = 0 it computes what the
     synchronous trainer computes on the update's devices (and one device's numbers up to the device
-    count's rounding); with k = 1 through `train`, what the single-mesh pipeline computes, and each
-    step's rollout span overlaps its update span."""
+    count's rounding); with k = 1 through `train`, what the single-mesh pipeline computes, with a
+    span per phase and step on its timeline."""
     model, params = tiny
     devices = jax.devices()
     assert len(devices) == 8
@@ -513,13 +514,42 @@ def test_split_mesh_trainer_equals_the_synchronous_one_and_overlaps(tiny, tmp_pa
             if name not in ("step_time", "tokens_per_s"):
                 assert got[name] == pytest.approx(expected[name], abs=1e-6), name
     assert max_abs_diff(split_result.state.policy_params, sync_result.state.policy_params) < 1e-6
-    spans = {(s.phase, s.step): s for s in split.timeline}
-    for step in range(4):
-        rollout, update = spans["rollout", step], spans["update", step]
-        assert max(rollout.start, update.start) < min(rollout.end, update.end)  # both in flight at once
-    means = phase_means(split.timeline)
-    assert set(means) == {"rollout", "update", "transfer"}
+    assert sorted((s.phase, s.step) for s in split.timeline) == sorted(
+        (phase, step) for phase in ("rollout", "update", "transfer") for step in range(4)
+    )
+    assert set(phase_means(split.timeline)) == {"rollout", "update", "transfer"}
     assert expected_speedup(1.0, 1.0) == pytest.approx(2.0)
+
+
+def _pause(total):
+    time.sleep(1.5)
+    return np.zeros((), np.float32)
+
+
+def slow_reward(prompt_ids, prompt_mask, response_ids, response_mask):
+    """`target_reward`, after the host sleeps for 1.5 s (a rollout that takes long on its devices)."""
+    scores = target_reward(prompt_ids, prompt_mask, response_ids, response_mask)
+    return scores + jax.pure_callback(_pause, jax.ShapeDtypeStruct((), jnp.float32), scores.sum())
+
+
+@pytest.mark.slow
+def test_split_mesh_dispatches_the_update_while_the_rollout_runs(tiny):
+    """With k = 1 and a rollout that takes 1.5 s on the sampler mesh, the step dispatches the
+    update while the rollout is in flight: nothing on the host waits for the rollout before the
+    update is on its way. (XLA:CPU then runs the two programs one after the other: its simulated
+    devices share one host; on accelerators they run at once.)"""
+    model, params = tiny
+    devices = jax.devices()
+    config = BASE.replace(max_staleness=1)
+    split = SplitMeshPPO(
+        config, model, slow_reward, sampler_devices=devices[:4], trainer_devices=devices[4:], timeline="overlap"
+    )
+    _, history = run_steps(split, params, steps=2)
+    spans = {(s.phase, s.step): s for s in split.timeline}
+    rollout, update = spans["rollout", 1], spans["update", 1]
+    assert rollout.duration >= 1.5
+    assert rollout.start < update.start < rollout.start + 1.0 < rollout.end, split.timeline
+    assert history[1]["staleness_max"] == 1.0
 
 
 @pytest.mark.slow

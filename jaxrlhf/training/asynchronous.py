@@ -10,8 +10,11 @@ gives each its own devices (e.g. 4 + 4 of 8) and lets them run at the same time:
       copy the new batch to the trainer mesh, push it into the queue
 
 The two programs of a step depend only on the state of version t, so with ``max_staleness = k >=
-1`` neither waits for the other: the rollout of a later step runs while the update of this one
-does (JAX's asynchronous dispatch; no threads). With ``k = 0`` the update needs the rollout it
+1`` neither waits for the other: both are dispatched (JAX's asynchronous dispatch) before either is
+waited on, and devices that run independently (accelerators) run the rollout of a later step while
+the update of this one runs. XLA:CPU executes one program at a time, even on disjoint simulated
+devices, so on a CPU host the two are in flight together but run one after the other: the gain is
+an accelerator figure (`expected_speedup`). With ``k = 0`` the update needs the rollout it
 trains on, so the two run one after the other, and the step computes what `PPO.train_step`
 computes (the same functions, on other devices). Both sides run the same pure functions as `PPO`
 (`PPO.sample`, `PPO.train_on`, `PPO.push`), so a split-mesh run with staleness k equals the
@@ -24,9 +27,10 @@ and `TextReward` are not supported.
 
 **Timeline.** ``timeline="overlap"`` records, per step, each phase's span on the host's clock:
 from its dispatch to the moment its result is ready (``jax.block_until_ready`` in a waiting thread
-per phase, so waiting does not serialise the phases). ``"sequential"`` blocks after each phase
-instead: the phases' own durations, from which the gain of the overlap is estimated
-(`expected_speedup`). ``None`` records nothing and never blocks inside a step.
+per phase, so waiting does not serialise the phases): the time each phase is in flight.
+``"sequential"`` blocks after each phase instead: the phases' own durations, from which the gain
+of the overlap is estimated (`expected_speedup`). ``None`` records nothing and never blocks inside
+a step.
 """
 
 from __future__ import annotations
