@@ -472,7 +472,7 @@ def test_stale_bf16_lora_run_trains_its_adapters(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_split_mesh_trainer_equals_the_synchronous_one_and_overlaps(tiny, tmp_path):
+def test_split_mesh_trainer_equals_the_synchronous_one_and_the_pipeline(tiny, tmp_path):
     """On 8 CPU devices, rollout on 4, update on the other 4: with k = 0 it computes what the
     synchronous trainer computes on the update's devices (and one device's numbers up to the device
     count's rounding); with k = 1 through `train`, what the single-mesh pipeline computes, with a
