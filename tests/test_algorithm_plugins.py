@@ -207,9 +207,9 @@ def test_presets_compute_what_the_if_elif_trainer_computed():
 
     golden = dict(np.load(preset_golden.GOLDEN_PATH))
     now = preset_golden.compute_all()
-    assert set(now) == set(golden)
-    for key, value in now.items():
-        np.testing.assert_allclose(value, golden[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    assert set(golden) <= set(now)  # metrics added since (e.g. the sampler-trainer mismatch) are new keys
+    for key, value in golden.items():
+        np.testing.assert_allclose(now[key], value, rtol=2e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("loss_name", ["cispo", "clip-cov", "kl-cov", "gmpo", "sapo"])

@@ -3,8 +3,9 @@
 Each checkpoint is a step directory holding two items::
 
     state  the TrainState pytree (`ocp.args.StandardSave`): params, optimizer states (with their
-           injected numbers), KL controller, score statistics, hyper-parameters, step and PRNG
-           key, so N steps + restore + N steps equals 2N steps; for a sweep the `SweepState`;
+           injected numbers), KL controller, score statistics, hyper-parameters, step, PRNG key
+           and (``max_staleness > 0``) the rollouts in flight, so N steps + restore + N steps
+           equals 2N steps; for a sweep the `SweepState`;
     meta   JSON (`ocp.args.JsonSave`): the PPOConfig and the model configs it was trained with,
            a sweep's per-run overrides and (when given) the prompt set's fingerprint;
 
@@ -44,7 +45,9 @@ from jaxrlhf.config import config_to_dict
 from jaxrlhf.training.config import RESUME_MUTABLE_FIELDS, PPOConfig
 from jaxrlhf.training.ppo import PPO
 
-FORMAT_VERSION = 2  # 2: hyper-parameters in the state (TrainState.hparams, injected optimizer numbers)
+# 2: hyper-parameters in the state (TrainState.hparams, injected optimizer numbers); 3: the rollout
+# correction's numbers in HyperParams and the rollouts in flight (TrainState.pipeline).
+FORMAT_VERSION = 3
 _ocp_atomicity = ocp.path.atomicity
 
 MANIFEST_NAME = "_INTEGRITY.json"

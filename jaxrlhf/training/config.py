@@ -13,12 +13,14 @@ import numpy as np
 
 from jaxrlhf.config import refuse_unknown_fields
 from jaxrlhf.core.losses import LOSS_AGGREGATIONS
+from jaxrlhf.core.offpolicy import ROLLOUT_CORRECTIONS
 from jaxrlhf.metrics_log import LOGGERS
 from jaxrlhf.training import plugins
 
 KL_PLACEMENTS = ("reward", "loss")
 SCORE_NORMS = ("batch", "running")  # or None: scores used as they are
 LR_SCHEDULES = ("constant", "linear", "cosine")
+ROLLOUT_DTYPES = ("bfloat16", "float16", "float32")  # or None: sample with the policy's own dtypes
 
 
 # The plug-in fields hold registered names (what the command line and JSON files give). In Python
@@ -117,6 +119,36 @@ class PPOConfig:
     max_turn_tokens: int | None = None
     """With an environment: one turn's action budget (a turn also ends at one of the
     environment's stop tokens, or at EOS); None = max_new_tokens."""
+
+    # --- off-policy: the sampler is not the trainer (docs/offpolicy.md) ---
+    rollout_correction: str | None = None
+    """Correct the policy loss for the sampler not being the trainer: the name of a rollout
+    correction of `jaxrlhf.core.ROLLOUT_CORRECTIONS` ("tis", "seq-tis", "icepop", "seq-mask",
+    "seq-mask-tis", "geo-rs", "k3-rs", "k3-rs-tis"), computed once per batch from the sampler's
+    (behaviour) and the recomputed (old) log-probs: per-token loss weights and, for the rejecting
+    ones, a reduced mask of the policy loss. None = off. With the old log-probs from the sampler
+    every correction is the identity."""
+    rollout_is_cap: float = 2.0
+    """C of truncated importance sampling, ``min(w, C)`` (>= 1; "tis", "seq-tis", "k3-rs-tis")."""
+    rollout_mask_low: float = 0.5
+    """Lower end of the band ``[lo, hi]`` outside which a weight is masked (in [0, 1]; "icepop",
+    "seq-mask", "seq-mask-tis")."""
+    rollout_mask_high: float = 5.0
+    """Upper end of that band (>= 1)."""
+    rollout_reject_threshold: float = 0.01
+    """Mismatch (K1 / K3 statistic) above which a row is rejected (>= 0; "geo-rs", "k3-rs",
+    "k3-rs-tis")."""
+    rollout_dtype: str | None = None
+    """Sample with a copy of the policy's parameters in this dtype ("bfloat16", "float16",
+    "float32") and a model computing in it, cast once per step inside the jitted step (with LoRA:
+    the base and the adapters), while the trainer keeps its own (e.g. float32) parameters: the
+    low-precision sampler of production systems, whose mismatch the metrics measure and
+    rollout_correction corrects. None = the policy's own dtypes."""
+    max_staleness: int = 0
+    """k >= 0: train on rollouts sampled with parameters k updates old. The state holds a queue of
+    k in-flight rollouts: each step samples one with the current parameters, pushes it, and trains
+    on the oldest. Step 0 first fills the queue with k batches sampled by the initial parameters,
+    so the staleness of the trained batch is min(step, k). 0 = the synchronous trainer."""
 
     # --- reward ---
     score_clip: float | None = None
@@ -409,6 +441,32 @@ class PPOConfig:
             f"rows: batch_size * dynamic_sampling_oversample), got {S!r}",
         )
 
+        # --- off-policy ---
+        need(
+            self.rollout_correction is None or self.rollout_correction in ROLLOUT_CORRECTIONS,
+            f"rollout_correction must be None (off) or one of {tuple(ROLLOUT_CORRECTIONS)}, got "
+            f"{self.rollout_correction!r}",
+        )
+        need(self.rollout_is_cap >= 1, f"rollout_is_cap must be >= 1, got {self.rollout_is_cap!r}")
+        need(
+            0 <= self.rollout_mask_low <= 1 <= self.rollout_mask_high,
+            f"the band needs 0 <= rollout_mask_low <= 1 <= rollout_mask_high, got "
+            f"[{self.rollout_mask_low!r}, {self.rollout_mask_high!r}]",
+        )
+        need(
+            self.rollout_reject_threshold >= 0,
+            f"rollout_reject_threshold must be >= 0, got {self.rollout_reject_threshold!r}",
+        )
+        need(
+            self.rollout_dtype is None or self.rollout_dtype in ROLLOUT_DTYPES,
+            f"rollout_dtype must be None or one of {ROLLOUT_DTYPES}, got {self.rollout_dtype!r}",
+        )
+        k = self.max_staleness
+        need(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0,
+            f"max_staleness must be an int >= 0, got {k!r}",
+        )
+
     @property
     def prompts_per_step(self) -> int:
         """Prompts per iteration: ``batch_size // num_generations`` (each repeated G times), times
@@ -424,6 +482,12 @@ class PPOConfig:
     def uses_critic(self) -> bool:
         """Whether the trainer has a value model (the estimator declares ``uses_critic``: "gae")."""
         return plugins.lookup(plugins.AdvantageEstimator, self.advantage_estimator).uses_critic
+
+    @property
+    def sampler_differs(self) -> bool:
+        """Whether the sampler is configured to differ from the trainer (``rollout_dtype`` or
+        ``max_staleness > 0``): the experience pass then logs the mismatch metrics."""
+        return self.rollout_dtype is not None or self.max_staleness > 0
 
     @property
     def num_minibatches(self) -> int:

@@ -46,6 +46,10 @@ def check_environment(config: PPOConfig, env: Environment, reward) -> None:
         raise ValueError(f"environment {env.name}: max_observation_tokens must be an int >= 0, got {O!r}")
     if config.rollout_slots is not None:
         raise ValueError("rollout_slots (refilled slots) decode single responses: set it to None for episodes")
+    if config.max_staleness > 0:
+        raise ValueError(
+            "max_staleness > 0 keeps single-turn rollouts in flight; episodes train synchronously (max_staleness=0)"
+        )
     if env.on_host and config.greedy_rollout:
         raise ValueError(
             f"greedy_rollout decodes greedy episodes inside the jit: environment {env.name} runs on the host"

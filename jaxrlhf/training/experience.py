@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.core import groups
 from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
+from jaxrlhf.core.offpolicy import apply_rollout_correction, mismatch_metrics, rollout_correction
 from jaxrlhf.core.rewards import step_rewards
 from jaxrlhf.core.sequences import concat_prompt_response
 from jaxrlhf.core.stats import masked_mean, masked_sum, masked_var
@@ -102,6 +103,12 @@ class Experience(NamedTuple):
     returns: jax.Array | None  # [B, N] value targets A + V; None without a critic
     rewards: jax.Array  # [B, N] step rewards (for analysis; the update does not read them)
     scores: jax.Array  # [B] scores after EOS penalty, clipping and normalisation
+    # Off-policy (docs/offpolicy.md): the sampler's log-probs of the tokens (the behaviour policy;
+    # None when the rollout has none), and the rollout correction's per-token weights of the policy
+    # loss and its reduced mask (None: weight 1, the response mask), computed once per batch.
+    behaviour_logprobs: jax.Array | None = None  # [B, N]
+    loss_weights: jax.Array | None = None  # [B, N] float32, constants
+    policy_mask: jax.Array | None = None  # [B, N] action_mask without the rejected tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,8 +361,13 @@ def make_experience(
     logprobs_BxN, ref_logprobs_BxN = sg(logprobs_BxN), sg(ref_logprobs_BxN)
     values_BxN = None if values_BxN is None else sg(values_BxN)
     response_length_B = jnp.sum(response_mask_BxN, axis=1).astype(jnp.float32)
+    behaviour_BxN = None
+    if rollout_out.logprobs is not None:
+        behaviour_BxN = sg(jnp.where(action_mask_BxN > 0, rollout_out.logprobs.astype(jnp.float32), 0.0))
+    loss_weights_BxN, policy_mask_BxN, extra = correct_rollout(
+        config, logprobs_BxN, behaviour_BxN, action_mask_BxN, hparams
+    )
 
-    extra = {}
     shaped_scores_B = raw_scores_B
     if config.overlong_buffer is not None:
         penalty_B = overlong_penalty(config, response_mask_BxN, hparams)
@@ -452,5 +464,44 @@ def make_experience(
         returns=None if returns_BxN is None else sg(returns_BxN),
         rewards=rewards_BxN,
         scores=scores_B,
+        behaviour_logprobs=behaviour_BxN,
+        loss_weights=loss_weights_BxN,
+        policy_mask=policy_mask_BxN,
     )
     return experience, new_score_stats, stats
+
+
+def correct_rollout(config: PPOConfig, old_logprobs_BxN, behaviour_BxN, mask_BxN, hparams: HyperParams):
+    """The rollout correction of ``config`` for one batch: ``(loss weights [B, N] or None, policy
+    mask [B, N] or None, stats)``.
+
+    With ``config.rollout_correction`` set, `jaxrlhf.core.apply_rollout_correction` of the old
+    (proximal, recomputed) and behaviour (sampler's) log-probs with the state's numbers
+    (``rollout_is_cap``, ``rollout_mask_low`` / ``_high``, ``rollout_reject_threshold``): its
+    weights ``w`` (``min(w, C)``, 0 outside the band or for rejected tokens), its mask when the
+    correction rejects (None otherwise: the action mask), and its statistics (the mismatch
+    metrics, ``is_*``, ``reject_*``). Without one: no weights, no mask, and the mismatch metrics
+    (`jaxrlhf.core.mismatch_metrics`) whenever the sampler's log-probs exist and the old ones are
+    recomputed: every step of a default run measures how far sampler and trainer are apart.
+    """
+    if config.rollout_correction is None:
+        measured = behaviour_BxN is not None and not config.old_logprobs_from_sampler
+        stats = mismatch_metrics(old_logprobs_BxN, behaviour_BxN, mask_BxN) if measured else {}
+        return None, None, stats
+    if behaviour_BxN is None:
+        raise ValueError(
+            f"config.rollout_correction={config.rollout_correction!r} weighs tokens by the sampler's log-probs: "
+            "pass a Rollout with the sampler's logprobs (what `rollout` returns)"
+        )
+    correction = rollout_correction(config.rollout_correction)
+    weights_BxN, corrected_mask_BxN, stats = apply_rollout_correction(
+        old_logprobs_BxN,
+        behaviour_BxN,
+        mask_BxN,
+        correction,
+        is_cap=hparams.rollout_is_cap,
+        mask_low=hparams.rollout_mask_low,
+        mask_high=hparams.rollout_mask_high,
+        reject_threshold=hparams.rollout_reject_threshold,
+    )
+    return weights_BxN, corrected_mask_BxN if correction.reject is not None else None, stats

@@ -7,7 +7,8 @@ A `PPOConfig` mixes two kinds of field:
   static and part of what `jax.jit` compiles;
 - **numbers** (learning rates, the KL coefficient and the adaptive controller's target/horizon,
   clip ranges, the dual-clip constant, the value/entropy coefficients, gamma, lambda, temperature,
-  top-p, score clipping, the missing-EOS penalty, DAPO's overlong buffer, AdamW's constants):
+  top-p, score clipping, the missing-EOS penalty, DAPO's overlong buffer, the rollout
+  correction's cap, band and rejection threshold, AdamW's constants):
   they are float32 scalars in the `TrainState`, so a run with other numbers reuses the compiled
   step, and a sweep stacks them on a run axis.
 
@@ -68,6 +69,12 @@ class HyperParams:
     overlong_buffer: jax.Array
     router_aux_loss_coef: jax.Array
     router_z_loss_coef: jax.Array
+    # The rollout correction's numbers (`jaxrlhf.core.apply_rollout_correction`), read when
+    # config.rollout_correction is set.
+    rollout_is_cap: jax.Array
+    rollout_mask_low: jax.Array
+    rollout_mask_high: jax.Array
+    rollout_reject_threshold: jax.Array
     # The numbers the config's plug-ins declare (`jaxrlhf.training.plugins`), by name; {} if none.
     plugin: dict[str, jax.Array] = flax.struct.field(default_factory=dict)
 

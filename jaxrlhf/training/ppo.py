@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxrlhf.core.groups import select_groups_with_signal
 from jaxrlhf.core.kl_control import KLControllerState, adaptive_kl_controller, fixed_kl_controller
@@ -52,7 +52,7 @@ from jaxrlhf.sharding import (
     param_shardings,
     replicated,
 )
-from jaxrlhf.training import plugins
+from jaxrlhf.training import pipeline, plugins
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.episodes import check_environment, episode_rollout, episode_settings, no_reward
 from jaxrlhf.training.experience import (
@@ -146,6 +146,11 @@ class PPO:
                 "rollout's at the same parameters (a PPO ratio != 1 from noise alone): use dropout=0 "
                 "for PPO"
             )
+        if config.max_staleness > 0 and is_host_reward(reward):
+            raise ValueError(
+                f"max_staleness={config.max_staleness} keeps scored rollouts in flight in the state, scored inside "
+                "the jit: it needs a JAX reward function or a RewardModel, not a TextReward"
+            )
         self.reward = reward
         self.has_critic = config.uses_critic
         self.critic = None if (config.shared_trunk or not self.has_critic) else (critic or ValueModel(policy.config))
@@ -170,6 +175,9 @@ class PPO:
         self.fused_tuning = resolve_tuning(tuning, rows_per_device=rows_per_device, width=width, trains=True)
         if hasattr(policy, "with_tuning"):
             policy = self.policy = policy.with_tuning(self.tuning)
+        # What samples: the policy itself, or (rollout_dtype) the same architecture computing in that
+        # dtype, called with a cast copy of the parameters (`sampler_params`).
+        self.sampler = policy if config.rollout_dtype is None else sampler_model(policy, config.rollout_dtype)
         self.models = Models(policy, self.critic, has_value=self.has_critic)
         self.policy_optimizer = make_optimizer(config, "policy")
         self.value_optimizer = make_optimizer(config, "value") if self.has_critic else None
@@ -180,7 +188,7 @@ class PPO:
         if self.uses_host_env:
             assert environment is not None
             self._host_episodes = HostEpisodes(
-                policy, environment, episode_settings(config, policy), vocab_size=policy.config.vocab_size
+                self.sampler, environment, episode_settings(config, policy), vocab_size=policy.config.vocab_size
             )
         self._abstract_state = self._build_abstract_state()
         self._state_shardings = jax.tree.map(lambda s: s.sharding, self._abstract_state)
@@ -196,6 +204,7 @@ class PPO:
         self._jit_update = jax.jit(self.update, out_shardings=step_shardings)
         self._jit_init = jax.jit(self._init_from_seed, out_shardings=self._state_shardings)
         self._jit_score = None  # built on first use (`score_step`)
+        self._jit_fill = self.tuning.jit(self.fill_pipeline, out_shardings=self._state_shardings)
 
     # ------------------------------------------------------------------ state
 
@@ -229,6 +238,21 @@ class PPO:
             score_stats=ScoreStats.zeros(),
             hparams=numbers["hparams"],
             key=seed_key,
+            pipeline=self._empty_pipeline(),
+        )
+
+    def _empty_pipeline(self) -> pipeline.InFlight | None:
+        """The queue of ``max_staleness`` empty slots (None when it is 0: no leaves)."""
+        config = self.config
+        if config.max_staleness == 0:
+            return None
+        return pipeline.empty_queue(
+            config.max_staleness,
+            config.prompts_per_step,
+            config.max_prompt_len,
+            config.rollout_size,
+            config.max_new_tokens,
+            with_greedy=config.greedy_rollout,
         )
 
     def _initial_adapters(self, policy_params, seed_key):
@@ -312,11 +336,25 @@ class PPO:
         prompts, on every process) -> `PromptBatch` on the mesh (split over the batch shards when
         they divide it, else replicated: the step repeats each prompt G times, then splits)."""
         prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
-        if prompt_ids.shape[0] % batch_size_divisor(self.mesh) == 0:
-            sharding = batch_sharding(self.mesh)
-        else:
-            sharding = replicated(self.mesh)
+        sharding = self._prompts_sharding(prompt_ids.shape[0])
         return PromptBatch(global_array(prompt_ids, sharding), global_array(prompt_mask, sharding))
+
+    def prompt_batches(self, prompt_ids, prompt_mask) -> PromptBatch:
+        """Host prompt arrays ``[k, batch_size / num_generations, P]`` (the next k steps' batches, what
+        `fill_pipeline` samples) -> a `PromptBatch` on the mesh, split over axis 1 like `prompt_batch`."""
+        prompt_ids, prompt_mask = np.asarray(prompt_ids, np.int32), np.asarray(prompt_mask, np.int32)
+        sharding = NamedSharding(self.mesh, PartitionSpec(None, *self.prompt_batches_sharding_spec()))
+        return PromptBatch(global_array(prompt_ids, sharding), global_array(prompt_mask, sharding))
+
+    def prompt_batches_sharding_spec(self) -> tuple:
+        """The partition of a step's distinct prompts ``[B / G, P]``: split over the batch axes when
+        they divide ``B / G``, else replicated (as `prompt_batch` places them)."""
+        return tuple(self._prompts_sharding(self.config.prompts_per_step).spec)
+
+    def _prompts_sharding(self, rows: int, batch_dim: int = 0) -> NamedSharding:
+        if rows % batch_size_divisor(self.mesh) == 0:
+            return batch_sharding(self.mesh, batch_dim)
+        return replicated(self.mesh)
 
     def kl_controller(self, hparams: HyperParams):
         """The KL controller's update with the state's target and horizon (its initial beta is
@@ -362,19 +400,34 @@ class PPO:
             return batch
         return PromptBatch(*(self._constrain_batch(jnp.repeat(x, G, axis=0)) for x in batch))
 
+    def sampler_params(self, state: TrainState, frozen: FrozenParams | None):
+        """What the sampler is called with: `policy_params`, or with ``rollout_dtype`` a copy of them
+        with every floating-point leaf in that dtype (with LoRA: the base and the adapters), made
+        inside the jitted step, once per step; the trainer's own parameters are untouched."""
+        params = self.policy_params(state, frozen)
+        if self.config.rollout_dtype is None:
+            return params
+        return cast_floating(params, self.config.rollout_dtype)
+
     def rollout(
-        self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, stop_axis_name: str | None = None
+        self,
+        state: TrainState,
+        frozen: FrozenParams,
+        batch: PromptBatch,
+        stop_axis_name: str | None = None,
+        key: jax.Array | None = None,
     ) -> Rollout:
         """Sample the responses of one iteration (pure; `rollout_step` is its jitted form): ``[B, N]``,
-        G consecutive rows per prompt of ``batch``, each row with its own random draws.
-        ``stop_axis_name``: a sweep's vmapped run axis (its runs stop decoding together; same samples)."""
+        G consecutive rows per prompt of ``batch``, each row with its own random draws, by the sampler
+        (`sampler_params`). ``stop_axis_name``: a sweep's vmapped run axis (its runs stop decoding
+        together; same samples). ``key``: default the step's rollout key."""
         self._check_batch(batch)
-        rollout_key, _, _ = self._keys(state)
+        rollout_key = self._keys(state)[0] if key is None else key
         if self.environment is not None:  # multi-turn episodes, the environment in the loop
             out = episode_rollout(
                 self.config,
-                self.policy,
-                self.policy_params(state, frozen),
+                self.sampler,
+                self.sampler_params(state, frozen),
                 batch,
                 rollout_key,
                 state.hparams,
@@ -384,8 +437,8 @@ class PPO:
             return jax.tree.map(self._constrain_batch, out)
         out = rollout(
             self.config,
-            self.policy,
-            self.policy_params(state, frozen),
+            self.sampler,
+            self.sampler_params(state, frozen),
             batch,  # each prompt prefilled once for its G rows
             rollout_key,
             state.hparams,
@@ -402,16 +455,16 @@ class PPO:
         stop_axis_name: str | None = None,
         frozen: FrozenParams | None = None,
     ) -> Rollout:
-        """One greedy (temperature 0) response per distinct prompt, ``[B / G, N]`` (ReMax).
-        ``frozen`` is needed with LoRA (the base)."""
+        """One greedy (temperature 0) response per distinct prompt, ``[B / G, N]`` (ReMax), by the
+        sampler. ``frozen`` is needed with LoRA (the base)."""
         self._check_batch(batch)
         if self.lora is not None and frozen is None:
             raise ValueError("with LoRA the policy needs its frozen base: pass frozen")
         if self.environment is not None:  # the greedy episode (temperature 0) of each prompt
             return episode_rollout(
                 self.config,
-                self.policy,
-                self.policy_params(state, frozen),
+                self.sampler,
+                self.sampler_params(state, frozen),
                 batch,
                 jax.random.PRNGKey(0),
                 state.hparams,
@@ -420,8 +473,52 @@ class PPO:
                 greedy=True,
             )
         return greedy_rollout(
-            self.config, self.policy, self.policy_params(state, frozen), batch, stop_axis_name=stop_axis_name
+            self.config, self.sampler, self.sampler_params(state, frozen), batch, stop_axis_name=stop_axis_name
         )
+
+    def sample(
+        self,
+        state: TrainState,
+        frozen: FrozenParams,
+        batch: PromptBatch,
+        stop_axis_name: str | None = None,
+        slot=None,
+    ) -> pipeline.InFlight:
+        """Rollout, scoring in the jit and (``greedy_rollout``) the greedy baseline of ``batch``, with
+        the state's parameters: one `InFlight` batch of episodes (pure). ``slot``: the queue slot a
+        filling run samples (`fill_pipeline`), with that slot's key; None: the step's own rollout."""
+        if self.uses_host_rollout:
+            raise TypeError("a TextReward or a host environment runs on the host: use rollout_step, then update_step")
+        key = None if slot is None else pipeline.fill_key(state.key, slot, self.config.max_staleness)
+        rollout_out = self.rollout(state, frozen, batch, stop_axis_name, key=key)
+        prompts = self.repeat_prompts(batch)
+        raw_scores_B = score_in_jit(
+            self.reward, frozen.reward_params, prompts.ids, prompts.mask, rollout_out.tokens, rollout_out.mask
+        )
+        greedy = None
+        if self.config.greedy_rollout:
+            greedy_out = self.greedy_rollout(state, batch, stop_axis_name, frozen=frozen)
+            greedy_scores_P = score_in_jit(
+                self.reward, frozen.reward_params, batch.ids, batch.mask, greedy_out.tokens, greedy_out.mask
+            )
+            greedy = (greedy_out, greedy_scores_P)
+        return self.in_flight(state, batch, rollout_out, raw_scores_B, greedy, slot)
+
+    def in_flight(
+        self, state: TrainState, batch: PromptBatch, rollout_out: Rollout, raw_scores_B, greedy=None, slot=None
+    ) -> pipeline.InFlight:
+        """Scored rollouts as an `InFlight` batch sampled by the state's parameters (``version =
+        state.step``), answering the prompts of step ``state.step + max_staleness`` (of step
+        ``state.step + slot`` when filling)."""
+        k = self.config.max_staleness
+        if k > 0 and batch.ids.shape[1] != self.config.max_prompt_len:
+            raise ValueError(
+                f"with max_staleness={k} the prompts in flight have one shape: pad them to "
+                f"max_prompt_len={self.config.max_prompt_len} (got {batch.ids.shape[1]} tokens)"
+            )
+        version_B = jnp.full(rollout_out.tokens.shape[:1], state.step, jnp.int32)
+        offset = k if slot is None else slot
+        return pipeline.InFlight(batch, rollout_out, raw_scores_B, version_B, version_B + offset, greedy)
 
     def update(
         self,
@@ -432,15 +529,39 @@ class PPO:
         raw_scores_B,
         greedy: tuple[Rollout, Any] | None = None,
     ) -> tuple[TrainState, Metrics]:
-        """Experience + PPO update + KL controller from scored rollouts (pure; see `update_step`).
+        """Experience + PPO update + KL controller from scored rollouts (pure; see `update_step`):
+        `advance` with them.
 
         ``batch`` holds the distinct prompts (``[B / G, P]``); ``greedy`` the greedy responses and
         their raw scores (with ``greedy_rollout``)."""
-        config, hp = self.config, state.hparams
-        if config.greedy_rollout and greedy is None:
+        if self.config.greedy_rollout and greedy is None:
             raise ValueError(
                 "greedy_rollout is on: update needs greedy=(greedy responses, their scores); train_step computes them"
             )
+        return self.advance(state, frozen, self.in_flight(state, batch, rollout_out, raw_scores_B, greedy))
+
+    def advance(self, state: TrainState, frozen: FrozenParams, flight: pipeline.InFlight) -> tuple[TrainState, Metrics]:
+        """One step given the episodes just sampled (pure). Synchronous (``max_staleness = 0``):
+        train on ``flight``. With ``k > 0``: train on the oldest batch in flight, then `push`
+        ``flight`` (`jaxrlhf.training.pipeline`)."""
+        if self.config.max_staleness == 0:
+            return self.train_on(state, frozen, flight)
+        new_state, metrics = self.train_on(state, frozen, pipeline.oldest(state.pipeline))
+        return self.push(new_state, flight), metrics
+
+    def push(self, state: TrainState, flight: pipeline.InFlight) -> TrainState:
+        """``state`` with ``flight`` appended to its queue and the oldest batch dropped (pure)."""
+        new_state = dataclasses.replace(state, pipeline=pipeline.push(state.pipeline, flight))
+        return jax.lax.with_sharding_constraint(new_state, self.state_shardings())
+
+    def train_on(
+        self, state: TrainState, frozen: FrozenParams, flight: pipeline.InFlight
+    ) -> tuple[TrainState, Metrics]:
+        """Experience + PPO update + KL controller on one scored batch (pure); the queue, if any, is
+        left as it is. With ``max_staleness > 0`` the metrics include the batch's provenance
+        (`pipeline.staleness_stats`)."""
+        config, hp = self.config, state.hparams
+        batch, rollout_out, raw_scores_B, greedy = flight.prompts, flight.rollout, flight.raw_scores, flight.greedy
         _, update_key, next_key = self._keys(state)
         kl_coef = state.kl_ctl.kl_coef
         selection = None
@@ -464,6 +585,8 @@ class PPO:
         )
         if selection is not None:
             exp_stats.update(selection)
+        if config.max_staleness > 0:
+            exp_stats.update(pipeline.staleness_stats(state.step, flight))
         experience = jax.tree.map(self._constrain_batch, experience)
 
         ppo_update = make_ppo_update(
@@ -541,23 +664,38 @@ class PPO:
     def fused_step(
         self, state: TrainState, frozen: FrozenParams, batch: PromptBatch, stop_axis_name: str | None = None
     ) -> tuple[TrainState, Metrics]:
-        """Rollout, scoring in the jit and update: one whole iteration (pure; see `train_step`).
-        ``stop_axis_name``: see `rollout`."""
-        if self.uses_host_rollout:
-            raise TypeError("a TextReward or a host environment runs on the host: use rollout_step, then update_step")
-        rollout_out = self.rollout(state, frozen, batch, stop_axis_name)
-        prompts = self.repeat_prompts(batch)
-        raw_scores_B = score_in_jit(
-            self.reward, frozen.reward_params, prompts.ids, prompts.mask, rollout_out.tokens, rollout_out.mask
-        )
-        greedy = None
-        if self.config.greedy_rollout:
-            greedy_out = self.greedy_rollout(state, batch, stop_axis_name, frozen=frozen)
-            greedy_scores_P = score_in_jit(
-                self.reward, frozen.reward_params, batch.ids, batch.mask, greedy_out.tokens, greedy_out.mask
+        """Rollout, scoring in the jit and update: one whole iteration (pure; see `train_step`):
+        `sample` ``batch``, then `advance`. ``stop_axis_name``: see `rollout`. With
+        ``max_staleness = k > 0`` ``batch`` holds the prompts of step ``state.step + k``."""
+        return self.advance(state, frozen, self.sample(state, frozen, batch, stop_axis_name))
+
+    def fill_pipeline(
+        self, state: TrainState, frozen: FrozenParams, batches: PromptBatch, stop_axis_name: str | None = None
+    ) -> TrainState:
+        """``state`` with its queue filled (``max_staleness = k > 0``; pure, `fill_step` is its jitted
+        form): ``batches`` ``[k, B / G, P]`` are the prompts of steps ``state.step .. + k - 1``, each
+        sampled and scored with the state's parameters (`sample`, slot i with its own key) and put
+        in flight. The state's key is not advanced: the same state fills the same queue."""
+        k = self.config.max_staleness
+        if k == 0:
+            raise ValueError("fill_pipeline: max_staleness is 0, there is no queue to fill")
+        if batches.ids.shape[0] != k:
+            raise ValueError(
+                f"fill_pipeline takes the prompts of the next max_staleness={k} steps, got {batches.ids.shape[0]}"
             )
-            greedy = (greedy_out, greedy_scores_P)
-        return self.update(state, frozen, batch, rollout_out, raw_scores_B, greedy)
+        new_state = dataclasses.replace(state, pipeline=self.filled_queue(state, frozen, batches, stop_axis_name))
+        return jax.lax.with_sharding_constraint(new_state, self.state_shardings())
+
+    def filled_queue(
+        self, state: TrainState, frozen: FrozenParams, batches: PromptBatch, stop_axis_name: str | None = None
+    ) -> pipeline.InFlight:
+        """The queue `fill_pipeline` puts in ``state`` (pure): reads only what sampling reads."""
+        slots = jnp.arange(self.config.max_staleness, dtype=jnp.int32)
+        queue = jax.lax.map(
+            lambda slot_and_batch: self.sample(state, frozen, slot_and_batch[1], stop_axis_name, slot_and_batch[0]),
+            (slots, batches),
+        )
+        return jax.tree.map(lambda empty, x: x.astype(empty.dtype), self._empty_pipeline(), queue)  # its dtypes
 
     # ------------------------------------------------------------------ jitted entry points
 
@@ -573,7 +711,7 @@ class PPO:
         self._check_batch(batch)
         rollout_key, _, _ = self._keys(state)
         episodes = self._host_episodes(
-            self.policy_params(state, frozen),
+            self.sampler_params(state, frozen),
             batch.ids,
             batch.mask,
             rollout_key,
@@ -611,6 +749,16 @@ class PPO:
         raw_scores_B = global_array(np.asarray(raw_scores_B), batch_sharding(self.mesh))
         return self._jit_update(state, frozen, batch, rollout_out, raw_scores_B)
 
+    def fill_step(self, state: TrainState, frozen: FrozenParams, batches: PromptBatch) -> TrainState:
+        """`fill_pipeline`, jitted: ``batches`` from `prompt_batches` (the next ``max_staleness``
+        steps' prompts)."""
+        return self._jit_fill(state, frozen, batches)
+
+    def needs_fill(self, state: TrainState) -> bool:
+        """Whether ``state`` has an empty slot in flight (a fresh state with ``max_staleness > 0``):
+        `fill_step` it before its first step. Reads the queue's versions on the host."""
+        return self.config.max_staleness > 0 and pipeline.is_empty(state.pipeline)
+
     def bind(
         self, frozen: FrozenParams, donate: bool = False
     ) -> Callable[[TrainState, PromptBatch], tuple[TrainState, Metrics]]:
@@ -628,9 +776,11 @@ class PPO:
         return train_step
 
     def compiled_step_count(self, which: str = "fused") -> int:
-        """How many programs the jitted ``"fused"``, ``"rollout"`` or ``"update"`` step holds (for
+        """How many programs the jitted ``"fused"``, ``"rollout"``, ``"update"`` or ``"fill"`` step holds (for
         tests that a step compiles once)."""
-        return {"fused": self._jit_fused, "rollout": self._jit_rollout, "update": self._jit_update}[which]._cache_size()
+        jitted = {"fused": self._jit_fused, "rollout": self._jit_rollout, "update": self._jit_update}
+        jitted["fill"] = self._jit_fill
+        return jitted[which]._cache_size()
 
     # ------------------------------------------------------------------ shapes and shardings
 
@@ -666,7 +816,10 @@ class PPO:
                 "head": jax.tree.map(lambda _: rep, shapes.value_params["head"]),
             }
         everything_replicated = jax.tree.map(lambda _: rep, shapes)
+        # The queue in flight ([k, rows, ...]): split over the rows like the batch it holds.
+        queue_sh = jax.tree.map(lambda s: self._prompts_sharding(s.shape[1], batch_dim=1), shapes.pipeline)
         return everything_replicated.replace(
+            pipeline=queue_sh,
             policy_params=policy_sh,
             value_params=value_sh,
             policy_opt_state=opt_state_shardings(self.policy_optimizer, shapes.policy_opt_state, policy_sh, mesh),
@@ -676,3 +829,19 @@ class PPO:
                 else opt_state_shardings(self.value_optimizer, shapes.value_opt_state, value_sh, mesh)
             ),
         )
+
+
+def sampler_model(policy: LanguageModel, dtype: str) -> LanguageModel:
+    """``policy`` computing in ``dtype`` (activations, KV cache and parameter storage; the logits stay
+    float32): the low-precision sampler of ``PPOConfig.rollout_dtype``."""
+    config = getattr(policy, "config", None)
+    if config is None or not hasattr(config, "dtype") or not hasattr(config, "param_dtype"):
+        raise TypeError(f"rollout_dtype needs a policy whose config has dtype and param_dtype, got {policy!r}")
+    return dataclasses.replace(policy, config=config.replace(dtype=dtype, param_dtype=dtype))
+
+
+def cast_floating(params, dtype: str):
+    """``params`` with every floating-point leaf cast to ``dtype`` (integer leaves, e.g. quantised
+    codes or a PRNG key, as they are)."""
+    target = jnp.dtype(dtype)
+    return jax.tree.map(lambda p: p.astype(target) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)

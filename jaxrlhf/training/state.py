@@ -68,6 +68,9 @@ class TrainState:
       hparams: `HyperParams`, the numbers the step reads (clip ranges, gamma, temperature, ...);
         the learning rates and AdamW's constants are in the optimizer states' ``hyperparams``.
       key: the run's PRNG key (raw uint32[2]); split every step, so resuming is exact.
+      pipeline: with ``max_staleness = k > 0``, the k rollouts in flight (`jaxrlhf.training.pipeline.InFlight`,
+        every leaf ``[k, ...]``, oldest first), so a checkpoint holds them and resuming trains
+        each exactly once; None (no leaves) for the synchronous trainer.
     """
 
     step: jax.Array
@@ -79,6 +82,7 @@ class TrainState:
     score_stats: ScoreStats
     hparams: HyperParams
     key: jax.Array
+    pipeline: Any = None
 
 
 class FrozenParams(NamedTuple):

@@ -20,6 +20,7 @@ runs go on training.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrlhf.models.lm import LanguageModel
 from jaxrlhf.models.value import ValueModel
 from jaxrlhf.sharding import RUNS, batch_sharding, global_array, replicated
+from jaxrlhf.training import pipeline
 from jaxrlhf.training.config import PPOConfig
 from jaxrlhf.training.experience import PromptBatch, Rollout
 from jaxrlhf.training.hparams import build_config, initial_numbers, run_configs
@@ -155,6 +157,7 @@ class Sweep:
         self._jit_rollout = self.ppo.tuning.jit(self._rollout, out_shardings=self.batch_sharding())
         self._jit_update = jax.jit(self._update, out_shardings=step_out)
         self._jit_init = jax.jit(self._init, out_shardings=self._state_shardings)
+        self._jit_fill = self.ppo.tuning.jit(self._fill, out_shardings=self._state_shardings)
 
     # ------------------------------------------------------------------ shardings
 
@@ -210,6 +213,14 @@ class Sweep:
             global_array(np.asarray(prompt_mask_RxBxP, np.int32), sharding),
         )
 
+    def prompt_batches(self, prompt_ids_RxKxBxP, prompt_mask_RxKxBxP) -> PromptBatch:
+        """Each run's prompts of its next ``max_staleness`` steps, ``[R, k, B / G, P]`` (`fill_step`)."""
+        sharding = NamedSharding(self.mesh, P(self.runs_axis, None, *self.ppo.prompt_batches_sharding_spec()))
+        return PromptBatch(
+            global_array(np.asarray(prompt_ids_RxKxBxP, np.int32), sharding),
+            global_array(np.asarray(prompt_mask_RxKxBxP, np.int32), sharding),
+        )
+
     # ------------------------------------------------------------------ the step
 
     def _commit(self, sweep_state: SweepState, new_runs: TrainState, metrics: Metrics) -> tuple[SweepState, Metrics]:
@@ -236,6 +247,19 @@ class Sweep:
         update = lambda state, b, r, s: self.ppo.update(state, frozen, b, r, s)  # noqa: E731
         new_runs, metrics = self._vmap(update, (0, 0, 0, 0))(sweep_state.runs, batch, rollout_out, raw_scores_RxB)
         return self._commit(sweep_state, new_runs, metrics)
+
+    def _fill(self, sweep_state: SweepState, frozen: FrozenParams, batches: PromptBatch) -> SweepState:
+        fill = lambda state, run_batches: self.ppo.fill_pipeline(state, frozen, run_batches, self.stop_axis_name)  # noqa: E731
+        return dataclasses.replace(sweep_state, runs=self._vmap(fill, (0, 0))(sweep_state.runs, batches))
+
+    def fill_step(self, sweep_state: SweepState, frozen: FrozenParams, batches: PromptBatch) -> SweepState:
+        """Every run's queue filled (``max_staleness > 0``; `PPO.fill_pipeline` vmapped over the runs),
+        ``batches`` from `prompt_batches`."""
+        return self._jit_fill(sweep_state, frozen, batches)
+
+    def needs_fill(self, sweep_state: SweepState) -> bool:
+        """Whether a run's queue has an empty slot (a fresh sweep with ``max_staleness > 0``)."""
+        return self.ppo.config.max_staleness > 0 and pipeline.is_empty(sweep_state.runs.pipeline)
 
     def train_step(
         self, sweep_state: SweepState, frozen: FrozenParams, batch: PromptBatch

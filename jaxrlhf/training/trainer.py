@@ -246,9 +246,20 @@ class _SingleRun:
         self.trainer, self.frozen, self.data, self.reward, self.tokenizer = ppo, frozen, data, reward, tokenizer
         self.num_runs = 1
 
+    def start(self, state: TrainState, step: int) -> TrainState:
+        """``state`` ready for ``step``: with ``max_staleness = k`` its queue filled with the prompts of
+        steps ``step .. step + k - 1`` when it has empty slots (a fresh run)."""
+        if not self.trainer.needs_fill(state):
+            return state
+        k = self.trainer.config.max_staleness
+        host = [self.data.batch(step + i, self.trainer.config.prompts_per_step) for i in range(k)]
+        batches = self.trainer.prompt_batches(np.stack([b[0] for b in host]), np.stack([b[1] for b in host]))
+        return self.trainer.fill_step(state, self.frozen, batches)
+
     def step(self, state: TrainState, step: int):
         config = self.trainer.config
-        batch_ids, batch_mask = self.data.batch(step, config.prompts_per_step)
+        # With max_staleness = k the step samples the prompts of step + k (and trains on those of step).
+        batch_ids, batch_mask = self.data.batch(step + config.max_staleness, config.prompts_per_step)
         batch = self.trainer.prompt_batch(batch_ids, batch_mask)
         extra = {}
         if self.trainer.uses_host_rollout:  # a text reward, or an environment on the host
@@ -320,9 +331,19 @@ class _SweepRuns:
         self.trainer, self.frozen, self.data, self.reward, self.tokenizer = sweep, frozen, data, reward, tokenizer
         self.num_runs = sweep.num_runs
 
+    def start(self, state: SweepState, step: int) -> SweepState:
+        """As `_SingleRun.start`, every run with its own prompt order."""
+        if not self.trainer.needs_fill(state):
+            return state
+        config = self.trainer.ppo.config
+        host = [[d.batch(step + i, config.prompts_per_step) for i in range(config.max_staleness)] for d in self.data]
+        ids = np.stack([np.stack([b[0] for b in run]) for run in host])
+        mask = np.stack([np.stack([b[1] for b in run]) for run in host])
+        return self.trainer.fill_step(state, self.frozen, self.trainer.prompt_batches(ids, mask))
+
     def step(self, state: SweepState, step: int):
-        prompts_per_step = self.trainer.ppo.config.prompts_per_step
-        host = [d.batch(step, prompts_per_step) for d in self.data]
+        config = self.trainer.ppo.config
+        host = [d.batch(step + config.max_staleness, config.prompts_per_step) for d in self.data]
         ids_RxBxP, mask_RxBxP = np.stack([b[0] for b in host]), np.stack([b[1] for b in host])
         batch = self.trainer.prompt_batch(ids_RxBxP, mask_RxBxP)
         extras: list[dict] = [{} for _ in self.data]
@@ -369,6 +390,8 @@ def _run_loop(runner, state, start: int, end: int, loggers, checkpointer, **hook
     """The one training loop; on Ctrl-C, SIGTERM or an exception from the host side of a step (a
     text reward, a hook) the last committed state is checkpointed, synchronously, before the
     exception goes on. Returns ``(state, histories)``."""
+    if start < end:
+        state = runner.start(state, start)  # fills the queue of rollouts in flight (max_staleness)
     last_committed = [state]
     with _sigterm_raises():
         try:

@@ -78,6 +78,7 @@ def minibatch_loss(
     value_weight,
     policy_base=None,
     key=None,
+    pg_weights=None,
 ):
     """Weighted PPO loss of a (micro-)batch; ``params = {"policy": ..., "value": ...}``.
 
@@ -85,7 +86,8 @@ def minibatch_loss(
     structure (aggregation, KL placement and estimator, which optional terms are on).
 
     ``policy_weight``/``value_weight`` scale the policy-side and value terms (1 for a whole
-    minibatch; the micro-batch's share with gradient accumulation). Returns ``(loss, stats)``.
+    minibatch; the micro-batch's share with gradient accumulation). ``pg_weights``: see
+    `loss_from_outputs`. Returns ``(loss, stats)``.
     """
     with_entropy = uses_entropy(config)
     # LoRA: ``params["policy"]`` are the adapters (differentiated), ``policy_base`` the frozen base.
@@ -116,6 +118,7 @@ def minibatch_loss(
         value_weight,
         key,
         router_losses=outputs[3] if len(outputs) > 3 else None,
+        pg_weights=pg_weights,
     )
 
 
@@ -132,17 +135,28 @@ def loss_from_outputs(
     value_weight,
     key=None,
     router_losses=None,
+    pg_weights=None,
 ):
     """`minibatch_loss` from the policy's (differentiable) outputs on the experience's rows:
     ``logprobs``, ``values`` (None without a critic) and ``entropy`` (None without the entropy
-    term), all ``[B, N]``; the masks of ``experience`` say which tokens count. ``router_losses``
-    (a mixture-of-experts policy's, means over its forward's tokens) add
-    ``router_aux_loss_coef * aux + router_z_loss_coef * z`` to the policy loss and are logged."""
+    term), all ``[B, N]``; the masks of ``experience`` say which tokens count (the action mask:
+    observation tokens of an episode are context).
+
+    The policy loss plug-in gets the experience's rollout-correction weights
+    (``loss_weights``, `PolicyLossInputs.token_weights`) and mask (``policy_mask``: the action
+    mask without rejected tokens, when the correction rejects). Its term is then normalised over
+    that mask, so with gradient accumulation it takes its own shares ``pg_weights = (policy-side
+    weight, token weight)`` of the minibatch's normalisers (None: ``policy_weight``,
+    ``value_weight``); the other terms keep the action mask. ``router_losses`` (a
+    mixture-of-experts policy's, means over its forward's tokens) add
+    ``router_aux_loss_coef * aux + router_z_loss_coef * z`` to the policy-side terms and are logged."""
     exp, hp = experience, hparams
     key = jax.random.PRNGKey(0) if key is None else key  # for stochastic policy losses
     with_entropy = uses_entropy(config)
     assert logprobs_BxN is not None  # with_logprobs (the default): the policy's forward
     mask_BxN = exp.action_mask  # losses count the policy's own tokens (observations are context)
+    pg_mask_BxN = mask_BxN if exp.policy_mask is None else exp.policy_mask
+    pg_weight, pg_token_weight = (policy_weight, value_weight) if pg_weights is None else pg_weights
     _, loss_fn, kl_fn = plugins.plugins_of(config)
     numbers = plugins.numbers_view(hp)
     pg_loss, pg_stats = plugins.call_policy_loss(
@@ -151,37 +165,46 @@ def loss_from_outputs(
             logprobs=logprobs_BxN,
             old_logprobs=exp.old_logprobs,
             advantages=exp.advantages,
-            mask=mask_BxN,
+            mask=pg_mask_BxN,
             numbers=numbers,
             key=key,
             config=config,
+            token_weights=exp.loss_weights,
         ),
     )
     sg = jax.lax.stop_gradient
     # Every policy loss logs the token ratio's mean and k3 drift; a plug-in may give its own.
-    pg_stats = {**ratio_diagnostics(logprobs_BxN, exp.old_logprobs, mask_BxN), **pg_stats}
-    policy_loss = pg_loss
+    pg_stats = {**ratio_diagnostics(logprobs_BxN, exp.old_logprobs, pg_mask_BxN), **pg_stats}
+    other_terms = []  # the policy-side terms over the response mask
     extra_stats = {}
     if with_entropy:
         ent_loss, ent_stats = entropy_loss(entropy_BxN, mask_BxN, config.loss_agg)
-        policy_loss = policy_loss + hp.entropy_coef * ent_loss
+        other_terms.append(hp.entropy_coef * ent_loss)
         extra_stats["policy_entropy"] = policy_weight * ent_stats["entropy"]
     if config.kl_placement == "loss":
         kl_BxN = plugins.call_kl_estimator(kl_fn, plugins.KLInputs(logprobs_BxN, exp.ref_logprobs, numbers))
         kl_term = aggregate_loss(kl_BxN, mask_BxN, config.loss_agg)
-        policy_loss = policy_loss + kl_coef * kl_term
+        other_terms.append(kl_coef * kl_term)
         extra_stats["policy_kl"] = policy_weight * sg(kl_term)
     token_weight = value_weight  # vf terms and token-mean diagnostics share the token weight
     if router_losses is not None:  # the load-balancing and z losses of the MoE routers
-        policy_loss = (
-            policy_loss + hp.router_aux_loss_coef * router_losses["router_aux_loss"]
+        other_terms.append(
+            hp.router_aux_loss_coef * router_losses["router_aux_loss"]
             + hp.router_z_loss_coef * router_losses["router_z_loss"]
-        )  # fmt: skip
+        )
         extra_stats.update({name: token_weight * sg(value) for name, value in router_losses.items()})
-    loss = policy_weight * policy_loss
+    if exp.policy_mask is None:  # one normaliser for every policy-side term
+        policy_loss = pg_loss
+        for term in other_terms:
+            policy_loss = policy_loss + term
+        loss = policy_weight * policy_loss
+    else:
+        loss = pg_weight * pg_loss
+        for term in other_terms:
+            loss = loss + policy_weight * term
     stats = {
-        "pg_loss": policy_weight * sg(pg_loss),
-        **{name: token_weight * value for name, value in pg_stats.items()},
+        "pg_loss": pg_weight * sg(pg_loss),
+        **{name: pg_token_weight * value for name, value in pg_stats.items()},
         **extra_stats,
     }
     if models.has_value:
@@ -192,6 +215,21 @@ def loss_from_outputs(
         stats["vf_clipfrac"] = token_weight * vf_stats["vf_clipfrac"]
     stats["loss"] = sg(loss)
     return loss, stats
+
+
+def _pg_totals(policy_mask, agg: str):
+    """A minibatch's normalisers of the policy-loss term (``(policy-side, token-mean)``) when it has
+    its own mask (a rejecting rollout correction), else None."""
+    if policy_mask is None:
+        return None
+    return jnp.maximum(_normaliser(policy_mask, agg), 1.0), jnp.maximum(_normaliser(policy_mask, "token-mean"), 1.0)
+
+
+def _pg_shares(micro_policy_mask, pg_totals, agg: str):
+    """A micro-batch's shares of `_pg_totals`: the policy-loss term's ``pg_weights``."""
+    policy_total, token_total = pg_totals
+    policy_w = _normaliser(micro_policy_mask, agg) / policy_total
+    return policy_w, _normaliser(micro_policy_mask, "token-mean") / token_total
 
 
 def _no_constraint(x, batch_dim: int = 0):
@@ -213,6 +251,7 @@ def _packed_minibatch_gradients(config, models, params, minibatch: Experience, k
     )
     token_total = jnp.maximum(_normaliser(mask, "token-mean"), 1.0)
     policy_total = jnp.maximum(_normaliser(mask, config.loss_agg), 1.0)
+    pg_totals = _pg_totals(minibatch.policy_mask, config.loss_agg)
     with_entropy = uses_entropy(config)
 
     def micro_loss(params, index):
@@ -221,13 +260,30 @@ def _packed_minibatch_gradients(config, models, params, minibatch: Experience, k
             models, policy_params, params["value"], packed_batch, index, hparams.temperature, with_entropy=with_entropy,
             with_router_losses=models.policy.config.is_moe,
         )  # fmt: skip
-        micro_mask = mask * packed_batch.rows_in_micro(index)[:, None].astype(mask.dtype)
+        in_micro = packed_batch.rows_in_micro(index)[:, None]
+        micro_mask = mask * in_micro.astype(mask.dtype)
         token_w = _normaliser(micro_mask, "token-mean") / token_total
         policy_w = _normaliser(micro_mask, config.loss_agg) / policy_total
         micro = minibatch._replace(action_mask=micro_mask)
+        pg_weights = None
+        if minibatch.policy_mask is not None:
+            micro = micro._replace(policy_mask=minibatch.policy_mask * in_micro.astype(minibatch.policy_mask.dtype))
+            pg_weights = _pg_shares(micro.policy_mask, pg_totals, config.loss_agg)
         micro_key = jax.random.fold_in(key, index)
         return loss_from_outputs(
-            logprobs, values, entropy, micro, kl_coef, hparams, config, models, policy_w, token_w, micro_key, router
+            logprobs,
+            values,
+            entropy,
+            micro,
+            kl_coef,
+            hparams,
+            config,
+            models,
+            policy_w,
+            token_w,
+            micro_key,
+            router_losses=router,
+            pg_weights=pg_weights,
         )
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
@@ -268,14 +324,17 @@ def minibatch_gradients(
     micro = jax.tree.map(lambda x: constrain(x.reshape(accum, micro_size, *x.shape[1:]), 1), minibatch)
     token_total = jnp.maximum(_normaliser(minibatch.action_mask, "token-mean"), 1.0)
     policy_total = jnp.maximum(_normaliser(minibatch.action_mask, config.loss_agg), 1.0)
+    pg_totals = _pg_totals(minibatch.policy_mask, config.loss_agg)
 
     def accumulate(grads_sum, micro_and_key):
         micro_batch, micro_key = micro_and_key
         token_w = _normaliser(micro_batch.action_mask, "token-mean") / token_total
         policy_w = _normaliser(micro_batch.action_mask, config.loss_agg) / policy_total
+        pg_weights = None if pg_totals is None else _pg_shares(micro_batch.policy_mask, pg_totals, config.loss_agg)
         grads, stats = grad_fn(
-            params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w, policy_base, micro_key
-        )
+            params, micro_batch, kl_coef, hparams, config, models, policy_w, token_w, policy_base, micro_key,
+            pg_weights=pg_weights,
+        )  # fmt: skip
         return jax.tree.map(jnp.add, grads_sum, grads), stats
 
     zeros = jax.tree.map(jnp.zeros_like, params)
