@@ -207,6 +207,27 @@ def test_text_environment_steps_write_the_deltas(tokenizer):
     assert out.obs_mask[3].sum() == 0
 
 
+def test_no_observation_continues_the_assistant_message(tokenizer):
+    """An observation of None writes nothing: the next action extends the same assistant message,
+    and the tool's answer after it is the delta of the whole message."""
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Patient(Calculator):
+        def step_text(self, states, actions):
+            answers = [None if s == 0 else f"={len(a)}" for s, a in zip(states, actions)]
+            return [s + 1 for s in states], answers, [0.0] * len(states), [False] * len(states)
+
+    chat = ChatDelta(tokenizer)
+    env = Patient(chat=chat, max_observation_tokens=24)
+    ids, mask = chat.prompts(QUESTIONS[:1])
+    first, second = (np.asarray([tokenizer.encode(t, add_special_tokens=False)], np.int32) for t in ("12", "+30"))
+    out = env.step(env.reset(None, ids, mask), first, np.ones_like(first))
+    assert out.obs_mask.sum() == 0
+    out = env.step(out.state, second, np.ones_like(second))
+    messages = [*QUESTIONS[0], {"role": "assistant", "content": "12+30"}, {"role": "tool", "content": "=5"}]
+    assert list(out.state.conversations[0].ids) == whole(tokenizer, messages)
+
+
 def test_text_environment_errors_name_the_row_and_field(tokenizer):
     chat = ChatDelta(tokenizer)
     ids, mask = chat.prompts(QUESTIONS)
@@ -235,25 +256,31 @@ def test_text_environment_errors_name_the_row_and_field(tokenizer):
         env.step(env.reset(None, ids, mask), action, np.ones_like(action))
 
 
+def calculator_policy(tokenizer):
+    """The `Calculator` (turns end at ">") and a tiny random Llama over the tokenizer's ids whose
+    head makes ">" likely and EOS unlikely, so episodes have several turns."""
+    from jaxrlhf.models import LanguageModel
+
+    chat = ChatDelta(tokenizer)
+    stop, eos = tokenizer.encode(">", add_special_tokens=False)[0], tokenizer.eos_token_id
+    env = Calculator(chat=chat, max_observation_tokens=24, stop_token_ids=(stop,))
+    model = LanguageModel(
+        tiny_config("llama", vocab_size=len(tokenizer), eos_token_id=eos, max_position_embeddings=128)
+    )
+    params = model.init_params(jax.random.PRNGKey(0))
+    return chat, env, model, {**params, "lm_head": params["lm_head"].at[:, stop].add(1.0).at[:, eos].add(-2.0)}
+
+
 @pytest.mark.slow
 def test_a_text_environment_episode_through_host_episodes(tokenizer):
     """Episodes of a tiny random policy with the `Calculator` on the host: every observation
     segment is the template's tool message (closing the action, opening the next turn), each
     row's ids are the conversation's ids replayed through `ChatDelta`, rewards sit on each
     turn's last action token."""
-    from jaxrlhf.models import LanguageModel
-
-    chat = ChatDelta(tokenizer)
-    stop = tokenizer.encode(">", add_special_tokens=False)[0]
-    env = Calculator(chat=chat, max_observation_tokens=24, stop_token_ids=(stop,))
-    eos = tokenizer.eos_token_id
-    config = tiny_config("llama", vocab_size=len(tokenizer), eos_token_id=eos, max_position_embeddings=128)
-    model = LanguageModel(config)
-    params = model.init_params(jax.random.PRNGKey(0))
-    params = {**params, "lm_head": params["lm_head"].at[:, stop].add(1.0).at[:, eos].add(-2.0)}
+    chat, env, model, params = calculator_policy(tokenizer)
     ids, mask = chat.prompts(QUESTIONS)
-    N, A = 64, 8
-    episodes = HostEpisodes(model, env, EpisodeSettings(N, 4, A, eos_token_id=eos), vocab_size=config.vocab_size)
+    N, A, eos = 64, 8, tokenizer.eos_token_id
+    episodes = HostEpisodes(model, env, EpisodeSettings(N, 4, A, eos_token_id=eos), vocab_size=len(tokenizer))
     out = jax.device_get(episodes(params, ids, mask, jax.random.PRNGKey(1), num_generations=2))
     assert out.episode_stats["turns"].max() >= 2 and (out.mask - out.action_mask).sum() > 0
     tool_message = re.compile(r"<\|im_end\|>\n<\|im_start\|>tool\n=\d+<\|im_end\|>\n<\|im_start\|>assistant\n", re.S)
@@ -298,3 +325,23 @@ def test_the_delta_on_the_real_smollm2_template():
     directory, name = os.path.split(SMOLLM2)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     play(ChatDelta(tokenizer), tokenizer)
+
+
+@pytest.mark.slow
+def test_a_text_environment_trains(tokenizer, tmp_path):
+    """`train(..., environment=TextEnvironment)`: two PPO steps with the tool's text answers in
+    the episodes (observation tokens counted, every metric finite)."""
+    from jaxrlhf.training import PPOConfig, train
+
+    chat, env, model, params = calculator_policy(tokenizer)
+    eos = tokenizer.eos_token_id
+    ids, mask = chat.prompts(QUESTIONS * 2)
+    config = PPOConfig(
+        batch_size=8, minibatch_size=8, ppo_epochs=1, max_prompt_len=ids.shape[1], max_new_tokens=48,
+        max_turns=3, max_turn_tokens=8, eos_token_id=eos, total_steps=2, save_every=1,
+    )  # fmt: skip
+    out = train((model, params), None, (ids, mask), config, tmp_path, progress=False, export=False, environment=env)
+    assert len(out.history) == 2
+    for metrics in out.history:
+        assert metrics["num_observation_tokens"] > 0 and metrics["episode/turns"] > 1
+        assert all(np.isfinite(v) for v in metrics.values())
