@@ -23,8 +23,9 @@ or tokens part) rather than append ids the model would never see at inference:
 - text: ``full`` starts with ``prefix``;
 - tokens: ``encode(prefix) + delta == encode(full)``.
 
-The checks tokenise the conversation's text once per new message (host work proportional to the
-history, small next to a forward pass over it); the ids appended are the delta's only.
+The checks render and tokenise the whole conversation for each new message (host work
+proportional to the history, small next to a forward pass over it); only the delta's ids are
+appended: the sampled ids are never replaced by a re-tokenisation.
 
 The assistant message is the decoded action; an action that ends with one of ``end_of_turn_ids``
 (by default the tokenizer's EOS, e.g. ``<|im_end|>``) has that token in its ids but not in the
