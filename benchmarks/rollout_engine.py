@@ -175,10 +175,14 @@ def build(case: Case):
     return model, model.init_params(jax.random.PRNGKey(0))
 
 
-def timed_pair(first, second, reps: int):
-    """Median seconds of `first()` and `second()`, run interleaved after one warm-up call each."""
-    first()
-    second()
+def timed_pair(first, second, reps: int, warmup_seconds: list | None = None):
+    """Median seconds of `first()` and `second()`, run interleaved after one warm-up call each
+    (their seconds appended to ``warmup_seconds`` when given: compile time plus one call)."""
+    for fn in (first, second):
+        start = time.perf_counter()
+        fn()
+        if warmup_seconds is not None:
+            warmup_seconds.append(time.perf_counter() - start)
     times = ([], [])
     for _ in range(reps):
         for fn, out in zip((first, second), times):

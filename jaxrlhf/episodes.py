@@ -504,6 +504,8 @@ class HostEpisodes:
                 params, prompt_ids, prompt_mask, num_generations
             )
             uniforms, env_key = draws(key, settings.max_new_tokens, rows_ids.shape[0])
+            if jnp.issubdtype(env_key.dtype, jax.dtypes.prng_key):  # a typed key: its bits, for NumPy
+                env_key = jax.random.key_data(env_key)
             return state, rows_ids, rows_mask, key_mask, last_position, uniforms, env_key
 
         def decode(params, state, key_mask, last_position, uniforms, temperature, top_p):

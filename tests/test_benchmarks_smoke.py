@@ -73,6 +73,22 @@ def test_rollout_engine_quick():
     assert re.search(grpo, out, re.MULTILINE), out[-4000:]
 
 
+@pytest.mark.slow
+def test_episodes_quick():
+    # The toy calculator in the jit and on the host: one rollout row per turn count (identical
+    # episodes both ways: "yes"), and the GRPO iteration both ways.
+    out = _run("episodes.py", "--quick")
+    num, ratio = r"\d+\.\d+", r"\d+\.\d+x"
+    for turns in (1, 2):
+        row = (
+            rf"^tiny-k{turns}\s+16\s+{14 * turns}\s+{turns}\.0\s+\d+\s+\d+\s+\d+\s+{ratio}\s+{num}\s+-?{num}\s+"
+            rf"{num}\s+{1 + 2 * turns}\s+-?{num} / -?{num}\s+yes$"
+        )
+        assert re.search(row, out, re.MULTILINE), out[-4000:]
+    iteration = rf"^tiny-k2\s+16\s+2\s+{num}\s+{num}\s+\d+\s+\d+\s+{ratio}\s+-?{num} / -?{num}$"
+    assert re.search(iteration, out, re.MULTILINE), out[-4000:]
+
+
 def test_benchmark_flags_are_checked_before_any_work():
     # tyro rejects an unknown case name or flag (exit 2, naming it) before a model is built.
     for script, args, word in (

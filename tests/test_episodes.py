@@ -53,6 +53,17 @@ def test_jax_native_and_host_environments_give_identical_episodes(tiny):
     assert (native.mask - native.action_mask).sum() > 0  # and observations were written
 
 
+def test_a_host_rollout_takes_a_typed_key(tiny):
+    """``jax.random.key`` (typed) and ``PRNGKey`` (raw bits) of the same seed give the same episodes;
+    the host environment's reset gets the key's bits as NumPy either way."""
+    model, params = tiny
+    ids, mask = prompts()
+    episodes = HostEpisodes(model, HostEchoEnv(), EpisodeSettings(N, TURNS, A, eos_token_id=EOS), vocab_size=VOCAB)
+    typed = jax.device_get(episodes(params, ids, mask, jax.random.key(3)))
+    raw = jax.device_get(episodes(params, ids, mask, jax.random.PRNGKey(3)))
+    np.testing.assert_array_equal(typed.tokens, raw.tokens)
+
+
 def test_episode_structure_and_the_cache_holds_the_episode(tiny):
     """Observations follow their turn's last action (stop token, budget or EOS), with action mask
     0; rewards sit on each turn's last action token; and the sampler's log-probs of the action
