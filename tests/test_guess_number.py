@@ -72,12 +72,17 @@ def test_single_turn_bound_and_binary_search():
     assert gn.turns_needed(15) == 4 and math.isclose(gn.optimal_return(15, 4), 1.0)
 
 
-def test_demonstrations_ignore_the_replies(tok):
-    games = gn.demonstrations(31, 5, 2000, seed=0)
-    found = [secret in guesses for secret, guesses in games]
-    assert abs(np.mean(found) - 5 / 31) < 0.03  # random play finds about 5 of 31
-    for secret, guesses in games:
+def test_demonstrations_read_the_replies_as_often_as_asked(tok):
+    blind = gn.demonstrations(31, 5, 2000, consistent=0.0, seed=0)
+    assert abs(np.mean([secret in guesses for secret, guesses in blind]) - 5 / 31) < 0.03  # the bound
+    for secret, guesses in blind:
         assert len(set(guesses)) == len(guesses) <= 5 and (guesses[-1] == secret or len(guesses) == 5)
+    for secret, guesses in gn.demonstrations(31, 5, 500, consistent=1.0, seed=1):
+        lo, hi = 1, 31
+        for guess in guesses:  # every guess inside the interval the replies leave open
+            assert lo <= guess <= hi
+            lo, hi = (lo, guess - 1) if secret < guess else (guess + 1, hi) if secret > guess else (lo, hi)
+        assert guesses[-1] == secret or len(guesses) == 5
     data = gn.encode_demonstrations([(12, [16, 8, 12]), (1, [2, 3, 4, 5, 6])], tok, 5)
     text = lambda row: "".join(
         tok.convert_ids_to_tokens(data["input_ids"][row][data["attention_mask"][row] > 0].tolist())

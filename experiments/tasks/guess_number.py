@@ -22,9 +22,10 @@ Text, one character per token (`tokenizer`): digits, the replies ``< > = !`` and
 (valid guesses), ``invalid`` and ``consistent`` (valid guesses inside the interval the replies so
 far leave open: a policy that reads the replies makes only consistent guesses).
 
-SFT demonstrations (`demonstrations`) teach the format only: distinct random guesses that ignore
-the replies, so the SFT policy plays about as well as the best blind policy; RL from the reward
-has to discover that the replies matter.
+SFT demonstrations (`demonstrations`) come from a sloppy player: each guess reads the replies
+with probability ``consistent`` (a random number inside the interval they leave open) and ignores
+them otherwise (a random number not guessed yet). It never bisects on purpose; RL from the reward
+has to make the policy read every reply and learn where to guess inside the interval.
 """
 
 from __future__ import annotations
@@ -158,16 +159,27 @@ class GuessNumber(Environment):
         return StepOutput(new_state, obs_ids, jnp.ones_like(obs_ids), as_float(found), found, metrics)
 
 
-def demonstrations(max_number: int, max_turns: int, count: int, seed: int = 0) -> list[tuple[int, list[int]]]:
-    """``count`` games of a player who guesses distinct random numbers, ignoring the replies:
-    ``(secret, guesses)``, the guesses ending at the secret or after ``max_turns``."""
+def demonstrations(
+    max_number: int, max_turns: int, count: int, consistent: float = 0.5, seed: int = 0
+) -> list[tuple[int, list[int]]]:
+    """``count`` games of a sloppy player: ``(secret, guesses)``, the guesses ending at the secret
+    or after ``max_turns``. Each guess reads the replies with probability ``consistent`` (a
+    uniform draw from the interval the replies so far leave open), else ignores them (a uniform
+    draw from the numbers not guessed yet); it never bisects on purpose."""
     rng = np.random.default_rng(seed)
     games = []
     for _ in range(count):
         secret = int(rng.integers(1, max_number + 1))
-        guesses = [int(g) for g in rng.permutation(np.arange(1, max_number + 1))[:max_turns]]
-        if secret in guesses:
-            guesses = guesses[: guesses.index(secret) + 1]
+        lo, hi, guesses = 1, max_number, []
+        while len(guesses) < max_turns and (not guesses or guesses[-1] != secret):
+            if rng.random() < consistent:
+                guess = int(rng.integers(lo, hi + 1))
+            else:
+                guess = int(rng.choice([n for n in range(1, max_number + 1) if n not in guesses]))
+            guesses.append(guess)
+            lo, hi = (
+                (lo, min(hi, guess - 1)) if secret < guess else (max(lo, guess + 1), hi) if secret > guess else (lo, hi)
+            )
         games.append((secret, guesses))
     return games
 
