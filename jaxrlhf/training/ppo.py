@@ -511,9 +511,10 @@ class PPO:
     def _keep_groups_with_signal(self, batch: PromptBatch, rollout_out: Rollout, raw_scores_B, hparams):
         """DAPO's dynamic sampling: of the ``f * batch_size / G`` sampled groups keep the first
         ``batch_size / G`` with signal (`select_groups_with_signal` on the raw scores plus an
-        episode's turn rewards and the overlong penalty, i.e. what the advantages see); rows of kept groups without signal (when
-        too few have it) get an all-zero mask. Returns the kept prompts, rollouts, scores and stats
-        (the sampled batch's score, its group_signal_fraction, kept_group_fraction)."""
+        episode's turn rewards and the overlong penalty, i.e. what the advantages see); rows of
+        kept groups without signal (when too few have it) get an all-zero mask. Returns the kept
+        prompts, rollouts, scores and stats (the sampled batch's score, its
+        group_signal_fraction, kept_group_fraction)."""
         config = self.config
         G = config.num_generations
         shaped_B = episode_outcomes(raw_scores_B, rollout_out)  # an episode's turn rewards count too
