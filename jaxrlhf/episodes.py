@@ -20,11 +20,12 @@ turn's tokens (the action mask marks them, the stop token included). Two kinds:
   (and so into the fused PPO step, a sweep's ``vmap``, the mesh). Every row of the batch is
   stepped each turn; rows that were not acting keep their old state (`jnp.where`), so ``step``
   must be total: any padding action gives some (ignored) output.
-- On the host (``env.on_host = True``): the same calls with NumPy arrays, for tools that cannot be
-  JAX (code execution, a search index). The rollout then runs jitted turns with the environment
-  called between them (one device -> host -> device round trip per turn), and every output is
-  checked (`check_step_output`): shapes, dtypes, ids in the vocabulary, the observation mask a
-  prefix; an exception is re-raised as `EnvError` naming the environment.
+- On the host (``env.on_host = True``): the same calls with NumPy arrays (the reset key as its
+  raw key data), for tools that cannot be JAX (code execution, a search index). The rollout then
+  runs jitted turns with the environment called between them (one device -> host -> device round
+  trip per turn), and every output is checked (`check_step_output`): shapes, dtypes, ids in the
+  vocabulary, the observation mask a prefix; an exception is re-raised as `EnvError` naming the
+  environment.
 
 **Schedule.** Turns are synchronous across rows: each turn decodes every acting row until all of
 them have ended their turn, then the environment steps, then the observations are written. So
@@ -473,6 +474,11 @@ def check_step_output(env: Environment, out, batch: int, vocab_size: int | None)
     )  # fmt: skip
 
 
+def _raw_key(key):
+    """A typed key's key data (a uint32 array NumPy can hold); a raw key as it is."""
+    return jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+
+
 def call_host_env(env: Environment, method: str, *args):
     """``env.reset(...)`` / ``env.step(...)`` on the host, its exceptions re-raised as `EnvError`
     (the original chained)."""
@@ -534,7 +540,7 @@ class HostEpisodes:
         env_state = call_host_env(
             self.env,
             "reset",
-            np.asarray(env_key),
+            np.asarray(_raw_key(env_key)),
             np.asarray(rows_ids),
             np.asarray(rows_mask),
         )

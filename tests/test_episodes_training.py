@@ -179,3 +179,23 @@ def test_a_failing_host_environment_stops_training_with_the_last_step_saved(tiny
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 1, steps  # the steps before the failure are committed and saved
     del Checkpointer
+
+
+@pytest.mark.slow
+def test_group_signal_counts_the_environments_rewards(tiny):
+    """With every reward from the environment (reward=None), a group's signal is its episodes'
+    turn rewards: group_signal_fraction sees them, and DAPO's dynamic sampling keeps those groups."""
+    model, params = tiny
+    for config in (
+        preset("grpo", BASE, num_generations=4),
+        preset("dapo", BASE, num_generations=4, dynamic_sampling_oversample=2),
+    ):
+        ppo = PPO(config, model, None, environment=EchoEnv())
+        state, frozen = ppo.init_state(params), ppo.frozen_params(params)
+        ids, mask = prompt_set(config.batch_size * config.dynamic_sampling_oversample // config.num_generations)
+        _, metrics = ppo.train_step(state, frozen, ppo.prompt_batch(ids, mask))
+        metrics = jax.device_get(metrics)
+        assert float(metrics["score"]) == 0.0 and float(metrics["turn_reward"]) > 0.0
+        assert float(metrics["group_signal_fraction"]) > 0.0, config.advantage_estimator
+        if config.dynamic_sampling_oversample > 1:
+            assert float(metrics["kept_group_fraction"]) > 0.0

@@ -43,3 +43,26 @@ def test_sequence_kl_matches_float64_numpy_and_is_zero_at_the_reference():
     np.testing.assert_allclose(np.asarray(jitted_kl(model, params, params, *batch)), 0.0, atol=1e-6)
     jitted = jitted_kl(model, params, ref_params, *batch)
     np.testing.assert_allclose(np.asarray(jitted), kl_B, rtol=1e-5, atol=1e-7)
+
+
+def test_sequence_kl_of_an_episode_sums_over_its_action_tokens_only():
+    """Observation tokens are attended to (they shape the next actions' distributions) but are
+    not the policy's choices: the KL sums over ``action_mask``."""
+    model, params, ref_params, batch = _model_and_batch()
+    prompt_ids, prompt_mask, response_ids, response_mask = batch
+    action_mask = jnp.array([[1, 0, 1, 0], [0, 0, 0, 0]], jnp.int32)  # token 1 of row 0 is an observation
+    kl_B = np.asarray(sequence_kl(model, params, ref_params, *batch, action_mask=action_mask))
+
+    ids, mask = concat_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask)
+    P, T = prompt_ids.shape[1], response_ids.shape[1]
+    apply = jax.jit(model.apply)
+
+    def logp(p):
+        z = np.asarray(apply(p, ids, mask), np.float64)[:, P - 1 : P - 1 + T]
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lp, ref_lp = logp(params), logp(ref_params)
+    per_token = (np.exp(lp) * (lp - ref_lp)).sum(-1)
+    np.testing.assert_allclose(kl_B, (per_token * np.asarray(action_mask)).sum(1), rtol=1e-4, atol=1e-6)
+    assert kl_B[0] < np.asarray(sequence_kl(model, params, ref_params, *batch))[0]  # the observation's KL is left out

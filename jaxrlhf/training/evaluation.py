@@ -25,7 +25,9 @@ EVAL_KEY_SALT = 12345
 """Evaluation keys are ``fold_in(fold_in(key(seed), EVAL_KEY_SALT), step)``: apart from training's."""
 
 
-def sequence_kl(model, params, ref_params, prompt_ids, prompt_mask, response_ids, response_mask) -> jax.Array:
+def sequence_kl(
+    model, params, ref_params, prompt_ids, prompt_mask, response_ids, response_mask, action_mask=None
+) -> jax.Array:
     """Per-sequence KL(policy || reference) ``[B]``:
 
         KL_b = sum_t mask_bt * sum_v pi(v | s_bt) * (log pi(v | s_bt) - log ref(v | s_bt))
@@ -33,7 +35,9 @@ def sequence_kl(model, params, ref_params, prompt_ids, prompt_mask, response_ids
     where ``s_bt`` is prompt ``b`` followed by the first ``t`` response tokens. On responses sampled
     from the policy, the batch mean is an unbiased estimate of the KL between the two sequence
     distributions. ``prompt_* [B, P]`` (left-padded), ``response_* [B, T]``; ``model.apply(params,
-    ids, mask) -> logits [B, P + T, V]``.
+    ids, mask) -> logits [B, P + T, V]``. For episodes (`jaxrlhf.episodes`), ``response_mask`` is
+    every token the model attends to and ``action_mask`` the tokens the policy sampled: the sum
+    then runs over the action tokens only (an observation is the environment's, not a choice).
     """
     P = prompt_ids.shape[1]
     T = response_ids.shape[1]
@@ -46,7 +50,7 @@ def sequence_kl(model, params, ref_params, prompt_ids, prompt_mask, response_ids
 
     logp_BxTxV, ref_logp_BxTxV = response_logp(params), response_logp(ref_params)
     kl_BxT = jnp.sum(jnp.exp(logp_BxTxV) * (logp_BxTxV - ref_logp_BxTxV), axis=-1)
-    return jnp.sum(kl_BxT * response_mask, axis=1)
+    return jnp.sum(kl_BxT * (response_mask if action_mask is None else action_mask), axis=1)
 
 
 def train_seeds(
@@ -62,6 +66,7 @@ def train_seeds(
     ref_params=None,
     eval_every: int = 10,
     progress: bool = True,
+    environment=None,
 ) -> tuple[list[dict[str, Any]], dict[str, float], SweepResult]:
     """One run per seed, trained together as one sweep (`train_sweep`), each evaluated by
     ``evaluate(params, key) -> {metric: value}`` on the starting policy, every ``eval_every`` steps
@@ -69,6 +74,9 @@ def train_seeds(
 
     ``target = (metric, threshold)``: record per run the first evaluation step (and wall-clock
     seconds since training started) at which ``metric >= threshold``.
+
+    ``environment``: a JAX-native `jaxrlhf.episodes.Environment` (multi-turn episodes, as in
+    `train_sweep`); ``reward_fn`` may then be None.
 
     Returns ``(runs, timings, result)``: per run a dict with ``seed``, ``run_dir``, ``before`` and
     ``after`` (evaluations), ``steps``, ``failed``, ``target_reached_at`` (``{"step",
@@ -106,6 +114,7 @@ def train_seeds(
         progress=progress,
         evaluate=evaluate_sweep,
         eval_every=eval_every,
+        environment=environment,
     )
     timings = {
         "wall_clock_s": time.perf_counter() - start,

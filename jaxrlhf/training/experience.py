@@ -273,6 +273,14 @@ def overlong_penalty(config: PPOConfig, mask_BxN, hparams: HyperParams):
     return groups.overlong_reward_shaping(lengths_B, config.max_new_tokens, hparams.overlong_buffer)
 
 
+def episode_outcomes(scores_B, rollout_out: Rollout) -> jax.Array:
+    """``[B]`` each response's score plus, for an episode, the sum of its turn rewards (over the
+    action tokens): what a group statistic compares (all equal within a group: no signal)."""
+    if rollout_out.token_rewards is None:
+        return scores_B
+    return scores_B + masked_sum(rollout_out.token_rewards, rollout_out.actions, axis=1)
+
+
 def make_experience(
     config: PPOConfig,
     models: Models,
@@ -421,8 +429,8 @@ def make_experience(
     if rewards_BxN is None:
         rewards_BxN = step_rewards(scores_B, kl_BxN, action_mask_BxN, reward_kl_coef)
     extra.update(estimated.stats or {})
-    if G > 1:
-        extra["group_signal_fraction"] = groups.group_signal_fraction(scores_B, G)
+    if G > 1:  # of the episodes' outcomes: the score plus the environment's turn rewards
+        extra["group_signal_fraction"] = groups.group_signal_fraction(episode_outcomes(scores_B, rollout_out), G)
     if greedy is not None:
         extra["greedy_score"] = jnp.mean(greedy[1])
 

@@ -59,6 +59,7 @@ from jaxrlhf.training.experience import (
     Models,
     PromptBatch,
     Rollout,
+    episode_outcomes,
     greedy_rollout,
     make_experience,
     overlong_penalty,
@@ -632,15 +633,16 @@ class PPO:
 
     def _keep_groups_with_signal(self, batch: PromptBatch, rollout_out: Rollout, raw_scores_B, hparams):
         """DAPO's dynamic sampling: of the ``f * batch_size / G`` sampled groups keep the first
-        ``batch_size / G`` with signal (`select_groups_with_signal` on the raw scores plus the
-        overlong penalty, i.e. what the advantages see); rows of kept groups without signal (when
-        too few have it) get an all-zero mask. Returns the kept prompts, rollouts, scores and stats
-        (the sampled batch's score, its group_signal_fraction, kept_group_fraction)."""
+        ``batch_size / G`` with signal (`select_groups_with_signal` on the raw scores plus an
+        episode's turn rewards and the overlong penalty, i.e. what the advantages see); rows of
+        kept groups without signal (when too few have it) get an all-zero mask. Returns the kept
+        prompts, rollouts, scores and stats (the sampled batch's score, its
+        group_signal_fraction, kept_group_fraction)."""
         config = self.config
         G = config.num_generations
-        shaped_B = raw_scores_B
+        shaped_B = episode_outcomes(raw_scores_B, rollout_out)  # an episode's turn rewards count too
         if config.overlong_buffer is not None:
-            shaped_B = raw_scores_B + overlong_penalty(config, rollout_out.mask, hparams)
+            shaped_B = shaped_B + overlong_penalty(config, rollout_out.mask, hparams)
         sel = select_groups_with_signal(shaped_B, G, config.batch_size // G)
         kept_batch = PromptBatch(*(x[sel.group_indices_K] for x in batch))
         row_valid_R = sel.row_valid_R[:, None].astype(rollout_out.mask.dtype)
