@@ -11,8 +11,9 @@ FLOPs of the routed computation. Here the T*k (token, expert) assignments are so
 that each expert multiplies one contiguous block of rows:
 
 - dropless (`ModelConfig.moe_capacity_factor=None`, the default): the sorted rows go through
-  `jax.lax.ragged_dot` (a grouped matmul with per-expert row counts), every assignment computed,
-  exactly what transformers computes;
+  `jax.lax.ragged_dot` (a grouped matmul with per-expert row counts; on CPU `blocked_ragged_dot`,
+  the same product in blocks of one expert each, since XLA:CPU computes ragged_dot densely), every
+  assignment computed, exactly what transformers computes;
 - capacity (`moe_capacity_factor=c`): each expert gets C = ceil(c * T * k / E) slots (at most T)
   in a `[E, C, D]` buffer multiplied by `einsum("ecd,edf->ecf")`: static shapes that shard over an
   `"expert"` mesh axis. Assignments past an expert's C slots are dropped (their term is 0 in y);
@@ -121,7 +122,45 @@ class ExpertKernels(nn.Module):
 def _grouped_matmul(rows, kernel_ExIxO: Array, group_sizes_E: Array | None) -> Array:
     if group_sizes_E is None:
         return jnp.einsum("eci,eio->eco", rows, kernel_ExIxO)
+    if jax.default_backend() == "cpu":
+        # XLA:CPU lowers ragged_dot to every group on every row (E times the FLOPs; measured in
+        # benchmarks/moe_dispatch.py): blocks of one expert each cost the routed FLOPs plus padding.
+        return blocked_ragged_dot(rows, kernel_ExIxO, group_sizes_E)
     return jax.lax.ragged_dot(rows, kernel_ExIxO, group_sizes_E)
+
+
+def blocked_ragged_dot(rows_NxI: Array, kernel_ExIxO: Array, group_sizes_E: Array, block: int | None = None) -> Array:
+    """`jax.lax.ragged_dot` as blocks of rows that each belong to one expert.
+
+    Each group (expert) of the sorted rows is padded to a multiple of `block` rows, so that the
+    padded rows split into `NB = ceil((N + E (block - 1)) / block)` blocks (static) of one group
+    each; block j multiplies its rows by its group's kernel (gathered: `[NB, I, O]`), and the
+    padded rows are dropped. FLOPs: at most `N + E (block - 1)` rows instead of N (the dense
+    lowering of ragged_dot computes `E N`). Rows past `sum(group_sizes)` come out 0, as ragged_dot's.
+    `block` (static) defaults to the mean group size as a power of 2 in [8, 128]: large blocks for
+    the long sequences of a forward, small ones for a decode step's few rows.
+    """
+    N = rows_NxI.shape[0]
+    E = kernel_ExIxO.shape[0]
+    if block is None:
+        block = min(128, max(8, 1 << max(0, math.ceil(N / E) - 1).bit_length()))
+    block = max(1, min(block, N))
+    num_blocks = -(-(N + E * (block - 1)) // block)
+    padded_sizes_E = -(-group_sizes_E // block) * block
+    group_start_E = jnp.cumsum(group_sizes_E) - group_sizes_E
+    padded_start_E = jnp.cumsum(padded_sizes_E) - padded_sizes_E
+    # Row i of group e (rank i - start_e) goes to padded_start_e + rank; rows past the groups to a spare row.
+    group_N = jnp.searchsorted(jnp.cumsum(group_sizes_E), jnp.arange(N), side="right")
+    in_group_N = group_N < E
+    group_N = jnp.minimum(group_N, E - 1)
+    dest_N = jnp.where(in_group_N, padded_start_E[group_N] + jnp.arange(N) - group_start_E[group_N], num_blocks * block)
+    padded = jnp.zeros((num_blocks * block + 1, rows_NxI.shape[1]), rows_NxI.dtype).at[dest_N].set(rows_NxI)
+    # The group of block j: the one whose padded range holds its first row (empty blocks: the last).
+    block_group = jnp.searchsorted(jnp.cumsum(padded_sizes_E), jnp.arange(num_blocks) * block, side="right")
+    kernels_BxIxO = kernel_ExIxO[jnp.minimum(block_group, E - 1)]
+    out = jnp.einsum("jbi,jio->jbo", padded[:-1].reshape(num_blocks, block, -1), kernels_BxIxO)
+    out = jnp.concatenate([out.reshape(num_blocks * block, -1), jnp.zeros_like(out[0, :1])])
+    return out[dest_N]
 
 
 class MoE(nn.Module):
@@ -282,6 +321,7 @@ def collect_router_logits(intermediates: Any) -> Array:
 __all__ = [
     "EXPERT_PROJECTIONS",
     "MoE",
+    "blocked_ragged_dot",
     "ROUTER_LOGITS",
     "capacity",
     "collect_router_logits",
