@@ -108,15 +108,20 @@ def programs(args) -> dict:
         params = module.init(key, x, valid)
         add(label, lambda p, x, m=module: m.apply(p, x, valid), params)
     moe_params = out["moe dropless"][2]["params"]
+
+    def routed(p, x):  # the dropless MoE's own routing, for the programs built outside the module
+        weights, experts = route(x[0] @ p["router"]["kernel"], k, True)
+        return weights.astype(x.dtype), experts
+
     if jax.default_backend() == "cpu":
         # The MoE module's dropless path on CPU is blocked_ragged_dot; XLA's own ragged_dot, for comparison.
         def with_ragged_dot(p, x):
-            weights, experts = route(x[0] @ p["router"]["kernel"], k, True)
+            weights, experts = routed(p, x)
 
             def matmul(rows, sizes, name):
                 return jax.lax.ragged_dot(rows, p["experts"][name]["kernel"], sizes)
 
-            return dispatch(matmul, x[0], experts, weights.astype(x.dtype), ACTIVATIONS["silu"], E)[None]
+            return dispatch(matmul, x[0], experts, weights, ACTIVATIONS["silu"], E)[None]
 
         add("moe dropless, XLA ragged_dot", with_ragged_dot, moe_params)
     dense = MLP(model_config(D, F, E, k, args.dtype))
@@ -124,9 +129,9 @@ def programs(args) -> dict:
     if args.all_experts:
 
         def every_expert(p, x):
-            weights, experts = route(x[0] @ p["router"]["kernel"], k, True)
+            weights, experts = routed(p, x)
             kernels = {n: p["experts"][n]["kernel"] for n in ("gate", "up", "down")}
-            return dense_reference(x[0], experts, weights.astype(x.dtype), kernels, ACTIVATIONS["silu"])[None]
+            return dense_reference(x[0], experts, weights, kernels, ACTIVATIONS["silu"])[None]
 
         add("all experts", every_expert, moe_params)
     return out
