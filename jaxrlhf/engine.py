@@ -170,6 +170,42 @@ def _refill(model, state: SlotState, next_row: Array, rows: RowPrompts, prompt_c
     return state, next_row
 
 
+def long_rope_switch(model, prompt_len: int, num_new: int) -> int | None:
+    """LongRoPE's original context L0 when some row of this call may grow past it, else None.
+
+    A LongRoPE model (Phi-3) rotates a sequence longer than L0 with other factors than a shorter
+    one (`jaxrlhf.models.transformer.long_rope_flags`), so the step at which a row's length
+    reaches `L0 + 1` recomputes that row's cache (`recompute_cache_rows`). The longest row's last
+    fed token is at position `P + N - 2`.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "is_longrope", False):
+        return None
+    original = int(config.rope_scaling[4])
+    return original if prompt_len + num_new - 2 >= original else None
+
+
+def recompute_cache_rows(model, params, cache, ids_BxS: Array, mask_BxS: Array, rows_B: Array, any_over_axis):
+    """`cache` with the rows where `rows_B` is true recomputed from their history `ids_BxS` (every
+    slot's token, `mask_BxS` 1 for the real ones up to and including the token fed now), the other
+    rows unchanged. One forward of the whole history (no output layer), in a `lax.cond`: only the
+    steps where some row crosses LongRoPE's boundary pay for it (under a sweep's `vmap` the
+    predicate is reduced over the runs by `any_over_axis`, so the cond stays a cond).
+    """
+
+    def recompute(cache):
+        fresh = model.forward(params, ids_BxS, mask_BxS, cache_size=ids_BxS.shape[1], logits_positions=slice(0, 0))
+
+        def pick(new, old):
+            axis = cache_batch_axis(old)
+            which = rows_B.reshape((1,) * axis + rows_B.shape + (1,) * (old.ndim - axis - 1))
+            return jnp.where(which, new.astype(old.dtype), old)
+
+        return jax.tree.map(pick, fresh.cache, cache)
+
+    return jax.lax.cond(any_over_axis(jnp.any(rows_B)), recompute, lambda cache: cache, cache)
+
+
 def decode_in_slots(
     model,
     params,
@@ -186,6 +222,8 @@ def decode_in_slots(
     any_over_axis: Callable[[Array], Array],
     slot_groups: int = 1,
     constrain: Callable[[Array, int], Array] | None = None,
+    prompt_ids: Array | None = None,
+    rope_switch: int | None = None,
 ) -> tuple[Array, Array, Array]:
     """Decodes B rows through `num_slots` refilled slots; returns `(tokens, logprobs, mask)`, `[B, N]`.
 
@@ -208,6 +246,9 @@ def decode_in_slots(
         its rows only (the data-parallel devices, so each device's bookkeeping stays local).
       constrain: `(array, row axis) -> array`, applied to the loop state each step (a sharding
       constraint: the mesh's batch sharding on that axis), or None.
+      prompt_ids, rope_switch: the `[B', P]` prompts and LongRoPE's original context
+        (`long_rope_switch`), or None: a slot whose row's length reaches `rope_switch + 1`
+        recomputes its cache from the row's prompt and tokens so far (`recompute_cache_rows`).
     """
     num_rows = rows.prompt_index.shape[0]
     total_slots = prompt_len - 1 + num_new
@@ -241,12 +282,28 @@ def decode_in_slots(
         state, next_row, outputs = carry
         active = ~state.done
         t = state.token_index
+        positions = state.last_prompt_position + t
+        cache = state.cache
+        if rope_switch is not None and prompt_ids is not None:
+            # The slots' histories: the row's prompt, then its tokens so far, slot for slot.
+            row_prompts = jnp.take(prompt_ids, jnp.take(rows.prompt_index, state.row), axis=0)
+            history = jnp.concatenate([row_prompts, jnp.take(outputs[0], state.row, axis=0)], axis=1)
+            seen = jnp.arange(total_slots)[None, :] <= (prompt_len - 1 + t)[:, None]
+            cache = recompute_cache_rows(
+                model,
+                params,
+                cache,
+                history[:, :total_slots],
+                state.key_mask * seen,
+                active & (positions == rope_switch),
+                any_over_axis,
+            )
         out = model.forward(
             params,
             state.last_token[:, None],
             state.key_mask,
-            positions=(state.last_prompt_position + t)[:, None],
-            cache=state.cache,
+            positions=positions[:, None],
+            cache=cache,
             # A done slot writes nowhere (past the last slot: dropped).
             cache_index=jnp.where(active, prompt_len - 1 + t, total_slots),
         )

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrlhf import engine
 from jaxrlhf.sampling import _any_over_axis, is_eos, sample_from_uniform
 from jaxrlhf.typing import Scalar
 
@@ -164,6 +165,15 @@ class Episodes:
     def __init__(self, model, env: Environment, settings: EpisodeSettings, prompt_len: int):
         self.model, self.env, self.settings, self.prompt_len = model, env, settings, prompt_len
         self.num_new = settings.max_new_tokens
+        if engine.long_rope_switch(model, prompt_len, self.num_new) is not None:
+            # An observation written into the cache may cross the boundary mid-chunk; the
+            # single-turn sampler recomputes a crossing row's cache, the episode loop does not yet.
+            raise ValueError(
+                f"episodes with a LongRoPE model need prompt_len + max_new_tokens - 1 <= "
+                f"original_max_position_embeddings ({model.config.rope_scaling[4]}), got "
+                f"{prompt_len} + {self.num_new} - 1: past it the model switches rotary factors, "
+                "which multi-turn rollouts do not support yet"
+            )
         self.total_slots = prompt_len - 1 + self.num_new
 
     # -------------------------------------------------------------- pieces (all traceable)

@@ -689,6 +689,8 @@ def generate(
             any_over_axis=lambda alive: _any_over_axis(alive, stop_axis_name),
             slot_groups=shards,
             constrain=None if mesh is None else constrain,
+            prompt_ids=prompt_ids,
+            rope_switch=engine.long_rope_switch(model, prompt_len, num_new),
         )
         return SampleOutput(tokens, logprobs, mask)
 
@@ -718,15 +720,32 @@ def generate(
         mask=jnp.zeros((batch, num_new), jnp.int32),
     )
 
+    rope_switch = engine.long_rope_switch(model, prompt_len, num_new)
+
     def decode_step(state: _DecodeState, segment_mask: Array) -> _DecodeState:
         """Feeds `last_tokens` at slot P - 1 + i and samples response token i."""
         step = state.step
+        positions = last_prompt_position + step
+        cache = state.cache
+        if rope_switch is not None:  # LongRoPE: a row whose length passes the original context now
+            num_segment_slots = segment_mask.shape[1]
+            history = jnp.concatenate([prompt_ids, state.tokens], axis=1)[:, :num_segment_slots]
+            seen = jnp.arange(num_segment_slots)[None, :] <= prompt_len - 1 + step
+            cache = engine.recompute_cache_rows(
+                model,
+                params,
+                cache,
+                history,
+                segment_mask * seen,
+                ~state.done & (positions == rope_switch),
+                lambda flag: _any_over_axis(flag, stop_axis_name),
+            )
         out = model.forward(
             params,
             state.last_tokens[:, None],
             segment_mask,
-            positions=(last_prompt_position + step)[:, None],
-            cache=state.cache,
+            positions=positions[:, None],
+            cache=cache,
             cache_index=prompt_len - 1 + step,
         )
         uniform = jax.lax.dynamic_index_in_dim(uniforms, step, axis=0, keepdims=False)

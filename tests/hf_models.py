@@ -92,6 +92,24 @@ def torch_logits(model, ids, mask) -> np.ndarray:
     return torch_forward(model, ids, mask).logits.float().numpy()
 
 
+def is_longrope(torch_model) -> bool:
+    rope = getattr(torch_model.config, "rope_parameters", None) or {}
+    return rope.get("rope_type") == "longrope"
+
+
+def reference_logits(torch_model, ids, mask):
+    """transformers' logits on the batch; for LongRoPE, each row's alone (unpadded), as jaxrlhf
+    decides short or long factors per row (`transformer.long_rope_flags`) where transformers
+    decides them for the whole batch."""
+    if not is_longrope(torch_model):
+        return torch_logits(torch_model, ids, mask)
+    out = np.zeros(ids.shape + (torch_model.config.vocab_size,), np.float32)
+    for row in range(ids.shape[0]):
+        keep = mask[row].astype(bool)
+        out[row, keep] = torch_logits(torch_model, ids[row : row + 1, keep], mask[row : row + 1, keep])[0]
+    return out
+
+
 def torch_greedy(model, ids, mask, max_new_tokens: int) -> np.ndarray:
     """`generate(do_sample=False)` of transformers (its KV cache, left padding, no EOS stop)."""
     with torch.no_grad():

@@ -17,7 +17,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_models import SMALL, batch, build, jit_forward, max_diff, torch_logits  # noqa: E402
+from hf_models import SMALL, batch, build, jit_forward, max_diff, reference_logits  # noqa: E402
 
 import jaxrlhf  # noqa: E402
 from jaxrlhf.models.gguf import read_gguf  # noqa: E402
@@ -190,7 +190,9 @@ def test_gguf_reads_back_the_model(family, tmp_path):
 
     pre = jaxrlhf.load_pretrained(str(path))
     ids, mask = batch()
-    assert max_diff(jit_forward(pre.model, pre.params, ids, mask).logits, torch_logits(model, ids, mask), mask) < 1e-4
+    assert (
+        max_diff(jit_forward(pre.model, pre.params, ids, mask).logits, reference_logits(model, ids, mask), mask) < 1e-4
+    )
     if transformers_reads_it:  # the same parameters as transformers' own GGUF loader
         theirs = transformers.AutoModelForCausalLM.from_pretrained(
             str(tmp_path), gguf_file=path.name, dtype=torch.float32

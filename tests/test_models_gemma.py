@@ -25,6 +25,7 @@ from hf_models import (  # noqa: E402
     checkpoint_cache,
     jit_forward,
     max_diff,
+    reference_logits,
     torch_logits,
 )
 
@@ -65,7 +66,8 @@ FAMILIES = {
     ),
     "phi3": ("phi3", dict(_SMALL, sliding_window=5)),
     # Phi-4-mini-like: partial rotary (half of each head), tied embeddings, LongRoPE with a short
-    # original context so that the 12-token batch uses the long factors.
+    # original context of 8, so that rows of the 12-token batch use the long factors and others
+    # the short ones.
     "phi4_mini": (
         "phi3",
         dict(
@@ -92,7 +94,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*holds no tokenizer files")
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """family -> (directory, torch model, torch logits on `batch()`), built once per module."""
-    return checkpoint_cache(tmp_path_factory, FAMILIES, lambda model: torch_logits(model, *batch()))
+    return checkpoint_cache(tmp_path_factory, FAMILIES, lambda model: reference_logits(model, *batch()))
 
 
 def _logits(pre, ids, mask):
@@ -152,7 +154,7 @@ def test_round_trip_through_transformers(family, checkpoints, tmp_path):
     for name, tensor in reloaded.state_dict().items():
         np.testing.assert_array_equal(tensor.numpy(), original[name].numpy(), err_msg=f"{family}: {name}")
     ids, mask = batch()
-    assert max_diff(torch_logits(reloaded, ids, mask), ref, mask) < 1e-4
+    assert max_diff(reference_logits(reloaded, ids, mask), ref, mask) < 1e-4
     again = jaxrlhf.load_pretrained(str(out))
     assert again.config == pre.config
     jax.tree.map(np.testing.assert_array_equal, again.params, pre.params)
@@ -188,6 +190,81 @@ def test_init_params_tree_matches_loaded(checkpoints):
         pre = jaxrlhf.load_pretrained(checkpoints(family)[0])
         fresh = jax.eval_shape(LanguageModel(pre.config).init_params, jax.random.key(0))
         assert jax.tree.map(jnp.shape, fresh) == jax.tree.map(jnp.shape, pre.params)
+
+
+# ----------------------------------------------------------------------------------------------
+# LongRoPE past the original context
+
+
+def test_longrope_factors_per_row_and_per_packed_segment(checkpoints):
+    """Rows of 12, 9 and 5 tokens around the original context of 8: the long rows use the long
+    factors and the short one the short factors (each equal to transformers on that row alone,
+    see `reference_logits`), and two rows packed into one (`segment_ids`) keep their own."""
+    path, torch_model, ref = checkpoints("phi4_mini")
+    pre = jaxrlhf.load_pretrained(path)
+    ids, mask = batch()
+    lengths = mask.sum(1)
+    scaling = pre.config.rope_scaling
+    assert lengths.tolist() == [12, 9, 5] and scaling is not None and scaling[4] == 8
+    packed_ids = np.concatenate([ids[1, -9:], ids[2, -5:], [0, 0]])[None]  # rows 1 and 2 and padding
+    segments = np.array([[1] * 9 + [2] * 5 + [0, 0]])
+    positions = np.concatenate([np.arange(9), np.arange(5), [0, 0]])[None]
+    out = pre.model.forward(pre.params, packed_ids, (segments > 0).astype(np.int32), positions, segment_ids=segments)
+    packed = np.asarray(out.logits[0])
+    np.testing.assert_allclose(packed[:9], ref[1, -9:], atol=1e-4)
+    np.testing.assert_allclose(packed[9:14], ref[2, -5:], atol=1e-4)
+    # The batch rule transformers uses would rotate row 2 with the long factors: a real difference.
+    assert max_diff(torch_logits(torch_model, ids, mask)[2:], ref[2:], mask[2:]) > 1e-2
+
+
+@pytest.mark.slow
+def test_longrope_generation_past_the_original_context(checkpoints):
+    """Greedy generation across the original context (8): prompts of 6, 4 and 2 tokens and 10 new
+    ones cross it at different steps. transformers drops its cache and recomputes the sequence
+    with the long factors when it crosses; jaxrlhf recomputes the crossing row's cache. Every
+    engine (static, cache segments, refilled slots, shared prefill) equals transformers on each
+    row alone, token for token; sampled, they equal each other bit for bit."""
+    from hf_models import torch_greedy
+
+    from jaxrlhf.sampling import generate
+
+    path, torch_model, _ = checkpoints("phi4_mini")
+    pre = jaxrlhf.load_pretrained(path)
+    ids = np.random.default_rng(1).integers(3, 96, size=(3, 6)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, :2], mask[2, :4] = 0, 0
+    ids = ids * mask
+    want = np.stack([
+        torch_greedy(torch_model, ids[r : r + 1, mask[r] > 0], mask[r : r + 1, mask[r] > 0], 10)[0] for r in range(3)
+    ])  # fmt: skip
+
+    def run(temperature, **engine):
+        return generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(3),
+                        max_new_tokens=10, temperature=temperature, eos_token_id=None, **engine)  # fmt: skip
+
+    for engine in (dict(), dict(cache_segments=3), dict(slots=2)):
+        np.testing.assert_array_equal(np.asarray(run(0.0, **engine).tokens), want, err_msg=str(engine))
+    sampled = run(1.0)
+    for engine in (dict(cache_segments=3), dict(slots=2)):
+        other = run(1.0, **engine)
+        np.testing.assert_array_equal(np.asarray(other.tokens), np.asarray(sampled.tokens))
+        np.testing.assert_allclose(np.asarray(other.logprobs), np.asarray(sampled.logprobs), atol=1e-5)
+    # One prefill for G = 2 generations of each prompt equals the prompts repeated.
+    shared = generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(3),
+                      max_new_tokens=10, temperature=1.0, num_generations=2)  # fmt: skip
+    repeated = generate(pre.model, pre.params, jnp.repeat(jnp.asarray(ids), 2, 0), jnp.repeat(jnp.asarray(mask), 2, 0),
+                        jax.random.key(3), max_new_tokens=10, temperature=1.0)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+
+
+def test_longrope_episodes_past_the_original_context_are_refused(checkpoints):
+    from jaxrlhf.episodes import Episodes, EpisodeSettings
+
+    pre = jaxrlhf.load_pretrained(checkpoints("phi4_mini")[0])
+    settings = EpisodeSettings(max_new_tokens=4, max_turns=2, max_turn_tokens=2)
+    Episodes(pre.model, None, settings, prompt_len=5)  # 8 tokens at most: within the context  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"LongRoPE.*\(8\), got 6 \+ 4 - 1"):
+        Episodes(pre.model, None, settings, prompt_len=6)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -165,9 +165,9 @@ def _dense(features, use_bias, cfg: ModelConfig, name, std=0.02):
 
 def apply_rope(x_BxLxHxE: Array, positions_BxL: Array, inv_freq, scale: float = 1.0) -> Array:
     """Rotary embedding, HF "rotate half" layout: `x * cos + rotate_half(x) * sin` on the first
-    `2 * len(inv_freq)` dims of each head (all of them unless the rotary embedding is partial, as
-    in Phi-4-mini), the rest passed through; cos and sin are multiplied by `scale` (LongRoPE's
-    attention factor)."""
+    `2 * R/2` dims of each head (all of them unless the rotary embedding is partial, as in
+    Phi-4-mini), the rest passed through; cos and sin are multiplied by `scale` (LongRoPE's
+    attention factor). `inv_freq`: `[R/2]`, or `[B, L, R/2]` per token (LongRoPE)."""
     angles = positions_BxL.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, L, R/2]
     cos = jnp.cos(angles)[:, :, None, :] * scale
     sin = jnp.sin(angles)[:, :, None, :] * scale
@@ -178,15 +178,47 @@ def apply_rope(x_BxLxHxE: Array, positions_BxL: Array, inv_freq, scale: float = 
     return rotated.astype(x_BxLxHxE.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig, positions_BxL: Array, sliding) -> Array:
+class LongRopePositions(NamedTuple):
+    """A LongRoPE model's positions (`Transformer` passes these to its blocks instead of `[B, L]`
+    positions): each token's position, and whether the sequence it belongs to is longer than the
+    original context (`long_rope_flags`)."""
+
+    positions: Array  # [B, L] int
+    long: Array  # [B, L] bool
+
+
+def long_rope_flags(original: int, positions_BxL: Array, cached: bool, segment_ids=None) -> Array:
+    """`[B, L]`: whether each token is rotated with LongRoPE's long factors, per row.
+
+    Phi-3 switches to the long factors once a sequence is longer than the original context
+    (`length > original`). transformers decides this once per forward call for the whole batch
+    (`max(position_ids) + 1`) and, when generation crosses the boundary, drops its KV cache and
+    recomputes the whole sequence with the long factors. jaxrlhf decides it per sequence, so a
+    row's outputs do not depend on the other rows of its batch (nor on packing or micro-batching):
+    - without a cache: the row's length, `max_l positions[b, l] + 1` (per packed segment with
+      `segment_ids`): the whole row uses one set of factors, as a forward of that row alone in
+      transformers does;
+    - with a cache (decoding): the length so far, `max_l positions[b, l] + 1` over this call's
+      tokens. The sampler recomputes a row's cache with the long factors at the step its length
+      reaches `original + 1` (`jaxrlhf.sampling.generate`), which is transformers' reset done
+      per row.
+    """
+    positions_BxL = jnp.asarray(positions_BxL)
+    if segment_ids is not None and not cached:
+        same_BxLxL = segment_ids[:, :, None] == segment_ids[:, None, :]
+        length_BxL = jnp.max(jnp.where(same_BxLxL, positions_BxL[:, None, :], 0), axis=-1) + 1
+    else:
+        length_BxL = jnp.broadcast_to(jnp.max(positions_BxL, axis=1, keepdims=True) + 1, positions_BxL.shape)
+    return length_BxL > original
+
+
+def rope_frequencies(cfg: ModelConfig, positions, sliding) -> Array:
     """The inverse frequencies of one layer: the sliding layers' own (Gemma 3's local theta) where
-    `sliding` (a Python bool, or a traced one in a scanned model), and LongRoPE's long factors
-    when the longest sequence of this call, `max(positions) + 1`, exceeds the original context
-    (as transformers decides it, per forward call and for the whole batch)."""
+    `sliding` (a Python bool, or a traced one in a scanned model), and per token LongRoPE's long
+    factors where `positions` (`LongRopePositions`) says so (`[B, L, R/2]` then)."""
     inv_freq = jnp.asarray(cfg.rope_inv_freq())
-    if cfg.is_longrope and cfg.rope_scaling is not None:
-        original = cfg.rope_scaling[4]
-        inv_freq = jnp.where(jnp.max(positions_BxL) + 1 > original, cfg.rope_inv_freq(long=True), inv_freq)
+    if isinstance(positions, LongRopePositions):
+        inv_freq = jnp.where(positions.long[..., None], cfg.rope_inv_freq(long=True), inv_freq)
     if cfg.local_rope_theta is not None and sliding is not False:
         inv_freq = jnp.where(sliding, cfg.rope_inv_freq(sliding=True), inv_freq)
     return inv_freq
@@ -235,6 +267,8 @@ class Attention(nn.Module):
         if cfg.positions == "rope":
             inv_freq = rope_frequencies(cfg, positions_BxL, sliding)
             scale = cfg.rope_scaling[1] if cfg.is_longrope else 1.0  # pyright: ignore[reportOptionalSubscript]
+            if isinstance(positions_BxL, LongRopePositions):
+                positions_BxL = positions_BxL.positions
             q = apply_rope(q, positions_BxL, inv_freq, scale)
             k = apply_rope(k, positions_BxL, inv_freq, scale)
         if cfg.layer_types is not None and sliding is not False:  # this layer's window (Gemma 2/3)
@@ -558,6 +592,11 @@ class Transformer(nn.Module):
             )
             x = x + pos_embed(jnp.minimum(positions_BxL, cfg.max_position_embeddings - 1))
 
+        block_positions = positions_BxL
+        if cfg.is_longrope and cfg.rope_scaling is not None:  # per-row short/long factors (`long_rope_flags`)
+            long_BxL = long_rope_flags(cfg.rope_scaling[4], positions_BxL, cache is not None, segment_ids)
+            block_positions = LongRopePositions(positions_BxL, long_BxL)
+
         if cfg.scan_layers and cache is None:
             # One block body scanned over `params["layers"]` (leaves [num_layers, ...]); the hidden
             # state is the carry, and a prefill's fresh per-layer caches stack up as the outputs.
@@ -570,7 +609,7 @@ class Transformer(nn.Module):
                 length=cfg.num_layers,
             )
             x, new_cache = scanned(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)(
-                x, positions_BxL, allowed_BxLxS, cache, cache_index, jnp.arange(cfg.num_layers)
+                x, block_positions, allowed_BxLxS, cache, cache_index, jnp.arange(cfg.num_layers)
             )
         elif cfg.scan_layers:
             # Decoding: the whole stacked cache rides in the carry and each layer updates its new
@@ -589,7 +628,7 @@ class Transformer(nn.Module):
             )
             block = block_class(cfg, scanned=True)(cfg, cache_size, self.tuning, name=SCANNED_LAYERS)
             (x, new_cache), _ = scanned(
-                block, (x, cache), jnp.arange(cfg.num_layers), positions_BxL, allowed_BxLxS, cache_index
+                block, (x, cache), jnp.arange(cfg.num_layers), block_positions, allowed_BxLxS, cache_index
             )
         else:
             block = block_class(cfg)
@@ -597,7 +636,7 @@ class Transformer(nn.Module):
             for i in range(cfg.num_layers):
                 layer_cache = None if cache is None else cache[i]
                 x, layer_new_cache = block(cfg, cache_size, self.tuning, layer=i, name=f"layer_{i}")(
-                    x, positions_BxL, allowed_BxLxS, layer_cache, cache_index
+                    x, block_positions, allowed_BxLxS, layer_cache, cache_index
                 )
                 new_cache.append(layer_new_cache)
             new_cache = tuple(new_cache)
