@@ -255,6 +255,18 @@ def test_longrope_generation_past_the_original_context(checkpoints):
     repeated = generate(pre.model, pre.params, jnp.repeat(jnp.asarray(ids), 2, 0), jnp.repeat(jnp.asarray(mask), 2, 0),
                         jax.random.key(3), max_new_tokens=10, temperature=1.0)  # fmt: skip
     np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+    # Under a sweep's vmap (the recompute's cond reduced over the runs) each run equals its own call.
+    keys = jax.random.split(jax.random.key(4), 2)
+
+    def sweep(key):
+        return generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), key, max_new_tokens=10,
+                        temperature=1.0, stop_axis_name="runs", slots=2)  # fmt: skip
+
+    runs = jax.jit(jax.vmap(sweep, axis_name="runs"))(keys)
+    for run_index in range(2):
+        alone = generate(pre.model, pre.params, jnp.asarray(ids), jnp.asarray(mask), keys[run_index],
+                         max_new_tokens=10, temperature=1.0)  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(runs.tokens[run_index]), np.asarray(alone.tokens))
 
 
 def test_longrope_episodes_past_the_original_context_are_refused(checkpoints):
