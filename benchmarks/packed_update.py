@@ -18,8 +18,9 @@ position both ways) and its vocabulary heads (``2 D V`` per position) where they
 the ``B N`` response slots, packed at each micro-batch's response tokens rounded up to whole
 chunks (`jaxrlhf.training.packed.response_head`). Experience: 3 trunks (policy, reference,
 critic) and 2 heads; update: 2 trunks and 1 head (forward and backward scale both sides alike).
-The update packs each minibatch on its own: counted here for minibatches of consecutive rows (the
-update's are a random permutation of the same i.i.d. rows). The gap between the measured and the
+The update packs each minibatch on its own: counted for the minibatches it draws (the permutation
+of its epoch key, `update_minibatches`), so its ideal varies with the key and is often below the
+experience pass's (each minibatch rounds up to whole micro-batches). The gap between the measured and the
 ideal ratio is the packing's own cost (layout, gathers, the loops) and what packing does not
 shrink (the AdamW step, the elementwise work).
 
@@ -120,27 +121,40 @@ def packed_positions(prompt_mask, response_mask, max_tokens: int) -> tuple[int, 
     return micro * R * T, sum(-(-n // chunk) * chunk for n in targets), micro
 
 
-def token_counts(prompt_mask, response_mask, max_tokens: int, model_config, minibatch: int) -> dict:
-    """Tokens each layout computes and the ideal (FLOP) ratio of each phase (module docstring)."""
+def update_minibatches(key, batch: int, minibatch: int, epochs: int) -> list:
+    """The rows of each minibatch `make_ppo_update` trains on with ``key``: per epoch (its key
+    from ``split(key, epochs)``), ``permutation(epoch_key, batch)`` cut into minibatches."""
+    import jax
+    import numpy as np
+
+    rows = []
+    for epoch_key in jax.random.split(key, epochs):
+        perm = np.asarray(jax.random.permutation(epoch_key, batch))
+        rows += [perm[i : i + minibatch] for i in range(0, batch, minibatch)]
+    return rows
+
+
+def token_counts(prompt_mask, response_mask, max_tokens: int, model_config, minibatches: list) -> dict:
+    """Tokens each layout computes and the ideal (FLOP) ratio of each phase (module docstring);
+    ``minibatches``: the update's rows of each minibatch (`update_minibatches`)."""
     B, P = prompt_mask.shape
     N = response_mask.shape[1]
     real = int(prompt_mask.sum() + response_mask.sum())
     tokens, heads, micro = packed_positions(prompt_mask, response_mask, max_tokens)
-    per_minibatch = [
-        packed_positions(prompt_mask[i : i + minibatch], response_mask[i : i + minibatch], max_tokens)
-        for i in range(0, B, minibatch)
-    ]
+    per_minibatch = [packed_positions(prompt_mask[rows], response_mask[rows], max_tokens) for rows in minibatches]
     update_tokens, update_heads = sum(m[0] for m in per_minibatch), sum(m[1] for m in per_minibatch)
     trunk, head = position_flops(model_config, P + N)
 
-    def ratio(trunks: int, vocab_heads: int, packed_tokens: int, packed_heads: int) -> float:
-        unpacked = trunks * B * (P + N) * trunk + vocab_heads * B * N * head
+    epochs = sum(len(rows) for rows in minibatches) // B
+
+    def ratio(trunks: int, vocab_heads: int, packed_tokens: int, packed_heads: int, passes: int = 1) -> float:
+        unpacked = passes * (trunks * B * (P + N) * trunk + vocab_heads * B * N * head)
         return unpacked / (trunks * packed_tokens * trunk + vocab_heads * packed_heads * head)
 
     return dict(
         real=real, unpacked=B * (P + N), packed=tokens, micro_batches=micro, head_positions=heads,
         padding_unpacked=1 - real / (B * (P + N)), padding_packed=1 - real / tokens,
-        ideal_experience=ratio(3, 2, tokens, heads), ideal_update=ratio(2, 1, update_tokens, update_heads),
+        ideal_experience=ratio(3, 2, tokens, heads), ideal_update=ratio(2, 1, update_tokens, update_heads, epochs),
     )  # fmt: skip
 
 
@@ -192,7 +206,9 @@ def run_model(name: str, args: Args) -> list[str]:
     prompts = PromptBatch(jnp.asarray(arrays[0]), jnp.asarray(arrays[1]))
     rollout = Rollout(jnp.asarray(arrays[2]), jnp.asarray(arrays[3]))
     scores = jnp.linspace(-1.0, 1.0, args.batch)
-    counts = token_counts(arrays[1], arrays[3], args.max_tokens, model_config(name), args.batch // 2)
+    update_key = jax.random.PRNGKey(1)
+    minibatches = update_minibatches(update_key, args.batch, args.batch // 2, epochs=1)  # as `build` configures
+    counts = token_counts(arrays[1], arrays[3], args.max_tokens, model_config(name), minibatches)
     programs = {}
     for variant, max_tokens in (("unpacked", None), ("packed", args.max_tokens)):
         model, ppo, experience_fn, update_fn = build(name, args, max_tokens)
@@ -203,11 +219,11 @@ def run_model(name: str, args: Args) -> list[str]:
         experience = jax.block_until_ready(experience_fn(params, value, params, prompts, rollout, scores))
         params_both = {"policy": state.policy_params, "value": value}
         opt = {"policy": state.policy_opt_state, "value": state.value_opt_state}
-        jax.block_until_ready(update_fn(params_both, opt, experience, jax.random.PRNGKey(1)))
+        jax.block_until_ready(update_fn(params_both, opt, experience, update_key))
         compile_s = time.perf_counter() - compile_start
         programs[variant] = dict(
             experience=(experience_fn, (params, value, params, prompts, rollout, scores)),
-            update=(update_fn, (params_both, opt, experience, jax.random.PRNGKey(1))),
+            update=(update_fn, (params_both, opt, experience, update_key)),
             compile=compile_s,
         )
     times = {(v, phase): [] for v in programs for phase in ("experience", "update")}
