@@ -1,7 +1,8 @@
 """Packed experience and update passes (issue 29, packing): `max_tokens_per_microbatch` gives the
-log-probs, values, losses and gradients of the unpacked passes (1e-5), one row's tokens never
-reach another's outputs, one compile serves every length mix, and whole PPO / GRPO runs, the
-8-device mesh and a sweep agree with the unpacked trainer."""
+log-probs, values, losses and gradients of the unpacked passes (1e-5, also with LoRA on scanned
+layers), the response-only vocabulary head equals the full head, one row's tokens never reach
+another's outputs, one compile serves every length mix, and whole PPO / GRPO runs, the 8-device
+mesh and a sweep agree with the unpacked trainer."""
 
 import functools
 
