@@ -11,10 +11,18 @@ N; prompts of uniform length in [P / 4, P]) is built once with random token ids;
 Reported per phase (experience: policy + reference + critic forwards; update: ``ppo_epochs``
 passes of minibatch gradients and AdamW steps): medians of interleaved repetitions, the padding
 fraction of the unpacked layout and of the packed micro-batches, and the *ideal* ratio: the
-tokens the unpacked pass computes over those the packed pass computes (packs rounded up to whole
-micro-batches), which is what the speed-up would be if compute followed tokens exactly. The gap
-between the two is the packing's own cost (layout, gathers, the loop) and attention's quadratic
-part.
+matmul FLOPs of the unpacked pass over the packed pass's, which is what the speed-up would be if
+time followed them exactly. Each pass counts its trunks at every position it computes (unpacked
+``B (P + N)``; packed, whole micro-batches of packs; the attention at ``T = P + N`` keys per
+position both ways) and its vocabulary heads (``2 D V`` per position) where they run: unpacked at
+the ``B N`` response slots, packed at each micro-batch's response tokens rounded up to whole
+chunks (`jaxrlhf.training.packed.response_head`). Experience: 3 trunks (policy, reference,
+critic) and 2 heads; update: 2 trunks and 1 head (forward and backward scale both sides alike).
+The update packs each minibatch on its own: counted for the minibatches it draws (the permutation
+of its epoch key, `update_minibatches`), so its ideal varies with the key and is often below the
+experience pass's (each minibatch rounds up to whole micro-batches). The gap between the measured and the
+ideal ratio is the packing's own cost (layout, gathers, the loops) and what packing does not
+shrink (the AdamW step, the elementwise work).
 
     python benchmarks/packed_update.py                       # tiny GPT-2 and GPT-2 124M shapes
     python benchmarks/packed_update.py --models gpt2-124m --reps 5
@@ -83,24 +91,70 @@ def long_tailed_batch(B: int, P: int, N: int, vocab: int, seed: int):
     return prompt_ids, prompt_mask, response_ids, response_mask
 
 
-def token_counts(prompt_mask, response_mask, max_tokens: int) -> dict:
-    """Tokens each layout computes: unpacked ``B (P + N)``; packed, whole micro-batches of packs."""
+def position_flops(config, pack_len: int) -> tuple[int, int]:
+    """Matmul FLOPs per position: ``(trunk, vocabulary head)``; the trunk's attention over
+    ``pack_len`` keys (the unpacked rows and the packs are both that long)."""
+    D, L, F = config.hidden_size, config.num_layers, config.intermediate_size
+    attention_width = config.num_heads * config.head_dim
+    projections = D * attention_width * 2 + D * config.num_kv_heads * config.head_dim * 2
+    mlp = D * F * (2 if config.mlp == "plain" else 3)
+    trunk = 2 * L * (projections + mlp) + 4 * L * pack_len * attention_width
+    return trunk, 2 * D * config.vocab_size
+
+
+def packed_positions(prompt_mask, response_mask, max_tokens: int) -> tuple[int, int, int]:
+    """``(trunk positions, head positions, micro-batches)`` of the packed passes over these rows:
+    whole micro-batches of packs; each micro-batch's response tokens rounded up to whole chunks
+    of the response head."""
     import jax.numpy as jnp
-    import numpy as np
 
     from jaxrlhf.training import packed
 
     B, P = prompt_mask.shape
     N = response_mask.shape[1]
-    real = int(prompt_mask.sum() + response_mask.sum())
     batch = packed.pack_batch(jnp.zeros((B, P), jnp.int32), jnp.asarray(prompt_mask),
                               jnp.zeros((B, N), jnp.int32), jnp.asarray(response_mask), max_tokens)  # fmt: skip
+    R, T = batch.geometry.packs_per_micro, batch.geometry.pack_len
+    chunk = -(-(R * T) // packed.HEAD_CHUNKS)
     micro = int(batch.num_micro)
-    packed_tokens = micro * batch.geometry.packs_per_micro * batch.geometry.pack_len
+    targets = [int(jnp.sum(batch.response_targets(i))) for i in range(micro)]
+    return micro * R * T, sum(-(-n // chunk) * chunk for n in targets), micro
+
+
+def update_minibatches(key, batch: int, minibatch: int, epochs: int) -> list:
+    """The rows of each minibatch `make_ppo_update` trains on with ``key``: per epoch (its key
+    from ``split(key, epochs)``), ``permutation(epoch_key, batch)`` cut into minibatches."""
+    import jax
+    import numpy as np
+
+    rows = []
+    for epoch_key in jax.random.split(key, epochs):
+        perm = np.asarray(jax.random.permutation(epoch_key, batch))
+        rows += [perm[i : i + minibatch] for i in range(0, batch, minibatch)]
+    return rows
+
+
+def token_counts(prompt_mask, response_mask, max_tokens: int, model_config, minibatches: list) -> dict:
+    """Tokens each layout computes and the ideal (FLOP) ratio of each phase (module docstring);
+    ``minibatches``: the update's rows of each minibatch (`update_minibatches`)."""
+    B, P = prompt_mask.shape
+    N = response_mask.shape[1]
+    real = int(prompt_mask.sum() + response_mask.sum())
+    tokens, heads, micro = packed_positions(prompt_mask, response_mask, max_tokens)
+    per_minibatch = [packed_positions(prompt_mask[rows], response_mask[rows], max_tokens) for rows in minibatches]
+    update_tokens, update_heads = sum(m[0] for m in per_minibatch), sum(m[1] for m in per_minibatch)
+    trunk, head = position_flops(model_config, P + N)
+
+    epochs = sum(len(rows) for rows in minibatches) // B
+
+    def ratio(trunks: int, vocab_heads: int, packed_tokens: int, packed_heads: int, passes: int = 1) -> float:
+        unpacked = passes * (trunks * B * (P + N) * trunk + vocab_heads * B * N * head)
+        return unpacked / (trunks * packed_tokens * trunk + vocab_heads * packed_heads * head)
+
     return dict(
-        real=real, unpacked=B * (P + N), packed=packed_tokens, micro_batches=micro,
-        padding_unpacked=1 - real / (B * (P + N)), padding_packed=1 - real / packed_tokens,
-        ideal=B * (P + N) / packed_tokens, rows_per_pack=float(np.mean(np.asarray(batch.layout.length_B) > 0)),
+        real=real, unpacked=B * (P + N), packed=tokens, micro_batches=micro, head_positions=heads,
+        padding_unpacked=1 - real / (B * (P + N)), padding_packed=1 - real / tokens,
+        ideal_experience=ratio(3, 2, tokens, heads), ideal_update=ratio(2, 1, update_tokens, update_heads, epochs),
     )  # fmt: skip
 
 
@@ -152,7 +206,9 @@ def run_model(name: str, args: Args) -> list[str]:
     prompts = PromptBatch(jnp.asarray(arrays[0]), jnp.asarray(arrays[1]))
     rollout = Rollout(jnp.asarray(arrays[2]), jnp.asarray(arrays[3]))
     scores = jnp.linspace(-1.0, 1.0, args.batch)
-    counts = token_counts(arrays[1], arrays[3], args.max_tokens)
+    update_key = jax.random.PRNGKey(1)
+    minibatches = update_minibatches(update_key, args.batch, args.batch // 2, epochs=1)  # as `build` configures
+    counts = token_counts(arrays[1], arrays[3], args.max_tokens, model_config(name), minibatches)
     programs = {}
     for variant, max_tokens in (("unpacked", None), ("packed", args.max_tokens)):
         model, ppo, experience_fn, update_fn = build(name, args, max_tokens)
@@ -163,11 +219,11 @@ def run_model(name: str, args: Args) -> list[str]:
         experience = jax.block_until_ready(experience_fn(params, value, params, prompts, rollout, scores))
         params_both = {"policy": state.policy_params, "value": value}
         opt = {"policy": state.policy_opt_state, "value": state.value_opt_state}
-        jax.block_until_ready(update_fn(params_both, opt, experience, jax.random.PRNGKey(1)))
+        jax.block_until_ready(update_fn(params_both, opt, experience, update_key))
         compile_s = time.perf_counter() - compile_start
         programs[variant] = dict(
             experience=(experience_fn, (params, value, params, prompts, rollout, scores)),
-            update=(update_fn, (params_both, opt, experience, jax.random.PRNGKey(1))),
+            update=(update_fn, (params_both, opt, experience, update_key)),
             compile=compile_s,
         )
     times = {(v, phase): [] for v in programs for phase in ("experience", "update")}
@@ -181,14 +237,16 @@ def run_model(name: str, args: Args) -> list[str]:
         f"\n### {name}: B={args.batch}, P={args.prompt_len}, N={args.new_tokens}, max_tokens={args.max_tokens}",
         f"tokens: real {counts['real']}, unpacked {counts['unpacked']} (padding {counts['padding_unpacked']:.0%}), "
         f"packed {counts['packed']} in {counts['micro_batches']} micro-batches "
-        f"(padding {counts['padding_packed']:.0%}); ideal ratio {counts['ideal']:.2f}x",
+        f"(padding {counts['padding_packed']:.0%}); vocabulary head at {args.batch * args.new_tokens} "
+        f"response slots unpacked, {counts['head_positions']} positions packed",
         "",
         "| phase | unpacked (s) | packed (s) | speed-up | ideal |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for phase in ("experience", "update"):
         before, after = median["unpacked", phase], median["packed", phase]
-        lines.append(f"| {phase} | {before:.3f} | {after:.3f} | {before / after:.2f}x | {counts['ideal']:.2f}x |")
+        ideal = counts[f"ideal_{phase}"]
+        lines.append(f"| {phase} | {before:.3f} | {after:.3f} | {before / after:.2f}x | {ideal:.2f}x |")
     lines.append(
         f"compile (experience + update): unpacked {programs['unpacked']['compile']:.1f} s, "
         f"packed {programs['packed']['compile']:.1f} s"

@@ -1,7 +1,8 @@
 """Packed experience and update passes (issue 29, packing): `max_tokens_per_microbatch` gives the
-log-probs, values, losses and gradients of the unpacked passes (1e-5), one row's tokens never
-reach another's outputs, one compile serves every length mix, and whole PPO / GRPO runs, the
-8-device mesh and a sweep agree with the unpacked trainer."""
+log-probs, values, losses and gradients of the unpacked passes (1e-5, also with LoRA on scanned
+layers), the response-only vocabulary head equals the full head, one row's tokens never reach
+another's outputs, one compile serves every length mix, and whole PPO / GRPO runs, the 8-device
+mesh and a sweep agree with the unpacked trainer."""
 
 import functools
 
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
+from jaxrlhf.core.logprobs import entropy_from_logits, token_logprobs
 from jaxrlhf.models import LanguageModel
+from jaxrlhf.models.lora import LoraConfig, LoraParams, init_lora, with_lora
 from jaxrlhf.sharding import make_mesh
-from jaxrlhf.training import PPO, PPOConfig, grid, train_sweep
+from jaxrlhf.training import PPO, PPOConfig, grid, packed, train_sweep
 from jaxrlhf.training.experience import Models, PromptBatch, Rollout, make_experience
 from jaxrlhf.training.hparams import HyperParams
 from jaxrlhf.training.presets import preset
@@ -116,6 +119,105 @@ def test_packed_gradients_and_losses_equal_unpacked(tiny):
         assert float(s1[key]) == pytest.approx(float(s0[key]), abs=1e-5), key
     flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
     np.testing.assert_allclose(flat(g1), flat(g0), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_packed_lora_scanned_gradients_equal_unpacked():
+    """A LoRA policy with scanned layers: the packed experience and gradients (the response head
+    reads the base's output layer; the adapters' gradients flow through the hidden states) equal
+    the unpacked ones."""
+    lora = LoraConfig(rank=2)
+    model = with_lora(LanguageModel(tiny_config("llama", vocab_size=VOCAB, eos_token_id=EOS, scan_layers=True)), lora)
+    assert isinstance(model, LanguageModel)
+    base = model.init_params(jax.random.PRNGKey(0))
+    adapters = jax.tree.map(lambda a: a + 0.05, init_lora(lora, base, jax.random.PRNGKey(1)))
+    models = Models(model, None, has_value=False)
+    config = preset("grpo", BASE, num_generations=4).replace(entropy_coef=0.01)
+    results = []
+    for cfg in (config, config.replace(max_tokens_per_microbatch=2 * (P + N))):
+        experience = _experience(cfg, models, LoraParams(base, adapters), {}, *ragged_batch(4))
+        grads, stats = jax.jit(
+            lambda a, exp, cfg=cfg: minibatch_gradients(
+                cfg, models, {"policy": a, "value": {}}, exp, jnp.float32(0.04), HyperParams.from_config(cfg),
+                jax.random.PRNGKey(0), policy_base=base,
+            )
+        )(adapters, experience)  # fmt: skip
+        results.append(jax.device_get((experience, grads, stats)))
+    (e0, g0, s0), (e1, g1, s1) = results
+    mask = np.asarray(e0.response_mask) > 0
+    for name in ("old_logprobs", "ref_logprobs", "advantages"):
+        got, want = (np.where(mask, getattr(e, name), 0) for e in (e1, e0))
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=name)
+    for key in ("loss", "pg_loss", "policy_entropy"):
+        assert float(s1[key]) == pytest.approx(float(s0[key]), abs=1e-5), key
+    flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree.leaves(t)])  # noqa: E731
+    assert np.abs(flat(g0)).max() > 1e-4
+    np.testing.assert_allclose(flat(g1), flat(g0), atol=1e-5, rtol=1e-4)
+
+
+def _check_response_head(tiny, prompt_kinds, chunkings):
+    """`packed.response_head` (the vocabulary head at the positions that predict response
+    tokens only, in chunks) gives the full head's log-probs, entropies and gradients there, 0
+    elsewhere, whether one chunk holds every target or they spill over several; the targets are
+    exactly the response tokens."""
+    model, params = tiny
+    prompts, rollout_out = ragged_batch(3)
+    kinds = {
+        "ragged": prompts,  # prompts of 1..P tokens
+        "one-token": prompts._replace(mask=prompts.mask.at[:, :-1].set(0), ids=prompts.ids.at[:, :-1].set(0)),
+    }
+    temperature = jnp.float32(0.7)
+    for prompt_batch in (kinds[kind] for kind in prompt_kinds):
+        tokens, mask = rollout_out.tokens, rollout_out.mask
+        batch = packed.pack_batch(prompt_batch.ids, prompt_batch.mask, tokens, mask, 2 * (P + N))
+        R, T = batch.geometry.packs_per_micro, batch.geometry.pack_len
+        total_targets = sum(int(jnp.sum(batch.response_targets(i))) for i in range(int(batch.num_micro)))
+        assert total_targets == int(jnp.sum(rollout_out.mask))
+        ids, positions, segments = batch.micro(0)
+        hidden = model.forward(
+            params, ids, segments > 0, positions=positions, segment_ids=segments, logits_positions=slice(0, 0)
+        ).hidden
+        targets = np.asarray(batch.response_targets(0))
+        assert 0 < targets.sum() < R * T
+        assert targets.sum() > -(-R * T // 3)  # 3 chunks: the targets fill more than one
+
+        def full(params, hidden):
+            logits = model.output_layer(params, hidden)
+            return token_logprobs(logits, packed.next_ids(ids), temperature), entropy_from_logits(logits, temperature)
+
+        def weighted(outputs):  # a loss over the targets, for the gradients
+            logprobs, entropy = outputs
+            weights = jnp.where(targets, jnp.arange(R * T).reshape(R, T) % 5 - 2.0, 0.0)
+            return jnp.sum(weights * (logprobs + 0.3 * entropy))
+
+        def loss_and_outputs(head, params, hidden):
+            outputs = head(params, hidden)
+            return weighted(outputs), outputs
+
+        def compare(head):
+            grad_fn = jax.jit(jax.grad(functools.partial(loss_and_outputs, head), argnums=(0, 1), has_aux=True))
+            return jax.device_get(grad_fn(params, hidden))
+
+        want_grads, want = compare(full)
+        for chunks in (R * T if c == "all" else c for c in chunkings):
+            head = lambda p, h, chunks=chunks: packed.response_head(  # noqa: E731
+                model, p, h, ids, jnp.asarray(targets), temperature, with_entropy=True, chunks=chunks
+            )
+            grads, got = compare(head)
+            for name, g, w in zip(("logprobs", "entropy"), got, want):
+                np.testing.assert_allclose(g, np.where(targets, w, 0), atol=1e-5, err_msg=f"{name}, {chunks} chunks")
+            for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+                np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4, err_msg=f"gradients, {chunks} chunks")
+
+
+def test_response_head_equals_the_full_head(tiny):
+    """Prompts of 1 token (responses fill most of the packs), the targets spilling over 3 chunks."""
+    _check_response_head(tiny, ["one-token"], [3])
+
+
+@pytest.mark.slow
+def test_response_head_equals_the_full_head_for_every_chunking(tiny):
+    _check_response_head(tiny, ["ragged", "one-token"], [1, 3, packed.HEAD_CHUNKS, "all"])
 
 
 def test_one_rows_tokens_never_reach_another_rows_outputs(tiny):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxrlhf.models import positions as position_table
 from jaxrlhf.models.config import ModelConfig
-from jaxrlhf.models.lora import LoraParams, model_variables
+from jaxrlhf.models.lora import LoraParams, base_params, model_variables
 from jaxrlhf.models.moe import collect_router_logits, router_losses
 from jaxrlhf.models.transformer import (
     ModelOutput,
@@ -24,6 +24,7 @@ from jaxrlhf.models.transformer import (
     grow_cache,
     init_cache,
     init_params,
+    output_layer,
     put_cache_prefix,
     stack_layers,
     take_cache_rows,
@@ -125,6 +126,15 @@ class LanguageModel:
     def hidden_states(self, params, input_ids_BxL, attention_mask_BxL) -> jax.Array:
         """Final (normalised) hidden states `[B, L, D]` without the output layer (e.g. a critic's trunk)."""
         return self.forward(params, input_ids_BxL, attention_mask_BxL, logits_positions=slice(0, 0)).hidden
+
+    def output_layer(self, params, hidden_xD) -> jax.Array:
+        """The output layer alone: float32 logits `[..., V]` of final hidden states `[..., D]`
+        (`forward(...).hidden`, any leading shape), equal to the forward's logits there (tied or
+        untied head, Gemma 2's final soft-capping, `decoding_params`' transposed copy). For a
+        caller that needs the head at a subset of positions it gathers itself, e.g. the packed
+        passes' response positions (`jaxrlhf.training.packed`). With `LoraParams` the base's head
+        (adapters never touch the output layer)."""
+        return output_layer(self.config, base_params(params), hidden_xD)
 
     def init_cache(self, batch: int, max_len: int, dtype=None):
         return init_cache(self.config, batch, max_len, dtype)

@@ -643,18 +643,35 @@ class Transformer(nn.Module):
         hidden = Norm(cfg.norm, cfg.norm_eps, pdt, cfg.norm_weight_offset, name="final_norm")(x)
         head_input = hidden if logits_positions is None else hidden[:, logits_positions]
 
-        # Logits in float32 whatever the compute dtype: log-probs and the PPO ratio need them exact.
         if cfg.tie_word_embeddings and not self.has_variable("params", DECODE_HEAD):
-            head_VxD = embed.embedding
-            logits = jnp.einsum("bld,vd->blv", head_input, head_VxD.astype(dtype), preferred_element_type=jnp.float32)
+            logits = head_logits(cfg, head_input, embed.embedding, vocab_first=True)
+        elif cfg.tie_word_embeddings:  # the embedding's [D, V] copy made by `decoding_params`
+            logits = head_logits(cfg, head_input, self.get_variable("params", DECODE_HEAD), vocab_first=False)
         else:
-            if cfg.tie_word_embeddings:  # the embedding's [D, V] copy made by `decoding_params`
-                head_DxV = self.get_variable("params", DECODE_HEAD)
-            else:
-                head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
-            logits = jnp.einsum("bld,dv->blv", head_input, head_DxV.astype(dtype), preferred_element_type=jnp.float32)
-        logits = softcap(logits, cfg.final_logit_softcap)  # Gemma 2: cap * tanh(logits / cap)
+            head_DxV = self.param("lm_head", nn.initializers.normal(0.02), (cfg.hidden_size, cfg.vocab_size), pdt)
+            logits = head_logits(cfg, head_input, head_DxV, vocab_first=False)
         return ModelOutput(logits, hidden, None if cache is None and cache_size is None else new_cache)
+
+
+def head_logits(config: ModelConfig, hidden_xD: Array, head: Array, vocab_first: bool) -> Array:
+    """The output layer: float32 logits `[..., V]` of final hidden states `[..., D]` and a head
+    matrix (`[V, D]` when `vocab_first`: the tied embedding table; else `[D, V]`), soft-capped
+    (Gemma 2: `cap * tanh(logits / cap)`). In float32 whatever the compute dtype: log-probs and the
+    PPO ratio need them exact."""
+    spec = "...d,vd->...v" if vocab_first else "...d,dv->...v"
+    logits = jnp.einsum(spec, hidden_xD, head.astype(jnp.dtype(config.dtype)), preferred_element_type=jnp.float32)
+    return softcap(logits, config.final_logit_softcap)
+
+
+def output_layer(config: ModelConfig, params: Mapping, hidden_xD: Array) -> Array:
+    """The forward's output layer alone, from its parameters: `Transformer`'s logits at hidden
+    states `[..., D]` (`ModelOutput.hidden`, e.g. a subset of positions gathered by a caller that
+    needs the head at those only). `params` are the plain parameters (either layer layout, with or
+    without `decoding_params`' transposed tied head)."""
+    if config.tie_word_embeddings and DECODE_HEAD not in params:
+        return head_logits(config, hidden_xD, params["embed"]["embedding"], vocab_first=True)
+    head_DxV = params[DECODE_HEAD] if config.tie_word_embeddings else params["lm_head"]
+    return head_logits(config, hidden_xD, head_DxV, vocab_first=False)
 
 
 DECODE_HEAD = "decode_head"

@@ -21,8 +21,16 @@ function (attention blocked across rows, positions restarting per row), and the 
 gradients equal the minibatch's gradient. Batch statistics inside a policy loss (Clip-Cov's and
 KL-Cov's covariance, their token budget) are per micro-batch, as with gradient accumulation.
 
-Where the vocabulary head runs: at every packed position (the prompt's too), so the head costs
-the batch's real tokens instead of ``B * N`` response slots.
+Where the vocabulary head runs: at the response positions only. The trunk's forward stops at the
+final hidden states (``logits_positions=slice(0, 0)``); `response_head` gathers the positions
+whose next token is a response token into a compact buffer and applies the output layer
+(`LanguageModel.output_layer`), temperature, log-softmax and entropy there, in chunks of
+``ceil(R T / HEAD_CHUNKS)`` positions, as many as the micro-batch's response tokens need (data:
+exact whatever the mix, no token dropped); the results go back to their positions and then to
+``[B, N]``. So the head costs the batch's response tokens (rounded up to a chunk per micro-batch),
+not the packed prompt tokens, nor the unpacked pass's ``B * N`` response slots. The critic's value
+head (``[D] -> 1``, cheap) still reads every packed position; a MoE policy's router losses come
+from the trunk's forward as before.
 """
 
 from __future__ import annotations
@@ -107,6 +115,16 @@ class Packed(NamedTuple):
         position_BxN = jnp.clip(layout.offset_B[:, None] + within_BxN, 0, y_RxT.shape[1] - 1)
         return jnp.where(valid_BxN, y_RxT[pack_BxN, position_BxN], fill)
 
+    def response_targets(self, index) -> jax.Array:
+        """``[R, T]`` bool: the positions of micro-batch ``index`` whose next token is a response
+        token of the same row (the only positions whose log-prob and entropy are read)."""
+        R, P = self.geometry.packs_per_micro, self.prompt_len
+        take = lambda x: lax.dynamic_slice_in_dim(x, index * R, R, axis=0)  # noqa: E731
+        segment_RxT, column_RxT = take(self.layout.segment_KxT), take(self.layout.column_KxT)
+        next_segment = jnp.concatenate([segment_RxT[:, 1:], jnp.zeros_like(segment_RxT[:, :1])], axis=1)
+        next_column = jnp.concatenate([column_RxT[:, 1:], jnp.zeros_like(column_RxT[:, :1])], axis=1)
+        return (segment_RxT > 0) & (next_segment == segment_RxT) & (next_column >= P)
+
     def rows_in_micro(self, index) -> jax.Array:
         """``[B]`` bool: the rows packed into micro-batch ``index``."""
         local_pack_B = self.layout.pack_B - index * self.geometry.packs_per_micro
@@ -124,14 +142,63 @@ def pack_batch(prompt_ids, prompt_mask, response_ids, response_mask, max_tokens:
     return Packed(layout, packing.pack(ids_BxL, layout), P, N, geo)
 
 
-def next_token_outputs(logits_RxTxV, ids_RxT, temperature, with_entropy: bool):
-    """Per packed position t: the log-prob of the token at t + 1 (``0`` at a pack's last
-    position; positions whose next token is another row's are never read) and, optionally, the
-    entropy of position t's distribution."""
-    next_ids = jnp.concatenate([ids_RxT[:, 1:], jnp.zeros_like(ids_RxT[:, :1])], axis=1)
-    logprobs = token_logprobs(logits_RxTxV, next_ids, temperature)
-    entropy = entropy_from_logits(logits_RxTxV, temperature) if with_entropy else None
-    return logprobs, entropy
+HEAD_CHUNKS = 8
+"""The response head's chunks per micro-batch (`response_head`): its cost is the micro-batch's
+response positions rounded up to a multiple of ``ceil(R T / HEAD_CHUNKS)``, so at most an eighth of
+a head at every position is wasted, for at most 8 loop steps of a still large matmul."""
+
+
+def next_ids(ids_RxT):
+    """The token after each packed position (``0`` after a pack's last position)."""
+    return jnp.concatenate([ids_RxT[:, 1:], jnp.zeros_like(ids_RxT[:, :1])], axis=1)
+
+
+def response_head(
+    model, params, hidden_RxTxD, ids_RxT, targets_RxT, temperature, with_entropy: bool, chunks: int = HEAD_CHUNKS
+):
+    """Per packed position t of ``targets`` (its next token is a response token): the log-prob of
+    the token at t + 1 under ``softmax(logits_t / temperature)`` and, optionally, the entropy of
+    that distribution; ``0`` elsewhere. The vocabulary head (`LanguageModel.output_layer`) runs
+    at the target positions only, not at all ``R T``.
+
+    The targets' hidden states are gathered, in order, into a compact buffer of ``chunks * C >= R T``
+    rows (after the targets: unused) in ``chunks`` chunks of ``C = ceil(R T / chunks)``; chunk j runs the
+    head (logits, temperature, log-softmax, entropy) only when the micro-batch has more than
+    ``j C`` targets (`lax.cond` in a `lax.scan`: static shapes, differentiable), and the results
+    are gathered back to their positions. So the head costs the ``n`` targets rounded up to a
+    whole chunk, ``ceil(n / C) C < n + C``, and never drops one: no static bound on ``n`` is
+    needed, and none short of ``R (T - 1)`` would be exact (packs of short rows hold many
+    responses; next fit bounds the tokens of a pack, not their split between prompt and
+    response). Under a sweep's `vmap` the condition is per member, so every chunk runs (the cost
+    of a head at every position, as without this function).
+    """
+    R, T, D = hidden_RxTxD.shape
+    width = -(-(R * T) // chunks)
+    targets = targets_RxT.reshape(R * T)
+    count = jnp.sum(targets.astype(jnp.int32))
+    slot = jnp.cumsum(targets.astype(jnp.int32)) - 1  # a target's row in the compact buffer
+    source = jnp.zeros(chunks * width, jnp.int32)
+    source = source.at[jnp.where(targets, slot, chunks * width)].set(jnp.arange(R * T, dtype=jnp.int32), mode="drop")
+    hidden_JxCxD = hidden_RxTxD.reshape(R * T, D)[source].reshape(chunks, width, D)
+    tokens_JxC = next_ids(ids_RxT).reshape(R * T)[source].reshape(chunks, width)
+
+    def chunk(_, inputs):
+        j, hidden_CxD, tokens_C = inputs
+
+        def head():
+            logits_1xCxV = model.output_layer(params, hidden_CxD[None])
+            logprobs = token_logprobs(logits_1xCxV, tokens_C[None], temperature)[0]
+            entropy = entropy_from_logits(logits_1xCxV, temperature)[0] if with_entropy else jnp.zeros_like(logprobs)
+            return logprobs, entropy
+
+        def skip():
+            return jnp.zeros((width,), jnp.float32), jnp.zeros((width,), jnp.float32)
+
+        return None, lax.cond(j * width < count, head, skip)
+
+    _, (logprobs_JxC, entropy_JxC) = lax.scan(chunk, None, (jnp.arange(chunks), hidden_JxCxD, tokens_JxC))
+    back = lambda y_JxC: jnp.where(targets, y_JxC.reshape(-1)[jnp.maximum(slot, 0)], 0.0).reshape(R, T)  # noqa: E731
+    return back(logprobs_JxC), (back(entropy_JxC) if with_entropy else None)
 
 
 def micro_forward(
@@ -149,29 +216,29 @@ def micro_forward(
 ):
     """The policy's (and critic's) outputs on micro-batch ``index``, at the response windows:
     ``(logprobs [B, N] or None, values [B, N] or None, entropy [B, N] or None, router losses or
-    None)``, 0 outside the micro-batch's rows. What `jaxrlhf.training.experience.policy_and_values`
-    computes, for these rows; the router losses (a MoE policy, ``with_router_losses``) are means
-    over the micro-batch's real tokens."""
+    None)``, 0 outside the micro-batch's rows (log-probs and entropies: 0 off the response
+    tokens too). What `jaxrlhf.training.experience.policy_and_values` computes, for these rows,
+    with the vocabulary head at the response tokens only (`response_head`); the router losses (a
+    MoE policy, ``with_router_losses``) are means over the micro-batch's real tokens."""
     ids, positions, segments = (constrain(x) for x in packed.micro(index))
     attention = segments > 0
     logprobs = entropy = values = None
     out = None
+    if with_logprobs or (models.has_value and models.critic is None):  # the policy's trunk is needed
+        out = models.policy.forward(
+            policy_params, ids, attention, positions=positions, segment_ids=segments, logits_positions=slice(0, 0)
+        )  # hidden states only: the vocabulary head runs at the response positions (`response_head`)
     if with_logprobs:
-        out = models.policy.forward(policy_params, ids, attention, positions=positions, segment_ids=segments)
-        lp_RxT, ent_RxT = next_token_outputs(out.logits, ids, temperature, with_entropy)
+        assert out is not None
+        targets = constrain(packed.response_targets(index))
+        lp_RxT, ent_RxT = response_head(
+            models.policy, policy_params, out.hidden, ids, targets, temperature, with_entropy
+        )
         logprobs = packed.response_window(lp_RxT, index)
         entropy = None if ent_RxT is None else packed.response_window(ent_RxT, index)
     if models.has_value:
-        if models.critic is None:  # shared trunk
-            if out is None:
-                out = models.policy.forward(
-                    policy_params,
-                    ids,
-                    attention,
-                    positions=positions,
-                    segment_ids=segments,
-                    logits_positions=slice(0, 0),
-                )
+        if models.critic is None:  # shared trunk: the value head reads the policy's hidden states
+            assert out is not None
             values_RxT = value_head_apply(value_params, out.hidden)
         else:
             hidden = models.critic.trunk.forward(
