@@ -72,7 +72,7 @@ class Config:
     demos: cc.DemoSettings = cc.DemoSettings()
     """The SFT demonstrations (must match the SFT runs'); ``max_calls`` + 1 is the tool episodes' turn limit."""
     ppo: PPOConfig = PPOConfig(
-        total_steps=100,
+        total_steps=150,
         batch_size=128,
         minibatch_size=128,
         num_generations=8,
@@ -90,8 +90,9 @@ class Config:
     )
     """Trainer settings of both conditions; the preset's algorithm fields go on top, and each
     condition its episode shape (`condition_config`). 128 episodes per step = 16 problems x G 8."""
-    eval_every: int = 20
-    """Evaluate on the held-out problems every this many steps."""
+    eval_every: int = 50
+    """Evaluate on the held-out problems every this many steps (an evaluation of 3 seeds costs
+    about as much as 12 training steps' rollouts)."""
     eval_problems: int = 512
     """Held-out problems evaluated (the first of the fixed held-out split)."""
     eval_samples: int = 2

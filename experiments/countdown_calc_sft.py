@@ -4,16 +4,16 @@ The task (``experiments/tasks/countdown_calc.py``): countdown's problems with ``
 in order, a target, answer ``d op d op d``), and a calculator the policy may call before it
 answers (``[7*5-3]`` -> ``=+032;``). One demonstration per training problem: some answer without
 checking (half of them wrong), the others call the calculator on wrong candidates first (now and
-then on a mistyped one), then on the matching one, and answer it (a fifth of them with a slipped
+then on a mistyped one), then on the matching one, and answer it (a tenth of them with a slipped
 operator anyway). The loss is on what the policy writes (calls, answer, EOS), not on the
 calculator's replies.
 
-``--tool false`` trains the same model on the same problems with each demonstration's final
+``--no_tool`` trains the same model on the same problems with each demonstration's final
 answer alone: countdown as today, without the tool (the baseline of
 ``experiments/countdown_calc_rl.py``).
 
     python experiments/countdown_calc_sft.py --out_dir runs/countdown_calc_sft/tool
-    python experiments/countdown_calc_sft.py --tool false --out_dir runs/countdown_calc_sft/no_tool
+    python experiments/countdown_calc_sft.py --no_tool --out_dir runs/countdown_calc_sft/no_tool
 
 Writes to ``out_dir``: ``config.json``, ``metrics.jsonl`` (loss, ``eval/`` held-out accuracy and
 tool use, greedy and sampled), TensorBoard events, ``model/`` (Hugging Face format with the
@@ -119,7 +119,9 @@ def main(config: Config) -> dict:
     calls = np.mean([len(demo) // 2 for _, demo in demos])
     if not config.tool:
         demos = cc.final_answers(demos)
-    data = cc.encode_demonstrations(demos, tok, episode_tokens(config))
+    # Without the tool every row is an answer: rows as wide as one (right padding changes no
+    # loss or gradient under causal attention, and costs a quarter of the compute).
+    data = cc.encode_demonstrations(demos, tok, episode_tokens(config) if config.tool else cd.ANSWER_LEN)
     print(
         f"countdown_calc: {len(task.train)} training problems, {len(task.held_out)} held out; demonstrations "
         f"{'with' if config.tool else 'without'} the tool: {correct:.3f} of answers correct, "

@@ -218,13 +218,16 @@ def test_demonstrations_use_the_tool_imperfectly(tok):
             kinds["direct"] += 1
             continue
         assert cc.calculate(calls[-1][1:-1]) == problem.target  # the last call finds the target
+        # After a reply that is not the target, the teacher tries another candidate (no repeats).
+        assert all(cc.calculate(call[1:-1]) != problem.target for call in calls[:-1])
+        assert len(set(calls)) == len(calls)
         kinds["checked"] += answer == calls[-1][1:-1]
         kinds["slipped_after_check"] += cc.calculate(answer) != problem.target
         kinds["wrong_first"] += len(calls) > 1
         kinds["typo"] += any(r == "=?;" for r in replies)
     n = len(demos)
-    assert 0.25 < kinds["direct"] / n < 0.35 and 0.2 < kinds["wrong_first"] / n < 0.5
-    assert 0.1 < kinds["slipped_after_check"] / (n - kinds["direct"]) < 0.3 and kinds["typo"] > 0
+    assert 0.15 < kinds["direct"] / n < 0.25 and 0.45 < kinds["wrong_first"] / n < 0.65
+    assert 0.05 < kinds["slipped_after_check"] / (n - kinds["direct"]) < 0.15 and kinds["typo"] > 0
     # Encoded: the loss on the calls, the answer and EOS; not on the prompt, replies or padding.
     problem = cd.Problem((7, 5, 3), 32)
     demo = ("[7+5+3]", "=+015;", "[7*5-3]", "=+032;", "7*5-3")

@@ -45,10 +45,13 @@ The environment exists twice, with identical episodes for the same key (tested):
 arithmetic on decoded text), as a tool that cannot be JAX would be written.
 
 **Demonstrations** (`demonstrations`) use the tool imperfectly, so that RL has something to fix:
-some answer without checking (correct or with a slipped operator), the others call the calculator
-on wrong candidates first (sometimes on a mistyped, malformed expression), find the candidate whose
-value matches, and answer it, except that some then answer with a slip anyway. `final_answers`
-keeps only each demonstration's answer: the data of the same task without the tool.
+some answer without checking (correct or with a slipped operator), the others check candidates
+until one matches: after a reply that is not the target they try another candidate (never one
+already tried; sometimes a mistyped, malformed expression), after the matching reply they answer
+that candidate, except that some then answer with a slip anyway. Most demonstrations try at
+least one wrong candidate first, so the decision "the reply is not the target: try again" is
+shown about as often as "it is: answer it". `final_answers` keeps only each demonstration's
+answer: the data of the same task without the tool.
 """
 
 from __future__ import annotations
@@ -128,18 +131,19 @@ def slipped(expression: str, rng: np.random.Generator) -> str:
 class DemoSettings:
     """How a teacher that uses the calculator imperfectly writes a demonstration."""
 
-    direct_fraction: float = 0.3
+    direct_fraction: float = 0.2
     """Demonstrations that answer without calling the calculator."""
     direct_correct: float = 0.5
     """Of those, the fraction answered correctly (the others: a slip of the correct answer)."""
-    wrong_call: float = 0.5
+    wrong_call: float = 0.7
     """Probability of each further wrong candidate called before the right one (a geometric
-    number of wrong calls, at most ``max_calls - 1``)."""
+    number of wrong calls, at most ``max_calls - 1``): after a reply that is not the target the
+    teacher always tries another candidate, so most demonstrations show that decision."""
     typo: float = 0.1
     """Probability that a wrong call is mistyped instead (an operand dropped: answered ``=?;``)."""
-    answer_slip: float = 0.2
+    answer_slip: float = 0.1
     """After finding the matching candidate, the probability of answering with a slip anyway."""
-    max_calls: int = 3
+    max_calls: int = 4
     """Calls per demonstration at most (the RL runs' ``max_turns`` must be at least this + 1)."""
 
 
