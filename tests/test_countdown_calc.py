@@ -263,3 +263,16 @@ def test_sft_then_rl_with_and_without_the_tool_quick(tmp_path):
                       demos=cc.DemoSettings(direct_fraction=0.5))  # fmt: skip
     with pytest.raises(SystemExit, match="other demonstrations"):
         rl.main(other)
+
+
+def test_episode_outcome_reads_the_last_check_and_the_answer():
+    """`episode_outcome` (the diagnosis script's reading of an episode) on hand-written texts."""
+    problem = cd.Problem(numbers=(7, 5, 3), target=32)
+    ops = "+-*"
+    found = cc.episode_outcome(problem, "[7*5+3]=+038;[7*5-3]=+032;7*5-3", ops)
+    assert found == cc.EpisodeOutcome(("7*5+3", "7*5-3"), "matched", True, True)
+    gave_up = cc.episode_outcome(problem, "[7*5+3]=+038;7*5+3", ops)
+    assert gave_up == cc.EpisodeOutcome(("7*5+3",), "missed", True, False)
+    malformed_then_right = cc.episode_outcome(problem, "[7*5+]=?;7*5-3", ops)
+    assert malformed_then_right == cc.EpisodeOutcome(("7*5+",), "missed", False, True)
+    assert cc.episode_outcome(problem, "7 * 5 - 3", ops) == cc.EpisodeOutcome((), "none", False, True)

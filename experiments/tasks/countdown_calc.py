@@ -502,3 +502,37 @@ def make_evaluator(
         return metrics
 
     return evaluate
+
+
+# ----------------------------------------------------------------------------------------------
+# Diagnosis of episodes: what the policy does after its last check
+
+
+CALL_RE = re.compile(r"\[([^\]]*)\]=([^;]*);")
+
+
+class EpisodeOutcome(NamedTuple):
+    """One episode read back from its text (`episode_outcome`)."""
+
+    calls: tuple[str, ...]  # the expressions called, in order
+    last_check: str  # "matched" (the last reply is the target), "missed", or "none" (no call)
+    answer_is_last_call: bool  # the answer is the expression of the last call
+    correct: bool  # the answer solves the problem
+
+
+def episode_outcome(problem: cd.Problem, text: str, ops: str) -> EpisodeOutcome:
+    """An episode's calls, its last check and its answer, from its decoded text (calls
+    ``[expr]=reply;`` then the answer; spaces ignored)."""
+    text = text.replace(" ", "")
+    calls = CALL_RE.findall(text)
+    answer = CALL_RE.sub("", text)
+    last_check = "none"
+    if calls:
+        reply = calls[-1][1]
+        last_check = "matched" if re.fullmatch(r"[+-]\d{3}", reply) and int(reply) == problem.target else "missed"
+    return EpisodeOutcome(
+        calls=tuple(expression for expression, _ in calls),
+        last_check=last_check,
+        answer_is_last_call=bool(calls) and answer == calls[-1][0],
+        correct=answer in cd.solutions(problem, ops),
+    )
