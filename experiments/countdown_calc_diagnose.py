@@ -80,6 +80,12 @@ def diagnose(config: Config) -> dict:
         for (check, same), v in sorted(groups.items())
     ]
     missed = [o for o in outcomes if o.last_check == "missed"]
+    # Per reply: does the policy answer next, or call again? (Only replies after which another call
+    # was allowed: the turn limit forces an answer after the last one.)
+    after = {"matched": [0, 0], "missed": [0, 0]}  # [answered next, called again]
+    for o in outcomes:
+        for i, match in enumerate(o.matches[: config.demos.max_calls - 1]):
+            after["matched" if match else "missed"][0 if i == len(o.calls) - 1 else 1] += 1
     calls = sum(len(o.calls) for o in outcomes)
     return {
         "model_dir": config.model_dir,
@@ -87,6 +93,8 @@ def diagnose(config: Config) -> dict:
         "accuracy": float(np.mean([o.correct for o in outcomes])),
         "table": table,
         "calls_per_episode_after_a_miss": dict(sorted(collections.Counter(len(o.calls) for o in missed).items())),
+        "answers_next_after_reply": {k: a / max(a + c, 1) for k, (a, c) in after.items()},
+        "replies_with_a_call_allowed": {k: a + c for k, (a, c) in after.items()},
         "repeated_call_fraction": 1 - sum(len(set(o.calls)) for o in outcomes) / max(calls, 1),
     }
 
@@ -98,6 +106,11 @@ def main(config: Config) -> dict:
     for row in result["table"]:
         print(f"| {row['last_check']} | {row['answers_last_call']} | {row['episodes']} | {row['accuracy']:.3f} |")
     print(f"calls per episode whose last check missed: {result['calls_per_episode_after_a_miss']}")
+    for kind in ("matched", "missed"):
+        print(
+            f"after a reply that {kind} the target (another call allowed): answers next "
+            f"{result['answers_next_after_reply'][kind]:.2f} of {result['replies_with_a_call_allowed'][kind]}"
+        )
     print(f"repeated calls (an expression called again in its episode): {result['repeated_call_fraction']:.2f}")
     out = config.out or os.path.join(os.path.dirname(os.path.abspath(config.model_dir)), "diagnosis.json")
     with open(out, "w") as f:

@@ -515,6 +515,7 @@ class EpisodeOutcome(NamedTuple):
     """One episode read back from its text (`episode_outcome`)."""
 
     calls: tuple[str, ...]  # the expressions called, in order
+    matches: tuple[bool, ...]  # per call: its reply was the target
     last_check: str  # "matched" (the last reply is the target), "missed", or "none" (no call)
     answer_is_last_call: bool  # the answer is the expression of the last call
     correct: bool  # the answer solves the problem
@@ -526,13 +527,11 @@ def episode_outcome(problem: cd.Problem, text: str, ops: str) -> EpisodeOutcome:
     text = text.replace(" ", "")
     calls = CALL_RE.findall(text)
     answer = CALL_RE.sub("", text)
-    last_check = "none"
-    if calls:
-        reply = calls[-1][1]
-        last_check = "matched" if re.fullmatch(r"[+-]\d{3}", reply) and int(reply) == problem.target else "missed"
+    matches = tuple(bool(re.fullmatch(r"[+-]\d{3}", reply)) and int(reply) == problem.target for _, reply in calls)
     return EpisodeOutcome(
         calls=tuple(expression for expression, _ in calls),
-        last_check=last_check,
+        matches=matches,
+        last_check="none" if not calls else "matched" if matches[-1] else "missed",
         answer_is_last_call=bool(calls) and answer == calls[-1][0],
         correct=answer in cd.solutions(problem, ops),
     )
