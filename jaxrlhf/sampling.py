@@ -621,6 +621,10 @@ def generate(
     - traced `top_p`: p <= 0 or NaN keeps only the most likely token (greedy among the top-k),
       p >= 1 keeps every token.
 
+    LongRoPE models (Phi-3): a row whose length reaches the original context + 1 has its cache
+    recomputed with the long factors at that step, as transformers' `generate` does
+    (`engine.recompute_cache_rows`, docs/sampling.md).
+
     Returns:
       `SampleOutput(tokens, logprobs, mask)`, each `[B, N]`. `logprobs` are
       `log softmax(logits / T)` of the chosen tokens before top-k/top-p filtering (T = 1 when
