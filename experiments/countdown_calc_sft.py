@@ -23,17 +23,16 @@ tokenizer), ``summary.json``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
 import jax
 import numpy as np
 
+import sft_policy
 from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
-from jaxrlhf.metrics_log import MetricsLogger
-from jaxrlhf.models import LanguageModel, gpt2_config, save_pretrained
-from jaxrlhf.training.sft import SFTConfig, train_sft
+from jaxrlhf.models import LanguageModel, gpt2_config
+from jaxrlhf.training.sft import SFTConfig
 from tasks import countdown as cd
 from tasks import countdown_calc as cc
 
@@ -136,22 +135,7 @@ def main(config: Config) -> dict:
     def eval_fn(p, step):
         return {k: float(v) for k, v in evaluator(p, jax.random.fold_in(eval_key, step)).items()}
 
-    with MetricsLogger(config.out_dir, total_steps=config.num_steps, progress_keys=("loss", "accuracy")) as logger:
-        params, last = train_sft(
-            model.apply,
-            params,
-            data,
-            data_key,
-            config=config.sft,
-            num_steps=config.num_steps,
-            batch_size=config.batch_size,
-            logger=logger,
-            log_every=config.log_every,
-            eval_fn=eval_fn,
-            eval_every=config.eval_every,
-        )
-    model_dir = os.path.join(config.out_dir, "model")
-    save_pretrained(model_dir, model, params, tok)
+    params, last, model_dir = sft_policy.train_and_save(config, model, tok, params, data, data_key, eval_fn)
     summary = {
         "final_loss": last["loss"],
         **{f"held_out/{k}": v for k, v in eval_fn(params, config.num_steps + 1).items()},
@@ -162,10 +146,7 @@ def main(config: Config) -> dict:
         "wall_clock_s": time.time() - start,
         "model_dir": model_dir,
     }
-    with open(os.path.join(config.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(json.dumps(summary, indent=2))
-    return summary
+    return sft_policy.write_summary(config.out_dir, summary)
 
 
 if __name__ == "__main__":

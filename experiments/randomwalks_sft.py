@@ -28,12 +28,13 @@ import time
 import jax
 import numpy as np
 
+import sft_policy
 from jaxrlhf.config import parse_config, refuse_unknown_fields, save_config
-from jaxrlhf.metrics_log import MetricsLogger, read_metrics
-from jaxrlhf.models import LanguageModel, gpt2_config, load_pretrained, save_pretrained
+from jaxrlhf.metrics_log import read_metrics
+from jaxrlhf.models import LanguageModel, gpt2_config, load_pretrained
 from jaxrlhf.plotting import plot_curves
 from jaxrlhf.tokenizers import char_tokenizer
-from jaxrlhf.training.sft import SFTConfig, train_sft
+from jaxrlhf.training.sft import SFTConfig
 from tasks import randomwalks as rw
 
 
@@ -160,24 +161,8 @@ def main(config: Config) -> dict:
         metrics = evaluator(p, initial_params, jax.random.fold_in(eval_key, step))
         return {k: float(v) for k, v in metrics.items() if k != "sampled/kl_to_ref"}
 
-    with MetricsLogger(config.out_dir, total_steps=config.num_steps, progress_keys=("loss", "accuracy")) as logger:
-        params, last = train_sft(
-            model.apply,
-            params,
-            data,
-            data_key,
-            config=config.sft,
-            num_steps=config.num_steps,
-            batch_size=config.batch_size,
-            logger=logger,
-            log_every=config.log_every,
-            eval_fn=eval_fn,
-            eval_every=config.eval_every,
-        )
+    params, last, model_dir = sft_policy.train_and_save(config, model, tokenizer, params, data, data_key, eval_fn)
     train_seconds = time.time() - start_time
-
-    model_dir = os.path.join(config.out_dir, "model")
-    save_pretrained(model_dir, model, params, tokenizer)
     final = eval_fn(params, config.num_steps)
     summary = {
         "final_loss": last["loss"],

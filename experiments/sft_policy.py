@@ -3,6 +3,9 @@
 Shared by randomwalks_ppo.py and countdown_rl.py (and compare_algorithms.py through them). The SFT
 run's task settings (its `config.json`) must be the RL run's: a policy trained on one graph or
 problem set and rewarded on another would learn from a meaningless reward.
+
+The SFT scripts' common run, `train_and_save` (training with metrics and held-out evaluation,
+then the policy saved) and `write_summary`, is here too.
 """
 
 from __future__ import annotations
@@ -83,3 +86,42 @@ def load_sft_policy(
         module.main(module.Config(out_dir=sft_dir, **task_settings, **(sft_overrides or {})))
     check_task_settings(sft_dir, task_settings, what)
     return load_pretrained(model_dir)
+
+
+def train_and_save(config, model, tokenizer, params, data, data_key, eval_fn):
+    """`train_sft` of ``params`` on ``data``, logged to ``config.out_dir`` (JSONL, TensorBoard, a
+    progress bar of loss and accuracy) with ``eval_fn(params, step) -> metrics`` every
+    ``config.eval_every`` updates; then the policy saved (safetensors, config, tokenizer) to
+    ``<out_dir>/model``. ``config``: an SFT script's config (``out_dir``, ``num_steps``,
+    ``batch_size``, ``sft``, ``log_every``, ``eval_every``). Returns ``(params, last training
+    metrics, model_dir)``."""
+    from jaxrlhf.metrics_log import MetricsLogger
+    from jaxrlhf.models import save_pretrained
+    from jaxrlhf.training.sft import train_sft
+
+    with MetricsLogger(config.out_dir, total_steps=config.num_steps, progress_keys=("loss", "accuracy")) as logger:
+        params, last = train_sft(
+            model.apply,
+            params,
+            data,
+            data_key,
+            config=config.sft,
+            num_steps=config.num_steps,
+            batch_size=config.batch_size,
+            logger=logger,
+            log_every=config.log_every,
+            eval_fn=eval_fn,
+            eval_every=config.eval_every,
+        )
+    model_dir = os.path.join(config.out_dir, "model")
+    save_pretrained(model_dir, model, params, tokenizer)
+    return params, last, model_dir
+
+
+def write_summary(out_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` written to ``<out_dir>/summary.json`` (last: its presence marks a finished run,
+    see `load_sft_policy`) and printed."""
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary, indent=2))
+    return summary
