@@ -185,16 +185,25 @@ def long_rope_switch(model, prompt_len: int, num_new: int) -> int | None:
     return original if prompt_len + num_new - 2 >= original else None
 
 
-def recompute_cache_rows(model, params, cache, ids_BxS: Array, mask_BxS: Array, rows_B: Array, any_over_axis):
-    """`cache` with the rows where `rows_B` is true recomputed from their history `ids_BxS` (every
-    slot's token, `mask_BxS` 1 for the real ones up to and including the token fed now), the other
-    rows unchanged. One forward of the whole history (no output layer), in a `lax.cond`: only the
-    steps where some row crosses LongRoPE's boundary pay for it (under a sweep's `vmap` the
-    predicate is reduced over the runs by `any_over_axis`, so the cond stays a cond).
+def recompute_cache_rows(
+    model, params, cache, rows_B: Array, any_over_axis, history_ids: Callable[[], Array], key_mask_BxS: Array, fed_slot
+):
+    """`cache` with the rows where `rows_B` is true recomputed from their history, the other rows
+    unchanged: one forward (no output layer) of each row's slots up to and including `fed_slot`
+    (the slot of the token fed now: a scalar, or `[B]`), masked by `key_mask_BxS`, in a
+    `lax.cond` that only the steps where some row crosses LongRoPE's boundary take (under a
+    sweep's `vmap` the predicate is reduced over the runs by `any_over_axis`, so the cond stays a
+    cond). `history_ids() -> [B, >= S]`, every slot's token, is called inside that branch only, so
+    the other steps do not build it.
     """
 
     def recompute(cache):
-        fresh = model.forward(params, ids_BxS, mask_BxS, cache_size=ids_BxS.shape[1], logits_positions=slice(0, 0))
+        num_slots = key_mask_BxS.shape[1]
+        seen_BxS = jnp.arange(num_slots)[None, :] <= jnp.reshape(fed_slot, (-1, 1))
+        ids_BxS = history_ids()[:, :num_slots]
+        fresh = model.forward(
+            params, ids_BxS, key_mask_BxS * seen_BxS, cache_size=num_slots, logits_positions=slice(0, 0)
+        )
 
         def pick(new, old):
             axis = cache_batch_axis(old)
@@ -285,18 +294,21 @@ def decode_in_slots(
         positions = state.last_prompt_position + t
         cache = state.cache
         if rope_switch is not None and prompt_ids is not None:
-            # The slots' histories: the row's prompt, then its tokens so far, slot for slot.
-            row_prompts = jnp.take(prompt_ids, jnp.take(rows.prompt_index, state.row), axis=0)
-            history = jnp.concatenate([row_prompts, jnp.take(outputs[0], state.row, axis=0)], axis=1)
-            seen = jnp.arange(total_slots)[None, :] <= (prompt_len - 1 + t)[:, None]
+            prompts = prompt_ids  # narrowed to an Array for the closure
+
+            def history_ids():  # the slots' rows: their prompts, then their tokens so far
+                row_prompts = jnp.take(prompts, jnp.take(rows.prompt_index, state.row), axis=0)
+                return jnp.concatenate([row_prompts, jnp.take(outputs[0], state.row, axis=0)], axis=1)
+
             cache = recompute_cache_rows(
                 model,
                 params,
                 cache,
-                history[:, :total_slots],
-                state.key_mask * seen,
                 active & (positions == rope_switch),
                 any_over_axis,
+                history_ids,
+                state.key_mask,
+                prompt_len - 1 + t,
             )
         out = model.forward(
             params,

@@ -732,17 +732,15 @@ def generate(
         positions = last_prompt_position + step
         cache = state.cache
         if rope_switch is not None:  # LongRoPE: a row whose length passes the original context now
-            num_segment_slots = segment_mask.shape[1]
-            history = jnp.concatenate([prompt_ids, state.tokens], axis=1)[:, :num_segment_slots]
-            seen = jnp.arange(num_segment_slots)[None, :] <= prompt_len - 1 + step
             cache = engine.recompute_cache_rows(
                 model,
                 params,
                 cache,
-                history,
-                segment_mask * seen,
                 ~state.done & (positions == rope_switch),
                 lambda flag: _any_over_axis(flag, stop_axis_name),
+                lambda: jnp.concatenate([prompt_ids, state.tokens], axis=1),
+                segment_mask,
+                prompt_len - 1 + step,
             )
         out = model.forward(
             params,

@@ -187,7 +187,7 @@ class LongRopePositions(NamedTuple):
     long: Array  # [B, L] bool
 
 
-def long_rope_flags(original: int, positions_BxL: Array, cached: bool, segment_ids=None) -> Array:
+def long_rope_flags(original: int, positions_BxL: Array, segment_ids=None) -> Array:
     """`[B, L]`: whether each token is rotated with LongRoPE's long factors, per row.
 
     Phi-3 switches to the long factors once a sequence is longer than the original context
@@ -199,12 +199,12 @@ def long_rope_flags(original: int, positions_BxL: Array, cached: bool, segment_i
       `segment_ids`): the whole row uses one set of factors, as a forward of that row alone in
       transformers does;
     - with a cache (decoding): the length so far, `max_l positions[b, l] + 1` over this call's
-      tokens. The sampler recomputes a row's cache with the long factors at the step its length
-      reaches `original + 1` (`jaxrlhf.sampling.generate`), which is transformers' reset done
-      per row.
+      tokens (packed segments have no cache). The sampler recomputes a row's cache with the
+      long factors at the step its length reaches `original + 1` (`jaxrlhf.sampling.generate`),
+      which is transformers' reset done per row.
     """
     positions_BxL = jnp.asarray(positions_BxL)
-    if segment_ids is not None and not cached:
+    if segment_ids is not None:
         same_BxLxL = segment_ids[:, :, None] == segment_ids[:, None, :]
         length_BxL = jnp.max(jnp.where(same_BxLxL, positions_BxL[:, None, :], 0), axis=-1) + 1
     else:
@@ -594,7 +594,7 @@ class Transformer(nn.Module):
 
         block_positions = positions_BxL
         if cfg.is_longrope and cfg.rope_scaling is not None:  # per-row short/long factors (`long_rope_flags`)
-            long_BxL = long_rope_flags(cfg.rope_scaling[4], positions_BxL, cache is not None, segment_ids)
+            long_BxL = long_rope_flags(cfg.rope_scaling[4], positions_BxL, segment_ids)
             block_positions = LongRopePositions(positions_BxL, long_BxL)
 
         if cfg.scan_layers and cache is None:

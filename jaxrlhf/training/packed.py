@@ -121,9 +121,7 @@ class Packed(NamedTuple):
         R, P = self.geometry.packs_per_micro, self.prompt_len
         take = lambda x: lax.dynamic_slice_in_dim(x, index * R, R, axis=0)  # noqa: E731
         segment_RxT, column_RxT = take(self.layout.segment_KxT), take(self.layout.column_KxT)
-        next_segment = jnp.concatenate([segment_RxT[:, 1:], jnp.zeros_like(segment_RxT[:, :1])], axis=1)
-        next_column = jnp.concatenate([column_RxT[:, 1:], jnp.zeros_like(column_RxT[:, :1])], axis=1)
-        return (segment_RxT > 0) & (next_segment == segment_RxT) & (next_column >= P)
+        return (segment_RxT > 0) & (next_ids(segment_RxT) == segment_RxT) & (next_ids(column_RxT) >= P)
 
     def rows_in_micro(self, index) -> jax.Array:
         """``[B]`` bool: the rows packed into micro-batch ``index``."""
@@ -149,7 +147,8 @@ a head at every position is wasted, for at most 8 loop steps of a still large ma
 
 
 def next_ids(ids_RxT):
-    """The token after each packed position (``0`` after a pack's last position)."""
+    """The entry after each packed position, ``x[:, t + 1]`` (``0`` after a pack's last
+    position): the next token of ids, and likewise the next segment id or column."""
     return jnp.concatenate([ids_RxT[:, 1:], jnp.zeros_like(ids_RxT[:, :1])], axis=1)
 
 
