@@ -270,9 +270,13 @@ def test_episode_outcome_reads_the_last_check_and_the_answer():
     problem = cd.Problem(numbers=(7, 5, 3), target=32)
     ops = "+-*"
     found = cc.episode_outcome(problem, "[7*5+3]=+038;[7*5-3]=+032;7*5-3", ops)
-    assert found == cc.EpisodeOutcome(("7*5+3", "7*5-3"), (False, True), "matched", True, True)
+    assert found == cc.EpisodeOutcome(("7*5+3", "7*5-3"), (False, True), True, True)
+    assert found.last_check == "matched"
     gave_up = cc.episode_outcome(problem, "[7*5+3]=+038;7*5+3", ops)
-    assert gave_up == cc.EpisodeOutcome(("7*5+3",), (False,), "missed", True, False)
+    assert gave_up == cc.EpisodeOutcome(("7*5+3",), (False,), True, False)
+    assert gave_up.last_check == "missed"
     malformed_then_right = cc.episode_outcome(problem, "[7*5+]=?;7*5-3", ops)
-    assert malformed_then_right == cc.EpisodeOutcome(("7*5+",), (False,), "missed", False, True)
-    assert cc.episode_outcome(problem, "7 * 5 - 3", ops) == cc.EpisodeOutcome((), (), "none", False, True)
+    assert malformed_then_right == cc.EpisodeOutcome(("7*5+",), (False,), False, True)
+    assert malformed_then_right.last_check == "missed"
+    direct = cc.episode_outcome(problem, "7 * 5 - 3", ops)
+    assert direct == cc.EpisodeOutcome((), (), False, True) and direct.last_check == "none"

@@ -516,9 +516,13 @@ class EpisodeOutcome(NamedTuple):
 
     calls: tuple[str, ...]  # the expressions called, in order
     matches: tuple[bool, ...]  # per call: its reply was the target
-    last_check: str  # "matched" (the last reply is the target), "missed", or "none" (no call)
     answer_is_last_call: bool  # the answer is the expression of the last call
     correct: bool  # the answer solves the problem
+
+    @property
+    def last_check(self) -> str:
+        """ "matched" (the last reply is the target), "missed", or "none" (no call)."""
+        return "none" if not self.matches else "matched" if self.matches[-1] else "missed"
 
 
 def episode_outcome(problem: cd.Problem, text: str, ops: str) -> EpisodeOutcome:
@@ -527,11 +531,10 @@ def episode_outcome(problem: cd.Problem, text: str, ops: str) -> EpisodeOutcome:
     text = text.replace(" ", "")
     calls = CALL_RE.findall(text)
     answer = CALL_RE.sub("", text)
-    matches = tuple(bool(re.fullmatch(r"[+-]\d{3}", reply)) and int(reply) == problem.target for _, reply in calls)
+    target_reply = observation_text(problem.target)  # what the calculator answers for the target
     return EpisodeOutcome(
         calls=tuple(expression for expression, _ in calls),
-        matches=matches,
-        last_check="none" if not calls else "matched" if matches[-1] else "missed",
+        matches=tuple(f"={reply};" == target_reply for _, reply in calls),
         answer_is_last_call=bool(calls) and answer == calls[-1][0],
         correct=answer in cd.solutions(problem, ops),
     )
