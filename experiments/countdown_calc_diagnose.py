@@ -21,12 +21,9 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxrlhf.config import parse_config, refuse_unknown_fields
-from jaxrlhf.episodes import run_episodes
-from tasks import countdown as cd
 from tasks import countdown_calc as cc
 
 
@@ -56,17 +53,10 @@ def diagnose(config: Config) -> dict:
     tok = pre.tokenizer
     task = cc.make_task(config.task_seed, config.num_problems)
     problems = task.held_out[: config.problems]
-    prompt_ids, prompt_mask = (jnp.asarray(x) for x in cd.encode_prompts(problems, tok))
-    env = cc.Calculator(cc.calc_ids(tok))
-
-    @jax.jit
-    def greedy_episodes(params):
-        return run_episodes(
-            pre.model, params, prompt_ids, prompt_mask, jax.random.key(0), env,
-            max_new_tokens=cc.max_demo_tokens(config.demos), max_turns=config.demos.max_calls + 1,
-            max_turn_tokens=cc.CALL_LEN + 1, temperature=0.0, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )  # fmt: skip
+    episodes = cc.make_episodes(
+        pre.model, tok, problems, max_turns=config.demos.max_calls + 1, max_new_tokens=cc.max_demo_tokens(config.demos)
+    )
+    greedy_episodes = jax.jit(lambda params: episodes(params, jax.random.key(0), 0.0))
 
     out = greedy_episodes(pre.params)
     texts = tok.batch_decode(np.asarray(out.tokens) * np.asarray(out.mask), skip_special_tokens=True)

@@ -444,6 +444,24 @@ class HostCalculator(Environment):
 # Held-out evaluation
 
 
+def make_episodes(model, tok, problems: Sequence[cd.Problem], *, max_turns: int, max_new_tokens: int,
+                  max_turn_tokens: int = CALL_LEN + 1):  # fmt: skip
+    """``episodes(params, key, temperature, num_generations) -> Episode batch``: ``problems``'
+    episodes with the JAX-native `Calculator` (traceable; the evaluator and the diagnosis jit it)."""
+    env = Calculator(calc_ids(tok))
+    prompt_ids, prompt_mask = (jnp.asarray(x) for x in cd.encode_prompts(problems, tok))
+
+    def episodes(params, key, temperature, num_generations=1):
+        return run_episodes(
+            model, params, prompt_ids, prompt_mask, key, env,
+            max_new_tokens=max_new_tokens, max_turns=max_turns, max_turn_tokens=max_turn_tokens,
+            temperature=temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            num_generations=num_generations,
+        )  # fmt: skip
+
+    return episodes
+
+
 def make_evaluator(
     model,
     tok,
@@ -466,16 +484,10 @@ def make_evaluator(
     """
     from jaxrlhf.training.evaluation import sequence_kl
 
-    env = Calculator(calc_ids(tok))
     prompt_ids, prompt_mask = (jnp.asarray(x) for x in cd.encode_prompts(problems, tok))
-
-    def episodes(params, key, temperature, num_generations):
-        return run_episodes(
-            model, params, prompt_ids, prompt_mask, key, env,
-            max_new_tokens=max_new_tokens, max_turns=max_turns, max_turn_tokens=max_turn_tokens,
-            temperature=temperature, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            num_generations=num_generations,
-        )  # fmt: skip
+    episodes = make_episodes(
+        model, tok, problems, max_turns=max_turns, max_new_tokens=max_new_tokens, max_turn_tokens=max_turn_tokens
+    )
 
     def rates(prefix, stats):
         answers = jnp.sum(stats["answers"])
