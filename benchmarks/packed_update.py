@@ -41,6 +41,7 @@ import tyro
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # ppo_step's FLOP counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +95,18 @@ def long_tailed_batch(B: int, P: int, N: int, vocab: int, seed: int):
 
 
 def position_flops(config, pack_len: int) -> tuple[int, int]:
-    """Matmul FLOPs per position: ``(trunk, vocabulary head)``; the trunk's attention over
-    ``pack_len`` keys (the unpacked rows and the packs are both that long)."""
-    D, L, F = config.hidden_size, config.num_layers, config.intermediate_size
-    attention_width = config.num_heads * config.head_dim
-    projections = D * attention_width * 2 + D * config.num_kv_heads * config.head_dim * 2
-    mlp = D * F * (2 if config.mlp == "plain" else 3)
-    trunk = 2 * L * (projections + mlp) + 4 * L * pack_len * attention_width
-    return trunk, 2 * D * config.vocab_size
+    """Matmul FLOPs per position: ``(trunk, vocabulary head)``, `ppo_step.forward_flops` of one
+    token with the trunk's attention over ``pack_len`` keys (the unpacked rows and the packs are
+    both that long), the head apart (``2 V D``)."""
+    import jax
+    from ppo_step import forward_flops, model_shape
+
+    from jaxrlhf.models import LanguageModel
+
+    model = LanguageModel(config)
+    shape = model_shape(model, jax.eval_shape(model.init_params, jax.random.key(0)))
+    trunk = forward_flops(shape, rows=1, length=1, logit_positions=0, keys=pack_len)
+    return int(trunk), 2 * shape.head_weights
 
 
 def packed_positions(prompt_mask, response_mask, max_tokens: int) -> tuple[int, int, int]:
