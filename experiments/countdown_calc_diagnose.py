@@ -39,7 +39,10 @@ class Config:
     num_problems: int = 20000
     """Problems in the task (as in countdown_calc_sft.py)."""
     problems: int = 512
-    """Held-out problems to run."""
+    """Problems to run (the first of the split)."""
+    split: str = "held_out"
+    """Which problems: "held_out" (neither SFT nor RL trains on them) or "train" (a policy that
+    follows its training episodes there but not held out has memorised them)."""
     demos: cc.DemoSettings = cc.DemoSettings()
     """The demonstration settings the policy was trained with (its turn limit: max_calls + 1)."""
     out: str = ""
@@ -52,7 +55,9 @@ def diagnose(config: Config) -> dict:
     pre = jaxrlhf.load_pretrained(config.model_dir)
     tok = pre.tokenizer
     task = cc.make_task(config.task_seed, config.num_problems)
-    problems = task.held_out[: config.problems]
+    if config.split not in ("held_out", "train"):
+        raise SystemExit(f"split must be 'held_out' or 'train', got {config.split!r}")
+    problems = getattr(task, config.split)[: config.problems]
     episodes = cc.make_episodes(
         pre.model, tok, problems, max_turns=config.demos.max_calls + 1, max_new_tokens=cc.max_demo_tokens(config.demos)
     )
@@ -79,6 +84,7 @@ def diagnose(config: Config) -> dict:
     calls = sum(len(o.calls) for o in outcomes)
     return {
         "model_dir": config.model_dir,
+        "split": config.split,
         "episodes": len(outcomes),
         "accuracy": float(np.mean([o.correct for o in outcomes])),
         "table": table,
@@ -91,7 +97,7 @@ def diagnose(config: Config) -> dict:
 
 def main(config: Config) -> dict:
     result = diagnose(config)
-    print(f"{config.model_dir}: {result['episodes']} greedy held-out episodes, accuracy {result['accuracy']:.3f}")
+    print(f"{config.model_dir}: {result['episodes']} greedy {config.split} episodes, accuracy {result['accuracy']:.3f}")
     print("| last check | answers the last call | episodes | accuracy |\n|---|---|---:|---:|")
     for row in result["table"]:
         print(f"| {row['last_check']} | {row['answers_last_call']} | {row['episodes']} | {row['accuracy']:.3f} |")

@@ -10,6 +10,7 @@ import pytest
 from conftest import load_script, tiny_config
 
 from jaxrlhf.episodes import EpisodeSettings, HostEpisodes, run_episodes
+from jaxrlhf.metrics_log import read_metrics
 from jaxrlhf.models import LanguageModel
 from tasks import countdown as cd
 from tasks import countdown_calc as cc
@@ -80,6 +81,11 @@ def test_the_environment_on_hand_made_turns(tok, envs):
     assert not np.asarray(out.done).any() and not np.asarray(out.reward).any()
     assert np.asarray(out.metrics["tool_calls"]).tolist() == [1] * 7
     assert np.asarray(out.metrics["tool_errors"]).tolist() == [0, 1, 1, 1, 0, 0, 0]
+    assert not any(np.asarray(out.metrics[name]).any() for name in cc.DECISIONS)  # no reply before these
+    # Had every row called again instead: rows 0, 5 and 6 call after a match, the others after a miss.
+    again = step(out.state, *(jnp.asarray(x) for x in _turns(tok, ["[7+5+3]"] * 7)))
+    assert np.asarray(again.metrics["calls_after_match"]).tolist() == [1, 0, 0, 0, 0, 1, 1]
+    assert np.asarray(again.metrics["calls_after_miss"]).tolist() == [0, 1, 1, 1, 1, 0, 0]
     # The answers: right after checking it, right unchecked (row 1's call was malformed), wrong,
     # cut at the turn budget, other digits than the prompt's, right after checking it, and the
     # checked expression without EOS (not well formed).
@@ -90,6 +96,11 @@ def test_the_environment_on_hand_made_turns(tok, envs):
     assert np.asarray(out.metrics["correct"]).tolist() == [1, 1, 0, 0, 0, 1, 0]
     assert np.asarray(out.metrics["answers"]).tolist() == [1] * 7
     assert np.asarray(out.metrics["checked"]).tolist() == [1, 0, 0, 0, 0, 1, 0]
+    # The decision after each reply: rows 0, 5 and 6 answer after the target's reply, the others
+    # after a miss (a wrong value or "=?;"); no row calls again.
+    assert np.asarray(out.metrics["answers_after_match"]).tolist() == [1, 0, 0, 0, 0, 1, 1]
+    assert np.asarray(out.metrics["answers_after_miss"]).tolist() == [0, 1, 1, 1, 1, 0, 0]
+    assert not any(np.asarray(out.metrics[name]).any() for name in ("calls_after_match", "calls_after_miss"))
     assert not np.asarray(out.obs_mask).any()  # answers get no reply
     with pytest.raises(ValueError, match="max_turn_tokens"):
         env.step(state, jnp.zeros((7, 20), jnp.int32), jnp.zeros((7, 20), jnp.int32))
@@ -280,3 +291,22 @@ def test_episode_outcome_reads_the_last_check_and_the_answer():
     assert malformed_then_right.last_check == "missed"
     direct = cc.episode_outcome(problem, "7 * 5 - 3", ops)
     assert direct == cc.EpisodeOutcome((), (), False, True) and direct.last_check == "none"
+
+
+@pytest.mark.slow
+def test_sft_continues_from_a_saved_policy(tmp_path):
+    """``--init_model_dir``: the second run starts from the first one's weights (its greedy
+    step-0 evaluation equals the first run's final one); another model shape is refused."""
+    sft = load_script("countdown_calc_sft")
+    small = dict(n_layer=1, n_embd=16, n_head=2, num_steps=3, batch_size=16, eval_every=3, eval_problems=16,
+                 num_problems=400, demos=cc.DemoSettings(max_calls=2))  # fmt: skip
+    first = sft.main(sft.Config(out_dir=str(tmp_path / "first"), **small))
+    second = sft.Config(out_dir=str(tmp_path / "second"), init_model_dir=first["model_dir"], **small)
+    sft.main(second)
+    start = [r for r in read_metrics(str(tmp_path / "second")) if "eval/greedy/accuracy" in r][0]
+    assert start["step"] == 0
+    for name in ("accuracy", "tool_calls", "answers_after_miss"):
+        assert start[f"eval/greedy/{name}"] == pytest.approx(first[f"held_out/greedy/{name}"], abs=1e-6), name
+    other = sft.Config(out_dir=str(tmp_path / "other"), init_model_dir=first["model_dir"], **{**small, "n_embd": 32})
+    with pytest.raises(SystemExit, match="another model shape"):
+        sft.main(other)

@@ -228,6 +228,14 @@ class Check(NamedTuple):
     value: jax.Array
 
 
+def prompt_targets(ids: TokenIds, prompt_ids: jax.Array) -> jax.Array:
+    """The targets ``[B]`` int32 of prompts ``[B, PROMPT_LEN]`` as written by `encode_prompts`."""
+    digit = lambda t: t - ids.digit0  # noqa: E731
+    sign_B = jnp.where(prompt_ids[:, 2 + NUM_NUMBERS] == ids.minus, -1, 1)
+    target_digits = digit(prompt_ids[:, 3 + NUM_NUMBERS : 3 + NUM_NUMBERS + TARGET_DIGITS])
+    return sign_B * (target_digits[:, 0] * 100 + target_digits[:, 1] * 10 + target_digits[:, 2])
+
+
 def check_answers(ids: TokenIds, prompt_ids: jax.Array, response_ids: jax.Array, response_mask: jax.Array) -> Check:
     """Checks answers on token ids (jit/vmap-able). ``prompt_ids [B, PROMPT_LEN]`` as written by
     `encode_prompts`; ``response_ids, response_mask [B, N]`` with ``N >= ANSWER_LEN``."""
@@ -241,9 +249,7 @@ def check_answers(ids: TokenIds, prompt_ids: jax.Array, response_ids: jax.Array,
     is_op = lambda t: (t == ids.plus) | (t == ids.minus) | (t == ids.times)  # noqa: E731
 
     numbers_Bx3 = digit(prompt_ids[:, 1 : 1 + NUM_NUMBERS])
-    sign_B = jnp.where(prompt_ids[:, 2 + NUM_NUMBERS] == ids.minus, -1, 1)
-    target_digits = digit(prompt_ids[:, 3 + NUM_NUMBERS : 3 + NUM_NUMBERS + TARGET_DIGITS])
-    target_B = sign_B * (target_digits[:, 0] * 100 + target_digits[:, 1] * 10 + target_digits[:, 2])
+    target_B = prompt_targets(ids, prompt_ids)
 
     tokens = response_ids[:, :ANSWER_LEN]
     length_B = jnp.sum(response_mask != 0, axis=1)
