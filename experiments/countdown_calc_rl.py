@@ -11,7 +11,8 @@ missing) on the same problems, model size, RL preset, steps and episodes per ste
 
 Each condition trains ``seeds`` as one sweep (`jaxrlhf.training.train_sweep`) on the training
 problems; held-out accuracy (greedy, and sampled at T = 1), tool use (calls per episode, the
-fraction of answers whose expression the calculator checked) and the KL to the SFT policy are
+fraction of answers whose expression the calculator checked, and how often the policy answers
+right after a reply that matched the target / missed it) and the KL to the SFT policy are
 measured every ``eval_every`` steps on held-out problems neither SFT nor RL sees.
 
     python experiments/countdown_calc_rl.py                          # both conditions, 3 seeds each
@@ -45,7 +46,15 @@ from tasks import countdown_calc as cc
 CONDITIONS = ("tool", "no_tool")
 # The SFT run's settings that define the problem set; RL must use the same ones.
 TASK_FIELDS = ("task_seed", "num_problems")
-REPORTED = ("greedy/accuracy", "sampled/accuracy", "sampled/tool_calls", "sampled/checked", "sampled/kl_to_ref")
+REPORTED = (
+    "greedy/accuracy",
+    "sampled/accuracy",
+    "sampled/tool_calls",
+    "sampled/checked",
+    "sampled/answers_after_match",
+    "sampled/answers_after_miss",
+    "sampled/kl_to_ref",
+)
 
 
 @refuse_unknown_fields
@@ -72,7 +81,7 @@ class Config:
     demos: cc.DemoSettings = cc.DemoSettings()
     """The SFT demonstrations (must match the SFT runs'); ``max_calls`` + 1 is the tool episodes' turn limit."""
     ppo: PPOConfig = PPOConfig(
-        total_steps=150,
+        total_steps=250,
         batch_size=128,
         minibatch_size=128,
         num_generations=8,
@@ -189,23 +198,40 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
+def _cells(mean: dict, which: str) -> list[str]:
+    """The table's cells of one row: ``which`` is "before" (the SFT start) or "mean" (± std after RL)."""
+
+    def cell(key):
+        return f"{mean[key][which]:.3f}" + (f" ± {mean[key]['std']:.3f}" if which == "mean" else "")
+
+    after_match, after_miss = "sampled/answers_after_match", "sampled/answers_after_miss"
+    return [
+        f"{cell(after_match)} / {cell(after_miss)}" if key == after_match else cell(key)
+        for key in REPORTED
+        if key != after_miss
+    ]
+
+
 def results_table(results: list[dict]) -> str:
     """Markdown: the SFT start and RL (mean ± std over seeds) of each condition."""
     header = (
         "| policy | held-out greedy accuracy | held-out sampled accuracy (T=1) | tool calls per episode (sampled) "
-        "| answers checked with the tool (sampled) | KL to SFT (nats/episode) |\n|---|---|---|---|---|---|\n"
+        "| answers checked with the tool (sampled) | answers next after a match / after a miss (sampled) "
+        "| KL to SFT (nats/episode) |\n|---|---|---|---|---|---|---|\n"
     )
     lines = []
     for result in results:
         name = result["condition"].replace("_", " ")
         mean = result["mean"]
-        lines.append(f"| SFT, {name} | " + " | ".join(f"{mean[k]['before']:.3f}" for k in REPORTED) + " |")
+        lines.append(f"| SFT, {name} | " + " | ".join(_cells(mean, "before")) + " |")
     for result in results:
         name = result["condition"].replace("_", " ")
         mean = result["mean"]
-        cells = [f"{mean[k]['mean']:.3f} ± {mean[k]['std']:.3f}" for k in REPORTED]
-        lines.append(f"| RL ({len(result['runs'])} seeds), {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| RL ({len(result['runs'])} seeds), {name} | " + " | ".join(_cells(mean, "mean")) + " |")
     return header + "\n".join(lines) + "\n"
+
+
+TOOL_ONLY = ("sampled/tool_calls", "sampled/checked", "sampled/answers_after_miss")
 
 
 def plot(config: Config, results: list[dict]) -> str:
@@ -214,6 +240,7 @@ def plot(config: Config, results: list[dict]) -> str:
         "sampled/accuracy": "held-out sampled accuracy (T=1)",
         "sampled/tool_calls": "tool calls per episode (sampled)",
         "sampled/checked": "answers checked with the tool",
+        "sampled/answers_after_miss": "answers next after a missed check",
     }
     panels: dict[str, dict] = {title: {} for title in titles.values()}
     for result in results:
@@ -221,6 +248,8 @@ def plot(config: Config, results: list[dict]) -> str:
             evals = [r for r in read_metrics(run["run_dir"]) if "eval/greedy/accuracy" in r]
             steps = [0] + [r["step"] for r in evals]
             for metric, title in titles.items():
+                if result["condition"] == "no_tool" and metric in TOOL_ONLY:
+                    continue  # no calls, no replies: a flat 0
                 values = [run["before"][metric]] + [r[f"eval/{metric}"] for r in evals]
                 panels[title][f"{result['condition'].replace('_', ' ')}, seed {run['seed']}"] = (steps, values)
     return plot_curves(
@@ -228,7 +257,7 @@ def plot(config: Config, results: list[dict]) -> str:
         os.path.join(config.out_dir, "countdown_calc_rl.png"),
         title=f"countdown with a calculator: {config.preset} with and without the tool",
         xlabel="RL step",
-        ncols=4,
+        ncols=5,
     )
 
 

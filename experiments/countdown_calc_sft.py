@@ -27,6 +27,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import sft_policy
@@ -60,18 +61,21 @@ class Config:
     """Width."""
     n_head: int = 4
     """Attention heads."""
-    num_steps: int = 600
+    num_steps: int = 1500
     """AdamW updates."""
-    batch_size: int = 128
+    batch_size: int = 64
     """Demonstrations per update."""
     sft: SFTConfig = SFTConfig(learning_rate=1e-3, warmup_steps=50, decay_to=0.1, weight_decay=0.01)
     """Optimiser settings."""
-    eval_every: int = 200
+    eval_every: int = 300
     """Evaluate on the held-out problems every this many updates, and at the end."""
     eval_problems: int = 512
     """Held-out problems evaluated (the first of the fixed held-out split)."""
     log_every: int = 25
     """Log the training loss every this many updates."""
+    init_model_dir: str = ""
+    """Continue from this saved policy (a model/ directory of an earlier run of this script, same
+    task and shape) instead of a fresh initialisation; the optimiser and its schedule start anew."""
 
 
 def episode_tokens(config: Config) -> int:
@@ -130,6 +134,13 @@ def main(config: Config) -> dict:
     model = make_model(config, tok)
     init_key, data_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
     params = model.init_params(init_key)
+    if config.init_model_dir:
+        from jaxrlhf.models import load_pretrained
+
+        start_from = load_pretrained(config.init_model_dir)
+        if jax.tree.map(jnp.shape, start_from.params) != jax.tree.map(jnp.shape, params):
+            raise SystemExit(f"{config.init_model_dir} holds another model shape than this run's {model.config}")
+        params = start_from.params
     evaluator = make_evaluator(model, tok, task.held_out[: config.eval_problems], config, config.tool, 2)
 
     def eval_fn(p, step):
