@@ -522,12 +522,11 @@ def make_evaluator(
     def rates(prefix, stats):
         answers = jnp.sum(stats["answers"])
         total = {name: jnp.sum(stats[name]) for name in DECISIONS}
-        after = lambda kind: (
-            total[f"answers_after_{kind}"]
-            / jnp.maximum(  # noqa: E731
-                total[f"answers_after_{kind}"] + total[f"calls_after_{kind}"], 1.0
-            )
-        )
+
+        def after(kind):  # of the turns after a reply of this kind, the fraction that answer
+            answered, called = total[f"answers_after_{kind}"], total[f"calls_after_{kind}"]
+            return answered / jnp.maximum(answered + called, 1.0)
+
         return {
             f"{prefix}/accuracy": jnp.mean(stats["correct"]),
             f"{prefix}/tool_calls": jnp.mean(stats["tool_calls"]),
